@@ -1,0 +1,178 @@
+//! Domain names as core-server routes them.
+//!
+//! A [`Domain`] is always lower case, without a trailing dot, and made of DNS labels
+//! (`a-z`, `0-9`, `-`; 1 to 63 bytes; no leading or trailing hyphen; 253 bytes in all).
+//! IP addresses and non-ASCII names are refused with a reason, so an operator learns at
+//! `add` time, not at request time, why a name will never match.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// The longest name DNS can carry, without the trailing dot.
+const MAX_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+
+/// A validated, normalised domain name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Domain(String);
+
+/// Why a string is not a [`Domain`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("empty domain name")]
+    Empty,
+    #[error("domain name longer than {MAX_LEN} bytes")]
+    TooLong,
+    #[error("empty label in domain name (two dots in a row?)")]
+    EmptyLabel,
+    #[error("label '{0}' is longer than {MAX_LABEL_LEN} bytes")]
+    LabelTooLong(String),
+    #[error("label '{0}' starts or ends with a hyphen")]
+    Hyphen(String),
+    #[error(
+        "'{0}' is not allowed in a domain name (use punycode, xn--..., for international names)"
+    )]
+    BadChar(char),
+    #[error("'{0}' is an IP address, not a domain name")]
+    IpAddress(String),
+}
+
+impl Domain {
+    /// Validates and normalises `name`: lower case, one trailing dot dropped.
+    pub fn parse(name: &str) -> Result<Domain, DomainError> {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if name.is_empty() {
+            return Err(DomainError::Empty);
+        }
+        if name.len() > MAX_LEN {
+            return Err(DomainError::TooLong);
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.'))
+        {
+            return Err(DomainError::BadChar(c));
+        }
+        if name.parse::<Ipv4Addr>().is_ok() {
+            return Err(DomainError::IpAddress(name.to_owned()));
+        }
+        for label in name.split('.') {
+            if label.is_empty() {
+                return Err(DomainError::EmptyLabel);
+            }
+            if label.len() > MAX_LABEL_LEN {
+                return Err(DomainError::LabelTooLong(label.to_owned()));
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err(DomainError::Hyphen(label.to_owned()));
+            }
+        }
+        Ok(Domain(name.to_ascii_lowercase()))
+    }
+
+    /// The domain a `Host` header (or an HTTP/2 `:authority`) names, if any: the port is
+    /// dropped, case and a trailing dot do not matter. IP literals name no domain.
+    pub fn from_host(host: &str) -> Option<Domain> {
+        if host.starts_with('[') {
+            return None; // an IPv6 literal, `[::1]:80`
+        }
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return None,
+            None => host,
+        };
+        Domain::parse(name).ok()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Deserialising validates too: a name read from disk or IPC obeys the same rules.
+impl<'de> Deserialize<'de> for Domain {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Domain::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_case_and_trailing_dot() {
+        assert_eq!(
+            Domain::parse("Example.COM.").unwrap().as_str(),
+            "example.com"
+        );
+        assert_eq!(Domain::parse("localhost").unwrap().as_str(), "localhost");
+        assert_eq!(
+            Domain::parse("xn--bcher-kva.example").unwrap().as_str(),
+            "xn--bcher-kva.example"
+        );
+    }
+
+    #[test]
+    fn refuses_what_dns_cannot_carry() {
+        let long_label = "a".repeat(64);
+        let long_name = ["abcdefghi"; 26].join(".");
+        for (bad, why) in [
+            ("", DomainError::Empty),
+            (".", DomainError::Empty),
+            ("a..b", DomainError::EmptyLabel),
+            (".a", DomainError::EmptyLabel),
+            ("a.b..", DomainError::EmptyLabel),
+            ("-a.com", DomainError::Hyphen("-a".into())),
+            ("a-.com", DomainError::Hyphen("a-".into())),
+            ("a_b.com", DomainError::BadChar('_')),
+            ("bücher.de", DomainError::BadChar('ü')),
+            ("a b", DomainError::BadChar(' ')),
+            ("127.0.0.1", DomainError::IpAddress("127.0.0.1".into())),
+            (
+                long_label.as_str(),
+                DomainError::LabelTooLong(long_label.clone()),
+            ),
+            (long_name.as_str(), DomainError::TooLong),
+        ] {
+            assert_eq!(Domain::parse(bad), Err(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn host_header_port_and_case_ignored() {
+        let want = Domain::parse("example.com").unwrap();
+        for host in [
+            "example.com",
+            "EXAMPLE.com:8080",
+            "example.com.",
+            "Example.Com.:80",
+        ] {
+            assert_eq!(Domain::from_host(host), Some(want.clone()), "{host}");
+        }
+        for host in [
+            "[::1]:80",
+            "127.0.0.1:80",
+            "example.com:http",
+            "",
+            "exa mple.com",
+        ] {
+            assert_eq!(Domain::from_host(host), None, "{host}");
+        }
+    }
+
+    #[test]
+    fn deserialising_validates() {
+        assert!(serde_json::from_str::<Domain>("\"Ok.Example\"").is_ok());
+        assert!(serde_json::from_str::<Domain>("\"not ok\"").is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! The messages between the supervisor and its children.
+//!
+//! Small, typed, and few: the supervisor hands over sockets, settings and routes; the worker
+//! reports readiness and every route change. Descriptors travel beside a message as
+//! `SCM_RIGHTS` (see [`crate::channel`]); the message says what each one is.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Domain;
+use crate::routes::RouteChange;
+
+/// What a listening socket handed to a child is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ListenerKind {
+    /// TCP, plain HTTP (port 80).
+    Http,
+    /// TCP, HTTPS (port 443).
+    Https,
+    /// UDP, the command port (40608).
+    Udp,
+}
+
+/// Tunables the supervisor passes on from its command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSettings {
+    /// How long a client may take to send a request's header, counted from the connection's
+    /// start or the end of the previous response (so it also closes idle keep-alive connections).
+    pub header_timeout: Duration,
+    /// How long a backend may take to connect and answer with a response header (then 504).
+    pub backend_timeout: Duration,
+}
+
+/// Supervisor to worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// The first message. Descriptor `i` attached to it is a `listeners[i]` socket.
+    Start {
+        listeners: Vec<ListenerKind>,
+        settings: WorkerSettings,
+    },
+    /// Part of the routes table, sent after `Start` and before `Serve`, in chunks of at most
+    /// [`ROUTES_PER_MESSAGE`] so each message fits one socket buffer.
+    Routes(Vec<(Domain, u16)>),
+    /// Every route is sent: start serving, then answer `Ready`.
+    Serve,
+    /// Every `RouteChanged` up to and including `upto` is saved to disk (or failed to be).
+    Saved { upto: u64, error: Option<String> },
+    /// Stop accepting; let in-flight requests finish within `grace`; exit.
+    Shutdown { grace: Duration },
+}
+
+/// Worker to supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// Serving on every listener it was given.
+    Ready,
+    /// The live table changed; `seq` counts up from 1 for each worker.
+    RouteChanged { seq: u64, change: RouteChange },
+}
+
+/// The descriptor on which a child finds its end of the IPC socketpair.
+pub const CHILD_IPC_FD: i32 = 3;
+
+/// At most this many routes in one [`ToWorker::Routes`] message (253-byte names: about 52 KiB).
+pub const ROUTES_PER_MESSAGE: usize = 200;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_routes_chunk_fits_one_message() {
+        let longest = Domain::parse(
+            &[
+                "a".repeat(63),
+                "b".repeat(63),
+                "c".repeat(63),
+                "d".repeat(61),
+            ]
+            .join("."),
+        )
+        .unwrap();
+        let chunk = ToWorker::Routes(vec![(longest, 65535); ROUTES_PER_MESSAGE]);
+        let bytes = postcard::to_stdvec(&chunk).unwrap();
+        assert!(
+            bytes.len() <= crate::channel::MAX_MESSAGE_LEN,
+            "{} bytes",
+            bytes.len()
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! What core-server's processes share.
+//!
+//! - [`atomic_file`]: crash-safe file replacement, for every file any process writes.
+//! - [`domain`]: which names may be routed, and how a `Host` header maps to one.
+//! - [`command`]: the UDP command grammar (`add example.com 5665`) and its one-line replies.
+//! - [`routes`]: the routes table itself, as the supervisor persists it and the worker serves it.
+//! - [`ipc`]: the typed messages between supervisor and children.
+//! - [`channel`]: how those messages travel: postcard over a `SOCK_SEQPACKET` socketpair, with
+//!   descriptors attached as `SCM_RIGHTS`.
+//! - [`logging`]: the one tracing set-up every binary uses.
+
+pub mod atomic_file;
+pub mod channel;
+pub mod command;
+pub mod domain;
+pub mod ipc;
+pub mod logging;
+pub mod routes;

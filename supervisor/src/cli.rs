@@ -1,0 +1,68 @@
+//! The command line, as the design's "Command line (supervisor)" contract states it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use core_server_proto::command::DEFAULT_UDP_PORT;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "core-server",
+    version,
+    about = "Many web apps, one machine's ports 80 and 443.",
+    long_about = "Many web apps, one machine's ports 80 and 443.\n\n\
+        Without a subcommand, runs the server: binds the ports once, starts the unprivileged \
+        worker and routes each Host to the local port an app claimed with \
+        `add DOMAIN PORT` (a UDP datagram to --udp-port from this machine)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub server: ServerOptions,
+
+    /// UDP port for commands (also where `add` and `remove` send theirs)
+    #[arg(long, global = true, default_value_t = DEFAULT_UDP_PORT, value_name = "PORT")]
+    pub udp_port: u16,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerOptions {
+    /// TCP port for plain HTTP
+    #[arg(long, default_value_t = 80, value_name = "PORT")]
+    pub http_port: u16,
+
+    /// TCP port for HTTPS (bound and held; served once TLS lands)
+    #[arg(long, default_value_t = 443, value_name = "PORT")]
+    pub https_port: u16,
+
+    /// Directory for everything the server writes (routes state, later certificates and logs)
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// When started as root: the unprivileged user the children run as
+    #[arg(long, default_value = "nobody", value_name = "NAME")]
+    pub user: String,
+
+    /// Time a client has to send a request header; also closes idle keep-alive connections
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub header_timeout: Duration,
+
+    /// Time a backend has to answer with a response header before the client gets 504
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub backend_timeout: Duration,
+
+    /// On SIGTERM or SIGINT: how long in-flight requests may take to finish
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub grace: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Route DOMAIN to 127.0.0.1:PORT on the running server (prints its reply)
+    Add { domain: String, port: String },
+    /// Stop routing DOMAIN on the running server (prints its reply)
+    Remove { domain: String },
+}

@@ -1,0 +1,156 @@
+//! The routes table on disk: `<dir>/routes.json`, written atomically after every change.
+//!
+//! ```json
+//! {"version":1,"routes":{"example.com":5665}}
+//! ```
+//!
+//! A file that cannot be read as this format is moved aside to `routes.json.corrupt-<time>`
+//! (kept for the operator, never deleted) and reported by name; the server then starts with an
+//! empty table instead of refusing to serve at all. A file from a newer core-server is not
+//! touched: this one refuses to start rather than lose what it cannot read.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use core_server_proto::atomic_file;
+use core_server_proto::routes::Routes;
+use serde::{Deserialize, Serialize};
+
+const FILE_NAME: &str = "routes.json";
+const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Contents {
+    version: u32,
+    routes: Routes,
+}
+
+pub struct RoutesFile {
+    path: PathBuf,
+}
+
+impl RoutesFile {
+    pub fn in_dir(dir: &Path) -> Self {
+        RoutesFile {
+            path: dir.join(FILE_NAME),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved table; empty if there is none yet, or if it was corrupt (and moved aside).
+    pub fn load(&self) -> anyhow::Result<Routes> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Routes::default()),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.path.display()))
+            }
+        };
+        // Read the version alone first, so a newer format is told apart from corruption.
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        match serde_json::from_slice::<Version>(&bytes) {
+            Ok(Version { version }) if version > VERSION => bail!(
+                "{} has format version {version}, written by a newer core-server; this one reads \
+                 version {VERSION}. Run the newer core-server, or move the file away to start empty",
+                self.path.display()
+            ),
+            _ => {}
+        }
+        match serde_json::from_slice::<Contents>(&bytes) {
+            Ok(contents) if contents.version == VERSION => Ok(contents.routes),
+            Ok(contents) => self.set_aside(&format!("unknown format version {}", contents.version)),
+            Err(e) => self.set_aside(&e.to_string()),
+        }
+    }
+
+    pub fn save(&self, routes: &Routes) -> io::Result<()> {
+        let contents = Contents {
+            version: VERSION,
+            routes: routes.clone(),
+        };
+        let mut json = serde_json::to_vec_pretty(&contents).map_err(io::Error::other)?;
+        json.push(b'\n');
+        atomic_file::write(&self.path, &json, 0o644)
+    }
+
+    fn set_aside(&self, why: &str) -> anyhow::Result<Routes> {
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let aside = self
+            .path
+            .with_file_name(format!("{FILE_NAME}.corrupt-{stamp}"));
+        fs::rename(&self.path, &aside).with_context(|| {
+            format!(
+                "{} is corrupt ({why}) and cannot be moved aside",
+                self.path.display()
+            )
+        })?;
+        tracing::error!(
+            "routes file {} is corrupt ({why}); moved it to {} and starting with no routes",
+            self.path.display(),
+            aside.display()
+        );
+        Ok(Routes::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::domain::Domain;
+
+    #[test]
+    fn round_trip_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RoutesFile::in_dir(dir.path());
+        assert!(file.load().unwrap().is_empty());
+        let routes: Routes = [(Domain::parse("a.example").unwrap(), 8080)]
+            .into_iter()
+            .collect();
+        file.save(&routes).unwrap();
+        assert_eq!(file.load().unwrap(), routes);
+    }
+
+    #[test]
+    fn corrupt_file_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RoutesFile::in_dir(dir.path());
+        for garbage in [
+            &b"{not json"[..],
+            b"{\"version\":1,\"routes\":{\"bad name\":80}}",
+            b"{\"version\":0,\"routes\":{}}",
+        ] {
+            fs::write(file.path(), garbage).unwrap();
+            assert!(file.load().unwrap().is_empty());
+            assert!(!file.path().exists());
+            let aside: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            assert_eq!(aside.len(), 1, "{aside:?}");
+            assert_eq!(fs::read(&aside[0]).unwrap(), garbage);
+            fs::remove_file(&aside[0]).unwrap();
+        }
+    }
+
+    #[test]
+    fn newer_format_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RoutesFile::in_dir(dir.path());
+        fs::write(file.path(), b"{\"version\":2,\"routes\":{},\"more\":1}").unwrap();
+        let err = file.load().unwrap_err().to_string();
+        assert!(err.contains("newer core-server"), "{err}");
+        assert!(file.path().exists());
+    }
+}

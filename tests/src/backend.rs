@@ -1,0 +1,113 @@
+//! Apps for core-server to proxy to: real HTTP servers on loopback ports.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+pub fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// An HTTP server on 127.0.0.1; stops when dropped.
+pub struct Backend {
+    pub port: u16,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    /// Serves every request with `handler` (HTTP/1.1 and HTTP/2, keep-alive).
+    pub async fn start<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(handler);
+        let counter = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler(request).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            port,
+            connections,
+            task,
+        }
+    }
+
+    /// Answers with what it received: the request line, then one `name: value` line a header.
+    pub async fn echo() -> Backend {
+        Backend::start(|request| async move { Response::new(full(describe(&request))) }).await
+    }
+
+    /// Answers after `delay`.
+    pub async fn slow(delay: Duration) -> Backend {
+        Backend::start(move |_| async move {
+            tokio::time::sleep(delay).await;
+            Response::new(full("finally"))
+        })
+        .await
+    }
+
+    /// How many TCP connections it accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `GET /path HTTP/1.1` then `name: value` lines.
+pub fn describe<B>(request: &Request<B>) -> String {
+    let mut text = format!(
+        "{} {} {:?}\n",
+        request.method(),
+        request.uri(),
+        request.version()
+    );
+    for (name, value) in request.headers() {
+        text.push_str(&format!(
+            "{name}: {}\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    text
+}

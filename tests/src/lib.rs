@@ -1,0 +1,27 @@
+//! The integration-test harness: real core-server binaries on real loopback sockets.
+//!
+//! - [`CoreServer`] starts the supervisor (which starts its worker) on free ports with its own
+//!   `--dir`, waits until it answers on the UDP port, and stops it on drop.
+//! - [`Backend`] is an app for it to proxy to: a real HTTP server on a loopback port.
+//! - [`http`] holds small clients: hyper for ordinary requests, raw TCP for malformed ones.
+
+pub mod backend;
+pub mod http;
+pub mod server;
+
+pub use backend::Backend;
+pub use server::CoreServer;
+
+/// Whether tests that need root (privilege dropping, network namespaces) can run. Outside CI
+/// they are skipped with a printed reason; in CI (run as root) a missing root is a failure.
+pub fn have_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI must run the tests as root"
+    );
+    eprintln!("skipping {test}: needs root");
+    false
+}

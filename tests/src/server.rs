@@ -1,0 +1,320 @@
+//! Starting and stopping a real core-server for one test.
+
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a core-server may take to start answering.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The directory holding the built binaries (`target/debug`), next to the test executable's
+/// `deps/`. When root, the children run as `nobody`, who must be able to execute them: if the
+/// checkout is not world-traversable (a clone under /root), they are copied somewhere that is.
+pub fn binaries() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let names = ["core-server", "core-server-worker"];
+        for name in names {
+            assert!(
+                dir.join(name).is_file(),
+                "{} is missing: build the binaries first (cargo build --workspace)",
+                dir.join(name).display()
+            );
+        }
+        if !nix::unistd::Uid::effective().is_root() || world_traversable(&dir) {
+            return dir;
+        }
+        let copy =
+            std::env::temp_dir().join(format!("core-server-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for name in names {
+            std::fs::copy(dir.join(name), copy.join(name)).unwrap();
+        }
+        copy
+    })
+}
+
+fn world_traversable(dir: &Path) -> bool {
+    dir.ancestors()
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
+/// A TCP port free on every address right now.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("[::]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A UDP port free on every address right now.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("[::]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running core-server (supervisor and worker) with its own ports and state directory.
+pub struct CoreServer {
+    child: Option<Child>,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub udp_port: u16,
+    pub dir: PathBuf,
+    _tempdir: Option<tempfile::TempDir>,
+    extra_args: Vec<String>,
+}
+
+impl CoreServer {
+    /// Starts core-server on free ports with a fresh state directory.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra command-line arguments (e.g. `--backend-timeout 1s`).
+    pub fn start_with(args: &[&str]) -> Self {
+        let tempdir = tempfile::tempdir().unwrap();
+        let dir = tempdir.path().join("state");
+        let mut server = CoreServer {
+            child: None,
+            http_port: free_tcp_port(),
+            https_port: free_tcp_port(),
+            udp_port: free_udp_port(),
+            dir,
+            _tempdir: Some(tempdir),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.launch();
+        server
+    }
+
+    /// The command line this server runs with.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(binaries().join("core-server"));
+        command
+            .arg("--http-port")
+            .arg(self.http_port.to_string())
+            .arg("--https-port")
+            .arg(self.https_port.to_string())
+            .arg("--udp-port")
+            .arg(self.udp_port.to_string())
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,core_server_worker=debug");
+        command
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.with_file_name("core-server.log")
+    }
+
+    /// (Re)starts the processes on the same ports and directory, and waits until they answer.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        std::fs::create_dir_all(self.dir.parent().unwrap()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start core-server");
+        self.child = Some(child);
+        self.wait_until_answering();
+    }
+
+    /// Waits until the worker answers a harmless command on the UDP port.
+    pub fn wait_until_answering(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("core-server exited at start-up ({status}):\n{}", self.log());
+            }
+            if self
+                .try_udp(b"remove not-a-route.invalid", Duration::from_millis(200))
+                .is_some()
+            {
+                return;
+            }
+        }
+        panic!(
+            "core-server did not answer within {START_TIMEOUT:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// Everything the processes logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends one datagram from loopback; the reply, if one comes within `timeout`.
+    pub fn try_udp(&self, datagram: &[u8], timeout: Duration) -> Option<String> {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        socket.set_read_timeout(Some(timeout)).unwrap();
+        socket
+            .send_to(datagram, (Ipv4Addr::LOCALHOST, self.udp_port))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let (len, _) = socket.recv_from(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+    }
+
+    /// Sends one datagram and returns the reply, which must come.
+    pub fn udp(&self, datagram: &str) -> String {
+        self.try_udp(datagram.as_bytes(), Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no reply to {datagram:?}:\n{}", self.log()))
+    }
+
+    /// Routes `domain` to `port`; panics unless the reply is `ok`.
+    pub fn add(&self, domain: &str, port: u16) {
+        assert_eq!(self.udp(&format!("add {domain} {port}")), "ok");
+    }
+
+    /// `http://127.0.0.1:<http port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// The pid of the current worker (waits for one to exist).
+    pub fn worker_pid(&self) -> u32 {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(pid) = children_named(self.pid(), "core-server-wor").first() {
+                return *pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no worker process:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the supervisor.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    /// Waits for the supervisor to exit (after a signal), at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "core-server did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the exit status; the worker must be gone too.
+    pub fn stop(&mut self) -> ExitStatus {
+        let worker = self.worker_pid();
+        self.signal(Signal::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(40));
+        wait_gone(worker, Duration::from_secs(10));
+        status
+    }
+}
+
+impl Drop for CoreServer {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let workers = children_named(child.id(), "core-server-wor");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+        for worker in workers {
+            let _ = kill(Pid::from_raw(worker as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Pids whose parent is `parent` and whose command name (cut to 15 bytes) is `comm`.
+pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split at the last ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map(|(_, n)| n).unwrap_or("");
+        let ppid = tail
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if name == comm && ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Whether `pid` still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, t)| !t.trim_start().starts_with('Z'))
+    })
+}
+
+/// Waits for `pid` to be gone, at most `timeout`.
+pub fn wait_gone(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A field of `/proc/<pid>/status`, e.g. `CapEff` or `VmHWM`.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}

@@ -1,0 +1,287 @@
+//! The reverse proxy as a client sees it: routing by Host, forwarded and hop-by-hop headers,
+//! every error status, keep-alive and the backend pool, client timeouts, HTTP/2.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use core_server_tests::http::{get, raw, send};
+use core_server_tests::{Backend, CoreServer};
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_by_host_ignoring_case_port_and_trailing_dot() {
+    let server = CoreServer::start();
+    let a = Backend::start(|_| async {
+        http::Response::new(core_server_tests::backend::full("app a"))
+    })
+    .await;
+    let b = Backend::start(|_| async {
+        http::Response::new(core_server_tests::backend::full("app b"))
+    })
+    .await;
+    server.add("a.example", a.port);
+    server.add("B.Example.", b.port);
+
+    for host in [
+        "a.example",
+        "A.EXAMPLE",
+        "a.example.",
+        "a.example:8080",
+        "A.Example.:80",
+    ] {
+        let reply = get(&server.url("/"), host).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.body.as_str()),
+            (200, "app a"),
+            "Host: {host}"
+        );
+    }
+    for host in ["b.example", "b.example:1"] {
+        assert_eq!(
+            get(&server.url("/"), host).await.body,
+            "app b",
+            "Host: {host}"
+        );
+    }
+    // `add` again replaces the port.
+    server.add("b.example", a.port);
+    assert_eq!(get(&server.url("/"), "b.example").await.body, "app a");
+    // `remove` stops routing.
+    assert_eq!(server.udp("remove b.example"), "ok");
+    assert_eq!(get(&server.url("/"), "b.example").await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_sees_host_forwarded_headers_and_no_hop_by_hop() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let request = Request::get(server.url("/path?q=1"))
+        .header("host", "App.Example:8080")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic eA==")
+        .header("x-custom", "kept")
+        .body(Full::default())
+        .unwrap();
+    let seen = send(request).await.body;
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines[0], "GET /path?q=1 HTTP/1.1", "{seen}");
+    for want in [
+        "host: App.Example:8080",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: App.Example:8080",
+        "x-custom: kept",
+    ] {
+        assert!(
+            lines.contains(&want),
+            "backend did not see {want:?}:\n{seen}"
+        );
+    }
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "6.6.6.6",
+        "https",
+    ] {
+        assert!(!seen.contains(gone), "backend saw {gone:?}:\n{seen}");
+    }
+    assert_eq!(seen.matches("x-forwarded-for").count(), 1, "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn error_statuses() {
+    let server = CoreServer::start_with(&["--backend-timeout", "1s"]);
+    let slow = Backend::slow(Duration::from_secs(5)).await;
+    server.add("slow.example", slow.port);
+    let refusing_port = core_server_tests::server::free_tcp_port();
+    server.add("down.example", refusing_port);
+
+    // Unknown host: 404, also for an IP literal or a name that cannot be a domain.
+    for host in ["unknown.example", "127.0.0.1", "[::1]:80", "bad_name"] {
+        let reply = get(&server.url("/"), host).await;
+        assert_eq!(reply.status, 404, "Host: {host}");
+    }
+    assert!(get(&server.url("/"), "unknown.example")
+        .await
+        .body
+        .contains("unknown.example"));
+
+    // Backend refuses: 502.
+    let reply = get(&server.url("/"), "down.example").await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+
+    // Backend too slow: 504, after about the timeout.
+    let started = Instant::now();
+    let reply = get(&server.url("/"), "slow.example").await;
+    assert_eq!(reply.status, 504, "{}", reply.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "504 came after {:?}",
+        started.elapsed()
+    );
+
+    // Malformed requests: 400.
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nBad Header Line\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+    ] {
+        let answer = raw(server.http_port, garbage).await;
+        let status = answer.split_whitespace().nth(1);
+        assert_eq!(
+            status,
+            Some("400"),
+            "{:?} got {answer:?}",
+            String::from_utf8_lossy(garbage)
+        );
+    }
+    // Still serving after all that.
+    let echo = Backend::echo().await;
+    server.add("ok.example", echo.port);
+    assert_eq!(get(&server.url("/"), "ok.example").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_alive_to_clients_and_pooled_connections_to_backends() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("pool.example", backend.port);
+
+    // Twenty requests on one client connection.
+    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    for i in 0..20 {
+        let request = Request::get(format!("/{i}"))
+            .header("host", "pool.example")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        sender
+            .ready()
+            .await
+            .expect("keep-alive connection still open");
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    // Twenty more on new client connections.
+    for _ in 0..20 {
+        assert_eq!(get(&server.url("/"), "pool.example").await.status, 200);
+    }
+    assert!(
+        backend.connections() <= 2,
+        "backend saw {} connections for 40 requests",
+        backend.connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_clients_are_disconnected() {
+    let server = CoreServer::start_with(&["--header-timeout", "1s"]);
+
+    // A header that never completes (slowloris).
+    let mut slow = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x.example\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 10s");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A keep-alive connection left idle after a request.
+    let echo = Backend::echo().await;
+    server.add("idle.example", echo.port);
+    let mut idle = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: idle.example\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "idle connection still open after 10s");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_prior_knowledge_clients() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("h2.example", backend.port);
+
+    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("http://h2.example/over-h2")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let seen = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    // The backend speaks HTTP/1.1 and gets the Host from :authority.
+    assert!(seen.starts_with("GET /over-h2 HTTP/1.1\n"), "{seen}");
+    assert!(seen.contains("host: h2.example\n"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_sees_the_app() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("curl.example", backend.port);
+    let output = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "-H",
+            "Host: curl.example",
+            &server.url("/hello"),
+        ])
+        .output()
+        .expect("curl is installed");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("GET /hello HTTP/1.1"));
+}

@@ -1,0 +1,98 @@
+//! Accepting client connections and serving HTTP/1.1 and HTTP/2 (prior knowledge) on them.
+//!
+//! Each connection runs in its own task, tracked so a stopping worker can wait for them. On
+//! stop, the accept loop ends first (new connections then wait in the kernel's queue for the
+//! next worker), and each connection is closed gracefully: in-flight requests finish.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error};
+
+use crate::proxy::Proxy;
+
+/// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+pub struct HttpServer {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    scheme: &'static str,
+}
+
+impl HttpServer {
+    pub fn new(proxy: Arc<Proxy>, header_timeout: Duration, scheme: &'static str) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        builder.http2().timer(TokioTimer::new());
+        HttpServer {
+            proxy,
+            builder,
+            scheme,
+        }
+    }
+
+    /// Accepts until `stop`, serving each connection in a task of `tasks`.
+    pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
+        let server = Arc::new(self);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, client)) => {
+                    tasks.spawn(
+                        server
+                            .clone()
+                            .serve_connection(stream, client, stop.clone()),
+                    );
+                }
+                Err(e) => {
+                    error!("accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        client: SocketAddr,
+        stop: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let proxy = self.proxy.clone();
+        let scheme = self.scheme;
+        let service = service_fn(move |request| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(request, client, scheme).await) }
+        });
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = stop.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            debug!("connection from {client}: {e}");
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! `core-server-worker`: the unprivileged, network-facing process.
+//!
+//! Started by the supervisor with no privilege left, it receives the listening sockets and the
+//! routes over its IPC channel (descriptor 3), serves HTTP and the UDP command port, reports
+//! every route change, and on `Shutdown` (or when the supervisor is gone) stops accepting,
+//! lets in-flight requests finish within the grace period, and exits.
+
+mod forwarding;
+mod http_server;
+mod proxy;
+mod route_table;
+mod udp_commands;
+mod upgrade;
+
+use std::os::fd::OwnedFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use core_server_proto::channel::{inherited_fd, Channel};
+use core_server_proto::ipc::{FromWorker, ListenerKind, ToWorker, WorkerSettings};
+use core_server_proto::routes::Routes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::http_server::HttpServer;
+use crate::proxy::Proxy;
+use crate::route_table::{RouteTable, SupervisorChannel};
+
+/// The grace period when the supervisor vanished without saying how long to drain.
+const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    core_server_proto::logging::init();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|runtime| runtime.block_on(run()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let supervisor: Arc<SupervisorChannel> = Arc::new(Channel::new(inherited_fd()?)?);
+    let (listeners, settings, routes) = receive_start(&supervisor).await?;
+
+    let routes = Arc::new(RouteTable::new(routes, supervisor.clone()));
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let proxy = Arc::new(Proxy::new(
+        routes.clone(),
+        settings.backend_timeout,
+        tasks.clone(),
+    ));
+    let mut udp = None;
+    for (kind, fd) in listeners {
+        match kind {
+            ListenerKind::Http => {
+                let listener = tcp_listener(fd)?;
+                let server = HttpServer::new(proxy.clone(), settings.header_timeout, "http");
+                tasks.spawn(server.serve(listener, stop.clone(), tasks.clone()));
+            }
+            // Held by the supervisor; served once TLS lands.
+            ListenerKind::Https => drop(fd),
+            ListenerKind::Udp => udp = Some(udp_socket(fd)?),
+        }
+    }
+    // Ready before the UDP loop starts, so the first message the supervisor reads is `Ready`.
+    supervisor.send(&FromWorker::Ready, &[]).await?;
+    if let Some(udp) = udp {
+        tasks.spawn(udp_commands::serve(
+            udp,
+            routes.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
+    }
+
+    let grace = follow_supervisor(&supervisor, &routes).await;
+    info!(
+        "stopping: {} connections and commands have {grace:?} to finish",
+        tasks.len()
+    );
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        warn!(
+            "grace period over with {} tasks unfinished; exiting",
+            tasks.len()
+        );
+    }
+    Ok(())
+}
+
+/// `Start`, then `Routes` chunks, until `Serve`.
+async fn receive_start(
+    supervisor: &SupervisorChannel,
+) -> anyhow::Result<(Vec<(ListenerKind, OwnedFd)>, WorkerSettings, Routes)> {
+    let (listeners, settings) = match supervisor.recv().await? {
+        Some((
+            ToWorker::Start {
+                listeners,
+                settings,
+            },
+            fds,
+        )) if fds.len() == listeners.len() => (listeners.into_iter().zip(fds).collect(), settings),
+        other => bail!("expected Start with its sockets from the supervisor, got {other:?}"),
+    };
+    let mut routes = Vec::new();
+    loop {
+        match supervisor.recv().await? {
+            Some((ToWorker::Routes(chunk), _)) => routes.extend(chunk),
+            Some((ToWorker::Serve, _)) => break,
+            other => bail!("expected Routes or Serve from the supervisor, got {other:?}"),
+        }
+    }
+    Ok((listeners, settings, routes.into_iter().collect()))
+}
+
+/// Handles the supervisor's messages until it asks us to stop or goes away; the grace period.
+async fn follow_supervisor(supervisor: &SupervisorChannel, routes: &RouteTable) -> Duration {
+    loop {
+        match supervisor.recv().await {
+            Ok(Some((ToWorker::Saved { upto, error }, _))) => routes.saved(upto, error),
+            Ok(Some((ToWorker::Shutdown { grace }, _))) => return grace,
+            Ok(Some((other, _))) => warn!("unexpected message from the supervisor: {other:?}"),
+            Ok(None) | Err(_) => {
+                warn!("the supervisor is gone; stopping");
+                routes.supervisor_gone();
+                return ORPHAN_GRACE;
+            }
+        }
+    }
+}
+
+fn tcp_listener(fd: OwnedFd) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}
+
+fn udp_socket(fd: OwnedFd) -> anyhow::Result<tokio::net::UdpSocket> {
+    let socket = std::net::UdpSocket::from(fd);
+    socket.set_nonblocking(true)?;
+    Ok(tokio::net::UdpSocket::from_std(socket)?)
+}
