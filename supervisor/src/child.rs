@@ -12,7 +12,12 @@ use tokio::process::{Child, Command};
 use crate::privileges::Unprivileged;
 
 /// Environment variables a child keeps; everything else is cleared.
-const KEPT_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "NO_COLOR"];
+const KEPT_ENV: &[&str] = &[
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "NO_COLOR",
+    "TOKIO_WORKER_THREADS",
+];
 
 /// Finds `name` next to the running executable.
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -50,9 +55,18 @@ pub fn spawn(binary: &PathBuf, ipc: OwnedFd, privileges: Unprivileged) -> anyhow
             privileges.apply()
         });
     }
-    let child = command
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let child = command.spawn().map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            format!(
+                " (children run as uid {}: install the binaries where that user can execute \
+                 them, e.g. /usr/local/bin)",
+                privileges.uid()
+            )
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("cannot start {}: {e}{hint}", binary.display())
+    })?;
     drop(ipc); // the child has its copy
     Ok(child)
 }

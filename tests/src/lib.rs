@@ -4,9 +4,11 @@
 //!   `--dir`, waits until it answers on the UDP port, and stops it on drop.
 //! - [`Backend`] is an app for it to proxy to: a real HTTP server on a loopback port.
 //! - [`http`] holds small clients: hyper for ordinary requests, raw TCP for malformed ones.
+//! - [`netns`] makes a test host of its own: a network namespace joined to ours by a veth pair.
 
 pub mod backend;
 pub mod http;
+pub mod netns;
 pub mod server;
 
 pub use backend::Backend;

@@ -79,6 +79,8 @@ pub struct CoreServer {
     pub dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
     extra_args: Vec<String>,
+    /// The network namespace it runs in (`None`: the test's own).
+    netns: Option<String>,
 }
 
 impl CoreServer {
@@ -89,6 +91,15 @@ impl CoreServer {
 
     /// Starts with extra command-line arguments (e.g. `--backend-timeout 1s`).
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_in(None, args)
+    }
+
+    /// Starts inside network namespace `netns` (made by the test, e.g. with [`crate::netns`]).
+    pub fn start_in_netns(netns: &str) -> Self {
+        Self::start_in(Some(netns), &[])
+    }
+
+    fn start_in(netns: Option<&str>, args: &[&str]) -> Self {
         let tempdir = tempfile::tempdir().unwrap();
         let dir = tempdir.path().join("state");
         let mut server = CoreServer {
@@ -99,6 +110,7 @@ impl CoreServer {
             dir,
             _tempdir: Some(tempdir),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_owned),
         };
         server.launch();
         server
@@ -106,7 +118,16 @@ impl CoreServer {
 
     /// The command line this server runs with.
     pub fn command(&self) -> Command {
-        let mut command = Command::new(binaries().join("core-server"));
+        let binary = binaries().join("core-server");
+        let mut command = match &self.netns {
+            None => Command::new(binary),
+            Some(netns) => {
+                // `ip netns exec` execs the binary: the pid stays core-server's.
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(binary);
+                command
+            }
+        };
         command
             .arg("--http-port")
             .arg(self.http_port.to_string())
@@ -176,14 +197,16 @@ impl CoreServer {
 
     /// Sends one datagram from loopback; the reply, if one comes within `timeout`.
     pub fn try_udp(&self, datagram: &[u8], timeout: Duration) -> Option<String> {
-        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        socket.set_read_timeout(Some(timeout)).unwrap();
-        socket
-            .send_to(datagram, (Ipv4Addr::LOCALHOST, self.udp_port))
-            .unwrap();
-        let mut buf = [0u8; 2048];
-        let (len, _) = socket.recv_from(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+        crate::netns::run_in(self.netns.as_deref(), || {
+            let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            socket.set_read_timeout(Some(timeout)).unwrap();
+            socket
+                .send_to(datagram, (Ipv4Addr::LOCALHOST, self.udp_port))
+                .unwrap();
+            let mut buf = [0u8; 2048];
+            let (len, _) = socket.recv_from(&mut buf).ok()?;
+            Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+        })
     }
 
     /// Sends one datagram and returns the reply, which must come.

@@ -42,6 +42,7 @@ pub async fn serve(
             _ = stop.cancelled() => return,
         };
         if !is_loopback(from.ip()) {
+            let from = from.ip().to_canonical();
             debug!("dropped a datagram from {from}: commands are accepted from this machine only");
             continue;
         }

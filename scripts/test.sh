@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need when it is missing, checks formatting and
+# lints, builds every binary (the integration tests start the real ones), runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Tool -> Debian package that provides it.
+declare -A packages=(
+  [curl]=curl              # tests make requests the way users do
+  [ip]=iproute2            # network namespaces: a real non-loopback sender
+  [setcap]=libcap2-bin     # the setcap'd-supervisor test
+  [setpriv]=util-linux     # running the supervisor as an ordinary user
+  [unshare]=util-linux
+)
+missing=()
+for tool in "${!packages[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${packages[$tool]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "installing: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "not root: install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace
+cargo test --workspace

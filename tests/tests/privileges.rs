@@ -1,0 +1,262 @@
+//! Privilege separation as the kernel reports it in /proc, and start-up errors that say what
+//! to do. Tests that need root run as root in CI and are skipped (with a reason) elsewhere.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use core_server_tests::server::{
+    binaries, children_named, free_tcp_port, free_udp_port, proc_status,
+};
+use core_server_tests::{have_root, CoreServer};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const NO_CAPS: &str = "0000000000000000";
+
+fn assert_unprivileged(worker: u32) {
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(proc_status(worker, set), NO_CAPS, "{set} of the worker");
+    }
+    assert_eq!(proc_status(worker, "NoNewPrivs"), "1");
+}
+
+#[test]
+fn worker_has_no_capabilities_and_no_new_privileges() {
+    let server = CoreServer::start();
+    assert_unprivileged(server.worker_pid());
+}
+
+#[test]
+fn started_as_root_the_worker_runs_as_nobody_without_groups() {
+    if !have_root("started_as_root_the_worker_runs_as_nobody_without_groups") {
+        return;
+    }
+    let server = CoreServer::start();
+    let worker = server.worker_pid();
+    assert_eq!(proc_status(worker, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(proc_status(worker, "Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(proc_status(worker, "Groups"), "");
+    assert_unprivileged(worker);
+    // The supervisor itself keeps root: it restarts workers as nobody.
+    assert_eq!(proc_status(server.pid(), "Uid"), "0\t0\t0\t0");
+}
+
+/// Copies the binaries where `nobody` can run them; the directory is removed on drop.
+fn install_for_nobody() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    for name in ["core-server", "core-server-worker"] {
+        std::fs::copy(binaries().join(name), dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
+/// `core-server` run as nobody in a network namespace of its own, where binding below 1024
+/// needs privilege whatever the host's sysctl says, and nothing touches the host's network.
+fn as_nobody_in_own_netns(install: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args([
+            "--net",
+            "--",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(install.join("core-server"))
+        .args(["--https-port", "8443", "--udp-port", "40608", "--dir"])
+        .arg(install.join("state"))
+        .args(args);
+    command
+}
+
+#[test]
+fn a_privileged_port_without_privilege_says_how_to_fix_it() {
+    if !have_root("a_privileged_port_without_privilege_says_how_to_fix_it") {
+        return;
+    }
+    let install = install_for_nobody();
+    let output = as_nobody_in_own_netns(install.path(), &["--http-port", "81"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("cannot bind TCP port 81 (--http-port): Permission denied"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("setcap cap_net_bind_service=+ep"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--http-port"), "{stderr}");
+}
+
+#[test]
+fn setcap_supervisor_binds_port_81_and_its_worker_gets_nothing() {
+    if !have_root("setcap_supervisor_binds_port_81_and_its_worker_gets_nothing") {
+        return;
+    }
+    let install = install_for_nobody();
+    let supervisor = install.path().join("core-server");
+    let setcap = Command::new("setcap")
+        .arg("cap_net_bind_service=+ep")
+        .arg(&supervisor)
+        .status();
+    assert!(setcap.expect("setcap is installed (libcap2-bin)").success());
+
+    let log = std::fs::File::create(install.path().join("log")).unwrap();
+    let mut child = as_nobody_in_own_netns(install.path(), &["--http-port", "81"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let worker = loop {
+        if let Some(worker) = children_named(child.id(), "core-server-wor").first() {
+            let log = std::fs::read_to_string(install.path().join("log")).unwrap();
+            if log.contains("worker ready") {
+                break *worker;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "exited ({status}): {}",
+                std::fs::read_to_string(install.path().join("log")).unwrap()
+            );
+        }
+        assert!(Instant::now() < deadline, "no worker");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The supervisor holds the one capability it was given; the worker has none of it.
+    assert_eq!(proc_status(child.id(), "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(
+        proc_status(child.id(), "CapEff"),
+        "0000000000000400",
+        "cap_net_bind_service"
+    );
+    assert_eq!(proc_status(worker, "Uid"), "65534\t65534\t65534\t65534");
+    assert_unprivileged(worker);
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+fn run_supervisor(args: &[&str]) -> Output {
+    Command::new(binaries().join("core-server"))
+        .args([
+            "--https-port",
+            &free_tcp_port().to_string(),
+            "--udp-port",
+            &free_udp_port().to_string(),
+        ])
+        .arg("--dir")
+        .arg(tempfile::tempdir().unwrap().path())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_busy_port_is_named() {
+    let busy = std::net::TcpListener::bind("[::]:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let output = run_supervisor(&["--http-port", &port]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("cannot bind TCP port {port} (--http-port)")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("another program"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_user_is_refused_before_binding() {
+    if !have_root("an_unknown_user_is_refused_before_binding") {
+        return;
+    }
+    let output = run_supervisor(&[
+        "--http-port",
+        &free_tcp_port().to_string(),
+        "--user",
+        "no-such-user-here",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("no user 'no-such-user-here'"), "{stderr}");
+    let output = run_supervisor(&[
+        "--http-port",
+        &free_tcp_port().to_string(),
+        "--user",
+        "root",
+    ]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("must run unprivileged"));
+}
+
+#[test]
+fn a_missing_worker_binary_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        binaries().join("core-server"),
+        dir.path().join("core-server"),
+    )
+    .unwrap();
+    let output = Command::new(dir.path().join("core-server"))
+        .args([
+            "--http-port",
+            &free_tcp_port().to_string(),
+            "--https-port",
+            &free_tcp_port().to_string(),
+        ])
+        .args(["--udp-port", &free_udp_port().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("core-server-worker must be installed next to"),
+        "{stderr}"
+    );
+}
+
+/// The supervisor parses no network input: it does not even link an HTTP implementation.
+#[test]
+fn the_supervisor_links_no_http_code() {
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "core-server",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tree = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        tree.lines().any(|l| l.starts_with("core-server-proto")),
+        "{tree}"
+    );
+    for http in ["hyper ", "h2 ", "httparse ", "http "] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(http)),
+            "the supervisor depends on {http}:\n{tree}"
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! Bodies stream through the proxy in both directions without being buffered: 1 GiB each way,
+//! with the reader pausing midway (a buffering proxy would swallow the rest meanwhile), and the
+//! worker's peak memory stays small.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use core_server_tests::backend::{full, Body};
+use core_server_tests::server::proc_status;
+use core_server_tests::{Backend, CoreServer};
+use futures_util::stream;
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const GIB: u64 = 1 << 30;
+const CHUNK: usize = 64 * 1024;
+/// The worker may use this much memory at its peak, whatever the body sizes.
+const PEAK_LIMIT_KIB: u64 = 96 * 1024;
+
+/// A body of `total` zero bytes, produced as it is read.
+fn zeros(total: u64) -> Body {
+    let chunk = Bytes::from(vec![0u8; CHUNK]);
+    let frames =
+        stream::iter((0..total / CHUNK as u64).map(move |_| Ok(Frame::data(chunk.clone()))));
+    BodyExt::boxed(StreamBody::new(frames))
+}
+
+/// Reads `body` to the end, pausing `pause` after the first 16 MiB; how many bytes it had.
+async fn drain<B>(mut body: B, pause: Duration) -> u64
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut total = 0u64;
+    let mut paused = false;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("body intact").into_data() {
+            total += data.len() as u64;
+        }
+        if !paused && total >= 16 << 20 {
+            paused = true;
+            tokio::time::sleep(pause).await;
+        }
+    }
+    total
+}
+
+fn peak_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmHWM")
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_gib_each_way_with_flat_memory() {
+    let server = CoreServer::start();
+    let worker = server.worker_pid();
+
+    // Download: the backend writes as fast as it can; the client pauses.
+    let download = Backend::start(|_| async { Response::new(zeros(GIB)) }).await;
+    server.add("down.example", download.port);
+    let client = Client::builder(TokioExecutor::new()).build_http::<Body>();
+    let started = Instant::now();
+    let request = Request::get(server.url("/big"))
+        .header("host", "down.example")
+        .body(full(""))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        drain(response.into_body(), Duration::from_secs(2)).await,
+        GIB
+    );
+    eprintln!("1 GiB download in {:?}", started.elapsed());
+
+    // Upload: the client writes as fast as it can; the backend pauses.
+    let paused = Arc::new(AtomicBool::new(false));
+    let seen_pause = paused.clone();
+    let upload = Backend::start(move |request| {
+        let paused = seen_pause.clone();
+        async move {
+            let total = drain(request.into_body(), Duration::from_secs(2)).await;
+            paused.store(true, Ordering::SeqCst);
+            Response::new(full(total.to_string()))
+        }
+    })
+    .await;
+    server.add("up.example", upload.port);
+    let started = Instant::now();
+    let request = Request::post(server.url("/big"))
+        .header("host", "up.example")
+        .body(zeros(GIB))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        GIB.to_string(),
+        "the backend got every byte"
+    );
+    assert!(paused.load(Ordering::SeqCst));
+    eprintln!("1 GiB upload in {:?}", started.elapsed());
+
+    let peak = peak_kib(worker);
+    eprintln!("worker peak RSS: {peak} KiB");
+    assert!(
+        peak < PEAK_LIMIT_KIB,
+        "worker peaked at {peak} KiB: bodies are being buffered"
+    );
+}
