@@ -29,6 +29,11 @@ use crate::http_server::HttpServer;
 use crate::proxy::Proxy;
 use crate::route_table::{RouteTable, SupervisorChannel};
 
+/// Requests allocate many small short-lived objects (headers, futures, channels); mimalloc
+/// handles that pattern with less CPU than glibc's malloc (measured with bench/proxy.sh).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The grace period when the supervisor vanished without saying how long to drain.
 const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 

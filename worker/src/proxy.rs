@@ -111,7 +111,11 @@ impl Proxy {
 
         let response = tokio::time::timeout(self.backend_timeout, async {
             match upgrade_to {
-                Some(protocol) => upgrade::proxy(request, protocol, backend, &self.tasks).await,
+                // Boxed: the rare upgrade path would otherwise make every request's future
+                // several times larger, and futures are moved by copying.
+                Some(protocol) => {
+                    Box::pin(upgrade::proxy(request, protocol, backend, &self.tasks)).await
+                }
                 None => self
                     .client
                     .request(request)
