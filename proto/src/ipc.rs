@@ -28,6 +28,9 @@ pub struct WorkerSettings {
     /// How long a client may take to send a request's header, counted from the connection's
     /// start or the end of the previous response (so it also closes idle keep-alive connections).
     pub header_timeout: Duration,
+    /// How long a client connection may move no byte at all before it is closed (gracefully:
+    /// requests in flight finish). Mostly for HTTP/2; HTTP/1 idles end at `header_timeout`.
+    pub idle_timeout: Duration,
     /// How long a backend may take to connect and answer with a response header (then 504).
     pub backend_timeout: Duration,
 }

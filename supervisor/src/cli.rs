@@ -50,6 +50,10 @@ pub struct ServerOptions {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub header_timeout: Duration,
 
+    /// Time a client connection may move no byte before it is closed (HTTP/2; HTTP/1 idles end at --header-timeout)
+    #[arg(long, default_value = "3m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+
     /// Time a backend has to answer with a response header before the client gets 504
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub backend_timeout: Duration,

@@ -64,6 +64,7 @@ fn run_server(options: &ServerOptions, udp_port: u16) -> anyhow::Result<()> {
         listeners,
         settings: WorkerSettings {
             header_timeout: options.header_timeout,
+            idle_timeout: options.idle_timeout,
             backend_timeout: options.backend_timeout,
         },
         grace: options.grace,

@@ -285,3 +285,68 @@ async fn curl_sees_the_app() {
     );
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("GET /hello HTTP/1.1"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_close_but_slow_requests_and_streams_do_not() {
+    let server = CoreServer::start_with(&["--idle-timeout", "1s"]);
+    let echo = Backend::echo().await;
+    server.add("idle.example", echo.port);
+
+    // An HTTP/2 connection left idle after one request is closed (hyper's header timeout
+    // does not cover HTTP/2).
+    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = Request::get("http://idle.example/")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("idle HTTP/2 connection closed by the server")
+        .unwrap()
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}",
+        started.elapsed()
+    );
+
+    // A backend that takes longer than the idle timeout to answer: the request still completes.
+    let slow = Backend::slow(Duration::from_millis(2500)).await;
+    server.add("slow.example", slow.port);
+    let reply = get(&server.url("/"), "slow.example").await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.body.as_str()),
+        (200, "finally")
+    );
+
+    // A stream that trickles a byte more often than the idle timeout runs to its end.
+    let trickle = Backend::start(|_| async {
+        let chunks = futures_util::stream::unfold(0, |i| async move {
+            if i == 8 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Some((
+                Ok(hyper::body::Frame::data(Bytes::from(format!("{i}")))),
+                i + 1,
+            ))
+        });
+        http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+    })
+    .await;
+    server.add("trickle.example", trickle.port);
+    assert_eq!(
+        get(&server.url("/"), "trickle.example").await.body,
+        "01234567"
+    );
+}

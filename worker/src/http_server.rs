@@ -2,21 +2,25 @@
 //!
 //! Each connection runs in its own task, tracked so a stopping worker can wait for them. On
 //! stop, the accept loop ends first (new connections then wait in the kernel's queue for the
-//! next worker), and each connection is closed gracefully: in-flight requests finish.
+//! next worker), and each connection is closed gracefully: in-flight requests finish. A
+//! connection that moves no byte for the idle timeout is closed the same graceful way.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use core_server_proto::ipc::WorkerSettings;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
 
+use crate::idle_timeout::{Activity, Tracked};
 use crate::proxy::Proxy;
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.
@@ -25,20 +29,22 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct HttpServer {
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
+    idle_timeout: Duration,
     scheme: &'static str,
 }
 
 impl HttpServer {
-    pub fn new(proxy: Arc<Proxy>, header_timeout: Duration, scheme: &'static str) -> Self {
+    pub fn new(proxy: Arc<Proxy>, settings: &WorkerSettings, scheme: &'static str) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
+            .header_read_timeout(settings.header_timeout);
         builder.http2().timer(TokioTimer::new());
         HttpServer {
             proxy,
             builder,
+            idle_timeout: settings.idle_timeout,
             scheme,
         }
     }
@@ -80,15 +86,29 @@ impl HttpServer {
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(request, client, scheme).await) }
         });
-        let connection = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let activity = Activity::new();
+        let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+        let connection = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
-        let result = tokio::select! {
-            result = connection.as_mut() => result,
-            _ = stop.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
+
+        // Runs the connection; on stop or when idle, closes it gracefully and lets it finish.
+        let mut closing = false;
+        let mut check_idle_at = activity.idle_at(self.idle_timeout);
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                _ = stop.cancelled(), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep_until(check_idle_at), if !closing => {
+                    check_idle_at = activity.idle_at(self.idle_timeout);
+                    if check_idle_at <= Instant::now() {
+                        debug!("connection from {client} idle for {:?}: closing", self.idle_timeout);
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
             }
         };
         if let Err(e) = result {

@@ -7,6 +7,7 @@
 
 mod forwarding;
 mod http_server;
+mod idle_timeout;
 mod proxy;
 mod route_table;
 mod udp_commands;
@@ -70,7 +71,7 @@ async fn run() -> anyhow::Result<()> {
         match kind {
             ListenerKind::Http => {
                 let listener = tcp_listener(fd)?;
-                let server = HttpServer::new(proxy.clone(), settings.header_timeout, "http");
+                let server = HttpServer::new(proxy.clone(), &settings, "http");
                 tasks.spawn(server.serve(listener, stop.clone(), tasks.clone()));
             }
             // Held by the supervisor; served once TLS lands.
