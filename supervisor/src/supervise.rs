@@ -25,6 +25,8 @@ use crate::routes_file::RoutesFile;
 
 /// How long a new worker may take from exec to `Ready`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a worker whose start-up failed gets to exit on its own, so its status is reported.
+const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker may overrun its grace period on shutdown before it is killed.
 const KILL_AFTER_GRACE: Duration = Duration::from_secs(5);
 
@@ -93,8 +95,15 @@ impl Supervisor {
             status = child.wait() => Err(anyhow!("exited during start-up ({})", describe(status))),
         };
         if let Err(e) = outcome {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            // A worker that died explains more than the broken channel it left behind.
+            let e = match tokio::time::timeout(EXIT_REPORT_WAIT, child.wait()).await {
+                Ok(status) => anyhow!("exited during start-up ({})", describe(status)),
+                Err(_) => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    e
+                }
+            };
             return Err(e.context("the worker did not start"));
         }
         info!(

@@ -52,6 +52,17 @@ fn world_traversable(dir: &Path) -> bool {
         .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
+/// A private copy of the binaries, in a directory anyone may use (an unprivileged supervisor
+/// writes its state there, its worker runs from there); removed on drop.
+pub fn install_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    for name in ["core-server", "core-server-worker"] {
+        std::fs::copy(binaries().join(name), dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
 /// A TCP port free on every address right now.
 pub fn free_tcp_port() -> u16 {
     TcpListener::bind("[::]:0")
@@ -81,6 +92,8 @@ pub struct CoreServer {
     extra_args: Vec<String>,
     /// The network namespace it runs in (`None`: the test's own).
     netns: Option<String>,
+    /// Where its binaries are.
+    binaries: PathBuf,
 }
 
 impl CoreServer {
@@ -99,10 +112,24 @@ impl CoreServer {
         Self::start_in(Some(netns), &[])
     }
 
+    /// Starts the binaries in `dir` (see [`install_copy`]) instead of the built ones.
+    pub fn start_installed(dir: &Path) -> Self {
+        let mut server = Self::new(None, &[]);
+        server.binaries = dir.to_path_buf();
+        server.launch();
+        server
+    }
+
     fn start_in(netns: Option<&str>, args: &[&str]) -> Self {
+        let mut server = Self::new(netns, args);
+        server.launch();
+        server
+    }
+
+    fn new(netns: Option<&str>, args: &[&str]) -> Self {
         let tempdir = tempfile::tempdir().unwrap();
         let dir = tempdir.path().join("state");
-        let mut server = CoreServer {
+        CoreServer {
             child: None,
             http_port: free_tcp_port(),
             https_port: free_tcp_port(),
@@ -111,14 +138,13 @@ impl CoreServer {
             _tempdir: Some(tempdir),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             netns: netns.map(str::to_owned),
-        };
-        server.launch();
-        server
+            binaries: binaries().to_path_buf(),
+        }
     }
 
     /// The command line this server runs with.
     pub fn command(&self) -> Command {
-        let binary = binaries().join("core-server");
+        let binary = self.binaries.join("core-server");
         let mut command = match &self.netns {
             None => Command::new(binary),
             Some(netns) => {

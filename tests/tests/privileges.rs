@@ -1,13 +1,12 @@
 //! Privilege separation as the kernel reports it in /proc, and start-up errors that say what
 //! to do. Tests that need root run as root in CI and are skipped (with a reason) elsewhere.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use core_server_tests::server::{
-    binaries, children_named, free_tcp_port, free_udp_port, proc_status,
+    binaries, children_named, free_tcp_port, free_udp_port, install_copy, proc_status,
 };
 use core_server_tests::{have_root, CoreServer};
 use nix::sys::signal::{kill, Signal};
@@ -43,16 +42,6 @@ fn started_as_root_the_worker_runs_as_nobody_without_groups() {
     assert_eq!(proc_status(server.pid(), "Uid"), "0\t0\t0\t0");
 }
 
-/// Copies the binaries where `nobody` can run them; the directory is removed on drop.
-fn install_for_nobody() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    for name in ["core-server", "core-server-worker"] {
-        std::fs::copy(binaries().join(name), dir.path().join(name)).unwrap();
-    }
-    dir
-}
-
 /// `core-server` run as nobody in a network namespace of its own, where binding below 1024
 /// needs privilege whatever the host's sysctl says, and nothing touches the host's network.
 fn as_nobody_in_own_netns(install: &Path, args: &[&str]) -> Command {
@@ -79,7 +68,7 @@ fn a_privileged_port_without_privilege_says_how_to_fix_it() {
     if !have_root("a_privileged_port_without_privilege_says_how_to_fix_it") {
         return;
     }
-    let install = install_for_nobody();
+    let install = install_copy();
     let output = as_nobody_in_own_netns(install.path(), &["--http-port", "81"])
         .output()
         .unwrap();
@@ -101,7 +90,7 @@ fn setcap_supervisor_binds_port_81_and_its_worker_gets_nothing() {
     if !have_root("setcap_supervisor_binds_port_81_and_its_worker_gets_nothing") {
         return;
     }
-    let install = install_for_nobody();
+    let install = install_copy();
     let supervisor = install.path().join("core-server");
     let setcap = Command::new("setcap")
         .arg("cap_net_bind_service=+ep")
@@ -259,4 +248,30 @@ fn the_supervisor_links_no_http_code() {
             "the supervisor depends on {http}:\n{tree}"
         );
     }
+}
+
+#[test]
+fn a_first_worker_that_cannot_start_is_reported_and_core_server_exits() {
+    let install = install_copy();
+    let worker = install.path().join("core-server-worker");
+    std::fs::write(&worker, "#!/bin/sh\necho 'worker says: no' >&2\nexit 3\n").unwrap();
+    let output = Command::new(install.path().join("core-server"))
+        .args([
+            "--http-port",
+            &free_tcp_port().to_string(),
+            "--https-port",
+            &free_tcp_port().to_string(),
+        ])
+        .args(["--udp-port", &free_udp_port().to_string()])
+        .arg("--dir")
+        .arg(install.path().join("state"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("worker says: no"), "{stderr}");
+    assert!(
+        stderr.contains("the worker did not start: exited during start-up (exit status: 3)"),
+        "{stderr}"
+    );
 }

@@ -1,10 +1,11 @@
 //! The worker dies and comes back without losing what waited for it; signals stop cleanly.
 
 use std::net::{TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use core_server_tests::http::get;
-use core_server_tests::server::{alive, wait_gone};
+use core_server_tests::server::{alive, install_copy, wait_gone};
 use core_server_tests::{Backend, CoreServer};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -106,4 +107,57 @@ async fn sigint_stops_too() {
     server.signal(Signal::SIGINT);
     assert!(server.wait_exit(Duration::from_secs(20)).success());
     wait_gone(worker, Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_keeps_dying_is_retried_with_growing_delays() {
+    let install = install_copy();
+    let worker_binary = install.path().join("core-server-worker");
+    let server = CoreServer::start_installed(install.path());
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    // From now on every new worker fails at once.
+    let real = worker_binary.with_extension("real");
+    std::fs::rename(&worker_binary, &real).unwrap();
+    std::fs::write(
+        &worker_binary,
+        "#!/bin/sh\necho 'broken worker' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&worker_binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = server.worker_pid();
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+
+    // The supervisor keeps trying, each time waiting longer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log().contains("trying again in 400ms") {
+        assert!(
+            Instant::now() < deadline,
+            "no growing retry delays:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = server.log();
+    assert!(
+        log.contains("exited during start-up (exit status: 3)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("trying again in 100ms") && log.contains("trying again in 200ms"),
+        "{log}"
+    );
+    assert!(
+        alive(server.pid()),
+        "the supervisor keeps its sockets and waits"
+    );
+
+    // A request made while no worker can run waits in the queue and is served once one can.
+    let url = server.url("/");
+    let queued = tokio::spawn(async move { get(&url, "app.example").await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::rename(&real, &worker_binary).unwrap();
+    assert_eq!(queued.await.unwrap(), 200, "{}", server.log());
+    assert_ne!(server.worker_pid(), old);
 }
