@@ -45,6 +45,24 @@ pub async fn get(url: &str, host: &str) -> Reply {
     .await
 }
 
+/// An HTTP/2 (prior knowledge) connection to `127.0.0.1:port`: the request sender, and the
+/// task driving the connection (it ends when the server closes it).
+pub async fn h2_connect(
+    port: u16,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
 /// Writes `bytes` to `127.0.0.1:port` and reads until the server closes (or 10 s pass).
 pub async fn raw(port: u16, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -136,7 +136,12 @@ fn setcap_supervisor_binds_port_81_and_its_worker_gets_nothing() {
 }
 
 fn run_supervisor(args: &[&str]) -> Output {
-    Command::new(binaries().join("core-server"))
+    run_supervisor_from(&binaries().join("core-server"), args)
+}
+
+/// Runs `binary` on free ports (HTTPS and UDP; `args` adds the rest) with a fresh `--dir`.
+fn run_supervisor_from(binary: &Path, args: &[&str]) -> Output {
+    Command::new(binary)
         .args([
             "--https-port",
             &free_tcp_port().to_string(),
@@ -195,16 +200,10 @@ fn a_missing_worker_binary_is_named() {
         dir.path().join("core-server"),
     )
     .unwrap();
-    let output = Command::new(dir.path().join("core-server"))
-        .args([
-            "--http-port",
-            &free_tcp_port().to_string(),
-            "--https-port",
-            &free_tcp_port().to_string(),
-        ])
-        .args(["--udp-port", &free_udp_port().to_string()])
-        .output()
-        .unwrap();
+    let output = run_supervisor_from(
+        &dir.path().join("core-server"),
+        &["--http-port", &free_tcp_port().to_string()],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
@@ -255,18 +254,10 @@ fn a_first_worker_that_cannot_start_is_reported_and_core_server_exits() {
     let install = install_copy();
     let worker = install.path().join("core-server-worker");
     std::fs::write(&worker, "#!/bin/sh\necho 'worker says: no' >&2\nexit 3\n").unwrap();
-    let output = Command::new(install.path().join("core-server"))
-        .args([
-            "--http-port",
-            &free_tcp_port().to_string(),
-            "--https-port",
-            &free_tcp_port().to_string(),
-        ])
-        .args(["--udp-port", &free_udp_port().to_string()])
-        .arg("--dir")
-        .arg(install.path().join("state"))
-        .output()
-        .unwrap();
+    let output = run_supervisor_from(
+        &install.path().join("core-server"),
+        &["--http-port", &free_tcp_port().to_string()],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("worker says: no"), "{stderr}");

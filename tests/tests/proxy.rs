@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use core_server_tests::http::{get, raw, send};
+use core_server_tests::http::{get, h2_connect, raw, send};
 use core_server_tests::{Backend, CoreServer};
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -232,16 +232,7 @@ async fn http2_prior_knowledge_clients() {
     let backend = Backend::echo().await;
     server.add("h2.example", backend.port);
 
-    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = h2_connect(server.http_port).await;
     let request = Request::get("http://h2.example/over-h2")
         .body(Full::<Bytes>::default())
         .unwrap();
@@ -294,16 +285,7 @@ async fn idle_connections_close_but_slow_requests_and_streams_do_not() {
 
     // An HTTP/2 connection left idle after one request is closed (hyper's header timeout
     // does not cover HTTP/2).
-    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = h2_connect(server.http_port).await;
     let request = Request::get("http://idle.example/")
         .body(Full::<Bytes>::default())
         .unwrap();
