@@ -87,15 +87,12 @@ impl Supervisor {
         let (ours, theirs) = socketpair_fds().context("cannot create the worker's socketpair")?;
         let mut child = child::spawn(&self.worker_binary, theirs, self.privileges)?;
         let channel = Channel::new(ours)?;
-        let outcome = tokio::select! {
-            result = tokio::time::timeout(START_TIMEOUT, self.hand_over(&channel)) => match result {
-                Ok(result) => result,
-                Err(_) => Err(anyhow!("not ready within {START_TIMEOUT:?}")),
-            },
-            status = child.wait() => Err(anyhow!("exited during start-up ({})", describe(status))),
-        };
+        let outcome = tokio::time::timeout(START_TIMEOUT, self.hand_over(&channel))
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("not ready within {START_TIMEOUT:?}")));
         if let Err(e) = outcome {
-            // A worker that died explains more than the broken channel it left behind.
+            // A worker that exits closes its channel, failing the hand-over; its exit status
+            // explains more than the broken channel.
             let e = match tokio::time::timeout(EXIT_REPORT_WAIT, child.wait()).await {
                 Ok(status) => anyhow!("exited during start-up ({})", describe(status)),
                 Err(_) => {
