@@ -4,6 +4,7 @@
 //! reports readiness and every route change. Descriptors travel beside a message as
 //! `SCM_RIGHTS` (see [`crate::channel`]); the message says what each one is.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,11 @@ pub enum ToWorker {
     Saved { upto: u64, error: Option<String> },
     /// Stop accepting; let in-flight requests finish within `grace`; exit.
     Shutdown { grace: Duration },
+    /// Stop reading UDP commands (a new instance is taking over); answer `CommandsPaused`
+    /// once every change already applied has been reported.
+    PauseCommands,
+    /// The takeover failed: read UDP commands again.
+    ResumeCommands,
 }
 
 /// Worker to supervisor.
@@ -61,6 +67,58 @@ pub enum FromWorker {
     Ready,
     /// The live table changed; `seq` counts up from 1 for each worker.
     RouteChanged { seq: u64, change: RouteChange },
+    /// No longer reading UDP commands; every change made was reported before this.
+    CommandsPaused,
+}
+
+/// A local client of the running supervisor's control socket: `core-server status|stop`, or a
+/// rerun `core-server` taking over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Status,
+    Stop,
+    /// Hand over the sockets and routes (answered `Sockets`, `Routes`..., `RoutesEnd`).
+    TakeOver,
+    /// The taker's worker is serving: drain and exit.
+    TookOver,
+    /// The taker's worker did not start: keep serving.
+    TakeOverFailed {
+        reason: String,
+    },
+}
+
+/// The running supervisor's answers on its control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// Followed by the routes, as `Routes`... `RoutesEnd`.
+    Status(InstanceStatus),
+    /// The instance (this pid) is stopping; the connection closes when it has exited.
+    Stopping {
+        pid: u32,
+    },
+    /// Descriptor `i` attached is a `listeners[i]` socket; the one after them is the control
+    /// socket itself. Followed by the routes, as `Routes`... `RoutesEnd`.
+    Sockets {
+        listeners: Vec<ListenerKind>,
+        dir: PathBuf,
+        pid: u32,
+    },
+    Routes(Vec<(Domain, u16)>),
+    RoutesEnd,
+    /// The request cannot be served now (the reason says why).
+    Refused(String),
+}
+
+/// What `core-server status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub version: String,
+    pub supervisor_pid: u32,
+    pub worker_pid: Option<u32>,
+    pub acme_pid: Option<u32>,
+    /// Each listening socket and its port.
+    pub ports: Vec<(ListenerKind, u16)>,
+    pub dir: PathBuf,
 }
 
 /// The descriptor on which a child finds its end of the IPC socketpair.

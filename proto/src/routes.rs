@@ -67,6 +67,12 @@ impl Routes {
     pub fn iter(&self) -> impl Iterator<Item = (&Domain, u16)> {
         self.0.iter().map(|(d, p)| (d, *p))
     }
+
+    /// The table in pieces of at most `size` routes, for messages of bounded size.
+    pub fn chunks(&self, size: usize) -> Vec<Vec<(Domain, u16)>> {
+        let all: Vec<_> = self.0.iter().map(|(d, p)| (d.clone(), *p)).collect();
+        all.chunks(size).map(<[_]>::to_vec).collect()
+    }
 }
 
 impl FromIterator<(Domain, u16)> for Routes {

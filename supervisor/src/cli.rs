@@ -14,7 +14,8 @@ use core_server_proto::command::DEFAULT_UDP_PORT;
     long_about = "Many web apps, one machine's ports 80 and 443.\n\n\
         Without a subcommand, runs the server: binds the ports once, starts the unprivileged \
         worker and routes each Host to the local port an app claimed with \
-        `add DOMAIN PORT` (a UDP datagram to --udp-port from this machine)."
+        `add DOMAIN PORT` (a UDP datagram to --udp-port from this machine). If an instance \
+        already runs for the same --udp-port, takes over from it without losing a request."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -38,9 +39,10 @@ pub struct ServerOptions {
     #[arg(long, default_value_t = 443, value_name = "PORT")]
     pub https_port: u16,
 
-    /// Directory for everything the server writes (routes state, later certificates and logs)
-    #[arg(long, default_value = ".", value_name = "DIR")]
-    pub dir: PathBuf,
+    /// Directory for everything the server writes (routes state, later certificates and logs);
+    /// default: the current directory, or on a rerun the running instance's
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 
     /// When started as root: the unprivileged user the children run as
     #[arg(long, default_value = "nobody", value_name = "NAME")]
@@ -69,4 +71,8 @@ pub enum Command {
     Add { domain: String, port: String },
     /// Stop routing DOMAIN on the running server (prints its reply)
     Remove { domain: String },
+    /// Show the running server's processes, ports and routes
+    Status,
+    /// Stop the running server: in-flight requests finish, then it exits
+    Stop,
 }

@@ -23,6 +23,17 @@ pub struct Listener {
     pub fd: OwnedFd,
 }
 
+impl Listener {
+    /// The port it is bound to (0 if the kernel cannot say, which it always can).
+    pub fn port(&self) -> u16 {
+        socket2::SockRef::from(&self.fd)
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map_or(0, |a| a.port())
+    }
+}
+
 /// Binds HTTP, HTTPS and UDP, in that order. The error says which port failed and why.
 pub fn bind_all(http_port: u16, https_port: u16, udp_port: u16) -> anyhow::Result<Vec<Listener>> {
     if http_port == https_port {
@@ -112,8 +123,9 @@ fn bind_error(kind: ListenerKind, port: u16, e: io::Error) -> anyhow::Error {
             )
         }
         io::ErrorKind::AddrInUse => format!(
-            "\nanother program (perhaps another core-server) already uses it; stop that program \
-             or choose another port with {flag}"
+            "\nanother program holds it, and no core-server answers on the control socket for this \
+             --udp-port, so it is not one to take over; stop that program or choose another \
+             port with {flag}"
         ),
         _ => String::new(),
     };

@@ -43,6 +43,11 @@ impl RoutesFile {
         &self.path
     }
 
+    /// The state directory the file is in.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// The saved table; empty if there is none yet, or if it was corrupt (and moved aside).
     pub fn load(&self) -> anyhow::Result<Routes> {
         let bytes = match fs::read(&self.path) {

@@ -1,37 +1,51 @@
-//! The supervisor's life: keep one worker running on the held sockets, save what it reports.
+//! The supervisor's life: keep one worker running on the held sockets, save what it reports,
+//! answer the control socket, and hand everything to a rerun instance.
 //!
 //! The worker is restarted whenever it exits, for any reason, with the same sockets and the
 //! current routes; a worker that keeps dying is restarted with growing delays. Route changes
 //! are group-committed: every change already received is written in one atomic save, then the
 //! worker is told which changes are safe (`Saved`), and only then does it answer `ok`.
+//!
+//! A takeover (a rerun `core-server` asking on the control socket) loses nothing:
+//! 1. our worker stops reading UDP commands and reports every change it made; we save them;
+//! 2. the taker gets the listening sockets (the control socket too) and the routes, and starts
+//!    its worker while ours still serves HTTP; unread commands wait in the kernel's queue;
+//! 3. once the taker's worker is ready, ours stops accepting and drains; we exit when it has.
+//!    If the taker's worker fails, ours reads commands again and nothing changed.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use core_server_proto::channel::{socketpair_fds, Channel};
-use core_server_proto::ipc::{FromWorker, ToWorker, WorkerSettings, ROUTES_PER_MESSAGE};
+use core_server_proto::ipc::{
+    ControlReply, ControlRequest, FromWorker, InstanceStatus, ToWorker, WorkerSettings,
+    ROUTES_PER_MESSAGE,
+};
 use core_server_proto::routes::Routes;
 use tokio::process::Child;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::child;
+use crate::control;
 use crate::listeners::Listener;
 use crate::privileges::Unprivileged;
 use crate::routes_file::RoutesFile;
 
 /// How long a new worker may take from exec to `Ready`.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a worker whose start-up failed gets to exit on its own, so its status is reported.
 const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker may overrun its grace period on shutdown before it is killed.
 const KILL_AFTER_GRACE: Duration = Duration::from_secs(5);
+/// How long a taker may take to start its worker and say so.
+const TAKER_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Supervisor {
     pub listeners: Vec<Listener>,
+    pub control: control::Listener,
     pub settings: WorkerSettings,
     pub grace: Duration,
     pub routes: Routes,
@@ -40,54 +54,114 @@ pub struct Supervisor {
     pub worker_binary: PathBuf,
 }
 
-struct Worker {
+pub struct Worker {
     child: Child,
     channel: Channel<ToWorker, FromWorker>,
     started: Instant,
+    /// The last change reported and not yet acknowledged.
+    unsaved: Option<u64>,
+}
+
+/// Why the main loop ends.
+enum Ending {
+    /// Stop for good (a signal or `core-server stop`): drain and exit.
+    Stop,
+    /// A new instance serves now: drain and exit.
+    HandedOver,
 }
 
 impl Supervisor {
-    /// Runs until SIGTERM or SIGINT. Fails only if the very first worker cannot start.
-    pub async fn run(mut self) -> anyhow::Result<()> {
+    /// Runs until stopped or replaced, with `worker` (from [`Supervisor::start_worker`]).
+    pub async fn run(mut self, mut worker: Worker) -> anyhow::Result<()> {
         let mut signals = StopSignals::new()?;
-        let mut worker = self.start_worker().await?;
         let mut backoff = Backoff::default();
-        loop {
-            let status = tokio::select! {
+        let mut dirty = false; // whether the table differs from the file
+                               // Kept open until we exit: `core-server stop` waits for it to close.
+        let mut stop_requester = None;
+        let ending = loop {
+            tokio::select! {
+                biased;
                 name = signals.recv() => {
                     info!("{name}: stopping; in-flight requests have {:?} to finish", self.grace);
-                    self.stop(worker).await;
-                    return Ok(());
+                    break Ending::Stop;
                 }
-                status = self.serve(&mut worker) => status,
-            };
-            let mut delay = backoff.after_exit(worker.started.elapsed());
-            warn!("worker exited ({status}); starting a new one in {delay:?}");
-            worker = loop {
-                tokio::select! {
-                    name = signals.recv() => {
-                        info!("{name}: stopping");
-                        return Ok(());
+                message = worker.channel.recv() => match message {
+                    Ok(Some((FromWorker::RouteChanged { seq, change }, _))) => {
+                        match self.routes.apply(&change) {
+                            Ok(changed) => dirty |= changed,
+                            Err(e) => warn!("worker reported a change that does not apply: {e}"),
+                        }
+                        worker.unsaved = Some(seq);
                     }
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                match self.start_worker().await {
-                    Ok(worker) => break worker,
-                    Err(e) => {
-                        delay = backoff.after_exit(Duration::ZERO);
-                        error!("{e:#}; trying again in {delay:?}");
+                    Ok(Some((other, _))) => warn!("unexpected message from the worker: {other:?}"),
+                    Ok(None) | Err(_) => {
+                        let _ = worker.child.start_kill();
+                        let status = describe(worker.child.wait().await);
+                        self.save(&mut worker, &mut dirty).await;
+                        let delay = backoff.after_exit(worker.started.elapsed());
+                        warn!("worker exited ({status}); starting a new one in {delay:?}");
+                        match self.restart(delay, &mut backoff, &mut signals).await {
+                            Some(new) => worker = new,
+                            None => return Ok(()),
+                        }
                     }
+                },
+                // Every waiting message first (biased): one write for a burst of changes.
+                _ = std::future::ready(()), if worker.unsaved.is_some() => {
+                    self.save(&mut worker, &mut dirty).await;
                 }
-            };
+                connection = self.control.accept() => match connection {
+                    Ok(connection) => match self.on_control(connection, &mut worker, &mut dirty).await {
+                        Ok(None) => {}
+                        Ok(Some((ending, connection))) => {
+                            stop_requester = connection;
+                            break ending;
+                        }
+                        Err(e) => warn!("control connection: {e:#}"),
+                    },
+                    Err(e) => warn!("control socket: {e}"),
+                },
+            }
+        };
+        if let Ending::HandedOver = ending {
+            info!("handed over; draining for at most {:?}", self.grace);
+        }
+        self.stop(worker, &mut dirty).await;
+        drop(stop_requester);
+        Ok(())
+    }
+
+    /// Waits `delay`, then starts workers until one runs; `None` if a stop signal came first.
+    async fn restart(
+        &self,
+        mut delay: Duration,
+        backoff: &mut Backoff,
+        signals: &mut StopSignals,
+    ) -> Option<Worker> {
+        loop {
+            tokio::select! {
+                name = signals.recv() => {
+                    info!("{name}: stopping");
+                    return None;
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match self.start_worker().await {
+                Ok(worker) => return Some(worker),
+                Err(e) => {
+                    delay = backoff.after_exit(Duration::ZERO);
+                    error!("{e:#}; trying again in {delay:?}");
+                }
+            }
         }
     }
 
     /// Starts a worker and hands it the sockets, settings and routes; returns once it is ready.
-    async fn start_worker(&self) -> anyhow::Result<Worker> {
+    pub async fn start_worker(&self) -> anyhow::Result<Worker> {
         let (ours, theirs) = socketpair_fds().context("cannot create the worker's socketpair")?;
         let mut child = child::spawn(&self.worker_binary, theirs, self.privileges)?;
         let channel = Channel::new(ours)?;
-        let outcome = tokio::time::timeout(START_TIMEOUT, self.hand_over(&channel))
+        let outcome = tokio::time::timeout(START_TIMEOUT, self.hand_to_worker(&channel))
             .await
             .unwrap_or_else(|_| Err(anyhow!("not ready within {START_TIMEOUT:?}")));
         if let Err(e) = outcome {
@@ -113,10 +187,11 @@ impl Supervisor {
             child,
             channel,
             started: Instant::now(),
+            unsaved: None,
         })
     }
 
-    async fn hand_over(&self, channel: &Channel<ToWorker, FromWorker>) -> anyhow::Result<()> {
+    async fn hand_to_worker(&self, channel: &Channel<ToWorker, FromWorker>) -> anyhow::Result<()> {
         let kinds = self.listeners.iter().map(|l| l.kind).collect();
         let fds: Vec<BorrowedFd> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
         let start = ToWorker::Start {
@@ -124,9 +199,8 @@ impl Supervisor {
             settings: self.settings.clone(),
         };
         channel.send(&start, &fds).await?;
-        let routes: Vec<_> = self.routes.iter().map(|(d, p)| (d.clone(), p)).collect();
-        for chunk in routes.chunks(ROUTES_PER_MESSAGE) {
-            channel.send(&ToWorker::Routes(chunk.to_vec()), &[]).await?;
+        for chunk in self.routes.chunks(ROUTES_PER_MESSAGE) {
+            channel.send(&ToWorker::Routes(chunk), &[]).await?;
         }
         channel.send(&ToWorker::Serve, &[]).await?;
         match channel.recv().await? {
@@ -136,79 +210,175 @@ impl Supervisor {
         }
     }
 
-    /// Saves what the worker reports until it exits; returns how it exited.
-    async fn serve(&mut self, worker: &mut Worker) -> String {
-        let mut unsaved = None; // the last change not yet acknowledged
-        let mut dirty = false; // whether the table differs from the file
-        let status = loop {
-            tokio::select! {
-                biased; // take every waiting message before saving: one write for a burst
-                message = worker.channel.recv() => match message {
-                    Ok(Some((FromWorker::RouteChanged { seq, change }, _))) => {
-                        match self.routes.apply(&change) {
-                            Ok(changed) => dirty |= changed,
-                            Err(e) => warn!("worker reported a change that does not apply: {e}"),
-                        }
-                        unsaved = Some(seq);
-                    }
-                    Ok(Some((other, _))) => warn!("unexpected message from the worker: {other:?}"),
-                    Ok(None) => break describe(worker.child.wait().await),
-                    Err(e) => {
-                        error!("worker channel failed: {e}; killing the worker");
-                        let _ = worker.child.start_kill();
-                        break describe(worker.child.wait().await);
-                    }
-                },
-                status = worker.child.wait() => break describe(status),
-                _ = std::future::ready(()), if unsaved.is_some() => {
-                    let upto = unsaved.take().unwrap_or_default();
-                    let error = self.save(&mut dirty);
-                    let _ = worker.channel.send(&ToWorker::Saved { upto, error }, &[]).await;
+    /// Saves the table if it changed and tells the worker which changes are safe.
+    async fn save(&self, worker: &mut Worker, dirty: &mut bool) {
+        let Some(upto) = worker.unsaved.take() else {
+            return;
+        };
+        let mut error = None;
+        if *dirty {
+            match self.routes_file.save(&self.routes) {
+                Ok(()) => *dirty = false,
+                Err(e) => {
+                    let e = format!("cannot save {}: {e}", self.routes_file.path().display());
+                    error!("{e}");
+                    error = Some(e);
                 }
             }
+        }
+        let _ = worker
+            .channel
+            .send(&ToWorker::Saved { upto, error }, &[])
+            .await;
+    }
+
+    /// Serves one control connection. `Some` when the instance is to end.
+    async fn on_control(
+        &mut self,
+        connection: control::ServerEnd,
+        worker: &mut Worker,
+        dirty: &mut bool,
+    ) -> anyhow::Result<Option<(Ending, Option<control::ServerEnd>)>> {
+        let Some((request, _)) = connection.recv().await? else {
+            return Ok(None);
         };
-        self.save(&mut dirty);
-        status
+        match request {
+            ControlRequest::Status => {
+                let status = InstanceStatus {
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    supervisor_pid: std::process::id(),
+                    worker_pid: worker.child.id(),
+                    acme_pid: None,
+                    ports: self.listeners.iter().map(|l| (l.kind, l.port())).collect(),
+                    dir: self.routes_file.dir().to_path_buf(),
+                };
+                connection.send(&ControlReply::Status(status), &[]).await?;
+                self.send_routes(&connection).await?;
+                Ok(None)
+            }
+            ControlRequest::Stop => {
+                info!(
+                    "stop requested on the control socket; in-flight requests have {:?} to finish",
+                    self.grace
+                );
+                let reply = ControlReply::Stopping {
+                    pid: std::process::id(),
+                };
+                connection.send(&reply, &[]).await?;
+                Ok(Some((Ending::Stop, Some(connection))))
+            }
+            ControlRequest::TakeOver => {
+                let handed = self.give_over(&connection, worker, dirty).await?;
+                Ok(handed.then_some((Ending::HandedOver, None)))
+            }
+            other => {
+                let reply = ControlReply::Refused(format!("unexpected request {other:?}"));
+                connection.send(&reply, &[]).await?;
+                Ok(None)
+            }
+        }
     }
 
-    /// Writes the table if it changed; the error, if any, for the worker to pass on.
-    fn save(&self, dirty: &mut bool) -> Option<String> {
-        if !*dirty {
-            return None;
-        }
-        match self.routes_file.save(&self.routes) {
-            Ok(()) => {
-                *dirty = false;
-                None
+    /// Our side of a takeover (see the module comment); whether the taker now serves.
+    async fn give_over(
+        &mut self,
+        taker: &control::ServerEnd,
+        worker: &mut Worker,
+        dirty: &mut bool,
+    ) -> anyhow::Result<bool> {
+        info!("a new core-server is taking over; pausing UDP commands");
+        worker.channel.send(&ToWorker::PauseCommands, &[]).await?;
+        loop {
+            match worker.channel.recv().await? {
+                Some((FromWorker::RouteChanged { seq, change }, _)) => {
+                    *dirty |= self.routes.apply(&change).unwrap_or(false);
+                    worker.unsaved = Some(seq);
+                }
+                Some((FromWorker::CommandsPaused, _)) => break,
+                Some((other, _)) => warn!("unexpected message from the worker: {other:?}"),
+                None => bail!("the worker exited during the takeover"),
             }
-            Err(e) => {
-                let e = format!("cannot save {}: {e}", self.routes_file.path().display());
-                error!("{e}");
-                Some(e)
+        }
+        self.save(worker, dirty).await;
+
+        let handed = self.send_sockets(taker).await;
+        let verdict = match handed {
+            Ok(()) => tokio::time::timeout(TAKER_TIMEOUT, taker.recv()).await,
+            Err(e) => Ok(Err(e)),
+        };
+        match verdict {
+            Ok(Ok(Some((ControlRequest::TookOver, _)))) => return Ok(true),
+            Ok(Ok(Some((ControlRequest::TakeOverFailed { reason }, _)))) => {
+                warn!("the new core-server failed ({reason}); serving on")
+            }
+            Ok(Ok(other)) => warn!("the new core-server went away ({other:?}); serving on"),
+            Ok(Err(e)) => warn!("takeover failed: {e}; serving on"),
+            Err(_) => {
+                warn!("the new core-server did not start within {TAKER_TIMEOUT:?}; serving on")
             }
         }
+        worker.channel.send(&ToWorker::ResumeCommands, &[]).await?;
+        Ok(false)
     }
 
-    /// Asks the worker to drain and exit; kills it if it overruns the grace period.
-    async fn stop(&mut self, mut worker: Worker) {
-        let shutdown = ToWorker::Shutdown { grace: self.grace };
-        if worker.channel.send(&shutdown, &[]).await.is_err() {
+    async fn send_sockets(&self, taker: &control::ServerEnd) -> std::io::Result<()> {
+        let mut fds: Vec<BorrowedFd> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        fds.push(self.control.as_fd());
+        let sockets = ControlReply::Sockets {
+            listeners: self.listeners.iter().map(|l| l.kind).collect(),
+            dir: self.routes_file.dir().to_path_buf(),
+            pid: std::process::id(),
+        };
+        taker.send(&sockets, &fds).await?;
+        self.send_routes(taker).await
+    }
+
+    async fn send_routes(&self, peer: &control::ServerEnd) -> std::io::Result<()> {
+        for chunk in self.routes.chunks(ROUTES_PER_MESSAGE) {
+            peer.send(&ControlReply::Routes(chunk), &[]).await?;
+        }
+        peer.send(&ControlReply::RoutesEnd, &[]).await
+    }
+
+    /// Asks the worker to drain and exit, saving what it still reports; kills it if it
+    /// overruns the grace period.
+    async fn stop(&mut self, mut worker: Worker, dirty: &mut bool) {
+        if worker
+            .channel
+            .send(&ToWorker::Shutdown { grace: self.grace }, &[])
+            .await
+            .is_err()
+        {
             let _ = worker.child.start_kill();
         }
-        match tokio::time::timeout(self.grace + KILL_AFTER_GRACE, self.serve(&mut worker)).await {
-            Ok(status) => info!("worker exited ({status}); stopped"),
-            Err(_) => {
-                warn!(
-                    "worker still running {KILL_AFTER_GRACE:?} after the grace period; killing it"
-                );
-                let _ = worker.child.start_kill();
-                let _ = worker.child.wait().await;
+        let deadline = tokio::time::sleep(self.grace + KILL_AFTER_GRACE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                message = worker.channel.recv() => match message {
+                    Ok(Some((FromWorker::RouteChanged { seq, change }, _))) => {
+                        *dirty |= self.routes.apply(&change).unwrap_or(false);
+                        worker.unsaved = Some(seq);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                },
+                _ = std::future::ready(()), if worker.unsaved.is_some() => self.save(&mut worker, dirty).await,
+                _ = &mut deadline => {
+                    warn!("worker still running {KILL_AFTER_GRACE:?} after the grace period; killing it");
+                    let _ = worker.child.start_kill();
+                    break;
+                }
             }
         }
+        let status = describe(worker.child.wait().await);
+        self.save(&mut worker, dirty).await;
+        info!("worker exited ({status}); stopped");
     }
 }
 
-fn describe(status: std::io::Result<ExitStatus>) -> String {
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
     match status {
         Ok(status) => status.to_string(),
         Err(e) => format!("status unknown: {e}"),

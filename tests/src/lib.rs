@@ -4,10 +4,12 @@
 //!   `--dir`, waits until it answers on the UDP port, and stops it on drop.
 //! - [`Backend`] is an app for it to proxy to: a real HTTP server on a loopback port.
 //! - [`http`] holds small clients: hyper for ordinary requests, raw TCP for malformed ones.
+//! - [`load`] is a bounded load generator counting each kind of failure apart.
 //! - [`netns`] makes a test host of its own: a network namespace joined to ours by a veth pair.
 
 pub mod backend;
 pub mod http;
+pub mod load;
 pub mod netns;
 pub mod server;
 

@@ -175,6 +175,11 @@ impl CoreServer {
     /// (Re)starts the processes on the same ports and directory, and waits until they answer.
     pub fn launch(&mut self) {
         assert!(self.child.is_none(), "already running");
+        self.launch_process();
+        self.wait_until_answering();
+    }
+
+    fn launch_process(&mut self) {
         std::fs::create_dir_all(self.dir.parent().unwrap()).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -189,7 +194,40 @@ impl CoreServer {
             .spawn()
             .expect("start core-server");
         self.child = Some(child);
-        self.wait_until_answering();
+    }
+
+    /// Runs core-server again with the same command line, as an operator upgrading would. The
+    /// new process takes over; this waits until it has, then until the old one has drained and
+    /// exited, and returns the old one's exit status.
+    pub fn rerun(&mut self) -> ExitStatus {
+        let mut old = self.child.take().expect("running");
+        let old_pid = old.id();
+        self.launch_process();
+        let took_over = format!("took over from core-server pid {old_pid}");
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !self.log().contains(&took_over) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the rerun exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no takeover within {START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = old.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old instance did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits until the worker answers a harmless command on the UDP port.

@@ -2,8 +2,9 @@
 //!
 //! Each connection runs in its own task, tracked so a stopping worker can wait for them. On
 //! stop, the accept loop ends first (new connections then wait in the kernel's queue for the
-//! next worker), and each connection is closed gracefully: in-flight requests finish. A
-//! connection that moves no byte for the idle timeout is closed the same graceful way.
+//! next worker) and each connection winds down without losing a request (see
+//! `serve_connection`). A connection that moves no byte for the idle timeout is closed
+//! gracefully: requests in flight finish.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,6 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use core_server_proto::ipc::WorkerSettings;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -21,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
 
 use crate::idle_timeout::{Activity, Tracked};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxyBody};
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -80,26 +84,45 @@ impl HttpServer {
         stop: CancellationToken,
     ) {
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
         let proxy = self.proxy.clone();
         let scheme = self.scheme;
-        let service = service_fn(move |request| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, client, scheme).await) }
-        });
-        let activity = Activity::new();
+        let service = {
+            let (activity, stop) = (activity.clone(), stop.clone());
+            service_fn(move |request: Request<Incoming>| {
+                if request.version() == Version::HTTP_2 {
+                    activity.saw_http2();
+                }
+                let (proxy, stop) = (proxy.clone(), stop.clone());
+                async move {
+                    let mut response = proxy.handle(request, client, scheme).await;
+                    if stop.is_cancelled() {
+                        ask_to_close(&mut response);
+                    }
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        };
         let io = TokioIo::new(Tracked::new(stream, activity.clone()));
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
 
-        // Runs the connection; on stop or when idle, closes it gracefully and lets it finish.
+        // Runs the connection. Stopping: HTTP/2 gets GOAWAY at once (its clients retry
+        // elsewhere); an HTTP/1 connection stays open, so a request already on its way is
+        // answered (with `Connection: close`): closing an idle HTTP/1 connection always races
+        // a client that is just sending. Idle: closed gracefully.
+        let mut stopping = false;
         let mut closing = false;
         let mut check_idle_at = activity.idle_at(self.idle_timeout);
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break result,
-                _ = stop.cancelled(), if !closing => {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    if activity.is_http2() && !closing {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
                 }
                 _ = tokio::time::sleep_until(check_idle_at), if !closing => {
                     check_idle_at = activity.idle_at(self.idle_timeout);
@@ -114,5 +137,16 @@ impl HttpServer {
         if let Err(e) = result {
             debug!("connection from {client}: {e}");
         }
+    }
+}
+
+/// Marks an HTTP/1 response as the connection's last (HTTP/2 has no such header; a switch of
+/// protocols keeps its `Connection: upgrade`).
+fn ask_to_close(response: &mut Response<ProxyBody>) {
+    if response.version() < Version::HTTP_2 && response.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }

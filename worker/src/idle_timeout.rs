@@ -7,7 +7,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,10 +15,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When a connection last moved a byte, in milliseconds since it was accepted.
+/// When a connection last moved a byte (in milliseconds since it was accepted), and whether it
+/// speaks HTTP/2, which decides how it is closed.
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    http2: AtomicBool,
 }
 
 impl Activity {
@@ -26,7 +28,16 @@ impl Activity {
         Arc::new(Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
         })
+    }
+
+    pub fn saw_http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
     }
 
     fn touch(&self) {

@@ -22,6 +22,7 @@ use anyhow::{bail, Context};
 use core_server_proto::channel::{inherited_fd, Channel};
 use core_server_proto::ipc::{FromWorker, ListenerKind, ToWorker, WorkerSettings};
 use core_server_proto::routes::Routes;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -81,16 +82,14 @@ async fn run() -> anyhow::Result<()> {
     }
     // Ready before the UDP loop starts, so the first message the supervisor reads is `Ready`.
     supervisor.send(&FromWorker::Ready, &[]).await?;
+    let (udp_control, control) = mpsc::channel(1);
     if let Some(udp) = udp {
-        tasks.spawn(udp_commands::serve(
-            udp,
-            routes.clone(),
-            stop.clone(),
-            tasks.clone(),
-        ));
+        let commands =
+            udp_commands::serve(udp, routes.clone(), stop.clone(), tasks.clone(), control);
+        tasks.spawn(commands);
     }
 
-    let grace = follow_supervisor(&supervisor, &routes).await;
+    let grace = follow_supervisor(&supervisor, &routes, &udp_control).await;
     info!(
         "stopping: {} connections and commands have {grace:?} to finish",
         tasks.len()
@@ -132,11 +131,33 @@ async fn receive_start(
 }
 
 /// Handles the supervisor's messages until it asks us to stop or goes away; the grace period.
-async fn follow_supervisor(supervisor: &SupervisorChannel, routes: &RouteTable) -> Duration {
+async fn follow_supervisor(
+    supervisor: &SupervisorChannel,
+    routes: &RouteTable,
+    udp: &mpsc::Sender<udp_commands::Control>,
+) -> Duration {
     loop {
         match supervisor.recv().await {
             Ok(Some((ToWorker::Saved { upto, error }, _))) => routes.saved(upto, error),
             Ok(Some((ToWorker::Shutdown { grace }, _))) => return grace,
+            Ok(Some((ToWorker::PauseCommands, _))) => {
+                let (paused, done) = oneshot::channel();
+                // No UDP socket (or its loop ended): nothing reads commands, so already paused.
+                if udp.send(udp_commands::Control::Pause(paused)).await.is_ok() {
+                    let _ = done.await;
+                }
+                if supervisor
+                    .send(&FromWorker::CommandsPaused, &[])
+                    .await
+                    .is_err()
+                {
+                    routes.supervisor_gone();
+                    return ORPHAN_GRACE;
+                }
+            }
+            Ok(Some((ToWorker::ResumeCommands, _))) => {
+                let _ = udp.send(udp_commands::Control::Resume).await;
+            }
             Ok(Some((other, _))) => warn!("unexpected message from the supervisor: {other:?}"),
             Ok(None) | Err(_) => {
                 warn!("the supervisor is gone; stopping");

@@ -2,14 +2,16 @@
 //!
 //! Each datagram is read whole (up to 64 KiB, so nothing is ever truncated into a different
 //! command), parsed by the shared grammar, applied, and answered with one line. Datagrams from
-//! other machines are dropped unread and unanswered. When the worker stops, it stops reading:
-//! unread datagrams stay queued in the kernel socket, which the next worker reads.
+//! other machines are dropped unread and unanswered. When the worker stops, or pauses while a
+//! new instance takes over, it stops reading: unread datagrams stay queued in the kernel
+//! socket, which the next worker reads.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use core_server_proto::command::{Command, Reply};
 use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -21,17 +23,38 @@ pub fn is_loopback(addr: IpAddr) -> bool {
     addr.to_canonical().is_loopback()
 }
 
+/// Pausing the reader while another instance takes over, and resuming it if that fails.
+pub enum Control {
+    /// Stop reading; answer once every change made so far is reported to the supervisor.
+    Pause(oneshot::Sender<()>),
+    Resume,
+}
+
 pub async fn serve(
     socket: UdpSocket,
     routes: Arc<RouteTable>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    mut control: mpsc::Receiver<Control>,
 ) {
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut paused = false;
     loop {
         let (len, from) = tokio::select! {
-            received = socket.recv_from(&mut buf) => match received {
+            Some(request) = control.recv() => {
+                // Changes are reported before the next datagram is read, so at this point
+                // every change made is already on its way to the supervisor.
+                match request {
+                    Control::Pause(done) => {
+                        paused = true;
+                        let _ = done.send(());
+                    }
+                    Control::Resume => paused = false,
+                }
+                continue;
+            }
+            received = socket.recv_from(&mut buf), if !paused => match received {
                 Ok(received) => received,
                 Err(e) => {
                     // Errors here are per-datagram (e.g. an ICMP error for an earlier reply).

@@ -1,0 +1,63 @@
+//! `core-server status` and `core-server stop`: ask the running instance over its control
+//! socket, and print what it says.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use core_server_proto::ipc::{ControlReply, ControlRequest, ListenerKind};
+
+use crate::control;
+use crate::takeover::receive_routes;
+
+fn connect(udp_port: u16) -> anyhow::Result<control::ClientEnd> {
+    match control::connect_to(udp_port)? {
+        Some(instance) => Ok(instance),
+        None => bail!("no core-server is running for UDP port {udp_port} (see --udp-port)"),
+    }
+}
+
+/// Prints the instance's processes, ports, state directory and routes.
+pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
+    let instance = connect(udp_port)?;
+    instance.send(&ControlRequest::Status, &[]).await?;
+    let status = match instance.recv().await? {
+        Some((ControlReply::Status(status), _)) => status,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    let routes = receive_routes(&instance).await?;
+    let pid = |pid: Option<u32>| pid.map_or("not running".to_owned(), |p| format!("pid {p}"));
+    println!("core-server {}", status.version);
+    println!("  supervisor   pid {}", status.supervisor_pid);
+    println!("  worker       {}", pid(status.worker_pid));
+    println!("  ACME helper  {}", pid(status.acme_pid));
+    for (kind, port) in &status.ports {
+        let name = match kind {
+            ListenerKind::Http => "HTTP",
+            ListenerKind::Https => "HTTPS",
+            ListenerKind::Udp => "UDP",
+        };
+        println!("  {name:<12} port {port}");
+    }
+    println!("  state        {}", status.dir.display());
+    println!("routes ({}):", routes.len());
+    for (domain, port) in routes.iter() {
+        println!("  {domain} -> 127.0.0.1:{port}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the instance to stop (in-flight requests finish) and waits until it has.
+pub async fn stop(udp_port: u16) -> anyhow::Result<ExitCode> {
+    let instance = connect(udp_port)?;
+    instance.send(&ControlRequest::Stop, &[]).await?;
+    match instance.recv().await? {
+        Some((ControlReply::Stopping { pid }, _)) => {
+            println!("stopping core-server (pid {pid})...")
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
+    // The instance keeps the connection open until it exits.
+    while instance.recv().await.is_ok_and(|m| m.is_some()) {}
+    println!("stopped");
+    Ok(ExitCode::SUCCESS)
+}

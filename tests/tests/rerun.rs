@@ -1,0 +1,275 @@
+//! Rerunning core-server hot-replaces the running instance: no request refused or lost, no
+//! command lost, a failed upgrade leaves the old instance serving. Plus `status` and `stop`.
+
+use std::net::UdpSocket;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use core_server_tests::http::get;
+use core_server_tests::load::Load;
+use core_server_tests::server::{alive, binaries, free_tcp_port, free_udp_port, install_copy};
+use core_server_tests::{Backend, CoreServer};
+use http::Response;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_reruns_under_load_fail_no_request() {
+    let mut server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let load = Load::start(server.http_port, "app.example", 6, 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut supervisors = vec![server.pid()];
+    for round in 0..10 {
+        let old_status = tokio::task::block_in_place(|| server.rerun());
+        assert!(
+            old_status.success(),
+            "round {round}: the old instance exited with {old_status}"
+        );
+        supervisors.push(server.pid());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let counts = load.finish().await;
+    eprintln!("{counts:?}");
+    assert_eq!(counts.failures(), 0, "{counts:?}\n{}", server.log());
+    assert!(counts.ok > 500, "the load ran: {counts:?}");
+    supervisors.dedup();
+    assert_eq!(supervisors.len(), 11, "each rerun is a new supervisor");
+    assert!(!alive(supervisors[0]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_download_started_before_a_rerun_completes_intact() {
+    let mut server = CoreServer::start();
+    const CHUNKS: u8 = 30;
+    let slow = Backend::start(|_| async {
+        let chunks = futures_util::stream::unfold(0u8, |i| async move {
+            if i == CHUNKS {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((Ok(Frame::data(Bytes::from(vec![i; 10_000]))), i + 1))
+        });
+        Response::new(BodyExt::boxed(StreamBody::new(chunks)))
+    })
+    .await;
+    server.add("stream.example", slow.port);
+
+    let url = server.url("/");
+    let download = tokio::spawn(async move { get(&url, "stream.example").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let old_status = tokio::task::block_in_place(|| server.rerun());
+    assert!(old_status.success());
+    // The old instance waited for the stream: about 2.5 s were left of it.
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "old instance exited after {:?}",
+        started.elapsed()
+    );
+
+    let reply = download.await.unwrap();
+    assert_eq!(reply.status, 200);
+    let body = reply.body.as_bytes();
+    assert_eq!(body.len(), CHUNKS as usize * 10_000, "every byte arrived");
+    for (i, chunk) in body.chunks(10_000).enumerate() {
+        assert!(chunk.iter().all(|b| *b as usize == i), "chunk {i} intact");
+    }
+    // And the new instance serves.
+    assert_eq!(get(&server.url("/"), "stream.example").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_sent_during_reruns_are_all_applied() {
+    let mut server = CoreServer::start();
+    let udp_port = server.udp_port;
+    const SENDERS: usize = 4;
+    const EACH: usize = 150;
+
+    // Apps adding routes in tight loops, each waiting for its reply like `core-server add`...
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            std::thread::spawn(move || {
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                for i in 0..EACH {
+                    let command = format!("add s{s}-{i}.example {}", 1000 + i);
+                    socket
+                        .send_to(command.as_bytes(), ("127.0.0.1", udp_port))
+                        .unwrap();
+                    let mut reply = [0u8; 256];
+                    let len = socket.recv(&mut reply).expect("every command is answered");
+                    assert_eq!(&reply[..len], b"ok", "{command}");
+                }
+            })
+        })
+        .collect();
+    // ... and one written for the original, firing without reading any reply.
+    let fire_and_forget = std::thread::spawn(move || {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..150 {
+            let command = format!("add fire-{i}.example 2000");
+            socket
+                .send_to(command.as_bytes(), ("127.0.0.1", udp_port))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    for _ in 0..3 {
+        tokio::task::block_in_place(|| server.rerun());
+    }
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    fire_and_forget.join().unwrap();
+
+    // Everything is in the table the current instance serves and saves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let saved = std::fs::read_to_string(server.dir.join("routes.json")).unwrap();
+        let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+        let routes = saved["routes"].as_object().unwrap();
+        if routes.len() == SENDERS * EACH + 150 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} routes saved",
+            routes.len(),
+            SENDERS * EACH + 150
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for name in [
+        "s0-0.example",
+        "s3-149.example",
+        "fire-0.example",
+        "fire-149.example",
+    ] {
+        assert_eq!(
+            get(&server.url("/"), name).await.status,
+            502,
+            "{name} is routed (to nobody)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_upgrade_leaves_the_old_instance_serving() {
+    let install = install_copy();
+    let server = CoreServer::start_installed(install.path());
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+    let old_worker = server.worker_pid();
+
+    // The "new version" has a worker that cannot start.
+    let worker = install.path().join("core-server-worker");
+    std::fs::remove_file(&worker).unwrap();
+    std::fs::write(
+        &worker,
+        "#!/bin/sh\necho 'new worker: broken' >&2\nexit 7\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let load = Load::start(server.http_port, "app.example", 2, 1);
+    let output = tokio::task::block_in_place(|| server.command().output().unwrap());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("exited during start-up (exit status: 7)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "the running core-server (pid {}) keeps serving",
+            server.pid()
+        )),
+        "{stderr}"
+    );
+
+    // The old instance never stopped: same worker, requests and commands work.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let counts = load.finish().await;
+    assert_eq!(counts.failures(), 0, "{counts:?}");
+    assert_eq!(server.worker_pid(), old_worker);
+    assert_eq!(
+        server.udp("add after.example 9"),
+        "ok",
+        "UDP commands resumed"
+    );
+    assert_eq!(get(&server.url("/"), "app.example").await.status, 200);
+}
+
+#[test]
+fn busy_ports_without_an_instance_to_take_over_are_an_error() {
+    let busy = std::net::TcpListener::bind("[::]:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(binaries().join("core-server"))
+        .args([
+            "--http-port",
+            &port,
+            "--https-port",
+            &free_tcp_port().to_string(),
+        ])
+        .args(["--udp-port", &free_udp_port().to_string()])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("no core-server answers on the control socket"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_stop() {
+    let mut server = CoreServer::start();
+    server.add("b.example", 5001);
+    server.add("a.example", 5000);
+    let udp_port = server.udp_port.to_string();
+    let cli = |args: &[&str]| {
+        Command::new(binaries().join("core-server"))
+            .arg("--udp-port")
+            .arg(&udp_port)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let status = cli(&["status"]);
+    assert!(status.status.success());
+    let text = String::from_utf8_lossy(&status.stdout);
+    for want in [
+        format!("supervisor   pid {}", server.pid()),
+        format!("worker       pid {}", server.worker_pid()),
+        format!("HTTP         port {}", server.http_port),
+        format!("UDP          port {}", server.udp_port),
+        "routes (2):\n  a.example -> 127.0.0.1:5000\n  b.example -> 127.0.0.1:5001".to_owned(),
+    ] {
+        assert!(text.contains(&want), "{want:?} in:\n{text}");
+    }
+
+    let worker = server.worker_pid();
+    let stop = tokio::task::block_in_place(|| cli(&["stop"]));
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert!(String::from_utf8_lossy(&stop.stdout).ends_with("stopped\n"));
+    assert!(server.wait_exit(Duration::from_secs(5)).success());
+    assert!(!alive(worker));
+
+    let status = cli(&["status"]);
+    assert!(!status.status.success());
+    assert!(String::from_utf8_lossy(&status.stderr).contains("no core-server is running"));
+}
