@@ -1,16 +1,28 @@
-//! The one tracing set-up every core-server binary uses: human-readable lines on stderr,
-//! filtered by `RUST_LOG` (default `info`). Children inherit the supervisor's stderr, so
-//! one terminal (or, in release mode, one log file) shows all processes; each line names
-//! the crate it comes from (`core_server`, `core_server_worker`, ...).
+//! The one tracing set-up every core-server binary uses: human-readable lines, filtered by
+//! `RUST_LOG` (default `info`). Children write to stderr, which the supervisor either shares
+//! (foreground) or reads and writes into its log file (release mode), so one terminal or one
+//! file shows all processes; each line names the crate it comes from (`core_server`,
+//! `core_server_worker`, ...).
 
+use std::io::IsTerminal;
+
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
+/// Logs to stderr (colours only on a terminal).
 pub fn init() {
-    use std::io::IsTerminal;
+    init_with(std::io::stderr, std::io::stderr().is_terminal());
+}
+
+/// Logs to `writer`.
+pub fn init_with<W>(writer: W, ansi: bool)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer)
+        .with_ansi(ansi)
         .init();
 }

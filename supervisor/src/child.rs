@@ -33,8 +33,15 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `binary` as an unprivileged child holding `ipc` as its descriptor 3.
-pub fn spawn(binary: &PathBuf, ipc: OwnedFd, privileges: Unprivileged) -> anyhow::Result<Child> {
+/// Starts `binary` as an unprivileged child holding `ipc` as its descriptor 3, writing its
+/// logs to `stderr`. It gets a process group of its own, so a Ctrl-C at the terminal reaches
+/// only the supervisor, which then stops it gracefully.
+pub fn spawn(
+    binary: &PathBuf,
+    ipc: OwnedFd,
+    privileges: Unprivileged,
+    stderr: Stdio,
+) -> anyhow::Result<Child> {
     let mut command = Command::new(binary);
     command
         .env_clear()
@@ -45,12 +52,16 @@ pub fn spawn(binary: &PathBuf, ipc: OwnedFd, privileges: Unprivileged) -> anyhow
         )
         .current_dir("/")
         .stdin(Stdio::null())
+        .stderr(stderr)
         .kill_on_drop(false);
     let ipc_raw = ipc.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and makes only async-signal-safe
-    // system calls (dup2, fcntl, setgroups/setgid/setuid, capset, prctl); see privileges.rs.
+    // system calls (setpgid, dup2, fcntl, setgroups/setgid/setuid, capset, prctl); see
+    // privileges.rs.
     unsafe {
         command.pre_exec(move || {
+            let this = nix::unistd::Pid::from_raw(0);
+            nix::unistd::setpgid(this, this)?;
             move_to_fd(ipc_raw, CHILD_IPC_FD)?;
             privileges.apply()
         });
@@ -72,7 +83,7 @@ pub fn spawn(binary: &PathBuf, ipc: OwnedFd, privileges: Unprivileged) -> anyhow
 }
 
 /// Makes `fd` available as `target` across exec (descriptors we create are close-on-exec).
-fn move_to_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
+pub fn move_to_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
     // SAFETY: plain system calls on descriptor numbers. dup2 replaces whatever `target` was in
     // this about-to-exec child (only close-on-exec descriptors of ours); onto itself, dup2
     // would leave close-on-exec set, so that case clears the flag instead.

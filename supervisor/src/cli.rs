@@ -60,6 +60,23 @@ pub struct ServerOptions {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub backend_timeout: Duration,
 
+    /// local: attached, logs on stderr. release: detached, logs in DIR/logs/core.log
+    /// (default: release in release builds, local otherwise)
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mode: Option<Mode>,
+
+    /// In release mode, stay attached (for systemd and tests); logs still go to the log file
+    #[arg(long)]
+    pub foreground: bool,
+
+    /// The most all log files together may take, in bytes (release mode)
+    #[arg(long, default_value_t = 200 * 1000 * 1000, hide = true)]
+    pub log_cap: u64,
+
+    /// Internal: the descriptor on which a detached instance reports that it serves
+    #[arg(long, hide = true, value_name = "FD")]
+    pub ready_fd: Option<i32>,
+
     /// On SIGTERM or SIGINT: how long in-flight requests may take to finish
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub grace: Duration,
@@ -75,4 +92,21 @@ pub enum Command {
     Status,
     /// Stop the running server: in-flight requests finish, then it exits
     Stop,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Local,
+    Release,
+}
+
+impl Mode {
+    /// The mode a build runs in when `--mode` is not given.
+    pub fn of_this_build() -> Mode {
+        if cfg!(feature = "release") {
+            Mode::Release
+        } else {
+            Mode::Local
+        }
+    }
 }

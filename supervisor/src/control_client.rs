@@ -50,14 +50,24 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
 pub async fn stop(udp_port: u16) -> anyhow::Result<ExitCode> {
     let instance = connect(udp_port)?;
     instance.send(&ControlRequest::Stop, &[]).await?;
-    match instance.recv().await? {
-        Some((ControlReply::Stopping { pid }, _)) => {
-            println!("stopping core-server (pid {pid})...")
-        }
+    let pid = match instance.recv().await? {
+        Some((ControlReply::Stopping { pid }, _)) => pid,
         other => bail!("unexpected answer {other:?}"),
-    }
-    // The instance keeps the connection open until it exits.
+    };
+    println!("stopping core-server (pid {pid})...");
+    // The instance keeps the connection open until its worker is gone, then exits.
     while instance.recv().await.is_ok_and(|m| m.is_some()) {}
+    while running(pid) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     println!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `pid` is still a live process (a zombie waiting to be reaped is not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
 }

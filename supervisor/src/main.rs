@@ -10,7 +10,9 @@ mod child;
 mod cli;
 mod control;
 mod control_client;
+mod detach;
 mod listeners;
+mod log_file;
 mod privileges;
 mod routes_file;
 mod supervise;
@@ -24,7 +26,9 @@ use anyhow::Context;
 use clap::Parser;
 use core_server_proto::ipc::{ControlRequest, WorkerSettings};
 
-use crate::cli::{Cli, Command, ServerOptions};
+use crate::cli::{Cli, Command, Mode, ServerOptions};
+use crate::detach::ReadyReport;
+use crate::log_file::{ChildLogs, LogFile};
 use crate::privileges::Unprivileged;
 use crate::routes_file::RoutesFile;
 use crate::supervise::Supervisor;
@@ -37,10 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Remove { domain }) => udp_client::run(udp_port, &["remove", domain]),
         Some(Command::Status) => block_on(control_client::status(udp_port)),
         Some(Command::Stop) => block_on(control_client::stop(udp_port)),
-        None => {
-            core_server_proto::logging::init();
-            run_server(&cli.server, udp_port).map(|()| ExitCode::SUCCESS)
-        }
+        None => serve(&cli.server, udp_port),
     };
     result.unwrap_or_else(|e| {
         eprintln!("core-server: {e:#}");
@@ -55,94 +56,159 @@ fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> 
         .block_on(future)
 }
 
-fn run_server(options: &ServerOptions, udp_port: u16) -> anyhow::Result<()> {
+/// Runs the server: detached in release mode (unless `--foreground`), attached otherwise.
+fn serve(options: &ServerOptions, udp_port: u16) -> anyhow::Result<ExitCode> {
+    let mode = options.mode.unwrap_or_else(Mode::of_this_build);
+    if mode == Mode::Release && !options.foreground {
+        return detach::launch();
+    }
+    let mut ready = options.ready_fd.map(ReadyReport::from_fd).transpose()?;
+    // Lives here, so the error below still reaches the file (dropping it flushes it).
+    let mut log_file = None;
+    match run_server(options, udp_port, mode, &mut ready, &mut log_file) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            if mode == Mode::Release {
+                tracing::error!("{e:#}"); // the log file is where a detached instance speaks
+            }
+            drop(log_file.take()); // flushed before the launcher (and whoever reads on) hears
+            match ready {
+                Some(ready) => {
+                    ready.failed(&format!("{e:#}"));
+                    Ok(ExitCode::FAILURE)
+                }
+                None => Err(e),
+            }
+        }
+    }
+}
+
+fn run_server(
+    options: &ServerOptions,
+    udp_port: u16,
+    mode: Mode,
+    ready: &mut Option<ReadyReport>,
+    log_file: &mut Option<LogFile>,
+) -> anyhow::Result<()> {
     // Everything that can be checked is checked before a port is bound.
     let privileges = Unprivileged::for_user(&options.user)?;
     let worker_binary = child::sibling_binary("core-server-worker")?;
+    let settings = WorkerSettings {
+        header_timeout: options.header_timeout,
+        idle_timeout: options.idle_timeout,
+        backend_timeout: options.backend_timeout,
+    };
     block_on(async {
-        let settings = WorkerSettings {
-            header_timeout: options.header_timeout,
-            idle_timeout: options.idle_timeout,
-            backend_timeout: options.backend_timeout,
+        let running = control::connect_to(udp_port)?;
+        let inherited = match &running {
+            Some(running) => Some(takeover::receive(running).await?),
+            None => None,
         };
-        let Some(running) = control::connect_to(udp_port)? else {
-            return start_fresh(options, udp_port, settings, privileges, worker_binary).await;
+        // Rerun without --dir: keep the running instance's directory.
+        let dir = match (&options.dir, &inherited) {
+            (Some(dir), _) => dir.as_path(),
+            (None, Some(inherited)) => inherited.dir.as_path(),
+            (None, None) => Path::new("."),
         };
-
-        let inherited = takeover::receive(&running).await?;
-        let dir = absolute_dir(options.dir.as_deref().unwrap_or(&inherited.dir))?;
+        let dir = absolute_dir(dir)?;
+        let child_logs = start_logging(mode, &dir, options.log_cap, log_file)?;
         let routes_file = RoutesFile::in_dir(&dir);
-        routes_file
-            .save(&inherited.routes)
-            .with_context(|| format!("cannot save the routes in {}", dir.display()))?;
-        tracing::info!(
-            "taking over from core-server pid {}: {} routes, state in {}",
-            inherited.pid,
-            inherited.routes.len(),
-            dir.display()
-        );
-        let supervisor = Supervisor {
-            listeners: inherited.listeners,
-            control: control::Listener::new(inherited.control)?,
-            settings,
-            grace: options.grace,
-            routes: inherited.routes,
-            routes_file,
-            privileges,
-            worker_binary,
-        };
-        let worker = match supervisor.start_worker().await {
-            Ok(worker) => worker,
-            Err(e) => {
-                let reason = format!("{e:#}");
-                let _ = running
-                    .send(&ControlRequest::TakeOverFailed { reason }, &[])
-                    .await;
-                return Err(e.context(format!(
-                    "the running core-server (pid {}) keeps serving",
-                    inherited.pid
-                )));
+
+        let (supervisor, worker) = match (running, inherited) {
+            (Some(running), Some(inherited)) => {
+                tracing::info!(
+                    "taking over from core-server pid {}: {} routes, state in {}",
+                    inherited.pid,
+                    inherited.routes.len(),
+                    dir.display()
+                );
+                routes_file
+                    .save(&inherited.routes)
+                    .with_context(|| format!("cannot save the routes in {}", dir.display()))?;
+                let supervisor = Supervisor {
+                    listeners: inherited.listeners,
+                    control: control::Listener::new(inherited.control)?,
+                    settings,
+                    grace: options.grace,
+                    routes: inherited.routes,
+                    routes_file,
+                    privileges,
+                    worker_binary,
+                    child_logs,
+                };
+                let worker = match supervisor.start_worker().await {
+                    Ok(worker) => worker,
+                    Err(e) => {
+                        let reason = format!("{e:#}");
+                        let _ = running
+                            .send(&ControlRequest::TakeOverFailed { reason }, &[])
+                            .await;
+                        return Err(e.context(format!(
+                            "the running core-server (pid {}) keeps serving",
+                            inherited.pid
+                        )));
+                    }
+                };
+                running.send(&ControlRequest::TookOver, &[]).await?;
+                tracing::info!("took over from core-server pid {}", inherited.pid);
+                (supervisor, worker)
+            }
+            _ => {
+                let routes = routes_file.load()?;
+                let listeners =
+                    listeners::bind_all(options.http_port, options.https_port, udp_port)?;
+                let control = control::Listener::new(control::bind_for(udp_port)?)?;
+                tracing::info!(
+                    "bound HTTP :{}, HTTPS :{}, UDP :{}; {} routes from {}",
+                    options.http_port,
+                    options.https_port,
+                    udp_port,
+                    routes.len(),
+                    routes_file.path().display()
+                );
+                let supervisor = Supervisor {
+                    listeners,
+                    control,
+                    settings,
+                    grace: options.grace,
+                    routes,
+                    routes_file,
+                    privileges,
+                    worker_binary,
+                    child_logs,
+                };
+                let worker = supervisor.start_worker().await?;
+                (supervisor, worker)
             }
         };
-        running.send(&ControlRequest::TookOver, &[]).await?;
-        tracing::info!("took over from core-server pid {}", inherited.pid);
+        if let Some(ready) = ready.take() {
+            let log = log_file
+                .as_ref()
+                .map_or(Path::new("stderr"), |log| log.path.as_path());
+            ready.serving(log);
+        }
         supervisor.run(worker).await
     })
 }
 
-/// No instance runs for this UDP port: bind everything and load the routes from disk.
-async fn start_fresh(
-    options: &ServerOptions,
-    udp_port: u16,
-    settings: WorkerSettings,
-    privileges: Unprivileged,
-    worker_binary: PathBuf,
-) -> anyhow::Result<()> {
-    let dir = absolute_dir(options.dir.as_deref().unwrap_or(Path::new(".")))?;
-    let routes_file = RoutesFile::in_dir(&dir);
-    let routes = routes_file.load()?;
-    let listeners = listeners::bind_all(options.http_port, options.https_port, udp_port)?;
-    let control = control::Listener::new(control::bind_for(udp_port)?)?;
-    tracing::info!(
-        "bound HTTP :{}, HTTPS :{}, UDP :{}; {} routes from {}",
-        options.http_port,
-        options.https_port,
-        udp_port,
-        routes.len(),
-        routes_file.path().display()
-    );
-    let supervisor = Supervisor {
-        listeners,
-        control,
-        settings,
-        grace: options.grace,
-        routes,
-        routes_file,
-        privileges,
-        worker_binary,
-    };
-    let worker = supervisor.start_worker().await?;
-    supervisor.run(worker).await
+/// Stderr in local mode; in release mode the rotated log file under `dir`, kept in `file`.
+fn start_logging(
+    mode: Mode,
+    dir: &Path,
+    cap: u64,
+    file: &mut Option<LogFile>,
+) -> anyhow::Result<ChildLogs> {
+    match mode {
+        Mode::Local => {
+            core_server_proto::logging::init();
+            Ok(ChildLogs::Inherit)
+        }
+        Mode::Release => {
+            let log = file.insert(LogFile::open(dir, cap)?);
+            core_server_proto::logging::init_with(log.writer.clone(), false);
+            Ok(ChildLogs::Forward(log.writer.clone()))
+        }
+    }
 }
 
 /// Creates `dir` if needed; its absolute path (a rerun from elsewhere must find it).

@@ -31,6 +31,7 @@ use tracing::{error, info, warn};
 use crate::child;
 use crate::control;
 use crate::listeners::Listener;
+use crate::log_file::ChildLogs;
 use crate::privileges::Unprivileged;
 use crate::routes_file::RoutesFile;
 
@@ -52,6 +53,7 @@ pub struct Supervisor {
     pub routes_file: RoutesFile,
     pub privileges: Unprivileged,
     pub worker_binary: PathBuf,
+    pub child_logs: ChildLogs,
 }
 
 pub struct Worker {
@@ -159,7 +161,11 @@ impl Supervisor {
     /// Starts a worker and hands it the sockets, settings and routes; returns once it is ready.
     pub async fn start_worker(&self) -> anyhow::Result<Worker> {
         let (ours, theirs) = socketpair_fds().context("cannot create the worker's socketpair")?;
-        let mut child = child::spawn(&self.worker_binary, theirs, self.privileges)?;
+        let stderr = self
+            .child_logs
+            .stderr()
+            .context("cannot set up the worker's log")?;
+        let mut child = child::spawn(&self.worker_binary, theirs, self.privileges, stderr)?;
         let channel = Channel::new(ours)?;
         let outcome = tokio::time::timeout(START_TIMEOUT, self.hand_to_worker(&channel))
             .await
