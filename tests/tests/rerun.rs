@@ -273,3 +273,75 @@ async fn status_and_stop() {
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("no core-server is running"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
+    use http::Request;
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+
+    let mut server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+    let request = || {
+        Request::get("http://app.example/")
+            .header("host", "app.example")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+
+    // An HTTP/1.1 keep-alive connection, used once and left idle.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let (mut h1, h1_connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let h1_connection = tokio::spawn(h1_connection);
+    let response = h1.send_request(request()).await.unwrap();
+    assert!(response.headers().get("connection").is_none());
+    response.into_body().collect().await.unwrap();
+    // An HTTP/2 connection, used once.
+    let (mut h2, h2_connection) = core_server_tests::http::h2_connect(server.http_port).await;
+    assert_eq!(h2.send_request(request()).await.unwrap().status(), 200);
+
+    // Rerun in the background: the old instance drains, and waits for the idle HTTP/1 client.
+    let old = server.pid();
+    let rerun = tokio::task::spawn_blocking(move || {
+        let status = server.rerun();
+        (server, status)
+    });
+    // The HTTP/2 client is told to go away and its connection ends.
+    tokio::time::timeout(Duration::from_secs(10), h2_connection)
+        .await
+        .expect("the HTTP/2 connection is closed by the draining instance")
+        .unwrap()
+        .ok();
+    assert!(
+        alive(old),
+        "the old instance still drains: an HTTP/1 client is connected"
+    );
+
+    // A request on the idle HTTP/1 connection is answered, as its last.
+    h1.ready().await.expect("the idle connection was not cut");
+    let response = h1
+        .send_request(request())
+        .await
+        .expect("answered during the drain");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["connection"], "close");
+    response.into_body().collect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), h1_connection)
+        .await
+        .expect("then closed")
+        .unwrap()
+        .ok();
+
+    // With its last connection gone, the old instance exits at once.
+    let (server, status) = tokio::time::timeout(Duration::from_secs(10), rerun)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(get(&server.url("/"), "app.example").await.status, 200);
+}
