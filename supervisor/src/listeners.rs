@@ -118,7 +118,7 @@ fn bind_error(kind: ListenerKind, port: u16, e: io::Error) -> anyhow::Error {
                 .unwrap_or_else(|_| "core-server".into());
             format!(
                 "\nports below 1024 need privilege: start core-server as root, or give this binary \
-                 (only this one) the capability once with\n    sudo setcap cap_net_bind_service=+ep {exe}\n\
+                 (only this one) the capability once with\n    sudo setcap cap_net_bind_service=+eip {exe}\n\
                  or choose a port of 1024 or more with {flag}"
             )
         }

@@ -16,6 +16,7 @@ mod log_file;
 mod privileges;
 mod routes_file;
 mod supervise;
+mod systemd;
 mod takeover;
 mod udp_client;
 
@@ -181,6 +182,7 @@ fn run_server(
                 (supervisor, worker)
             }
         };
+        systemd::serving();
         if let Some(ready) = ready.take() {
             let log = log_file
                 .as_ref()

@@ -125,8 +125,9 @@ impl Supervisor {
                 },
             }
         };
-        if let Ending::HandedOver = ending {
-            info!("handed over; draining for at most {:?}", self.grace);
+        match ending {
+            Ending::HandedOver => info!("handed over; draining for at most {:?}", self.grace),
+            Ending::Stop => crate::systemd::stopping(),
         }
         self.stop(worker, &mut dirty).await;
         drop(stop_requester);

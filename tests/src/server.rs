@@ -94,6 +94,8 @@ pub struct CoreServer {
     netns: Option<String>,
     /// Where its binaries are.
     binaries: PathBuf,
+    /// Environment variables it gets on top of the test's.
+    env: Vec<(String, String)>,
 }
 
 impl CoreServer {
@@ -139,7 +141,19 @@ impl CoreServer {
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             netns: netns.map(str::to_owned),
             binaries: binaries().to_path_buf(),
+            env: Vec::new(),
         }
+    }
+
+    /// Starts with `env` added to its environment (and that of every rerun).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let mut server = Self::new(None, &[]);
+        server.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        server.launch();
+        server
     }
 
     /// The command line this server runs with.
@@ -164,7 +178,8 @@ impl CoreServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra_args)
-            .env("RUST_LOG", "info,core_server_worker=debug");
+            .env("RUST_LOG", "info,core_server_worker=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 

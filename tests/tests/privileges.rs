@@ -79,7 +79,7 @@ fn a_privileged_port_without_privilege_says_how_to_fix_it() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("setcap cap_net_bind_service=+ep"),
+        stderr.contains("setcap cap_net_bind_service=+eip"),
         "{stderr}"
     );
     assert!(stderr.contains("--http-port"), "{stderr}");
@@ -93,7 +93,7 @@ fn setcap_supervisor_binds_port_81_and_its_worker_gets_nothing() {
     let install = install_copy();
     let supervisor = install.path().join("core-server");
     let setcap = Command::new("setcap")
-        .arg("cap_net_bind_service=+ep")
+        .arg("cap_net_bind_service=+eip")
         .arg(&supervisor)
         .status();
     assert!(setcap.expect("setcap is installed (libcap2-bin)").success());

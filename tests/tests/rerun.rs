@@ -345,3 +345,31 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     assert!(status.success());
     assert_eq!(get(&server.url("/"), "app.example").await.status, 200);
 }
+
+/// What a `Type=notify` systemd unit hears: ready with the main pid, the rerun's pid after a
+/// reload, and stopping. A datagram socket stands in for systemd's notify socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_hears_ready_main_pid_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let len = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    };
+
+    let mut server = CoreServer::start_with_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    assert_eq!(next(), format!("MAINPID={}\nREADY=1\n", server.pid()));
+    tokio::task::block_in_place(|| server.rerun());
+    assert_eq!(
+        next(),
+        format!("MAINPID={}\nREADY=1\n", server.pid()),
+        "the rerun is the main process now"
+    );
+    server.stop();
+    assert_eq!(next(), "STOPPING=1\n");
+}
