@@ -12,27 +12,10 @@ DURATION=${DURATION:-10}      # seconds of wrk load per proxy
 CONNECTIONS=${CONNECTIONS:-64}
 DOWNLOADS=${DOWNLOADS:-9}     # 100 MB downloads per proxy; the median counts
 
-need=()
-command -v nginx >/dev/null || need+=(nginx)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v wrk >/dev/null || need+=(wrk)
-command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
-fi
-cargo build --release -q -p core-server -p core-server-worker
+source bench/lib.sh
+need nginx=nginx haproxy=haproxy wrk=wrk curl=curl
+install_core_server
 
-work=$(mktemp -d /tmp/core-server-bench.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 backend=$(free_port); core=$(free_port); nginx_proxy=$(free_port); haproxy_port=$(free_port)
@@ -84,8 +67,7 @@ backend app
 CONF
 haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
 
-# core-server (installed where its unprivileged worker can execute it).
-cp target/release/core-server target/release/core-server-worker "$work/"
+# core-server.
 start_core() {
   env ${1:+TOKIO_WORKER_THREADS=$1} RUST_LOG=warn "$work/core-server" --http-port "$core" \
     --https-port "$(free_port)" --udp-port "$udp" --dir "$work/state" 2>>"$work/core.err" &

@@ -11,28 +11,13 @@ RERUNS=${RERUNS:-100}
 PAUSE=${PAUSE:-0.1}            # seconds between reruns
 CONNECTIONS=${CONNECTIONS:-32}
 
-need=()
-command -v nginx >/dev/null || need+=(nginx)
-command -v wrk >/dev/null || need+=(wrk)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
-fi
-cargo build --release -q -p core-server -p core-server-worker
-
-work=$(mktemp -d /tmp/core-server-rerun.XXXXXX)
-chmod 755 "$work"
-pids=()
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
+need nginx=nginx wrk=wrk
+install_core_server
 backend=$(free_port); http=$(free_port); https=$(free_port); udp=$(free_port)
-cp target/release/core-server target/release/core-server-worker "$work/"
 core() { RUST_LOG=warn "$work/core-server" --udp-port "$udp" "$@"; }
-cleanup() {
-  core stop >/dev/null 2>&1 || true
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+stop_core() { core stop >/dev/null 2>&1; }
+cleanup_hooks+=(stop_core)
 
 cat > "$work/backend.conf" <<CONF
 worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err;

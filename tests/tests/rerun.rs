@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use core_server_tests::http::get;
 use core_server_tests::load::Load;
-use core_server_tests::server::{alive, binaries, free_tcp_port, free_udp_port, install_copy};
+use core_server_tests::server::{alive, binaries, install_copy};
 use core_server_tests::{Backend, CoreServer};
 use http::Response;
 use http_body_util::{BodyExt, StreamBody};
@@ -204,31 +204,6 @@ async fn a_failed_upgrade_leaves_the_old_instance_serving() {
         "UDP commands resumed"
     );
     assert_eq!(get(&server.url("/"), "app.example").await.status, 200);
-}
-
-#[test]
-fn busy_ports_without_an_instance_to_take_over_are_an_error() {
-    let busy = std::net::TcpListener::bind("[::]:0").unwrap();
-    let port = busy.local_addr().unwrap().port().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(binaries().join("core-server"))
-        .args([
-            "--http-port",
-            &port,
-            "--https-port",
-            &free_tcp_port().to_string(),
-        ])
-        .args(["--udp-port", &free_udp_port().to_string()])
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains("no core-server answers on the control socket"),
-        "{stderr}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

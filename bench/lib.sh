@@ -1,0 +1,34 @@
+# Shared by the bench scripts: tools, a work directory cleaned up on exit, free ports.
+# Every process a script starts goes into `pids`; only those are stopped.
+
+# need TOOL=PACKAGE...: installs the Debian packages of the tools that are missing.
+need() {
+  local missing=() pair
+  for pair in "$@"; do
+    command -v "${pair%%=*}" >/dev/null || missing+=("${pair#*=}")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  fi
+}
+
+# The release binaries, copied into $work where an unprivileged worker can execute them.
+work=$(mktemp -d /tmp/core-server-bench.XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup_hooks=()
+cleanup() {
+  local hook pid
+  for hook in "${cleanup_hooks[@]}"; do $hook || true; done
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+install_core_server() {
+  cargo build --release -q -p core-server -p core-server-worker
+  cp target/release/core-server target/release/core-server-worker "$work/"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
