@@ -100,23 +100,36 @@ fn run_server(
         backend_timeout: options.backend_timeout,
     };
     block_on(async {
-        let running = control::connect_to(udp_port)?;
-        let inherited = match &running {
-            Some(running) => Some(takeover::receive(running).await?),
+        let takeover = match control::connect_to(udp_port)? {
+            Some(running) => {
+                let inherited = takeover::receive(&running).await?;
+                Some((running, inherited))
+            }
             None => None,
         };
         // Rerun without --dir: keep the running instance's directory.
-        let dir = match (&options.dir, &inherited) {
+        let dir = match (&options.dir, &takeover) {
             (Some(dir), _) => dir.as_path(),
-            (None, Some(inherited)) => inherited.dir.as_path(),
+            (None, Some((_, inherited))) => inherited.dir.as_path(),
             (None, None) => Path::new("."),
         };
         let dir = absolute_dir(dir)?;
         let child_logs = start_logging(mode, &dir, options.log_cap, log_file)?;
         let routes_file = RoutesFile::in_dir(&dir);
+        let supervisor = |listeners, control, routes| Supervisor {
+            listeners,
+            control,
+            settings,
+            grace: options.grace,
+            routes,
+            routes_file: RoutesFile::in_dir(&dir),
+            privileges,
+            worker_binary,
+            child_logs,
+        };
 
-        let (supervisor, worker) = match (running, inherited) {
-            (Some(running), Some(inherited)) => {
+        let (supervisor, worker) = match takeover {
+            Some((running, inherited)) => {
                 tracing::info!(
                     "taking over from core-server pid {}: {} routes, state in {}",
                     inherited.pid,
@@ -126,17 +139,8 @@ fn run_server(
                 routes_file
                     .save(&inherited.routes)
                     .with_context(|| format!("cannot save the routes in {}", dir.display()))?;
-                let supervisor = Supervisor {
-                    listeners: inherited.listeners,
-                    control: control::Listener::new(inherited.control)?,
-                    settings,
-                    grace: options.grace,
-                    routes: inherited.routes,
-                    routes_file,
-                    privileges,
-                    worker_binary,
-                    child_logs,
-                };
+                let control = control::Listener::new(inherited.control)?;
+                let supervisor = supervisor(inherited.listeners, control, inherited.routes);
                 let worker = match supervisor.start_worker().await {
                     Ok(worker) => worker,
                     Err(e) => {
@@ -154,7 +158,7 @@ fn run_server(
                 tracing::info!("took over from core-server pid {}", inherited.pid);
                 (supervisor, worker)
             }
-            _ => {
+            None => {
                 let routes = routes_file.load()?;
                 let listeners =
                     listeners::bind_all(options.http_port, options.https_port, udp_port)?;
@@ -167,17 +171,7 @@ fn run_server(
                     routes.len(),
                     routes_file.path().display()
                 );
-                let supervisor = Supervisor {
-                    listeners,
-                    control,
-                    settings,
-                    grace: options.grace,
-                    routes,
-                    routes_file,
-                    privileges,
-                    worker_binary,
-                    child_logs,
-                };
+                let supervisor = supervisor(listeners, control, routes);
                 let worker = supervisor.start_worker().await?;
                 (supervisor, worker)
             }

@@ -77,8 +77,9 @@ impl Supervisor {
     pub async fn run(mut self, mut worker: Worker) -> anyhow::Result<()> {
         let mut signals = StopSignals::new()?;
         let mut backoff = Backoff::default();
-        let mut dirty = false; // whether the table differs from the file
-                               // Kept open until we exit: `core-server stop` waits for it to close.
+        // Whether the table differs from the file.
+        let mut dirty = false;
+        // Kept open until we exit: `core-server stop` waits for it to close.
         let mut stop_requester = None;
         let ending = loop {
             tokio::select! {
