@@ -393,10 +393,12 @@ fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-/// SIGTERM and SIGINT, the two ways to ask for a clean stop.
+/// The signals that ask for a clean stop: SIGTERM, SIGINT (Ctrl-C), and SIGHUP (the terminal
+/// of a foreground instance went away), whose default action would skip the drain.
 struct StopSignals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl StopSignals {
@@ -404,6 +406,7 @@ impl StopSignals {
         Ok(StopSignals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -411,6 +414,7 @@ impl StopSignals {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
+            _ = self.hup.recv() => "SIGHUP",
         }
     }
 }

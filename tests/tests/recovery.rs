@@ -101,12 +101,22 @@ async fn sigterm_lets_in_flight_requests_finish_then_stops_everything() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sigint_stops_too() {
-    let mut server = CoreServer::start();
-    let worker = server.worker_pid();
-    server.signal(Signal::SIGINT);
-    assert!(server.wait_exit(Duration::from_secs(20)).success());
-    wait_gone(worker, Duration::from_secs(5));
+async fn sigint_and_sighup_stop_cleanly_too() {
+    for signal in [Signal::SIGINT, Signal::SIGHUP] {
+        let mut server = CoreServer::start();
+        let worker = server.worker_pid();
+        server.signal(signal);
+        assert!(
+            server.wait_exit(Duration::from_secs(20)).success(),
+            "{signal}"
+        );
+        wait_gone(worker, Duration::from_secs(5));
+        assert!(
+            server.log().contains(&format!("{signal}: stopping")),
+            "{}",
+            server.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

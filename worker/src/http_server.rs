@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
 
-use crate::idle_timeout::{Activity, Tracked};
+use crate::activity::{Activity, Tracked};
 use crate::proxy::{Proxy, ProxyBody};
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.

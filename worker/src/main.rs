@@ -5,9 +5,9 @@
 //! every route change, and on `Shutdown` (or when the supervisor is gone) stops accepting,
 //! lets in-flight requests finish within the grace period, and exits.
 
+mod activity;
 mod forwarding;
 mod http_server;
-mod idle_timeout;
 mod proxy;
 mod route_table;
 mod udp_commands;

@@ -1,9 +1,10 @@
-//! Noticing idle client connections: an IO wrapper that records when a byte last moved.
+//! What the connection loop in `http_server` knows of a client connection: when a byte last
+//! moved (recorded by an IO wrapper), and whether it speaks HTTP/2.
 //!
 //! hyper closes an idle HTTP/1 keep-alive connection through its header-read timeout, but has
-//! no idle timeout for HTTP/2. The connection loop in `http_server` asks [`Activity`] when the
-//! connection will have been idle for the timeout, and closes it gracefully then (GOAWAY for
-//! HTTP/2), so a request still in flight is never cut.
+//! no idle timeout for HTTP/2: the loop asks [`Activity`] when the connection will have been
+//! idle for the timeout, and closes it gracefully then (GOAWAY for HTTP/2), so a request still
+//! in flight is never cut. The protocol decides how a draining worker closes it.
 
 use std::io;
 use std::pin::Pin;
