@@ -79,6 +79,20 @@ pub fn connect_to(udp_port: u16) -> anyhow::Result<Option<ClientEnd>> {
     Ok(Some(Channel::new(fd)?))
 }
 
+/// Sends `request` and returns the first answer. A refusal sent before we spoke (the instance
+/// does not trust our uid) is still read, even though sending then failed.
+pub async fn ask(
+    instance: &ClientEnd,
+    request: &ControlRequest,
+) -> anyhow::Result<Option<(ControlReply, Vec<OwnedFd>)>> {
+    let sent = instance.send(request, &[]).await;
+    match (sent, instance.recv().await) {
+        (_, Ok(Some(answer))) => Ok(Some(answer)),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), answer) => Ok(answer?),
+    }
+}
+
 /// The listening control socket, served by the running supervisor.
 pub struct Listener {
     fd: AsyncFd<OwnedFd>,
@@ -109,10 +123,17 @@ impl Listener {
                 .await?;
             // SAFETY: accept4 just returned this new descriptor, owned by nothing else.
             let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            match peer_is_trusted(&fd)? {
-                (true, _) => return Channel::new(fd),
-                (false, uid) => tracing::warn!("refused a control connection from uid {uid}"),
+            let (trusted, uid) = peer_is_trusted(&fd)?;
+            let peer: ServerEnd = Channel::new(fd)?;
+            if trusted {
+                return Ok(peer);
             }
+            tracing::warn!("refused a control connection from uid {uid}");
+            let why = format!(
+                "uid {uid} may not control this core-server (it runs as uid {}): use that user or root",
+                Uid::effective()
+            );
+            let _ = peer.send(&ControlReply::Refused(why), &[]).await;
         }
     }
 }

@@ -19,10 +19,9 @@ fn connect(udp_port: u16) -> anyhow::Result<control::ClientEnd> {
 /// Prints the instance's processes, ports, state directory and routes.
 pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
     let instance = connect(udp_port)?;
-    instance.send(&ControlRequest::Status, &[]).await?;
-    let status = match instance.recv().await? {
+    let status = match control::ask(&instance, &ControlRequest::Status).await? {
         Some((ControlReply::Status(status), _)) => status,
-        other => bail!("unexpected answer {other:?}"),
+        other => return Err(unexpected(other)),
     };
     let routes = receive_routes(&instance).await?;
     let pid = |pid: Option<u32>| pid.map_or("not running".to_owned(), |p| format!("pid {p}"));
@@ -49,10 +48,9 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
 /// Asks the instance to stop (in-flight requests finish) and waits until it has.
 pub async fn stop(udp_port: u16) -> anyhow::Result<ExitCode> {
     let instance = connect(udp_port)?;
-    instance.send(&ControlRequest::Stop, &[]).await?;
-    let pid = match instance.recv().await? {
+    let pid = match control::ask(&instance, &ControlRequest::Stop).await? {
         Some((ControlReply::Stopping { pid }, _)) => pid,
-        other => bail!("unexpected answer {other:?}"),
+        other => return Err(unexpected(other)),
     };
     println!("stopping core-server (pid {pid})...");
     // The instance keeps the connection open until its worker is gone, then exits.
@@ -70,4 +68,14 @@ fn running(pid: u32) -> bool {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
     })
+}
+
+fn unexpected(answer: Option<(ControlReply, Vec<std::os::fd::OwnedFd>)>) -> anyhow::Error {
+    match answer {
+        Some((ControlReply::Refused(why), _)) => {
+            anyhow::anyhow!("the running core-server refused: {why}")
+        }
+        None => anyhow::anyhow!("the running core-server closed the connection"),
+        Some((other, _)) => anyhow::anyhow!("unexpected answer {other:?}"),
+    }
 }

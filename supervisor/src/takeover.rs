@@ -24,8 +24,7 @@ pub struct Inherited {
 
 /// Asks the instance at the other end of `old` for everything it holds.
 pub async fn receive(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
-    old.send(&ControlRequest::TakeOver, &[]).await?;
-    let (kinds, dir, pid, mut fds) = match old.recv().await? {
+    let (kinds, dir, pid, mut fds) = match control::ask(old, &ControlRequest::TakeOver).await? {
         Some((
             ControlReply::Sockets {
                 listeners,

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use core_server_tests::server::alive;
 use core_server_tests::server::{
     binaries, children_named, free_tcp_port, free_udp_port, install_copy, proc_status,
 };
@@ -269,4 +270,25 @@ fn a_first_worker_that_cannot_start_is_reported_and_core_server_exits() {
         stderr.contains("the worker did not start: exited during start-up (exit status: 3)"),
         "{stderr}"
     );
+}
+
+#[test]
+fn another_user_may_not_control_the_instance() {
+    if !have_root("another_user_may_not_control_the_instance") {
+        return;
+    }
+    let server = CoreServer::start();
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(binaries().join("core-server"))
+        .args(["--udp-port", &server.udp_port.to_string(), "stop"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("uid 65534 may not control this core-server (it runs as uid 0)"),
+        "{stderr}"
+    );
+    assert!(alive(server.pid()), "still running");
 }
