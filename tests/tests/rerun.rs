@@ -276,9 +276,11 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     let response = h1.send_request(request()).await.unwrap();
     assert!(response.headers().get("connection").is_none());
     response.into_body().collect().await.unwrap();
-    // An HTTP/2 connection, used once.
+    // An HTTP/2 connection, used once; another not used yet.
     let (mut h2, h2_connection) = core_server_tests::http::h2_connect(server.http_port).await;
     assert_eq!(h2.send_request(request()).await.unwrap().status(), 200);
+    let (mut h2_late, h2_late_connection) =
+        core_server_tests::http::h2_connect(server.http_port).await;
 
     // Rerun in the background: the old instance drains, and waits for the idle HTTP/1 client.
     let old = server.pid();
@@ -296,6 +298,13 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
         alive(old),
         "the old instance still drains: an HTTP/1 client is connected"
     );
+    // The unused HTTP/2 connection's first request is served, then it is told to go away.
+    assert_eq!(h2_late.send_request(request()).await.unwrap().status(), 200);
+    tokio::time::timeout(Duration::from_secs(10), h2_late_connection)
+        .await
+        .expect("the late HTTP/2 connection is closed too")
+        .unwrap()
+        .ok();
 
     // A request on the idle HTTP/1 connection is answered, as its last.
     h1.ready().await.expect("the idle connection was not cut");

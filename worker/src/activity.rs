@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// When a connection last moved a byte (in milliseconds since it was accepted), and whether it
@@ -22,6 +23,7 @@ pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     http2: AtomicBool,
+    http2_seen: Notify,
 }
 
 impl Activity {
@@ -30,15 +32,19 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            http2_seen: Notify::new(),
         })
     }
 
     pub fn saw_http2(&self) {
-        self.http2.store(true, Ordering::Relaxed);
+        if !self.http2.swap(true, Ordering::Relaxed) {
+            self.http2_seen.notify_one(); // kept as a permit if nobody waits yet
+        }
     }
 
-    pub fn is_http2(&self) -> bool {
-        self.http2.load(Ordering::Relaxed)
+    /// Resolves once the connection has carried an HTTP/2 request (at once if it already has).
+    pub async fn speaks_http2(&self) {
+        self.http2_seen.notified().await
     }
 
     fn touch(&self) {

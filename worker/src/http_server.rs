@@ -107,22 +107,20 @@ impl HttpServer {
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
 
-        // Runs the connection. Stopping: HTTP/2 gets GOAWAY at once (its clients retry
-        // elsewhere); an HTTP/1 connection stays open, so a request already on its way is
-        // answered (with `Connection: close`): closing an idle HTTP/1 connection always races
-        // a client that is just sending. Idle: closed gracefully.
+        // Runs the connection. Stopping: HTTP/2 gets GOAWAY (its clients retry elsewhere) as
+        // soon as the connection is known to speak it; an HTTP/1 connection stays open, so a
+        // request already on its way is answered (with `Connection: close`): closing an idle
+        // HTTP/1 connection always races a client that is just sending. Idle: closed gracefully.
         let mut stopping = false;
         let mut closing = false;
         let mut check_idle_at = activity.idle_at(self.idle_timeout);
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break result,
-                _ = stop.cancelled(), if !stopping => {
-                    stopping = true;
-                    if activity.is_http2() && !closing {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
+                _ = stop.cancelled(), if !stopping => stopping = true,
+                _ = activity.speaks_http2(), if stopping && !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
                 }
                 _ = tokio::time::sleep_until(check_idle_at), if !closing => {
                     check_idle_at = activity.idle_at(self.idle_timeout);
