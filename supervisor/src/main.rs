@@ -31,7 +31,7 @@ use crate::cli::{Cli, Command, Mode, ServerOptions};
 use crate::detach::ReadyReport;
 use crate::log_file::{ChildLogs, LogFile};
 use crate::privileges::Unprivileged;
-use crate::routes_file::RoutesFile;
+use crate::routes_file::{RoutesFile, SavedRoutes};
 use crate::supervise::Supervisor;
 
 fn main() -> ExitCode {
@@ -121,8 +121,7 @@ fn run_server(
             control,
             settings,
             grace: options.grace,
-            routes,
-            routes_file: RoutesFile::in_dir(&dir),
+            routes: SavedRoutes::new(routes, RoutesFile::in_dir(&dir)),
             privileges,
             worker_binary,
             child_logs,

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use core_server_proto::atomic_file;
-use core_server_proto::routes::Routes;
+use core_server_proto::routes::{RouteChange, Routes};
 use serde::{Deserialize, Serialize};
 
 const FILE_NAME: &str = "routes.json";
@@ -110,6 +110,60 @@ impl RoutesFile {
     }
 }
 
+/// The supervisor's copy of the table, the file it is kept in, and whether the two differ.
+pub struct SavedRoutes {
+    routes: Routes,
+    file: RoutesFile,
+    dirty: bool,
+}
+
+impl SavedRoutes {
+    /// `routes` as they are in `file` (or are about to be, once saved).
+    pub fn new(routes: Routes, file: RoutesFile) -> Self {
+        SavedRoutes {
+            routes,
+            file,
+            dirty: false,
+        }
+    }
+
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// The state directory the file is in.
+    pub fn dir(&self) -> &Path {
+        self.file.dir()
+    }
+
+    /// Applies a change the worker made to its live table.
+    pub fn apply(&mut self, change: &RouteChange) {
+        match self.routes.apply(change) {
+            Ok(changed) => self.dirty |= changed,
+            Err(e) => tracing::warn!("worker reported a change that does not apply: {e}"),
+        }
+    }
+
+    /// Writes the table if it changed since the last successful save (a failed one is retried
+    /// at the next). The error is worded for the command's sender.
+    pub fn save(&mut self) -> Result<(), String> {
+        if !self.dirty {
+            return Ok(());
+        }
+        match self.file.save(&self.routes) {
+            Ok(()) => {
+                self.dirty = false;
+                Ok(())
+            }
+            Err(e) => {
+                let e = format!("cannot save {}: {e}", self.file.path().display());
+                tracing::error!("{e}");
+                Err(e)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +201,35 @@ mod tests {
             assert_eq!(fs::read(&aside[0]).unwrap(), garbage);
             fs::remove_file(&aside[0]).unwrap();
         }
+    }
+
+    #[test]
+    fn saved_routes_write_only_when_the_table_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RoutesFile::in_dir(dir.path());
+        let path = file.path().to_path_buf();
+        let mut saved = SavedRoutes::new(Routes::default(), file);
+        let set = |port| RouteChange::Set {
+            domain: Domain::parse("a.example").unwrap(),
+            port,
+        };
+
+        saved.apply(&set(1));
+        saved.save().unwrap();
+        assert!(path.exists());
+        fs::remove_file(&path).unwrap();
+        saved.apply(&set(1)); // the same port again: nothing to write
+        saved.save().unwrap();
+        assert!(!path.exists());
+        saved.apply(&set(2));
+        saved.save().unwrap();
+        assert_eq!(
+            RoutesFile::in_dir(dir.path())
+                .load()
+                .unwrap()
+                .port(&Domain::parse("a.example").unwrap()),
+            Some(2)
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use core_server_proto::ipc::{
     ControlReply, ControlRequest, FromWorker, InstanceStatus, ToWorker, WorkerSettings,
     ROUTES_PER_MESSAGE,
 };
-use core_server_proto::routes::Routes;
+use core_server_proto::routes::RouteChange;
 use tokio::process::Child;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
@@ -33,7 +33,7 @@ use crate::control;
 use crate::listeners::Listener;
 use crate::log_file::ChildLogs;
 use crate::privileges::Unprivileged;
-use crate::routes_file::RoutesFile;
+use crate::routes_file::SavedRoutes;
 
 /// How long a new worker may take from exec to `Ready`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,8 +49,7 @@ pub struct Supervisor {
     pub control: control::Listener,
     pub settings: WorkerSettings,
     pub grace: Duration,
-    pub routes: Routes,
-    pub routes_file: RoutesFile,
+    pub routes: SavedRoutes,
     pub privileges: Unprivileged,
     pub worker_binary: PathBuf,
     pub child_logs: ChildLogs,
@@ -77,8 +76,6 @@ impl Supervisor {
     pub async fn run(mut self, mut worker: Worker) -> anyhow::Result<()> {
         let mut signals = StopSignals::new()?;
         let mut backoff = Backoff::default();
-        // Whether the table differs from the file.
-        let mut dirty = false;
         // Kept open until we exit: `core-server stop` waits for it to close.
         let mut stop_requester = None;
         let ending = loop {
@@ -90,17 +87,13 @@ impl Supervisor {
                 }
                 message = worker.channel.recv() => match message {
                     Ok(Some((FromWorker::RouteChanged { seq, change }, _))) => {
-                        match self.routes.apply(&change) {
-                            Ok(changed) => dirty |= changed,
-                            Err(e) => warn!("worker reported a change that does not apply: {e}"),
-                        }
-                        worker.unsaved = Some(seq);
+                        self.record(&mut worker, seq, &change)
                     }
                     Ok(Some((other, _))) => warn!("unexpected message from the worker: {other:?}"),
                     Ok(None) | Err(_) => {
                         let _ = worker.child.start_kill();
                         let status = describe(worker.child.wait().await);
-                        self.save(&mut worker, &mut dirty).await;
+                        self.save(&mut worker).await;
                         let delay = backoff.after_exit(worker.started.elapsed());
                         warn!("worker exited ({status}); starting a new one in {delay:?}");
                         match self.restart(delay, &mut backoff, &mut signals).await {
@@ -111,10 +104,10 @@ impl Supervisor {
                 },
                 // Every waiting message first (biased): one write for a burst of changes.
                 _ = std::future::ready(()), if worker.unsaved.is_some() => {
-                    self.save(&mut worker, &mut dirty).await;
+                    self.save(&mut worker).await;
                 }
                 connection = self.control.accept() => match connection {
-                    Ok(connection) => match self.on_control(connection, &mut worker, &mut dirty).await {
+                    Ok(connection) => match self.on_control(connection, &mut worker).await {
                         Ok(None) => {}
                         Ok(Some((ending, connection))) => {
                             stop_requester = connection;
@@ -130,7 +123,7 @@ impl Supervisor {
             Ending::HandedOver => info!("handed over; draining for at most {:?}", self.grace),
             Ending::Stop => crate::systemd::stopping(),
         }
-        self.stop(worker, &mut dirty).await;
+        self.stop(worker).await;
         drop(stop_requester);
         Ok(())
     }
@@ -189,7 +182,7 @@ impl Supervisor {
             "worker ready (pid {}, uid {}), serving {} routes",
             child.id().unwrap_or(0),
             self.privileges.uid(),
-            self.routes.len()
+            self.routes.routes().len()
         );
         Ok(Worker {
             child,
@@ -207,7 +200,7 @@ impl Supervisor {
             settings: self.settings.clone(),
         };
         channel.send(&start, &fds).await?;
-        for chunk in self.routes.chunks(ROUTES_PER_MESSAGE) {
+        for chunk in self.routes.routes().chunks(ROUTES_PER_MESSAGE) {
             channel.send(&ToWorker::Routes(chunk), &[]).await?;
         }
         channel.send(&ToWorker::Serve, &[]).await?;
@@ -218,22 +211,18 @@ impl Supervisor {
         }
     }
 
+    /// Takes in a change the worker reports; it is saved (and acknowledged) by [`Self::save`].
+    fn record(&mut self, worker: &mut Worker, seq: u64, change: &RouteChange) {
+        self.routes.apply(change);
+        worker.unsaved = Some(seq);
+    }
+
     /// Saves the table if it changed and tells the worker which changes are safe.
-    async fn save(&self, worker: &mut Worker, dirty: &mut bool) {
+    async fn save(&mut self, worker: &mut Worker) {
         let Some(upto) = worker.unsaved.take() else {
             return;
         };
-        let mut error = None;
-        if *dirty {
-            match self.routes_file.save(&self.routes) {
-                Ok(()) => *dirty = false,
-                Err(e) => {
-                    let e = format!("cannot save {}: {e}", self.routes_file.path().display());
-                    error!("{e}");
-                    error = Some(e);
-                }
-            }
-        }
+        let error = self.routes.save().err();
         let _ = worker
             .channel
             .send(&ToWorker::Saved { upto, error }, &[])
@@ -245,7 +234,6 @@ impl Supervisor {
         &mut self,
         connection: control::ServerEnd,
         worker: &mut Worker,
-        dirty: &mut bool,
     ) -> anyhow::Result<Option<(Ending, Option<control::ServerEnd>)>> {
         let Some((request, _)) = connection.recv().await? else {
             return Ok(None);
@@ -258,7 +246,7 @@ impl Supervisor {
                     worker_pid: worker.child.id(),
                     acme_pid: None,
                     ports: self.listeners.iter().map(|l| (l.kind, l.port())).collect(),
-                    dir: self.routes_file.dir().to_path_buf(),
+                    dir: self.routes.dir().to_path_buf(),
                 };
                 connection.send(&ControlReply::Status(status), &[]).await?;
                 self.send_routes(&connection).await?;
@@ -276,7 +264,7 @@ impl Supervisor {
                 Ok(Some((Ending::Stop, Some(connection))))
             }
             ControlRequest::TakeOver => {
-                let handed = self.give_over(&connection, worker, dirty).await?;
+                let handed = self.give_over(&connection, worker).await?;
                 Ok(handed.then_some((Ending::HandedOver, None)))
             }
             other => {
@@ -292,22 +280,20 @@ impl Supervisor {
         &mut self,
         taker: &control::ServerEnd,
         worker: &mut Worker,
-        dirty: &mut bool,
     ) -> anyhow::Result<bool> {
         info!("a new core-server is taking over; pausing UDP commands");
         worker.channel.send(&ToWorker::PauseCommands, &[]).await?;
         loop {
             match worker.channel.recv().await? {
                 Some((FromWorker::RouteChanged { seq, change }, _)) => {
-                    *dirty |= self.routes.apply(&change).unwrap_or(false);
-                    worker.unsaved = Some(seq);
+                    self.record(worker, seq, &change)
                 }
                 Some((FromWorker::CommandsPaused, _)) => break,
                 Some((other, _)) => warn!("unexpected message from the worker: {other:?}"),
                 None => bail!("the worker exited during the takeover"),
             }
         }
-        self.save(worker, dirty).await;
+        self.save(worker).await;
 
         let handed = self.send_sockets(taker).await;
         let verdict = match handed {
@@ -334,7 +320,7 @@ impl Supervisor {
         fds.push(self.control.as_fd());
         let sockets = ControlReply::Sockets {
             listeners: self.listeners.iter().map(|l| l.kind).collect(),
-            dir: self.routes_file.dir().to_path_buf(),
+            dir: self.routes.dir().to_path_buf(),
             pid: std::process::id(),
         };
         taker.send(&sockets, &fds).await?;
@@ -342,7 +328,7 @@ impl Supervisor {
     }
 
     async fn send_routes(&self, peer: &control::ServerEnd) -> std::io::Result<()> {
-        for chunk in self.routes.chunks(ROUTES_PER_MESSAGE) {
+        for chunk in self.routes.routes().chunks(ROUTES_PER_MESSAGE) {
             peer.send(&ControlReply::Routes(chunk), &[]).await?;
         }
         peer.send(&ControlReply::RoutesEnd, &[]).await
@@ -350,7 +336,7 @@ impl Supervisor {
 
     /// Asks the worker to drain and exit, saving what it still reports; kills it if it
     /// overruns the grace period.
-    async fn stop(&mut self, mut worker: Worker, dirty: &mut bool) {
+    async fn stop(&mut self, mut worker: Worker) {
         if worker
             .channel
             .send(&ToWorker::Shutdown { grace: self.grace }, &[])
@@ -366,13 +352,12 @@ impl Supervisor {
                 biased;
                 message = worker.channel.recv() => match message {
                     Ok(Some((FromWorker::RouteChanged { seq, change }, _))) => {
-                        *dirty |= self.routes.apply(&change).unwrap_or(false);
-                        worker.unsaved = Some(seq);
+                        self.record(&mut worker, seq, &change)
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
                 },
-                _ = std::future::ready(()), if worker.unsaved.is_some() => self.save(&mut worker, dirty).await,
+                _ = std::future::ready(()), if worker.unsaved.is_some() => self.save(&mut worker).await,
                 _ = &mut deadline => {
                     warn!("worker still running {KILL_AFTER_GRACE:?} after the grace period; killing it");
                     let _ = worker.child.start_kill();
@@ -381,7 +366,7 @@ impl Supervisor {
             }
         }
         let status = describe(worker.child.wait().await);
-        self.save(&mut worker, dirty).await;
+        self.save(&mut worker).await;
         info!("worker exited ({status}); stopped");
     }
 }
