@@ -32,7 +32,7 @@ use crate::detach::ReadyReport;
 use crate::log_file::{ChildLogs, LogFile};
 use crate::privileges::Unprivileged;
 use crate::routes_file::{RoutesFile, SavedRoutes};
-use crate::supervise::Supervisor;
+use crate::supervise::{StopSignals, Supervisor};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -100,6 +100,7 @@ fn run_server(
         backend_timeout: options.backend_timeout,
     };
     block_on(async {
+        let signals = StopSignals::new()?;
         let takeover = match control::connect_to(udp_port)? {
             Some(running) => {
                 let inherited = takeover::receive(&running).await?;
@@ -182,7 +183,7 @@ fn run_server(
                 .map_or(Path::new("stderr"), |log| log.path.as_path());
             ready.serving(log);
         }
-        supervisor.run(worker).await
+        supervisor.run(worker, signals).await
     })
 }
 

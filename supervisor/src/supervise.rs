@@ -72,9 +72,9 @@ enum Ending {
 }
 
 impl Supervisor {
-    /// Runs until stopped or replaced, with `worker` (from [`Supervisor::start_worker`]).
-    pub async fn run(mut self, mut worker: Worker) -> anyhow::Result<()> {
-        let mut signals = StopSignals::new()?;
+    /// Runs until stopped or replaced, with `worker` (from [`Supervisor::start_worker`]) and
+    /// the stop signals caught since start-up.
+    pub async fn run(mut self, mut worker: Worker, mut signals: StopSignals) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
         // Kept open until we exit: `core-server stop` waits for it to close.
         let mut stop_requester = None;
@@ -379,15 +379,16 @@ fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
 }
 
 /// The signals that ask for a clean stop: SIGTERM, SIGINT (Ctrl-C), and SIGHUP (the terminal
-/// of a foreground instance went away), whose default action would skip the drain.
-struct StopSignals {
+/// of a foreground instance went away), whose default action would skip the drain. Caught
+/// from the start, so one arriving while the instance starts is a clean stop too.
+pub struct StopSignals {
     term: Signal,
     int: Signal,
     hup: Signal,
 }
 
 impl StopSignals {
-    fn new() -> std::io::Result<Self> {
+    pub fn new() -> std::io::Result<Self> {
         Ok(StopSignals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
