@@ -1,69 +1,25 @@
 //! Where logs go: stderr in local mode; in release mode `<dir>/logs/core.log`, rotated by size
 //! with all files together held under the cap.
 //!
-//! In release mode the supervisor's own lines and its children's (read from their stderr
-//! pipes: an unprivileged child cannot open the file, and a shared descriptor would keep
-//! writing to a rotated-away file) go through one non-blocking writer (tracing-appender: a
+//! In release mode the supervisor's own lines and its children's (see `child_logs`) go through one non-blocking writer (tracing-appender: a
 //! slow disk never stalls the supervisor) into a size-rotating file (file-rotate):
 //! `core.log`, then `core.log.1` (newest) to `core.log.9`, each under a tenth of the cap.
 
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::Context;
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
 use file_rotate::{ContentLimit, FileRotate};
-use tokio::io::AsyncBufReadExt;
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 
 /// How many files share the cap: the live one and the rotated ones.
 const FILES: usize = 10;
 /// A file is rotated after the write that takes it past its limit, so each limit leaves room
 /// for one more line (a longer line from a child is cut to this).
-const MAX_LINE: u64 = 4 * 1024;
+pub const MAX_LINE: u64 = 4 * 1024;
 
-/// Where children's stderr goes.
-#[derive(Clone)]
-pub enum ChildLogs {
-    /// Shared with ours (local mode).
-    Inherit,
-    /// Into the log file, line by line, through this writer.
-    Forward(NonBlocking),
-}
-
-impl ChildLogs {
-    /// The stderr to give a new child. When forwarding, a task copies its lines into the log
-    /// until the child (and so the pipe) closes.
-    pub fn stderr(&self) -> io::Result<Stdio> {
-        let ChildLogs::Forward(writer) = self else {
-            return Ok(Stdio::inherit());
-        };
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
-        let mut writer = writer.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(pipe);
-            let mut line = Vec::new();
-            while lines
-                .read_until(b'\n', &mut line)
-                .await
-                .is_ok_and(|n| n > 0)
-            {
-                line.truncate(MAX_LINE as usize - 1);
-                if line.last() != Some(&b'\n') {
-                    line.push(b'\n');
-                }
-                let _ = writer.write_all(&line);
-                line.clear();
-            }
-        });
-        Ok(Stdio::from(write))
-    }
-}
-
-/// The open log file: its writer (to hand to tracing and to [`ChildLogs`]) and the guard that
+/// The open log file: its writer (to hand to tracing and to `ChildLogs`) and the guard that
 /// flushes it when dropped.
 pub struct LogFile {
     pub writer: NonBlocking,

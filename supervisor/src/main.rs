@@ -7,6 +7,7 @@
 //! local clients.
 
 mod child;
+mod child_logs;
 mod cli;
 mod control;
 mod control_client;
@@ -27,9 +28,10 @@ use anyhow::Context;
 use clap::Parser;
 use core_server_proto::ipc::{ControlRequest, WorkerSettings};
 
+use crate::child_logs::ChildLogs;
 use crate::cli::{Cli, Command, Mode, ServerOptions};
 use crate::detach::ReadyReport;
-use crate::log_file::{ChildLogs, LogFile};
+use crate::log_file::LogFile;
 use crate::privileges::Unprivileged;
 use crate::routes_file::{RoutesFile, SavedRoutes};
 use crate::supervise::{StopSignals, Supervisor};

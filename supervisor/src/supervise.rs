@@ -29,9 +29,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::child;
+use crate::child_logs::ChildLogs;
 use crate::control;
 use crate::listeners::Listener;
-use crate::log_file::ChildLogs;
 use crate::privileges::Unprivileged;
 use crate::routes_file::SavedRoutes;
 
