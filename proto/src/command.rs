@@ -54,7 +54,12 @@ impl Command {
             return Err(CommandError::TooLong);
         }
         let text = std::str::from_utf8(datagram).map_err(|_| CommandError::NotUtf8)?;
-        let words: Vec<&str> = text.split_ascii_whitespace().collect();
+        // Words are split on spaces and tabs only: `add a.com\n80` is not a command.
+        let words: Vec<&str> = text
+            .trim_ascii()
+            .split([' ', '\t'])
+            .filter(|word| !word.is_empty())
+            .collect();
         match words.as_slice() {
             [] => Err(CommandError::Empty),
             ["add", domain, port] => Ok(Command::Add {
@@ -171,6 +176,10 @@ mod tests {
             b"ADD example.com 80",
             b"delete example.com",
             b"add example.com 80\nadd other.com 81",
+            b"add example.com\n80",
+            b"add example.com\r80",
+            b"add\x0cexample.com 80",
+            b"add 127.1 80",
             b"\xff\xfe add",
             &long,
         ] {

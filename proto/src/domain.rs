@@ -3,10 +3,12 @@
 //! A [`Domain`] is always lower case, without a trailing dot, and made of DNS labels
 //! (`a-z`, `0-9`, `-`; 1 to 63 bytes; no leading or trailing hyphen; 253 bytes in all).
 //! IP addresses and non-ASCII names are refused with a reason, so an operator learns at
-//! `add` time, not at request time, why a name will never match.
+//! `add` time, not at request time, why a name will never match. That includes every name a
+//! browser reads as an IPv4 address: the WHATWG URL parser treats a host whose last label is
+//! a number (`127.1`, `0x7f.1`, `2130706433`, `1.2.3.4.5`) as one, so no request ever
+//! carries it as a Host.
 
 use std::fmt;
-use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +37,7 @@ pub enum DomainError {
         "'{0}' is not allowed in a domain name (use punycode, xn--..., for international names)"
     )]
     BadChar(char),
-    #[error("'{0}' is an IP address, not a domain name")]
+    #[error("'{0}' is an IP address, not a domain name (browsers read a name ending in a number as one)")]
     IpAddress(String),
 }
 
@@ -55,7 +57,7 @@ impl Domain {
         {
             return Err(DomainError::BadChar(c));
         }
-        if name.parse::<Ipv4Addr>().is_ok() {
+        if ends_in_a_number(name) {
             return Err(DomainError::IpAddress(name.to_owned()));
         }
         for label in name.split('.') {
@@ -79,7 +81,9 @@ impl Domain {
             return None; // an IPv6 literal, `[::1]:80`
         }
         let name = match host.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                name
+            }
             Some(_) => return None,
             None => host,
         };
@@ -89,6 +93,19 @@ impl Domain {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The WHATWG URL standard's "ends in a number" check (the trailing dot already dropped): the
+/// last label is decimal digits, or `0x` and hex digits, which the host parser reads as an IPv4
+/// address (the other number forms, octal included, are all digits).
+fn ends_in_a_number(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    last.strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl fmt::Display for Domain {
@@ -138,6 +155,7 @@ mod tests {
             ("bücher.de", DomainError::BadChar('ü')),
             ("a b", DomainError::BadChar(' ')),
             ("127.0.0.1", DomainError::IpAddress("127.0.0.1".into())),
+            ("127.0.0.1.", DomainError::IpAddress("127.0.0.1".into())),
             (
                 long_label.as_str(),
                 DomainError::LabelTooLong(long_label.clone()),
@@ -145,6 +163,36 @@ mod tests {
             (long_name.as_str(), DomainError::TooLong),
         ] {
             assert_eq!(Domain::parse(bad), Err(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_browsers_read_as_an_ipv4_address() {
+        for ip in [
+            "127.1",
+            "0x7f.1",
+            "2130706433",
+            "0x7f000001",
+            "0177.0.0.1",
+            "1.2.3.4.5",
+            "example.0x",
+            "example.0XfF",
+            "example.08",
+        ] {
+            assert_eq!(
+                Domain::parse(ip),
+                Err(DomainError::IpAddress(ip.into())),
+                "{ip}"
+            );
+        }
+        for name in [
+            "1.example",
+            "example.1a",
+            "0x7f.com",
+            "example.0xg",
+            "x0.1x",
+        ] {
+            assert!(Domain::parse(name).is_ok(), "{name}");
         }
     }
 
@@ -163,6 +211,7 @@ mod tests {
             "[::1]:80",
             "127.0.0.1:80",
             "example.com:http",
+            "example.com:",
             "",
             "exa mple.com",
         ] {

@@ -1,6 +1,7 @@
 //! `core-server status` and `core-server stop`: ask the running instance over its control
 //! socket, and print what it says.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::bail;
@@ -25,23 +26,28 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
     };
     let routes = receive_routes(&instance).await?;
     let pid = |pid: Option<u32>| pid.map_or("not running".to_owned(), |p| format!("pid {p}"));
-    println!("core-server {}", status.version);
-    println!("  supervisor   pid {}", status.supervisor_pid);
-    println!("  worker       {}", pid(status.worker_pid));
-    println!("  ACME helper  {}", pid(status.acme_pid));
+    let mut text = format!("core-server {}\n", status.version);
+    let mut line = |l: String| {
+        text.push_str(&l);
+        text.push('\n');
+    };
+    line(format!("  supervisor   pid {}", status.supervisor_pid));
+    line(format!("  worker       {}", pid(status.worker_pid)));
+    line(format!("  ACME helper  {}", pid(status.acme_pid)));
     for (kind, port) in &status.ports {
         let name = match kind {
             ListenerKind::Http => "HTTP",
             ListenerKind::Https => "HTTPS",
             ListenerKind::Udp => "UDP",
         };
-        println!("  {name:<12} port {port}");
+        line(format!("  {name:<12} port {port}"));
     }
-    println!("  state        {}", status.dir.display());
-    println!("routes ({}):", routes.len());
+    line(format!("  state        {}", status.dir.display()));
+    line(format!("routes ({}):", routes.len()));
     for (domain, port) in routes.iter() {
-        println!("  {domain} -> 127.0.0.1:{port}");
+        line(format!("  {domain} -> 127.0.0.1:{port}"));
     }
+    print_to_closed_pipe_too(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -60,6 +66,15 @@ pub async fn stop(udp_port: u16) -> anyhow::Result<ExitCode> {
     }
     println!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to stdout. A reader that stops early (`core-server status | head -1`) is not
+/// an error: the rest is simply not wanted.
+fn print_to_closed_pipe_too(text: &str) -> std::io::Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 /// Whether `pid` is still a live process (a zombie waiting to be reaped is not).

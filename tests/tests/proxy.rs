@@ -107,8 +107,15 @@ async fn error_statuses() {
     let refusing_port = core_server_tests::server::free_tcp_port();
     server.add("down.example", refusing_port);
 
-    // Unknown host: 404, also for an IP literal or a name that cannot be a domain.
-    for host in ["unknown.example", "127.0.0.1", "[::1]:80", "bad_name"] {
+    // Unknown host: 404, also for an IP literal, a name that cannot be a domain, and a known
+    // name with an empty port.
+    for host in [
+        "unknown.example",
+        "127.0.0.1",
+        "[::1]:80",
+        "bad_name",
+        "slow.example:",
+    ] {
         let reply = get(&server.url("/"), host).await;
         assert_eq!(reply.status, 404, "Host: {host}");
     }

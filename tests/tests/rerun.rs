@@ -3,7 +3,7 @@
 
 use std::net::UdpSocket;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -232,6 +232,16 @@ async fn status_and_stop() {
     ] {
         assert!(text.contains(&want), "{want:?} in:\n{text}");
     }
+    // `core-server status | head -1`: a reader that goes away early is no error.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(binaries().join("core-server"))
+        .args(["--udp-port", &udp_port, "status"])
+        .stdout(Stdio::from(writer))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && stderr.is_empty(), "{stderr}");
 
     let worker = server.worker_pid();
     let stop = tokio::task::block_in_place(|| cli(&["stop"]));
