@@ -140,12 +140,12 @@ fn short_name(binary: &Path) -> String {
         .to_owned()
 }
 
-/// Marks every descriptor above `fd` close-on-exec: the child gets none but those passed on
-/// purpose, whatever the supervisor itself inherited (a pipe, a terminal, a file). Marked, not
+/// Marks every descriptor above `fd` close-on-exec: a child gets none but those passed on
+/// purpose, whatever its parent inherited (a pipe, a terminal, a file). Marked, not
 /// closed: `Command` reports a failed exec through a close-on-exec pipe of its own. (That pipe
 /// is never descriptor 3, which `move_to_fd` replaces: `Command` opens /dev/null for stdin
 /// first, which takes the lowest free number.) Async-signal-safe.
-fn close_on_exec_above(fd: RawFd) -> io::Result<()> {
+pub fn close_on_exec_above(fd: RawFd) -> io::Result<()> {
     let first = fd as libc::c_uint + 1;
     // SAFETY: close_range sets a flag on descriptors and touches no memory of ours.
     let result = unsafe {

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use core_server_tests::server::{free_tcp_port, free_udp_port, install_copy, proc_status};
+use core_server_tests::server::{
+    binaries, free_tcp_port, free_udp_port, install_copy, proc_status,
+};
 use core_server_tests::{have_root, CoreServer};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -314,4 +316,48 @@ fn a_child_that_never_ends_its_line_costs_the_supervisor_no_memory() {
         assert!(lines[0].len() < 4096, "{}", summary());
         assert_eq!(lines[1], format!("{tag}after the long line"));
     }
+}
+
+/// Release mode detaches: the instance left running keeps none of the descriptors the command
+/// was run with (a script's pipe held by it would keep the script waiting for its end).
+#[test]
+fn a_detached_instance_keeps_none_of_the_launchers_stray_descriptors() {
+    let (stray_pipe, stray_writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let stray = stray_writer.as_raw_fd();
+    let dir = tempfile::tempdir().unwrap();
+    let udp_port = free_udp_port().to_string();
+    let mut command = Command::new(binaries().join("core-server"));
+    command
+        .args(["--mode", "release", "--udp-port", &udp_port])
+        .args(["--http-port", &free_tcp_port().to_string()])
+        .args(["--https-port", &free_tcp_port().to_string()])
+        .arg("--dir")
+        .arg(dir.path());
+    // SAFETY: fcntl is an async-signal-safe system call.
+    unsafe {
+        command.pre_exec(move || inherit(stray));
+    }
+    let output = command.output().unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    let stop = || {
+        Command::new(binaries().join("core-server"))
+            .args(["--udp-port", &udp_port, "stop"])
+            .output()
+    };
+    let pid: Option<u32> = said
+        .strip_prefix("core-server is running (pid ")
+        .and_then(|rest| rest.split(')').next()?.parse().ok());
+    let Some(pid) = pid else {
+        let _ = stop();
+        panic!("{said}{}", String::from_utf8_lossy(&output.stderr));
+    };
+    let held = descriptors(pid);
+    let _ = stop();
+    let stray_target = std::fs::read_link(format!("/proc/self/fd/{stray}")).unwrap();
+    let stray_target = stray_target.to_string_lossy();
+    assert!(
+        !held.values().any(|t| *t == stray_target),
+        "the detached instance holds the launcher's {stray_target}: {held:#?}"
+    );
+    drop((stray_pipe, stray_writer));
 }
