@@ -125,10 +125,9 @@ pub fn spawn(
     drop(command); // its copy of the stderr pipe: the child's exit must close the last one
     drop(ipc); // the child has its copy
     let tag = format!("{}[{}]: ", short_name(binary), process.id().unwrap_or(0));
-    let log = log.forward(tag).context("cannot read the child's stderr")?;
     Ok(Child {
         process,
-        log: Some(log),
+        log: Some(log.forward(tag)),
     })
 }
 

@@ -37,7 +37,7 @@ impl ChildLogs {
     pub fn stderr(&self) -> io::Result<ChildStderr> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         Ok(ChildStderr {
-            read,
+            read: pipe::Receiver::from_owned_fd(read)?,
             write,
             logs: self.clone(),
         })
@@ -55,7 +55,7 @@ impl ChildLogs {
 
 /// A child's stderr pipe, before the child runs.
 pub struct ChildStderr {
-    read: OwnedFd,
+    read: pipe::Receiver,
     write: OwnedFd,
     logs: ChildLogs,
 }
@@ -73,25 +73,23 @@ impl ChildStderr {
 
 /// Our end of a child's stderr pipe.
 pub struct StderrReader {
-    read: OwnedFd,
+    read: pipe::Receiver,
     logs: ChildLogs,
 }
 
 impl StderrReader {
     /// Copies the child's lines, each starting with `tag`, until every copy of the pipe's write
     /// end is closed (the child has exited). The task ends then.
-    pub fn forward(self, tag: String) -> io::Result<JoinHandle<()>> {
-        let pipe = pipe::Receiver::from_owned_fd(self.read)?;
-        let mut logs = self.logs;
-        Ok(tokio::spawn(async move {
-            let mut pipe = pipe;
+    pub fn forward(self, tag: String) -> JoinHandle<()> {
+        let StderrReader { mut read, mut logs } = self;
+        tokio::spawn(async move {
             let mut line = Line::new(&tag);
             let mut buf = vec![0; READ_SIZE];
-            while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+            while let Ok(n @ 1..) = read.read(&mut buf).await {
                 line.feed(&buf[..n], |l| logs.write_line(l));
             }
             line.flush(|l| logs.write_line(l));
-        }))
+        })
     }
 }
 

@@ -133,12 +133,17 @@ fn on_a_terminal_with_stray_descriptors_the_worker_gets_none_of_them() {
     }
     assert_isolated(&server);
 
-    // The worker's lines still reach the terminal, through the supervisor, tagged.
+    // The worker's lines still reach the terminal, through the supervisor, tagged (the copy
+    // from the terminal to the log file runs on its own: wait for it).
     let worker = server.worker_pid();
     let mut server = server;
     server.stop();
-    let log = server.log();
-    assert!(log.contains(&format!("worker[{worker}]: ")), "{log}");
+    let tag = format!("worker[{worker}]: ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains(&tag) {
+        assert!(Instant::now() < deadline, "no {tag}:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
