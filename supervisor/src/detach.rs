@@ -28,12 +28,13 @@ pub fn launch() -> anyhow::Result<ExitCode> {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let write_raw = write.as_raw_fd();
-    // SAFETY: runs in the forked child before exec; setsid, dup2 and fcntl are
+    // SAFETY: runs in the forked child before exec; setsid, dup2, fcntl and close_range are
     // async-signal-safe, and this process has no other threads (no runtime yet).
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid()?;
-            child::move_to_fd(write_raw, READY_FD)
+            child::move_to_fd(write_raw, READY_FD)?;
+            child::close_on_exec_above(READY_FD)
         });
     }
     let instance = command

@@ -12,6 +12,7 @@ mod cli;
 mod control;
 mod control_client;
 mod detach;
+mod fd_limit;
 mod listeners;
 mod log_file;
 mod privileges;
@@ -93,6 +94,7 @@ fn run_server(
     ready: &mut Option<ReadyReport>,
     log_file: &mut Option<LogFile>,
 ) -> anyhow::Result<()> {
+    privileges::protect_supervisor()?;
     // Everything that can be checked is checked before a port is bound.
     let privileges = Unprivileged::for_user(&options.user)?;
     let worker_binary = child::sibling_binary("core-server-worker")?;
@@ -118,6 +120,7 @@ fn run_server(
         };
         let dir = absolute_dir(dir)?;
         let child_logs = start_logging(mode, &dir, options.log_cap, log_file)?;
+        fd_limit::raise();
         let routes_file = RoutesFile::in_dir(&dir);
         let supervisor = |listeners, control, routes| Supervisor {
             listeners,
@@ -199,7 +202,7 @@ fn start_logging(
     match mode {
         Mode::Local => {
             core_server_proto::logging::init();
-            Ok(ChildLogs::Inherit)
+            Ok(ChildLogs::Stderr)
         }
         Mode::Release => {
             let log = file.insert(LogFile::open(dir, cap)?);

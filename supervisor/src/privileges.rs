@@ -11,12 +11,23 @@
 //!
 //! The child binaries carry no file capabilities, so after exec their permitted and effective
 //! sets are empty whether the supervisor was root or a `setcap`'d ordinary user.
+//!
+//! The supervisor itself is made non-dumpable ([`protect_supervisor`]): a process of the same
+//! uid (a worker, when the supervisor runs as an ordinary user) can then neither ptrace it nor
+//! read its memory or environment through /proc.
 
 use std::io;
 
 use anyhow::{bail, Context};
 use caps::CapSet;
 use nix::unistd::{setgid, setgroups, setuid, Gid, Uid, User};
+
+/// Makes this process non-dumpable (`PR_SET_DUMPABLE` 0): no core dump, no ptrace and no
+/// /proc/<pid>/{mem,environ,fd} for anyone without `CAP_SYS_PTRACE`. Our children get their
+/// own setting at exec.
+pub fn protect_supervisor() -> anyhow::Result<()> {
+    nix::sys::prctl::set_dumpable(false).context("cannot make the supervisor non-dumpable")
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Unprivileged {

@@ -24,11 +24,10 @@ use core_server_proto::ipc::{
     ROUTES_PER_MESSAGE,
 };
 use core_server_proto::routes::RouteChange;
-use tokio::process::Child;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::child;
+use crate::child::{self, Child};
 use crate::child_logs::ChildLogs;
 use crate::control;
 use crate::listeners::Listener;

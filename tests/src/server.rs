@@ -420,3 +420,26 @@ pub fn proc_status(pid: u32, field: &str) -> String {
         .trim()
         .to_owned()
 }
+
+impl CoreServer {
+    /// Starts with the supervisor's command adjusted by `setup` before it is spawned: a test
+    /// can give it other standard streams (a terminal), inherited descriptors, limits or a
+    /// user. Its streams point at the log file (`setup` gets its path) until `setup` changes
+    /// them; what the processes print must still reach that file for [`CoreServer::log`].
+    pub fn start_with_command(setup: impl FnOnce(&mut Command, &Path)) -> Self {
+        let mut server = Self::new(None, &[]);
+        std::fs::create_dir_all(server.dir.parent().unwrap()).unwrap();
+        let log_path = server.log_path();
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut command = server.command();
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        setup(&mut command, &log_path);
+        server.child = Some(command.spawn().expect("start core-server"));
+        drop(command); // its copies of the streams: a terminal must close when the server exits
+        server.wait_until_answering();
+        server
+    }
+}
