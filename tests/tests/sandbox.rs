@@ -63,6 +63,7 @@ fn a_sandboxed_worker_cannot_touch_a_supervisor_of_its_own_uid() {
             ("connect control socket", "ok"),
             ("open /etc/passwd", "ok"),
             ("bind tcp", "ok"),
+            ("netlink socket", "ok"),
             ("thread", "ok"),
             ("fork", "ok"),
             ("exec", "ok"),
@@ -79,7 +80,8 @@ fn a_sandboxed_worker_cannot_touch_a_supervisor_of_its_own_uid() {
             // Landlock: no file by path, no TCP port bound.
             ("open /etc/passwd", "EACCES"),
             ("bind tcp", "EACCES"),
-            // seccomp: threads yes, processes and tracing no.
+            // seccomp: threads yes; processes, tracing and other socket families no.
+            ("netlink socket", "EPERM"),
             ("thread", "ok"),
             ("fork", "EPERM"),
             ("exec", "EPERM"),

@@ -106,8 +106,8 @@ fn seccomp() -> Result<Option<&'static str>, SandboxError> {
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
     )?)?;
-    // Installed first: it also kills any syscall of a foreign architecture (i386 on x86_64),
-    // whose numbers mean other syscalls.
+    // The first also kills any syscall of a foreign architecture (i386 on x86_64), whose
+    // numbers mean other syscalls, so the second need not check the architecture.
     for filter in [&denied, &unknown_syscalls()] {
         match seccompiler::apply_filter_all_threads(filter) {
             Ok(()) => {}

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
     report("connect control socket", connect_control(udp_port));
     report("open /etc/passwd", open_read("/etc/passwd"));
     report("bind tcp", bind_tcp());
+    report("netlink socket", netlink());
     report("thread", thread());
     report("fork", fork());
     report("exec", exec());
@@ -75,6 +76,17 @@ fn bind_tcp() -> nix::Result<()> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .map(drop)
         .map_err(errno)
+}
+
+/// A socket family a proxy never needs (and a classic way into kernel bugs).
+fn netlink() -> nix::Result<()> {
+    socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map(drop)
 }
 
 /// Threads must keep working: tokio starts blocking threads on demand.
