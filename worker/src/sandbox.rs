@@ -82,7 +82,12 @@ fn landlock() -> Result<Vec<&'static str>, RulesetError> {
         .scope(Scope::from_all(LANDLOCK_ABI))?
         .create()?
         .restrict_self()?;
-    Ok(match (status.ruleset, status.landlock) {
+    Ok(landlock_gaps(status.ruleset, status.landlock))
+}
+
+/// What the ruleset lacks where it was restricted to `ruleset` by a kernel with `landlock`.
+fn landlock_gaps(ruleset: RulesetStatus, landlock: LandlockStatus) -> Vec<&'static str> {
+    match (ruleset, landlock) {
         (RulesetStatus::NotEnforced, _) => {
             vec!["Landlock (file access, TCP bind, signals and abstract sockets to the supervisor)"]
         }
@@ -92,7 +97,7 @@ fn landlock() -> Result<Vec<&'static str>, RulesetError> {
             .map(|(_, what)| *what)
             .collect(),
         (_, _) => Vec::new(),
-    })
+    }
 }
 
 /// Installs the seccomp filters; what the kernel (or this architecture) could not enforce.
@@ -253,4 +258,33 @@ fn unknown_syscalls() -> BpfProgram {
         op(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
     ]);
     program
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn available(effective_abi: ABI) -> LandlockStatus {
+        LandlockStatus::Available {
+            effective_abi,
+            kernel_abi: None,
+        }
+    }
+
+    #[test]
+    fn an_older_kernel_names_what_it_does_not_enforce() {
+        let full = landlock_gaps(RulesetStatus::FullyEnforced, available(ABI::V7));
+        assert!(full.is_empty(), "{full:?}");
+        assert_eq!(
+            landlock_gaps(RulesetStatus::PartiallyEnforced, available(ABI::V5)),
+            ["signalling the supervisor and reaching its control socket (Landlock ABI 6)"]
+        );
+        assert_eq!(
+            landlock_gaps(RulesetStatus::PartiallyEnforced, available(ABI::V2)).len(),
+            3
+        );
+        let none = landlock_gaps(RulesetStatus::NotEnforced, LandlockStatus::NotImplemented);
+        assert_eq!(none.len(), 1);
+        assert!(none[0].starts_with("Landlock ("), "{none:?}");
+    }
 }
