@@ -6,12 +6,14 @@
 //! - [`http`] holds small clients: hyper for ordinary requests, raw TCP for malformed ones.
 //! - [`load`] is a bounded load generator counting each kind of failure apart.
 //! - [`netns`] makes a test host of its own: a network namespace joined to ours by a veth pair.
+//! - [`setcap`] runs a setcap'd supervisor as nobody, as an operator without root does.
 
 pub mod backend;
 pub mod http;
 pub mod load;
 pub mod netns;
 pub mod server;
+pub mod setcap;
 
 pub use backend::Backend;
 pub use server::CoreServer;

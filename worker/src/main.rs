@@ -41,10 +41,19 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     core_server_proto::logging::init();
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")
+    // Read before the sandbox hides the cgroup's CPU quota from it.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    // Before the runtime starts its threads: Landlock confines only the calling thread and
+    // those it starts afterwards. Nothing until then has read network input.
+    let result = core_server_worker::sandbox::apply()
+        .context("cannot sandbox the worker")
+        .and_then(|()| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")
+        })
         .and_then(|runtime| runtime.block_on(run()));
     match result {
         Ok(()) => ExitCode::SUCCESS,

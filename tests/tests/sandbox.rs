@@ -1,0 +1,126 @@
+//! The worker's sandbox (Landlock and seccomp), where it matters most: a setcap'd supervisor
+//! run without root, whose worker shares its uid and so passes the control socket's uid check
+//! and may signal it. A probe process applies the worker's real sandbox and then tries what a
+//! compromised worker would; the same probe unconfined shows each attempt works without it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use core_server_tests::have_root;
+use core_server_tests::server::{alive, proc_status};
+use core_server_tests::setcap::{SetcapServer, UDP_PORT};
+use core_server_tests::CoreServer;
+
+/// Runs the probe beside `server` (as its uid, in its network namespace); each attempt's result.
+fn probe(server: &SetcapServer, unconfined: bool) -> BTreeMap<String, String> {
+    // Where nobody may run it from.
+    let probe = server.install_dir().join("sandbox_probe");
+    if !probe.exists() {
+        std::fs::copy(Path::new(env!("CARGO_BIN_EXE_sandbox_probe")), &probe).unwrap();
+    }
+    let mut command = server.command_beside(&probe);
+    if unconfined {
+        command.arg("--unconfined");
+    }
+    let output = command
+        .arg(server.pid().to_string())
+        .arg(UDP_PORT.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "probe failed ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|line| line.split_once(": "))
+        .map(|(attempt, result)| (attempt.to_owned(), result.to_owned()))
+        .collect()
+}
+
+fn results(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(a, r)| (a.to_string(), r.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_sandboxed_worker_cannot_touch_a_supervisor_of_its_own_uid() {
+    if !have_root("a_sandboxed_worker_cannot_touch_a_supervisor_of_its_own_uid") {
+        return;
+    }
+    let server = SetcapServer::start();
+
+    // The threat is real: without the sandbox, a process of the worker's uid does it all.
+    assert_eq!(
+        probe(&server, true),
+        results(&[
+            ("kill supervisor", "ok"),
+            ("connect control socket", "ok"),
+            ("open /etc/passwd", "ok"),
+            ("bind tcp", "ok"),
+            ("netlink socket", "ok"),
+            ("thread", "ok"),
+            ("fork", "ok"),
+            ("clone3", "ok"),
+            ("exec", "ok"),
+            ("ptrace traceme", "ok"),
+        ]),
+        "unconfined"
+    );
+    assert_eq!(
+        probe(&server, false),
+        results(&[
+            // Landlock: signals and abstract sockets stay inside the sandbox.
+            ("kill supervisor", "EPERM"),
+            ("connect control socket", "EPERM"),
+            // Landlock: no file by path, no TCP port bound.
+            ("open /etc/passwd", "EACCES"),
+            ("bind tcp", "EACCES"),
+            // seccomp: threads yes; processes, tracing and other socket families no.
+            ("netlink socket", "EPERM"),
+            ("thread", "ok"),
+            ("fork", "EPERM"),
+            // Unreadable flags: refused as unknown, so that libc falls back to clone.
+            ("clone3", "ENOSYS"),
+            ("exec", "EPERM"),
+            ("ptrace traceme", "EPERM"),
+        ]),
+        "sandboxed:\n{}",
+        server.log()
+    );
+
+    // The real worker applied the same sandbox, and all still runs.
+    let worker = server.worker_pid();
+    assert_eq!(proc_status(worker, "Seccomp"), "2", "seccomp filter mode");
+    assert_eq!(proc_status(worker, "NoNewPrivs"), "1");
+    assert!(
+        server.log().contains("sandboxed: Landlock"),
+        "{}",
+        server.log()
+    );
+    assert!(alive(server.pid()) && alive(worker));
+}
+
+#[test]
+fn the_worker_runs_under_its_seccomp_filter() {
+    let server = CoreServer::start();
+    let worker = server.worker_pid();
+    assert_eq!(proc_status(worker, "Seccomp"), "2", "seccomp filter mode");
+    // Its runtime threads inherited it: they were started after the sandbox.
+    let tasks = std::fs::read_dir(format!("/proc/{worker}/task")).unwrap();
+    for task in tasks {
+        let status =
+            std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+        assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    }
+    assert!(
+        server.log().contains("sandboxed: Landlock"),
+        "{}",
+        server.log()
+    );
+}
