@@ -9,6 +9,8 @@ mod activity;
 mod forwarding;
 mod http_server;
 mod proxy;
+mod request_body;
+mod response_body;
 mod route_table;
 mod udp_commands;
 mod upgrade;
