@@ -100,6 +100,23 @@ async fn an_upload_that_stops_arriving_is_ended_with_408() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_upload_that_stops_after_an_early_answer_is_not_held() {
+    let server = CoreServer::start_with(TIMEOUT);
+    let port = early_answering_backend().await;
+    server.add("upload.example", port);
+
+    let mut client = send_raw(
+        &server,
+        b"POST / HTTP/1.1\r\nHost: upload.example\r\nContent-Length: 100\r\n\r\nonly ten..",
+    )
+    .await;
+    let answer = read_until_closed(&mut client, WITHIN)
+        .await
+        .unwrap_or_else(|so_far| panic!("still open after {WITHIN:?}, got {so_far:?}"));
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_backend_that_stalls_after_its_head_is_cut_off() {
     let server = CoreServer::start_with(TIMEOUT);
     // Promises 100 bytes, sends 5, then nothing.
@@ -151,6 +168,33 @@ async fn a_quiet_websocket_is_closed_but_a_talking_one_is_not() {
     read_until_closed(&mut client, WITHIN)
         .await
         .unwrap_or_else(|so_far| panic!("quiet WebSocket held for {WITHIN:?}, got {so_far:?}"));
+}
+
+/// A backend that answers as soon as it has a request head, then reads and discards the body
+/// for the connection's reuse (as Node's http server does), never closing first.
+async fn early_answering_backend() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(tokio::time::timeout(Duration::from_secs(120), async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
+    port
 }
 
 /// An HTTP/1.1 backend answering after `delay`; it counts its open connections.

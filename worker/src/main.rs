@@ -9,6 +9,7 @@ mod activity;
 mod forwarding;
 mod http_server;
 mod proxy;
+mod read_deadline;
 mod request_body;
 mod response_body;
 mod route_table;

@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::forwarding;
-use crate::request_body::{RequestBody, Upload};
+use crate::request_body::{ClientBodyError, RequestBody, Upload};
 use crate::response_body::ResponseBody;
 use crate::route_table::RouteTable;
 use crate::upgrade;
@@ -140,7 +140,7 @@ impl Proxy {
 
         let upgrade_to = upgrade::requested_protocol(&request);
         let (parts, body) = request.into_parts();
-        let (body, upload) = RequestBody::new(body);
+        let (body, upload) = RequestBody::new(body, self.backend_timeout);
         let mut request = Request::from_parts(parts, body);
         forwarding::remove_hop_by_hop(request.headers_mut());
         forwarding::set_forwarded(request.headers_mut(), client.ip(), &host, scheme);
@@ -185,7 +185,8 @@ impl Proxy {
 
     /// Waits for the backend's response head to `send`, while `upload` (the request body, if
     /// any) is sent: the backend's time to answer counts from the end of the body; until then,
-    /// the upload may only stall (move no byte) for as long.
+    /// the upload may only stall (move no byte) for as long: a client's stall is ended by the
+    /// body itself, a backend that stops reading it is ended here.
     async fn exchange(
         &self,
         send: impl Future<Output = Result<Response<Incoming>, BackendError>>,
@@ -195,29 +196,28 @@ impl Proxy {
         if let Some(upload) = upload {
             let ended = upload.ended();
             tokio::pin!(ended);
+            let timeout = self.backend_timeout;
             loop {
-                let stalled_at = upload.stalled_at(self.backend_timeout);
+                // While the client is awaited, the body ends the client's stall itself.
+                let check_at = upload
+                    .backend_stalled_at(timeout)
+                    .unwrap_or_else(|| Instant::now() + timeout);
                 tokio::select! {
                     // The backend may answer (or fail) before the body ends.
                     result = send.as_mut() => return result.map_err(|e| match upload.client_error() {
-                        Some(why) => Failure::ClientBody(why.to_owned()),
+                        Some(e) => Failure::Client(e.clone()),
                         None => Failure::Backend(e),
                     }),
                     () = ended.as_mut() => break,
-                    () = tokio::time::sleep_until(stalled_at) => {
-                        if upload.stalled_at(self.backend_timeout) > Instant::now() {
-                            continue;
+                    () = tokio::time::sleep_until(check_at) => {
+                        if upload.backend_stalled_at(timeout).is_some_and(|at| at <= Instant::now()) {
+                            return Err(Failure::BackendNotReading);
                         }
-                        return Err(if upload.waiting_on_client() {
-                            Failure::ClientStalled
-                        } else {
-                            Failure::BackendNotReading
-                        });
                     }
                 }
             }
-            if let Some(why) = upload.client_error() {
-                return Err(Failure::ClientBody(why.to_owned()));
+            if let Some(e) = upload.client_error() {
+                return Err(Failure::Client(e.clone()));
             }
         }
         match tokio::time::timeout(self.backend_timeout, send).await {
@@ -238,14 +238,14 @@ impl Proxy {
         let timeout = self.backend_timeout;
         let last = |response| last_response(response, client_version);
         match failure {
-            Failure::ClientBody(why) => {
-                info!("{domain}: the request body from {client} broke off: {why}");
+            Failure::Client(e @ ClientBodyError::Broken(_)) => {
+                info!("{domain}: the request body from {client} broke off: {e}");
                 last(error_page(
                     StatusCode::BAD_REQUEST,
                     "the request body is malformed or incomplete",
                 ))
             }
-            Failure::ClientStalled => {
+            Failure::Client(ClientBodyError::Stalled(_)) => {
                 info!("{domain}: {client} sent no byte of its request body for {timeout:?}");
                 last(error_page(
                     StatusCode::REQUEST_TIMEOUT,
@@ -281,10 +281,8 @@ impl Proxy {
 
 /// Why an exchange with a backend gave no response, and whose fault it is.
 enum Failure {
-    /// The client's request body was malformed or cut short.
-    ClientBody(String),
-    /// The client stopped sending its request body.
-    ClientStalled,
+    /// The client's request body was malformed, cut short, or stopped arriving.
+    Client(ClientBodyError),
     /// The backend refused, broke off or answered nonsense.
     Backend(BackendError),
     /// The backend stopped taking the request body.

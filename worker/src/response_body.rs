@@ -3,10 +3,7 @@
 //! arriving. When no byte of the body comes for the timeout (`backend_timeout`, 60 s by default,
 //! as nginx's `proxy_read_timeout`), the body fails, and hyper closes the client's HTTP/1
 //! connection (or resets the HTTP/2 stream): the client sees a cut response, not a complete one.
-//!
-//! The timer is only armed when a read has to wait, so a body that is already there costs none.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -14,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::time::{Instant, Sleep};
 use tracing::warn;
+
+use crate::read_deadline::ReadDeadline;
 
 /// Why a response body stopped short.
 #[derive(Debug, thiserror::Error)]
@@ -29,22 +27,17 @@ pub enum ResponseBodyError {
 /// A backend's response body, failing once no byte arrives for `read_timeout`.
 pub struct ResponseBody {
     inner: Incoming,
-    read_timeout: Duration,
+    deadline: ReadDeadline,
     /// For the log line when it stalls.
     backend: SocketAddr,
-    timer: Option<Pin<Box<Sleep>>>,
-    /// Whether a frame came since the timer was last set.
-    moved: bool,
 }
 
 impl ResponseBody {
     pub fn new(inner: Incoming, read_timeout: Duration, backend: SocketAddr) -> Self {
         ResponseBody {
             inner,
-            read_timeout,
+            deadline: ReadDeadline::new(read_timeout),
             backend,
-            timer: None,
-            moved: false,
         }
     }
 }
@@ -59,31 +52,18 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.moved = true;
+            this.deadline.moved();
             return Poll::Ready(frame.map(|f| f.map_err(ResponseBodyError::Backend)));
         }
-        let read_timeout = this.read_timeout;
-        let deadline = || Instant::now() + read_timeout;
-        let timer = match &mut this.timer {
-            Some(timer) => {
-                if this.moved {
-                    timer.as_mut().reset(deadline());
-                }
-                timer
-            }
-            None => this
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline()))),
-        };
-        this.moved = false;
-        if timer.as_mut().poll(cx).is_pending() {
+        if !this.deadline.poll_expired(cx) {
             return Poll::Pending;
         }
+        let timeout = this.deadline.timeout();
         warn!(
-            "backend {} sent no byte of its response body for {:?}: cutting the response",
-            this.backend, this.read_timeout
+            "backend {} sent no byte of its response body for {timeout:?}: cutting the response",
+            this.backend
         );
-        Poll::Ready(Some(Err(ResponseBodyError::Stalled(this.read_timeout))))
+        Poll::Ready(Some(Err(ResponseBodyError::Stalled(timeout))))
     }
 
     fn is_end_stream(&self) -> bool {
