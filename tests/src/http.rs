@@ -71,3 +71,15 @@ pub async fn raw(port: u16, bytes: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Reads from `stream` until the server closes it: what arrived, or `Err` with what arrived if
+/// the connection is still open after `within`.
+pub async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Result<String, String> {
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(within, stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match closed {
+        Ok(_) => Ok(text),
+        Err(_) => Err(text),
+    }
+}

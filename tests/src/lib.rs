@@ -3,6 +3,8 @@
 //! - [`CoreServer`] starts the supervisor (which starts its worker) on free ports with its own
 //!   `--dir`, waits until it answers on the UDP port, and stops it on drop.
 //! - [`Backend`] is an app for it to proxy to: a real HTTP server on a loopback port.
+//! - [`raw_backend`] is a backend on raw TCP, for backends that misbehave (stall, switch
+//!   protocols) and for seeing a request exactly as it arrived.
 //! - [`http`] holds small clients: hyper for ordinary requests, raw TCP for malformed ones.
 //! - [`load`] is a bounded load generator counting each kind of failure apart.
 //! - [`netns`] makes a test host of its own: a network namespace joined to ours by a veth pair.
@@ -12,6 +14,7 @@ pub mod backend;
 pub mod http;
 pub mod load;
 pub mod netns;
+pub mod raw_backend;
 pub mod server;
 pub mod setcap;
 

@@ -2,9 +2,14 @@
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1: `Connection`, the headers it names, `Keep-Alive`,
 //! `Transfer-Encoding`, ...) describe one connection and are removed in both directions.
-//! core-server is the edge: `X-Forwarded-For`, `-Proto` and `-Host` from clients are replaced,
-//! not appended to, so a backend can trust them (as Caddy does by default).
+//!
+//! core-server is the edge: nothing in front of it can vouch for a client's claim about where a
+//! request came from. Every header that frameworks read for the client's address, scheme, host,
+//! port or path prefix is removed from requests (see [`CLIENT_CLAIMS`]), and core-server sets its
+//! own `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (RFC 7239), replacing rather than
+//! appending, so a backend can trust them (as Caddy does by default).
 
+use std::fmt::Write;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -13,7 +18,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -22,6 +27,29 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    // Connection-specific by RFC 7540 §3.2.1, even when `Connection` forgets to name it.
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Request headers through which a client claims to be someone or somewhere else, besides every
+/// `X-Forwarded-*` (`-For`, `-Proto`, `-Host`, `-Port`, `-Ssl`, `-Prefix`, `-Scheme`, `-Server`,
+/// ...: Express, Rails/Rack, Django, Spring, ASP.NET Core, Werkzeug's ProxyFix and Tomcat's
+/// RemoteIpValve read one or more of them). These are the ones that the same frameworks, and
+/// common middleware such as `request-ip`, read for the client's address or scheme when set by a
+/// CDN or load balancer in front; none of those sits in front of core-server, so a client that
+/// sends one is lying. Headers that rewrite the path (`X-Original-URL`) are not forwarding
+/// claims and pass, as through nginx.
+const CLIENT_CLAIMS: [HeaderName; 10] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("client-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("front-end-https"),
+    HeaderName::from_static("x-url-scheme"),
 ];
 
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
@@ -50,18 +78,76 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets the `X-Forwarded-*` headers for a request from `client` for `host` over `proto`.
+/// Replaces whatever the client said about where its request came from with what core-server
+/// knows: a request from `client` for `host` over `proto` (`"http"` or `"https"`).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
     host: &HeaderValue,
     proto: &'static str,
 ) {
-    let client = HeaderValue::try_from(client.to_canonical().to_string())
-        .expect("an IP address is a valid header value");
-    headers.insert(X_FORWARDED_FOR, client);
+    remove_client_claims(headers);
+    let client = client.to_canonical();
+    let for_value =
+        HeaderValue::try_from(client.to_string()).expect("an IP address is a valid header value");
+    headers.insert(X_FORWARDED_FOR, for_value);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     headers.insert(X_FORWARDED_HOST, host.clone());
+    headers.insert(header::FORWARDED, forwarded(client, host, proto));
+}
+
+fn remove_client_claims(headers: &mut HeaderMap) {
+    let x_forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
+    for name in x_forwarded.iter().chain(&CLIENT_CLAIMS) {
+        headers.remove(name);
+    }
+}
+
+/// `Forwarded: for=192.0.2.1;host=example.com;proto=http` (RFC 7239 §4). An IPv6 address is
+/// bracketed and so quoted (`for="[2001:db8::1]"`, §6); any value that is not a plain token
+/// (a host with a `:port`) is quoted too.
+fn forwarded(client: IpAddr, host: &HeaderValue, proto: &str) -> HeaderValue {
+    let node = match client {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    let mut value = String::from("for=");
+    push_token_or_quoted(&mut value, node.as_bytes());
+    value.push_str(";host=");
+    push_token_or_quoted(&mut value, host.as_bytes());
+    value.push_str(";proto=");
+    push_token_or_quoted(&mut value, proto.as_bytes());
+    HeaderValue::try_from(value).expect("quoted visible characters make a valid header value")
+}
+
+/// Appends `raw` as an RFC 9110 token if it is one, else as a quoted-string (`"` and `\`
+/// escaped; bytes that a quoted-string cannot hold are dropped, though a Host that reached
+/// here has none).
+fn push_token_or_quoted(out: &mut String, raw: &[u8]) {
+    if !raw.is_empty() && raw.iter().all(|&b| is_tchar(b)) {
+        out.extend(raw.iter().map(|&b| b as char));
+        return;
+    }
+    out.push('"');
+    for &b in raw {
+        match b {
+            b'"' | b'\\' => {
+                let _ = write!(out, "\\{}", b as char);
+            }
+            b'\t' | b' '..=b'~' => out.push(b as char),
+            _ => {}
+        }
+    }
+    out.push('"');
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
@@ -79,6 +165,15 @@ mod tests {
         map
     }
 
+    fn sorted(h: &HeaderMap) -> Vec<String> {
+        let mut lines: Vec<_> = h
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        lines.sort();
+        lines
+    }
+
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = headers(&[
@@ -87,30 +182,50 @@ mod tests {
             ("x-secret", "1"),
             ("transfer-encoding", "chunked"),
             ("te", "gzip, trailers"),
-            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
             ("proxy-authorization", "Basic x"),
             ("x-kept", "yes"),
         ]);
         remove_hop_by_hop(&mut h);
-        let mut left: Vec<_> = h
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
-            .collect();
-        left.sort();
-        assert_eq!(left, ["te: trailers", "x-kept: yes"]);
+        assert_eq!(sorted(&h), ["te: trailers", "x-kept: yes"]);
     }
 
     #[test]
-    fn forwarded_headers_replace_what_the_client_sent() {
+    fn forwarding_claims_are_replaced_not_appended_to() {
         let mut h = headers(&[
             ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "7.7.7.7"),
             ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-ssl", "on"),
+            ("x-forwarded-prefix", "/admin"),
+            ("forwarded", "for=6.6.6.6;proto=https"),
+            ("x-real-ip", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-kept", "yes"),
         ]);
         let host = HeaderValue::from_static("Example.com:8080");
         set_forwarded(&mut h, "::ffff:10.1.2.3".parse().unwrap(), &host, "http");
-        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "Example.com:8080");
-        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            sorted(&h),
+            [
+                "forwarded: for=10.1.2.3;host=\"Example.com:8080\";proto=http",
+                "x-forwarded-for: 10.1.2.3",
+                "x-forwarded-host: Example.com:8080",
+                "x-forwarded-proto: http",
+                "x-kept: yes",
+            ]
+        );
+    }
+
+    #[test]
+    fn forwarded_quotes_ipv6_and_what_is_not_a_token() {
+        let host = HeaderValue::from_static("example.com");
+        let value = forwarded("2001:db8::1".parse().unwrap(), &host, "https");
+        assert_eq!(value, "for=\"[2001:db8::1]\";host=example.com;proto=https");
+        let odd = HeaderValue::from_static("a\"b\\c d");
+        let value = forwarded("192.0.2.1".parse().unwrap(), &odd, "http");
+        assert_eq!(value, "for=192.0.2.1;host=\"a\\\"b\\\\c d\";proto=http");
     }
 }

@@ -1,15 +1,29 @@
 //! The reverse proxy: pick the backend by Host, forward the request, stream the answer back.
 //!
-//! | situation                           | client sees            |
-//! |-------------------------------------|------------------------|
-//! | no Host (and no `:authority`)       | 400                    |
-//! | Host with no route                  | 404                    |
-//! | backend refuses or breaks off       | 502                    |
-//! | no response header within timeout   | 504                    |
+//! | situation                                             | client sees                |
+//! |-------------------------------------------------------|----------------------------|
+//! | no Host (and no `:authority`), or two Host headers    | 400, connection closed     |
+//! | `CONNECT`                                             | 405, connection closed     |
+//! | Host with no route                                    | 404                        |
+//! | malformed or cut request body (a bad chunk size)      | 400, connection closed     |
+//! | request body stops arriving for the timeout           | 408, connection closed     |
+//! | backend refuses or breaks off                         | 502                        |
+//! | backend stops reading the request body for the timeout| 504, connection closed     |
+//! | no response head within the timeout after the body    | 504                        |
+//! | backend stalls mid-body for the timeout               | the response is cut short  |
+//!
+//! One timeout, `backend_timeout` (60 s by default, as nginx's `proxy_read_timeout`,
+//! `proxy_send_timeout` and `client_body_timeout`), bounds every wait of an exchange:
+//! connecting, each stall of the upload (whichever side stalls), the response head counted
+//! from the end of the request body (so a slow upload to a healthy backend is not a 504), each
+//! stall of the response body (see `response_body`), and a quiet WebSocket (see `upgrade`).
+//! Errors are logged against whoever caused them: the client's at `info`, the backend's at
+//! `warn`.
 //!
 //! Bodies stream both ways with backpressure: nothing is buffered beyond hyper's read buffers,
 //! so a 1 GiB upload or download costs the worker no more memory than a small one.
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,24 +32,37 @@ use bytes::Bytes;
 use core_server_proto::domain::Domain;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::forwarding;
+use crate::request_body::{ClientBodyError, RequestBody, Upload};
+use crate::response_body::ResponseBody;
 use crate::route_table::RouteTable;
 use crate::upgrade;
 
 /// What the client gets: the backend's streamed body, or a short error page.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// How long an unused pooled backend connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How many unused connections to one backend the pool keeps; more are closed once their
+/// request is done. nginx keeps as many as its `keepalive` says per worker process (its docs
+/// show 16 to 32, with several workers); core-server is one process for all cores, and
+/// bench/proxy.sh gives nginx 128. Enough for a busy app to reuse connections under load,
+/// few enough that a burst leaves no thousands of idle sockets on either side.
+const POOL_MAX_IDLE_PER_BACKEND: usize = 128;
+
+/// The methods core-server passes to apps, for the `Allow` header of its 405 to `CONNECT`.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE";
 
 /// Why a backend gave no response.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +77,7 @@ pub enum BackendError {
 
 pub struct Proxy {
     routes: Arc<RouteTable>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     backend_timeout: Duration,
     /// Upgraded (WebSocket) connections, so a draining worker waits for them.
     tasks: TaskTracker,
@@ -63,6 +90,7 @@ impl Proxy {
         connector.set_connect_timeout(Some(backend_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_BACKEND)
             .pool_timer(TokioTimer::new())
             .build(connector);
         Proxy {
@@ -76,21 +104,29 @@ impl Proxy {
     /// Answers one request from `client`, received over `scheme` (`"http"` or `"https"`).
     pub async fn handle(
         &self,
-        mut request: Request<Incoming>,
+        request: Request<Incoming>,
         client: SocketAddr,
         scheme: &'static str,
     ) -> Response<ProxyBody> {
         let client_version = request.version();
-        let Some(host) = request_host(&request) else {
-            let mut response = error_page(StatusCode::BAD_REQUEST, "the request names no host");
-            // A client this confused should not keep the connection (nginx closes too).
-            if client_version <= Version::HTTP_11 {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let host = match request_host(&request) {
+            Ok(host) => host,
+            Err(why) => {
+                return last_response(error_page(StatusCode::BAD_REQUEST, why), client_version)
             }
-            return response;
         };
+        if request.method() == Method::CONNECT {
+            // A tunnel would bypass every per-request rule; the bytes after the head are the
+            // tunnel's, not a next request, so the connection is not reused either.
+            let mut response = error_page(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "core-server does not open tunnels (CONNECT)",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            return last_response(response, client_version);
+        }
         let Some(domain) = host.to_str().ok().and_then(Domain::from_host) else {
             return error_page(StatusCode::NOT_FOUND, "no app is registered for this host");
         };
@@ -103,48 +139,137 @@ impl Proxy {
         let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
 
         let upgrade_to = upgrade::requested_protocol(&request);
+        let (parts, body) = request.into_parts();
+        let (body, upload) = RequestBody::new(body, self.backend_timeout);
+        let mut request = Request::from_parts(parts, body);
         forwarding::remove_hop_by_hop(request.headers_mut());
         forwarding::set_forwarded(request.headers_mut(), client.ip(), &host, scheme);
         request.headers_mut().insert(header::HOST, host);
         *request.version_mut() = Version::HTTP_11;
-        *request.uri_mut() = backend_uri(request.uri(), port);
 
-        let response = tokio::time::timeout(self.backend_timeout, async {
-            match upgrade_to {
-                // Boxed: the rare upgrade path would otherwise make every request's future
-                // several times larger, and futures are moved by copying.
-                Some(protocol) => {
-                    Box::pin(upgrade::proxy(request, protocol, backend, &self.tasks)).await
-                }
-                None => self
-                    .client
-                    .request(request)
-                    .await
-                    .map_err(BackendError::Client),
+        let response = match upgrade_to {
+            // Boxed: the rare upgrade path would otherwise make every request's future
+            // several times larger, and futures are moved by copying.
+            Some(protocol) => {
+                *request.uri_mut() = origin_form(request.uri());
+                let send = upgrade::proxy(
+                    request,
+                    protocol,
+                    backend,
+                    &self.tasks,
+                    self.backend_timeout,
+                );
+                self.exchange(Box::pin(send), upload).await
             }
-        })
-        .await;
+            None => {
+                *request.uri_mut() = backend_uri(request.uri(), port);
+                let send = self.client.request(request);
+                self.exchange(async { send.await.map_err(BackendError::Client) }, upload)
+                    .await
+            }
+        };
         match response {
-            Ok(Ok(mut response)) => {
+            Ok(mut response) => {
                 if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                     forwarding::remove_hop_by_hop(response.headers_mut());
                 }
                 // Our connection with the client, not the backend's, sets the version.
                 *response.version_mut() = client_version;
-                response.map(Either::Left)
+                response.map(|body| {
+                    Either::Left(ResponseBody::new(body, self.backend_timeout, backend))
+                })
             }
-            Ok(Err(e)) => {
+            Err(failure) => self.failure_page(failure, &domain, backend, client, client_version),
+        }
+    }
+
+    /// Waits for the backend's response head to `send`, while `upload` (the request body, if
+    /// any) is sent: the backend's time to answer counts from the end of the body; until then,
+    /// the upload may only stall (move no byte) for as long: a client's stall is ended by the
+    /// body itself, a backend that stops reading it is ended here.
+    async fn exchange(
+        &self,
+        send: impl Future<Output = Result<Response<Incoming>, BackendError>>,
+        upload: Option<Upload>,
+    ) -> Result<Response<Incoming>, Failure> {
+        tokio::pin!(send);
+        if let Some(upload) = upload {
+            let ended = upload.ended();
+            tokio::pin!(ended);
+            let timeout = self.backend_timeout;
+            loop {
+                // While the client is awaited, the body ends the client's stall itself.
+                let check_at = upload
+                    .backend_stalled_at(timeout)
+                    .unwrap_or_else(|| Instant::now() + timeout);
+                tokio::select! {
+                    // The backend may answer (or fail) before the body ends.
+                    result = send.as_mut() => return result.map_err(|e| match upload.client_error() {
+                        Some(e) => Failure::Client(e.clone()),
+                        None => Failure::Backend(e),
+                    }),
+                    () = ended.as_mut() => break,
+                    () = tokio::time::sleep_until(check_at) => {
+                        if upload.backend_stalled_at(timeout).is_some_and(|at| at <= Instant::now()) {
+                            return Err(Failure::BackendNotReading);
+                        }
+                    }
+                }
+            }
+            if let Some(e) = upload.client_error() {
+                return Err(Failure::Client(e.clone()));
+            }
+        }
+        match tokio::time::timeout(self.backend_timeout, send).await {
+            Ok(result) => result.map_err(Failure::Backend),
+            Err(_) => Err(Failure::NoResponse),
+        }
+    }
+
+    /// The page for `failure`, logged against whoever caused it.
+    fn failure_page(
+        &self,
+        failure: Failure,
+        domain: &Domain,
+        backend: SocketAddr,
+        client: SocketAddr,
+        client_version: Version,
+    ) -> Response<ProxyBody> {
+        let timeout = self.backend_timeout;
+        let last = |response| last_response(response, client_version);
+        match failure {
+            Failure::Client(e @ ClientBodyError::Broken(_)) => {
+                info!("{domain}: the request body from {client} broke off: {e}");
+                last(error_page(
+                    StatusCode::BAD_REQUEST,
+                    "the request body is malformed or incomplete",
+                ))
+            }
+            Failure::Client(ClientBodyError::Stalled(_)) => {
+                info!("{domain}: {client} sent no byte of its request body for {timeout:?}");
+                last(error_page(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stopped arriving",
+                ))
+            }
+            Failure::Backend(e) => {
                 warn!("{domain}: backend {backend} failed: {}", describe(&e));
                 error_page(
                     StatusCode::BAD_GATEWAY,
                     &format!("the app for {domain} is not answering"),
                 )
             }
-            Err(_) => {
+            Failure::BackendNotReading => {
                 warn!(
-                    "{domain}: backend {backend} gave no response within {:?}",
-                    self.backend_timeout
+                    "{domain}: backend {backend} took no byte of the request body for {timeout:?}"
                 );
+                last(error_page(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("the app for {domain} stopped reading the request"),
+                ))
+            }
+            Failure::NoResponse => {
+                warn!("{domain}: backend {backend} gave no response within {timeout:?}");
                 error_page(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!("the app for {domain} took too long to answer"),
@@ -154,13 +279,57 @@ impl Proxy {
     }
 }
 
+/// Why an exchange with a backend gave no response, and whose fault it is.
+enum Failure {
+    /// The client's request body was malformed, cut short, or stopped arriving.
+    Client(ClientBodyError),
+    /// The backend refused, broke off or answered nonsense.
+    Backend(BackendError),
+    /// The backend stopped taking the request body.
+    BackendNotReading,
+    /// No response head within the timeout after the request was sent.
+    NoResponse,
+}
+
+/// `response`, marked as the last on its HTTP/1 connection: after a malformed or refused request
+/// the client's next bytes cannot be trusted to start a request (nginx closes too). HTTP/2 has no
+/// such header, and needs none: its framing is intact.
+fn last_response(
+    mut response: Response<ProxyBody>,
+    client_version: Version,
+) -> Response<ProxyBody> {
+    if client_version <= Version::HTTP_11 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// The Host a request is for: the URI's authority (HTTP/2, or an absolute-form HTTP/1 request,
-/// where RFC 9112 §3.2.2 says it wins), else the Host header.
-fn request_host(request: &Request<Incoming>) -> Option<HeaderValue> {
+/// where RFC 9112 §3.2.2 says it wins), else the Host header. More than one Host header is
+/// refused whatever the URI says (RFC 9112 §3.2): proxies and apps that pick different ones are
+/// how requests get smuggled past rules.
+fn request_host<B>(request: &Request<B>) -> Result<HeaderValue, &'static str> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header");
+    }
     match request.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => request.headers().get(header::HOST).cloned(),
+        None => host.cloned(),
     }
+    .ok_or("the request names no host")
+}
+
+/// `/<path and query>`, the form an origin server expects (RFC 9112 §3.2.1).
+fn origin_form(uri: &Uri) -> Uri {
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::from(path)
 }
 
 /// `http://127.0.0.1:<port>/<path and query>`.

@@ -1,23 +1,37 @@
 //! HTTP/1.1 `Upgrade` (WebSocket) passed through to the backend.
 //!
 //! The request goes to the backend on a connection of its own (an upgraded connection never
-//! returns to the pool). If the backend switches protocols, the client's and the backend's
-//! upgraded connections are spliced, bytes copied both ways until either side closes.
+//! returns to the pool), in origin form (`GET /ws/chat?room=1`) as every other request. If the
+//! backend switches protocols, the client's and the backend's upgraded connections are spliced,
+//! bytes copied both ways until either side closes, or until no byte has moved either way for
+//! the idle timeout (the proxy passes `backend_timeout`, 60 s by default, as nginx's
+//! `proxy_read_timeout` closes a quiet WebSocket; WebSocket libraries ping every 20 to 30 s, so a
+//! live socket is never quiet that long).
+//!
+//! `Upgrade: h2c` is never passed on: core-server speaks HTTP/2 to clients itself, and a
+//! backend switching the client's connection to cleartext HTTP/2 behind the proxy's back would
+//! escape every rule the proxy applies per request (hosts, headers, deadlines).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::activity::{Activity, Tracked};
 use crate::proxy::BackendError;
+use crate::request_body::RequestBody;
 
-/// The protocol a request asks to upgrade to, if it is an HTTP/1.1 upgrade request.
-pub fn requested_protocol(request: &Request<Incoming>) -> Option<HeaderValue> {
+/// The protocols an HTTP/1.1 upgrade request asks for, `h2c` left out; `None` if that leaves
+/// nothing (then the request is an ordinary one, its `Upgrade` header removed with the other
+/// hop-by-hop headers).
+pub fn requested_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
     let connection_says_upgrade = request
         .headers()
         .get_all(header::CONNECTION)
@@ -28,16 +42,36 @@ pub fn requested_protocol(request: &Request<Incoming>) -> Option<HeaderValue> {
     if request.version() != Version::HTTP_11 || !connection_says_upgrade {
         return None;
     }
-    request.headers().get(header::UPGRADE).cloned()
+    let protocols: Vec<&str> = request
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !is_h2c(p))
+        .collect();
+    if protocols.is_empty() {
+        return None;
+    }
+    HeaderValue::try_from(protocols.join(", ")).ok()
 }
 
-/// Sends `request` (hop-by-hop headers already removed) to `backend` asking for `protocol`.
-/// On `101 Switching Protocols`, splices the two connections in a task tracked by `tasks`.
+/// `h2c`, or `h2c/<version>` (RFC 9110 §7.8 `protocol-name/protocol-version`).
+fn is_h2c(protocol: &str) -> bool {
+    let name = protocol.split('/').next().unwrap_or_default();
+    name.eq_ignore_ascii_case("h2c")
+}
+
+/// Sends `request` (hop-by-hop headers already removed, URI in origin form) to `backend` asking
+/// for `protocol`. On `101 Switching Protocols`, splices the two connections in a task tracked
+/// by `tasks`, closed once no byte moves either way for `idle_timeout`.
 pub async fn proxy(
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
     protocol: HeaderValue,
     backend: SocketAddr,
     tasks: &TaskTracker,
+    idle_timeout: Duration,
 ) -> Result<Response<Incoming>, BackendError> {
     let client_side = hyper::upgrade::on(&mut request);
     request
@@ -64,11 +98,66 @@ pub async fn proxy(
             let (Ok(client), Ok(backend)) = tokio::join!(client_side, backend_side) else {
                 return;
             };
-            let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-                debug!("upgraded connection ended: {e}");
-            }
+            splice(TokioIo::new(client), TokioIo::new(backend), idle_timeout).await;
         });
     }
     Ok(response)
+}
+
+/// Copies bytes both ways until either side closes or nothing moves for `idle_timeout`.
+async fn splice<C, B>(client: C, mut backend: B, idle_timeout: Duration)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // Every byte either way passes through the client's side: tracking it is enough.
+    let activity = Activity::new();
+    let mut client = Tracked::new(client, activity.clone());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
+    tokio::pin!(copy);
+    let mut check_at = activity.idle_at(idle_timeout);
+    loop {
+        tokio::select! {
+            result = copy.as_mut() => {
+                if let Err(e) = result {
+                    debug!("upgraded connection ended: {e}");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(check_at) => {
+                check_at = activity.idle_at(idle_timeout);
+                if check_at <= Instant::now() {
+                    debug!("upgraded connection idle for {idle_timeout:?}: closing");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade_request(upgrade: &str) -> Request<()> {
+        Request::get("/")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", upgrade)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn h2c_is_never_an_upgrade() {
+        assert_eq!(requested_protocol(&upgrade_request("h2c")), None);
+        assert_eq!(requested_protocol(&upgrade_request("H2C/1.0")), None);
+        assert_eq!(
+            requested_protocol(&upgrade_request("h2c, websocket")).unwrap(),
+            "websocket"
+        );
+        assert_eq!(
+            requested_protocol(&upgrade_request("websocket")).unwrap(),
+            "websocket"
+        );
+    }
 }

@@ -1,0 +1,193 @@
+//! What a backend receives is what core-server vouches for (issue 7, items 8 and 9): forwarding
+//! headers from the client are replaced by the proxy's own, WebSocket upgrades arrive in origin
+//! form, and requests that are malformed or ask for what a reverse proxy must not do (two Hosts,
+//! `CONNECT`, `Upgrade: h2c`) are refused or neutralised, blaming the right side.
+
+use std::time::Duration;
+
+use core_server_tests::http::{raw, read_until_closed};
+use core_server_tests::raw_backend::RawBackend;
+use core_server_tests::{Backend, CoreServer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// The status code of a raw HTTP/1.1 answer.
+fn status(answer: &str) -> Option<&str> {
+    answer.split_whitespace().nth(1)
+}
+
+/// The echo backend's view of a request sent raw from `from` (an address of this machine).
+async fn echoed(server: &CoreServer, from: &str, request: &str) -> String {
+    let mut stream = TcpStream::connect((from, server.http_port)).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the answer within 10s");
+    assert_eq!(status(&answer), Some("200"), "{answer}");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spoofed_forwarding_headers_are_replaced_by_the_proxys_own() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let spoofed = "GET /who HTTP/1.1\r\n\
+        Host: App.Example:8080\r\n\
+        Forwarded: for=6.6.6.6;proto=https;host=evil.example\r\n\
+        X-Forwarded-For: 6.6.6.6\r\n\
+        X-Forwarded-Proto: https\r\n\
+        X-Forwarded-Host: evil.example\r\n\
+        X-Forwarded-Port: 6666\r\n\
+        X-Forwarded-Ssl: on\r\n\
+        X-Forwarded-Prefix: /evil\r\n\
+        X-Real-IP: 6.6.6.6\r\n\
+        True-Client-IP: 6.6.6.6\r\n\
+        X-Client-IP: 6.6.6.6\r\n\
+        X-Custom: kept\r\n\
+        Connection: close\r\n\r\n";
+    let seen = echoed(&server, "127.0.0.1", spoofed).await;
+    for spoof in [
+        "6.6.6.6",
+        "evil",
+        "6666",
+        "x-forwarded-ssl",
+        "https",
+        "x-real-ip",
+    ] {
+        assert!(!seen.contains(spoof), "backend saw {spoof:?}:\n{seen}");
+    }
+    for want in [
+        "\nx-forwarded-for: 127.0.0.1\n",
+        "\nx-forwarded-proto: http\n",
+        "\nx-forwarded-host: App.Example:8080\n",
+        "\nforwarded: for=127.0.0.1;host=\"App.Example:8080\";proto=http\n",
+        "\nx-custom: kept\n",
+    ] {
+        assert!(seen.contains(want), "backend did not see {want:?}:\n{seen}");
+    }
+    assert_eq!(seen.matches("forwarded").count(), 4, "{seen}");
+
+    // From an IPv6 client, the node is bracketed and quoted (RFC 7239 §6).
+    let from_v6 = "GET / HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n";
+    let seen = echoed(&server, "::1", from_v6).await;
+    assert!(
+        seen.contains("\nforwarded: for=\"[::1]\";host=app.example;proto=http\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("\nx-forwarded-for: ::1\n"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrade_reaches_the_backend_in_origin_form() {
+    let server = CoreServer::start();
+    let mut backend = RawBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    server.add("ws.example", backend.port);
+
+    let mut client = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    client
+        .write_all(
+            b"GET /ws/chat?room=1 HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = backend.next_head().await;
+    assert_eq!(
+        head.lines().next(),
+        Some("GET /ws/chat?room=1 HTTP/1.1"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_request_body_is_400_and_the_clients_fault() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let answer = raw(
+        server.http_port,
+        b"POST /upload HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\nzz\r\nnot a chunk\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), Some("400"), "{answer}");
+
+    // Logged against the client, not as a failing backend.
+    let mut log = server.log();
+    for _ in 0..100 {
+        if log.contains("request body from") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = server.log();
+    }
+    assert!(log.contains("request body from"), "{log}");
+    let backend_blamed = format!("backend 127.0.0.1:{}", backend.port);
+    assert!(!log.contains(&backend_blamed), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_host_headers_are_400() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+    server.add("other.example", backend.port);
+
+    let answer = raw(
+        server.http_port,
+        b"GET / HTTP/1.1\r\nHost: app.example\r\nHost: other.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), Some("400"), "{answer}");
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_is_405() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let answer = raw(
+        server.http_port,
+        b"CONNECT app.example:443 HTTP/1.1\r\nHost: app.example:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), Some("405"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("\r\nallow: "),
+        "{answer}"
+    );
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2c_upgrade_is_never_forwarded() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let seen = echoed(
+        &server,
+        "127.0.0.1",
+        "GET /plain HTTP/1.1\r\nHost: app.example\r\n\
+         Connection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\n\
+         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .await;
+    assert!(seen.contains("\r\n\r\nGET /plain HTTP/1.1\n"), "{seen}");
+    let lower = seen.to_ascii_lowercase();
+    for gone in ["h2c", "http2-settings", "\nupgrade:"] {
+        assert!(!lower.contains(gone), "backend saw {gone:?}:\n{seen}");
+    }
+}

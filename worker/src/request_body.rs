@@ -1,0 +1,180 @@
+//! The client's request body on its way to the backend, watched so the proxy knows what
+//! hyper's client cannot tell it:
+//!
+//! - when the body has ended: the backend's time to answer counts from there, so an upload
+//!   slower than `backend_timeout` to a healthy backend is not cut with a 504;
+//! - whether it failed on the client's side (a malformed chunk size, a client that went away,
+//!   or one that sent no byte for the timeout, as nginx's `client_body_timeout`): hyper's client
+//!   reports that as its own error, which would otherwise read as the backend's;
+//! - when a piece of it last passed, and whether the backend is taking more: a backend that
+//!   stops reading the upload is the proxy's to end (nginx: `proxy_send_timeout`), since the
+//!   body, not being read, cannot time itself out.
+//!
+//! The body ends a client's stall itself, even after the response head (a backend may answer
+//! before reading the whole upload): its backend connection is then closed, not held.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::read_deadline::ReadDeadline;
+
+/// Why a request body stopped short, on the client's side.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("{0}")]
+    Broken(String),
+    #[error("the client sent no byte of its request body for {0:?}")]
+    Stalled(Duration),
+}
+
+/// A client's request body as sent to a backend.
+pub struct RequestBody {
+    inner: Incoming,
+    /// `None` for a body that was empty from the start (most requests): nothing to watch.
+    watch: Option<(Arc<Shared>, ReadDeadline)>,
+}
+
+/// What the proxy sees of a [`RequestBody`] being sent.
+pub struct Upload(Arc<Shared>);
+
+struct Shared {
+    start: Instant,
+    /// When a frame last passed, in milliseconds since `start`.
+    moved_ms: AtomicU64,
+    /// Whether the backend asked for more and the client has not sent it yet.
+    waiting_on_client: AtomicBool,
+    /// Set once: `Ok` the body ended whole, `Err` it failed on the client's side.
+    outcome: OnceLock<Result<(), ClientBodyError>>,
+    ended: Notify,
+}
+
+impl RequestBody {
+    /// Wraps `inner`, failing it once the client sends no byte for `stall_timeout`; the
+    /// [`Upload`] to watch, unless the body is already complete.
+    pub fn new(inner: Incoming, stall_timeout: Duration) -> (Self, Option<Upload>) {
+        if inner.is_end_stream() {
+            return (RequestBody { inner, watch: None }, None);
+        }
+        let shared = Arc::new(Shared {
+            start: Instant::now(),
+            moved_ms: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
+            outcome: OnceLock::new(),
+            ended: Notify::new(),
+        });
+        let upload = Upload(shared.clone());
+        let watch = Some((shared, ReadDeadline::new(stall_timeout)));
+        (RequestBody { inner, watch }, Some(upload))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some((shared, deadline)) = &mut this.watch else {
+            return poll.map(|frame| frame.map(|f| f.map_err(ClientBodyError::broken)));
+        };
+        match poll {
+            Poll::Pending => {
+                shared.waiting_on_client.store(true, Ordering::Relaxed);
+                if !deadline.poll_expired(cx) {
+                    return Poll::Pending;
+                }
+                shared.fail(ClientBodyError::Stalled(deadline.timeout()))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                deadline.moved();
+                shared.moved();
+                // hyper's client stops polling once `is_end_stream` says so.
+                if frame.is_trailers() || this.inner.is_end_stream() {
+                    shared.end(Ok(()));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => shared.fail(ClientBodyError::broken(e)),
+            Poll::Ready(None) => {
+                shared.end(Ok(()));
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl ClientBodyError {
+    fn broken(e: hyper::Error) -> Self {
+        ClientBodyError::Broken(e.to_string())
+    }
+}
+
+impl Shared {
+    fn moved(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.moved_ms.fetch_max(ms, Ordering::Relaxed);
+        self.waiting_on_client.store(false, Ordering::Relaxed);
+    }
+
+    fn end(&self, outcome: Result<(), ClientBodyError>) {
+        if self.outcome.set(outcome).is_ok() {
+            self.ended.notify_waiters();
+        }
+    }
+
+    /// Ends the body with `e`, as the frame to hand hyper's client.
+    fn fail(&self, e: ClientBodyError) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        self.end(Err(e.clone()));
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Upload {
+    /// Resolves once the body has ended, whole or failed on the client's side.
+    pub async fn ended(&self) {
+        let notified = self.0.ended.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.0.outcome.get().is_none() {
+            notified.await;
+        }
+    }
+
+    /// How the body failed on the client's side, if it did.
+    pub fn client_error(&self) -> Option<&ClientBodyError> {
+        self.0
+            .outcome
+            .get()
+            .and_then(|outcome| outcome.as_ref().err())
+    }
+
+    /// When the backend, not reading, will have taken no byte for `timeout`; `None` while the
+    /// proxy waits for the client instead (its stalls are the body's own to end).
+    pub fn backend_stalled_at(&self, timeout: Duration) -> Option<Instant> {
+        if self.0.waiting_on_client.load(Ordering::Relaxed) {
+            return None;
+        }
+        let moved = Duration::from_millis(self.0.moved_ms.load(Ordering::Relaxed));
+        Some(self.0.start + moved + timeout)
+    }
+}
