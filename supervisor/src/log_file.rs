@@ -53,7 +53,7 @@ impl LogFile {
 /// `core.log` in `logs`, rotated once it has passed `limit` bytes.
 struct RotatingFile {
     logs: StateDir,
-    /// `None` after a rotation that could not create the new file: the next write tries again.
+    /// `None` after a rotation, or after the file could not be opened: the next write opens it.
     file: Option<File>,
     written: u64,
     limit: u64,
@@ -61,17 +61,28 @@ struct RotatingFile {
 
 impl RotatingFile {
     fn open(logs: StateDir, limit: u64) -> io::Result<RotatingFile> {
-        let file = logs.append(NAME, MODE)?;
-        Ok(RotatingFile {
-            written: file.metadata()?.len(),
-            file: Some(file),
+        let mut file = RotatingFile {
             logs,
+            file: None,
+            written: 0,
             limit,
-        })
+        };
+        file.current()?;
+        Ok(file)
     }
 
-    /// `core.log.8` to `core.log.9` (replacing the oldest), ..., `core.log` to `core.log.1`,
-    /// and a new `core.log`.
+    /// `core.log`, opened (appending to what is there) if it is not yet.
+    fn current(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            let file = self.logs.append(NAME, MODE)?;
+            self.written = file.metadata()?.len();
+            self.file = Some(file);
+        }
+        Ok(self.file.as_mut().expect("opened above"))
+    }
+
+    /// `core.log.8` to `core.log.9` (replacing the oldest), ..., `core.log` to `core.log.1`;
+    /// the next write starts a new `core.log`.
     fn rotate(&mut self) -> io::Result<()> {
         self.file = None;
         for n in (0..FILES - 1).rev() {
@@ -84,7 +95,6 @@ impl RotatingFile {
                 _ => {}
             }
         }
-        self.file = Some(self.logs.create_new(NAME, MODE)?);
         self.written = 0;
         Ok(())
     }
@@ -92,11 +102,10 @@ impl RotatingFile {
 
 impl Write for RotatingFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.written > self.limit || self.file.is_none() {
+        if self.written > self.limit {
             self.rotate()?;
         }
-        let file = self.file.as_mut().expect("a file after a rotation");
-        let n = file.write(buf)?;
+        let n = self.current()?.write(buf)?;
         self.written += n as u64;
         Ok(n)
     }

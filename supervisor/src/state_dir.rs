@@ -120,12 +120,6 @@ impl StateDir {
             .map(File::from)
     }
 
-    /// A new file `name` for appending; fails if the name exists (even as a dangling link).
-    pub fn create_new(&self, name: &str, mode: u32) -> io::Result<File> {
-        let flags = OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::EXCL;
-        self.open_file(name, flags, mode).map(File::from)
-    }
-
     /// Renames `from` to `to` (replacing it); a link is moved or replaced, never followed.
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         Ok(rustix::fs::renameat(self.fd(), from, self.fd(), to)?)
@@ -178,17 +172,17 @@ impl StateDir {
                 path.display()
             )));
         }
-        match unsafe_to_use(&stat, &path) {
+        match refusal(&stat, &path) {
             Some(why) => Err(io::Error::new(io::ErrorKind::PermissionDenied, why)),
             None => Ok(fd),
         }
     }
 }
 
-/// Refuses a directory that [`unsafe_to_use`] finds unsafe.
+/// Refuses a directory as [`refusal`] says.
 fn check(fd: &OwnedFd, path: &Path) -> anyhow::Result<()> {
     let stat = rustix::fs::fstat(fd)?;
-    match unsafe_to_use(&stat, path) {
+    match refusal(&stat, path) {
         Some(why) => anyhow::bail!(why),
         None => Ok(()),
     }
@@ -200,7 +194,7 @@ fn dir_flags() -> OFlags {
 
 /// Running as root: why what `stat` describes may not be used (another user owns it, or
 /// group or others may write it). `None` when it may, and always when not root.
-fn unsafe_to_use(stat: &Stat, path: &Path) -> Option<String> {
+fn refusal(stat: &Stat, path: &Path) -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }
@@ -222,7 +216,7 @@ fn unsafe_to_use(stat: &Stat, path: &Path) -> Option<String> {
     }
 }
 
-/// `ELOOP` from `O_NOFOLLOW` and `EEXIST` from `O_EXCL` say little; say what they mean here.
+/// `ELOOP` from `O_NOFOLLOW` says little; say what it means here.
 fn explain(e: Errno, path: &Path) -> io::Error {
     match e {
         Errno::LOOP => io::Error::other(format!(
@@ -230,10 +224,6 @@ fn explain(e: Errno, path: &Path) -> io::Error {
              (remove it)",
             path.display()
         )),
-        Errno::EXIST => io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} already exists", path.display()),
-        ),
         e => io::Error::from(e),
     }
 }
@@ -259,8 +249,6 @@ mod tests {
         ] {
             assert!(e.to_string().contains("file is a symbolic link"), "{e}");
         }
-        let e = dir.create_new("file", 0o600).unwrap_err();
-        assert!(e.to_string().contains("file already exists"), "{e}");
         let e = dir.subdir("sub").err().unwrap();
         assert!(format!("{e:#}").contains("sub is a symbolic link"), "{e:#}");
         assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
