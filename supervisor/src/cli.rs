@@ -40,7 +40,8 @@ pub struct ServerOptions {
     pub https_port: u16,
 
     /// Directory for everything the server writes (routes state, later certificates and logs);
-    /// default: the current directory, or on a rerun the running instance's
+    /// default: /var/lib/core-server when started as root, else the current directory; on a
+    /// rerun the running instance's
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
 

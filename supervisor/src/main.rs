@@ -17,12 +17,13 @@ mod listeners;
 mod log_file;
 mod privileges;
 mod routes_file;
+mod state_dir;
 mod supervise;
 mod systemd;
 mod takeover;
 mod udp_client;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -35,6 +36,7 @@ use crate::detach::ReadyReport;
 use crate::log_file::LogFile;
 use crate::privileges::Unprivileged;
 use crate::routes_file::{RoutesFile, SavedRoutes};
+use crate::state_dir::StateDir;
 use crate::supervise::{StopSignals, Supervisor};
 
 fn main() -> ExitCode {
@@ -116,9 +118,10 @@ fn run_server(
         let dir = match (&options.dir, &takeover) {
             (Some(dir), _) => dir.as_path(),
             (None, Some((_, inherited))) => inherited.dir.as_path(),
+            (None, None) if nix::unistd::geteuid().is_root() => Path::new(state_dir::ROOT_DEFAULT),
             (None, None) => Path::new("."),
         };
-        let dir = absolute_dir(dir)?;
+        let dir = StateDir::open(dir)?;
         let child_logs = start_logging(mode, &dir, options.log_cap, log_file)?;
         fd_limit::raise();
         let routes_file = RoutesFile::in_dir(&dir);
@@ -195,7 +198,7 @@ fn run_server(
 /// Stderr in local mode; in release mode the rotated log file under `dir`, kept in `file`.
 fn start_logging(
     mode: Mode,
-    dir: &Path,
+    dir: &StateDir,
     cap: u64,
     file: &mut Option<LogFile>,
 ) -> anyhow::Result<ChildLogs> {
@@ -210,11 +213,4 @@ fn start_logging(
             Ok(ChildLogs::Forward(log.writer.clone()))
         }
     }
-}
-
-/// Creates `dir` if needed; its absolute path (a rerun from elsewhere must find it).
-fn absolute_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create --dir {}", dir.display()))?;
-    Ok(std::path::absolute(dir)?)
 }

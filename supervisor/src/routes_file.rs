@@ -5,19 +5,21 @@
 //! ```
 //!
 //! A file that cannot be read as this format is moved aside to `routes.json.corrupt-<time>`
-//! (kept for the operator, never deleted) and reported by name; the server then starts with an
-//! empty table instead of refusing to serve at all. A file from a newer core-server is not
-//! touched: this one refuses to start rather than lose what it cannot read.
+//! (`-2`, `-3`... after it if that name is taken; kept for the operator, never deleted) and
+//! reported by name; the server then starts with an empty table instead of refusing to serve
+//! at all. A file from a newer core-server is not touched: this one refuses to start rather
+//! than lose what it cannot read. A temp file that a kill during a save left behind is removed
+//! at the next start.
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use core_server_proto::atomic_file;
 use core_server_proto::routes::{RouteChange, Routes};
 use serde::{Deserialize, Serialize};
+
+use crate::state_dir::StateDir;
 
 const FILE_NAME: &str = "routes.json";
 const VERSION: u32 = 1;
@@ -29,32 +31,42 @@ struct Contents {
 }
 
 pub struct RoutesFile {
-    path: PathBuf,
+    dir: StateDir,
 }
 
 impl RoutesFile {
-    pub fn in_dir(dir: &Path) -> Self {
-        RoutesFile {
-            path: dir.join(FILE_NAME),
-        }
+    pub fn in_dir(dir: &StateDir) -> Self {
+        RoutesFile { dir: dir.clone() }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join(FILE_NAME)
     }
 
     /// The state directory the file is in.
     pub fn dir(&self) -> &Path {
-        self.path.parent().unwrap_or(Path::new("."))
+        self.dir.path()
     }
 
     /// The saved table; empty if there is none yet, or if it was corrupt (and moved aside).
+    /// For start-up only: it also removes what an interrupted save left.
     pub fn load(&self) -> anyhow::Result<Routes> {
-        let bytes = match fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Routes::default()),
+        match self.dir.remove_leftovers(FILE_NAME) {
+            Ok(removed) => {
+                for name in removed {
+                    tracing::info!("removed {name}, left by a save that was interrupted");
+                }
+            }
+            Err(e) => tracing::warn!(
+                "cannot remove temp files left in {}: {e}",
+                self.dir.display()
+            ),
+        }
+        let bytes = match self.dir.read(FILE_NAME) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(Routes::default()),
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", self.path.display()))
+                return Err(e).with_context(|| format!("cannot read {}", self.path().display()))
             }
         };
         // Read the version alone first, so a newer format is told apart from corruption.
@@ -66,7 +78,7 @@ impl RoutesFile {
             Ok(Version { version }) if version > VERSION => bail!(
                 "{} has format version {version}, written by a newer core-server; this one reads \
                  version {VERSION}. Run the newer core-server, or move the file away to start empty",
-                self.path.display()
+                self.path().display()
             ),
             _ => {}
         }
@@ -84,7 +96,7 @@ impl RoutesFile {
         };
         let mut json = serde_json::to_vec_pretty(&contents).map_err(io::Error::other)?;
         json.push(b'\n');
-        atomic_file::write(&self.path, &json, 0o644)
+        self.dir.replace(FILE_NAME, &json, 0o644)
     }
 
     fn set_aside(&self, why: &str) -> anyhow::Result<Routes> {
@@ -93,18 +105,18 @@ impl RoutesFile {
             .unwrap_or_default()
             .as_secs();
         let aside = self
-            .path
-            .with_file_name(format!("{FILE_NAME}.corrupt-{stamp}"));
-        fs::rename(&self.path, &aside).with_context(|| {
-            format!(
-                "{} is corrupt ({why}) and cannot be moved aside",
-                self.path.display()
-            )
-        })?;
+            .dir
+            .rename_to_new(FILE_NAME, &format!("{FILE_NAME}.corrupt-{stamp}"))
+            .with_context(|| {
+                format!(
+                    "{} is corrupt ({why}) and cannot be moved aside",
+                    self.path().display()
+                )
+            })?;
         tracing::error!(
             "routes file {} is corrupt ({why}); moved it to {} and starting with no routes",
-            self.path.display(),
-            aside.display()
+            self.path().display(),
+            self.dir.path().join(aside).display()
         );
         Ok(Routes::default())
     }
@@ -168,11 +180,16 @@ impl SavedRoutes {
 mod tests {
     use super::*;
     use core_server_proto::domain::Domain;
+    use std::fs;
+
+    fn in_tempdir(dir: &tempfile::TempDir) -> RoutesFile {
+        RoutesFile::in_dir(&StateDir::open(dir.path()).unwrap())
+    }
 
     #[test]
     fn round_trip_and_missing_file() {
         let dir = tempfile::tempdir().unwrap();
-        let file = RoutesFile::in_dir(dir.path());
+        let file = in_tempdir(&dir);
         assert!(file.load().unwrap().is_empty());
         let routes: Routes = [(Domain::parse("a.example").unwrap(), 8080)]
             .into_iter()
@@ -184,7 +201,7 @@ mod tests {
     #[test]
     fn corrupt_file_is_kept_aside() {
         let dir = tempfile::tempdir().unwrap();
-        let file = RoutesFile::in_dir(dir.path());
+        let file = in_tempdir(&dir);
         for garbage in [
             &b"{not json"[..],
             b"{\"version\":1,\"routes\":{\"bad name\":80}}",
@@ -206,7 +223,7 @@ mod tests {
     #[test]
     fn saved_routes_write_only_when_the_table_changed() {
         let dir = tempfile::tempdir().unwrap();
-        let file = RoutesFile::in_dir(dir.path());
+        let file = in_tempdir(&dir);
         let path = file.path().to_path_buf();
         let mut saved = SavedRoutes::new(Routes::default(), file);
         let set = |port| RouteChange::Set {
@@ -224,7 +241,7 @@ mod tests {
         saved.apply(&set(2));
         saved.save().unwrap();
         assert_eq!(
-            RoutesFile::in_dir(dir.path())
+            in_tempdir(&dir)
                 .load()
                 .unwrap()
                 .port(&Domain::parse("a.example").unwrap()),
@@ -235,10 +252,47 @@ mod tests {
     #[test]
     fn newer_format_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let file = RoutesFile::in_dir(dir.path());
+        let file = in_tempdir(&dir);
         fs::write(file.path(), b"{\"version\":2,\"routes\":{},\"more\":1}").unwrap();
         let err = file.load().unwrap_err().to_string();
         assert!(err.contains("newer core-server"), "{err}");
         assert!(file.path().exists());
+    }
+
+    #[test]
+    fn corrupt_files_set_aside_in_the_same_second_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = in_tempdir(&dir);
+        for garbage in ["{first", "{second", "{third"] {
+            fs::write(file.path(), garbage).unwrap();
+            assert!(file.load().unwrap().is_empty());
+        }
+        let mut kept: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["{first", "{second", "{third"]);
+    }
+
+    #[test]
+    fn loading_removes_temp_files_left_by_an_interrupted_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = in_tempdir(&dir);
+        let routes: Routes = [(Domain::parse("a.example").unwrap(), 8080)]
+            .into_iter()
+            .collect();
+        file.save(&routes).unwrap();
+        fs::write(
+            dir.path().join(".routes.json.tmp-00c0ffee00c0ffee"),
+            b"{torn",
+        )
+        .unwrap();
+        assert_eq!(file.load().unwrap(), routes);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["routes.json"]);
     }
 }

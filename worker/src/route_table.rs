@@ -2,7 +2,11 @@
 //!
 //! A change applies at once (the next request sees it) and is reported to the supervisor with a
 //! sequence number. The command's sender is answered `ok` only once the supervisor says every
-//! change up to that number is saved, so `ok` means the route survives a restart.
+//! change up to that number is saved, so `ok` means the route survives a restart. Otherwise
+//! the reply tells which of two cases it is: the change is known not to be saved (the save
+//! failed, or the supervisor never got it), or the supervisor went away before saying, so the
+//! change may or may not be on disk (it dies between writing the file and answering); then the
+//! reply says so, and that resending is safe: `add` and `remove` are idempotent.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,11 +28,33 @@ pub struct RouteTable {
     saved: watch::Sender<Saved>,
 }
 
-/// The supervisor's latest acknowledgement.
+/// The supervisor's latest word: what became of every change up to `upto`.
 #[derive(Debug, Clone, Default)]
 struct Saved {
     upto: u64,
-    error: Option<String>,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Outcome {
+    #[default]
+    Saved,
+    /// Known not saved: why.
+    NotSaved(String),
+    /// Perhaps saved, perhaps not: why no one can tell.
+    Unknown(String),
+}
+
+impl Outcome {
+    fn reply(&self) -> Reply {
+        match self {
+            Outcome::Saved => Reply::Ok,
+            Outcome::NotSaved(why) => Reply::Error(format!("route applied but not saved: {why}")),
+            Outcome::Unknown(why) => Reply::Error(format!(
+                "route applied, but whether it was saved is unknown ({why}); resending it is safe"
+            )),
+        }
+    }
 }
 
 impl RouteTable {
@@ -66,27 +92,106 @@ impl RouteTable {
             .await;
         let mut saved = self.saved.subscribe();
         Ok(async move {
+            // One message on a SOCK_SEQPACKET socket: an error means it was not delivered.
             if let Err(e) = sent {
-                return not_saved(&format!("cannot reach the supervisor: {e}"));
+                let why = format!("cannot reach the supervisor: {e}");
+                return Outcome::NotSaved(why).reply();
             }
             match saved.wait_for(|s| s.upto >= seq).await {
-                Ok(s) => s.error.as_deref().map_or(Reply::Ok, not_saved),
-                Err(_) => not_saved("the worker is stopping"),
+                Ok(s) => s.outcome.reply(),
+                Err(_) => {
+                    Outcome::Unknown("the worker stopped before the supervisor answered".into())
+                        .reply()
+                }
             }
         })
     }
 
     /// The supervisor saved every change up to `upto` (or failed to: `error`).
     pub fn saved(&self, upto: u64, error: Option<String>) {
-        self.saved.send_replace(Saved { upto, error });
+        let outcome = error.map_or(Outcome::Saved, Outcome::NotSaved);
+        self.saved.send_replace(Saved { upto, outcome });
     }
 
-    /// The supervisor is gone: nothing waiting will ever be saved.
+    /// The supervisor is gone: whether it saved what it was sent before it went, no one knows.
     pub fn supervisor_gone(&self) {
-        self.saved(u64::MAX, Some("the supervisor is gone".into()));
+        self.saved.send_replace(Saved {
+            upto: u64::MAX,
+            outcome: Outcome::Unknown("the supervisor stopped before saying".into()),
+        });
     }
 }
 
-fn not_saved(why: &str) -> Reply {
-    Reply::Error(format!("route applied but not saved: {why}"))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::channel::socketpair_fds;
+
+    /// A table, and the supervisor's end of its channel.
+    fn table() -> (RouteTable, Channel<ToWorker, FromWorker>) {
+        let (worker, supervisor) = socketpair_fds().unwrap();
+        let channel = Arc::new(Channel::new(worker).unwrap());
+        (
+            RouteTable::new(Routes::default(), channel),
+            Channel::new(supervisor).unwrap(),
+        )
+    }
+
+    fn add() -> RouteChange {
+        RouteChange::Set {
+            domain: Domain::parse("a.example").unwrap(),
+            port: 8080,
+        }
+    }
+
+    /// Makes the change, lets the supervisor receive it, then `then`; the reply.
+    async fn reply_when(then: impl FnOnce(&RouteTable, Channel<ToWorker, FromWorker>)) -> String {
+        let (table, supervisor) = table();
+        let reply = table.change(add()).await.unwrap();
+        let received = supervisor.recv().await.unwrap().unwrap().0;
+        assert!(matches!(received, FromWorker::RouteChanged { seq: 1, .. }));
+        then(&table, supervisor);
+        reply.await.to_string()
+    }
+
+    #[tokio::test]
+    async fn ok_once_saved() {
+        assert_eq!(reply_when(|t, _| t.saved(1, None)).await, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_is_reported_as_not_saved() {
+        let reply =
+            reply_when(|t, _| t.saved(1, Some("cannot save routes.json: disk full".into()))).await;
+        assert_eq!(
+            reply,
+            "error: route applied but not saved: cannot save routes.json: disk full"
+        );
+    }
+
+    /// The supervisor may have died after writing the file, before answering.
+    #[tokio::test]
+    async fn a_supervisor_gone_before_answering_leaves_the_outcome_unknown() {
+        let reply = reply_when(|t, supervisor| {
+            drop(supervisor);
+            t.supervisor_gone();
+        })
+        .await;
+        assert_eq!(
+            reply,
+            "error: route applied, but whether it was saved is unknown (the supervisor stopped \
+             before saying); resending it is safe"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_the_supervisor_never_got_is_not_saved() {
+        let (table, supervisor) = table();
+        drop(supervisor);
+        let reply = table.change(add()).await.unwrap().await.to_string();
+        assert!(
+            reply.starts_with("error: route applied but not saved: cannot reach the supervisor"),
+            "{reply}"
+        );
+    }
 }
