@@ -4,14 +4,30 @@
 //! its log file (release mode), so one terminal or one file shows all processes; each line
 //! names the crate it comes from (`core_server`, `core_server_worker`, ...).
 
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal};
 
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr (colours only on a terminal).
+/// Logs to stderr (colours only on a terminal). A stderr nobody reads any more (a child's log
+/// pipe, once the supervisor is gone) loses the lines but never stops the process: tracing
+/// would report the failed write on stderr itself, and `eprintln!` panics when that fails too.
 pub fn init() {
-    init_with(std::io::stderr, std::io::stderr().is_terminal());
+    init_with(|| LossyStderr, std::io::stderr().is_terminal());
+}
+
+/// Stderr, with write errors ignored (see [`init`]).
+struct LossyStderr;
+
+impl io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Logs to `writer`.

@@ -1,5 +1,6 @@
 //! Where a child's stderr goes: always into a pipe that the supervisor reads, line by line, and
-//! writes to its own stderr (local mode) or into the log file (release mode). So a child shares
+//! hands to the supervisor's own non-blocking log writer (stderr in local mode, the log file in
+//! release mode; see `log_file`). So a child shares
 //! no descriptor with the operator's terminal nor with the log file (an unprivileged child
 //! cannot open the file, and a shared descriptor would keep writing to a rotated-away file).
 //!
@@ -23,14 +24,9 @@ const READ_SIZE: usize = 16 * 1024;
 /// Ends a line that was cut; the rest of it, up to its newline, is dropped.
 const CUT_MARKER: &[u8] = b" [cut: line too long]";
 
-/// Where children's stderr lines go.
+/// Where children's stderr lines go: the supervisor's own log writer.
 #[derive(Clone)]
-pub enum ChildLogs {
-    /// Onto our own stderr (local mode).
-    Stderr,
-    /// Forwarded into the log file through this writer (release mode).
-    Forward(NonBlocking),
-}
+pub struct ChildLogs(pub NonBlocking);
 
 impl ChildLogs {
     /// A pipe for a new child's stderr, to give to [`crate::child::spawn`].
@@ -46,10 +42,7 @@ impl ChildLogs {
     /// Writes one whole line (newline included) in one call, so lines of several children and
     /// our own never interleave within a line.
     fn write_line(&mut self, line: &[u8]) {
-        let _ = match self {
-            ChildLogs::Stderr => io::stderr().write_all(line),
-            ChildLogs::Forward(writer) => writer.write_all(line),
-        };
+        let _ = self.0.write_all(line);
     }
 }
 

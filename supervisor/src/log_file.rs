@@ -1,9 +1,10 @@
 //! Where logs go: stderr in local mode; in release mode `<dir>/logs/core.log`, rotated by size
 //! with all files together held under the cap.
 //!
-//! In release mode the supervisor's own lines and its children's (see `child_logs`) go through
-//! one non-blocking writer (tracing-appender: a slow disk never stalls the supervisor) into a
-//! size-rotating file: `core.log`, then `core.log.1` (newest) to `core.log.9`, each under a
+//! The supervisor's own lines and its children's (see `child_logs`) go through one non-blocking
+//! writer (tracing-appender): a slow disk, or a terminal that stops reading (Ctrl-S, a paused
+//! pager), drops lines past a bounded queue instead of stalling the supervisor. In release
+//! mode it writes into a size-rotating file: `core.log`, then `core.log.1` (newest) to `core.log.9`, each under a
 //! tenth of the cap. The files are reached through the `logs` directory's descriptor (see
 //! `state_dir`): `core.log` is opened without following a link, and rotated files are only
 //! ever renamed, which moves or replaces a link there, never writes through it.
@@ -26,15 +27,26 @@ const NAME: &str = "core.log";
 /// Logs may tell more than the routes file; only the owner reads them.
 const MODE: u32 = 0o600;
 
-/// The open log file: its writer (to hand to tracing and to `ChildLogs`) and the guard that
-/// flushes it when dropped.
+/// The open log: its writer (to hand to tracing and to `ChildLogs`), the file it writes to
+/// (`None`: stderr) and the guard that flushes it when dropped.
 pub struct LogFile {
     pub writer: NonBlocking,
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
     _flush_on_drop: WorkerGuard,
 }
 
 impl LogFile {
+    /// Our stderr (local mode).
+    pub fn stderr() -> LogFile {
+        let (writer, guard) = tracing_appender::non_blocking(io::stderr());
+        LogFile {
+            writer,
+            path: None,
+            _flush_on_drop: guard,
+        }
+    }
+
+    /// `logs/core.log` in `dir`, rotated (release mode).
     pub fn open(dir: &StateDir, cap: u64) -> anyhow::Result<LogFile> {
         let logs = dir.subdir("logs")?;
         let path = logs.path().join(NAME);
@@ -44,7 +56,7 @@ impl LogFile {
         let (writer, guard) = tracing_appender::non_blocking(file);
         Ok(LogFile {
             writer,
-            path,
+            path: Some(path),
             _flush_on_drop: guard,
         })
     }

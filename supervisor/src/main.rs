@@ -23,6 +23,7 @@ mod systemd;
 mod takeover;
 mod udp_client;
 
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -188,29 +189,26 @@ fn run_server(
         if let Some(ready) = ready.take() {
             let log = log_file
                 .as_ref()
-                .map_or(Path::new("stderr"), |log| log.path.as_path());
+                .and_then(|log| log.path.as_deref())
+                .unwrap_or(Path::new("stderr"));
             ready.serving(log);
         }
         supervisor.run(worker, signals).await
     })
 }
 
-/// Stderr in local mode; in release mode the rotated log file under `dir`, kept in `file`.
+/// Stderr in local mode; in release mode the rotated log file under `dir`; kept in `file`.
 fn start_logging(
     mode: Mode,
     dir: &StateDir,
     cap: u64,
     file: &mut Option<LogFile>,
 ) -> anyhow::Result<ChildLogs> {
-    match mode {
-        Mode::Local => {
-            core_server_proto::logging::init();
-            Ok(ChildLogs::Stderr)
-        }
-        Mode::Release => {
-            let log = file.insert(LogFile::open(dir, cap)?);
-            core_server_proto::logging::init_with(log.writer.clone(), false);
-            Ok(ChildLogs::Forward(log.writer.clone()))
-        }
-    }
+    let log = file.insert(match mode {
+        Mode::Local => LogFile::stderr(),
+        Mode::Release => LogFile::open(dir, cap)?,
+    });
+    let ansi = log.path.is_none() && std::io::stderr().is_terminal();
+    core_server_proto::logging::init_with(log.writer.clone(), ansi);
+    Ok(ChildLogs(log.writer.clone()))
 }
