@@ -63,7 +63,7 @@ pub async fn stop(udp_port: u16) -> anyhow::Result<ExitCode> {
 }
 
 /// Whether `pid` is still a live process (a zombie waiting to be reaped is not).
-fn running(pid: u32) -> bool {
+pub(crate) fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))

@@ -12,6 +12,7 @@ mod cli;
 mod control;
 mod control_client;
 mod detach;
+mod handover;
 mod listeners;
 mod log_file;
 mod privileges;
@@ -19,6 +20,7 @@ mod routes_file;
 mod supervise;
 mod systemd;
 mod takeover;
+mod test_hooks;
 mod udp_client;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use core_server_proto::ipc::{ControlRequest, WorkerSettings};
+use core_server_proto::ipc::WorkerSettings;
 
 use crate::child_logs::ChildLogs;
 use crate::cli::{Cli, Command, Mode, ServerOptions};
@@ -138,26 +140,11 @@ fn run_server(
                     inherited.routes.len(),
                     dir.display()
                 );
-                routes_file
-                    .save(&inherited.routes)
-                    .with_context(|| format!("cannot save the routes in {}", dir.display()))?;
                 let control = control::Listener::new(inherited.control)?;
-                let supervisor = supervisor(inherited.listeners, control, inherited.routes);
-                let worker = match supervisor.start_worker().await {
-                    Ok(worker) => worker,
-                    Err(e) => {
-                        let reason = format!("{e:#}");
-                        let _ = running
-                            .send(&ControlRequest::TakeOverFailed { reason }, &[])
-                            .await;
-                        return Err(e.context(format!(
-                            "the running core-server (pid {}) keeps serving",
-                            inherited.pid
-                        )));
-                    }
-                };
-                running.send(&ControlRequest::TookOver, &[]).await?;
-                tracing::info!("took over from core-server pid {}", inherited.pid);
+                let mut supervisor = supervisor(inherited.listeners, control, inherited.routes);
+                let worker =
+                    takeover::complete(&mut supervisor, &running, inherited.pid, &routes_file)
+                        .await?;
                 (supervisor, worker)
             }
             None => {
@@ -174,7 +161,7 @@ fn run_server(
                     routes_file.path().display()
                 );
                 let supervisor = supervisor(listeners, control, routes);
-                let worker = supervisor.start_worker().await?;
+                let worker = supervisor.start_worker(true).await?;
                 (supervisor, worker)
             }
         };
