@@ -30,7 +30,10 @@ pub struct Inherited {
 /// Asks the instance at the other end of `old` for everything it holds.
 pub async fn receive(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
     freeze_point("connected");
-    let (kinds, dir, pid, mut fds) = match control::ask(old, &ControlRequest::TakeOver).await? {
+    let answer = control::ask(old, &ControlRequest::TakeOver)
+        .await
+        .context("the running core-server did not answer the takeover; it keeps serving")?;
+    let (kinds, dir, pid, mut fds) = match answer {
         Some((
             ControlReply::Sockets {
                 listeners,
