@@ -32,8 +32,9 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, warn};
 
 use crate::control::{ServerEnd, REPLY_TIMEOUT};
-use crate::supervise::{routes_replies, Supervisor, Worker, WORKER_TIMEOUT};
+use crate::supervise::{routes_replies, Supervisor};
 use crate::test_hooks;
+use crate::worker::{Worker, WORKER_TIMEOUT};
 
 /// How long a taker may take, from our sending the sockets, to start its worker and say so.
 const TAKER_TIMEOUT: Duration = Duration::from_secs(20);

@@ -6,6 +6,7 @@
 //! HTTP and UDP commands are the worker's job. `add`, `remove`, `status` and `stop` are small
 //! local clients.
 
+mod backoff;
 mod child;
 mod child_logs;
 mod cli;
@@ -17,11 +18,13 @@ mod listeners;
 mod log_file;
 mod privileges;
 mod routes_file;
+mod stop_signals;
 mod supervise;
 mod systemd;
 mod takeover;
 mod test_hooks;
 mod udp_client;
+mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,7 +39,8 @@ use crate::detach::ReadyReport;
 use crate::log_file::LogFile;
 use crate::privileges::Unprivileged;
 use crate::routes_file::{RoutesFile, SavedRoutes};
-use crate::supervise::{StopSignals, Supervisor};
+use crate::stop_signals::StopSignals;
+use crate::supervise::Supervisor;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

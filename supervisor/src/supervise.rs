@@ -7,45 +7,32 @@
 //! worker is told which changes are safe (`Saved`), and only then does it answer `ok`.
 //!
 //! Nothing here waits on a peer without a bound: control clients are read in tasks of their
-//! own (`control.rs`); every message to the worker must be taken within [`WORKER_TIMEOUT`] and
-//! every `Ping` answered within [`HEARTBEAT_TIMEOUT`], or the worker (stopped, stuck) is killed
-//! and replaced. What it acknowledged was saved before it was told, so nothing is lost.
+//! own (`control.rs`); the worker must take every message, confirm a pause and answer every
+//! heartbeat within a deadline, or it (stopped, stuck) is killed and replaced (`worker.rs`).
+//! What it acknowledged was saved before it was told, so nothing is lost.
 
-use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
-use core_server_proto::channel::{socketpair_fds, Channel};
 use core_server_proto::ipc::{
     ControlReply, ControlRequest, FromWorker, InstanceStatus, ToWorker, WorkerSettings,
     ROUTES_PER_MESSAGE,
 };
 use core_server_proto::routes::{RouteChange, Routes};
-use tokio::process::Child;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::child;
+use crate::backoff::Backoff;
 use crate::child_logs::ChildLogs;
 use crate::control::{self, Incoming, REPLY_TIMEOUT};
 use crate::listeners::Listener;
 use crate::privileges::Unprivileged;
 use crate::routes_file::SavedRoutes;
+use crate::stop_signals::StopSignals;
+use crate::worker::Worker;
 
-/// How long a new worker may take from exec to `Ready`.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a worker whose start-up failed gets to exit on its own, so its status is reported.
-const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker may overrun its grace period on shutdown before it is killed.
 const KILL_AFTER_GRACE: Duration = Duration::from_secs(5);
-/// How long a worker may take to take in a message, or to confirm a pause.
-pub const WORKER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a worker is asked to prove it runs, and how long it has to answer.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Supervisor {
     pub listeners: Vec<Listener>,
@@ -56,36 +43,6 @@ pub struct Supervisor {
     pub privileges: Unprivileged,
     pub worker_binary: PathBuf,
     pub child_logs: ChildLogs,
-}
-
-pub struct Worker {
-    child: Child,
-    pub(crate) channel: Channel<ToWorker, FromWorker>,
-    started: Instant,
-    /// The last change reported and not yet acknowledged.
-    unsaved: Option<u64>,
-    /// When to send the next `Ping`, or, while one is unanswered, when it is overdue.
-    heartbeat_due: Instant,
-    ping_unanswered: bool,
-}
-
-impl Worker {
-    /// Sends `message`. A worker that does not take it within [`WORKER_TIMEOUT`] is killed
-    /// (and one that is gone, killed again): `false`, and its channel closes, so the main
-    /// loop replaces it.
-    pub(crate) async fn tell(&mut self, message: &ToWorker) -> bool {
-        match tokio::time::timeout(WORKER_TIMEOUT, self.channel.send(message, &[])).await {
-            Ok(Ok(())) => return true,
-            Ok(Err(_)) => {}
-            Err(_) => warn!("the worker took no message for {WORKER_TIMEOUT:?}; killing it"),
-        }
-        self.kill();
-        false
-    }
-
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 /// Why the main loop ends.
@@ -117,9 +74,9 @@ impl Supervisor {
                     Ok(Some((message, _))) => self.on_message(&mut worker, message),
                     Ok(None) | Err(_) => {
                         worker.kill();
-                        let status = describe(worker.child.wait().await);
+                        let status = worker.wait().await;
                         self.save(&mut worker).await;
-                        let delay = backoff.after_exit(worker.started.elapsed());
+                        let delay = backoff.after_exit(worker.lived());
                         warn!("worker exited ({status}); starting a new one in {delay:?}");
                         match self.restart(delay, &mut backoff, &mut signals).await {
                             Some(new) => worker = new,
@@ -131,7 +88,7 @@ impl Supervisor {
                 _ = std::future::ready(()), if worker.unsaved.is_some() => {
                     self.save(&mut worker).await;
                 }
-                _ = tokio::time::sleep_until(worker.heartbeat_due) => self.heartbeat(&mut worker).await,
+                _ = tokio::time::sleep_until(worker.heartbeat_due()) => worker.heartbeat().await,
                 Some(Incoming { request, connection }) = requests.recv() => match request {
                     ControlRequest::TakeOver => {
                         // Connections on the shared socket are the taker's once it owns it.
@@ -157,6 +114,8 @@ impl Supervisor {
             }
         };
         accepting.abort();
+        // Clients still queued are closed now, not left waiting for the drain to end.
+        drop(requests);
         if ending == Ending::Stop {
             crate::systemd::stopping();
         }
@@ -190,97 +149,12 @@ impl Supervisor {
         }
     }
 
-    /// Starts a worker and hands it the sockets, settings and routes; returns once it is ready.
-    /// It reads UDP commands at once if `read_commands`, else once told `ResumeCommands`.
-    pub async fn start_worker(&self, read_commands: bool) -> anyhow::Result<Worker> {
-        let (ours, theirs) = socketpair_fds().context("cannot create the worker's socketpair")?;
-        let stderr = self
-            .child_logs
-            .stderr()
-            .context("cannot set up the worker's log")?;
-        let mut child = child::spawn(&self.worker_binary, theirs, self.privileges, stderr)?;
-        let channel = Channel::new(ours)?;
-        let outcome =
-            tokio::time::timeout(START_TIMEOUT, self.hand_to_worker(&channel, read_commands))
-                .await
-                .unwrap_or_else(|_| Err(anyhow!("not ready within {START_TIMEOUT:?}")));
-        if let Err(e) = outcome {
-            // A worker that exits closes its channel, failing the hand-over; its exit status
-            // explains more than the broken channel.
-            let e = match tokio::time::timeout(EXIT_REPORT_WAIT, child.wait()).await {
-                Ok(status) => anyhow!("exited during start-up ({})", describe(status)),
-                Err(_) => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    e
-                }
-            };
-            return Err(e.context("the worker did not start"));
-        }
-        info!(
-            "worker ready (pid {}, uid {}), serving {} routes",
-            child.id().unwrap_or(0),
-            self.privileges.uid(),
-            self.routes.routes().len()
-        );
-        Ok(Worker {
-            child,
-            channel,
-            started: Instant::now(),
-            unsaved: None,
-            heartbeat_due: Instant::now() + HEARTBEAT_INTERVAL,
-            ping_unanswered: false,
-        })
-    }
-
-    async fn hand_to_worker(
-        &self,
-        channel: &Channel<ToWorker, FromWorker>,
-        read_commands: bool,
-    ) -> anyhow::Result<()> {
-        let kinds = self.listeners.iter().map(|l| l.kind).collect();
-        let fds: Vec<BorrowedFd> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
-        let start = ToWorker::Start {
-            listeners: kinds,
-            settings: self.settings.clone(),
-        };
-        channel.send(&start, &fds).await?;
-        for chunk in self.routes.routes().chunks(ROUTES_PER_MESSAGE) {
-            channel.send(&ToWorker::Routes(chunk), &[]).await?;
-        }
-        channel
-            .send(&ToWorker::Serve { read_commands }, &[])
-            .await?;
-        match channel.recv().await? {
-            Some((FromWorker::Ready, _)) => Ok(()),
-            Some((other, _)) => bail!("unexpected first message {other:?}"),
-            None => bail!("closed its channel during start-up"),
-        }
-    }
-
     /// Takes in what the worker says in the normal course of things.
     pub(crate) fn on_message(&mut self, worker: &mut Worker, message: FromWorker) {
         match message {
             FromWorker::RouteChanged { seq, change } => self.record(worker, seq, &change),
-            FromWorker::Pong => {
-                worker.ping_unanswered = false;
-                worker.heartbeat_due = Instant::now() + HEARTBEAT_INTERVAL;
-            }
+            FromWorker::Pong => worker.answered(),
             other => warn!("unexpected message from the worker: {other:?}"),
-        }
-    }
-
-    /// Sends the next `Ping`, or replaces a worker that left the last one unanswered.
-    async fn heartbeat(&mut self, worker: &mut Worker) {
-        worker.heartbeat_due = Instant::now() + HEARTBEAT_TIMEOUT;
-        if worker.ping_unanswered {
-            warn!(
-                "the worker (pid {}) did not answer within {HEARTBEAT_TIMEOUT:?} (stopped or stuck); replacing it",
-                worker.child.id().unwrap_or(0)
-            );
-            worker.kill();
-        } else {
-            worker.ping_unanswered = worker.tell(&ToWorker::Ping).await;
         }
     }
 
@@ -307,7 +181,7 @@ impl Supervisor {
                 let status = InstanceStatus {
                     version: env!("CARGO_PKG_VERSION").to_owned(),
                     supervisor_pid: std::process::id(),
-                    worker_pid: worker.child.id(),
+                    worker_pid: worker.pid(),
                     acme_pid: None,
                     ports: self.listeners.iter().map(|l| (l.kind, l.port())).collect(),
                     dir: self.routes.dir().to_path_buf(),
@@ -364,7 +238,7 @@ impl Supervisor {
                 }
             }
         }
-        let status = describe(worker.child.wait().await);
+        let status = worker.wait().await;
         self.save(&mut worker).await;
         info!("worker exited ({status}); stopped");
     }
@@ -379,83 +253,4 @@ pub(crate) fn routes_replies(routes: &Routes) -> Vec<ControlReply> {
         .collect();
     replies.push(ControlReply::RoutesEnd);
     replies
-}
-
-fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
-    match status {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("status unknown: {e}"),
-    }
-}
-
-/// The signals that ask for a clean stop: SIGTERM, SIGINT (Ctrl-C), and SIGHUP (the terminal
-/// of a foreground instance went away), whose default action would skip the drain. Caught
-/// from the start, so one arriving while the instance starts is a clean stop too.
-pub struct StopSignals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
-}
-
-impl StopSignals {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(StopSignals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-            _ = self.hup.recv() => "SIGHUP",
-        }
-    }
-}
-
-/// Restart delays: short for a worker that ran a while, doubling for one that keeps dying.
-struct Backoff {
-    next: Duration,
-}
-
-const FIRST_DELAY: Duration = Duration::from_millis(50);
-const MAX_DELAY: Duration = Duration::from_secs(10);
-/// A worker that lived this long was healthy: its successor starts after the first delay.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { next: FIRST_DELAY }
-    }
-}
-
-impl Backoff {
-    fn after_exit(&mut self, lived: Duration) -> Duration {
-        if lived >= HEALTHY_AFTER {
-            self.next = FIRST_DELAY;
-        }
-        let delay = self.next;
-        self.next = (self.next * 2).min(MAX_DELAY);
-        delay
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_resets_after_a_healthy_run() {
-        let mut b = Backoff::default();
-        let quick: Vec<_> = (0..10)
-            .map(|_| b.after_exit(Duration::ZERO).as_millis())
-            .collect();
-        assert_eq!(
-            quick,
-            [50, 100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000]
-        );
-        assert_eq!(b.after_exit(HEALTHY_AFTER), FIRST_DELAY);
-    }
 }

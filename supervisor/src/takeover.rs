@@ -14,8 +14,9 @@ use crate::control;
 use crate::control_client::running;
 use crate::listeners::Listener;
 use crate::routes_file::RoutesFile;
-use crate::supervise::{Ending, Supervisor, Worker};
+use crate::supervise::{Ending, Supervisor};
 use crate::test_hooks::freeze_point;
+use crate::worker::Worker;
 
 /// What the running instance handed over.
 pub struct Inherited {
