@@ -5,6 +5,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use core_server_proto::ipc::{ControlReply, ControlRequest, ToWorker};
@@ -28,9 +29,21 @@ pub struct Inherited {
     pub pid: u32,
 }
 
+/// How long the running instance may take to hand over its sockets and routes (it pauses
+/// its worker's commands and saves first). Giving up here is safe: it then resumes.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Asks the instance at the other end of `old` for everything it holds.
 pub async fn receive(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
     freeze_point("connected");
+    tokio::time::timeout(RECEIVE_TIMEOUT, ask_for_everything(old))
+        .await
+        .unwrap_or_else(|_| {
+            bail!("the running core-server did not hand over within {RECEIVE_TIMEOUT:?}; it keeps serving")
+        })
+}
+
+async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
     let answer = control::ask(old, &ControlRequest::TakeOver)
         .await
         .context("the running core-server did not answer the takeover; it keeps serving")?;
