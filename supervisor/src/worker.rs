@@ -22,9 +22,10 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker may take to take in a message, or to confirm a pause.
 pub const WORKER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a worker is asked to prove it runs, and how long it has to answer.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a worker is asked to prove it runs, and how long it has to answer: a stopped
+/// worker is replaced within about 4 s, before `core-server add` (5 s) gives up on its reply.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A running worker, as its supervisor sees it.
 pub struct Worker {
