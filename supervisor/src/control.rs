@@ -31,7 +31,8 @@ use tokio::task::JoinHandle;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client has to take in an answer (the socket buffer is full only if it reads none).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// At most this many clients are being read at once; more wait in the listen backlog.
+/// At most this many clients are read, or wait for the main loop, at once; more wait in the
+/// listen backlog.
 const MAX_PENDING: usize = 32;
 /// A failed accept (out of descriptors) is retried after this, not in a busy loop.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -183,7 +184,6 @@ pub fn serve(listener: Listener, requests: mpsc::Sender<Incoming>) -> JoinHandle
             let requests = requests.clone();
             tokio::spawn(async move {
                 let request = tokio::time::timeout(REQUEST_TIMEOUT, connection.recv()).await;
-                drop(permit);
                 match request {
                     Ok(Ok(Some((request, _)))) => {
                         let _ = requests
@@ -199,6 +199,7 @@ pub fn serve(listener: Listener, requests: mpsc::Sender<Incoming>) -> JoinHandle
                         "a control client sent no request within {REQUEST_TIMEOUT:?}; closed"
                     ),
                 }
+                drop(permit); // held until the main loop has the request
             });
         }
     })
