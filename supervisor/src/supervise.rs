@@ -225,7 +225,7 @@ impl Supervisor {
                         self.record(&mut worker, seq, &change)
                     }
                     Ok(Some((FromWorker::RouteChanged { change, .. }, _))) => {
-                        warn!("the worker changed a route after the handover ({change:?}); not saved here")
+                        warn!("the worker changed a route that another instance owns ({change:?}); not saved here")
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
