@@ -44,31 +44,38 @@ fn timed_add(server: &CoreServer, domain: &str) -> Duration {
 async fn a_silent_control_client_does_not_delay_an_add() {
     tokio::task::block_in_place(|| {
         let mut server = CoreServer::start();
-        let baseline = (0..5)
-            .map(|i| timed_add(&server, &format!("before{i}.example")))
-            .max()
-            .unwrap();
+        let median = |mut times: Vec<Duration>| {
+            times.sort();
+            times[times.len() / 2]
+        };
+        let before = median(
+            (0..7)
+                .map(|i| timed_add(&server, &format!("before{i}.example")))
+                .collect(),
+        );
         let clients: Vec<_> = (0..3)
             .map(|_| silent_control_client(server.udp_port))
             .collect();
         std::thread::sleep(Duration::from_millis(200)); // accepted by now
-        for i in 0..5 {
-            let took = timed_add(&server, &format!("during{i}.example"));
-            eprintln!(
-                "add answered in {took:?} with silent control clients ({baseline:?} without)"
-            );
-            assert!(
-                took <= baseline + Duration::from_millis(100),
-                "an add took {took:?} with silent control clients (at most {baseline:?} without)"
-            );
-        }
+                                                        // Each add is answered (within 5 s: today's code never answers them), and typically
+                                                        // no slower than without the clients (medians: one slow disk write is not the point).
+        let during = median(
+            (0..7)
+                .map(|i| timed_add(&server, &format!("during{i}.example")))
+                .collect(),
+        );
+        eprintln!("median add reply: {during:?} with silent control clients, {before:?} without");
+        assert!(
+            during <= before + Duration::from_millis(100),
+            "silent control clients delayed adds: {during:?} with, {before:?} without"
+        );
         // `status` is answered meanwhile, and SIGTERM stops the instance.
         let status = Command::new(binaries().join("core-server"))
             .args(["--udp-port", &server.udp_port.to_string(), "status"])
             .output()
             .unwrap();
         assert!(status.status.success(), "{status:?}");
-        assert!(String::from_utf8_lossy(&status.stdout).contains("routes (10):"));
+        assert!(String::from_utf8_lossy(&status.stdout).contains("routes (14):"));
         assert!(server.stop().success());
         drop(clients);
     });
@@ -98,7 +105,7 @@ async fn a_stopped_worker_is_replaced_and_add_still_answers() {
 }
 
 /// How long the giving side of a takeover waits for the taker, in these tests.
-const TAKER_TIMEOUT_MS: &str = "1500";
+const TAKER_TIMEOUT_MS: &str = "3000";
 /// Longer than that, and than a control client may take to send its request (5 s).
 const FREEZE: Duration = Duration::from_secs(6);
 
