@@ -67,7 +67,7 @@ impl Supervisor {
     /// Stops the worker reading commands and saves every change it made before.
     async fn pause(&mut self, worker: &mut Worker) -> Result<(), String> {
         if !worker.tell(&ToWorker::PauseCommands).await {
-            return Err("our worker is gone".to_owned());
+            return Err("the worker is gone".to_owned());
         }
         let paused = timeout(WORKER_TIMEOUT, async {
             loop {
@@ -84,11 +84,11 @@ impl Supervisor {
                 self.save(worker).await;
                 Ok(())
             }
-            Ok(false) => Err("our worker exited".to_owned()),
+            Ok(false) => Err("the worker exited".to_owned()),
             Err(_) => {
                 worker.kill();
                 Err(format!(
-                    "our worker did not pause within {WORKER_TIMEOUT:?}; it is replaced"
+                    "the worker did not pause within {WORKER_TIMEOUT:?}; it is replaced"
                 ))
             }
         }

@@ -104,6 +104,27 @@ async fn a_stopped_worker_is_replaced_and_add_still_answers() {
     });
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_never_confirms_a_pause_voids_the_takeover_and_is_replaced() {
+    tokio::task::block_in_place(|| {
+        let server = CoreServer::start();
+        server.add("before.example", 9);
+        let stopped = server.worker_pid();
+        kill(Pid::from_raw(stopped as i32), Signal::SIGSTOP).unwrap();
+        let rerun = server.command().output().unwrap();
+        let stderr = String::from_utf8_lossy(&rerun.stderr);
+        assert!(!rerun.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("takeover void: the worker did not pause"),
+            "{stderr}"
+        );
+        eprintln!("the rerun said: {stderr}");
+        wait_gone(stopped, Duration::from_secs(10));
+        assert_eq!(server.udp("add after.example 9"), "ok");
+        assert_ne!(server.worker_pid(), stopped);
+    });
+}
+
 /// How long the giving side of a takeover waits for the taker, in these tests.
 const TAKER_TIMEOUT_MS: &str = "3000";
 /// Longer than that, and than a control client may take to send its request (5 s).
