@@ -3,9 +3,10 @@
 //!
 //! One instance owns the routes at every instant: the owner's worker is the only one reading
 //! UDP commands, and the owner alone writes the routes file and serves the control socket.
-//! Both workers may serve HTTP while ownership moves (they hold the same routes then, and the
-//! kernel gives each connection to one of them). Ownership moves by one explicit message, and
-//! only the owner decides whether it moves:
+//! Both workers serve HTTP while ownership moves (the kernel gives each connection to one of
+//! them; so the old one can drain while the new one serves). Until a verdict, they hold the
+//! same routes; after a void, the taker's worker is drained as soon as the taker runs again.
+//! Ownership moves by one explicit message, and only the owner decides whether it moves:
 //!
 //! 1. The taker asks `TakeOver`. The owner stops serving control clients, pauses its worker's
 //!    commands (confirmed within `WORKER_TIMEOUT`, or the worker is killed, to be replaced,

@@ -17,7 +17,7 @@ use crate::child;
 use crate::supervise::Supervisor;
 
 /// How long a new worker may take from exec to `Ready`.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a worker whose start-up failed gets to exit on its own, so its status is reported.
 const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker may take to take in a message, or to confirm a pause.
