@@ -128,7 +128,7 @@ async fn a_worker_that_never_confirms_a_pause_voids_the_takeover_and_is_replaced
 /// How long the giving side of a takeover waits for the taker, in these tests.
 const TAKER_TIMEOUT_MS: &str = "3000";
 /// Longer than that, and than a control client may take to send its request (5 s).
-const FREEZE: Duration = Duration::from_secs(6);
+const FREEZE: Duration = Duration::from_secs(8);
 
 /// An app adding routes throughout, one at a time, waiting for each reply (for longer than
 /// the freeze: commands wait in the kernel's queue while nobody reads them).
