@@ -47,8 +47,10 @@ pub enum ToWorker {
     /// Part of the routes table, sent after `Start` and before `Serve`, in chunks of at most
     /// [`ROUTES_PER_MESSAGE`] so each message fits one socket buffer.
     Routes(Vec<(Domain, u16)>),
-    /// Every route is sent: start serving, then answer `Ready`.
-    Serve,
+    /// Every route is sent: start serving, then answer `Ready`. Without `read_commands` (a
+    /// taker's worker, before the old instance has handed over) UDP commands stay unread until
+    /// `ResumeCommands`.
+    Serve { read_commands: bool },
     /// Every `RouteChanged` up to and including `upto` is saved to disk (or failed to be).
     Saved { upto: u64, error: Option<String> },
     /// Stop accepting; let in-flight requests finish within `grace`; exit.
@@ -56,8 +58,11 @@ pub enum ToWorker {
     /// Stop reading UDP commands (a new instance is taking over); answer `CommandsPaused`
     /// once every change already applied has been reported.
     PauseCommands,
-    /// The takeover failed: read UDP commands again.
+    /// Read UDP commands (again, or for the first time: see `Serve`).
     ResumeCommands,
+    /// Answer `Pong`: a worker that does not, within a deadline, is stopped or stuck and is
+    /// replaced.
+    Ping,
 }
 
 /// Worker to supervisor.
@@ -69,6 +74,8 @@ pub enum FromWorker {
     RouteChanged { seq: u64, change: RouteChange },
     /// No longer reading UDP commands; every change made was reported before this.
     CommandsPaused,
+    /// The answer to `Ping`.
+    Pong,
 }
 
 /// A local client of the running supervisor's control socket: `core-server status|stop`, or a
@@ -79,8 +86,9 @@ pub enum ControlRequest {
     Stop,
     /// Hand over the sockets and routes (answered `Sockets`, `Routes`..., `RoutesEnd`).
     TakeOver,
-    /// The taker's worker is serving: drain and exit.
-    TookOver,
+    /// The taker's worker is ready (UDP commands still unread): hand over, answered
+    /// `HandedOver`, or `Refused` if the takeover is void (it took too long).
+    TakerReady,
     /// The taker's worker did not start: keep serving.
     TakeOverFailed {
         reason: String,
@@ -105,6 +113,8 @@ pub enum ControlReply {
     },
     Routes(Vec<(Domain, u16)>),
     RoutesEnd,
+    /// The taker owns the instance from now on; this one drains and exits, and acts no more.
+    HandedOver,
     /// The request cannot be served now (the reason says why).
     Refused(String),
 }

@@ -5,9 +5,15 @@
 //! nothing is left on disk. `SOCK_SEQPACKET`, like the children's channels, so it carries the
 //! listening sockets on a takeover. Any local user can connect to an abstract socket, so both
 //! ends check the other's uid (`SO_PEERCRED`): the same user, or root.
+//!
+//! Clients are served off the supervisor's main loop ([`serve`]): each gets a task of its own
+//! and a short deadline to send its request, so a client that connects and says nothing holds
+//! up no UDP reply, worker restart or signal.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
 
 use core_server_proto::channel::Channel;
 use core_server_proto::ipc::{ControlReply, ControlRequest};
@@ -18,6 +24,18 @@ use nix::sys::socket::{
 use nix::unistd::Uid;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+
+/// How long a client has, once connected, to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to take in an answer (the socket buffer is full only if it reads none).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many clients are read, or wait for the main loop, at once; more wait in the
+/// listen backlog.
+const MAX_PENDING: usize = 32;
+/// A failed accept (out of descriptors) is retried after this, not in a busy loop.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// The running supervisor's end of a control connection.
 pub type ServerEnd = Channel<ControlReply, ControlRequest>;
@@ -94,8 +112,9 @@ pub async fn ask(
 }
 
 /// The listening control socket, served by the running supervisor.
+#[derive(Clone)]
 pub struct Listener {
-    fd: AsyncFd<OwnedFd>,
+    fd: Arc<AsyncFd<OwnedFd>>,
 }
 
 impl Listener {
@@ -103,7 +122,7 @@ impl Listener {
         // SAFETY: the `OwnedFd` moves into the `AsyncFd`, its only owner from here on, so it
         // is neither closed nor replaced while registered.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE)? };
-        Ok(Listener { fd })
+        Ok(Listener { fd: Arc::new(fd) })
     }
 
     /// The socket itself, to hand to the instance taking over.
@@ -136,4 +155,52 @@ impl Listener {
             let _ = peer.send(&ControlReply::Refused(why), &[]).await;
         }
     }
+}
+
+/// A request read from a control client, and the connection to answer it on.
+pub struct Incoming {
+    pub request: ControlRequest,
+    pub connection: ServerEnd,
+}
+
+/// Accepts control clients and reads their requests, each in a task of its own with
+/// [`REQUEST_TIMEOUT`] to speak; the requests come out of `requests`. Runs until aborted
+/// (a takeover stops it while the sockets change hands).
+pub fn serve(listener: Listener, requests: mpsc::Sender<Incoming>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let pending = Arc::new(Semaphore::new(MAX_PENDING));
+        loop {
+            let Ok(permit) = pending.clone().acquire_owned().await else {
+                return;
+            };
+            let connection = match listener.accept().await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::warn!("control socket: {e}");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            };
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let request = tokio::time::timeout(REQUEST_TIMEOUT, connection.recv()).await;
+                match request {
+                    Ok(Ok(Some((request, _)))) => {
+                        let _ = requests
+                            .send(Incoming {
+                                request,
+                                connection,
+                            })
+                            .await;
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::warn!("control connection: {e}"),
+                    Err(_) => tracing::warn!(
+                        "a control client sent no request within {REQUEST_TIMEOUT:?}; closed"
+                    ),
+                }
+                drop(permit); // held until the main loop has the request
+            });
+        }
+    })
 }

@@ -78,7 +78,7 @@ fn print_to_closed_pipe_too(text: &str) -> std::io::Result<()> {
 }
 
 /// Whether `pid` is still a live process (a zombie waiting to be reaped is not).
-fn running(pid: u32) -> bool {
+pub(crate) fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))

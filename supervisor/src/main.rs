@@ -6,6 +6,7 @@
 //! HTTP and UDP commands are the worker's job. `add`, `remove`, `status` and `stop` are small
 //! local clients.
 
+mod backoff;
 mod child;
 mod child_logs;
 mod cli;
@@ -13,23 +14,26 @@ mod control;
 mod control_client;
 mod detach;
 mod fd_limit;
+mod handover;
 mod listeners;
 mod log_file;
 mod privileges;
 mod routes_file;
 mod state_dir;
+mod stop_signals;
 mod supervise;
 mod systemd;
 mod takeover;
+mod test_hooks;
 mod udp_client;
+mod worker;
 
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
-use core_server_proto::ipc::{ControlRequest, WorkerSettings};
+use core_server_proto::ipc::WorkerSettings;
 
 use crate::child_logs::ChildLogs;
 use crate::cli::{Cli, Command, Mode, ServerOptions};
@@ -38,7 +42,8 @@ use crate::log_file::LogFile;
 use crate::privileges::Unprivileged;
 use crate::routes_file::{RoutesFile, SavedRoutes};
 use crate::state_dir::StateDir;
-use crate::supervise::{StopSignals, Supervisor};
+use crate::stop_signals::StopSignals;
+use crate::supervise::Supervisor;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -145,26 +150,11 @@ fn run_server(
                     inherited.routes.len(),
                     dir.display()
                 );
-                routes_file
-                    .save(&inherited.routes)
-                    .with_context(|| format!("cannot save the routes in {}", dir.display()))?;
                 let control = control::Listener::new(inherited.control)?;
-                let supervisor = supervisor(inherited.listeners, control, inherited.routes);
-                let worker = match supervisor.start_worker().await {
-                    Ok(worker) => worker,
-                    Err(e) => {
-                        let reason = format!("{e:#}");
-                        let _ = running
-                            .send(&ControlRequest::TakeOverFailed { reason }, &[])
-                            .await;
-                        return Err(e.context(format!(
-                            "the running core-server (pid {}) keeps serving",
-                            inherited.pid
-                        )));
-                    }
-                };
-                running.send(&ControlRequest::TookOver, &[]).await?;
-                tracing::info!("took over from core-server pid {}", inherited.pid);
+                let mut supervisor = supervisor(inherited.listeners, control, inherited.routes);
+                let worker =
+                    takeover::complete(&mut supervisor, &running, inherited.pid, &routes_file)
+                        .await?;
                 (supervisor, worker)
             }
             None => {
@@ -181,7 +171,7 @@ fn run_server(
                     routes_file.path().display()
                 );
                 let supervisor = supervisor(listeners, control, routes);
-                let worker = supervisor.start_worker().await?;
+                let worker = supervisor.start_worker(true).await?;
                 (supervisor, worker)
             }
         };

@@ -1,16 +1,23 @@
 //! The taking side of a takeover: a rerun `core-server` receives the running instance's
 //! sockets and routes over the control socket (it binds nothing itself), starts its own
-//! worker on them, and says whether that worked. The giving side is in `supervise.rs`.
+//! worker on them, says whether that worked, and owns the instance only once the running one
+//! has handed it over. The protocol and the giving side are in `handover.rs`.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use core_server_proto::ipc::{ControlReply, ControlRequest};
+use anyhow::{anyhow, bail, Context};
+use core_server_proto::ipc::{ControlReply, ControlRequest, ToWorker};
 use core_server_proto::routes::Routes;
 
 use crate::control;
+use crate::control_client::running;
 use crate::listeners::Listener;
+use crate::routes_file::RoutesFile;
+use crate::supervise::{Ending, Supervisor};
+use crate::test_hooks::freeze_point;
+use crate::worker::Worker;
 
 /// What the running instance handed over.
 pub struct Inherited {
@@ -22,9 +29,25 @@ pub struct Inherited {
     pub pid: u32,
 }
 
+/// How long the running instance may take to hand over its sockets and routes (it pauses
+/// its worker's commands and saves first). Giving up here is safe: it then resumes.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Asks the instance at the other end of `old` for everything it holds.
 pub async fn receive(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
-    let (kinds, dir, pid, mut fds) = match control::ask(old, &ControlRequest::TakeOver).await? {
+    freeze_point("connected");
+    tokio::time::timeout(RECEIVE_TIMEOUT, ask_for_everything(old))
+        .await
+        .unwrap_or_else(|_| {
+            bail!("the running core-server did not hand over within {RECEIVE_TIMEOUT:?}; it keeps serving")
+        })
+}
+
+async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
+    let answer = control::ask(old, &ControlRequest::TakeOver)
+        .await
+        .context("the running core-server did not answer the takeover; it keeps serving")?;
+    let (kinds, dir, pid, mut fds) = match answer {
         Some((
             ControlReply::Sockets {
                 listeners,
@@ -50,6 +73,61 @@ pub async fn receive(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
         dir,
         pid,
     })
+}
+
+/// Starts our worker on the inherited sockets (reading no command yet) and completes the
+/// handover: returns the worker, reading commands, once the instance at the other end of
+/// `old` (pid `old_pid`) has handed over and the routes are saved in `routes_file`.
+pub async fn complete(
+    supervisor: &mut Supervisor,
+    old: &control::ClientEnd,
+    old_pid: u32,
+    routes_file: &RoutesFile,
+) -> anyhow::Result<Worker> {
+    freeze_point("sockets-received");
+    let keeps_serving = || format!("the running core-server (pid {old_pid}) keeps serving");
+    let mut worker = match supervisor.start_worker(false).await {
+        Ok(worker) => worker,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            let _ = old
+                .send(&ControlRequest::TakeOverFailed { reason }, &[])
+                .await;
+            return Err(e.context(keeps_serving()));
+        }
+    };
+    freeze_point("worker-ready");
+    // A verdict sent before we spoke (the takeover was void already) is still read.
+    let _ = old.send(&ControlRequest::TakerReady, &[]).await;
+    freeze_point("ready-sent");
+    let void = match old.recv().await {
+        Ok(Some((ControlReply::HandedOver, _))) => None,
+        Ok(Some((ControlReply::Refused(why), _))) => Some(why),
+        Ok(Some((other, _))) => Some(format!("unexpected answer {other:?}")),
+        // No verdict: only a dead owner can no longer act.
+        Ok(None) | Err(_) if !running(old_pid) => {
+            tracing::warn!(
+                "core-server pid {old_pid} exited during the takeover; taking its place"
+            );
+            None
+        }
+        Ok(None) | Err(_) => Some("it closed the connection without handing over".to_owned()),
+    };
+    if let Some(why) = void {
+        supervisor.stop(worker, Ending::NotOwner).await;
+        return Err(anyhow!("{why}").context(keeps_serving()));
+    }
+    freeze_point("handed-over");
+    // Ours alone from now on; an unsaved table is retried by the next change's save.
+    if let Err(e) = routes_file.save(supervisor.routes.routes()) {
+        tracing::error!(
+            "cannot save the routes in {}: {e}",
+            routes_file.path().display()
+        );
+    }
+    worker.tell(&ToWorker::ResumeCommands).await;
+    tracing::info!("took over from core-server pid {old_pid}");
+    Ok(worker)
 }
 
 /// `Routes` chunks until `RoutesEnd`.

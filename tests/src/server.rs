@@ -195,20 +195,36 @@ impl CoreServer {
     }
 
     fn launch_process(&mut self) {
+        self.child = Some(self.spawn_process(&[]));
+    }
+
+    /// Starts the command line with `env` added, logging into [`Self::log`].
+    fn spawn_process(&self, env: &[(&str, &str)]) -> Child {
         std::fs::create_dir_all(self.dir.parent().unwrap()).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = self
-            .command()
+        self.command()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("start core-server");
-        self.child = Some(child);
+            .expect("start core-server")
+    }
+
+    /// Starts a rerun with `env` added and returns it at once: what becomes of it is the
+    /// test's to watch (see [`Self::adopt`]).
+    pub fn spawn_rerun(&self, env: &[(&str, &str)]) -> Child {
+        self.spawn_process(env)
+    }
+
+    /// Makes `rerun` (which took over) the instance this handle runs and stops on drop;
+    /// returns the process it replaces.
+    pub fn adopt(&mut self, rerun: Child) -> Child {
+        self.child.replace(rerun).expect("running")
     }
 
     /// Runs core-server again with the same command line, as an operator upgrading would. The

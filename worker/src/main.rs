@@ -69,7 +69,7 @@ fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let supervisor: Arc<SupervisorChannel> = Arc::new(Channel::new(inherited_fd()?)?);
-    let (listeners, settings, routes) = receive_start(&supervisor).await?;
+    let (listeners, settings, routes, read_commands) = receive_start(&supervisor).await?;
 
     let routes = Arc::new(RouteTable::new(routes, supervisor.clone()));
     let stop = CancellationToken::new();
@@ -96,8 +96,14 @@ async fn run() -> anyhow::Result<()> {
     supervisor.send(&FromWorker::Ready, &[]).await?;
     let (udp_control, control) = mpsc::channel(1);
     if let Some(udp) = udp {
-        let commands =
-            udp_commands::serve(udp, routes.clone(), stop.clone(), tasks.clone(), control);
+        let commands = udp_commands::serve(
+            udp,
+            routes.clone(),
+            stop.clone(),
+            tasks.clone(),
+            control,
+            !read_commands,
+        );
         tasks.spawn(commands);
     }
 
@@ -117,10 +123,10 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `Start`, then `Routes` chunks, until `Serve`.
+/// `Start`, then `Routes` chunks, until `Serve` (which says whether to read UDP commands yet).
 async fn receive_start(
     supervisor: &SupervisorChannel,
-) -> anyhow::Result<(Vec<(ListenerKind, OwnedFd)>, WorkerSettings, Routes)> {
+) -> anyhow::Result<(Vec<(ListenerKind, OwnedFd)>, WorkerSettings, Routes, bool)> {
     let (listeners, settings) = match supervisor.recv().await? {
         Some((
             ToWorker::Start {
@@ -132,14 +138,19 @@ async fn receive_start(
         other => bail!("expected Start with its sockets from the supervisor, got {other:?}"),
     };
     let mut routes = Vec::new();
-    loop {
+    let read_commands = loop {
         match supervisor.recv().await? {
             Some((ToWorker::Routes(chunk), _)) => routes.extend(chunk),
-            Some((ToWorker::Serve, _)) => break,
+            Some((ToWorker::Serve { read_commands }, _)) => break read_commands,
             other => bail!("expected Routes or Serve from the supervisor, got {other:?}"),
         }
-    }
-    Ok((listeners, settings, routes.into_iter().collect()))
+    };
+    Ok((
+        listeners,
+        settings,
+        routes.into_iter().collect(),
+        read_commands,
+    ))
 }
 
 /// Handles the supervisor's messages until it asks us to stop or goes away; the grace period.
@@ -169,6 +180,12 @@ async fn follow_supervisor(
             }
             Ok(Some((ToWorker::ResumeCommands, _))) => {
                 let _ = udp.send(udp_commands::Control::Resume).await;
+            }
+            Ok(Some((ToWorker::Ping, _))) => {
+                if supervisor.send(&FromWorker::Pong, &[]).await.is_err() {
+                    routes.supervisor_gone();
+                    return ORPHAN_GRACE;
+                }
             }
             Ok(Some((other, _))) => warn!("unexpected message from the supervisor: {other:?}"),
             Ok(None) | Err(_) => {

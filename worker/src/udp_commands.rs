@@ -30,16 +30,17 @@ pub enum Control {
     Resume,
 }
 
+/// Reads and answers commands until `stop`; starts `paused` (a taker's worker) or reading.
 pub async fn serve(
     socket: UdpSocket,
     routes: Arc<RouteTable>,
     stop: CancellationToken,
     tasks: TaskTracker,
     mut control: mpsc::Receiver<Control>,
+    mut paused: bool,
 ) {
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; 64 * 1024];
-    let mut paused = false;
     loop {
         let (len, from) = tokio::select! {
             Some(request) = control.recv() => {
