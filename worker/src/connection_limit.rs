@@ -1,0 +1,223 @@
+//! The cap on concurrent client connections (`--max-connections`), and what happens at it.
+//!
+//! Every client connection holds a [`Slot`] for its whole life. At the cap, the accept loop
+//! first makes idle connections give theirs back (no request in flight: an HTTP/1 keep-alive
+//! connection waiting for its next request, one that never sent a request, an HTTP/2
+//! connection with no open stream), the longest idle first and a batch at a time, as nginx
+//! reuses its "reusable" connections. If none is idle, it stops accepting until a connection
+//! closes or turns idle; new clients wait in the kernel's accept queue meanwhile.
+//!
+//! Registering a connection takes a lock, a request takes none: the registry is only scanned
+//! at the cap, which is the rare path.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use slab::Slab;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::activity::Activity;
+
+/// Descriptors the worker keeps apart from client connections and the backend connections
+/// they use: stdio, the IPC socket, the listeners and the UDP socket, the runtime's epoll and
+/// wake-up descriptors (about 16 in all), and headroom for idle pooled backend connections that
+/// outlive the client connection that opened them, and for WebSocket splices.
+const RESERVED_FDS: u64 = 256;
+
+/// How many idle connections one scan closes at most (nginx frees 32 at a time too): enough
+/// that a flood of new clients does not rescan the registry for each one.
+const EVICTION_BATCH: usize = 32;
+
+/// The default `--max-connections` for an open-file soft limit of `nofile`: half of what the
+/// reserve leaves, because each client connection with a request in flight also holds a
+/// backend connection (HTTP/1 and WebSocket: one each).
+pub fn default_max(nofile: u64) -> usize {
+    let usable = nofile.saturating_sub(RESERVED_FDS) / 2;
+    usable.clamp(1, u32::MAX.into()) as usize
+}
+
+pub struct ConnectionLimit {
+    max: usize,
+    /// One entry a slot: empty between admission and accept.
+    open: Mutex<Slab<Option<Arc<Activity>>>>,
+    /// Evicted connections not closed yet: no new batch is chosen while some are.
+    closing: AtomicUsize,
+    /// Whether the accept loop waits for room (only then do connections turning idle wake it).
+    waiting: AtomicBool,
+    /// A connection closed, or turned idle while `waiting`.
+    changed: Notify,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            max,
+            open: Mutex::new(Slab::new()),
+            closing: AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    /// A slot for a new connection, once there is room: at the cap, idle connections are asked
+    /// to close, and this waits until one has (or until a busy one closes).
+    pub async fn admit(self: &Arc<Self>) -> Slot {
+        let mut warned = false;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(slot) = self.try_admit() {
+                self.waiting.store(false, Ordering::Relaxed);
+                return slot;
+            }
+            self.waiting.store(true, Ordering::Relaxed);
+            if self.closing.load(Ordering::Relaxed) == 0 && self.evict_idle() == 0 && !warned {
+                warned = true;
+                warn!(
+                    "{} client connections open, none idle: not accepting until one closes \
+                     (--max-connections)",
+                    self.max
+                );
+            }
+            changed.await;
+        }
+    }
+
+    fn try_admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut open = self.open.lock().expect("connection registry lock");
+        if open.len() >= self.max {
+            return None;
+        }
+        let key = open.insert(None);
+        Some(Slot {
+            limit: self.clone(),
+            key,
+            activity: None,
+        })
+    }
+
+    /// Asks up to [`EVICTION_BATCH`] idle connections, the longest idle first, to close; how
+    /// many were asked. Also used when the descriptor table is full (EMFILE).
+    pub fn evict_idle(&self) -> usize {
+        let open = self.open.lock().expect("connection registry lock");
+        let mut idle: Vec<_> = open
+            .iter()
+            .filter_map(|(_, activity)| {
+                let activity = activity.as_ref()?;
+                Some((activity.idle_since()?, activity))
+            })
+            .collect();
+        if idle.len() > EVICTION_BATCH {
+            idle.select_nth_unstable_by_key(EVICTION_BATCH, |(since, _)| *since);
+            idle.truncate(EVICTION_BATCH);
+        }
+        let mut asked = 0;
+        for (_, activity) in idle {
+            if activity.evict() {
+                self.closing.fetch_add(1, Ordering::Relaxed);
+                asked += 1;
+            }
+        }
+        asked
+    }
+
+    /// Called by a connection whose last request in flight just ended.
+    pub fn turned_idle(&self) {
+        if self.waiting.load(Ordering::Relaxed) {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// A client connection's place under the cap, taken before `accept`; given back when dropped.
+pub struct Slot {
+    limit: Arc<ConnectionLimit>,
+    key: usize,
+    activity: Option<Arc<Activity>>,
+}
+
+impl Slot {
+    /// The connection was accepted: its clock starts, and from now on it may be evicted.
+    pub fn connected(&mut self) -> Arc<Activity> {
+        let activity = Activity::new(self.limit.clone());
+        self.limit.open.lock().expect("connection registry lock")[self.key] =
+            Some(activity.clone());
+        self.activity = Some(activity.clone());
+        activity
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limit
+            .open
+            .lock()
+            .expect("connection registry lock")
+            .remove(self.key);
+        if self.activity.as_ref().is_some_and(|a| a.was_evicted()) {
+            self.limit.closing.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.limit.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_leaves_the_reserve_and_a_backend_descriptor_per_client() {
+        assert_eq!(default_max(1024), 384);
+        assert_eq!(default_max(20000), 9872);
+        assert_eq!(default_max(1_048_576), 524_160);
+        assert_eq!(default_max(100), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_longest_idle_connection_makes_room() {
+        let limit = ConnectionLimit::new(2);
+        let mut first = limit.admit().await;
+        let first_activity = first.connected();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let mut second = limit.admit().await;
+        let second_activity = second.connected();
+        let _busy = second_activity.request_started();
+        let admit = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.admit().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(first_activity.was_evicted(), "the idle one is asked");
+        assert!(!second_activity.was_evicted(), "the busy one is not");
+        assert!(!admit.is_finished(), "no room before it closes");
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), admit)
+            .await
+            .expect("admitted once the idle connection closed")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_with_none_idle_a_request_ending_makes_room() {
+        let limit = ConnectionLimit::new(1);
+        let mut only = limit.admit().await;
+        let only_activity = only.connected();
+        let busy = only_activity.request_started();
+        let admit = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.admit().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!only_activity.was_evicted());
+        drop(busy);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(only_activity.was_evicted(), "asked once idle");
+        drop(only);
+        tokio::time::timeout(std::time::Duration::from_secs(5), admit)
+            .await
+            .expect("admitted")
+            .unwrap();
+    }
+}
