@@ -28,11 +28,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, error};
 
 use crate::accept_errors::AcceptErrors;
 use crate::activity::{Activity, CountedBody};
@@ -93,18 +94,37 @@ impl HttpServer {
     }
 
     /// Accepts until `stop`, serving each connection in a task of `tasks`.
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
+    pub async fn serve(
+        self,
+        listener: AsyncFd<std::net::TcpListener>,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) {
         let server = Arc::new(self);
         let mut errors = AcceptErrors::default();
         loop {
-            // A slot first: at the cap, clients wait in the kernel's queue, not in ours.
+            // A client knocks; only then is room made for it (at the cap, idle connections are
+            // closed). While there is none, clients wait in the kernel's queue, not in ours.
+            let mut knocking = tokio::select! {
+                ready = listener.readable() => match ready {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        error!("cannot wait for clients: {e}");
+                        return;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
             let slot = tokio::select! {
                 slot = server.limit.admit() => slot,
                 _ = stop.cancelled() => return,
             };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stop.cancelled() => return,
+            let accepted = match knocking.try_io(|listener| listener.get_ref().accept()) {
+                Ok(accepted) => accepted.and_then(|(stream, client)| {
+                    stream.set_nonblocking(true)?;
+                    Ok((TcpStream::from_std(stream)?, client))
+                }),
+                Err(_would_block) => continue, // another accept took it
             };
             match accepted {
                 Ok((stream, client)) => {
