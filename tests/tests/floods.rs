@@ -136,6 +136,12 @@ async fn two_thousand_idle_connections_at_a_1024_open_file_limit() {
 
     let idle = open_idle(server.http_port, 2_000).await;
     answered_within_a_second(&server, "app.example").await;
+    // The default cap leaves descriptors to spare: accept never ran out of them.
+    assert!(
+        !server.log().contains("accept failed"),
+        "{}",
+        tail(&server.log())
+    );
     drop(idle);
 }
 
@@ -389,5 +395,36 @@ async fn http2_streams_per_connection_are_capped_at_128() {
         refused,
         [257],
         "the 129th stream is refused, the others served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_cap_with_no_idle_connection_new_clients_wait_instead_of_being_refused() {
+    let _turn = HEAVY.lock().await;
+    let server = CoreServer::start_with(&["--max-connections", "2"]);
+    let slow = Backend::slow(Duration::from_secs(2)).await;
+    server.add("slow.example", slow.port);
+    let fast = Backend::echo().await;
+    server.add("fast.example", fast.port);
+
+    let url = server.url("/");
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, "slow.example").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both slots hold a request in flight: this client waits in the kernel's queue, and is
+    // served once one of them is done.
+    let reply = get(&url, "fast.example").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    for request in busy {
+        assert_eq!(request.await.unwrap().body, "finally");
+    }
+    assert!(
+        server.log().contains("none idle"),
+        "{}",
+        tail(&server.log())
     );
 }

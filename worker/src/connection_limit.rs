@@ -12,9 +12,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use slab::Slab;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::activity::Activity;
@@ -28,6 +30,9 @@ const RESERVED_FDS: u64 = 256;
 /// How many idle connections one scan closes at most (nginx frees 32 at a time too): enough
 /// that a flood of new clients does not rescan the registry for each one.
 const EVICTION_BATCH: usize = 32;
+
+/// At most one "full, none idle" warning this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The default `--max-connections` for an open-file soft limit of `nofile`: half of what the
 /// reserve leaves, because each client connection with a request in flight also holds a
@@ -47,6 +52,7 @@ pub struct ConnectionLimit {
     waiting: AtomicBool,
     /// A connection closed, or turned idle while `waiting`.
     changed: Notify,
+    warned_at: Mutex<Option<Instant>>,
 }
 
 impl ConnectionLimit {
@@ -57,13 +63,13 @@ impl ConnectionLimit {
             closing: AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
             changed: Notify::new(),
+            warned_at: Mutex::new(None),
         })
     }
 
     /// A slot for a new connection, once there is room: at the cap, idle connections are asked
     /// to close, and this waits until one has (or until a busy one closes).
     pub async fn admit(self: &Arc<Self>) -> Slot {
-        let mut warned = false;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -73,13 +79,8 @@ impl ConnectionLimit {
                 return slot;
             }
             self.waiting.store(true, Ordering::Relaxed);
-            if self.closing.load(Ordering::Relaxed) == 0 && self.evict_idle() == 0 && !warned {
-                warned = true;
-                warn!(
-                    "{} client connections open, none idle: not accepting until one closes \
-                     (--max-connections)",
-                    self.max
-                );
+            if self.closing.load(Ordering::Relaxed) == 0 && self.evict_idle() == 0 {
+                self.warn_full();
             }
             changed.await;
         }
@@ -96,6 +97,18 @@ impl ConnectionLimit {
             key,
             activity: None,
         })
+    }
+
+    fn warn_full(&self) {
+        let mut warned_at = self.warned_at.lock().expect("warning clock lock");
+        if warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            *warned_at = Some(Instant::now());
+            warn!(
+                "{} client connections open, none idle: not accepting until one closes \
+                 (--max-connections)",
+                self.max
+            );
+        }
     }
 
     /// Asks up to [`EVICTION_BATCH`] idle connections, the longest idle first, to close; how
