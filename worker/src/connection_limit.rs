@@ -10,6 +10,7 @@
 //! Registering a connection takes a lock, a request takes none: the registry is only scanned
 //! at the cap, which is the rare path.
 
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,20 +116,21 @@ impl ConnectionLimit {
     /// many were asked. Also used when the descriptor table is full (EMFILE).
     pub fn evict_idle(&self) -> usize {
         let open = self.open.lock().expect("connection registry lock");
-        let mut idle: Vec<_> = open
-            .iter()
-            .filter_map(|(_, activity)| {
-                let activity = activity.as_ref()?;
-                Some((activity.idle_since()?, activity))
-            })
-            .collect();
-        if idle.len() > EVICTION_BATCH {
-            idle.select_nth_unstable_by_key(EVICTION_BATCH, |(since, _)| *since);
-            idle.truncate(EVICTION_BATCH);
+        // The longest idle, kept in a small max-heap (the most recently idle on top, pushed
+        // out by older ones): no allocation as large as the registry.
+        let mut oldest = BinaryHeap::with_capacity(EVICTION_BATCH + 1);
+        for (key, activity) in open.iter() {
+            let Some(since) = activity.as_ref().and_then(|a| a.idle_since()) else {
+                continue;
+            };
+            oldest.push((since, key));
+            if oldest.len() > EVICTION_BATCH {
+                oldest.pop();
+            }
         }
         let mut asked = 0;
-        for (_, activity) in idle {
-            if activity.evict() {
+        for (_, key) in oldest {
+            if open[key].as_ref().is_some_and(|a| a.evict()) {
                 self.closing.fetch_add(1, Ordering::Relaxed);
                 asked += 1;
             }
