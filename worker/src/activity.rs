@@ -86,10 +86,6 @@ impl Activity {
         }
     }
 
-    pub fn is_http2(&self) -> bool {
-        self.http2.load(Ordering::Relaxed)
-    }
-
     /// Resolves once the connection has carried an HTTP/2 request (at once if it already has).
     pub async fn speaks_http2(&self) {
         self.http2_seen.notified().await

@@ -13,8 +13,8 @@
 //!   counted from the end of the previous response and not reset by each byte that trickles in;
 //! - a connection with no request in flight for `--idle-timeout` is closed gracefully;
 //! - a connection told to close (idle, evicted, draining HTTP/2) that still has no request in
-//!   flight [`CLOSE_GRACE`] later is dropped: a client that never answers the GOAWAY's PING
-//!   does not keep it.
+//!   flight [`CLOSE_GRACE`] later (and `--header-timeout` after its last response) is dropped:
+//!   a client that never answers the GOAWAY's PING does not keep it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,8 +52,8 @@ const MAX_HEADER_LIST_SIZE: u32 = 32 * 1024;
 /// "rapid reset" bound; h2's default, stated here so it cannot change under us).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 
-/// How long a connection told to close may go on with no request in flight (a GOAWAY and its
-/// PING round trip take far less).
+/// How long a connection told to close may go on with no request in flight, at least (a GOAWAY
+/// and its PING round trip take far less).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 pub struct HttpServer {
@@ -187,46 +187,45 @@ impl HttpServer {
         // soon as the connection is known to speak it; an HTTP/1 connection stays open, so a
         // request already on its way is answered (with `Connection: close`): closing an idle
         // HTTP/1 connection always races a client that is just sending. Evicted to make room:
-        // an idle HTTP/1 connection is dropped (nginx takes that race at its cap too), HTTP/2
-        // gets GOAWAY. Past a deadline (see the module's comment): closed.
+        // dropped if it never sent a request, else closed gracefully (HTTP/2: GOAWAY; an idle
+        // HTTP/1 keep-alive connection closes once its last response is written). Past a
+        // deadline (see the module's comment): closed.
         let mut stopping = false;
         let mut evicted = false;
-        // When a connection told to close is dropped if it still has no request in flight.
-        let mut close_by: Option<Instant> = None;
+        // When the connection was told to close gracefully.
+        let mut told: Option<Instant> = None;
         let result = loop {
-            let wake = self.next_check(&activity, close_by);
+            let wake = self.next_check(&activity, told);
             tokio::select! {
                 result = connection.as_mut() => break result,
                 _ = stop.cancelled(), if !stopping => stopping = true,
-                _ = activity.speaks_http2(), if stopping && close_by.is_none() => {
-                    close_by = Some(Instant::now() + CLOSE_GRACE);
+                _ = activity.speaks_http2(), if stopping && told.is_none() => {
+                    told = Some(Instant::now());
                     connection.as_mut().graceful_shutdown();
                 }
                 _ = activity.evicted(), if !evicted => {
                     evicted = true;
-                    if activity.idle_since().is_some() && !activity.is_http2() {
+                    if !activity.started_a_request() {
                         debug!("connection from {client} closed to make room");
                         return;
                     }
-                    close_by.get_or_insert(Instant::now() + CLOSE_GRACE);
+                    told.get_or_insert_with(Instant::now);
                     connection.as_mut().graceful_shutdown();
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
-                    let idle_since = activity.idle_since();
                     if !activity.started_a_request() && now >= self.first_request_by(&activity) {
                         debug!("connection from {client} sent no request within {:?}: closing", self.header_timeout);
                         return;
                     }
-                    match (close_by, idle_since) {
-                        (Some(by), Some(_)) if now >= by => {
+                    match (activity.idle_since(), told) {
+                        (Some(since), Some(told)) if now >= self.drop_at(since, told) => {
                             debug!("connection from {client} did not close when asked: dropping");
                             return;
                         }
-                        (Some(by), None) if now >= by => close_by = Some(now + CLOSE_GRACE),
-                        (None, Some(since)) if now >= since + self.idle_timeout => {
+                        (Some(since), None) if now >= since + self.idle_timeout => {
                             debug!("connection from {client} idle for {:?}: closing", self.idle_timeout);
-                            close_by = Some(now + CLOSE_GRACE);
+                            told = Some(now);
                             connection.as_mut().graceful_shutdown();
                         }
                         _ => {}
@@ -240,13 +239,13 @@ impl HttpServer {
     }
 
     /// When the connection loop next has to look at the clock.
-    fn next_check(&self, activity: &Activity, close_by: Option<Instant>) -> Instant {
+    fn next_check(&self, activity: &Activity, told: Option<Instant>) -> Instant {
         let now = Instant::now();
-        let mut wake = match (close_by, activity.idle_since()) {
-            (Some(by), _) => by,
-            (None, Some(since)) => since + self.idle_timeout,
-            // In flight: whenever it ends, the connection cannot turn idle before this.
-            (None, None) => now + self.idle_timeout,
+        let mut wake = match (activity.idle_since(), told) {
+            // In flight: whenever it ends, nothing is due before this.
+            (None, _) => now + self.idle_timeout,
+            (Some(since), None) => since + self.idle_timeout,
+            (Some(since), Some(told)) => self.drop_at(since, told),
         };
         if !activity.started_a_request() {
             wake = wake.min(self.first_request_by(activity));
@@ -256,6 +255,13 @@ impl HttpServer {
 
     fn first_request_by(&self, activity: &Activity) -> Instant {
         activity.accepted_at() + self.header_timeout
+    }
+
+    /// When a connection told to close, idle since `idle_since`, is dropped if still open:
+    /// [`CLOSE_GRACE`] after it was told, but not before the client had `--header-timeout` to
+    /// read the end of its last response (which hyper may still be writing).
+    fn drop_at(&self, idle_since: Instant, told: Instant) -> Instant {
+        (told + CLOSE_GRACE).max(idle_since + self.header_timeout)
     }
 }
 
