@@ -428,3 +428,58 @@ async fn at_the_cap_with_no_idle_connection_new_clients_wait_instead_of_being_re
         tail(&server.log())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_cap_idle_keep_alive_and_http2_connections_make_room() {
+    let _turn = HEAVY.lock().await;
+    let server = CoreServer::start_with(&["--max-connections", "4"]);
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+    let request = || {
+        Request::get("http://app.example/")
+            .header("host", "app.example")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+
+    // Four connections, each used once and left idle: two HTTP/1.1 keep-alive, two HTTP/2.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        let response = sender.send_request(request()).await.unwrap();
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        idle.push((sender_keeper(sender), connection));
+    }
+    for _ in 0..2 {
+        let (mut sender, connection) = core_server_tests::http::h2_connect(server.http_port).await;
+        let response = sender.send_request(request()).await.unwrap();
+        // Read to its end: the stream is over, the connection idle.
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        idle.push((sender_keeper(sender), connection));
+    }
+
+    // A fifth client is served at once: idle connections were closed to make room.
+    answered_within_a_second(&server, "app.example").await;
+    for (i, (_sender, connection)) in idle.into_iter().enumerate() {
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .unwrap_or_else(|_| panic!("idle connection {i} still open:\n{}", server.log()))
+            .unwrap()
+            .ok();
+    }
+}
+
+/// Keeps a request sender alive (a dropped sender would close its connection itself).
+fn sender_keeper<T: Send + 'static>(sender: T) -> Box<dyn Send> {
+    Box::new(sender)
+}

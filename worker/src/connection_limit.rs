@@ -45,7 +45,7 @@ pub fn default_max(nofile: u64) -> usize {
 
 pub struct ConnectionLimit {
     max: usize,
-    /// One entry a slot: empty between admission and accept.
+    /// One entry a slot: empty until the connection's task starts.
     open: Mutex<Slab<Option<Arc<Activity>>>>,
     /// Evicted connections not closed yet: no new batch is chosen while some are.
     closing: AtomicUsize,
@@ -68,8 +68,8 @@ impl ConnectionLimit {
         })
     }
 
-    /// A slot for a new connection, once there is room: at the cap, idle connections are asked
-    /// to close, and this waits until one has (or until a busy one closes).
+    /// A slot for a client just accepted, once there is room: at the cap, idle connections are
+    /// asked to close, and this waits until one has (or until a busy one closes or turns idle).
     pub async fn admit(self: &Arc<Self>) -> Slot {
         loop {
             let changed = self.changed.notified();
@@ -88,16 +88,28 @@ impl ConnectionLimit {
     }
 
     fn try_admit(self: &Arc<Self>) -> Option<Slot> {
-        let mut open = self.open.lock().expect("connection registry lock");
+        let open = self.open.lock().expect("connection registry lock");
         if open.len() >= self.max {
             return None;
         }
+        Some(self.insert(open))
+    }
+
+    /// A slot even at the cap: for the one client accepted when the worker stops.
+    pub fn admit_beyond_cap(self: &Arc<Self>) -> Slot {
+        self.insert(self.open.lock().expect("connection registry lock"))
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        mut open: std::sync::MutexGuard<'_, Slab<Option<Arc<Activity>>>>,
+    ) -> Slot {
         let key = open.insert(None);
-        Some(Slot {
+        Slot {
             limit: self.clone(),
             key,
             activity: None,
-        })
+        }
     }
 
     fn warn_full(&self) {
@@ -146,7 +158,7 @@ impl ConnectionLimit {
     }
 }
 
-/// A client connection's place under the cap, taken before `accept`; given back when dropped.
+/// A client connection's place under the cap; given back when dropped.
 pub struct Slot {
     limit: Arc<ConnectionLimit>,
     key: usize,

@@ -28,12 +28,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::unix::AsyncFd;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error};
+use tracing::debug;
 
 use crate::accept_errors::AcceptErrors;
 use crate::activity::{Activity, CountedBody};
@@ -94,50 +93,35 @@ impl HttpServer {
     }
 
     /// Accepts until `stop`, serving each connection in a task of `tasks`.
-    pub async fn serve(
-        self,
-        listener: AsyncFd<std::net::TcpListener>,
-        stop: CancellationToken,
-        tasks: TaskTracker,
-    ) {
+    pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
         let server = Arc::new(self);
         let mut errors = AcceptErrors::default();
         loop {
-            // A client knocks; only then is room made for it (at the cap, idle connections are
-            // closed). While there is none, clients wait in the kernel's queue, not in ours.
-            let mut knocking = tokio::select! {
-                ready = listener.readable() => match ready {
-                    Ok(ready) => ready,
-                    Err(e) => {
-                        error!("cannot wait for clients: {e}");
-                        return;
-                    }
-                },
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
                 _ = stop.cancelled() => return,
-            };
-            let slot = tokio::select! {
-                slot = server.limit.admit() => slot,
-                _ = stop.cancelled() => return,
-            };
-            let accepted = match knocking.try_io(|listener| listener.get_ref().accept()) {
-                Ok(accepted) => accepted.and_then(|(stream, client)| {
-                    stream.set_nonblocking(true)?;
-                    Ok((TcpStream::from_std(stream)?, client))
-                }),
-                Err(_would_block) => continue, // another accept took it
             };
             match accepted {
                 Ok((stream, client)) => {
                     errors.accepted();
+                    // At the cap, idle connections are asked to make room for this client, or
+                    // it waits for one to close; the clients after it wait in the kernel's
+                    // queue meanwhile. Stopping, it is served anyway, as one already accepted.
+                    let (slot, stopping) = tokio::select! {
+                        slot = server.limit.admit() => (slot, false),
+                        _ = stop.cancelled() => (server.limit.admit_beyond_cap(), true),
+                    };
                     tasks.spawn(server.clone().serve_connection(
                         stream,
                         client,
                         slot,
                         stop.clone(),
                     ));
+                    if stopping {
+                        return;
+                    }
                 }
                 Err(e) => {
-                    drop(slot);
                     if let Some(pause) = errors.failed(&e) {
                         // Out of descriptors: idle connections give theirs back.
                         server.limit.evict_idle();

@@ -24,8 +24,6 @@ use anyhow::{bail, Context};
 use core_server_proto::channel::{inherited_fd, Channel};
 use core_server_proto::ipc::{FromWorker, ListenerKind, ToWorker, WorkerSettings};
 use core_server_proto::routes::Routes;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -194,15 +192,10 @@ fn connection_limit(settings: &WorkerSettings) -> anyhow::Result<Arc<ConnectionL
     Ok(ConnectionLimit::new(max))
 }
 
-/// The listener, watched for a knocking client without accepting it (see
-/// `HttpServer::serve`), which tokio's `TcpListener` cannot do.
-fn tcp_listener(fd: OwnedFd) -> anyhow::Result<AsyncFd<std::net::TcpListener>> {
+fn tcp_listener(fd: OwnedFd) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = std::net::TcpListener::from(fd);
     listener.set_nonblocking(true)?;
-    // SAFETY: the `TcpListener` owns its descriptor, which stays open and the same until the
-    // `AsyncFd` that owns the listener drops it.
-    let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) };
-    Ok(listener.map_err(|e| e.into_parts().1)?)
+    Ok(tokio::net::TcpListener::from_std(listener)?)
 }
 
 fn udp_socket(fd: OwnedFd) -> anyhow::Result<tokio::net::UdpSocket> {
