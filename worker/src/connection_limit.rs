@@ -132,7 +132,10 @@ impl ConnectionLimit {
         // out by older ones): no allocation as large as the registry.
         let mut oldest = BinaryHeap::with_capacity(EVICTION_BATCH + 1);
         for (key, activity) in open.iter() {
-            let Some(since) = activity.as_ref().and_then(|a| a.idle_since()) else {
+            let Some(activity) = activity.as_ref().filter(|a| !a.was_evicted()) else {
+                continue;
+            };
+            let Some(since) = activity.idle_since() else {
                 continue;
             };
             oldest.push((since, key));
