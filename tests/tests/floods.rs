@@ -108,15 +108,16 @@ async fn closed_within(
 }
 
 /// A copy of the binaries whose `core-server` starts with an open-file limit of 1024, soft and
-/// hard: the limit the flood exhausted (a default soft limit, and nothing to raise it).
-fn install_with_1024_open_files() -> tempfile::TempDir {
+/// hard (the limit the flood exhausted: a default soft limit, and nothing to raise
+/// it), and with `args` added to its command line.
+fn install_with_1024_open_files(args: &str) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = core_server_tests::server::install_copy();
     let binary = dir.path().join("core-server");
     std::fs::rename(&binary, dir.path().join("core-server.real")).unwrap();
     std::fs::write(
         &binary,
-        "#!/bin/sh\nulimit -n 1024 || exit 1\nexec \"$0.real\" \"$@\"\n",
+        format!("#!/bin/sh\nulimit -n 1024 || exit 1\nexec \"$0.real\" {args} \"$@\"\n"),
     )
     .unwrap();
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -127,7 +128,7 @@ fn install_with_1024_open_files() -> tempfile::TempDir {
 async fn two_thousand_idle_connections_at_a_1024_open_file_limit() {
     let _turn = HEAVY.lock().await;
     raise_open_file_limit(2_500);
-    let install = install_with_1024_open_files();
+    let install = install_with_1024_open_files("");
     let server = CoreServer::start_installed(install.path());
     let limit = proc_limit(server.worker_pid());
     assert_eq!(limit, 1024, "the worker runs with the limit under test");
@@ -141,6 +142,36 @@ async fn two_thousand_idle_connections_at_a_1024_open_file_limit() {
         !server.log().contains("accept failed"),
         "{}",
         tail(&server.log())
+    );
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_descriptors_accept_pauses_and_logs_rarely() {
+    let _turn = HEAVY.lock().await;
+    raise_open_file_limit(2_500);
+    // A cap above what 1024 descriptors allow: accept itself fails with EMFILE.
+    let install = install_with_1024_open_files("--max-connections 5000");
+    let server = CoreServer::start_installed(install.path());
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let idle = open_idle(server.http_port, 2_000).await;
+    // Idle connections are closed to give descriptors back: a request still gets through.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(&server.url("/"), "app.example"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer within 10s:\n{}", tail(&server.log())));
+    assert_eq!(reply.status, 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = server.log();
+    let failures = log.matches("accept failed").count();
+    assert!(
+        (1..=3).contains(&failures),
+        "{failures} accept failures logged:\n{}",
+        tail(&log)
     );
     drop(idle);
 }
