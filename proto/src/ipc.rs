@@ -27,13 +27,17 @@ pub enum ListenerKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerSettings {
     /// How long a client may take to send a request's header, counted from the connection's
-    /// start or the end of the previous response (so it also closes idle keep-alive connections).
+    /// accept (HTTP/1 and the HTTP/2 preface alike) or the end of the previous HTTP/1 response
+    /// (so it also closes idle keep-alive connections).
     pub header_timeout: Duration,
-    /// How long a client connection may move no byte at all before it is closed (gracefully:
-    /// requests in flight finish). Mostly for HTTP/2; HTTP/1 idles end at `header_timeout`.
+    /// How long a client connection may have no request in flight before it is closed
+    /// (gracefully). Mostly for HTTP/2; HTTP/1 idles end at `header_timeout`.
     pub idle_timeout: Duration,
     /// How long a backend may take to connect and answer with a response header (then 504).
     pub backend_timeout: Duration,
+    /// The most client connections open at once; `None`: derived from the worker's open-file
+    /// limit.
+    pub max_connections: Option<u32>,
 }
 
 /// Supervisor to worker.

@@ -53,9 +53,15 @@ pub struct ServerOptions {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub header_timeout: Duration,
 
-    /// Time a client connection may move no byte before it is closed (HTTP/2; HTTP/1 idles end at --header-timeout)
+    /// Time a client connection may go with no request in flight before it is closed (HTTP/2 PINGs do not count; HTTP/1 idles end at --header-timeout)
     #[arg(long, default_value = "3m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub idle_timeout: Duration,
+
+    /// The most client connections the worker keeps open; at the cap idle ones are closed to
+    /// make room, else new clients wait (default: half the worker's open-file limit after a
+    /// reserve of 256, one backend descriptor per client)
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub max_connections: Option<u32>,
 
     /// Time a backend has to answer with a response header before the client gets 504
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]

@@ -110,6 +110,7 @@ fn run_server(
         header_timeout: options.header_timeout,
         idle_timeout: options.idle_timeout,
         backend_timeout: options.backend_timeout,
+        max_connections: options.max_connections,
     };
     block_on(async {
         let signals = StopSignals::new()?;

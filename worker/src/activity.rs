@@ -1,39 +1,83 @@
-//! What the connection loop in `http_server` knows of a client connection: when a byte last
-//! moved (recorded by an IO wrapper), and whether it speaks HTTP/2.
+//! What the connection loop in `http_server` and the connection limit know of a client
+//! connection: how many requests are in flight and since when none is, whether it ever sent
+//! one, whether it speaks HTTP/2, and whether the limit asked it to make room.
 //!
-//! hyper closes an idle HTTP/1 keep-alive connection through its header-read timeout, but has
-//! no idle timeout for HTTP/2: the loop asks [`Activity`] when the connection will have been
-//! idle for the timeout, and closes it gracefully then (GOAWAY for HTTP/2), so a request still
-//! in flight is never cut. The protocol decides how a draining worker closes it.
+//! Idleness counts requests, not bytes: a connection is idle while no request is in flight,
+//! from the end of its last one (or from its start). HTTP/2 PINGs, SETTINGS or WINDOW_UPDATEs,
+//! which a client can send forever without asking for anything, do not keep it open. A request
+//! is in flight from the moment hyper hands its head to the service until its response body is
+//! finished or dropped ([`InFlight`] rides in [`CountedBody`]). That costs two atomic updates
+//! per request, where noting every read and write (what this did before) read the clock on
+//! each and still let a PING keep a connection alive.
 
-use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// When a connection last moved a byte (in milliseconds since it was accepted), and whether it
-/// speaks HTTP/2, which decides how it is closed.
+use crate::connection_limit::ConnectionLimit;
+
 pub struct Activity {
     start: Instant,
-    last_ms: AtomicU64,
+    in_flight: AtomicU32,
+    /// When a request last started or ended, in milliseconds since `start`.
+    changed_ms: AtomicU64,
+    started_a_request: AtomicBool,
     http2: AtomicBool,
     http2_seen: Notify,
+    evicted: AtomicBool,
+    eviction: Notify,
+    limit: Arc<ConnectionLimit>,
 }
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
+    pub fn new(limit: Arc<ConnectionLimit>) -> Arc<Self> {
         Arc::new(Activity {
             start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            changed_ms: AtomicU64::new(0),
+            started_a_request: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             http2_seen: Notify::new(),
+            evicted: AtomicBool::new(false),
+            eviction: Notify::new(),
+            limit,
         })
+    }
+
+    /// A request's head arrived; it is in flight until the guard is dropped.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started_a_request.store(true, Ordering::Relaxed);
+        self.touch();
+        InFlight {
+            activity: self.clone(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.changed_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub fn accepted_at(&self) -> Instant {
+        self.start
+    }
+
+    pub fn started_a_request(&self) -> bool {
+        self.started_a_request.load(Ordering::Relaxed)
+    }
+
+    /// Since when no request has been in flight; `None` while one is.
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(self.start + std::time::Duration::from_millis(self.changed_ms.load(Ordering::Relaxed)))
     }
 
     pub fn saw_http2(&self) {
@@ -47,78 +91,79 @@ impl Activity {
         self.http2_seen.notified().await
     }
 
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    /// Asks the connection to close to make room; false if it was asked already.
+    pub fn evict(&self) -> bool {
+        let first = !self.evicted.swap(true, Ordering::Relaxed);
+        if first {
+            self.eviction.notify_one();
+        }
+        first
     }
 
-    /// The instant the connection becomes idle for `timeout`, if nothing moves before.
-    pub fn idle_at(&self, timeout: Duration) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
+    pub fn was_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the connection limit asked this connection to close.
+    pub async fn evicted(&self) {
+        self.eviction.notified().await
     }
 }
 
-/// `inner`, with every successful read or write of at least one byte recorded in `activity`.
-pub struct Tracked<T> {
-    inner: T,
+/// A request in flight on a connection (see the module's comment).
+pub struct InFlight {
     activity: Arc<Activity>,
 }
 
-impl<T> Tracked<T> {
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.activity;
+        activity.touch();
+        if activity.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            activity.limit.turned_idle();
+        }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        result
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted in flight until it ends or is dropped.
+    pub struct CountedBody<B> {
+        #[pin]
+        body: B,
+        in_flight: Option<InFlight>,
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+impl<B> CountedBody<B> {
+    pub fn new(body: B, in_flight: InFlight) -> Self {
+        CountedBody {
+            body,
+            in_flight: Some(in_flight),
         }
-        result
     }
+}
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+impl<B: Body> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.body.poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            this.in_flight.take(); // ended: no need to wait for hyper to drop the body
         }
-        result
+        frame
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

@@ -1,10 +1,20 @@
 //! Accepting client connections and serving HTTP/1.1 and HTTP/2 (prior knowledge) on them.
 //!
-//! Each connection runs in its own task, tracked so a stopping worker can wait for them. On
-//! stop, the accept loop ends first (new connections then wait in the kernel's queue for the
-//! next worker) and each connection winds down without losing a request (see
-//! `serve_connection`). A connection that moves no byte for the idle timeout is closed
-//! gracefully: requests in flight finish.
+//! Each connection runs in its own task, tracked so a stopping worker can wait for them, and
+//! holds a slot under `--max-connections` (see `connection_limit`). On stop, the accept loop
+//! ends first (new connections then wait in the kernel's queue for the next worker) and each
+//! connection winds down without losing a request (see `serve_connection`).
+//!
+//! Deadlines, from accept on:
+//! - the first request's head must be complete within `--header-timeout`, whatever the
+//!   protocol: hyper's own header timeout only starts once hyper-util has told HTTP/1 from the
+//!   HTTP/2 preface, and HTTP/2 has none, so a client sending nothing (or a preface, slowly)
+//!   would otherwise live until the idle timeout. Later HTTP/1 heads get hyper's header timeout,
+//!   counted from the end of the previous response and not reset by each byte that trickles in;
+//! - a connection with no request in flight for `--idle-timeout` is closed gracefully;
+//! - a connection told to close (idle, evicted, draining HTTP/2) that still has no request in
+//!   flight [`CLOSE_GRACE`] later (and `--header-timeout` after its last response) is dropped:
+//!   a client that never answers the GOAWAY's PING does not keep it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,40 +32,70 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error};
+use tracing::debug;
 
-use crate::activity::{Activity, Tracked};
+use crate::accept_errors::AcceptErrors;
+use crate::activity::{Activity, CountedBody};
+use crate::connection_limit::{ConnectionLimit, Slot};
 use crate::proxy::{Proxy, ProxyBody};
 
-/// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Concurrent streams a client may open on one HTTP/2 connection (nginx's
+/// `http2_max_concurrent_streams`); more are refused with `REFUSED_STREAM`, which clients retry.
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+
+/// The largest header list an HTTP/2 client may send (decoded), as nginx's default
+/// `large_client_header_buffers` (4 x 8 KiB) allow for HTTP/1: room for big cookies, not more.
+const MAX_HEADER_LIST_SIZE: u32 = 32 * 1024;
+
+/// Streams a client may open and reset before we accept them, before it gets GOAWAY (the
+/// "rapid reset" bound; h2's default, stated here so it cannot change under us).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// How long a connection told to close may go on with no request in flight, at least (a GOAWAY
+/// and its PING round trip take far less).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 pub struct HttpServer {
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
+    header_timeout: Duration,
     idle_timeout: Duration,
     scheme: &'static str,
+    limit: Arc<ConnectionLimit>,
 }
 
 impl HttpServer {
-    pub fn new(proxy: Arc<Proxy>, settings: &WorkerSettings, scheme: &'static str) -> Self {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        settings: &WorkerSettings,
+        scheme: &'static str,
+        limit: Arc<ConnectionLimit>,
+    ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_timeout);
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
         HttpServer {
             proxy,
             builder,
+            header_timeout: settings.header_timeout,
             idle_timeout: settings.idle_timeout,
             scheme,
+            limit,
         }
     }
 
     /// Accepts until `stop`, serving each connection in a task of `tasks`.
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
         let server = Arc::new(self);
+        let mut errors = AcceptErrors::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -63,15 +103,33 @@ impl HttpServer {
             };
             match accepted {
                 Ok((stream, client)) => {
-                    tasks.spawn(
-                        server
-                            .clone()
-                            .serve_connection(stream, client, stop.clone()),
-                    );
+                    errors.accepted();
+                    // At the cap, idle connections are asked to make room for this client, or
+                    // it waits for one to close; the clients after it wait in the kernel's
+                    // queue meanwhile. Stopping, it is served anyway, as one already accepted.
+                    let (slot, stopping) = tokio::select! {
+                        slot = server.limit.admit() => (slot, false),
+                        _ = stop.cancelled() => (server.limit.admit_beyond_cap(), true),
+                    };
+                    tasks.spawn(server.clone().serve_connection(
+                        stream,
+                        client,
+                        slot,
+                        stop.clone(),
+                    ));
+                    if stopping {
+                        return;
+                    }
                 }
                 Err(e) => {
-                    error!("accept failed: {e}");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    if let Some(pause) = errors.failed(&e) {
+                        // Out of descriptors: idle connections give theirs back.
+                        server.limit.evict_idle();
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                    }
                 }
             }
         }
@@ -81,15 +139,17 @@ impl HttpServer {
         self: Arc<Self>,
         stream: TcpStream,
         client: SocketAddr,
+        mut slot: Slot,
         stop: CancellationToken,
     ) {
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
+        let activity = slot.connected();
         let proxy = self.proxy.clone();
         let scheme = self.scheme;
         let service = {
             let (activity, stop) = (activity.clone(), stop.clone());
             service_fn(move |request: Request<Incoming>| {
+                let in_flight = activity.request_started();
                 if request.version() == Version::HTTP_2 {
                     activity.saw_http2();
                 }
@@ -99,35 +159,60 @@ impl HttpServer {
                     if stop.is_cancelled() {
                         ask_to_close(&mut response);
                     }
-                    Ok::<_, Infallible>(response)
+                    Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, in_flight)))
                 }
             })
         };
-        let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+        let io = TokioIo::new(stream);
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
 
         // Runs the connection. Stopping: HTTP/2 gets GOAWAY (its clients retry elsewhere) as
         // soon as the connection is known to speak it; an HTTP/1 connection stays open, so a
         // request already on its way is answered (with `Connection: close`): closing an idle
-        // HTTP/1 connection always races a client that is just sending. Idle: closed gracefully.
+        // HTTP/1 connection always races a client that is just sending. Evicted to make room:
+        // dropped if it never sent a request, else closed gracefully (HTTP/2: GOAWAY; an idle
+        // HTTP/1 keep-alive connection closes once its last response is written). Past a
+        // deadline (see the module's comment): closed.
         let mut stopping = false;
-        let mut closing = false;
-        let mut check_idle_at = activity.idle_at(self.idle_timeout);
+        let mut evicted = false;
+        // When the connection was told to close gracefully.
+        let mut told: Option<Instant> = None;
         let result = loop {
+            let wake = self.next_check(&activity, told);
             tokio::select! {
                 result = connection.as_mut() => break result,
                 _ = stop.cancelled(), if !stopping => stopping = true,
-                _ = activity.speaks_http2(), if stopping && !closing => {
-                    closing = true;
+                _ = activity.speaks_http2(), if stopping && told.is_none() => {
+                    told = Some(Instant::now());
                     connection.as_mut().graceful_shutdown();
                 }
-                _ = tokio::time::sleep_until(check_idle_at), if !closing => {
-                    check_idle_at = activity.idle_at(self.idle_timeout);
-                    if check_idle_at <= Instant::now() {
-                        debug!("connection from {client} idle for {:?}: closing", self.idle_timeout);
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
+                _ = activity.evicted(), if !evicted => {
+                    evicted = true;
+                    if !activity.started_a_request() {
+                        debug!("connection from {client} closed to make room");
+                        return;
+                    }
+                    told.get_or_insert_with(Instant::now);
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if !activity.started_a_request() && now >= self.first_request_by(&activity) {
+                        debug!("connection from {client} sent no request within {:?}: closing", self.header_timeout);
+                        return;
+                    }
+                    match (activity.idle_since(), told) {
+                        (Some(since), Some(told)) if now >= self.drop_at(since, told) => {
+                            debug!("connection from {client} did not close when asked: dropping");
+                            return;
+                        }
+                        (Some(since), None) if now >= since + self.idle_timeout => {
+                            debug!("connection from {client} idle for {:?}: closing", self.idle_timeout);
+                            told = Some(now);
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -135,6 +220,32 @@ impl HttpServer {
         if let Err(e) = result {
             debug!("connection from {client}: {e}");
         }
+    }
+
+    /// When the connection loop next has to look at the clock.
+    fn next_check(&self, activity: &Activity, told: Option<Instant>) -> Instant {
+        let now = Instant::now();
+        let mut wake = match (activity.idle_since(), told) {
+            // In flight: whenever it ends, nothing is due before this.
+            (None, _) => now + self.idle_timeout,
+            (Some(since), None) => since + self.idle_timeout,
+            (Some(since), Some(told)) => self.drop_at(since, told),
+        };
+        if !activity.started_a_request() {
+            wake = wake.min(self.first_request_by(activity));
+        }
+        wake.max(now)
+    }
+
+    fn first_request_by(&self, activity: &Activity) -> Instant {
+        activity.accepted_at() + self.header_timeout
+    }
+
+    /// When a connection told to close, idle since `idle_since`, is dropped if still open:
+    /// [`CLOSE_GRACE`] after it was told, but not before the client had `--header-timeout` to
+    /// read the end of its last response (which hyper may still be writing).
+    fn drop_at(&self, idle_since: Instant, told: Instant) -> Instant {
+        (told + CLOSE_GRACE).max(idle_since + self.header_timeout)
     }
 }
 

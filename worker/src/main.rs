@@ -5,10 +5,13 @@
 //! every route change, and on `Shutdown` (or when the supervisor is gone) stops accepting,
 //! lets in-flight requests finish within the grace period, and exits.
 
+mod accept_errors;
 mod activity;
+mod connection_limit;
 mod forwarding;
 mod http_server;
 mod proxy;
+mod quiet_splice;
 mod read_deadline;
 mod request_body;
 mod response_body;
@@ -30,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::connection_limit::ConnectionLimit;
 use crate::http_server::HttpServer;
 use crate::proxy::Proxy;
 use crate::route_table::{RouteTable, SupervisorChannel};
@@ -79,12 +83,13 @@ async fn run() -> anyhow::Result<()> {
         settings.backend_timeout,
         tasks.clone(),
     ));
+    let limit = connection_limit(&settings)?;
     let mut udp = None;
     for (kind, fd) in listeners {
         match kind {
             ListenerKind::Http => {
                 let listener = tcp_listener(fd)?;
-                let server = HttpServer::new(proxy.clone(), &settings, "http");
+                let server = HttpServer::new(proxy.clone(), &settings, "http", limit.clone());
                 tasks.spawn(server.serve(listener, stop.clone(), tasks.clone()));
             }
             // Held by the supervisor; served once TLS lands.
@@ -195,6 +200,26 @@ async fn follow_supervisor(
             }
         }
     }
+}
+
+/// The cap on client connections: `--max-connections`, or derived from the open-file limit
+/// this process started with (the supervisor raises the soft limit to the hard one).
+fn connection_limit(settings: &WorkerSettings) -> anyhow::Result<Arc<ConnectionLimit>> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let (nofile, _) =
+        getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-file limit")?;
+    let max = match settings.max_connections {
+        Some(max) => max as usize,
+        None => connection_limit::default_max(nofile),
+    };
+    if max > connection_limit::default_max(nofile) {
+        warn!(
+            "--max-connections {max} is more than the open-file limit ({nofile}) leaves room \
+             for; accepts will fail (and be retried) when descriptors run out"
+        );
+    }
+    info!("at most {max} client connections (open-file limit {nofile})");
+    Ok(ConnectionLimit::new(max))
 }
 
 fn tcp_listener(fd: OwnedFd) -> anyhow::Result<tokio::net::TcpListener> {

@@ -20,12 +20,11 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::activity::{Activity, Tracked};
 use crate::proxy::BackendError;
+use crate::quiet_splice;
 use crate::request_body::RequestBody;
 
 /// The protocols an HTTP/1.1 upgrade request asks for, `h2c` left out; `None` if that leaves
@@ -98,41 +97,10 @@ pub async fn proxy(
             let (Ok(client), Ok(backend)) = tokio::join!(client_side, backend_side) else {
                 return;
             };
-            splice(TokioIo::new(client), TokioIo::new(backend), idle_timeout).await;
+            quiet_splice::splice(TokioIo::new(client), TokioIo::new(backend), idle_timeout).await;
         });
     }
     Ok(response)
-}
-
-/// Copies bytes both ways until either side closes or nothing moves for `idle_timeout`.
-async fn splice<C, B>(client: C, mut backend: B, idle_timeout: Duration)
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    // Every byte either way passes through the client's side: tracking it is enough.
-    let activity = Activity::new();
-    let mut client = Tracked::new(client, activity.clone());
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
-    tokio::pin!(copy);
-    let mut check_at = activity.idle_at(idle_timeout);
-    loop {
-        tokio::select! {
-            result = copy.as_mut() => {
-                if let Err(e) = result {
-                    debug!("upgraded connection ended: {e}");
-                }
-                return;
-            }
-            _ = tokio::time::sleep_until(check_at) => {
-                check_at = activity.idle_at(idle_timeout);
-                if check_at <= Instant::now() {
-                    debug!("upgraded connection idle for {idle_timeout:?}: closing");
-                    return;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,253 @@
+//! The cap on concurrent client connections (`--max-connections`), and what happens at it.
+//!
+//! Every client connection holds a [`Slot`] for its whole life. At the cap, the accept loop
+//! first makes idle connections give theirs back (no request in flight: an HTTP/1 keep-alive
+//! connection waiting for its next request, one that never sent a request, an HTTP/2
+//! connection with no open stream), the longest idle first and a batch at a time, as nginx
+//! reuses its "reusable" connections. If none is idle, it stops accepting until a connection
+//! closes or turns idle; new clients wait in the kernel's accept queue meanwhile.
+//!
+//! Registering a connection takes a lock, a request takes none: the registry is only scanned
+//! at the cap, which is the rare path.
+
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use slab::Slab;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::activity::Activity;
+
+/// Descriptors the worker keeps apart from client connections and the backend connections
+/// they use: stdio, the IPC socket, the listeners and the UDP socket, the runtime's epoll and
+/// wake-up descriptors (about 16 in all), and headroom for idle pooled backend connections that
+/// outlive the client connection that opened them, and for WebSocket splices.
+const RESERVED_FDS: u64 = 256;
+
+/// How many idle connections one scan closes at most (nginx frees 32 at a time too): enough
+/// that a flood of new clients does not rescan the registry for each one.
+const EVICTION_BATCH: usize = 32;
+
+/// At most one "full, none idle" warning this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The default `--max-connections` for an open-file soft limit of `nofile`: half of what the
+/// reserve leaves, because each client connection with a request in flight also holds a
+/// backend connection (HTTP/1 and WebSocket: one each).
+pub fn default_max(nofile: u64) -> usize {
+    let usable = nofile.saturating_sub(RESERVED_FDS) / 2;
+    usable.clamp(1, u32::MAX.into()) as usize
+}
+
+pub struct ConnectionLimit {
+    max: usize,
+    /// One entry a slot: empty until the connection's task starts.
+    open: Mutex<Slab<Option<Arc<Activity>>>>,
+    /// Evicted connections not closed yet: no new batch is chosen while some are.
+    closing: AtomicUsize,
+    /// Whether the accept loop waits for room (only then do connections turning idle wake it).
+    waiting: AtomicBool,
+    /// A connection closed, or turned idle while `waiting`.
+    changed: Notify,
+    warned_at: Mutex<Option<Instant>>,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            max,
+            open: Mutex::new(Slab::new()),
+            closing: AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
+            changed: Notify::new(),
+            warned_at: Mutex::new(None),
+        })
+    }
+
+    /// A slot for a client just accepted, once there is room: at the cap, idle connections are
+    /// asked to close, and this waits until one has (or until a busy one closes or turns idle).
+    pub async fn admit(self: &Arc<Self>) -> Slot {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(slot) = self.try_admit() {
+                self.waiting.store(false, Ordering::Relaxed);
+                return slot;
+            }
+            self.waiting.store(true, Ordering::Relaxed);
+            if self.closing.load(Ordering::Relaxed) == 0 && self.evict_idle() == 0 {
+                self.warn_full();
+            }
+            changed.await;
+        }
+    }
+
+    fn try_admit(self: &Arc<Self>) -> Option<Slot> {
+        let open = self.open.lock().expect("connection registry lock");
+        if open.len() >= self.max {
+            return None;
+        }
+        Some(self.insert(open))
+    }
+
+    /// A slot even at the cap: for the one client accepted when the worker stops.
+    pub fn admit_beyond_cap(self: &Arc<Self>) -> Slot {
+        self.insert(self.open.lock().expect("connection registry lock"))
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        mut open: std::sync::MutexGuard<'_, Slab<Option<Arc<Activity>>>>,
+    ) -> Slot {
+        let key = open.insert(None);
+        Slot {
+            limit: self.clone(),
+            key,
+            activity: None,
+        }
+    }
+
+    fn warn_full(&self) {
+        let mut warned_at = self.warned_at.lock().expect("warning clock lock");
+        if warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            *warned_at = Some(Instant::now());
+            warn!(
+                "{} client connections open, none idle: not accepting until one closes \
+                 (--max-connections)",
+                self.max
+            );
+        }
+    }
+
+    /// Asks up to [`EVICTION_BATCH`] idle connections, the longest idle first, to close; how
+    /// many were asked. Also used when the descriptor table is full (EMFILE).
+    pub fn evict_idle(&self) -> usize {
+        let open = self.open.lock().expect("connection registry lock");
+        // The longest idle, kept in a small max-heap (the most recently idle on top, pushed
+        // out by older ones): no allocation as large as the registry.
+        let mut oldest = BinaryHeap::with_capacity(EVICTION_BATCH + 1);
+        for (key, activity) in open.iter() {
+            let Some(activity) = activity.as_ref().filter(|a| !a.was_evicted()) else {
+                continue;
+            };
+            let Some(since) = activity.idle_since() else {
+                continue;
+            };
+            oldest.push((since, key));
+            if oldest.len() > EVICTION_BATCH {
+                oldest.pop();
+            }
+        }
+        let mut asked = 0;
+        for (_, key) in oldest {
+            if open[key].as_ref().is_some_and(|a| a.evict()) {
+                self.closing.fetch_add(1, Ordering::Relaxed);
+                asked += 1;
+            }
+        }
+        asked
+    }
+
+    /// Called by a connection whose last request in flight just ended.
+    pub fn turned_idle(&self) {
+        if self.waiting.load(Ordering::Relaxed) {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// A client connection's place under the cap; given back when dropped.
+pub struct Slot {
+    limit: Arc<ConnectionLimit>,
+    key: usize,
+    activity: Option<Arc<Activity>>,
+}
+
+impl Slot {
+    /// The connection was accepted: its clock starts, and from now on it may be evicted.
+    pub fn connected(&mut self) -> Arc<Activity> {
+        let activity = Activity::new(self.limit.clone());
+        self.limit.open.lock().expect("connection registry lock")[self.key] =
+            Some(activity.clone());
+        self.activity = Some(activity.clone());
+        activity
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limit
+            .open
+            .lock()
+            .expect("connection registry lock")
+            .remove(self.key);
+        if self.activity.as_ref().is_some_and(|a| a.was_evicted()) {
+            self.limit.closing.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.limit.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_leaves_the_reserve_and_a_backend_descriptor_per_client() {
+        assert_eq!(default_max(1024), 384);
+        assert_eq!(default_max(20000), 9872);
+        assert_eq!(default_max(1_048_576), 524_160);
+        assert_eq!(default_max(100), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_longest_idle_connection_makes_room() {
+        let limit = ConnectionLimit::new(2);
+        let mut first = limit.admit().await;
+        let first_activity = first.connected();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let mut second = limit.admit().await;
+        let second_activity = second.connected();
+        let _busy = second_activity.request_started();
+        let admit = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.admit().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(first_activity.was_evicted(), "the idle one is asked");
+        assert!(!second_activity.was_evicted(), "the busy one is not");
+        assert!(!admit.is_finished(), "no room before it closes");
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), admit)
+            .await
+            .expect("admitted once the idle connection closed")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_with_none_idle_a_request_ending_makes_room() {
+        let limit = ConnectionLimit::new(1);
+        let mut only = limit.admit().await;
+        let only_activity = only.connected();
+        let busy = only_activity.request_started();
+        let admit = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.admit().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!only_activity.was_evicted());
+        drop(busy);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(only_activity.was_evicted(), "asked once idle");
+        drop(only);
+        tokio::time::timeout(std::time::Duration::from_secs(5), admit)
+            .await
+            .expect("admitted")
+            .unwrap();
+    }
+}
