@@ -13,8 +13,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::cmsg_space;
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    getsockopt, recvmsg, sendmsg, socketpair, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -79,6 +79,11 @@ impl<Out: Serialize, In: DeserializeOwned> Channel<Out, In> {
             fd,
             _types: PhantomData,
         })
+    }
+
+    /// The process at the other end, as the kernel saw it connect (`SO_PEERCRED`).
+    pub fn peer(&self) -> io::Result<nix::sys::socket::UnixCredentials> {
+        Ok(getsockopt(self.fd.get_ref(), sockopt::PeerCredentials)?)
     }
 
     /// Sends `message` with `fds` attached (the receiver gets duplicates; ours stay open).

@@ -95,6 +95,9 @@ impl Supervisor {
                         accepting.abort();
                         if self.give_over(&connection, &mut worker).await {
                             info!("handed over; draining for at most {:?}", self.grace);
+                            if let Ok(taker) = connection.peer() {
+                                crate::systemd::handed_over_to(taker.pid() as u32);
+                            }
                             break Ending::NotOwner;
                         }
                         accepting = control::serve(self.control.clone(), requests_in.clone());

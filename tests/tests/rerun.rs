@@ -1,7 +1,9 @@
 //! Rerunning core-server hot-replaces the running instance: no request refused or lost, no
 //! command lost, a failed upgrade leaves the old instance serving. Plus `status` and `stop`.
 
+use std::io::IoSliceMut;
 use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +16,9 @@ use core_server_tests::{Backend, CoreServer};
 use http::Response;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_reruns_under_load_fail_no_request() {
@@ -340,8 +345,10 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     assert_eq!(get(&server.url("/"), "app.example").await.status, 200);
 }
 
-/// What a `Type=notify` systemd unit hears: ready with the main pid, the rerun's pid after a
-/// reload, and stopping. A datagram socket stands in for systemd's notify socket.
+/// What a `Type=notify` unit with `NotifyAccess=main` hears: ready with the main pid; on a
+/// reload, the old main process naming the rerun as the new one; stopping. A datagram socket
+/// stands in for systemd's notify socket and, as systemd does, reads each sender's pid from the
+/// kernel (`SO_PASSCRED`), heeding only the current main process.
 #[tokio::test(flavor = "multi_thread")]
 async fn systemd_hears_ready_main_pid_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,20 +357,47 @@ async fn systemd_hears_ready_main_pid_and_stopping() {
     notify
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
+    setsockopt(&notify, sockopt::PassCred, &true).unwrap();
+    // The next notification and the pid that sent it.
     let next = || {
         let mut buf = [0u8; 512];
-        let len = notify.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..len]).into_owned()
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!(UnixCredentials);
+        let message = recvmsg::<()>(
+            notify.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .expect("a notification");
+        let sender = message
+            .cmsgs()
+            .unwrap()
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmCredentials(creds) => Some(creds.pid() as u32),
+                _ => None,
+            })
+            .expect("the sender's credentials");
+        let len = message.bytes;
+        (sender, String::from_utf8_lossy(&buf[..len]).into_owned())
     };
 
     let mut server = CoreServer::start_with_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
-    assert_eq!(next(), format!("MAINPID={}\nREADY=1\n", server.pid()));
+    let mut main_pid = server.pid();
+    assert_eq!(next(), (main_pid, format!("MAINPID={main_pid}\nREADY=1\n")));
     tokio::task::block_in_place(|| server.rerun());
-    assert_eq!(
-        next(),
-        format!("MAINPID={}\nREADY=1\n", server.pid()),
-        "the rerun is the main process now"
-    );
+    // Both speak: the old main process hands over, the rerun says it is ready (heeded only if
+    // it arrives after the hand-over). What systemd ends up believing is what counts.
+    for _ in 0..2 {
+        let (sender, text) = next();
+        if sender != main_pid {
+            continue;
+        }
+        if let Some(pid) = text.lines().find_map(|l| l.strip_prefix("MAINPID=")) {
+            main_pid = pid.parse().unwrap();
+        }
+    }
+    assert_eq!(main_pid, server.pid(), "the rerun is the main process now");
     server.stop();
-    assert_eq!(next(), "STOPPING=1\n");
+    assert_eq!(next(), (main_pid, "STOPPING=1\n".to_owned()));
 }
