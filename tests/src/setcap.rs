@@ -94,6 +94,12 @@ impl SetcapServer {
         command
     }
 
+    /// Stops it with SIGTERM, as an operator would; its exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        self.child.wait().unwrap()
+    }
+
     /// Everything the processes logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.install.path().join("log")).unwrap_or_default()

@@ -2,16 +2,14 @@
 //! to do. Tests that need root run as root in CI and are skipped (with a reason) elsewhere.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use core_server_tests::server::alive;
 use core_server_tests::server::{
-    binaries, children_named, free_tcp_port, free_udp_port, install_copy, proc_status,
+    binaries, free_tcp_port, free_udp_port, install_copy, proc_status,
 };
+use core_server_tests::setcap::SetcapServer;
 use core_server_tests::{have_root, CoreServer};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 const NO_CAPS: &str = "0000000000000000";
 
@@ -91,49 +89,23 @@ fn setcap_supervisor_binds_port_81_and_its_worker_gets_nothing() {
     if !have_root("setcap_supervisor_binds_port_81_and_its_worker_gets_nothing") {
         return;
     }
-    let install = install_copy();
-    let supervisor = install.path().join("core-server");
-    let setcap = Command::new("setcap")
-        .arg("cap_net_bind_service=+eip")
-        .arg(&supervisor)
-        .status();
-    assert!(setcap.expect("setcap is installed (libcap2-bin)").success());
-
-    let log = std::fs::File::create(install.path().join("log")).unwrap();
-    let mut child = as_nobody_in_own_netns(install.path(), &["--http-port", "81"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let worker = loop {
-        if let Some(worker) = children_named(child.id(), "core-server-wor").first() {
-            let log = std::fs::read_to_string(install.path().join("log")).unwrap();
-            if log.contains("worker ready") {
-                break *worker;
-            }
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "exited ({status}): {}",
-                std::fs::read_to_string(install.path().join("log")).unwrap()
-            );
-        }
-        assert!(Instant::now() < deadline, "no worker");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let server = SetcapServer::start();
     // The supervisor holds the one capability it was given; the worker has none of it.
-    assert_eq!(proc_status(child.id(), "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(
-        proc_status(child.id(), "CapEff"),
+        proc_status(server.pid(), "Uid"),
+        "65534\t65534\t65534\t65534"
+    );
+    assert_eq!(
+        proc_status(server.pid(), "CapEff"),
         "0000000000000400",
         "cap_net_bind_service"
     );
-    assert_eq!(proc_status(worker, "Uid"), "65534\t65534\t65534\t65534");
-    assert_unprivileged(worker);
-
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        proc_status(server.worker_pid(), "Uid"),
+        "65534\t65534\t65534\t65534"
+    );
+    assert_unprivileged(server.worker_pid());
+    assert!(server.terminate().success());
 }
 
 fn run_supervisor(args: &[&str]) -> Output {

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Holds many client connections open against one HTTP port, for the flood benchmark.
+
+    hold_connections.py PORT COUNT MODE SECONDS
+
+MODE idle:      each connection makes one keep-alive request, reads the answer, then idles.
+MODE slowloris: each connection sends a request head one byte every 5 s, never finishing.
+
+Prints 'open N' once all connections are set up (or failed), then 'still open N' when SECONDS
+are over, and exits. Loopback only; bounded by COUNT and SECONDS.
+"""
+import asyncio
+import sys
+
+HEAD = b"GET / HTTP/1.1\r\nHost: bench.example\r\n\r\n"
+TRICKLE = b"GET / HTTP/1.1\r\nHost: bench.example\r\nX-Slow: " + b"a" * 1000
+
+
+async def connect(port):
+    try:
+        return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+    except (OSError, asyncio.TimeoutError):
+        return None
+
+
+async def idle(port, hold):
+    conn = await connect(port)
+    if conn is None:
+        return None
+    reader, writer = conn
+    try:
+        writer.write(HEAD)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+             if line.lower().startswith(b"content-length:")), 0)
+        await asyncio.wait_for(reader.readexactly(length), 10)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
+        writer.close()
+        return None
+    hold.append((reader, writer))
+    return writer
+
+
+async def slowloris(port, hold):
+    conn = await connect(port)
+    if conn is None:
+        return None
+    hold.append(conn)
+    return conn[1]
+
+
+async def trickle(writer, until):
+    loop = asyncio.get_running_loop()
+    for byte in TRICKLE:
+        if loop.time() >= until:
+            return
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except OSError:
+            return
+        await asyncio.sleep(min(5, max(0, until - loop.time())))
+
+
+async def main():
+    port, count, mode, seconds = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    hold = []
+    opener = idle if mode == "idle" else slowloris
+    writers = []
+    for start in range(0, count, 500):  # in batches, so the accept queue never overflows
+        batch = await asyncio.gather(*(opener(port, hold) for _ in range(start, min(count, start + 500))))
+        writers += [w for w in batch if w is not None]
+    print(f"open {len(writers)}", flush=True)
+    tasks = []
+    if mode == "slowloris":
+        tasks = [asyncio.ensure_future(trickle(w, until)) for w in writers]
+    # Let EOFs be noticed: a reader only sees one if something reads.
+    readers = [asyncio.ensure_future(r.read(1 << 16)) for r, _ in hold]
+    await asyncio.sleep(max(0, until - loop.time()))
+    print(f"still open {sum(1 for r in readers if not r.done())}", flush=True)
+    for t in tasks + readers:
+        t.cancel()
+    for _, w in hold:
+        w.close()
+
+
+asyncio.run(main())
