@@ -4,6 +4,7 @@
 //! compromised worker would; the same probe unconfined shows each attempt works without it.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use core_server_tests::have_root;
@@ -25,6 +26,7 @@ fn probe(server: &SetcapServer, unconfined: bool) -> BTreeMap<String, String> {
     let output = command
         .arg(server.pid().to_string())
         .arg(UDP_PORT.to_string())
+        .arg(server.install_dir().join("bus.sock"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -54,6 +56,10 @@ fn a_sandboxed_worker_cannot_touch_a_supervisor_of_its_own_uid() {
         return;
     }
     let server = SetcapServer::start();
+    // A named socket the worker's uid may reach, as the operator's session bus would be.
+    let bus_path = server.install_dir().join("bus.sock");
+    let _bus = std::os::unix::net::UnixListener::bind(&bus_path).unwrap();
+    std::fs::set_permissions(&bus_path, std::fs::Permissions::from_mode(0o777)).unwrap();
 
     // The threat is real: without the sandbox, a process of the worker's uid does it all.
     assert_eq!(
@@ -61,6 +67,8 @@ fn a_sandboxed_worker_cannot_touch_a_supervisor_of_its_own_uid() {
         results(&[
             ("kill supervisor", "ok"),
             ("connect control socket", "ok"),
+            ("connect named unix socket", "ok"),
+            ("prlimit supervisor", "ok"),
             ("open /etc/passwd", "ok"),
             ("bind tcp", "ok"),
             ("netlink socket", "ok"),
@@ -75,9 +83,13 @@ fn a_sandboxed_worker_cannot_touch_a_supervisor_of_its_own_uid() {
     assert_eq!(
         probe(&server, false),
         results(&[
-            // Landlock: signals and abstract sockets stay inside the sandbox.
+            // Landlock: signals stay inside the sandbox; seccomp: no Unix socket at all (the
+            // control socket is abstract, which Landlock scopes too; a named one it does not).
             ("kill supervisor", "EPERM"),
             ("connect control socket", "EPERM"),
+            ("connect named unix socket", "EPERM"),
+            // seccomp: another process's limits are out of reach.
+            ("prlimit supervisor", "EPERM"),
             // Landlock: no file by path, no TCP port bound.
             ("open /etc/passwd", "EACCES"),
             ("bind tcp", "EACCES"),

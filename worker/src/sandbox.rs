@@ -11,10 +11,11 @@
 //!   before fstat, ...), so an allow-list breaks on the next upgrade in ways that only show under
 //!   load; what a proxy never needs is short and stable. Denied: process creation and program
 //!   execution (threads stay allowed: tokio starts blocking threads on demand), ptrace and other
-//!   ways into another process's memory, namespaces and mounts, kernel facilities with a record
-//!   of exploits (bpf, perf_event_open, userfaultfd, io_uring, keyrings), the machine's own
-//!   state (reboot, modules, clock, swap), typing into a terminal (`TIOCSTI`), and socket
-//!   families other than IP and Unix.
+//!   ways into another process's memory, limits or scheduling, namespaces and mounts, kernel
+//!   facilities with a record of exploits (bpf, perf_event_open, userfaultfd, io_uring,
+//!   keyrings), the machine's own state (reboot, modules, clock, swap), typing into a terminal
+//!   (`TIOCSTI`), and sockets other than IP (a named Unix socket, which Landlock does not
+//!   guard, may be the operator's session bus, ssh-agent or docker).
 //!
 //! Apply it before any thread exists: Landlock (up to ABI 7) confines only the calling thread
 //! and the threads it starts afterwards. Where the kernel lacks a feature, one warning names
@@ -143,6 +144,16 @@ fn denied_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
         libc::SYS_process_madvise,
         libc::SYS_pidfd_getfd,
         libc::SYS_kcmp,
+        libc::SYS_migrate_pages,
+        libc::SYS_move_pages,
+        // Other processes' scheduling (a worker could starve the supervisor; the worker itself
+        // never sets its own).
+        libc::SYS_setpriority,
+        libc::SYS_sched_setscheduler,
+        libc::SYS_sched_setparam,
+        libc::SYS_sched_setattr,
+        libc::SYS_sched_setaffinity,
+        libc::SYS_ioprio_set,
         // Namespaces, mounts, the root directory.
         libc::SYS_unshare,
         libc::SYS_setns,
@@ -203,6 +214,13 @@ fn denied_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
     let arg = |index, op, value| SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         always.into_iter().map(|nr| (nr, Vec::new())).collect();
+    // Another process's limits (Landlock does not scope them; a process of the same uid may
+    // change them): a worker could kill the supervisor with RLIMIT_CPU, or leave it unable to
+    // open a descriptor. Its own (pid 0: `getrlimit` reads its open-file limit) stay allowed.
+    rules.insert(
+        libc::SYS_prlimit64,
+        vec![SeccompRule::new(vec![arg(0, SeccompCmpOp::Ne, 0)?])?],
+    );
     // A new process, not a thread (the flags are the first argument on x86_64 and aarch64).
     rules.insert(
         libc::SYS_clone,
@@ -221,11 +239,14 @@ fn denied_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
             libc::TIOCSTI,
         )?])?],
     );
-    // Netlink, packet, vsock, crypto and the other families: only IP and Unix are needed.
+    // Only IP sockets are needed. Not Unix: the worker's channels come ready-made, and Landlock
+    // (up to ABI 7) does not guard connecting to a named Unix socket, behind which may be the
+    // operator's session bus (which starts any program), ssh-agent or docker. Nor netlink,
+    // packet, vsock, crypto and the other families.
     rules.insert(
         libc::SYS_socket,
         vec![SeccompRule::new(
-            [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+            [libc::AF_INET, libc::AF_INET6]
                 .into_iter()
                 .map(|family| arg(0, SeccompCmpOp::Ne, family as u64))
                 .collect::<Result<_, _>>()?,

@@ -3,9 +3,13 @@
 //! succeed without it), then tries what the sandbox must forbid, printing one line per attempt:
 //! `<attempt>: ok` or `<attempt>: <errno>`, e.g. `kill supervisor: EPERM`.
 //!
-//!     sandbox_probe [--unconfined] SUPERVISOR_PID UDP_PORT
+//!     sandbox_probe [--unconfined] SUPERVISOR_PID UDP_PORT UNIX_SOCKET
 //!
 //! Run it as the supervisor's uid, in its network namespace (abstract sockets live there).
+//! UNIX_SOCKET is a named socket listening for that uid, as a session bus or ssh-agent is.
+//! What it does to the supervisor's limits sets them to what they already are. (Its scheduling
+//! is out of reach without the sandbox too, for a setcap'd supervisor: the kernel lets no
+//! process with fewer capabilities renice it.)
 
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
@@ -22,8 +26,8 @@ fn main() -> ExitCode {
     if unconfined {
         args.remove(0);
     }
-    let [supervisor, udp_port] = &args[..] else {
-        eprintln!("usage: sandbox_probe [--unconfined] SUPERVISOR_PID UDP_PORT");
+    let [supervisor, udp_port, unix_socket] = &args[..] else {
+        eprintln!("usage: sandbox_probe [--unconfined] SUPERVISOR_PID UDP_PORT UNIX_SOCKET");
         return ExitCode::FAILURE;
     };
     let supervisor = Pid::from_raw(supervisor.parse().expect("a pid"));
@@ -34,6 +38,8 @@ fn main() -> ExitCode {
     // Signal 0 goes through the same permission checks as a real signal, and harms nothing.
     report("kill supervisor", kill(supervisor, None));
     report("connect control socket", connect_control(udp_port));
+    report("connect named unix socket", connect_named(unix_socket));
+    report("prlimit supervisor", prlimit(supervisor));
     report("open /etc/passwd", open_read("/etc/passwd"));
     report("bind tcp", bind_tcp());
     report("netlink socket", netlink());
@@ -67,6 +73,30 @@ fn connect_control(udp_port: &str) -> nix::Result<()> {
     )?;
     let address = UnixAddr::new_abstract(format!("core-server.{udp_port}").as_bytes())?;
     connect(fd.as_raw_fd(), &address)
+}
+
+/// What reaches the operator's session bus (which starts any program it is asked to).
+fn connect_named(path: &str) -> nix::Result<()> {
+    std::os::unix::net::UnixStream::connect(path)
+        .map(drop)
+        .map_err(errno)
+}
+
+/// RLIMIT_CPU of 1 s would kill the supervisor; this sets it to what it is.
+fn prlimit(pid: Pid) -> nix::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads into `limit`, a valid rlimit; no new limit given.
+    Errno::result(unsafe {
+        libc::prlimit(pid.as_raw(), libc::RLIMIT_CPU, std::ptr::null(), &mut limit)
+    })?;
+    // SAFETY: passes `limit` as the new limit; no old one asked for.
+    Errno::result(unsafe {
+        libc::prlimit(pid.as_raw(), libc::RLIMIT_CPU, &limit, std::ptr::null_mut())
+    })
+    .map(drop)
 }
 
 fn open_read(path: &str) -> nix::Result<()> {
