@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
 use crate::state_dir::StateDir;
 
@@ -38,7 +38,7 @@ pub struct LogFile {
 impl LogFile {
     /// Our stderr (local mode).
     pub fn stderr() -> LogFile {
-        let (writer, guard) = tracing_appender::non_blocking(io::stderr());
+        let (writer, guard) = non_blocking(io::stderr());
         LogFile {
             writer,
             path: None,
@@ -53,13 +53,27 @@ impl LogFile {
         let per_file = (cap / FILES as u64).saturating_sub(MAX_LINE).max(4096);
         let file = RotatingFile::open(logs, per_file)
             .with_context(|| format!("cannot open the log file {}", path.display()))?;
-        let (writer, guard) = tracing_appender::non_blocking(file);
+        let (writer, guard) = non_blocking(file);
         Ok(LogFile {
             writer,
             path: Some(path),
             _flush_on_drop: guard,
         })
     }
+}
+
+/// Lines waiting for a slow sink: past this many, new ones are dropped. At most a few MiB
+/// (child lines are cut at [`MAX_LINE`]); tracing-appender's default, 128,000, could hold
+/// half a GiB of a flooding child's lines in the supervisor.
+const QUEUED_LINES: usize = 1024;
+
+/// A writer that hands lines to a thread writing them into `sink`, so that a slow sink never
+/// stalls the supervisor; lines past [`QUEUED_LINES`] are lost instead.
+fn non_blocking<W: Write + Send + 'static>(sink: W) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .buffered_lines_limit(QUEUED_LINES)
+        .lossy(true)
+        .finish(sink)
 }
 
 /// `core.log` in `logs`, rotated once it has passed `limit` bytes.
@@ -114,8 +128,11 @@ impl RotatingFile {
 
 impl Write for RotatingFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.written > self.limit {
-            self.rotate()?;
+        if self.written > self.limit && self.rotate().is_err() {
+            // The line still goes into `core.log` (reopened: rotating closed it), and the
+            // rotation is tried again a file's worth of lines later: a rename that fails
+            // never silences the log.
+            self.written = 0;
         }
         let n = self.current()?.write(buf)?;
         self.written += n as u64;
@@ -216,5 +233,22 @@ mod tests {
             file.write_all(&[b'z'; 100]).unwrap();
         }
         assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn a_rotation_that_fails_loses_no_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        // core.log.8 can never be renamed onto core.log.9, a directory that is not empty: the
+        // first step of every rotation fails.
+        std::fs::create_dir(tmp.path().join("core.log.9")).unwrap();
+        std::fs::write(tmp.path().join("core.log.9/x"), b"").unwrap();
+        std::fs::write(tmp.path().join("core.log.8"), b"").unwrap();
+        let logs = StateDir::open(tmp.path()).unwrap();
+        let mut file = RotatingFile::open(logs, 1000).unwrap();
+        for _ in 0..30 {
+            file.write_all(&[b'x'; 100]).unwrap();
+        }
+        let log = std::fs::read(tmp.path().join(NAME)).unwrap();
+        assert_eq!(log.len(), 3000, "every line is in core.log");
     }
 }

@@ -151,6 +151,7 @@ fn run_server(
                     inherited.routes.len(),
                     dir.display()
                 );
+                dir.claim_when_free();
                 let control = control::Listener::new(inherited.control)?;
                 let mut supervisor = supervisor(inherited.listeners, control, inherited.routes);
                 let worker =
@@ -159,6 +160,7 @@ fn run_server(
                 (supervisor, worker)
             }
             None => {
+                dir.claim()?;
                 let routes = routes_file.load()?;
                 let listeners =
                     listeners::bind_all(options.http_port, options.https_port, udp_port)?;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use core_server_proto::atomic_file;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Stat};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags, Stat};
 use rustix::io::Errno;
 
 /// Where a root instance keeps its state when not told (`--dir`).
@@ -77,6 +77,33 @@ impl StateDir {
             fd: Arc::new(fd),
             path,
         })
+    }
+
+    /// Takes the directory for this instance (an exclusive `flock`, held until we exit), so
+    /// that two instances never share one directory: each would overwrite the other's routes
+    /// and remove its temporary files. Fails at once if another instance holds it.
+    pub fn claim(&self) -> anyhow::Result<()> {
+        match rustix::fs::flock(self.fd(), FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(()),
+            Err(Errno::WOULDBLOCK) => anyhow::bail!(
+                "another core-server (with another --udp-port) uses --dir {}: give each \
+                 instance a directory of its own",
+                self.display()
+            ),
+            Err(e) => Err(io::Error::from(e))
+                .with_context(|| format!("cannot lock --dir {}", self.display())),
+        }
+    }
+
+    /// Takes the directory once the instance we take over from, which holds it until it exits,
+    /// is gone (in a thread of its own: that may be a drain's length away).
+    pub fn claim_when_free(&self) {
+        let fd = self.fd.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = rustix::fs::flock(&*fd, FlockOperation::LockExclusive) {
+                tracing::warn!("cannot lock the state directory: {e}");
+            }
+        });
     }
 
     pub fn path(&self) -> &Path {

@@ -70,25 +70,9 @@ impl Supervisor {
                     info!("{name}: stopping; in-flight requests have {:?} to finish", self.grace);
                     break Ending::Stop;
                 }
-                message = worker.channel.recv() => match message {
-                    Ok(Some((message, _))) => self.on_message(&mut worker, message),
-                    Ok(None) | Err(_) => {
-                        worker.kill();
-                        let status = worker.wait().await;
-                        self.save(&mut worker).await;
-                        let delay = backoff.after_exit(worker.lived());
-                        warn!("worker exited ({status}); starting a new one in {delay:?}");
-                        match self.restart(delay, &mut backoff, &mut signals).await {
-                            Some(new) => worker = new,
-                            None => return Ok(()),
-                        }
-                    }
-                },
-                // Every waiting message first (biased): one write for a burst of changes.
-                _ = std::future::ready(()), if worker.unsaved.is_some() => {
-                    self.save(&mut worker).await;
-                }
-                _ = tokio::time::sleep_until(worker.heartbeat_due()) => worker.heartbeat().await,
+                // Before the worker's messages: a worker sending without pause (a compromised
+                // one) must not keep a takeover or `stop` from being heard. Control requests
+                // come at most a few at a time (see `control::serve`).
                 Some(Incoming { request, connection }) = requests.recv() => match request {
                     ControlRequest::TakeOver => {
                         // Connections on the shared socket are the taker's once it owns it.
@@ -114,6 +98,25 @@ impl Supervisor {
                     }
                     request => self.answer(request, connection, &worker),
                 },
+                message = worker.channel.recv() => match message {
+                    Ok(Some((message, _))) => self.on_message(&mut worker, message),
+                    Ok(None) | Err(_) => {
+                        worker.kill();
+                        let status = worker.wait().await;
+                        self.save(&mut worker).await;
+                        let delay = backoff.after_exit(worker.lived());
+                        warn!("worker exited ({status}); starting a new one in {delay:?}");
+                        match self.restart(delay, &mut backoff, &mut signals).await {
+                            Some(new) => worker = new,
+                            None => return Ok(()),
+                        }
+                    }
+                },
+                // Every waiting message first (biased): one write for a burst of changes.
+                _ = std::future::ready(()), if worker.unsaved.is_some() => {
+                    self.save(&mut worker).await;
+                }
+                _ = tokio::time::sleep_until(worker.heartbeat_due()) => worker.heartbeat().await,
             }
         };
         accepting.abort();

@@ -418,3 +418,32 @@ fn a_reply_after_a_failed_save_says_not_saved() {
     let saved = std::fs::read_to_string(server.dir.join("routes.json")).unwrap();
     assert!(saved.contains("a.example"), "{saved}");
 }
+
+/// Two instances (two UDP ports) on one directory would overwrite each other's routes: the
+/// second is refused, and the first serves on untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_instance_on_the_same_directory_is_refused() {
+    let server = CoreServer::start();
+    server.add("first.example", 8080);
+    let output = Command::new(binaries().join("core-server"))
+        .args(["--http-port", &free_tcp_port().to_string()])
+        .args(["--https-port", &free_tcp_port().to_string()])
+        .args(["--udp-port", &free_udp_port().to_string()])
+        .arg("--dir")
+        .arg(&server.dir)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another core-server (with another --udp-port) uses --dir"),
+        "{stderr}"
+    );
+    assert_eq!(server.udp("add second.example 8081"), "ok");
+    let saved = std::fs::read_to_string(server.dir.join("routes.json")).unwrap();
+    assert!(
+        saved.contains("first.example") && saved.contains("second.example"),
+        "{saved}"
+    );
+}
