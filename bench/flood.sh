@@ -12,11 +12,24 @@ DURATION=${DURATION:-10}      # seconds of wrk load per measurement
 CONNECTIONS=${CONNECTIONS:-16}
 SLOW=${SLOW:-2000}
 IDLE=${IDLE:-10000}
+# Client connections each proxy may hold: nginx's worker_connections and core-server's
+# --max-connections alike (core-server's default, half the 20,000 descriptors here, would
+# evict idle connections of the 10,000 flood to make room: not the same flood as nginx's).
+MAX_CONNECTIONS=${MAX_CONNECTIONS:-19000}
 
 source bench/lib.sh
 need nginx=nginx wrk=wrk curl=curl
 install_core_server
 ulimit -n "$(ulimit -Hn)"   # 10,000 held connections need the descriptors, here and in the proxies
+# The proxies' logs go with the work directory: show what they said before it is removed.
+show_logs() {
+  local log
+  for log in "$work"/core.err "$work"/nginx.err "$work"/backend.err; do
+    [ -s "$log" ] && { echo; echo "== ${log##*/} (last 20 lines)"; tail -n 20 "$log"; }
+  done
+  return 0
+}
+cleanup_hooks+=(show_logs)
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
@@ -34,7 +47,7 @@ nginx -c "$work/backend.conf" & pids+=($!)
 cat > "$work/nginx.conf" <<CONF
 worker_processes 1; worker_rlimit_nofile 20000; daemon off; pid $work/nginx.pid;
 error_log $work/nginx.err;
-events { worker_connections 19000; }
+events { worker_connections $MAX_CONNECTIONS; }
 http { access_log off; keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$backend; keepalive 128; }
   server { listen 127.0.0.1:$nginx_proxy backlog=4096;
@@ -44,7 +57,7 @@ CONF
 nginx -c "$work/nginx.conf" & pids+=($!)
 
 RUST_LOG=warn "$work/core-server" --http-port "$core" --https-port "$(free_port)" \
-  --udp-port "$udp" --dir "$work/state" 2>>"$work/core.err" &
+  --udp-port "$udp" --dir "$work/state" --max-connections "$MAX_CONNECTIONS" 2>>"$work/core.err" &
 core_pid=$!; pids+=($core_pid)
 for p in "$backend" "$nginx_proxy" "$core"; do wait_port "$p"; done
 for _ in $(seq 50); do
@@ -54,10 +67,12 @@ done
 
 rps() {  # port -> requests/s of a normal keep-alive client
   wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 2s -H 'Host: bench.example' \
-    "http://127.0.0.1:$1/" | awk '/Requests\/sec/ {r=$2} /Socket errors/ {e=$0} END {print r (e ? " (" e ")" : "")}'
+    "http://127.0.0.1:$1/" | awk '/Requests\/sec/ {r=$2} /Socket errors|Non-2xx/ {sub(/^ +/, ""); e=e (e ? "; " : "") $0}
+                                 END {print r (e ? " (" e ")" : "")}'
 }
 rss_kb() {  # pids... -> their total VmRSS in kB
   local total=0 pid
+  [ $# -gt 0 ] || { echo "no process to measure" >&2; exit 1; }
   for pid in "$@"; do total=$((total + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status"))); done
   echo "$total"
 }
@@ -65,12 +80,17 @@ core_worker() { pgrep -P "$core_pid" -x core-server-wor; }   # children of the p
 nginx_worker() { pgrep -P "$(cat "$work/nginx.pid")"; }
 
 declare -A R
+wait_open() {  # file -> once the holder writing it has opened its connections (at most 120 s)
+  for _ in $(seq 1200); do grep -q '^open' "$1" && return; sleep 0.1; done
+  echo "the connections never opened" >&2; exit 1
+}
 flooded() {  # name port mode count -> requests/s while the flood holds its connections
   local name=$1 port=$2 mode=$3 count=$4 held
   held=$(mktemp -p "$work")
-  python3 bench/hold_connections.py "$port" "$count" "$mode" $((DURATION + 20)) >"$held" &
+  # Held a little longer than wrk runs: "still open" says how many the proxy kept meanwhile.
+  python3 bench/hold_connections.py "$port" "$count" "$mode" $((DURATION + 3)) >"$held" &
   local holder=$!; pids+=($holder)
-  for _ in $(seq 300); do grep -q '^open' "$held" && break; sleep 0.1; done
+  wait_open "$held"
   R[$name,$mode,open]=$(awk '/^open/ {print $2}' "$held")
   R[$name,$mode]=$(rps "$port")
   wait "$holder" || true
@@ -82,7 +102,7 @@ memory() {  # name port pid-function -> kB per idle connection
   held=$(mktemp -p "$work")
   python3 bench/hold_connections.py "$port" "$IDLE" idle 8 >"$held" &
   local holder=$!; pids+=($holder)
-  for _ in $(seq 300); do grep -q '^open' "$held" && break; sleep 0.1; done
+  wait_open "$held"
   sleep 2
   after=$(rss_kb $($3))
   R[$name,kb]=$(awk -v a="$after" -v b="$before" -v n="$(awk '/^open/ {print $2}' "$held")" \
@@ -93,18 +113,20 @@ memory() {  # name port pid-function -> kB per idle connection
 for proxy in core-server nginx; do
   port=$([ $proxy = core-server ] && echo "$core" || echo "$nginx_proxy")
   R[$proxy,none]=$(rps "$port")
+  # Before the floods: memory freed after a flood stays with the allocator and hides the growth.
+  memory $proxy "$port" "$([ $proxy = core-server ] && echo core_worker || echo nginx_worker)"
   flooded $proxy "$port" slowloris "$SLOW"
   flooded $proxy "$port" idle "$IDLE"
-  memory $proxy "$port" "$([ $proxy = core-server ] && echo core_worker || echo nginx_worker)"
 done
 
 echo
-echo "$(nproc) cores; a normal client: wrk -t1 -c$CONNECTIONS -d${DURATION}s --timeout 2s"
-printf '%-14s %14s %26s %26s %14s\n' "" "no flood" "$SLOW slowloris" "$IDLE idle keep-alive" "kB per idle"
+echo "$(nproc) cores; a normal client: wrk -t1 -c$CONNECTIONS -d${DURATION}s --timeout 2s;" \
+  "[held: opened / still open when wrk is done]"
+printf '%-14s %14s %30s %30s %12s\n' "" "no flood" "$SLOW slowloris" "$IDLE idle keep-alive" "kB per idle"
 for proxy in core-server nginx; do
-  printf '%-14s %14s %26s %26s %14s\n' "$proxy" "${R[$proxy,none]}" \
-    "${R[$proxy,slowloris]} [${R[$proxy,slowloris,open]} held]" \
-    "${R[$proxy,idle]} [${R[$proxy,idle,open]} held]" "${R[$proxy,kb]}"
+  printf '%-14s %14s %30s %30s %12s\n' "$proxy" "${R[$proxy,none]}" \
+    "${R[$proxy,slowloris]} [${R[$proxy,slowloris,open]}/${R[$proxy,slowloris,left]} held]" \
+    "${R[$proxy,idle]} [${R[$proxy,idle,open]}/${R[$proxy,idle,left]} held]" "${R[$proxy,kb]}"
 done
 ratio() { awk -v a="${1%% *}" -v b="${2%% *}" 'BEGIN {printf "%.2f", a/b}'; }
 echo

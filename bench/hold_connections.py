@@ -6,8 +6,9 @@
 MODE idle:      each connection makes one keep-alive request, reads the answer, then idles.
 MODE slowloris: each connection sends a request head one byte every 5 s, never finishing.
 
-Prints 'open N' once all connections are set up (or failed), then 'still open N' when SECONDS
-are over, and exits. Loopback only; bounded by COUNT and SECONDS.
+Prints 'open N' once all connections are set up (or failed), holds them SECONDS from then
+(setting up 10,000 can take longer than a measurement), prints 'still open N' (the ones the
+server has not closed) and exits. Loopback only; bounded by COUNT, SECONDS and the timeouts.
 """
 import asyncio
 import sys
@@ -67,7 +68,6 @@ async def trickle(writer, until):
 async def main():
     port, count, mode, seconds = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     loop = asyncio.get_running_loop()
-    until = loop.time() + seconds
     hold = []
     opener = idle if mode == "idle" else slowloris
     writers = []
@@ -75,6 +75,7 @@ async def main():
         batch = await asyncio.gather(*(opener(port, hold) for _ in range(start, min(count, start + 500))))
         writers += [w for w in batch if w is not None]
     print(f"open {len(writers)}", flush=True)
+    until = loop.time() + seconds
     tasks = []
     if mode == "slowloris":
         tasks = [asyncio.ensure_future(trickle(w, until)) for w in writers]
