@@ -153,9 +153,14 @@ fn run_server(
                 );
                 let control = control::Listener::new(inherited.control)?;
                 let mut supervisor = supervisor(inherited.listeners, control, inherited.routes);
-                let worker =
-                    takeover::complete(&mut supervisor, &running, inherited.pid, &routes_file)
-                        .await?;
+                let worker = takeover::complete(
+                    &mut supervisor,
+                    &running,
+                    inherited.pid,
+                    inherited.protocol,
+                    &routes_file,
+                )
+                .await?;
                 (supervisor, worker)
             }
             None => {
