@@ -4,10 +4,12 @@
 //! keeps serving. The previous binaries come from `scripts/build-previous.sh`; without them
 //! these tests fail.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::net::UdpSocket;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use core_server_tests::http::get;
 use core_server_tests::load::Load;
@@ -107,6 +109,35 @@ async fn rerunning_this_version_takes_over_from_the_previous_one_under_load() {
     assert!(server.stop().success());
 }
 
+/// Runs `command` until it exits: its status and what it wrote to stderr. One still running
+/// after a minute is a rerun that took over (and serves on): killed, and a failure.
+fn run_to_its_end(mut command: Command) -> (ExitStatus, String) {
+    let stderr = tempfile::tempfile().unwrap();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the rerun still runs after a minute: it took over");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    let mut stderr = stderr;
+    stderr.seek(SeekFrom::Start(0)).unwrap();
+    stderr.read_to_string(&mut text).unwrap();
+    (status, text)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rerunning_the_previous_version_fails_and_this_one_keeps_serving() {
     let previous = previous::install();
@@ -117,11 +148,10 @@ async fn rerunning_the_previous_version_fails_and_this_one_keeps_serving() {
 
     let load = Load::start(server.http_port, "app.example", 2, 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let rerun =
-        tokio::task::block_in_place(|| server.command_from(previous.path()).output().unwrap());
-    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    let (status, stderr) =
+        tokio::task::block_in_place(|| run_to_its_end(server.command_from(previous.path())));
     eprintln!("the previous version's rerun said: {stderr}");
-    assert!(!rerun.status.success(), "{stderr}");
+    assert!(!status.success(), "{stderr}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let counts = load.finish().await;
     assert_eq!(counts.failures(), 0, "{counts:?}\n{}", server.log());
