@@ -13,6 +13,12 @@
 //! peer then reads every message an older one sends, and fails cleanly, on a variant it does
 //! not know, where a newer one sends something new (a takeover is void then, and the running
 //! instance keeps serving). `tests` below pins the indices the released versions use.
+//!
+//! [`ToWorker`] and [`FromWorker`] pass between a supervisor and the worker binary installed
+//! next to it, which are of one version, except in one window: once an upgrade has replaced
+//! the binaries, and before its rerun, a worker that the old supervisor restarts is the new
+//! one, which may not read the old supervisor's messages (it then fails to start, and is
+//! retried until the rerun replaces the old instance).
 
 use std::path::PathBuf;
 use std::time::Duration;
