@@ -30,6 +30,8 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace
+# The previous version's binaries, for tests/tests/previous_version.rs (an upgrade mixes them).
+scripts/build-previous.sh
 
 # cargo prints one summary per test binary (the last often a doc-test run of 0); end with
 # the total, so the run's last line says what it did.

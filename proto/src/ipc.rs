@@ -3,6 +3,22 @@
 //! Small, typed, and few: the supervisor hands over sockets, settings and routes; the worker
 //! reports readiness and every route change. Descriptors travel beside a message as
 //! `SCM_RIGHTS` (see [`crate::channel`]); the message says what each one is.
+//!
+//! Postcard encodes an enum variant by its index, and a struct by its fields in order, with no
+//! names. The control socket's messages ([`ControlRequest`], [`ControlReply`] and what they
+//! carry) pass between versions: a rerun talks to the instance it replaces, `core-server
+//! status` to whatever runs. So they only grow at the end: a new variant is appended, never
+//! inserted; no variant is removed, reordered or reshaped (an obsolete one stays, documented
+//! as such); a struct they carry gets no new field (a new variant carries the new data). A
+//! peer then reads every message an older one sends, and fails cleanly, on a variant it does
+//! not know, where a newer one sends something new (a takeover is void then, and the running
+//! instance keeps serving). `tests` below pins the indices the released versions use.
+//!
+//! [`ToWorker`] and [`FromWorker`] pass between a supervisor and the worker binary installed
+//! next to it, which are of one version, except in one window: once an upgrade has replaced
+//! the binaries, and before its rerun, a worker that the old supervisor restarts is the new
+//! one, which may not read the old supervisor's messages (it then fails to start, and is
+//! retried until the rerun replaces the old instance).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,10 +67,10 @@ pub enum ToWorker {
     /// Part of the routes table, sent after `Start` and before `Serve`, in chunks of at most
     /// [`ROUTES_PER_MESSAGE`] so each message fits one socket buffer.
     Routes(Vec<(Domain, u16)>),
-    /// Every route is sent: start serving, then answer `Ready`. Without `read_commands` (a
-    /// taker's worker, before the old instance has handed over) UDP commands stay unread until
-    /// `ResumeCommands`.
-    Serve { read_commands: bool },
+    /// Every route is sent: start, then answer `Ready`. As the `owner`, serve at once; else (a
+    /// taker's worker, before the running instance has handed over) accept no client and read
+    /// no UDP command until `Own`: connections and commands wait in the kernel meanwhile.
+    Serve { owner: bool },
     /// Every `RouteChanged` up to and including `upto` is saved to disk (or failed to be).
     Saved { upto: u64, error: Option<String> },
     /// Stop accepting; let in-flight requests finish within `grace`; exit.
@@ -62,8 +78,9 @@ pub enum ToWorker {
     /// Stop reading UDP commands (a new instance is taking over); answer `CommandsPaused`
     /// once every change already applied has been reported.
     PauseCommands,
-    /// Read UDP commands (again, or for the first time: see `Serve`).
-    ResumeCommands,
+    /// This worker's instance owns the routes (again, after a void takeover, or for the first
+    /// time: see `Serve`): accept clients and read UDP commands.
+    Own,
     /// Answer `Pong`: a worker that does not, within a deadline, is stopped or stuck and is
     /// replaced.
     Ping,
@@ -88,15 +105,19 @@ pub enum FromWorker {
 pub enum ControlRequest {
     Status,
     Stop,
-    /// Hand over the sockets and routes (answered `Sockets`, `Routes`..., `RoutesEnd`).
+    /// Hand over the sockets and routes: answered `Protocol` (since version 2; older instances
+    /// answer `Sockets` at once), `Sockets`, `Routes`..., `RoutesEnd`.
     TakeOver,
-    /// The taker's worker is ready (UDP commands still unread): hand over, answered
-    /// `HandedOver`, or `Refused` if the takeover is void (it took too long).
-    TakerReady,
+    /// Protocol 1 (what a taker tells an instance that did not announce a `Protocol`): the
+    /// taker's worker serves; the instance drains and exits.
+    TookOver,
     /// The taker's worker did not start: keep serving.
     TakeOverFailed {
         reason: String,
     },
+    /// Protocol 2: the taker's worker is ready, serving nothing yet: hand over, answered
+    /// `HandedOver`, or `Refused` if the takeover is void (it took too long).
+    TakerReady,
 }
 
 /// The running supervisor's answers on its control socket.
@@ -117,10 +138,14 @@ pub enum ControlReply {
     },
     Routes(Vec<(Domain, u16)>),
     RoutesEnd,
-    /// The taker owns the instance from now on; this one drains and exits, and acts no more.
-    HandedOver,
     /// The request cannot be served now (the reason says why).
     Refused(String),
+    /// Protocol 2: the taker owns the instance from now on; this one drains and exits, and acts
+    /// no more.
+    HandedOver,
+    /// The first answer to `TakeOver`: the takeover protocol this instance follows (see
+    /// [`TAKEOVER_PROTOCOL`]). An instance that sends none follows protocol 1.
+    Protocol(u32),
 }
 
 /// What `core-server status` shows.
@@ -135,6 +160,11 @@ pub struct InstanceStatus {
     pub dir: PathBuf,
 }
 
+/// The takeover protocol of this version: 2, where the running instance decides whether the
+/// taker owns (`TakerReady`, answered `HandedOver` or `Refused`). Protocol 1 (no `Protocol`
+/// announced): the taker says `TookOver`, and the running instance drains.
+pub const TAKEOVER_PROTOCOL: u32 = 2;
+
 /// The descriptor on which a child finds its end of the IPC socketpair.
 pub const CHILD_IPC_FD: i32 = 3;
 
@@ -144,6 +174,55 @@ pub const ROUTES_PER_MESSAGE: usize = 200;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn first_byte<T: Serialize>(message: &T) -> u8 {
+        postcard::to_stdvec(message).unwrap()[0]
+    }
+
+    /// The variant indices other versions send and expect: only appending keeps them.
+    #[test]
+    fn control_messages_keep_their_released_indices() {
+        let requests = [
+            (ControlRequest::Status, 0),
+            (ControlRequest::Stop, 1),
+            (ControlRequest::TakeOver, 2),
+            (ControlRequest::TookOver, 3),
+            (
+                ControlRequest::TakeOverFailed {
+                    reason: String::new(),
+                },
+                4,
+            ),
+            (ControlRequest::TakerReady, 5),
+        ];
+        for (request, index) in requests {
+            assert_eq!(first_byte(&request), index, "{request:?}");
+        }
+        let replies = [
+            (ControlReply::Stopping { pid: 1 }, 1),
+            (
+                ControlReply::Sockets {
+                    listeners: vec![ListenerKind::Http, ListenerKind::Https, ListenerKind::Udp],
+                    dir: PathBuf::new(),
+                    pid: 1,
+                },
+                2,
+            ),
+            (ControlReply::Routes(Vec::new()), 3),
+            (ControlReply::RoutesEnd, 4),
+            (ControlReply::Refused(String::new()), 5),
+            (ControlReply::HandedOver, 6),
+            (ControlReply::Protocol(TAKEOVER_PROTOCOL), 7),
+        ];
+        for (reply, index) in &replies {
+            assert_eq!(first_byte(reply), *index, "{reply:?}");
+        }
+        // The same bytes as version 1 (9c8f458) wrote for `Sockets` (listener kinds included).
+        assert_eq!(
+            postcard::to_stdvec(&replies[1].0).unwrap(),
+            [2, 3, 0, 1, 2, 0, 1]
+        );
+    }
 
     #[test]
     fn a_full_routes_chunk_fits_one_message() {

@@ -2,33 +2,43 @@
 //! rerun `core-server`, is in `takeover.rs`).
 //!
 //! One instance owns the routes at every instant: the owner's worker is the only one reading
-//! UDP commands, and the owner alone writes the routes file and serves the control socket.
-//! Both workers serve HTTP while ownership moves (the kernel gives each connection to one of
-//! them; so the old one can drain while the new one serves). Until a verdict, they hold the
-//! same routes; after a void, the taker's worker is drained as soon as the taker runs again.
-//! Ownership moves by one explicit message, and only the owner decides whether it moves:
+//! UDP commands and accepting clients, and the owner alone writes the routes file and serves
+//! the control socket. The taker's worker accepts no client until its instance owns: the
+//! listening sockets are shared, so connections arriving while ownership moves wait in the
+//! kernel's queue for it (none is refused), and after a void takeover a taker, even one frozen
+//! before it could drain, serves no stale routes. Ownership moves by one explicit message, and
+//! only the owner decides whether it moves (protocol 2, [`TAKEOVER_PROTOCOL`]):
 //!
 //! 1. The taker asks `TakeOver`. The owner stops serving control clients, pauses its worker's
 //!    commands (confirmed within `WORKER_TIMEOUT`, or the worker is killed, to be replaced,
-//!    and the takeover is void), saves every change reported, and sends `Sockets` (the
-//!    listeners and the control socket) and the routes. Unread commands wait in the kernel.
-//! 2. The taker starts its worker on them with commands unread, writes nothing, serves no
-//!    control client, and says `TakerReady` (or `TakeOverFailed`).
+//!    and the takeover is void), saves every change reported, and sends `Protocol(2)`, then
+//!    `Sockets` (the listeners and the control socket) and the routes. Unread commands wait in
+//!    the kernel.
+//! 2. The taker starts its worker on them serving nothing, writes nothing, serves no control
+//!    client, and says `TakerReady` (or `TakeOverFailed`).
 //! 3. The owner decides, once. `TakerReady` within [`TAKER_TIMEOUT`] of step 1: it answers
-//!    `HandedOver`, and from then on only drains (its worker never reads a command again, it
-//!    saves nothing). Anything else (a failure, silence past the deadline, the taker gone):
-//!    it answers `Refused`, and only then reads commands again; the takeover is void.
+//!    `HandedOver`, and from then on only drains (its worker stops accepting and never reads a
+//!    command again, it saves nothing). Anything else (a failure, silence past the deadline,
+//!    the taker gone): it answers `Refused`, and only then reads commands again; the takeover
+//!    is void.
 //! 4. The taker waits for that verdict with no deadline of its own: a frozen owner still owns,
 //!    and a taker frozen past the deadline finds `Refused` when it wakes. On `HandedOver` it
-//!    saves the routes, lets its worker read commands and serves the control socket. On
-//!    `Refused` it drains its worker, saving nothing, and exits. If the connection closes with
-//!    no verdict and the owner's process is gone (it died mid-way), nobody else can act: the
-//!    taker owns.
+//!    saves the routes and tells its worker to serve (accept clients, read commands), and
+//!    serves the control socket. On `Refused` it stops its worker, saving nothing, and exits.
+//!    If the connection closes with no verdict and the owner's process is gone (it died
+//!    mid-way), nobody else can act: the taker owns.
+//!
+//! Versions mix on an upgrade. An owner of the previous version (protocol 1) sends `Sockets`
+//! with no `Protocol` first, and drains when told `TookOver`; `takeover.rs` follows it. A taker
+//! of the previous version cannot read `Protocol`: it gives up, and the owner, hearing nothing
+//! more, keeps serving (step 3).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
-use core_server_proto::ipc::{ControlReply, ControlRequest, FromWorker, ToWorker};
+use core_server_proto::ipc::{
+    ControlReply, ControlRequest, FromWorker, ToWorker, TAKEOVER_PROTOCOL,
+};
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, warn};
 
@@ -61,7 +71,7 @@ impl Supervisor {
         let refusal = ControlReply::Refused(format!("takeover void: {reason}"));
         let _ = timeout(REPLY_TIMEOUT, taker.send(&refusal, &[])).await;
         // Only now: the taker, if it still runs, has been told it owns nothing.
-        worker.tell(&ToWorker::ResumeCommands).await;
+        worker.tell(&ToWorker::Own).await;
         false
     }
 
@@ -95,7 +105,7 @@ impl Supervisor {
         }
     }
 
-    /// Sends the sockets and routes; `Ok` when the taker says its worker is ready in time.
+    /// Announces our protocol, sends the sockets and routes; `Ok` when the taker says its worker is ready in time.
     async fn hand_sockets(&self, taker: &ServerEnd) -> Result<(), String> {
         let limit = test_hooks::taker_timeout(TAKER_TIMEOUT);
         let deadline = Instant::now() + limit;
@@ -109,7 +119,15 @@ impl Supervisor {
             Ok(Ok(Some((ControlRequest::TakeOverFailed { reason }, _)))) => {
                 Err(format!("the new core-server failed ({reason})"))
             }
-            Ok(Ok(other)) => Err(format!("the new core-server went away ({other:?})")),
+            Ok(Ok(Some((other, _)))) => Err(format!(
+                "the new core-server answered {other:?}, not TakerReady"
+            )),
+            // What a version before protocol 2 does: it cannot read `Protocol`.
+            Ok(Ok(None)) => Err(
+                "the new core-server went away (it may be a version that cannot take over from \
+                 this one; its output says why)"
+                    .to_owned(),
+            ),
             Ok(Err(e)) => Err(format!("the new core-server's connection failed: {e}")),
             Err(_) => Err(format!(
                 "the new core-server was not ready within {limit:?}"
@@ -120,6 +138,9 @@ impl Supervisor {
     async fn send_sockets(&self, taker: &ServerEnd) -> std::io::Result<()> {
         let mut fds: Vec<BorrowedFd> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
         fds.push(self.control.as_fd());
+        taker
+            .send(&ControlReply::Protocol(TAKEOVER_PROTOCOL), &[])
+            .await?;
         let sockets = ControlReply::Sockets {
             listeners: self.listeners.iter().map(|l| l.kind).collect(),
             dir: self.routes.dir().to_path_buf(),

@@ -154,9 +154,14 @@ fn run_server(
                 dir.claim_when_free();
                 let control = control::Listener::new(inherited.control)?;
                 let mut supervisor = supervisor(inherited.listeners, control, inherited.routes);
-                let worker =
-                    takeover::complete(&mut supervisor, &running, inherited.pid, &routes_file)
-                        .await?;
+                let worker = takeover::complete(
+                    &mut supervisor,
+                    &running,
+                    inherited.pid,
+                    inherited.protocol,
+                    &routes_file,
+                )
+                .await?;
                 (supervisor, worker)
             }
             None => {

@@ -2,13 +2,20 @@
 //! sockets and routes over the control socket (it binds nothing itself), starts its own
 //! worker on them, says whether that worked, and owns the instance only once the running one
 //! has handed it over. The protocol and the giving side are in `handover.rs`.
+//!
+//! The running instance may be of the previous version, which follows protocol 1: it sends
+//! `Sockets` without announcing a `Protocol`, and drains as soon as it reads `TookOver`. With
+//! it, our worker serves nothing until `TookOver` is sent; only if that send succeeded does it
+//! serve and do we save the routes. That protocol's own window stays (it is the old binary's,
+//! gone once it is replaced): an old instance whose 20 s deadline for `TookOver` passes just
+//! as we send it, before it closes the connection, serves on beside us.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use core_server_proto::ipc::{ControlReply, ControlRequest, ToWorker};
+use core_server_proto::ipc::{ControlReply, ControlRequest, ToWorker, TAKEOVER_PROTOCOL};
 use core_server_proto::routes::Routes;
 
 use crate::control;
@@ -27,6 +34,8 @@ pub struct Inherited {
     /// The running instance's state directory and pid.
     pub dir: PathBuf,
     pub pid: u32,
+    /// The takeover protocol it follows.
+    pub protocol: u32,
 }
 
 /// How long the running instance may take to hand over its sockets and routes (it pauses
@@ -44,9 +53,29 @@ pub async fn receive(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
 }
 
 async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherited> {
-    let answer = control::ask(old, &ControlRequest::TakeOver)
+    let mut answer = control::ask(old, &ControlRequest::TakeOver)
         .await
         .context("the running core-server did not answer the takeover; it keeps serving")?;
+    // The first answer tells the versions apart: protocol 1 sends the sockets at once.
+    let mut protocol = 1;
+    if let Some((ControlReply::Protocol(theirs), _)) = answer {
+        if theirs != TAKEOVER_PROTOCOL {
+            let reason = format!(
+                "it follows takeover protocol {theirs}; this core-server knows 1 and {TAKEOVER_PROTOCOL}"
+            );
+            let _ = old
+                .send(
+                    &ControlRequest::TakeOverFailed {
+                        reason: reason.clone(),
+                    },
+                    &[],
+                )
+                .await;
+            bail!("cannot take over from the running core-server, which keeps serving: {reason}");
+        }
+        protocol = theirs;
+        answer = old.recv().await?;
+    }
     let (kinds, dir, pid, mut fds) = match answer {
         Some((
             ControlReply::Sockets {
@@ -72,16 +101,19 @@ async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherite
         routes,
         dir,
         pid,
+        protocol,
     })
 }
 
-/// Starts our worker on the inherited sockets (reading no command yet) and completes the
-/// handover: returns the worker, reading commands, once the instance at the other end of
-/// `old` (pid `old_pid`) has handed over and the routes are saved in `routes_file`.
+/// Starts our worker on the inherited sockets (serving nothing yet) and completes the
+/// handover: returns the worker, serving, once the instance at the other end of `old` (pid
+/// `old_pid`, following takeover `protocol`) has handed over and the routes are saved in
+/// `routes_file`.
 pub async fn complete(
     supervisor: &mut Supervisor,
     old: &control::ClientEnd,
     old_pid: u32,
+    protocol: u32,
     routes_file: &RoutesFile,
 ) -> anyhow::Result<Worker> {
     freeze_point("sockets-received");
@@ -97,23 +129,11 @@ pub async fn complete(
         }
     };
     freeze_point("worker-ready");
-    // A verdict sent before we spoke (the takeover was void already) is still read.
-    let _ = old.send(&ControlRequest::TakerReady, &[]).await;
-    freeze_point("ready-sent");
-    let void = match old.recv().await {
-        Ok(Some((ControlReply::HandedOver, _))) => None,
-        Ok(Some((ControlReply::Refused(why), _))) => Some(why),
-        Ok(Some((other, _))) => Some(format!("unexpected answer {other:?}")),
-        // No verdict: only a dead owner can no longer act.
-        Ok(None) | Err(_) if !running(old_pid) => {
-            tracing::warn!(
-                "core-server pid {old_pid} exited during the takeover; taking its place"
-            );
-            None
-        }
-        Ok(None) | Err(_) => Some("it closed the connection without handing over".to_owned()),
+    let verdict = match protocol {
+        1 => took_over(old, old_pid).await,
+        _ => handed_over(old, old_pid).await,
     };
-    if let Some(why) = void {
+    if let Err(why) = verdict {
         supervisor.stop(worker, Ending::NotOwner).await;
         return Err(anyhow!("{why}").context(keeps_serving()));
     }
@@ -125,9 +145,44 @@ pub async fn complete(
             routes_file.path().display()
         );
     }
-    worker.tell(&ToWorker::ResumeCommands).await;
+    worker.tell(&ToWorker::Own).await;
     tracing::info!("took over from core-server pid {old_pid}");
     Ok(worker)
+}
+
+/// Protocol 2: says our worker is ready and waits for the owner's verdict; `Ok` if we own.
+async fn handed_over(old: &control::ClientEnd, old_pid: u32) -> Result<(), String> {
+    // A verdict sent before we spoke (the takeover was void already) is still read.
+    let _ = old.send(&ControlRequest::TakerReady, &[]).await;
+    freeze_point("ready-sent");
+    match old.recv().await {
+        Ok(Some((ControlReply::HandedOver, _))) => Ok(()),
+        Ok(Some((ControlReply::Refused(why), _))) => Err(why),
+        Ok(Some((other, _))) => Err(format!("unexpected answer {other:?}")),
+        Ok(None) | Err(_) if owner_exited(old_pid) => Ok(()),
+        Ok(None) | Err(_) => Err("it closed the connection without handing over".to_owned()),
+    }
+}
+
+/// Protocol 1: tells the owner we serve, which it takes as its cue to drain; `Ok` if it heard.
+async fn took_over(old: &control::ClientEnd, old_pid: u32) -> Result<(), String> {
+    tracing::info!("core-server pid {old_pid} is of a previous version (takeover protocol 1)");
+    match old.send(&ControlRequest::TookOver, &[]).await {
+        Ok(()) => Ok(()),
+        Err(_) if owner_exited(old_pid) => Ok(()),
+        Err(e) => Err(format!(
+            "it closed the connection before we could take over ({e})"
+        )),
+    }
+}
+
+/// Whether the owner's process has exited: with no verdict, only then can nobody else act.
+fn owner_exited(old_pid: u32) -> bool {
+    if running(old_pid) {
+        return false;
+    }
+    tracing::warn!("core-server pid {old_pid} exited during the takeover; taking its place");
+    true
 }
 
 /// `Routes` chunks until `RoutesEnd`.

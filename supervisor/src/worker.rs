@@ -100,8 +100,8 @@ impl Worker {
 
 impl Supervisor {
     /// Starts a worker and hands it the sockets, settings and routes; returns once it is ready.
-    /// It reads UDP commands at once if `read_commands`, else once told `ResumeCommands`.
-    pub async fn start_worker(&self, read_commands: bool) -> anyhow::Result<Worker> {
+    /// It serves at once as the `owner`, else (a taker's) from when it is told `Own`.
+    pub async fn start_worker(&self, owner: bool) -> anyhow::Result<Worker> {
         let (ours, theirs) = socketpair_fds().context("cannot create the worker's socketpair")?;
         let stderr = self
             .child_logs
@@ -109,10 +109,9 @@ impl Supervisor {
             .context("cannot set up the worker's log")?;
         let mut child = child::spawn(&self.worker_binary, theirs, self.privileges, stderr)?;
         let channel = Channel::new(ours)?;
-        let outcome =
-            tokio::time::timeout(START_TIMEOUT, self.hand_to_worker(&channel, read_commands))
-                .await
-                .unwrap_or_else(|_| Err(anyhow!("not ready within {START_TIMEOUT:?}")));
+        let outcome = tokio::time::timeout(START_TIMEOUT, self.hand_to_worker(&channel, owner))
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("not ready within {START_TIMEOUT:?}")));
         if let Err(e) = outcome {
             // A worker that exits closes its channel, failing the hand-over; its exit status
             // explains more than the broken channel.
@@ -145,7 +144,7 @@ impl Supervisor {
     async fn hand_to_worker(
         &self,
         channel: &Channel<ToWorker, FromWorker>,
-        read_commands: bool,
+        owner: bool,
     ) -> anyhow::Result<()> {
         let kinds = self.listeners.iter().map(|l| l.kind).collect();
         let fds: Vec<BorrowedFd> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
@@ -157,9 +156,7 @@ impl Supervisor {
         for chunk in self.routes.routes().chunks(ROUTES_PER_MESSAGE) {
             channel.send(&ToWorker::Routes(chunk), &[]).await?;
         }
-        channel
-            .send(&ToWorker::Serve { read_commands }, &[])
-            .await?;
+        channel.send(&ToWorker::Serve { owner }, &[]).await?;
         match channel.recv().await? {
             Some((FromWorker::Ready, _)) => Ok(()),
             Some((other, _)) => bail!("unexpected first message {other:?}"),

@@ -7,6 +7,7 @@
 //!   protocols) and for seeing a request exactly as it arrived.
 //! - [`http`] holds small clients: hyper for ordinary requests, raw TCP for malformed ones.
 //! - [`load`] is a bounded load generator counting each kind of failure apart.
+//! - [`previous`] holds the previous version's binaries, for tests of mixing versions.
 //! - [`netns`] makes a test host of its own: a network namespace joined to ours by a veth pair.
 //! - [`setcap`] runs a setcap'd supervisor as nobody, as an operator without root does.
 
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod http;
 pub mod load;
 pub mod netns;
+pub mod previous;
 pub mod raw_backend;
 pub mod server;
 pub mod setcap;

@@ -156,9 +156,19 @@ impl CoreServer {
         server
     }
 
+    /// Runs the binaries in `dir` from the next rerun on (an upgrade to another version).
+    pub fn set_binaries(&mut self, dir: &Path) {
+        self.binaries = dir.to_path_buf();
+    }
+
     /// The command line this server runs with.
     pub fn command(&self) -> Command {
-        let binary = self.binaries.join("core-server");
+        self.command_from(&self.binaries)
+    }
+
+    /// The command line this server runs with, with the binaries in `dir`.
+    pub fn command_from(&self, dir: &Path) -> Command {
+        let binary = dir.join("core-server");
         let mut command = match &self.netns {
             None => Command::new(binary),
             Some(netns) => {

@@ -1,7 +1,8 @@
 //! The supervisor waits on no peer without a bound: a control client that says nothing delays
 //! no UDP reply, and a stopped worker is replaced. A takeover whose taker is frozen at any step
 //! of the handover, for longer than the giving side waits, ends with exactly one instance
-//! serving and every acknowledged route in place.
+//! serving and every acknowledged route in place; a taker whose takeover is void answers no
+//! request, even while it is frozen and cannot stop its worker.
 
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use core_server_tests::http::get;
 use core_server_tests::server::{alive, binaries, wait_gone};
-use core_server_tests::CoreServer;
+use core_server_tests::{Backend, CoreServer};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::unistd::Pid;
@@ -225,7 +226,11 @@ async fn freeze_the_taker_at(step: &str, taker_serves: bool) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(FREEZE).await;
+    let frozen = Instant::now();
+    if !taker_serves {
+        only_the_owner_answers(&server, step).await;
+    }
+    tokio::time::sleep_until((frozen + FREEZE).into()).await;
     kill(Pid::from_raw(taker as i32), Signal::SIGCONT).unwrap();
 
     // One of the two gives up or drains, and exits.
@@ -295,6 +300,26 @@ async fn freeze_the_taker_at(step: &str, taker_serves: bool) {
     }
     let after = tokio::task::block_in_place(|| server.udp("add after.example 9"));
     assert_eq!(after, "ok");
+}
+
+/// With the taker still frozen (and its takeover void, once the owner has the request): a
+/// route added now is served on every new connection. A taker's worker, if it answered any,
+/// would know only the routes handed over, and answer 404.
+async fn only_the_owner_answers(server: &CoreServer, step: &str) {
+    if step != "connected" {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server.log().contains("takeover void") {
+            assert!(Instant::now() < deadline, "no void:\n{}", server.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let backend = Backend::echo().await;
+    let add = format!("add late.example {}", backend.port);
+    assert_eq!(tokio::task::block_in_place(|| server.udp(&add)), "ok");
+    for i in 0..40 {
+        let status = get(&server.url("/"), "late.example").await.status;
+        assert_eq!(status, 200, "request {i} after a void at {step}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

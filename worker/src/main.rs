@@ -3,7 +3,8 @@
 //! Started by the supervisor with no privilege left, it receives the listening sockets and the
 //! routes over its IPC channel (descriptor 3), serves HTTP and the UDP command port, reports
 //! every route change, and on `Shutdown` (or when the supervisor is gone) stops accepting,
-//! lets in-flight requests finish within the grace period, and exits.
+//! lets in-flight requests finish within the grace period, and exits. A taker's worker (a
+//! rerun's, before the running instance has handed over) serves nothing until told `Own`.
 
 mod accept_errors;
 mod activity;
@@ -28,7 +29,7 @@ use anyhow::{bail, Context};
 use core_server_proto::channel::{inherited_fd, Channel};
 use core_server_proto::ipc::{FromWorker, ListenerKind, ToWorker, WorkerSettings};
 use core_server_proto::routes::Routes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -73,7 +74,7 @@ fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let supervisor: Arc<SupervisorChannel> = Arc::new(Channel::new(inherited_fd()?)?);
-    let (listeners, settings, routes, read_commands) = receive_start(&supervisor).await?;
+    let (listeners, settings, routes, owner) = receive_start(&supervisor).await?;
 
     let routes = Arc::new(RouteTable::new(routes, supervisor.clone()));
     let stop = CancellationToken::new();
@@ -84,13 +85,22 @@ async fn run() -> anyhow::Result<()> {
         tasks.clone(),
     ));
     let limit = connection_limit(&settings)?;
+    // Whether our instance owns the routes: until it does, we accept no client (the running
+    // instance's worker does) and read no command.
+    let (owns, owned) = watch::channel(owner);
     let mut udp = None;
     for (kind, fd) in listeners {
         match kind {
             ListenerKind::Http => {
                 let listener = tcp_listener(fd)?;
                 let server = HttpServer::new(proxy.clone(), &settings, "http", limit.clone());
-                tasks.spawn(server.serve(listener, stop.clone(), tasks.clone()));
+                tasks.spawn(serve_once_owner(
+                    server,
+                    listener,
+                    owned.clone(),
+                    stop.clone(),
+                    tasks.clone(),
+                ));
             }
             // Held by the supervisor; served once TLS lands.
             ListenerKind::Https => drop(fd),
@@ -107,12 +117,12 @@ async fn run() -> anyhow::Result<()> {
             stop.clone(),
             tasks.clone(),
             control,
-            !read_commands,
+            !owner,
         );
         tasks.spawn(commands);
     }
 
-    let grace = follow_supervisor(&supervisor, &routes, &udp_control).await;
+    let grace = follow_supervisor(&supervisor, &routes, &udp_control, &owns).await;
     info!(
         "stopping: {} connections and commands have {grace:?} to finish",
         tasks.len()
@@ -128,7 +138,24 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `Start`, then `Routes` chunks, until `Serve` (which says whether to read UDP commands yet).
+/// Accepts clients on `listener` from when our instance owns the routes until `stop`.
+async fn serve_once_owner(
+    server: HttpServer,
+    listener: tokio::net::TcpListener,
+    mut owned: watch::Receiver<bool>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let owner = tokio::select! {
+        owned = owned.wait_for(|owned| *owned) => owned.is_ok(),
+        _ = stop.cancelled() => false,
+    };
+    if owner {
+        server.serve(listener, stop, tasks).await;
+    }
+}
+
+/// `Start`, then `Routes` chunks, until `Serve` (which says whether we own the routes yet).
 async fn receive_start(
     supervisor: &SupervisorChannel,
 ) -> anyhow::Result<(Vec<(ListenerKind, OwnedFd)>, WorkerSettings, Routes, bool)> {
@@ -143,19 +170,14 @@ async fn receive_start(
         other => bail!("expected Start with its sockets from the supervisor, got {other:?}"),
     };
     let mut routes = Vec::new();
-    let read_commands = loop {
+    let owner = loop {
         match supervisor.recv().await? {
             Some((ToWorker::Routes(chunk), _)) => routes.extend(chunk),
-            Some((ToWorker::Serve { read_commands }, _)) => break read_commands,
+            Some((ToWorker::Serve { owner }, _)) => break owner,
             other => bail!("expected Routes or Serve from the supervisor, got {other:?}"),
         }
     };
-    Ok((
-        listeners,
-        settings,
-        routes.into_iter().collect(),
-        read_commands,
-    ))
+    Ok((listeners, settings, routes.into_iter().collect(), owner))
 }
 
 /// Handles the supervisor's messages until it asks us to stop or goes away; the grace period.
@@ -163,6 +185,7 @@ async fn follow_supervisor(
     supervisor: &SupervisorChannel,
     routes: &RouteTable,
     udp: &mpsc::Sender<udp_commands::Control>,
+    owns: &watch::Sender<bool>,
 ) -> Duration {
     loop {
         match supervisor.recv().await {
@@ -183,7 +206,8 @@ async fn follow_supervisor(
                     return ORPHAN_GRACE;
                 }
             }
-            Ok(Some((ToWorker::ResumeCommands, _))) => {
+            Ok(Some((ToWorker::Own, _))) => {
+                owns.send_replace(true);
                 let _ = udp.send(udp_commands::Control::Resume).await;
             }
             Ok(Some((ToWorker::Ping, _))) => {
