@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Domain;
-use crate::routes::RouteChange;
+use crate::routes::{Routable, RouteChange};
 
 /// What a listening socket handed to a child is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,7 +136,9 @@ pub enum ControlReply {
         dir: PathBuf,
         pid: u32,
     },
-    Routes(Vec<(Domain, u16)>),
+    /// A piece of the routes. Read leniently: an older instance may hold names this version
+    /// refuses; those are left out (see [`Routable`]) rather than failing the whole takeover.
+    Routes(Routable),
     RoutesEnd,
     /// The request cannot be served now (the reason says why).
     Refused(String),
@@ -208,7 +210,7 @@ mod tests {
                 },
                 2,
             ),
-            (ControlReply::Routes(Vec::new()), 3),
+            (ControlReply::Routes(Routable::default()), 3),
             (ControlReply::RoutesEnd, 4),
             (ControlReply::Refused(String::new()), 5),
             (ControlReply::HandedOver, 6),

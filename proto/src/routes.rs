@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::command::Command;
-use crate::domain::Domain;
+use crate::domain::{Domain, DomainError};
 
 /// One change to the table, as reported from worker to supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +81,55 @@ impl FromIterator<(Domain, u16)> for Routes {
     }
 }
 
+/// Routes as an older core-server kept them (its routes file, or the routes it hands over on
+/// a rerun), whose rules for names may have been looser: the names this version refuses (a
+/// name a browser reads as an IP address, say) are left out, each with the reason; the others
+/// are kept. A route this version refuses could never be served anyway.
+pub fn keep_routable(entries: impl IntoIterator<Item = (String, u16)>) -> Routable {
+    let mut routable = Routable::default();
+    for (name, port) in entries {
+        match Domain::parse(&name) {
+            Ok(domain) => routable.kept.push((domain, port)),
+            Err(why) => routable.refused.push((name, why)),
+        }
+    }
+    routable
+}
+
+/// What [`keep_routable`] kept, and what it left out (each name with why).
+///
+/// Also how routes travel on a takeover: the wire format of `Vec<(Domain, u16)>` (the kept
+/// ones), read with [`keep_routable`]'s leniency, so an older instance handing over a name
+/// this version refuses does not fail the takeover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routable {
+    pub kept: Vec<(Domain, u16)>,
+    pub refused: Vec<(String, DomainError)>,
+}
+
+impl From<Vec<(Domain, u16)>> for Routable {
+    fn from(kept: Vec<(Domain, u16)>) -> Self {
+        Routable {
+            kept,
+            refused: Vec::new(),
+        }
+    }
+}
+
+impl Serialize for Routable {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.kept.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Routable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(keep_routable(Vec::<(String, u16)>::deserialize(
+            deserializer,
+        )?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +169,33 @@ mod tests {
             Err(RouteError::NoSuchRoute(d))
         );
         assert!(routes.is_empty());
+    }
+
+    #[test]
+    fn names_this_version_refuses_are_left_out_with_the_reason() {
+        let Routable { kept, refused } = keep_routable([
+            ("Example.com".to_owned(), 80),
+            ("127.1".to_owned(), 81),
+            ("ok.example".to_owned(), 82),
+        ]);
+        let kept: Vec<_> = kept.iter().map(|(d, p)| (d.as_str(), *p)).collect();
+        assert_eq!(kept, [("example.com", 80), ("ok.example", 82)]);
+        assert_eq!(
+            refused,
+            [("127.1".to_owned(), DomainError::IpAddress("127.1".into()))]
+        );
+    }
+
+    #[test]
+    fn routes_travel_leniently_in_the_wire_format_of_a_list() {
+        let wire = postcard::to_stdvec(&vec![("a.example", 1u16), ("127.1", 2), ("b.example", 3)])
+            .unwrap();
+        let routable: Routable = postcard::from_bytes(&wire).unwrap();
+        let names: Vec<_> = routable.kept.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(names, ["a.example", "b.example"]);
+        assert_eq!(routable.refused.len(), 1);
+        let again: Routable =
+            postcard::from_bytes(&postcard::to_stdvec(&routable).unwrap()).unwrap();
+        assert_eq!(again.kept, routable.kept);
     }
 }

@@ -24,7 +24,7 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
         Some((ControlReply::Status(status), _)) => status,
         other => return Err(unexpected(other)),
     };
-    let routes = receive_routes(&instance).await?;
+    let routes = receive_routes(&instance).await?.kept;
     let pid = |pid: Option<u32>| pid.map_or("not running".to_owned(), |p| format!("pid {p}"));
     let mut text = format!("core-server {}\n", status.version);
     let mut line = |l: String| {

@@ -151,6 +151,11 @@ fn run_server(
                     inherited.routes.len(),
                     dir.display()
                 );
+                for (name, why) in &inherited.refused {
+                    tracing::error!(
+                        "left out the route for '{name}' from the running core-server: {why}"
+                    );
+                }
                 dir.claim_when_free();
                 let control = control::Listener::new(inherited.control)?;
                 let mut supervisor = supervisor(inherited.listeners, control, inherited.routes);

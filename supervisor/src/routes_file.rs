@@ -8,15 +8,18 @@
 //! (`-2`, `-3`... after it if that name is taken; kept for the operator, never deleted) and
 //! reported by name; the server then starts with an empty table instead of refusing to serve
 //! at all. A file from a newer core-server is not touched: this one refuses to start rather
-//! than lose what it cannot read. A temp file that a kill during a save left behind is removed
-//! at the next start.
+//! than lose what it cannot read. A file from an older core-server may hold names this one
+//! refuses (its rules for names were looser): those routes are left out, each named in the
+//! log, and the file as it was is kept aside as `routes.json.refused-<time>`. A temp file that
+//! a kill during a save left behind is removed at the next start.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use core_server_proto::routes::{RouteChange, Routes};
+use core_server_proto::routes::{keep_routable, Routable, RouteChange, Routes};
 use serde::{Deserialize, Serialize};
 
 use crate::state_dir::StateDir;
@@ -24,10 +27,17 @@ use crate::state_dir::StateDir;
 const FILE_NAME: &str = "routes.json";
 const VERSION: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
-struct Contents {
+#[derive(Serialize)]
+struct Contents<'a> {
     version: u32,
-    routes: Routes,
+    routes: &'a Routes,
+}
+
+/// The file as read: names as they are, judged afterwards (see the module comment).
+#[derive(Deserialize)]
+struct Read {
+    version: u32,
+    routes: BTreeMap<String, u16>,
 }
 
 pub struct RoutesFile {
@@ -82,17 +92,31 @@ impl RoutesFile {
             ),
             _ => {}
         }
-        match serde_json::from_slice::<Contents>(&bytes) {
-            Ok(contents) if contents.version == VERSION => Ok(contents.routes),
-            Ok(contents) => self.set_aside(&format!("unknown format version {}", contents.version)),
-            Err(e) => self.set_aside(&e.to_string()),
+        let read = match serde_json::from_slice::<Read>(&bytes) {
+            Ok(read) if read.version == VERSION => read,
+            Ok(read) => return self.set_aside(&format!("unknown format version {}", read.version)),
+            Err(e) => return self.set_aside(&e.to_string()),
+        };
+        let Routable { kept, refused } = keep_routable(read.routes);
+        let routes: Routes = kept.into_iter().collect();
+        if !refused.is_empty() {
+            let aside = self.keep_aside("refused")?;
+            for (name, why) in &refused {
+                tracing::error!(
+                    "{}: left out the route for '{name}': {why} (the file as it was is kept as {aside})",
+                    self.path().display()
+                );
+            }
+            self.save(&routes)
+                .with_context(|| format!("cannot save {}", self.path().display()))?;
         }
+        Ok(routes)
     }
 
     pub fn save(&self, routes: &Routes) -> io::Result<()> {
         let contents = Contents {
             version: VERSION,
-            routes: routes.clone(),
+            routes,
         };
         let mut json = serde_json::to_vec_pretty(&contents).map_err(io::Error::other)?;
         json.push(b'\n');
@@ -100,25 +124,27 @@ impl RoutesFile {
     }
 
     fn set_aside(&self, why: &str) -> anyhow::Result<Routes> {
+        let aside = self
+            .keep_aside("corrupt")
+            .with_context(|| format!("{} is corrupt ({why})", self.path().display()))?;
+        tracing::error!(
+            "routes file {} is corrupt ({why}); moved it to {aside} and starting with no routes",
+            self.path().display(),
+        );
+        Ok(Routes::default())
+    }
+
+    /// Moves the file to `routes.json.<what>-<time>` (never over an earlier one); its path.
+    fn keep_aside(&self, what: &str) -> anyhow::Result<String> {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
         let aside = self
             .dir
-            .rename_to_new(FILE_NAME, &format!("{FILE_NAME}.corrupt-{stamp}"))
-            .with_context(|| {
-                format!(
-                    "{} is corrupt ({why}) and cannot be moved aside",
-                    self.path().display()
-                )
-            })?;
-        tracing::error!(
-            "routes file {} is corrupt ({why}); moved it to {} and starting with no routes",
-            self.path().display(),
-            self.dir.path().join(aside).display()
-        );
-        Ok(Routes::default())
+            .rename_to_new(FILE_NAME, &format!("{FILE_NAME}.{what}-{stamp}"))
+            .with_context(|| format!("cannot move {} aside", self.path().display()))?;
+        Ok(self.dir.path().join(aside).display().to_string())
     }
 }
 
@@ -204,7 +230,7 @@ mod tests {
         let file = in_tempdir(&dir);
         for garbage in [
             &b"{not json"[..],
-            b"{\"version\":1,\"routes\":{\"bad name\":80}}",
+            b"{\"version\":1,\"routes\":{\"a.example\":\"eighty\"}}",
             b"{\"version\":0,\"routes\":{}}",
         ] {
             fs::write(file.path(), garbage).unwrap();
@@ -218,6 +244,26 @@ mod tests {
             assert_eq!(fs::read(&aside[0]).unwrap(), garbage);
             fs::remove_file(&aside[0]).unwrap();
         }
+    }
+
+    #[test]
+    fn names_an_older_version_accepted_are_left_out_and_the_file_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = in_tempdir(&dir);
+        let old = b"{\"version\":1,\"routes\":{\"127.1\":81,\"kept.example\":80}}";
+        fs::write(file.path(), old).unwrap();
+        let routes = file.load().unwrap();
+        let names: Vec<_> = routes.iter().map(|(d, p)| (d.as_str(), p)).collect();
+        assert_eq!(names, [("kept.example", 80)]);
+        // The file now holds what is served; the old one is kept aside as it was.
+        assert_eq!(file.load().unwrap(), routes);
+        let aside: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".refused-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(fs::read(&aside[0]).unwrap(), old);
     }
 
     #[test]

@@ -255,7 +255,7 @@ pub(crate) fn routes_replies(routes: &Routes) -> Vec<ControlReply> {
     let mut replies: Vec<_> = routes
         .chunks(ROUTES_PER_MESSAGE)
         .into_iter()
-        .map(ControlReply::Routes)
+        .map(|chunk| ControlReply::Routes(chunk.into()))
         .collect();
     replies.push(ControlReply::RoutesEnd);
     replies

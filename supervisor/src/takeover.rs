@@ -15,8 +15,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use core_server_proto::domain::DomainError;
 use core_server_proto::ipc::{ControlReply, ControlRequest, ToWorker, TAKEOVER_PROTOCOL};
-use core_server_proto::routes::Routes;
+use core_server_proto::routes::{Routable, Routes};
 
 use crate::control;
 use crate::control_client::running;
@@ -31,6 +32,8 @@ pub struct Inherited {
     pub listeners: Vec<Listener>,
     pub control: OwnedFd,
     pub routes: Routes,
+    /// Routes it holds under names this version refuses, left out (an older version's).
+    pub refused: Vec<(String, DomainError)>,
     /// The running instance's state directory and pid.
     pub dir: PathBuf,
     pub pid: u32,
@@ -94,11 +97,12 @@ async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherite
         .zip(fds)
         .map(|(kind, fd)| Listener { kind, fd })
         .collect();
-    let routes = receive_routes(old).await?;
+    let Routable { kept, refused } = receive_routes(old).await?;
     Ok(Inherited {
         listeners,
         control,
-        routes,
+        routes: kept.into_iter().collect(),
+        refused,
         dir,
         pid,
         protocol,
@@ -185,13 +189,16 @@ fn owner_exited(old_pid: u32) -> bool {
     true
 }
 
-/// `Routes` chunks until `RoutesEnd`.
-pub async fn receive_routes(old: &control::ClientEnd) -> anyhow::Result<Routes> {
-    let mut routes = Vec::new();
+/// `Routes` chunks until `RoutesEnd`: the routes, and those left out (see [`Routable`]).
+pub async fn receive_routes(old: &control::ClientEnd) -> anyhow::Result<Routable> {
+    let mut routes = Routable::default();
     loop {
         match old.recv().await? {
-            Some((ControlReply::Routes(chunk), _)) => routes.extend(chunk),
-            Some((ControlReply::RoutesEnd, _)) => return Ok(routes.into_iter().collect()),
+            Some((ControlReply::Routes(chunk), _)) => {
+                routes.kept.extend(chunk.kept);
+                routes.refused.extend(chunk.refused);
+            }
+            Some((ControlReply::RoutesEnd, _)) => return Ok(routes),
             other => bail!("expected the routes from the running core-server, got {other:?}"),
         }
     }
