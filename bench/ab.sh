@@ -30,16 +30,8 @@ cp target/ab/release/core-server target/ab/release/core-server-worker "$work/old
 chmod 755 "$work/new" "$work/old"
 
 backend=$(free_port)
-cat > "$work/backend.conf" <<CONF
-worker_processes 2; daemon off; pid $work/backend.pid; error_log $work/backend.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend; location = / { return 200 "hello from the backend\n"; } } }
-CONF
-nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$backend"
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-wait_port "$backend"
 
 rps() {  # which (old|new) -> requests/s through a fresh instance of it
   local bin=$work/$1 http udp pid

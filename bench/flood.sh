@@ -31,16 +31,9 @@ show_logs() {
 }
 cleanup_hooks+=(show_logs)
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 backend=$(free_port); core=$(free_port); nginx_proxy=$(free_port); udp=$(free_port)
-cat > "$work/backend.conf" <<CONF
-worker_processes 2; daemon off; pid $work/backend.pid; error_log $work/backend.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend; location = / { return 200 "hello from the backend\n"; } } }
-CONF
-nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$backend"
 
 # nginx: one worker, room for the flood, its default timeouts (client_header_timeout 60s,
 # keepalive_timeout 75s) longer than a measurement, as core-server's (--header-timeout 30s).

@@ -32,3 +32,19 @@ install_core_server() {
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_port PORT: until something listens on 127.0.0.1:PORT (10 s at most).
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+# start_backend PORT: the app behind every proxy, nginx answering "hello from the backend"
+# with two workers, so it is never the bottleneck; returns once it listens.
+start_backend() {
+  cat > "$work/backend.conf" <<CONF
+worker_processes 2; daemon off; pid $work/backend.pid; error_log $work/backend.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$1; root $work; location = / { return 200 "hello from the backend\n"; } } }
+CONF
+  nginx -c "$work/backend.conf" & pids+=($!)
+  wait_port "$1"
+}

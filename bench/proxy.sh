@@ -16,7 +16,6 @@ source bench/lib.sh
 need nginx=nginx haproxy=haproxy wrk=wrk curl=curl
 install_core_server
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 backend=$(free_port); core=$(free_port); nginx_proxy=$(free_port); haproxy_port=$(free_port)
 udp=$(free_port)
@@ -24,15 +23,7 @@ head -c 100000000 /dev/zero > "$work/100mb"
 chmod 644 "$work/100mb"
 
 # The backend: nginx serving static content, two workers so it is never the bottleneck.
-cat > "$work/backend.conf" <<CONF
-worker_processes 2; daemon off; pid $work/backend.pid; error_log $work/backend.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend; root $work;
-    location = / { return 200 "hello from the backend\n"; }
-  } }
-CONF
-nginx -c "$work/backend.conf" & pids+=($!)
+start_backend "$backend"
 
 # nginx as a reverse proxy, one worker, pooled keep-alive connections to the backend.
 cat > "$work/nginx.conf" <<CONF

@@ -7,10 +7,12 @@
 //!   protocols) and for seeing a request exactly as it arrived.
 //! - [`http`] holds small clients: hyper for ordinary requests, raw TCP for malformed ones.
 //! - [`load`] is a bounded load generator counting each kind of failure apart.
+//! - [`adder`] is an app adding routes throughout, to check none acknowledged is lost.
 //! - [`previous`] holds the previous version's binaries, for tests of mixing versions.
 //! - [`netns`] makes a test host of its own: a network namespace joined to ours by a veth pair.
 //! - [`setcap`] runs a setcap'd supervisor as nobody, as an operator without root does.
 
+pub mod adder;
 pub mod backend;
 pub mod http;
 pub mod load;

@@ -5,45 +5,14 @@
 //! these tests fail.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::net::UdpSocket;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use core_server_tests::adder::Adder;
 use core_server_tests::http::get;
 use core_server_tests::load::Load;
 use core_server_tests::server::{alive, binaries, wait_gone};
 use core_server_tests::{previous, Backend, CoreServer};
-
-/// Adds routes one at a time until stopped, each waiting for its `ok`; the domains added.
-fn adder(udp_port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut acknowledged = Vec::new();
-        for i in 0..10_000 {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let domain = format!("during-{i}.example");
-            let command = format!("add {domain} 9");
-            socket
-                .send_to(command.as_bytes(), ("127.0.0.1", udp_port))
-                .unwrap();
-            let mut reply = [0u8; 256];
-            let len = socket
-                .recv(&mut reply)
-                .unwrap_or_else(|e| panic!("{command}: no reply: {e}"));
-            assert_eq!(&reply[..len], b"ok", "{command}");
-            acknowledged.push(domain);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        acknowledged
-    })
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rerunning_this_version_takes_over_from_the_previous_one_under_load() {
@@ -61,8 +30,7 @@ async fn rerunning_this_version_takes_over_from_the_previous_one_under_load() {
     let old_worker = server.worker_pid();
 
     let load = Load::start(server.http_port, "app.example", 6, 3);
-    let stop_adding = Arc::new(AtomicBool::new(false));
-    let adds = adder(server.udp_port, stop_adding.clone());
+    let adds = Adder::start(server.udp_port, "during", Duration::from_millis(5));
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.set_binaries(binaries());
     let old_status = tokio::task::block_in_place(|| server.rerun());
@@ -71,8 +39,7 @@ async fn rerunning_this_version_takes_over_from_the_previous_one_under_load() {
         "the old instance exited with {old_status}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop_adding.store(true, Ordering::Relaxed);
-    let acknowledged = tokio::task::block_in_place(|| adds.join().unwrap());
+    let acknowledged = tokio::task::block_in_place(|| adds.finish());
     let counts = load.finish().await;
     eprintln!(
         "upgrade from {}: {counts:?}, {} adds acknowledged",

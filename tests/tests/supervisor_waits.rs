@@ -4,14 +4,11 @@
 //! serving and every acknowledged route in place; a taker whose takeover is void answers no
 //! request, even while it is frozen and cannot stop its worker.
 
-use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use core_server_tests::adder::Adder;
 use core_server_tests::http::get;
 use core_server_tests::server::{alive, binaries, wait_gone};
 use core_server_tests::{Backend, CoreServer};
@@ -131,54 +128,6 @@ const TAKER_TIMEOUT_MS: &str = "3000";
 /// Longer than that, and than a control client may take to send its request (5 s).
 const FREEZE: Duration = Duration::from_secs(8);
 
-/// An app adding routes throughout, one at a time, waiting for each reply (for longer than
-/// the freeze: commands wait in the kernel's queue while nobody reads them).
-struct Adder {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<String>>,
-}
-
-impl Adder {
-    fn start(udp_port: u16, tag: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tag = tag.to_owned();
-        let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut acknowledged = Vec::new();
-            for i in 0..10_000 {
-                if stopped.load(Ordering::Relaxed) {
-                    break;
-                }
-                let domain = format!("{tag}-{i}.example");
-                let command = format!("add {domain} 9");
-                socket
-                    .send_to(command.as_bytes(), ("127.0.0.1", udp_port))
-                    .unwrap();
-                let mut reply = [0u8; 256];
-                let len = socket
-                    .recv(&mut reply)
-                    .unwrap_or_else(|e| panic!("{command}: no reply: {e}"));
-                let reply = String::from_utf8_lossy(&reply[..len]);
-                assert_eq!(reply, "ok", "{command}");
-                acknowledged.push(domain);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            acknowledged
-        });
-        Adder { stop, thread }
-    }
-
-    /// The domains acknowledged `ok`.
-    fn finish(self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
-
 /// Whether `/proc/<path>/stat` says stopped (state `T`).
 fn is_stopped(path: &str) -> bool {
     std::fs::read_to_string(format!("/proc/{path}/stat")).is_ok_and(|stat| {
@@ -204,7 +153,7 @@ fn all_threads_stopped(pid: u32) -> bool {
 async fn freeze_the_taker_at(step: &str, taker_serves: bool) {
     let mut server =
         CoreServer::start_with_env(&[("CORE_SERVER_TAKER_TIMEOUT_MS", TAKER_TIMEOUT_MS)]);
-    let adder = Adder::start(server.udp_port, step);
+    let adder = Adder::start(server.udp_port, step, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let old = server.pid();
     let old_worker = server.worker_pid();
