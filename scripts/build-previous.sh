@@ -13,6 +13,10 @@ src=$out/src-$commit
 
 if [ ! -d "$src" ]; then
   if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
+    # A shallow clone: try to complete it before giving up.
+    git fetch --quiet --unshallow 2>/dev/null || git fetch --quiet origin "$commit" 2>/dev/null || true
+  fi
+  if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     echo "commit $commit (tests/previous-version) is not in this clone: fetch the full history (git fetch --unshallow)" >&2
     exit 1
   fi
