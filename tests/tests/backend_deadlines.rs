@@ -82,20 +82,26 @@ async fn an_upload_slower_than_the_timeout_to_a_healthy_backend_succeeds() {
     );
 }
 
+/// Sends 10 bytes of a promised 100-byte upload to upload.example, then nothing; what the
+/// client got before its connection was closed.
+async fn upload_that_stops(server: &CoreServer) -> String {
+    let mut client = send_raw(
+        server,
+        b"POST / HTTP/1.1\r\nHost: upload.example\r\nContent-Length: 100\r\n\r\nonly ten..",
+    )
+    .await;
+    read_until_closed(&mut client, WITHIN)
+        .await
+        .unwrap_or_else(|so_far| panic!("still open after {WITHIN:?}, got {so_far:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_that_stops_arriving_is_ended_with_408() {
     let server = CoreServer::start_with(TIMEOUT);
     let backend = body_counting_backend().await;
     server.add("upload.example", backend.port);
 
-    let mut client = send_raw(
-        &server,
-        b"POST / HTTP/1.1\r\nHost: upload.example\r\nContent-Length: 100\r\n\r\nonly ten..",
-    )
-    .await;
-    let answer = read_until_closed(&mut client, WITHIN)
-        .await
-        .unwrap_or_else(|so_far| panic!("still open after {WITHIN:?}, got {so_far:?}"));
+    let answer = upload_that_stops(&server).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
 }
 
@@ -105,14 +111,7 @@ async fn an_upload_that_stops_after_an_early_answer_is_not_held() {
     let port = early_answering_backend().await;
     server.add("upload.example", port);
 
-    let mut client = send_raw(
-        &server,
-        b"POST / HTTP/1.1\r\nHost: upload.example\r\nContent-Length: 100\r\n\r\nonly ten..",
-    )
-    .await;
-    let answer = read_until_closed(&mut client, WITHIN)
-        .await
-        .unwrap_or_else(|so_far| panic!("still open after {WITHIN:?}, got {so_far:?}"));
+    let answer = upload_that_stops(&server).await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
 }
 

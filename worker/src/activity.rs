@@ -11,7 +11,7 @@
 //! each and still let a PING keep a connection alive.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,12 +20,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::connection_limit::ConnectionLimit;
+use crate::last_moment::LastMoment;
 
 pub struct Activity {
-    start: Instant,
     in_flight: AtomicU32,
-    /// When a request last started or ended, in milliseconds since `start`.
-    changed_ms: AtomicU64,
+    /// When the connection was accepted, and when a request last started or ended.
+    changed: LastMoment,
     started_a_request: AtomicBool,
     http2: AtomicBool,
     http2_seen: Notify,
@@ -37,9 +37,8 @@ pub struct Activity {
 impl Activity {
     pub fn new(limit: Arc<ConnectionLimit>) -> Arc<Self> {
         Arc::new(Activity {
-            start: Instant::now(),
             in_flight: AtomicU32::new(0),
-            changed_ms: AtomicU64::new(0),
+            changed: LastMoment::new(),
             started_a_request: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             http2_seen: Notify::new(),
@@ -53,19 +52,14 @@ impl Activity {
     pub fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.started_a_request.store(true, Ordering::Relaxed);
-        self.touch();
+        self.changed.note();
         InFlight {
             activity: self.clone(),
         }
     }
 
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.changed_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
     pub fn accepted_at(&self) -> Instant {
-        self.start
+        self.changed.start()
     }
 
     pub fn started_a_request(&self) -> bool {
@@ -77,7 +71,7 @@ impl Activity {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        Some(self.start + std::time::Duration::from_millis(self.changed_ms.load(Ordering::Relaxed)))
+        Some(self.changed.get())
     }
 
     pub fn saw_http2(&self) {
@@ -118,7 +112,7 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.activity;
-        activity.touch();
+        activity.changed.note();
         if activity.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             activity.limit.turned_idle();
         }

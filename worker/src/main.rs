@@ -11,6 +11,7 @@ mod activity;
 mod connection_limit;
 mod forwarding;
 mod http_server;
+mod last_moment;
 mod proxy;
 mod quiet_splice;
 mod read_deadline;

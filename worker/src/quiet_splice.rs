@@ -7,7 +7,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::last_moment::LastMoment;
+
 /// Copies bytes both ways between `client` and `backend` until either side closes or nothing
 /// moves for `idle_timeout`.
 pub async fn splice<C, B>(client: C, mut backend: B, idle_timeout: Duration)
@@ -23,14 +24,14 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let clock = Arc::new(LastByte::new());
+    let clock = Arc::new(LastMoment::new());
     let mut client = Noted {
         inner: client,
         clock: clock.clone(),
     };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
     tokio::pin!(copy);
-    let mut check_at = clock.quiet_until(idle_timeout);
+    let mut check_at = clock.get() + idle_timeout;
     loop {
         tokio::select! {
             result = copy.as_mut() => {
@@ -40,7 +41,7 @@ where
                 return;
             }
             _ = tokio::time::sleep_until(check_at) => {
-                check_at = clock.quiet_until(idle_timeout);
+                check_at = clock.get() + idle_timeout;
                 if check_at <= Instant::now() {
                     debug!("upgraded connection quiet for {idle_timeout:?}: closing");
                     return;
@@ -50,35 +51,10 @@ where
     }
 }
 
-/// When a byte last moved, in milliseconds since the splice started.
-struct LastByte {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl LastByte {
-    fn new() -> Self {
-        LastByte {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn moved(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// The instant the splice will have been quiet for `timeout`, if nothing moves before.
-    fn quiet_until(&self, timeout: Duration) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
-    }
-}
-
 /// `inner`, with every read or write of at least one byte noted in `clock`.
 struct Noted<T> {
     inner: T,
-    clock: Arc<LastByte>,
+    clock: Arc<LastMoment>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Noted<T> {
@@ -90,7 +66,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Noted<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.clock.moved();
+            self.clock.note();
         }
         result
     }
@@ -104,7 +80,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Noted<T> {
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.moved();
+            self.clock.note();
         }
         result
     }

@@ -39,17 +39,17 @@ impl ReadDeadline {
     /// To call when a read returned `Pending`: whether nothing has arrived for the timeout
     /// (if not, `cx` is woken when that would be the case).
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = Instant::now() + self.timeout;
+        // The clock is read only when the deadline moves, not at every wait.
         let timer = match &mut self.timer {
             Some(timer) => {
                 if self.moved {
-                    timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(Instant::now() + self.timeout);
                 }
                 timer
             }
             None => self
                 .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                .insert(Box::pin(tokio::time::sleep(self.timeout))),
         };
         self.moved = false;
         timer.as_mut().poll(cx) == Poll::Ready(())

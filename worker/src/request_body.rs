@@ -14,7 +14,7 @@
 //! before reading the whole upload): its backend connection is then closed, not held.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::last_moment::LastMoment;
 use crate::read_deadline::ReadDeadline;
 
 /// Why a request body stopped short, on the client's side.
@@ -46,9 +47,8 @@ pub struct RequestBody {
 pub struct Upload(Arc<Shared>);
 
 struct Shared {
-    start: Instant,
-    /// When a frame last passed, in milliseconds since `start`.
-    moved_ms: AtomicU64,
+    /// When a frame last passed (or the body started).
+    moved: LastMoment,
     /// Whether the backend asked for more and the client has not sent it yet.
     waiting_on_client: AtomicBool,
     /// Set once: `Ok` the body ended whole, `Err` it failed on the client's side.
@@ -64,8 +64,7 @@ impl RequestBody {
             return (RequestBody { inner, watch: None }, None);
         }
         let shared = Arc::new(Shared {
-            start: Instant::now(),
-            moved_ms: AtomicU64::new(0),
+            moved: LastMoment::new(),
             waiting_on_client: AtomicBool::new(false),
             outcome: OnceLock::new(),
             ended: Notify::new(),
@@ -131,8 +130,7 @@ impl ClientBodyError {
 
 impl Shared {
     fn moved(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.moved_ms.fetch_max(ms, Ordering::Relaxed);
+        self.moved.note();
         self.waiting_on_client.store(false, Ordering::Relaxed);
     }
 
@@ -174,7 +172,6 @@ impl Upload {
         if self.0.waiting_on_client.load(Ordering::Relaxed) {
             return None;
         }
-        let moved = Duration::from_millis(self.0.moved_ms.load(Ordering::Relaxed));
-        Some(self.0.start + moved + timeout)
+        Some(self.0.moved.get() + timeout)
     }
 }
