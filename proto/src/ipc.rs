@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::acme_ipc::{CertificateStatus, HttpsSettings, Secret};
 use crate::domain::Domain;
 use crate::routes::{Routable, RouteChange};
 
@@ -54,6 +55,7 @@ pub struct WorkerSettings {
     /// The most client connections open at once; `None`: derived from the worker's open-file
     /// limit.
     pub max_connections: Option<u32>,
+    pub https: HttpsSettings,
 }
 
 /// Supervisor to worker.
@@ -63,6 +65,8 @@ pub enum ToWorker {
     Start {
         listeners: Vec<ListenerKind>,
         settings: WorkerSettings,
+        /// The session-ticket key (see [`crate::acme_ipc::TICKET_KEY_FILE`]), 32 bytes.
+        ticket_key: Secret,
     },
     /// Part of the routes table, sent after `Start` and before `Serve`, in chunks of at most
     /// [`ROUTES_PER_MESSAGE`] so each message fits one socket buffer.
@@ -84,6 +88,10 @@ pub enum ToWorker {
     /// Answer `Pong`: a worker that does not, within a deadline, is stopped or stuck and is
     /// replaced.
     Ping,
+    /// One descriptor attached: the worker's end of a new channel to the ACME helper
+    /// (`Channel<WorkerToAcme, AcmeToWorker>`), replacing any earlier one. Sent after `Start`
+    /// and each time the helper is restarted.
+    AcmeHelper,
 }
 
 /// Worker to supervisor.
@@ -148,6 +156,10 @@ pub enum ControlReply {
     /// The first answer to `TakeOver`: the takeover protocol this instance follows (see
     /// [`TAKEOVER_PROTOCOL`]). An instance that sends none follows protocol 1.
     Protocol(u32),
+    /// After `RoutesEnd`, in answer to `Status`: part of the certificate store's list, in
+    /// chunks of at most [`CERTIFICATES_PER_MESSAGE`], until the connection closes. (An
+    /// older client stops reading at `RoutesEnd`.)
+    Certificates(Vec<CertificateStatus>),
 }
 
 /// What `core-server status` shows.
@@ -172,6 +184,10 @@ pub const CHILD_IPC_FD: i32 = 3;
 
 /// At most this many routes in one [`ToWorker::Routes`] message (253-byte names: about 52 KiB).
 pub const ROUTES_PER_MESSAGE: usize = 200;
+
+/// At most this many names in one [`ControlReply::Certificates`] message (a name, an issuer
+/// and an error message each: well under 64 KiB together).
+pub const CERTIFICATES_PER_MESSAGE: usize = 50;
 
 #[cfg(test)]
 mod tests {
@@ -215,6 +231,7 @@ mod tests {
             (ControlReply::Refused(String::new()), 5),
             (ControlReply::HandedOver, 6),
             (ControlReply::Protocol(TAKEOVER_PROTOCOL), 7),
+            (ControlReply::Certificates(Vec::new()), 8),
         ];
         for (reply, index) in &replies {
             assert_eq!(first_byte(reply), *index, "{reply:?}");

@@ -5,10 +5,12 @@
 //! - [`command`]: the UDP command grammar (`add example.com 5665`) and its one-line replies.
 //! - [`routes`]: the routes table itself, as the supervisor persists it and the worker serves it.
 //! - [`ipc`]: the typed messages between supervisor and children.
+//! - [`acme_ipc`]: the ACME helper's messages, with the supervisor and with the worker.
 //! - [`channel`]: how those messages travel: postcard over a `SOCK_SEQPACKET` socketpair, with
 //!   descriptors attached as `SCM_RIGHTS`.
 //! - [`logging`]: the one tracing set-up every binary uses.
 
+pub mod acme_ipc;
 pub mod atomic_file;
 pub mod channel;
 pub mod command;

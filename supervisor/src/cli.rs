@@ -6,6 +6,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use core_server_proto::command::DEFAULT_UDP_PORT;
 
+/// Let's Encrypt's production directory.
+const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "core-server",
@@ -35,7 +38,7 @@ pub struct ServerOptions {
     #[arg(long, default_value_t = 80, value_name = "PORT")]
     pub http_port: u16,
 
-    /// TCP port for HTTPS (bound and held; served once TLS lands)
+    /// TCP port for HTTPS
     #[arg(long, default_value_t = 443, value_name = "PORT")]
     pub https_port: u16,
 
@@ -83,6 +86,23 @@ pub struct ServerOptions {
     /// Internal: the descriptor on which a detached instance reports that it serves
     #[arg(long, hide = true, value_name = "FD")]
     pub ready_fd: Option<i32>,
+
+    /// Release mode: the ACME CA's directory URL
+    #[arg(long, default_value = LETS_ENCRYPT, value_name = "URL")]
+    pub acme_directory: String,
+
+    /// Release mode: the contact address given to the ACME CA (for expiry notices)
+    #[arg(long, value_name = "ADDR")]
+    pub acme_email: Option<String>,
+
+    /// Release mode: a PEM file of roots to trust for the ACME CA's own HTTPS (a test CA)
+    #[arg(long, value_name = "PEM")]
+    pub acme_ca_root: Option<PathBuf>,
+
+    /// How long a handshake for a name without a certificate waits for one to be issued (the
+    /// order goes on past it, so the next handshake is fast)
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub acme_wait: Duration,
 
     /// On SIGTERM or SIGINT: how long in-flight requests may take to finish
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]

@@ -25,6 +25,7 @@ mod supervise;
 mod systemd;
 mod takeover;
 mod test_hooks;
+mod ticket_key;
 mod udp_client;
 mod worker;
 
@@ -33,6 +34,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use core_server_proto::acme_ipc::{CertificateSource, HttpsSettings};
 use core_server_proto::ipc::WorkerSettings;
 
 use crate::child_logs::ChildLogs;
@@ -111,6 +113,13 @@ fn run_server(
         idle_timeout: options.idle_timeout,
         backend_timeout: options.backend_timeout,
         max_connections: options.max_connections,
+        https: HttpsSettings {
+            source: match mode {
+                Mode::Release => CertificateSource::Acme,
+                Mode::Local => CertificateSource::Mkcert,
+            },
+            certificate_wait: options.acme_wait,
+        },
     };
     block_on(async {
         let signals = StopSignals::new()?;
@@ -131,11 +140,13 @@ fn run_server(
         let dir = StateDir::open(dir)?;
         let child_logs = start_logging(mode, &dir, options.log_cap, log_file)?;
         fd_limit::raise();
+        let ticket_key = ticket_key::load_or_create(&dir)?;
         let routes_file = RoutesFile::in_dir(&dir);
         let supervisor = |listeners, control, routes| Supervisor {
             listeners,
             control,
             settings,
+            ticket_key,
             grace: options.grace,
             routes: SavedRoutes::new(routes, RoutesFile::in_dir(&dir)),
             privileges,

@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use core_server_proto::acme_ipc::Secret;
 use core_server_proto::ipc::{
     ControlReply, ControlRequest, FromWorker, InstanceStatus, ToWorker, WorkerSettings,
     ROUTES_PER_MESSAGE,
@@ -38,6 +39,7 @@ pub struct Supervisor {
     pub listeners: Vec<Listener>,
     pub control: control::Listener,
     pub settings: WorkerSettings,
+    pub ticket_key: Secret,
     pub grace: Duration,
     pub routes: SavedRoutes,
     pub privileges: Unprivileged,

@@ -151,6 +151,7 @@ impl Supervisor {
         let start = ToWorker::Start {
             listeners: kinds,
             settings: self.settings.clone(),
+            ticket_key: self.ticket_key.clone(),
         };
         channel.send(&start, &fds).await?;
         for chunk in self.routes.routes().chunks(ROUTES_PER_MESSAGE) {

@@ -165,6 +165,7 @@ async fn receive_start(
             ToWorker::Start {
                 listeners,
                 settings,
+                ticket_key: _,
             },
             fds,
         )) if fds.len() == listeners.len() => (listeners.into_iter().zip(fds).collect(), settings),
