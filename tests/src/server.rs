@@ -25,7 +25,7 @@ pub fn binaries() -> &'static Path {
             .and_then(Path::parent)
             .expect("target/<profile>")
             .to_path_buf();
-        let names = ["core-server", "core-server-worker"];
+        let names = ["core-server", "core-server-worker", "core-server-acme"];
         for name in names {
             assert!(
                 dir.join(name).is_file(),
@@ -57,7 +57,7 @@ fn world_traversable(dir: &Path) -> bool {
 pub fn install_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    for name in ["core-server", "core-server-worker"] {
+    for name in ["core-server", "core-server-worker", "core-server-acme"] {
         std::fs::copy(binaries().join(name), dir.path().join(name)).unwrap();
     }
     dir
@@ -147,7 +147,13 @@ impl CoreServer {
 
     /// Starts with `env` added to its environment (and that of every rerun).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
-        let mut server = Self::new(None, &[]);
+        Self::start_with_args_env(&[], env)
+    }
+
+    /// Starts with extra command-line arguments and `env` added to its environment (and that
+    /// of every rerun): e.g. release mode against a test CA.
+    pub fn start_with_args_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut server = Self::new(None, args);
         server.env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
