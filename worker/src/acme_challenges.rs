@@ -219,3 +219,114 @@ impl RedirectToHttps {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use core_server_proto::acme_ipc::Secret;
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use core_server_proto::routes::Routes;
+    use http_body_util::BodyExt;
+
+    use crate::tls_acceptor::crypto_provider;
+
+    fn port80(routed: &str) -> RedirectToHttps {
+        let (worker, _supervisor) = socketpair_fds().unwrap();
+        let routes: Routes = [(Domain::parse(routed).unwrap(), 8080)]
+            .into_iter()
+            .collect();
+        RedirectToHttps {
+            challenges: Arc::new(Challenges::new(crypto_provider())),
+            routes: Arc::new(RouteTable::new(
+                routes,
+                Arc::new(Channel::new(worker).unwrap()),
+            )),
+        }
+    }
+
+    fn request(method: Method, host: &str, path: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .body(())
+            .unwrap()
+    }
+
+    async fn text(response: Response<ProxyBody>) -> String {
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn registered_hosts_go_to_https_with_path_and_query_others_to_the_proxy() {
+        let port80 = port80("app.example");
+        let response = port80
+            .answer(&request(Method::POST, "App.Example:8080", "/a/b?c=d"))
+            .expect("answered");
+        assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(
+            response.headers()[header::LOCATION],
+            "https://app.example/a/b?c=d"
+        );
+        assert!(port80
+            .answer(&request(Method::GET, "other.example", "/"))
+            .is_none());
+        assert!(port80
+            .answer(&request(Method::GET, "127.0.0.1", "/"))
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pending_http_challenge_is_answered_until_done_and_never_redirected() {
+        let port80 = port80("app.example");
+        let path = "/.well-known/acme-challenge/tok-1";
+        let challenge = AcmeToWorker::HttpChallenge {
+            id: 3,
+            name: Domain::parse("app.example").unwrap(),
+            token: "tok-1".into(),
+            key_authorization: "tok-1.thumbprint".into(),
+        };
+        assert_eq!(port80.challenges.install(challenge), Some(3));
+        let response = port80
+            .answer(&request(Method::GET, "app.example", path))
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain");
+        assert_eq!(text(response).await, "tok-1.thumbprint");
+        // Another name, another token, or another method: not this challenge.
+        for (method, host, path) in [
+            (Method::GET, "other.example", path),
+            (
+                Method::GET,
+                "app.example",
+                "/.well-known/acme-challenge/tok-2",
+            ),
+            (Method::POST, "app.example", path),
+        ] {
+            let response = port80.answer(&request(method, host, path)).unwrap();
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{host} {path}");
+        }
+        port80.challenges.done(3);
+        let response = port80
+            .answer(&request(Method::GET, "app.example", path))
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn an_unusable_tls_alpn_certificate_is_not_confirmed() {
+        let challenges = Challenges::new(crypto_provider());
+        let challenge = AcmeToWorker::TlsAlpnChallenge {
+            id: 1,
+            name: Domain::parse("app.example").unwrap(),
+            certificate: b"not DER".to_vec(),
+            key: Secret(b"not a key".to_vec()),
+        };
+        assert_eq!(challenges.install(challenge), None);
+        assert!(challenges
+            .tls_alpn(&Domain::parse("app.example").unwrap())
+            .is_none());
+    }
+}
