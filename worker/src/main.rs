@@ -15,6 +15,7 @@ mod certificates;
 mod connection_limit;
 mod forwarding;
 mod http_server;
+mod https;
 mod last_moment;
 mod proxy;
 mod quiet_splice;
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use core_server_proto::acme_ipc::{CertificateSource, Secret};
+use core_server_proto::acme_ipc::Secret;
 use core_server_proto::channel::{inherited_fd, Channel};
 use core_server_proto::ipc::{FromWorker, ListenerKind, ToWorker, WorkerSettings};
 use core_server_proto::routes::Routes;
@@ -42,14 +43,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::acme_challenges::{Challenges, RedirectToHttps};
-use crate::acme_link::AcmeLink;
-use crate::certificates::Certificates;
 use crate::connection_limit::ConnectionLimit;
-use crate::http_server::{HttpServer, Transport};
+use crate::http_server::HttpServer;
+use crate::https::Https;
 use crate::proxy::Proxy;
 use crate::route_table::{RouteTable, SupervisorChannel};
-use crate::tls_acceptor::TlsAcceptor;
 
 /// Requests allocate many small short-lived objects (headers, futures, channels); mimalloc
 /// handles that pattern with less CPU than glibc's malloc (measured with bench/proxy.sh).
@@ -92,6 +90,7 @@ async fn run() -> anyhow::Result<()> {
         ticket_key,
         routes,
         owner,
+        acme_helper,
     } = receive_start(&supervisor).await?;
 
     let routes = Arc::new(RouteTable::new(routes, supervisor.clone()));
@@ -103,37 +102,15 @@ async fn run() -> anyhow::Result<()> {
         tasks.clone(),
     ));
     let limit = connection_limit(&settings)?;
-    let provider = tls_acceptor::crypto_provider();
-    let link = Arc::new(AcmeLink::default());
-    let certificates = Arc::new(Certificates::new(
-        routes.clone(),
-        link.clone(),
-        provider.clone(),
-    ));
-    tokio::spawn(certificates.clone().forget_removed(routes.removals()));
-    let challenges = Arc::new(Challenges::new(provider.clone()));
+    let https = Https::new(routes.clone());
     // Whether our instance owns the routes: until it does, we accept no client (the running
     // instance's worker does) and read no command.
     let (owns, owned) = watch::channel(owner);
     let mut udp = None;
     for (kind, fd) in listeners {
         let transport = match kind {
-            ListenerKind::Http => {
-                Transport::Http((settings.https.source == CertificateSource::Acme).then(|| {
-                    Arc::new(RedirectToHttps {
-                        challenges: challenges.clone(),
-                        routes: routes.clone(),
-                    })
-                }))
-            }
-            ListenerKind::Https => Transport::Https(TlsAcceptor::new(
-                routes.clone(),
-                certificates.clone(),
-                challenges.clone(),
-                provider.clone(),
-                &ticket_key.0,
-                settings.https.certificate_wait,
-            )?),
+            ListenerKind::Http => https.http(&settings),
+            ListenerKind::Https => https.https(&settings, &ticket_key)?,
             ListenerKind::Udp => {
                 udp = Some(udp_socket(fd)?);
                 continue;
@@ -163,8 +140,10 @@ async fn run() -> anyhow::Result<()> {
         tasks.spawn(commands);
     }
 
-    let connect_helper = |fd| link.connect(fd, certificates.clone(), challenges.clone());
-    let grace = follow_supervisor(&supervisor, &routes, &udp_control, &owns, &connect_helper).await;
+    if let Some(fd) = acme_helper {
+        https.connect_helper(fd)?;
+    }
+    let grace = follow_supervisor(&supervisor, &routes, &udp_control, &owns, &https).await;
     info!(
         "stopping: {} connections and commands have {grace:?} to finish",
         tasks.len()
@@ -205,6 +184,8 @@ struct Start {
     routes: Routes,
     /// Whether to serve at once (see `ToWorker::Serve`).
     owner: bool,
+    /// The channel to the ACME helper, if it came before `Serve`.
+    acme_helper: Option<OwnedFd>,
 }
 
 /// `Start`, then `Routes` chunks, until `Serve` (which says whether we own the routes yet).
@@ -225,9 +206,11 @@ async fn receive_start(supervisor: &SupervisorChannel) -> anyhow::Result<Start> 
         other => bail!("expected Start with its sockets from the supervisor, got {other:?}"),
     };
     let mut routes = Vec::new();
+    let mut acme_helper = None;
     let owner = loop {
         match supervisor.recv().await? {
             Some((ToWorker::Routes(chunk), _)) => routes.extend(chunk),
+            Some((ToWorker::AcmeHelper, fds)) => acme_helper = fds.into_iter().next(),
             Some((ToWorker::Serve { owner }, _)) => break owner,
             other => bail!("expected Routes or Serve from the supervisor, got {other:?}"),
         }
@@ -238,6 +221,7 @@ async fn receive_start(supervisor: &SupervisorChannel) -> anyhow::Result<Start> 
         ticket_key,
         routes: routes.into_iter().collect(),
         owner,
+        acme_helper,
     })
 }
 
@@ -247,13 +231,13 @@ async fn follow_supervisor(
     routes: &RouteTable,
     udp: &mpsc::Sender<udp_commands::Control>,
     owns: &watch::Sender<bool>,
-    connect_helper: &dyn Fn(OwnedFd) -> std::io::Result<()>,
+    https: &Https,
 ) -> Duration {
     loop {
         match supervisor.recv().await {
             Ok(Some((ToWorker::AcmeHelper, fds))) => match <[OwnedFd; 1]>::try_from(fds) {
                 Ok([fd]) => {
-                    if let Err(e) = connect_helper(fd) {
+                    if let Err(e) = https.connect_helper(fd) {
                         warn!("cannot use the channel to the ACME helper: {e}");
                     }
                 }
