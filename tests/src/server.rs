@@ -158,6 +158,27 @@ impl CoreServer {
         server
     }
 
+    /// A server with its ports and directory chosen but not started: the test can set up
+    /// what needs its ports first (a test CA validating on them), add arguments and
+    /// environment, then [`Self::launch`] it.
+    pub fn unstarted() -> Self {
+        Self::new(None, &[])
+    }
+
+    /// Adds command-line arguments (from the next launch or rerun on).
+    pub fn add_args<S: AsRef<str>>(&mut self, args: &[S]) {
+        self.extra_args
+            .extend(args.iter().map(|a| a.as_ref().to_owned()));
+    }
+
+    /// Adds environment variables (from the next launch or rerun on).
+    pub fn add_env<K: AsRef<str>, V: AsRef<str>>(&mut self, env: &[(K, V)]) {
+        self.env.extend(
+            env.iter()
+                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())),
+        );
+    }
+
     /// Runs the binaries in `dir` from the next rerun on (an upgrade to another version).
     pub fn set_binaries(&mut self, dir: &Path) {
         self.binaries = dir.to_path_buf();
