@@ -175,7 +175,9 @@ impl Pebble {
         self.dir.path().join("listener-root.pem")
     }
 
-    /// core-server's arguments for release mode against this CA, attached to the test.
+    /// core-server's arguments for release mode against this CA, attached to the test. A
+    /// first handshake waits up to 30 s for its certificate (the default is 10 s): a loaded
+    /// test machine can be slow to issue, and a test about issuance must not fail for that.
     pub fn release_args(&self) -> Vec<String> {
         vec![
             "--mode".to_owned(),
@@ -185,6 +187,8 @@ impl Pebble {
             self.directory(),
             "--acme-ca-root".to_owned(),
             self.listener_root_pem().to_string_lossy().into_owned(),
+            "--acme-wait".to_owned(),
+            "30s".to_owned(),
         ]
     }
 
