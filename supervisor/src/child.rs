@@ -131,6 +131,14 @@ pub fn spawn(
     })
 }
 
+/// A child's exit status, for the log.
+pub fn describe(status: io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("status unknown: {e}"),
+    }
+}
+
 /// `worker` for `core-server-worker`: how the child's lines are tagged in the log.
 fn short_name(binary: &Path) -> String {
     let name = binary.file_name().unwrap_or_default().to_string_lossy();

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use core_server_proto::atomic_file;
+use nix::unistd::{Gid, Uid};
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags, Stat};
 use rustix::io::Errno;
 
@@ -77,6 +78,55 @@ impl StateDir {
             fd: Arc::new(fd),
             path,
         })
+    }
+
+    /// The directory `name` in this one for a child running as `owner` (uid, gid; `None`:
+    /// our own user), created (mode 0700) and given to it if missing; opened without following
+    /// a link, for the child to work beneath. Refused if a third user owns it or group or
+    /// others may write it.
+    pub fn child_dir(&self, name: &str, owner: Option<(Uid, Gid)>) -> anyhow::Result<OwnedFd> {
+        let path = self.path.join(name);
+        match rustix::fs::mkdirat(self.fd(), name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => {
+                return Err(io::Error::from(e))
+                    .with_context(|| format!("cannot create {}", path.display()))
+            }
+        }
+        let fd = rustix::fs::openat(
+            self.fd(),
+            name,
+            dir_flags() | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(|e| explain(e, &path))
+        .with_context(|| format!("cannot open {}", path.display()))?;
+        let stat = rustix::fs::fstat(&fd)?;
+        let ours = nix::unistd::geteuid().as_raw();
+        if let Some((uid, gid)) = owner {
+            if stat.st_uid == ours && stat.st_uid != uid.as_raw() {
+                nix::unistd::fchown(&fd, Some(uid), Some(gid))
+                    .with_context(|| format!("cannot give {} to uid {uid}", path.display()))?;
+            }
+        }
+        let stat = rustix::fs::fstat(&fd)?;
+        let expected = owner.map_or(ours, |(uid, _)| uid.as_raw());
+        let mode = stat.st_mode & 0o7777;
+        if stat.st_uid != expected {
+            anyhow::bail!(
+                "refusing {}: it is owned by uid {}, not by uid {expected} that the children run \
+                 as (remove it, and it is made again)",
+                path.display(),
+                stat.st_uid
+            );
+        }
+        if mode & 0o022 != 0 {
+            anyhow::bail!(
+                "refusing {}: group or others may write to it (mode {mode:o}; chmod 700 it)",
+                path.display()
+            );
+        }
+        Ok(fd)
     }
 
     /// Takes the directory for this instance (an exclusive `flock`, held until we exit), so

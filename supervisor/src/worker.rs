@@ -13,7 +13,7 @@ use core_server_proto::ipc::{FromWorker, ToWorker, ROUTES_PER_MESSAGE};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::child::{self, Child};
+use crate::child::{self, describe, Child};
 use crate::supervise::Supervisor;
 
 /// How long a new worker may take from exec to `Ready`.
@@ -44,7 +44,12 @@ impl Worker {
     /// (and one that is gone, killed again): `false`, and its channel closes, so the main
     /// loop replaces it.
     pub async fn tell(&mut self, message: &ToWorker) -> bool {
-        match tokio::time::timeout(WORKER_TIMEOUT, self.channel.send(message, &[])).await {
+        self.tell_with(message, &[]).await
+    }
+
+    /// [`Self::tell`], with descriptors attached.
+    pub async fn tell_with(&mut self, message: &ToWorker, fds: &[BorrowedFd<'_>]) -> bool {
+        match tokio::time::timeout(WORKER_TIMEOUT, self.channel.send(message, fds)).await {
             Ok(Ok(())) => return true,
             Ok(Err(_)) => {}
             Err(_) => warn!("the worker took no message for {WORKER_TIMEOUT:?}; killing it"),
@@ -163,12 +168,5 @@ impl Supervisor {
             Some((other, _)) => bail!("unexpected first message {other:?}"),
             None => bail!("closed its channel during start-up"),
         }
-    }
-}
-
-fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
-    match status {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("status unknown: {e}"),
     }
 }
