@@ -93,6 +93,9 @@ measure() {
   local who=$1 allow=$2 i name times_first='' times_second='' before out
   name=account-$who.ondemand.test; $allow "$name"
   account[$who]=$(seconds "$name")
+  if [ "${account[$who]}" = failed ]; then   # no certificate at all: nothing more to time
+    echo "$who: no HTTPS answer for $name (see curl.err)" >&2; burst_orders[$who]=none; return
+  fi
   for i in $(seq "$NAMES"); do
     name=name-$i-$who.ondemand.test; $allow "$name"
     times_first+="$(seconds "$name") "

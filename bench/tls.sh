@@ -54,7 +54,7 @@ start_backend "$backend"
 # mkcert and CA (its helper runs mkcert as the children's user, so that user reads the CA).
 make_cert peer "$name"
 cat "$work/peer.pem" "$work/peer-key.pem" > "$work/peer-haproxy.pem"
-chown -R nobody "$work/caroot"
+[ "$(id -u)" != 0 ] || chown -R nobody "$work/caroot"   # the children run as nobody
 
 # nginx as a TLS-terminating reverse proxy, one worker, pooled keep-alive connections to the
 # backend. TLS 1.3 is not in nginx 1.22's default protocols: named here, as in every
@@ -133,7 +133,7 @@ s_client() {  # port, options...: a whole request (the TLS 1.3 tickets come afte
 for server in $SERVERS; do
   p=${port[$server]}
   wait_port "$p"
-  for _ in $(seq 50); do https_get "$p" -o /dev/null 2>/dev/null && break; sleep 0.2; done
+  for _ in $(seq 50); do https_get "$p" --max-time 1 -o /dev/null 2>/dev/null && break; sleep 0.2; done
   for version in --http2 --http1.1; do
     body=$(https_get "$p" "$version" -w ' %{http_version}')
     [[ $body == "hello from the backend"* ]] || { echo "${label[$server]} $version: '$body'" >&2; exit 1; }
