@@ -10,6 +10,8 @@
 # P-256 certificate of the same mkcert CA, TLS 1.2 and 1.3, ALPN h2 and http/1.1, and the same
 # nginx backend. ROUNDS rounds, each server in turn within a round (a drift in the machine's
 # load hits all alike); medians, and the ratios core-server / the better of nginx and haproxy.
+# VARIANT=DIR also measures the core-server binaries in DIR, e.g. a scratch build with another
+# rustls crypto provider, and prints the ratios variant / core-server.
 # Only loopback traffic; every load is bounded in count or duration and by LIMIT seconds.
 # Stops only the processes it started.
 set -euo pipefail
@@ -24,7 +26,9 @@ H2_REQUESTS=${H2_REQUESTS:-100000}
 H2_CLIENTS=${H2_CLIENTS:-16}
 H2_STREAMS=${H2_STREAMS:-32}
 LIMIT=${LIMIT:-60}                # seconds any one load may take before it counts as failed
-SERVERS=${SERVERS:-"core-server core-server-1t nginx haproxy"}   # a subset, to iterate faster
+VARIANT=${VARIANT:-}
+# Which to measure (a subset, to iterate faster).
+SERVERS=${SERVERS:-"core-server core-server-1t nginx haproxy${VARIANT:+ variant}"}
 
 source bench/lib.sh
 need nginx=nginx haproxy=haproxy wrk=wrk h2load=nghttp2-client mkcert=mkcert curl=curl \
@@ -36,9 +40,9 @@ name=bench.example
 loopback_names "$name"
 backend=$(free_port)
 declare -A port=([core-server]=$(free_port) [core-server-1t]=$(free_port) [nginx]=$(free_port)
-  [haproxy]=$(free_port))
+  [haproxy]=$(free_port) [variant]=$(free_port))
 declare -A label=([core-server]="core-server" [core-server-1t]="core-server, 1 thread"
-  [nginx]="nginx, 1 worker" [haproxy]="haproxy, 1 thread")
+  [nginx]="nginx, 1 worker" [haproxy]="haproxy, 1 thread" [variant]="variant")
 show_logs() {  # when the script stops short: what the servers said
   local log
   [ -z "${finished:-}" ] || return 0
@@ -94,12 +98,16 @@ backend app
   server app 127.0.0.1:$backend
 CONF
 
-# core-server, local mode: certificates from mkcert, with the bench's CA. Two instances, idle
-# but for the one measured: default threads, and one thread.
-start_core() {  # which threads
-  local udp
+# core-server, local mode: certificates from mkcert, with the bench's CA. Several instances,
+# idle but for the one measured: default threads, one thread, the variant.
+if [ -n "$VARIANT" ]; then
+  mkdir -m 755 "$work/variant-bin"
+  cp "${binaries[@]/#/$VARIANT/}" "$work/variant-bin/"
+fi
+start_core() {  # which threads [binaries]
+  local udp bin=${3:-$work}
   udp=$(free_port)
-  env CAROOT="$work/caroot" ${2:+TOKIO_WORKER_THREADS=$2} RUST_LOG=warn "$work/core-server" \
+  env CAROOT="$work/caroot" ${2:+TOKIO_WORKER_THREADS=$2} RUST_LOG=warn "$bin/core-server" \
     --mode local --http-port "$(free_port)" --https-port "${port[$1]}" --udp-port "$udp" \
     --dir "$work/$1" 2>>"$work/$1.err" &
   pids+=($!)
@@ -113,6 +121,7 @@ for server in $SERVERS; do
     haproxy) haproxy -f "$work/haproxy.cfg" -db 2>>"$work/haproxy.err" & pids+=($!) ;;
     core-server) start_core core-server "" ;;
     core-server-1t) start_core core-server-1t 1 ;;
+    variant) start_core variant "" "$work/variant-bin" ;;
   esac
 done
 
@@ -216,5 +225,14 @@ ratios() {
     echo "$line   (target >= 1.0)"
   done
 }
+variant_ratios() {
+  local metric
+  echo
+  for metric in "${metrics[@]}"; do
+    printf '%-22s variant / core-server: %.2f\n' "${heading[$metric]}" \
+      "$(awk -v a="${med[variant.$metric]}" -v b="${med[core-server.$metric]}" 'BEGIN {print a / b}')"
+  done
+}
 [[ " $SERVERS " != *" nginx "* || " $SERVERS " != *" haproxy "* ]] || ratios
+[[ " $SERVERS " != *" variant "* || " $SERVERS " != *" core-server "* ]] || variant_ratios
 finished=1
