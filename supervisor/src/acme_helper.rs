@@ -8,14 +8,19 @@
 //! ([`ToAcme::Worker`], [`ToWorker::AcmeHelper`]), made anew whenever either is restarted; the
 //! supervisor reads none of their messages.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use core_server_proto::acme_ipc::{AcmeSettings, CertificateSource, FromAcme, Mkcert, ToAcme};
+use core_server_proto::acme_ipc::{
+    AcmeSettings, CertificateSource, CertificateStatus, FromAcme, Mkcert, ToAcme, MAX_STATUS_TEXT,
+};
 use core_server_proto::channel::{socketpair_fds, Channel};
+use core_server_proto::domain::Domain;
 use core_server_proto::ipc::ToWorker;
+use core_server_proto::routes::Routes;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -23,37 +28,45 @@ use crate::backoff::Backoff;
 use crate::child::{self, Child};
 use crate::cli::ServerOptions;
 use crate::supervise::Supervisor;
-use crate::worker::{Worker, WORKER_TIMEOUT};
+use crate::worker::Worker;
 
 /// How long a helper told to shut down may take to exit before it is killed.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
-/// What the supervisor needs to start helpers.
+/// The largest `--acme-ca-root` file: a few roots, not a whole system bundle (it travels in
+/// one message, and the CA's own listener needs only its root).
+const MAX_CA_ROOT_LEN: usize = 32 * 1024;
+
+/// The most names `status` keeps apart from the routed ones (names once routed, still in
+/// the store); a helper saying more is not believed.
+const MAX_UNROUTED_STATUSES: usize = 10_000;
+
+/// What the supervisor needs to start helpers: read from the command line before anything
+/// is bound or taken over, so a mistake there changes nothing.
 pub struct HelperSetup {
     pub binary: PathBuf,
     pub settings: AcmeSettings,
-    /// `DIR/acme`, owned by the children's user; each helper gets a copy.
-    pub store: OwnedFd,
 }
 
 impl HelperSetup {
-    /// From the command line: finds the helper binary and mkcert, reads the CA root.
-    pub fn new(
-        options: &ServerOptions,
-        source: CertificateSource,
-        store: OwnedFd,
-    ) -> anyhow::Result<Self> {
+    /// Finds the helper binary and mkcert, reads the CA root.
+    pub fn new(options: &ServerOptions, source: CertificateSource) -> anyhow::Result<Self> {
         let ca_root_pem = match &options.acme_ca_root {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .with_context(|| format!("cannot read --acme-ca-root {}", path.display()))?,
-            ),
+            Some(path) => Some(read_ca_root(path)?),
             None => None,
         };
         let mkcert = match source {
             CertificateSource::Mkcert => find_mkcert(),
             CertificateSource::Acme => None,
         };
+        if let Some(mkcert) = &mkcert {
+            info!(
+                "local mode: HTTPS certificates from {} with CAROOT {} (which the children's \
+                 user must be able to read)",
+                mkcert.binary.display(),
+                mkcert.caroot.display()
+            );
+        }
         Ok(HelperSetup {
             binary: child::sibling_binary("core-server-acme")?,
             settings: AcmeSettings {
@@ -63,9 +76,31 @@ impl HelperSetup {
                 ca_root_pem,
                 mkcert,
             },
-            store,
         })
     }
+}
+
+/// The `--acme-ca-root` file: certificates in PEM, nothing else (a key given by mistake
+/// must not travel to the helper), and small.
+fn read_ca_root(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read --acme-ca-root {}", path.display()))?;
+    let text = String::from_utf8_lossy(&pem);
+    if pem.len() > MAX_CA_ROOT_LEN {
+        anyhow::bail!(
+            "--acme-ca-root {}: {} bytes, at most {MAX_CA_ROOT_LEN}: give the CA's root, not a \
+             bundle",
+            path.display(),
+            pem.len()
+        );
+    }
+    if !text.contains("-----BEGIN CERTIFICATE-----") || text.contains("PRIVATE KEY") {
+        anyhow::bail!(
+            "--acme-ca-root {}: not a PEM file of certificates only",
+            path.display()
+        );
+    }
+    Ok(pem)
 }
 
 /// mkcert on our PATH, and the CA root it would use (its own rule: `$CAROOT`, else
@@ -74,6 +109,7 @@ impl HelperSetup {
 fn find_mkcert() -> Option<Mkcert> {
     use std::os::unix::fs::PermissionsExt;
     let binary = std::env::split_paths(&std::env::var_os("PATH")?)
+        .filter(|dir| dir.is_absolute())
         .map(|dir| dir.join("mkcert"))
         .find(|path| {
             path.metadata()
@@ -96,33 +132,28 @@ pub struct AcmeHelper {
 }
 
 impl AcmeHelper {
-    /// Sends `message` with `fds`; a helper that does not take it within [`WORKER_TIMEOUT`]
-    /// is killed (its channel then closes, and it is restarted).
-    async fn tell(&mut self, message: &ToAcme, fds: &[std::os::fd::BorrowedFd<'_>]) -> bool {
-        match tokio::time::timeout(WORKER_TIMEOUT, self.channel.send(message, fds)).await {
-            Ok(Ok(())) => return true,
-            Ok(Err(_)) => {}
-            Err(_) => warn!("the ACME helper took no message for {WORKER_TIMEOUT:?}; killing it"),
-        }
-        let _ = self.child.start_kill();
-        false
+    async fn tell(&mut self, message: &ToAcme, fds: &[BorrowedFd<'_>]) -> bool {
+        self.child.tell(&self.channel, message, fds).await
     }
 }
 
-/// What happened to the helper, for the main loop.
+/// What happened to the helper that the main loop acts on.
 pub enum HelperEvent {
-    Said(FromAcme),
-    /// It exited (and is restarted after a delay).
+    /// It said something (taken in already: see [`HelperSlot::certificates`]).
+    Said,
+    /// It exited (and is restarted after a delay), or its channel failed.
     Exited,
     /// The delay is over: start one ([`Supervisor::restart_acme_helper`]).
     RestartDue,
 }
 
-/// The main loop's helper: running, or waiting for its restart.
+/// The main loop's helper: running, or waiting for its restart; and what it said of each
+/// name, for `status`.
 pub struct HelperSlot {
     running: Option<AcmeHelper>,
     restart_at: Instant,
     backoff: Backoff,
+    certificates: BTreeMap<Domain, CertificateStatus>,
 }
 
 impl HelperSlot {
@@ -130,16 +161,31 @@ impl HelperSlot {
         self.running.as_ref().and_then(|h| h.child.id())
     }
 
+    /// Each name's status, as the helper last said it.
+    pub fn certificates(&self) -> impl Iterator<Item = &CertificateStatus> {
+        self.certificates.values()
+    }
+
     /// The next thing that happens to it. Cancel-safe: an exit cut short is seen again.
-    pub async fn event(&mut self) -> HelperEvent {
+    /// `routes` bounds what `status` keeps of what it says.
+    pub async fn event(&mut self, routes: &Routes) -> HelperEvent {
         let Some(helper) = &mut self.running else {
             tokio::time::sleep_until(self.restart_at).await;
             return HelperEvent::RestartDue;
         };
-        if let Ok(Some((message, _))) = helper.channel.recv().await {
-            return HelperEvent::Said(message);
+        match helper.channel.recv().await {
+            Ok(Some((FromAcme::Ready, _))) => {
+                info!("ACME helper ready");
+                return HelperEvent::Said;
+            }
+            Ok(Some((FromAcme::Status(status), _))) => {
+                self.note(status, routes);
+                return HelperEvent::Said;
+            }
+            Ok(None) => {}
+            Err(e) => warn!("the ACME helper's channel failed: {e}"),
         }
-        let _ = helper.child.start_kill();
+        helper.child.start_kill();
         let status = helper.child.wait().await;
         let delay = self.backoff.after_exit(helper.started.elapsed());
         warn!(
@@ -149,6 +195,35 @@ impl HelperSlot {
         self.running = None;
         self.restart_at = Instant::now() + delay;
         HelperEvent::Exited
+    }
+
+    /// Keeps `status`, checked: a valid name, text cut short, and no more names than routes
+    /// plus [`MAX_UNROUTED_STATUSES`] (a helper gone wrong cannot fill our memory).
+    fn note(&mut self, mut status: CertificateStatus, routes: &Routes) {
+        let Ok(name) = Domain::parse(&status.name) else {
+            warn!(
+                "the ACME helper sent a status for {:?}; ignored",
+                status.name
+            );
+            return;
+        };
+        for text in [&mut status.issuer, &mut status.last_error]
+            .into_iter()
+            .flatten()
+        {
+            if text.len() > MAX_STATUS_TEXT {
+                let cut = (0..=MAX_STATUS_TEXT)
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                text.truncate(cut);
+            }
+        }
+        let full = self.certificates.len() >= routes.len() + MAX_UNROUTED_STATUSES;
+        if full && !self.certificates.contains_key(&name) {
+            return;
+        }
+        self.certificates.insert(name, status);
     }
 
     /// Tells it to exit, and waits (killing it after [`SHUTDOWN_WAIT`]).
@@ -162,7 +237,7 @@ impl HelperSlot {
             .is_err()
         {
             warn!("the ACME helper did not exit within {SHUTDOWN_WAIT:?}; killing it");
-            let _ = helper.child.start_kill();
+            helper.child.start_kill();
             let _ = helper.child.wait().await;
         }
     }
@@ -176,6 +251,7 @@ impl Supervisor {
             running: None,
             restart_at: Instant::now(),
             backoff: Backoff::default(),
+            certificates: BTreeMap::new(),
         };
         self.restart_acme_helper(&mut slot, worker).await;
         slot
@@ -189,6 +265,8 @@ impl Supervisor {
                     "ACME helper started (pid {})",
                     helper.child.id().unwrap_or(0)
                 );
+                // It says again what its store holds.
+                slot.certificates.clear();
                 slot.running = Some(helper);
                 self.link_acme_helper(slot, worker).await;
             }
@@ -216,7 +294,7 @@ impl Supervisor {
         let start = ToAcme::Start {
             settings: setup.settings.clone(),
         };
-        if !helper.tell(&start, &[setup.store.as_fd()]).await {
+        if !helper.tell(&start, &[self.acme_store.as_fd()]).await {
             anyhow::bail!("the ACME helper did not take its start message");
         }
         Ok(helper)

@@ -72,12 +72,10 @@ async fn receive_certificates(
     }
 }
 
-/// One line: `name  issuer ...  expires ...`, and why the last try failed, if it did.
+/// One line: `name  issuer ...  expires ...`, and why the last try failed, if it did. The
+/// texts come from a CA and certificates: control characters are shown as `?`, so none
+/// reaches the operator's terminal.
 fn describe(certificate: &CertificateStatus) -> String {
-    let time = |secs: u64| {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-        humantime::format_rfc3339_seconds(at).to_string()
-    };
     let mut line = certificate.name.clone();
     match (&certificate.issuer, certificate.not_after) {
         (Some(issuer), Some(not_after)) => {
@@ -91,7 +89,19 @@ fn describe(certificate: &CertificateStatus) -> String {
     if let Some(next) = certificate.next_try {
         line += &format!("  next try {}", time(next));
     }
-    line
+    line.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Seconds since the Unix epoch as an RFC 3339 time (UTC), or as the number if out of range.
+fn time(secs: u64) -> String {
+    const YEAR_10000: u64 = 253_402_300_800;
+    if secs >= YEAR_10000 {
+        return format!("{secs} s after 1970");
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// Asks the instance to stop (in-flight requests finish) and waits until it has.

@@ -114,6 +114,7 @@ fn run_server(
         Mode::Release => CertificateSource::Acme,
         Mode::Local => CertificateSource::Mkcert,
     };
+    let acme = HelperSetup::new(options, source)?;
     let settings = WorkerSettings {
         header_timeout: options.header_timeout,
         idle_timeout: options.idle_timeout,
@@ -143,9 +144,11 @@ fn run_server(
         let dir = StateDir::open(dir)?;
         let child_logs = start_logging(mode, &dir, options.log_cap, log_file)?;
         fd_limit::raise();
+        if takeover.is_none() {
+            dir.claim()?;
+        }
         let ticket_key = ticket_key::load_or_create(&dir)?;
-        let store = dir.child_dir(ACME_DIR, privileges.ids())?;
-        let acme = HelperSetup::new(options, source, store)?;
+        let acme_store = dir.child_dir(ACME_DIR, privileges.ids())?;
         let routes_file = RoutesFile::in_dir(&dir);
         let supervisor = |listeners, control, routes| Supervisor {
             listeners,
@@ -153,7 +156,7 @@ fn run_server(
             settings,
             ticket_key,
             acme,
-            certificates: Default::default(),
+            acme_store,
             grace: options.grace,
             routes: SavedRoutes::new(routes, RoutesFile::in_dir(&dir)),
             privileges,
@@ -188,7 +191,6 @@ fn run_server(
                 (supervisor, worker)
             }
             None => {
-                dir.claim()?;
                 let routes = routes_file.load()?;
                 let listeners =
                     listeners::bind_all(options.http_port, options.https_port, udp_port)?;

@@ -11,11 +11,11 @@
 //! heartbeat within a deadline, or it (stopped, stuck) is killed and replaced (`worker.rs`).
 //! What it acknowledged was saved before it was told, so nothing is lost.
 
-use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use core_server_proto::acme_ipc::{CertificateStatus, FromAcme, Secret};
+use core_server_proto::acme_ipc::Secret;
 use core_server_proto::ipc::{
     ControlReply, ControlRequest, FromWorker, InstanceStatus, ToWorker, WorkerSettings,
     CERTIFICATES_PER_MESSAGE, ROUTES_PER_MESSAGE,
@@ -43,8 +43,8 @@ pub struct Supervisor {
     pub settings: WorkerSettings,
     pub ticket_key: Secret,
     pub acme: HelperSetup,
-    /// What the ACME helper last said of each name, for `status`.
-    pub certificates: BTreeMap<String, CertificateStatus>,
+    /// `DIR/acme`, owned by the children's user: each helper gets a copy.
+    pub acme_store: OwnedFd,
     pub grace: Duration,
     pub routes: SavedRoutes,
     pub privileges: Unprivileged,
@@ -129,14 +129,11 @@ impl Supervisor {
                     self.save(&mut worker).await;
                 }
                 _ = tokio::time::sleep_until(worker.heartbeat_due()) => worker.heartbeat().await,
-                event = helper.event() => match event {
-                    HelperEvent::Said(FromAcme::Ready) => info!("ACME helper ready"),
-                    HelperEvent::Said(FromAcme::Status(status)) => {
-                        self.certificates.insert(status.name.clone(), status);
+                event = helper.event(self.routes.routes()) => {
+                    if let HelperEvent::RestartDue = event {
+                        self.restart_acme_helper(&mut helper, &mut worker).await;
                     }
-                    HelperEvent::Exited => {}
-                    HelperEvent::RestartDue => self.restart_acme_helper(&mut helper, &mut worker).await,
-                },
+                }
             }
         };
         accepting.abort();
@@ -144,12 +141,14 @@ impl Supervisor {
         drop(requests);
         if ending == Ending::Stop {
             crate::systemd::stopping();
-        } else {
-            // The taker's helper waits for the store's lock, which ours holds while it orders.
+            // The helper stays while the worker drains: a handshake in flight may need it.
+            self.stop(worker, ending).await;
             helper.shut_down().await;
+        } else {
+            // The worker stops accepting first (`stop` tells it at once); the helper goes
+            // meanwhile, freeing the store's lock that the taker's helper waits for.
+            tokio::join!(self.stop(worker, ending), helper.shut_down());
         }
-        self.stop(worker, ending).await;
-        helper.shut_down().await;
         drop(stop_requester);
         Ok(())
     }
@@ -224,7 +223,7 @@ impl Supervisor {
                 };
                 let mut replies = vec![ControlReply::Status(status)];
                 replies.extend(routes_replies(self.routes.routes()));
-                let certificates: Vec<_> = self.certificates.values().cloned().collect();
+                let certificates: Vec<_> = helper.certificates().cloned().collect();
                 replies.extend(
                     certificates
                         .chunks(CERTIFICATES_PER_MESSAGE)

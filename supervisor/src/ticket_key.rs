@@ -17,8 +17,8 @@ pub fn load_or_create(dir: &StateDir) -> anyhow::Result<Secret> {
     dir.remove_leftovers(TICKET_KEY_FILE)
         .with_context(|| format!("cannot clean up next to {}", path.display()))?;
     if let Some(key) = dir
-        .read(TICKET_KEY_FILE)
-        .with_context(|| format!("cannot read {}", path.display()))?
+        .read_secret(TICKET_KEY_FILE)
+        .with_context(|| format!("cannot read the session-ticket key {}", path.display()))?
     {
         if key.len() != KEY_LEN {
             bail!(
