@@ -151,8 +151,9 @@ mod tests {
     use core_server_proto::ipc::{FromWorker, ToWorker};
     use core_server_proto::routes::Routes;
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    use rustls::pki_types::ServerName;
-    use rustls::{ClientConfig, HandshakeKind, RootCertStore};
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore};
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
     use tokio_rustls::TlsConnector;
@@ -500,38 +501,92 @@ mod tests {
 
     #[tokio::test]
     async fn a_pending_tls_alpn_challenge_is_answered_with_its_certificate_only() {
-        let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
         let helper = worker.link_helper();
-        let acme = Arc::new(ca.client(&[ACME_TLS_ALPN]));
-        let refused = worker.handshake(&acme, "a.example").await.unwrap_err();
+        // As a CA validating: it checks the certificate itself (RFC 8737 §3), webpki cannot.
+        let mut acme = ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Validator(crypto_provider())))
+            .with_no_client_auth();
+        acme.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        let acme = TlsConnector::from(Arc::new(acme));
+        let validate = || async {
+            let tcp = TcpStream::connect(worker.addr).await.unwrap();
+            let name = ServerName::try_from("a.example").unwrap();
+            let tls = acme.connect(name, tcp).await?;
+            let (_, connection) = tls.get_ref();
+            assert_eq!(connection.alpn_protocol(), Some(ACME_TLS_ALPN));
+            Ok::<_, std::io::Error>(connection.peer_certificates().unwrap()[0].to_vec())
+        };
+        let refused = validate().await.unwrap_err();
         assert!(
             refused.to_string().contains("HandshakeFailure"),
             "{refused}"
         );
         nothing_from(&helper).await;
 
-        let AcmeToWorker::Certificate { chain, key, .. } = ca.issue("a.example") else {
-            unreachable!()
-        };
+        // The validation certificate: self-signed, with the critical acmeIdentifier extension.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["a.example".to_owned()]).unwrap();
+        params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&[9; 32])];
+        let certificate = params.self_signed(&key).unwrap().der().to_vec();
         let challenge = AcmeToWorker::TlsAlpnChallenge {
             id: 7,
             name: Domain::parse("a.example").unwrap(),
-            certificate: chain[0].clone(),
-            key,
+            certificate: certificate.clone(),
+            key: Secret(key.serialize_der()),
         };
         helper.send(&challenge, &[]).await.unwrap();
         assert_eq!(next(&helper).await, WorkerToAcme::ChallengeReady { id: 7 });
-        assert_eq!(
-            worker.handshake(&acme, "a.example").await.unwrap().0,
-            "acme-tls/1"
-        );
+        assert_eq!(validate().await.unwrap(), certificate);
         helper
             .send(&AcmeToWorker::ChallengeDone { id: 7 }, &[])
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(worker.handshake(&acme, "a.example").await.is_err());
+        assert!(validate().await.is_err());
+    }
+
+    /// Takes any certificate: the test compares it with the challenge's (webpki, which
+    /// rustls's signature checks parse certificates with, refuses acmeIdentifier).
+    #[derive(Debug)]
+    struct Validator(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for Validator {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
     }
 
     #[tokio::test]
