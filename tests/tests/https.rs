@@ -16,9 +16,13 @@ use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::server::children_named;
 use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
+use futures_util::{SinkExt, StreamExt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::AlertDescription;
+use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = "app.example";
 
@@ -201,6 +205,69 @@ async fn a_registered_domain_is_served_over_https_with_http1_and_http2() {
         "{}",
         plain.body
     );
+}
+
+/// A WebSocket server that echoes every message; its port.
+async fn websocket_echo() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_close() {
+                        break;
+                    }
+                    ws.send(message).await.unwrap();
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_over_tls_reaches_the_backend() {
+    if !tools("websocket_over_tls_reaches_the_backend") {
+        return;
+    }
+    let local = Local::start().await;
+    local.server.add("ws.example", websocket_echo().await);
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_file_iter(local.ca.root_pem()).unwrap() {
+        roots.add(root.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", local.port()))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("ws.example").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake for ws.example");
+    let (mut ws, response) = tokio_tungstenite::client_async("wss://ws.example/chat", tls)
+        .await
+        .expect("WebSocket handshake over TLS through core-server");
+    assert_eq!(response.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text(format!("hello {i}"))
+        );
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    ws.close(None).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
