@@ -29,9 +29,12 @@ use crate::certificates::{Certificates, Missing};
 use crate::route_table::RouteTable;
 use crate::session_tickets::SessionTickets;
 
-/// The one place the crypto provider is chosen, for TLS and for loading keys. aws-lc-rs is
-/// rustls's default, and faster than ring at ECDSA P-256 signatures and AES-GCM (measured
-/// with bench/tls.sh); swap it here to measure another.
+/// The one place the crypto provider is chosen, for TLS and for loading keys: aws-lc-rs,
+/// rustls's default. Measured on this project's 2-core machine against ring, in-process
+/// full handshakes with an ECDSA P-256 certificate, the server's CPU alone: TLS 1.3 with
+/// X25519 about 12 000/s against 10 500/s, TLS 1.2 about 17 500/s against 12 000/s.
+/// (aws-lc-rs also offers X25519MLKEM768 first, post-quantum, about 20% more CPU, to
+/// clients that offer it.) Swap it here to measure another.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -320,29 +323,20 @@ mod tests {
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
         let helper = worker.link_helper();
         let client = Arc::new(ca.client(&[b"h2", b"http/1.1"]));
-        let all = tokio::spawn({
-            let client = client.clone();
-            let addr = worker.addr;
-            async move {
-                let mut results = Vec::new();
-                for _ in 0..10 {
+        let handshakes: Vec<_> = (0..10)
+            .map(|_| {
+                let (client, addr) = (client.clone(), worker.addr);
+                tokio::spawn(async move {
                     let tcp = TcpStream::connect(addr).await.unwrap();
                     // Normalised as a Host header is.
                     let name = ServerName::try_from("A.Example.").unwrap();
-                    results.push(TlsConnector::from(client.clone()).connect(name, tcp));
-                }
-                let mut ok = 0;
-                for handshake in results {
-                    if let Ok(mut tls) = handshake.await {
-                        let mut said = String::new();
-                        tls.read_to_string(&mut said).await.unwrap();
-                        assert_eq!(said, "h2");
-                        ok += 1;
-                    }
-                }
-                ok
-            }
-        });
+                    let mut tls = TlsConnector::from(client).connect(name, tcp).await?;
+                    let mut said = String::new();
+                    tls.read_to_string(&mut said).await?;
+                    Ok::<_, std::io::Error>(said)
+                })
+            })
+            .collect();
         let asked = next(&helper).await;
         assert_eq!(
             asked,
@@ -351,8 +345,11 @@ mod tests {
             }
         );
         nothing_from(&helper).await;
+        assert!(handshakes.iter().all(|h| !h.is_finished()), "all wait");
         helper.send(&ca.issue("a.example"), &[]).await.unwrap();
-        assert_eq!(all.await.unwrap(), 10);
+        for handshake in handshakes {
+            assert_eq!(handshake.await.unwrap().unwrap(), "h2");
+        }
         // Loaded: served without asking again, HTTP/1.1 too.
         let http1 = Arc::new(ca.client(&[b"http/1.1"]));
         assert_eq!(
@@ -587,6 +584,44 @@ mod tests {
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()
         }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_sent_unasked_replaces_the_loaded_one() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
+        let helper = worker.link_helper();
+        let client = Arc::new(ca.client(&[b"h2"]));
+        let leaf = || async {
+            let tcp = TcpStream::connect(worker.addr).await.unwrap();
+            let name = ServerName::try_from("a.example").unwrap();
+            let tls = TlsConnector::from(client.clone())
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+        };
+        for _ in 0..2 {
+            let issued = ca.issue("a.example");
+            let AcmeToWorker::Certificate { chain, .. } = &issued else {
+                unreachable!()
+            };
+            let expected = chain[0].clone();
+            helper.send(&issued, &[]).await.unwrap();
+            // Loaded (the link is read in its own task), then served.
+            let name = Domain::parse("a.example").unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while worker
+                .certificates
+                .loaded(&name)
+                .is_none_or(|loaded| loaded.cert[0].as_ref() != expected.as_slice())
+            {
+                assert!(std::time::Instant::now() < deadline, "not loaded");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(leaf().await, expected);
+        }
+        nothing_from(&helper).await;
     }
 
     #[tokio::test]
