@@ -18,7 +18,7 @@
 //!   guard, may be the operator's session bus, ssh-agent or docker).
 //!
 //! TLS needs nothing denied here: rustls and aws-lc-rs draw randomness with `getrandom(2)`
-//! and read no file (tests/https.rs handshakes with a sandboxed worker).
+//! (tests/https.rs handshakes with a sandboxed worker).
 //!
 //! Apply it before any thread exists: Landlock (up to ABI 7) confines only the calling thread
 //! and the threads it starts afterwards. Where the kernel lacks a feature, one warning names
