@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use core_server_tests::http::get;
+use core_server_tests::http::{get, read_until_closed};
 use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::server::children_named;
 use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
@@ -22,6 +22,8 @@ use nix::unistd::Pid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::AlertDescription;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = "app.example";
@@ -45,7 +47,23 @@ impl Local {
         let ca = MkcertCa::new();
         let env = ca.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
+        // Reruns get the same environment.
         let server = CoreServer::start_with_env(&env);
+        Self::serving(ca, server).await
+    }
+
+    /// With extra command-line arguments (`--header-timeout 2s`); not for reruns, which would
+    /// run without the CA's environment.
+    async fn start_with(args: &[&str]) -> Local {
+        let ca = MkcertCa::new();
+        let env = ca.env();
+        let server = CoreServer::start_with_command(|command, _| {
+            command.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        });
+        Self::serving(ca, server).await
+    }
+
+    async fn serving(ca: MkcertCa, server: CoreServer) -> Local {
         let backend = Backend::echo().await;
         server.add(APP, backend.port);
         Local {
@@ -245,7 +263,7 @@ async fn websocket_over_tls_reaches_the_backend() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", local.port()))
+    let tcp = TcpStream::connect(("127.0.0.1", local.port()))
         .await
         .unwrap();
     let name = ServerName::try_from("ws.example").unwrap();
@@ -307,6 +325,30 @@ async fn unregistered_names_no_sni_and_ip_literals_are_refused_at_once_unasked()
     let reply = client.get(port, &Sni::name(APP), APP, "/").await;
     assert_eq!(reply.status, 200);
     assert!(local.server.log().contains(&format!("{ASKED} {APP}")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn handshakes_never_finished_close_at_the_header_timeout_while_others_are_served() {
+    if !tools("handshakes_never_finished_close_at_the_header_timeout_while_others_are_served") {
+        return;
+    }
+    let local = Local::start_with(&["--header-timeout", "2s"]).await;
+    let port = local.port();
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        stalled.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    // A ClientHello's record header promising 512 bytes, and one of them.
+    let mut partial = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    partial.write_all(&[0x16, 3, 1, 2, 0, 1]).await.unwrap();
+    stalled.push(partial);
+    let reply = local.client().get(port, &Sni::name(APP), APP, "/").await;
+    assert_eq!(reply.status, 200);
+    for stream in &mut stalled {
+        // Far above the 2 s: only a connection left open fails this.
+        let closed = read_until_closed(stream, Duration::from_secs(30)).await;
+        assert!(closed.is_ok(), "still open: {closed:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
