@@ -17,8 +17,10 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::account::AcmeAccount;
+use crate::backoff::Backoff;
 use crate::certificate::{self, Certificate};
 use crate::clock;
+use crate::order::Failure;
 use crate::store::{NameState, Store};
 use crate::supervisor_link::SupervisorLink;
 use crate::worker_link::{Request, WorkerLink};
@@ -52,8 +54,9 @@ pub struct Issuer {
     link: Arc<WorkerLink>,
     supervisor: Arc<SupervisorLink>,
     pub source: Source,
-    /// Names with an attempt running, and whether a handshake waits for it.
-    in_flight: Mutex<HashMap<Domain, bool>>,
+    /// Names with an attempt running, and how many requests of the worker wait for it:
+    /// each gets its answer.
+    in_flight: Mutex<HashMap<Domain, usize>>,
     /// Wakes the renewals when a certificate or a name's state changed.
     pub changed: Notify,
 }
@@ -137,27 +140,42 @@ impl Issuer {
         self.attempt(name, Some(old), false).await;
     }
 
-    /// One attempt for `name` unless one runs (which then answers); `asked`: a handshake
-    /// waits, and is told if it fails.
+    /// One attempt for `name` unless one runs (which then answers this request too);
+    /// `asked`: a request of the worker waits for it (a renewal is not asked for).
     async fn attempt(&self, name: &Domain, replacing: Option<&Certificate>, asked: bool) {
         {
             let mut in_flight = self.in_flight.lock().unwrap();
-            if let Some(waits) = in_flight.get_mut(name) {
-                *waits |= asked;
+            if let Some(waiting) = in_flight.get_mut(name) {
+                *waiting += usize::from(asked);
                 return;
             }
-            in_flight.insert(name.clone(), asked);
+            in_flight.insert(name.clone(), usize::from(asked));
         }
         let result = self.obtain(name, replacing).await;
-        let asked = self.in_flight.lock().unwrap().remove(name).unwrap_or(asked);
+        let waiting = self.in_flight.lock().unwrap().remove(name).unwrap_or(0);
         match result {
-            Ok(()) => {}
-            Err(reason) if asked => self.unavailable(name, reason).await,
-            Err(reason) => warn!("{name}: renewal failed: {reason}"),
+            // The first answer went out as soon as the certificate was there.
+            Ok(certificate) => {
+                for _ in 1..waiting {
+                    self.send(name, &certificate).await;
+                }
+            }
+            Err(reason) => {
+                if waiting == 0 {
+                    warn!("{name}: renewal failed: {reason}");
+                }
+                for _ in 0..waiting {
+                    self.unavailable(name, reason.clone()).await;
+                }
+            }
         }
     }
 
-    async fn obtain(&self, name: &Domain, replacing: Option<&Certificate>) -> Result<(), String> {
+    async fn obtain(
+        &self,
+        name: &Domain,
+        replacing: Option<&Certificate>,
+    ) -> Result<Certificate, String> {
         let backing_off = |state: &NameState| {
             state.backoff.waiting_until(clock::now()).map(|until| {
                 format!(
@@ -178,7 +196,7 @@ impl Issuer {
             .filter(|c| self.servable(c) && replacing.is_none_or(|old| old.chain[0] != c.chain[0]))
         {
             self.send(name, &certificate).await;
-            return Ok(());
+            return Ok(certificate);
         }
         let mut state = self.store.read_state(name).map_err(|e| e.to_string())?;
         if let Some(why) = backing_off(&state) {
@@ -194,23 +212,10 @@ impl Issuer {
                 result
             }
             Source::NoMkcert => Err(NO_MKCERT.into()),
-            Source::Acme(account) => match account.get(&self.store).await {
-                Ok(account) => {
-                    order::obtain(
-                        account,
-                        &source,
-                        name,
-                        replacing,
-                        &self.link,
-                        &mut state.backoff,
-                    )
+            Source::Acme(account) => {
+                self.order(account, &source, name, replacing, &mut state.backoff)
                     .await
-                }
-                Err(e) => {
-                    state.backoff.fail(clock::now(), e.clone(), None);
-                    Err(e)
-                }
-            },
+            }
         };
         let outcome = match result {
             Ok(certificate) => {
@@ -223,8 +228,11 @@ impl Issuer {
                     certificate.issuer,
                     clock::show(certificate.not_after)
                 );
-                state.backoff = Default::default();
-                Ok(())
+                // The failures of the hour stay counted (a failed TLS-ALPN-01 before a
+                // successful HTTP-01 is one of the hour's three).
+                state.backoff.last_error = None;
+                state.backoff.next_try = None;
+                Ok(certificate)
             }
             Err(e) => Err(e),
         };
@@ -235,6 +243,40 @@ impl Issuer {
         self.report(name).await;
         self.changed.notify_one();
         outcome
+    }
+
+    /// An ACME attempt, with a new account if the CA forgot ours.
+    async fn order(
+        &self,
+        account: &AcmeAccount,
+        source: &str,
+        name: &Domain,
+        replacing: Option<&Certificate>,
+        backoff: &mut Backoff,
+    ) -> Result<Certificate, String> {
+        let mut current = account.get(&self.store).await;
+        for _ in 0..2 {
+            let result = match &current {
+                Ok(acme) => order::obtain(acme, source, name, replacing, &self.link, backoff).await,
+                Err(e) => Err(Failure::Other(e.clone())),
+            };
+            match result {
+                Ok(certificate) => return Ok(certificate),
+                Err(Failure::NoAccount) => {
+                    warn!("the CA no longer knows our ACME account: making a new one");
+                    current = account.replace(&self.store).await;
+                }
+                Err(Failure::Other(e)) => {
+                    if current.is_err() {
+                        backoff.fail(clock::now(), e.clone(), None);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let e = "the CA does not know the ACME account it just made".to_owned();
+        backoff.fail(clock::now(), e.clone(), None);
+        Err(e)
     }
 
     /// The worker no longer routes `name`: no renewals (the files stay).

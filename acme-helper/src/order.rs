@@ -19,8 +19,9 @@ use instant_acme::{
 use rcgen::{CertificateParams, CustomExtension, DistinguishedName, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::account::chain;
 use crate::backoff::Backoff;
 use crate::certificate::Certificate;
 use crate::clock;
@@ -44,6 +45,8 @@ enum OrderError {
     NotOffered,
     /// The CA could not validate the challenge: counts towards the backoff.
     Validation(String),
+    /// The CA does not know our account (any more).
+    NoAccount,
     /// Anything else (the CA unreachable, a rate limit): ends the attempt.
     Other {
         error: String,
@@ -53,6 +56,11 @@ enum OrderError {
 
 impl From<instant_acme::Error> for OrderError {
     fn from(e: instant_acme::Error) -> OrderError {
+        if let instant_acme::Error::Api(problem) = &e {
+            if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist") {
+                return OrderError::NoAccount;
+            }
+        }
         let retry_after = match &e {
             instant_acme::Error::Timeout(Some(at)) => {
                 Some(SystemTime::now() + at.saturating_duration_since(Instant::now()))
@@ -67,10 +75,17 @@ impl From<instant_acme::Error> for OrderError {
             _ => None,
         };
         OrderError::Other {
-            error: e.to_string(),
+            error: chain(&e),
             retry_after,
         }
     }
+}
+
+/// Why an attempt failed.
+pub enum Failure {
+    /// The CA does not know the account: make a new one and try again.
+    NoAccount,
+    Other(String),
 }
 
 /// One attempt for `name`; `replacing` is the certificate a renewal replaces (for ARI).
@@ -81,7 +96,7 @@ pub async fn obtain(
     replacing: Option<&Certificate>,
     link: &Arc<WorkerLink>,
     backoff: &mut Backoff,
-) -> Result<Certificate, String> {
+) -> Result<Certificate, Failure> {
     let replaces = replacing.and_then(|old| {
         CertificateIdentifier::try_from(&CertificateDer::from(old.chain[0].as_slice()))
             .ok()
@@ -101,9 +116,10 @@ pub async fn obtain(
                     started.elapsed()
                 );
                 return Certificate::new(name, Some(source.to_owned()), key, chain)
-                    .map_err(|e| format!("the CA's certificate: {e}"));
+                    .map_err(|e| Failure::Other(format!("the CA's certificate: {e}")));
             }
             Err(OrderError::NotOffered) => {}
+            Err(OrderError::NoAccount) => return Err(Failure::NoAccount),
             Err(OrderError::Validation(error)) => {
                 warn!("{name}: {challenge:?} validation failed: {error}");
                 last = format!("{challenge:?} validation failed: {error}");
@@ -112,11 +128,11 @@ pub async fn obtain(
             Err(OrderError::Other { error, retry_after }) => {
                 let retry_after = retry_after.map(clock::secs);
                 backoff.fail(now, error.clone(), retry_after);
-                return Err(error);
+                return Err(Failure::Other(error));
             }
         }
     }
-    Err(last)
+    Err(Failure::Other(last))
 }
 
 /// One order with one challenge type: the key (PKCS#8) and the chain (DER, leaf first).
@@ -144,6 +160,9 @@ async fn order(
         result => result?,
     };
 
+    let started = Instant::now();
+    let step = |what: &str| debug!("{name}: {what} at {:?}", started.elapsed());
+    step("order placed");
     let mut challenges = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
@@ -198,26 +217,41 @@ async fn order(
                 retry_after: None,
             })?;
         challenges.push(answering);
+        step("challenge answered by the worker");
         challenge.set_ready().await?;
+        step("CA told to validate");
     }
 
-    let status = order.poll_ready(&polling()).await?;
+    let polled = order.poll_ready(&polling()).await;
     // Validated or not: the worker stops answering.
     drop(challenges);
-    if status != OrderStatus::Ready {
-        return Err(OrderError::Validation(
-            why_invalid(&mut order)
-                .await
-                .unwrap_or_else(|| format!("order {status:?}")),
-        ));
+    match polled {
+        Ok(OrderStatus::Ready) => {}
+        // An order the CA made invalid (with its reason, or not) failed validation.
+        Ok(status) => {
+            let why = why_invalid(&mut order).await;
+            return Err(OrderError::Validation(
+                why.unwrap_or_else(|| format!("the order is {status:?}")),
+            ));
+        }
+        Err(instant_acme::Error::Api(problem)) => {
+            let why = why_invalid(&mut order).await;
+            return Err(OrderError::Validation(
+                why.unwrap_or_else(|| problem.to_string()),
+            ));
+        }
+        Err(e) => return Err(e.into()),
     }
 
+    step("validated");
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(other)?;
     let mut params = CertificateParams::new(vec![dns.to_owned()]).map_err(other)?;
     params.distinguished_name = DistinguishedName::new();
     let csr = params.serialize_request(&key).map_err(other)?;
     order.finalize_csr(csr.der()).await?;
+    step("finalized");
     let pem = order.poll_certificate(&polling()).await?;
+    step("certificate fetched");
     let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
         .map(|cert| cert.map(|c| c.to_vec()))
         .collect::<Result<Vec<_>, _>>()
