@@ -18,15 +18,18 @@ source bench/lib.sh
 need nginx=nginx wrk=wrk
 install_core_server
 mkdir -p "$work/new" "$work/old"
-mv "$work/core-server" "$work/core-server-worker" "$work/new/"
+mv "${binaries[@]/#/$work/}" "$work/new/"
 
 tree="$work/tree"
 git worktree add -q --detach "$tree" "$REV"
 remove_tree() { git worktree remove --force "$tree"; }
 cleanup_hooks+=(remove_tree)
 repo=$PWD
-(cd "$tree" && cargo build --release -q -p core-server -p core-server-worker --target-dir "$repo/target/ab")
-cp target/ab/release/core-server target/ab/release/core-server-worker "$work/old/"
+# An earlier revision may predate the ACME helper (then its supervisor starts none).
+(cd "$tree" && cargo build --release -q --bins --target-dir "$repo/target/ab")
+for binary in "${binaries[@]}"; do
+  if [ -e "target/ab/release/$binary" ]; then cp "target/ab/release/$binary" "$work/old/"; fi
+done
 chmod 755 "$work/new" "$work/old"
 
 backend=$(free_port)

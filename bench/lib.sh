@@ -26,9 +26,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+binaries=(core-server core-server-worker core-server-acme)
 install_core_server() {
-  cargo build --release -q -p core-server -p core-server-worker
-  cp target/release/core-server target/release/core-server-worker "$work/"
+  cargo build --release -q "${binaries[@]/#/-p}"
+  cp "${binaries[@]/#/target/release/}" "$work/"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

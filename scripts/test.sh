@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 # Tool -> Debian package that provides it.
 declare -A packages=(
   [curl]=curl              # tests make requests the way users do
+  [mkcert]=mkcert          # local-mode HTTPS: certificates from a real mkcert
+  [openssl]=openssl        # TLS clients the way users run them (s_client, session resumption)
+  [pebble]=pebble          # release-mode HTTPS: a real ACME CA ...
+  [pebble-challtestsrv]=pebble  # ... and the DNS server it resolves names with
   [ip]=iproute2            # network namespaces: a real non-loopback sender
   [setcap]=libcap2-bin     # the setcap'd-supervisor test
   [setpriv]=util-linux     # running the supervisor as an ordinary user

@@ -158,6 +158,11 @@ pub struct CertificateStatus {
     pub next_try: Option<u64>,
 }
 
+/// The most bytes of an issuer's name or an error message a [`CertificateStatus`] shows
+/// (the supervisor cuts longer ones), so that
+/// [`crate::ipc::CERTIFICATES_PER_MESSAGE`] statuses fit one control message.
+pub const MAX_STATUS_TEXT: usize = 300;
+
 /// The file name of the session-ticket key under DIR: 0600, written once by the supervisor
 /// and handed to every worker, so a ticket outlives the worker that issued it (and a rerun).
 pub const TICKET_KEY_FILE: &str = "tls-ticket-key";

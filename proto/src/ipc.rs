@@ -244,6 +244,25 @@ mod tests {
     }
 
     #[test]
+    fn a_full_certificates_chunk_fits_one_message() {
+        let text = "\u{10ffff}".repeat(crate::acme_ipc::MAX_STATUS_TEXT / 4);
+        let status = CertificateStatus {
+            name: "a".repeat(253),
+            issuer: Some(text.clone()),
+            not_after: Some(u64::MAX),
+            last_error: Some(text),
+            next_try: Some(u64::MAX),
+        };
+        let chunk = ControlReply::Certificates(vec![status; CERTIFICATES_PER_MESSAGE]);
+        let bytes = postcard::to_stdvec(&chunk).unwrap();
+        assert!(
+            bytes.len() <= crate::channel::MAX_MESSAGE_LEN,
+            "{} bytes",
+            bytes.len()
+        );
+    }
+
+    #[test]
     fn a_full_routes_chunk_fits_one_message() {
         let longest = Domain::parse(
             &[

@@ -4,16 +4,20 @@
 //! inherited descriptor).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
+use core_server_proto::channel::Channel;
 use core_server_proto::ipc::CHILD_IPC_FD;
 use nix::sys::resource::{getrlimit, Resource};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
+use tracing::warn;
 
 use crate::child_logs::ChildStderr;
 use crate::privileges::Unprivileged;
@@ -44,9 +48,14 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 /// (longer only if something else still holds its stderr).
 const LOG_DRAIN_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a child may take to take in a message before it is taken for stopped or stuck.
+pub const TELL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running child: the process, and the task copying its stderr into our log.
 pub struct Child {
     process: tokio::process::Child,
+    /// `worker`, `acme`: for messages.
+    name: String,
     /// `None` once its stderr has been copied to the end.
     log: Option<JoinHandle<()>>,
 }
@@ -56,8 +65,34 @@ impl Child {
         self.process.id()
     }
 
-    pub fn start_kill(&mut self) -> io::Result<()> {
-        self.process.start_kill()
+    /// Kills the child and whatever it started (`mkcert`): its process group, which is its
+    /// own (see [`spawn`]) and stays so until it is reaped, so no other group is hit.
+    pub fn start_kill(&mut self) {
+        if let Some(pid) = self.process.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// Sends `message` with `fds` on `channel`. A child that does not take it within
+    /// [`TELL_TIMEOUT`], or whose channel fails, is killed: `false`, and its channel closes,
+    /// so it is replaced.
+    pub async fn tell<O: Serialize, I: DeserializeOwned>(
+        &mut self,
+        channel: &Channel<O, I>,
+        message: &O,
+        fds: &[BorrowedFd<'_>],
+    ) -> bool {
+        match tokio::time::timeout(TELL_TIMEOUT, channel.send(message, fds)).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => warn!("cannot send to the {}: {e}; killing it", self.name),
+            Err(_) => warn!(
+                "the {} took no message for {TELL_TIMEOUT:?}; killing it",
+                self.name
+            ),
+        }
+        self.start_kill();
+        false
     }
 
     /// Waits for the child to exit, then for its last lines to reach the log: what we log
@@ -124,11 +159,21 @@ pub fn spawn(
     })?;
     drop(command); // its copy of the stderr pipe: the child's exit must close the last one
     drop(ipc); // the child has its copy
-    let tag = format!("{}[{}]: ", short_name(binary), process.id().unwrap_or(0));
+    let name = short_name(binary);
+    let tag = format!("{name}[{}]: ", process.id().unwrap_or(0));
     Ok(Child {
         process,
+        name,
         log: Some(log.forward(tag)),
     })
+}
+
+/// A child's exit status, for the log.
+pub fn describe(status: io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("status unknown: {e}"),
+    }
 }
 
 /// `worker` for `core-server-worker`: how the child's lines are tagged in the log.

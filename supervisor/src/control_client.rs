@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::bail;
+use core_server_proto::acme_ipc::CertificateStatus;
 use core_server_proto::ipc::{ControlReply, ControlRequest, ListenerKind};
 
 use crate::control;
@@ -25,6 +26,7 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
         other => return Err(unexpected(other)),
     };
     let routes = receive_routes(&instance).await?.kept;
+    let certificates = receive_certificates(&instance).await?;
     let pid = |pid: Option<u32>| pid.map_or("not running".to_owned(), |p| format!("pid {p}"));
     let mut text = format!("core-server {}\n", status.version);
     let mut line = |l: String| {
@@ -47,8 +49,59 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
     for (domain, port) in routes.iter() {
         line(format!("  {domain} -> 127.0.0.1:{port}"));
     }
+    line(format!("certificates ({}):", certificates.len()));
+    for certificate in &certificates {
+        line(format!("  {}", describe(certificate)));
+    }
     print_to_closed_pipe_too(&text)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What follows the routes: the certificates, until the instance closes the connection (one
+/// of an earlier version sends none).
+async fn receive_certificates(
+    instance: &control::ClientEnd,
+) -> anyhow::Result<Vec<CertificateStatus>> {
+    let mut certificates = Vec::new();
+    loop {
+        match instance.recv().await? {
+            Some((ControlReply::Certificates(chunk), _)) => certificates.extend(chunk),
+            None => return Ok(certificates),
+            other => return Err(unexpected(other)),
+        }
+    }
+}
+
+/// One line: `name  issuer ...  expires ...`, and why the last try failed, if it did. The
+/// texts come from a CA and certificates: control characters are shown as `?`, so none
+/// reaches the operator's terminal.
+fn describe(certificate: &CertificateStatus) -> String {
+    let mut line = certificate.name.clone();
+    match (&certificate.issuer, certificate.not_after) {
+        (Some(issuer), Some(not_after)) => {
+            line += &format!("  issuer {issuer}  expires {}", time(not_after))
+        }
+        _ => line += "  no certificate",
+    }
+    if let Some(error) = &certificate.last_error {
+        line += &format!("  last error: {error}");
+    }
+    if let Some(next) = certificate.next_try {
+        line += &format!("  next try {}", time(next));
+    }
+    line.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Seconds since the Unix epoch as an RFC 3339 time (UTC), or as the number if out of range.
+fn time(secs: u64) -> String {
+    const YEAR_10000: u64 = 253_402_300_800;
+    if secs >= YEAR_10000 {
+        return format!("{secs} s after 1970");
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// Asks the instance to stop (in-flight requests finish) and waits until it has.

@@ -6,6 +6,7 @@
 //! HTTP and UDP commands are the worker's job. `add`, `remove`, `status` and `stop` are small
 //! local clients.
 
+mod acme_helper;
 mod backoff;
 mod child;
 mod child_logs;
@@ -34,9 +35,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use core_server_proto::acme_ipc::{CertificateSource, HttpsSettings};
+use core_server_proto::acme_ipc::{CertificateSource, HttpsSettings, ACME_DIR};
 use core_server_proto::ipc::WorkerSettings;
 
+use crate::acme_helper::HelperSetup;
 use crate::child_logs::ChildLogs;
 use crate::cli::{Cli, Command, Mode, ServerOptions};
 use crate::detach::ReadyReport;
@@ -108,16 +110,18 @@ fn run_server(
     // Everything that can be checked is checked before a port is bound.
     let privileges = Unprivileged::for_user(&options.user)?;
     let worker_binary = child::sibling_binary("core-server-worker")?;
+    let source = match mode {
+        Mode::Release => CertificateSource::Acme,
+        Mode::Local => CertificateSource::Mkcert,
+    };
+    let acme = HelperSetup::new(options, source)?;
     let settings = WorkerSettings {
         header_timeout: options.header_timeout,
         idle_timeout: options.idle_timeout,
         backend_timeout: options.backend_timeout,
         max_connections: options.max_connections,
         https: HttpsSettings {
-            source: match mode {
-                Mode::Release => CertificateSource::Acme,
-                Mode::Local => CertificateSource::Mkcert,
-            },
+            source,
             certificate_wait: options.acme_wait,
         },
     };
@@ -140,13 +144,19 @@ fn run_server(
         let dir = StateDir::open(dir)?;
         let child_logs = start_logging(mode, &dir, options.log_cap, log_file)?;
         fd_limit::raise();
+        if takeover.is_none() {
+            dir.claim()?;
+        }
         let ticket_key = ticket_key::load_or_create(&dir)?;
+        let acme_store = dir.child_dir(ACME_DIR, privileges.ids())?;
         let routes_file = RoutesFile::in_dir(&dir);
         let supervisor = |listeners, control, routes| Supervisor {
             listeners,
             control,
             settings,
             ticket_key,
+            acme,
+            acme_store,
             grace: options.grace,
             routes: SavedRoutes::new(routes, RoutesFile::in_dir(&dir)),
             privileges,
@@ -181,7 +191,6 @@ fn run_server(
                 (supervisor, worker)
             }
             None => {
-                dir.claim()?;
                 let routes = routes_file.load()?;
                 let listeners =
                     listeners::bind_all(options.http_port, options.https_port, udp_port)?;

@@ -52,6 +52,11 @@ impl Unprivileged {
         })
     }
 
+    /// The uid and gid children switch to (`None`: they keep ours).
+    pub fn ids(&self) -> Option<(Uid, Gid)> {
+        self.ids
+    }
+
     /// The uid children run as.
     pub fn uid(&self) -> Uid {
         self.ids.map_or_else(Uid::effective, |(uid, _)| uid)

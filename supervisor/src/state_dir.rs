@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use core_server_proto::atomic_file;
+use nix::unistd::{Gid, Uid};
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags, Stat};
 use rustix::io::Errno;
 
@@ -59,7 +60,58 @@ impl StateDir {
                     .with_context(|| format!("cannot create {}", path.display()))
             }
         }
-        let fd = rustix::fs::openat(
+        let fd = self.open_dir(name)?;
+        check(&fd, &path)?;
+        Ok(StateDir {
+            fd: Arc::new(fd),
+            path,
+        })
+    }
+
+    /// The directory `name` in this one for a child running as `owner` (uid, gid; `None`:
+    /// our own user), opened without following a link, for the child to work beneath. Made
+    /// (mode 0700) and given to it if missing; one that exists must be the child's already
+    /// (or ours and empty: a start cut short between making and giving it), mode 0700.
+    pub fn child_dir(&self, name: &str, owner: Option<(Uid, Gid)>) -> anyhow::Result<OwnedFd> {
+        let path = self.path.join(name);
+        let made = match rustix::fs::mkdirat(self.fd(), name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
+            Err(e) => {
+                return Err(io::Error::from(e))
+                    .with_context(|| format!("cannot create {}", path.display()))
+            }
+        };
+        let fd = self.open_dir(name)?;
+        let ours = nix::unistd::geteuid();
+        let (uid, gid) = owner.unwrap_or((ours, nix::unistd::getegid()));
+        let stat = rustix::fs::fstat(&fd)?;
+        if stat.st_uid != uid.as_raw() {
+            // Only a directory we made is given away: never one of someone else's (another
+            // root service's store, with --dir /var/lib).
+            if stat.st_uid != ours.as_raw() || !(made || is_empty(&fd)?) {
+                anyhow::bail!(
+                    "refusing {}: it is owned by uid {}, not by uid {uid} that the children run \
+                     as (if it is core-server's store: chown -R {uid}:{gid} {})",
+                    path.display(),
+                    stat.st_uid,
+                    path.display()
+                );
+            }
+            nix::unistd::fchown(&fd, Some(uid), Some(gid))
+                .with_context(|| format!("cannot give {} to uid {uid}", path.display()))?;
+        }
+        if stat.st_mode & 0o7777 != 0o700 {
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))
+                .with_context(|| format!("cannot chmod 700 {}", path.display()))?;
+        }
+        Ok(fd)
+    }
+
+    /// Directory `name` in this one, opened without following a link.
+    fn open_dir(&self, name: &str) -> anyhow::Result<OwnedFd> {
+        let path = self.path.join(name);
+        rustix::fs::openat(
             self.fd(),
             name,
             dir_flags() | OFlags::NOFOLLOW,
@@ -71,12 +123,7 @@ impl StateDir {
                 .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Symlink);
             explain(if link { Errno::LOOP } else { e }, &path)
         })
-        .with_context(|| format!("cannot open {}", path.display()))?;
-        check(&fd, &path)?;
-        Ok(StateDir {
-            fd: Arc::new(fd),
-            path,
-        })
+        .with_context(|| format!("cannot open {}", path.display()))
     }
 
     /// Takes the directory for this instance (an exclusive `flock`, held until we exit), so
@@ -121,11 +168,39 @@ impl StateDir {
 
     /// The contents of file `name`; `None` if there is none.
     pub fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        self.read_checked(name, |_| Ok(()))
+    }
+
+    /// The contents of secret file `name` (`None` if there is none), refused if anyone but
+    /// its owner may read it or it has other links: then it may have been read already.
+    pub fn read_secret(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        self.read_checked(name, |stat| {
+            if stat.st_mode & 0o077 == 0 && stat.st_nlink == 1 {
+                return Ok(());
+            }
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "refusing {}: a secret, yet others may read it (mode {:o}) or it has other \
+                     links; take it as exposed: remove it, and a new one is made",
+                    self.path.join(name).display(),
+                    stat.st_mode & 0o7777
+                ),
+            ))
+        })
+    }
+
+    fn read_checked(
+        &self,
+        name: &str,
+        check: impl FnOnce(&Stat) -> io::Result<()>,
+    ) -> io::Result<Option<Vec<u8>>> {
         let fd = match self.open_file(name, OFlags::RDONLY, 0) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        check(&rustix::fs::fstat(&fd)?)?;
         let mut bytes = Vec::new();
         File::from(fd).read_to_end(&mut bytes)?;
         Ok(Some(bytes))
@@ -213,6 +288,18 @@ fn check(fd: &OwnedFd, path: &Path) -> anyhow::Result<()> {
         Some(why) => anyhow::bail!(why),
         None => Ok(()),
     }
+}
+
+/// Whether the directory `fd` has no entries.
+fn is_empty(fd: &OwnedFd) -> io::Result<bool> {
+    let mut dir = rustix::fs::Dir::read_from(fd)?;
+    while let Some(entry) = dir.read() {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn dir_flags() -> OFlags {
@@ -339,5 +426,61 @@ mod tests {
         std::os::unix::fs::chown(tmp.path(), Some(65534), None).unwrap();
         let e = StateDir::open(tmp.path()).err().unwrap().to_string();
         assert!(e.contains("owned by uid 65534"), "{e}");
+    }
+
+    #[test]
+    fn a_childs_dir_is_made_and_given_but_never_someone_elses() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give a directory away");
+            return;
+        }
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("state")).unwrap();
+        let nobody = Some((Uid::from_raw(65534), Gid::from_raw(65534)));
+
+        dir.child_dir("made", nobody).unwrap();
+        let made = std::fs::metadata(dir.path().join("made")).unwrap();
+        assert_eq!((made.uid(), made.mode() & 0o7777), (65534, 0o700));
+        // Its own, left too open: closed again.
+        std::fs::set_permissions(
+            dir.path().join("made"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        dir.child_dir("made", nobody).unwrap();
+        let mode = std::fs::metadata(dir.path().join("made")).unwrap().mode();
+        assert_eq!(mode & 0o7777, 0o700);
+
+        // Root's, with something in it: another service's, refused and left as it was.
+        std::fs::create_dir(dir.path().join("theirs")).unwrap();
+        std::fs::write(dir.path().join("theirs/key"), "secret").unwrap();
+        let e = dir.child_dir("theirs", nobody).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 0, not by uid 65534"), "{e}");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("theirs")).unwrap().uid(),
+            0
+        );
+
+        symlink(tmp.path(), dir.path().join("link")).unwrap();
+        let e = format!("{:#}", dir.child_dir("link", nobody).unwrap_err());
+        assert!(e.contains("link is a symbolic link"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("state")).unwrap();
+        dir.replace("key", b"k", 0o600).unwrap();
+        assert_eq!(dir.read_secret("key").unwrap().unwrap(), b"k");
+        std::fs::set_permissions(
+            dir.path().join("key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let e = dir.read_secret("key").unwrap_err().to_string();
+        assert!(e.contains("others may read it (mode 644)"), "{e}");
+        assert!(dir.read_secret("missing").unwrap().is_none());
     }
 }

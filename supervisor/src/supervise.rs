@@ -11,18 +11,20 @@
 //! heartbeat within a deadline, or it (stopped, stuck) is killed and replaced (`worker.rs`).
 //! What it acknowledged was saved before it was told, so nothing is lost.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use core_server_proto::acme_ipc::Secret;
 use core_server_proto::ipc::{
     ControlReply, ControlRequest, FromWorker, InstanceStatus, ToWorker, WorkerSettings,
-    ROUTES_PER_MESSAGE,
+    CERTIFICATES_PER_MESSAGE, ROUTES_PER_MESSAGE,
 };
 use core_server_proto::routes::{RouteChange, Routes};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::acme_helper::{HelperEvent, HelperSetup, HelperSlot};
 use crate::backoff::Backoff;
 use crate::child_logs::ChildLogs;
 use crate::control::{self, Incoming, REPLY_TIMEOUT};
@@ -40,6 +42,9 @@ pub struct Supervisor {
     pub control: control::Listener,
     pub settings: WorkerSettings,
     pub ticket_key: Secret,
+    pub acme: HelperSetup,
+    /// `DIR/acme`, owned by the children's user: each helper gets a copy.
+    pub acme_store: OwnedFd,
     pub grace: Duration,
     pub routes: SavedRoutes,
     pub privileges: Unprivileged,
@@ -61,6 +66,7 @@ impl Supervisor {
     /// the stop signals caught since start-up.
     pub async fn run(mut self, mut worker: Worker, mut signals: StopSignals) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
+        let mut helper = self.start_acme_helper(&mut worker).await;
         let (requests_in, mut requests) = mpsc::channel(8);
         let mut accepting = control::serve(self.control.clone(), requests_in.clone());
         // Kept open until we exit: `core-server stop` waits for it to close.
@@ -98,7 +104,7 @@ impl Supervisor {
                         stop_requester = Some(connection);
                         break Ending::Stop;
                     }
-                    request => self.answer(request, connection, &worker),
+                    request => self.answer(request, connection, &worker, &helper),
                 },
                 message = worker.channel.recv() => match message {
                     Ok(Some((message, _))) => self.on_message(&mut worker, message),
@@ -110,8 +116,12 @@ impl Supervisor {
                         warn!("worker exited ({status}); starting a new one in {delay:?}");
                         match self.restart(delay, &mut backoff, &mut signals).await {
                             Some(new) => worker = new,
-                            None => return Ok(()),
+                            None => {
+                                helper.shut_down().await;
+                                return Ok(());
+                            }
                         }
+                        self.link_acme_helper(&mut helper, &mut worker).await;
                     }
                 },
                 // Every waiting message first (biased): one write for a burst of changes.
@@ -119,6 +129,11 @@ impl Supervisor {
                     self.save(&mut worker).await;
                 }
                 _ = tokio::time::sleep_until(worker.heartbeat_due()) => worker.heartbeat().await,
+                event = helper.event(self.routes.routes()) => {
+                    if let HelperEvent::RestartDue = event {
+                        self.restart_acme_helper(&mut helper, &mut worker).await;
+                    }
+                }
             }
         };
         accepting.abort();
@@ -126,8 +141,14 @@ impl Supervisor {
         drop(requests);
         if ending == Ending::Stop {
             crate::systemd::stopping();
+            // The helper stays while the worker drains: a handshake in flight may need it.
+            self.stop(worker, ending).await;
+            helper.shut_down().await;
+        } else {
+            // The worker stops accepting first (`stop` tells it at once); the helper goes
+            // meanwhile, freeing the store's lock that the taker's helper waits for.
+            tokio::join!(self.stop(worker, ending), helper.shut_down());
         }
-        self.stop(worker, ending).await;
         drop(stop_requester);
         Ok(())
     }
@@ -183,19 +204,31 @@ impl Supervisor {
 
     /// Answers a request that needs no more than a snapshot of our state, in a task of its own
     /// (a client that reads slowly holds up nothing).
-    fn answer(&self, request: ControlRequest, connection: control::ServerEnd, worker: &Worker) {
+    fn answer(
+        &self,
+        request: ControlRequest,
+        connection: control::ServerEnd,
+        worker: &Worker,
+        helper: &HelperSlot,
+    ) {
         let replies = match request {
             ControlRequest::Status => {
                 let status = InstanceStatus {
                     version: env!("CARGO_PKG_VERSION").to_owned(),
                     supervisor_pid: std::process::id(),
                     worker_pid: worker.pid(),
-                    acme_pid: None,
+                    acme_pid: helper.pid(),
                     ports: self.listeners.iter().map(|l| (l.kind, l.port())).collect(),
                     dir: self.routes.dir().to_path_buf(),
                 };
                 let mut replies = vec![ControlReply::Status(status)];
                 replies.extend(routes_replies(self.routes.routes()));
+                let certificates: Vec<_> = helper.certificates().cloned().collect();
+                replies.extend(
+                    certificates
+                        .chunks(CERTIFICATES_PER_MESSAGE)
+                        .map(|chunk| ControlReply::Certificates(chunk.to_vec())),
+                );
                 replies
             }
             other => vec![ControlReply::Refused(format!(

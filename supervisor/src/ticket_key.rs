@@ -13,9 +13,12 @@ const KEY_LEN: usize = 32;
 /// The key in `dir`, made if there is none yet.
 pub fn load_or_create(dir: &StateDir) -> anyhow::Result<Secret> {
     let path = dir.path().join(TICKET_KEY_FILE);
+    // What a kill during the first start's write left (the key itself is whole or absent).
+    dir.remove_leftovers(TICKET_KEY_FILE)
+        .with_context(|| format!("cannot clean up next to {}", path.display()))?;
     if let Some(key) = dir
-        .read(TICKET_KEY_FILE)
-        .with_context(|| format!("cannot read {}", path.display()))?
+        .read_secret(TICKET_KEY_FILE)
+        .with_context(|| format!("cannot read the session-ticket key {}", path.display()))?
     {
         if key.len() != KEY_LEN {
             bail!(

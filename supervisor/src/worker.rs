@@ -13,7 +13,7 @@ use core_server_proto::ipc::{FromWorker, ToWorker, ROUTES_PER_MESSAGE};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::child::{self, Child};
+use crate::child::{self, describe, Child};
 use crate::supervise::Supervisor;
 
 /// How long a new worker may take from exec to `Ready`.
@@ -21,7 +21,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a worker whose start-up failed gets to exit on its own, so its status is reported.
 const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker may take to take in a message, or to confirm a pause.
-pub const WORKER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const WORKER_TIMEOUT: Duration = child::TELL_TIMEOUT;
 /// How often a worker is asked to prove it runs, and how long it has to answer: a stopped
 /// worker is replaced within about 4 s, before `core-server add` (5 s) gives up on its reply.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -44,17 +44,16 @@ impl Worker {
     /// (and one that is gone, killed again): `false`, and its channel closes, so the main
     /// loop replaces it.
     pub async fn tell(&mut self, message: &ToWorker) -> bool {
-        match tokio::time::timeout(WORKER_TIMEOUT, self.channel.send(message, &[])).await {
-            Ok(Ok(())) => return true,
-            Ok(Err(_)) => {}
-            Err(_) => warn!("the worker took no message for {WORKER_TIMEOUT:?}; killing it"),
-        }
-        self.kill();
-        false
+        self.tell_with(message, &[]).await
+    }
+
+    /// [`Self::tell`], with descriptors attached.
+    pub async fn tell_with(&mut self, message: &ToWorker, fds: &[BorrowedFd<'_>]) -> bool {
+        self.child.tell(&self.channel, message, fds).await
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.start_kill();
+        self.child.start_kill();
     }
 
     /// When [`Self::heartbeat`] is due.
@@ -118,7 +117,7 @@ impl Supervisor {
             let e = match tokio::time::timeout(EXIT_REPORT_WAIT, child.wait()).await {
                 Ok(status) => anyhow!("exited during start-up ({})", describe(status)),
                 Err(_) => {
-                    let _ = child.start_kill();
+                    child.start_kill();
                     let _ = child.wait().await;
                     e
                 }
@@ -163,12 +162,5 @@ impl Supervisor {
             Some((other, _)) => bail!("unexpected first message {other:?}"),
             None => bail!("closed its channel during start-up"),
         }
-    }
-}
-
-fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
-    match status {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("status unknown: {e}"),
     }
 }

@@ -11,16 +11,22 @@
 //! - [`previous`] holds the previous version's binaries, for tests of mixing versions.
 //! - [`netns`] makes a test host of its own: a network namespace joined to ours by a veth pair.
 //! - [`setcap`] runs a setcap'd supervisor as nobody, as an operator without root does.
+//! - [`tls_client`] is a rustls client: chosen SNI, only the given roots trusted, ALPN,
+//!   session resumption, and the alert of a refused handshake.
+//! - [`mkcert`] is a throwaway mkcert CA (`CAROOT`) for local-mode HTTPS.
+//! - [`pebble`] is a real ACME CA (pebble, with pebble-challtestsrv as its DNS) for release mode.
 
 pub mod adder;
 pub mod backend;
 pub mod http;
 pub mod load;
+pub mod mkcert;
 pub mod netns;
 pub mod previous;
 pub mod raw_backend;
 pub mod server;
 pub mod setcap;
+pub mod tls_client;
 
 pub use backend::Backend;
 pub use server::CoreServer;
@@ -37,4 +43,36 @@ pub fn have_root(test: &str) -> bool {
     );
     eprintln!("skipping {test}: needs root");
     false
+}
+
+/// Whether the tools a test runs (`pebble`, `mkcert`, ...) are installed. Outside CI a missing
+/// one skips the test with a printed reason; in CI it is a failure (scripts/test.sh installs
+/// them all).
+pub fn have_tools(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| which(tool).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs {missing:?} on PATH (scripts/test.sh installs them)"
+    );
+    eprintln!("skipping {test}: {missing:?} not on PATH (scripts/test.sh installs them)");
+    false
+}
+
+/// The first executable file named `name` on PATH.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }

@@ -13,6 +13,9 @@ use nix::unistd::Pid;
 /// How long a core-server may take to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The binaries an installation has, side by side.
+pub const BINARIES: [&str; 3] = ["core-server", "core-server-worker", "core-server-acme"];
+
 /// The directory holding the built binaries (`target/debug`), next to the test executable's
 /// `deps/`. When root, the children run as `nobody`, who must be able to execute them: if the
 /// checkout is not world-traversable (a clone under /root), they are copied somewhere that is.
@@ -25,8 +28,7 @@ pub fn binaries() -> &'static Path {
             .and_then(Path::parent)
             .expect("target/<profile>")
             .to_path_buf();
-        let names = ["core-server", "core-server-worker"];
-        for name in names {
+        for name in BINARIES {
             assert!(
                 dir.join(name).is_file(),
                 "{} is missing: build the binaries first (cargo build --workspace)",
@@ -40,7 +42,7 @@ pub fn binaries() -> &'static Path {
             std::env::temp_dir().join(format!("core-server-test-bin-{}", std::process::id()));
         std::fs::create_dir_all(&copy).unwrap();
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for name in names {
+        for name in BINARIES {
             std::fs::copy(dir.join(name), copy.join(name)).unwrap();
         }
         copy
@@ -57,7 +59,7 @@ fn world_traversable(dir: &Path) -> bool {
 pub fn install_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    for name in ["core-server", "core-server-worker"] {
+    for name in BINARIES {
         std::fs::copy(binaries().join(name), dir.path().join(name)).unwrap();
     }
     dir

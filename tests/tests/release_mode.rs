@@ -47,6 +47,13 @@ fn supervisor_pid(udp_port: u16) -> u32 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// `app.example` on port 80 is answered `308` to its HTTPS address.
+async fn assert_redirected(url: &str) {
+    let reply = get(url, "app.example").await;
+    assert_eq!(reply.status, 308);
+    assert_eq!(reply.headers["location"], "https://app.example/");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn detaches_serves_logs_under_the_cap_and_reruns_detached() {
     const CAP: u64 = 200_000;
@@ -80,13 +87,14 @@ async fn detaches_serves_logs_under_the_cap_and_reruns_detached() {
     );
     let first = supervisor_pid(udp);
 
-    // It serves, with the launching command long gone.
+    // It serves, with the launching command long gone: in release mode, port 80 sends a
+    // registered host to HTTPS.
     let backend = Backend::echo().await;
     assert!(cli(udp, &["add", "app.example", &backend.port.to_string()])
         .status
         .success());
     let url = format!("http://127.0.0.1:{http}/");
-    assert_eq!(get(&url, "app.example").await.status, 200);
+    assert_redirected(&url).await;
 
     // Fill the log well past the cap: every 404 is a debug line from the worker.
     for _ in 0..3000 {
@@ -110,7 +118,7 @@ async fn detaches_serves_logs_under_the_cap_and_reruns_detached() {
     );
     let second = supervisor_pid(udp);
     assert_ne!(first, second);
-    assert_eq!(get(&url, "app.example").await.status, 200);
+    assert_redirected(&url).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while alive(first) {
         assert!(

@@ -1,4 +1,5 @@
-//! Accepting client connections and serving HTTP/1.1 and HTTP/2 (prior knowledge) on them.
+//! Accepting client connections and serving HTTP/1.1 and HTTP/2 on them: in plain text (HTTP/2
+//! by prior knowledge) on the HTTP port, over TLS (see `tls_acceptor`) on the HTTPS port.
 //!
 //! Each connection runs in its own task, tracked so a stopping worker can wait for them, and
 //! holds a slot under `--max-connections` (see `connection_limit`). On stop, the accept loop
@@ -7,7 +8,7 @@
 //!
 //! Deadlines, from accept on:
 //! - the first request's head must be complete within `--header-timeout`, whatever the
-//!   protocol: hyper's own header timeout only starts once hyper-util has told HTTP/1 from the
+//!   protocol, the TLS handshake included: hyper's own header timeout only starts once hyper-util has told HTTP/1 from the
 //!   HTTP/2 preface, and HTTP/2 has none, so a client sending nothing (or a preface, slowly)
 //!   would otherwise live until the idle timeout. Later HTTP/1 heads get hyper's header timeout,
 //!   counted from the end of the previous response and not reset by each byte that trickles in;
@@ -28,6 +29,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,9 +37,11 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::accept_errors::AcceptErrors;
+use crate::acme_challenges::RedirectToHttps;
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
 use crate::proxy::{Proxy, ProxyBody};
+use crate::tls_acceptor::TlsAcceptor;
 
 /// Concurrent streams a client may open on one HTTP/2 connection (nginx's
 /// `http2_max_concurrent_streams`); more are refused with `REFUSED_STREAM`, which clients retry.
@@ -55,12 +59,20 @@ const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// and its PING round trip take far less).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// What a listener speaks.
+pub enum Transport {
+    /// Plain HTTP; in release mode, with ACME challenges answered and registered hosts
+    /// redirected to HTTPS.
+    Http(Option<Arc<RedirectToHttps>>),
+    Https(TlsAcceptor),
+}
+
 pub struct HttpServer {
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
     header_timeout: Duration,
     idle_timeout: Duration,
-    scheme: &'static str,
+    transport: Transport,
     limit: Arc<ConnectionLimit>,
 }
 
@@ -68,7 +80,7 @@ impl HttpServer {
     pub fn new(
         proxy: Arc<Proxy>,
         settings: &WorkerSettings,
-        scheme: &'static str,
+        transport: Transport,
         limit: Arc<ConnectionLimit>,
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -87,7 +99,7 @@ impl HttpServer {
             builder,
             header_timeout: settings.header_timeout,
             idle_timeout: settings.idle_timeout,
-            scheme,
+            transport,
             limit,
         }
     }
@@ -144,8 +156,50 @@ impl HttpServer {
     ) {
         let _ = stream.set_nodelay(true);
         let activity = slot.connected();
+        match &self.transport {
+            Transport::Http(_) => self.serve_http(stream, client, &activity, stop).await,
+            Transport::Https(tls) => {
+                // Counted in the first request's deadline; a connection evicted to make room
+                // before it sent a request is dropped, mid-handshake too.
+                let handshake =
+                    tokio::time::timeout_at(self.first_request_by(&activity), tls.accept(stream));
+                let stream = tokio::select! {
+                    handshake = handshake => match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            debug!("TLS handshake with {client}: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("TLS handshake with {client} not done within {:?}: closing", self.header_timeout);
+                            return;
+                        }
+                    },
+                    _ = activity.evicted() => {
+                        debug!("connection from {client} closed to make room");
+                        return;
+                    }
+                };
+                self.serve_http(stream, client, &activity, stop).await
+            }
+        }
+    }
+
+    /// Serves HTTP on `stream` (plain, or TLS after its handshake) until it closes.
+    async fn serve_http<S>(
+        &self,
+        stream: S,
+        client: SocketAddr,
+        activity: &Arc<Activity>,
+        stop: CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let proxy = self.proxy.clone();
-        let scheme = self.scheme;
+        let (scheme, redirect) = match &self.transport {
+            Transport::Http(redirect) => ("http", redirect.clone()),
+            Transport::Https(_) => ("https", None),
+        };
         let service = {
             let (activity, stop) = (activity.clone(), stop.clone());
             service_fn(move |request: Request<Incoming>| {
@@ -153,9 +207,13 @@ impl HttpServer {
                 if request.version() == Version::HTTP_2 {
                     activity.saw_http2();
                 }
-                let (proxy, stop) = (proxy.clone(), stop.clone());
+                let (proxy, stop, redirect) = (proxy.clone(), stop.clone(), redirect.clone());
                 async move {
-                    let mut response = proxy.handle(request, client, scheme).await;
+                    let answered = redirect.as_ref().and_then(|r| r.answer(&request));
+                    let mut response = match answered {
+                        Some(response) => response,
+                        None => proxy.handle(request, client, scheme).await,
+                    };
                     if stop.is_cancelled() {
                         ask_to_close(&mut response);
                     }
@@ -179,7 +237,7 @@ impl HttpServer {
         // When the connection was told to close gracefully.
         let mut told: Option<Instant> = None;
         let result = loop {
-            let wake = self.next_check(&activity, told);
+            let wake = self.next_check(activity, told);
             tokio::select! {
                 result = connection.as_mut() => break result,
                 _ = stop.cancelled(), if !stopping => stopping = true,
@@ -198,7 +256,7 @@ impl HttpServer {
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
-                    if !activity.started_a_request() && now >= self.first_request_by(&activity) {
+                    if !activity.started_a_request() && now >= self.first_request_by(activity) {
                         debug!("connection from {client} sent no request within {:?}: closing", self.header_timeout);
                         return;
                     }

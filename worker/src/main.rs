@@ -2,15 +2,20 @@
 //!
 //! Started by the supervisor with no privilege left, it receives the listening sockets and the
 //! routes over its IPC channel (descriptor 3), serves HTTP and the UDP command port, reports
-//! every route change, and on `Shutdown` (or when the supervisor is gone) stops accepting,
+//! every route change, serves HTTPS with the certificates the ACME helper hands it over their
+//! own channel (`ToWorker::AcmeHelper`), and on `Shutdown` (or when the supervisor is gone) stops accepting,
 //! lets in-flight requests finish within the grace period, and exits. A taker's worker (a
 //! rerun's, before the running instance has handed over) serves nothing until told `Own`.
 
 mod accept_errors;
+mod acme_challenges;
+mod acme_link;
 mod activity;
+mod certificates;
 mod connection_limit;
 mod forwarding;
 mod http_server;
+mod https;
 mod last_moment;
 mod proxy;
 mod quiet_splice;
@@ -18,6 +23,8 @@ mod read_deadline;
 mod request_body;
 mod response_body;
 mod route_table;
+mod session_tickets;
+mod tls_acceptor;
 mod udp_commands;
 mod upgrade;
 
@@ -27,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use core_server_proto::acme_ipc::Secret;
 use core_server_proto::channel::{inherited_fd, Channel};
 use core_server_proto::ipc::{FromWorker, ListenerKind, ToWorker, WorkerSettings};
 use core_server_proto::routes::Routes;
@@ -37,6 +45,7 @@ use tracing::{info, warn};
 
 use crate::connection_limit::ConnectionLimit;
 use crate::http_server::HttpServer;
+use crate::https::Https;
 use crate::proxy::Proxy;
 use crate::route_table::{RouteTable, SupervisorChannel};
 
@@ -75,7 +84,14 @@ fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let supervisor: Arc<SupervisorChannel> = Arc::new(Channel::new(inherited_fd()?)?);
-    let (listeners, settings, routes, owner) = receive_start(&supervisor).await?;
+    let Start {
+        listeners,
+        settings,
+        ticket_key,
+        routes,
+        owner,
+        acme_helper,
+    } = receive_start(&supervisor).await?;
 
     let routes = Arc::new(RouteTable::new(routes, supervisor.clone()));
     let stop = CancellationToken::new();
@@ -86,27 +102,28 @@ async fn run() -> anyhow::Result<()> {
         tasks.clone(),
     ));
     let limit = connection_limit(&settings)?;
+    let https = Https::new(routes.clone());
     // Whether our instance owns the routes: until it does, we accept no client (the running
     // instance's worker does) and read no command.
     let (owns, owned) = watch::channel(owner);
     let mut udp = None;
     for (kind, fd) in listeners {
-        match kind {
-            ListenerKind::Http => {
-                let listener = tcp_listener(fd)?;
-                let server = HttpServer::new(proxy.clone(), &settings, "http", limit.clone());
-                tasks.spawn(serve_once_owner(
-                    server,
-                    listener,
-                    owned.clone(),
-                    stop.clone(),
-                    tasks.clone(),
-                ));
+        let transport = match kind {
+            ListenerKind::Http => https.http(&settings),
+            ListenerKind::Https => https.https(&settings, &ticket_key)?,
+            ListenerKind::Udp => {
+                udp = Some(udp_socket(fd)?);
+                continue;
             }
-            // Held by the supervisor; served once TLS lands.
-            ListenerKind::Https => drop(fd),
-            ListenerKind::Udp => udp = Some(udp_socket(fd)?),
-        }
+        };
+        let server = HttpServer::new(proxy.clone(), &settings, transport, limit.clone());
+        tasks.spawn(serve_once_owner(
+            server,
+            tcp_listener(fd)?,
+            owned.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
     }
     // Ready before the UDP loop starts, so the first message the supervisor reads is `Ready`.
     supervisor.send(&FromWorker::Ready, &[]).await?;
@@ -123,7 +140,10 @@ async fn run() -> anyhow::Result<()> {
         tasks.spawn(commands);
     }
 
-    let grace = follow_supervisor(&supervisor, &routes, &udp_control, &owns).await;
+    if let Some(fd) = acme_helper {
+        https.connect_helper(fd)?;
+    }
+    let grace = follow_supervisor(&supervisor, &routes, &udp_control, &owns, &https).await;
     info!(
         "stopping: {} connections and commands have {grace:?} to finish",
         tasks.len()
@@ -156,30 +176,53 @@ async fn serve_once_owner(
     }
 }
 
+/// What the supervisor gives a worker to start with.
+struct Start {
+    listeners: Vec<(ListenerKind, OwnedFd)>,
+    settings: WorkerSettings,
+    ticket_key: Secret,
+    routes: Routes,
+    /// Whether to serve at once (see `ToWorker::Serve`).
+    owner: bool,
+    /// The channel to the ACME helper, if it came before `Serve`.
+    acme_helper: Option<OwnedFd>,
+}
+
 /// `Start`, then `Routes` chunks, until `Serve` (which says whether we own the routes yet).
-async fn receive_start(
-    supervisor: &SupervisorChannel,
-) -> anyhow::Result<(Vec<(ListenerKind, OwnedFd)>, WorkerSettings, Routes, bool)> {
-    let (listeners, settings) = match supervisor.recv().await? {
+async fn receive_start(supervisor: &SupervisorChannel) -> anyhow::Result<Start> {
+    let (listeners, settings, ticket_key) = match supervisor.recv().await? {
         Some((
             ToWorker::Start {
                 listeners,
                 settings,
-                ticket_key: _,
+                ticket_key,
             },
             fds,
-        )) if fds.len() == listeners.len() => (listeners.into_iter().zip(fds).collect(), settings),
+        )) if fds.len() == listeners.len() => (
+            listeners.into_iter().zip(fds).collect(),
+            settings,
+            ticket_key,
+        ),
         other => bail!("expected Start with its sockets from the supervisor, got {other:?}"),
     };
     let mut routes = Vec::new();
+    let mut acme_helper = None;
     let owner = loop {
         match supervisor.recv().await? {
             Some((ToWorker::Routes(chunk), _)) => routes.extend(chunk),
+            Some((ToWorker::AcmeHelper, fds)) => acme_helper = fds.into_iter().next(),
             Some((ToWorker::Serve { owner }, _)) => break owner,
             other => bail!("expected Routes or Serve from the supervisor, got {other:?}"),
         }
     };
-    Ok((listeners, settings, routes.into_iter().collect(), owner))
+    Ok(Start {
+        listeners,
+        settings,
+        ticket_key,
+        routes: routes.into_iter().collect(),
+        owner,
+        acme_helper,
+    })
 }
 
 /// Handles the supervisor's messages until it asks us to stop or goes away; the grace period.
@@ -188,9 +231,18 @@ async fn follow_supervisor(
     routes: &RouteTable,
     udp: &mpsc::Sender<udp_commands::Control>,
     owns: &watch::Sender<bool>,
+    https: &Https,
 ) -> Duration {
     loop {
         match supervisor.recv().await {
+            Ok(Some((ToWorker::AcmeHelper, fds))) => match <[OwnedFd; 1]>::try_from(fds) {
+                Ok([fd]) => {
+                    if let Err(e) = https.connect_helper(fd) {
+                        warn!("cannot use the channel to the ACME helper: {e}");
+                    }
+                }
+                Err(fds) => warn!("AcmeHelper came with {} descriptors, not 1", fds.len()),
+            },
             Ok(Some((ToWorker::Saved { upto, error }, _))) => routes.saved(upto, error),
             Ok(Some((ToWorker::Shutdown { grace }, _))) => return grace,
             Ok(Some((ToWorker::PauseCommands, _))) => {

@@ -310,7 +310,7 @@ fn last_response(
 /// where RFC 9112 §3.2.2 says it wins), else the Host header. More than one Host header is
 /// refused whatever the URI says (RFC 9112 §3.2): proxies and apps that pick different ones are
 /// how requests get smuggled past rules.
-fn request_host<B>(request: &Request<B>) -> Result<HeaderValue, &'static str> {
+pub fn request_host<B>(request: &Request<B>) -> Result<HeaderValue, &'static str> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {

@@ -7,17 +7,20 @@
 //! failed, or the supervisor never got it), or the supervisor went away before saying, so the
 //! change may or may not be on disk (it dies between writing the file and answering); then the
 //! reply says so, and that resending is safe: `add` and `remove` are idempotent.
+//!
+//! A route removed is also announced to whoever watches [`RouteTable::removals`] (the
+//! certificates, which stop serving the name's).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use core_server_proto::channel::Channel;
 use core_server_proto::command::Reply;
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::{FromWorker, ToWorker};
 use core_server_proto::routes::{RouteChange, RouteError, Routes};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 pub type SupervisorChannel = Channel<FromWorker, ToWorker>;
 
@@ -26,6 +29,7 @@ pub struct RouteTable {
     supervisor: Arc<SupervisorChannel>,
     last_seq: AtomicU64,
     saved: watch::Sender<Saved>,
+    removed: Mutex<Option<mpsc::UnboundedSender<Domain>>>,
 }
 
 /// The supervisor's latest word: what became of every change up to `upto`.
@@ -64,6 +68,7 @@ impl RouteTable {
             supervisor,
             last_seq: AtomicU64::new(0),
             saved: watch::Sender::new(Saved::default()),
+            removed: Mutex::new(None),
         }
     }
 
@@ -72,6 +77,13 @@ impl RouteTable {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .port(domain)
+    }
+
+    /// Every domain removed from now on, in order (one watcher: a second call replaces it).
+    pub fn removals(&self) -> mpsc::UnboundedReceiver<Domain> {
+        let (removed, removals) = mpsc::unbounded_channel();
+        *self.removed.lock().unwrap_or_else(|e| e.into_inner()) = Some(removed);
+        removals
     }
 
     /// Applies `change` and reports it. Resolves to the reply for the command's sender once the
@@ -85,6 +97,11 @@ impl RouteTable {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .apply(&change)?;
+        if let RouteChange::Remove { domain } = &change {
+            if let Some(removed) = &*self.removed.lock().unwrap_or_else(|e| e.into_inner()) {
+                let _ = removed.send(domain.clone());
+            }
+        }
         let seq = self.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let sent = self
             .supervisor

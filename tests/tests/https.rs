@@ -1,0 +1,406 @@
+//! HTTPS in local mode, with a real mkcert: the worker terminates TLS for registered domains
+//! only, with the certificates the ACME helper makes, and proxies as on port 80; sessions
+//! resume across a worker restart and a rerun; a killed worker is replaced quickly under load.
+//! Clients: curl and openssl (real peers, with mkcert's root as the only CA) and the rustls
+//! client of `tls_client`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use core_server_tests::http::get;
+use core_server_tests::mkcert::MkcertCa;
+use core_server_tests::server::children_named;
+use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
+use core_server_tests::{have_tools, Backend, CoreServer};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rustls::AlertDescription;
+
+const APP: &str = "app.example";
+
+/// What the worker logs (at debug) when it asks the helper for a certificate.
+const ASKED: &str = "asking the ACME helper for the certificate of";
+
+/// A refusal comes at once; a handshake that waited for a certificate would take the whole
+/// `--acme-wait` (10 s by default) first.
+const AT_ONCE: Duration = Duration::from_secs(5);
+
+/// A local-mode core-server using a throwaway mkcert CA, with `APP` routed to an echo backend.
+struct Local {
+    ca: MkcertCa,
+    server: CoreServer,
+    _backend: Backend,
+}
+
+impl Local {
+    async fn start() -> Local {
+        let ca = MkcertCa::new();
+        let env = ca.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
+        let server = CoreServer::start_with_env(&env);
+        let backend = Backend::echo().await;
+        server.add(APP, backend.port);
+        Local {
+            ca,
+            server,
+            _backend: backend,
+        }
+    }
+
+    fn client(&self) -> TlsClient {
+        TlsClient::new(&[&self.ca.root_pem()])
+    }
+
+    fn port(&self) -> u16 {
+        self.server.https_port
+    }
+}
+
+fn tools(test: &str) -> bool {
+    have_tools(test, &["mkcert", "curl", "openssl"])
+}
+
+/// `curl` for `https://APP:<port>/path`, trusting `root` only; its output and status.
+fn curl(port: u16, root: &Path, version: &str, path: &str) -> Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "30", version, "--cacert"])
+        .arg(root)
+        .arg("--resolve")
+        .arg(format!("{APP}:{port}:127.0.0.1"))
+        .args(["-w", "\n%{http_version}"])
+        .arg(format!("https://{APP}:{port}{path}"))
+        .output()
+        .expect("run curl")
+}
+
+/// `openssl s_client` to the HTTPS port with `servername` as SNI, sending one request and
+/// reading the answer (so TLS 1.3 tickets arrive); `extra` adds options (`-sess_out F`).
+fn s_client(port: u16, root: &Path, servername: &str, extra: &[&str]) -> Output {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", servername, "-CAfile"])
+        .arg(root)
+        .args(["-verify_return_error", "-ign_eof"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    let request = format!("GET / HTTP/1.1\r\nHost: {APP}\r\nConnection: close\r\n\r\n");
+    use std::io::Write;
+    let _ = child.stdin.take().unwrap().write_all(request.as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A handshake refused with `alert`, at once.
+async fn assert_refused(client: &TlsClient, port: u16, sni: &Sni, alert: AlertDescription) {
+    let started = Instant::now();
+    match client.handshake(port, sni).await {
+        Err(HandshakeError::Tls(rustls::Error::AlertReceived(got))) => {
+            assert_eq!(got, alert, "{sni:?}")
+        }
+        other => panic!("{sni:?}: expected the alert {alert:?}, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < AT_ONCE,
+        "{sni:?}: {:?}",
+        started.elapsed()
+    );
+}
+
+/// SIGKILLs the current worker; returns once the supervisor has started another.
+fn kill_worker(server: &CoreServer) -> u32 {
+    let old = server.worker_pid();
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let new: Vec<u32> = children_named(server.pid(), "core-server-wor")
+            .into_iter()
+            .filter(|pid| *pid != old && core_server_tests::server::alive(*pid))
+            .collect();
+        if let Some(new) = new.first() {
+            return *new;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new worker:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registered_domain_is_served_over_https_with_http1_and_http2() {
+    if !tools("a_registered_domain_is_served_over_https_with_http1_and_http2") {
+        return;
+    }
+    let local = Local::start().await;
+    let root = local.ca.root_pem();
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let output = tokio::task::block_in_place(|| curl(local.port(), &root, flag, "/path?q=1"));
+        let said = text(&output);
+        assert!(output.status.success(), "{said}\n{}", local.server.log());
+        let (body, got) = String::from_utf8_lossy(&output.stdout)
+            .rsplit_once('\n')
+            .map(|(b, v)| (b.to_owned(), v.to_owned()))
+            .unwrap();
+        assert_eq!(got, version, "{said}");
+        assert!(body.starts_with("GET /path?q=1 HTTP/1.1\n"), "{body}");
+        assert!(body.contains("\nx-forwarded-proto: https\n"), "{body}");
+        assert!(body.contains(&format!("\nhost: {APP}")), "{body}");
+    }
+    // The rustls client: both protocols by ALPN, TLS 1.2 and 1.3, the certificate mkcert's.
+    for alpn in ["h2", "http/1.1"] {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let client = local.client().alpn(&[alpn]).versions(&[version]);
+            let reply = client
+                .get(local.port(), &Sni::name("App.Example"), APP, "/x")
+                .await;
+            assert_eq!(reply.status, 200, "{alpn} {version:?}");
+            assert_eq!(reply.session.alpn.as_deref(), Some(alpn));
+            assert_eq!(reply.session.version, version.version);
+            assert!(
+                reply.body.contains("x-forwarded-proto: https"),
+                "{}",
+                reply.body
+            );
+        }
+    }
+    // Local mode: plain HTTP is still proxied, not redirected.
+    let plain = get(&local.server.url("/"), APP).await;
+    assert_eq!(plain.status, 200);
+    assert!(
+        plain.body.contains("x-forwarded-proto: http\n"),
+        "{}",
+        plain.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unregistered_names_no_sni_and_ip_literals_are_refused_at_once_unasked() {
+    if !tools("unregistered_names_no_sni_and_ip_literals_are_refused_at_once_unasked") {
+        return;
+    }
+    let local = Local::start().await;
+    let client = local.client();
+    let port = local.port();
+    use AlertDescription::{HandshakeFailure, UnrecognisedName};
+    assert_refused(&client, port, &Sni::name("other.example"), UnrecognisedName).await;
+    assert_refused(&client, port, &Sni::name("x.app.example"), UnrecognisedName).await;
+    assert_refused(&client, port, &Sni::None, HandshakeFailure).await;
+    let ip = Sni::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert_refused(&client, port, &ip, HandshakeFailure).await;
+    // Names crafted to escape a directory or pass for an option, straight from openssl.
+    let root = local.ca.root_pem();
+    for name in [
+        "../x",
+        "/",
+        "-x.example",
+        "app.example/../../etc",
+        "..",
+        "a\\b",
+    ] {
+        let started = Instant::now();
+        let output = tokio::task::block_in_place(|| s_client(port, &root, name, &[]));
+        let said = text(&output);
+        assert!(!output.status.success(), "{name}: {said}");
+        assert!(said.contains("alert"), "{name}: {said}");
+        assert!(started.elapsed() < AT_ONCE, "{name}");
+    }
+    let log = local.server.log();
+    assert!(!log.contains(ASKED), "{log}");
+    // The refusals did not stop the registered name from being served.
+    let reply = client.get(port, &Sni::name(APP), APP, "/").await;
+    assert_eq!(reply.status, 200);
+    assert!(local.server.log().contains(&format!("{ASKED} {APP}")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_stops_serving_the_certificate() {
+    if !tools("remove_stops_serving_the_certificate") {
+        return;
+    }
+    let local = Local::start().await;
+    let client = local.client();
+    assert!(client
+        .handshake(local.port(), &Sni::name(APP))
+        .await
+        .is_ok());
+    assert_eq!(local.server.udp(&format!("remove {APP}")), "ok");
+    let sni = Sni::name(APP);
+    assert_refused(
+        &client,
+        local.port(),
+        &sni,
+        AlertDescription::UnrecognisedName,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_resume_across_a_worker_sigkill_and_a_rerun() {
+    if !tools("sessions_resume_across_a_worker_sigkill_and_a_rerun") {
+        return;
+    }
+    let mut local = Local::start().await;
+    let port = local.port();
+    let sni = Sni::name(APP);
+    let clients = [
+        local.client().versions(&[&rustls::version::TLS13]),
+        local.client().versions(&[&rustls::version::TLS12]),
+    ];
+    for client in &clients {
+        let first = client.get(port, &sni, APP, "/").await;
+        assert!(!first.session.resumed);
+    }
+    let root = local.ca.root_pem();
+    let sessions = tempfile::tempdir().unwrap();
+    let session = sessions.path().join("session.pem");
+    let session_arg = session.to_str().unwrap();
+    let output =
+        tokio::task::block_in_place(|| s_client(port, &root, APP, &["-sess_out", session_arg]));
+    assert!(text(&output).contains("New, TLSv1.3"), "{}", text(&output));
+
+    for restart in ["worker SIGKILL", "rerun"] {
+        match restart {
+            "rerun" => assert!(tokio::task::block_in_place(|| local.server.rerun()).success()),
+            _ => drop(tokio::task::block_in_place(|| kill_worker(&local.server))),
+        }
+        for client in &clients {
+            let again = client.get(port, &sni, APP, "/").await;
+            assert_eq!(again.status, 200);
+            assert!(
+                again.session.resumed,
+                "{restart}: {:?} not resumed",
+                again.session.version
+            );
+        }
+        let output =
+            tokio::task::block_in_place(|| s_client(port, &root, APP, &["-sess_in", session_arg]));
+        assert!(
+            text(&output).contains("Reused, TLSv1.3"),
+            "{restart}: {}",
+            text(&output)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_worker_sigkill_under_https_load_new_handshakes_are_served_within_a_second() {
+    if !tools("after_a_worker_sigkill_under_https_load_new_handshakes_are_served_within_a_second") {
+        return;
+    }
+    let local = Local::start().await;
+    let port = local.port();
+    let sni = Sni::name(APP);
+    // Warm: the certificate is made and the helper holds it.
+    let client = local.client();
+    assert_eq!(client.get(port, &sni, APP, "/").await.status, 200);
+
+    // Load: new connections (each a full handshake) and requests, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, served) = (stop.clone(), served.clone());
+            let client = local.client();
+            let sni = sni.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if client.handshake(port, &sni).await.is_ok() {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(served.load(Ordering::Relaxed) > 0, "{}", local.server.log());
+
+    let old = local.server.worker_pid();
+    let killed = Instant::now();
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    // A fresh client each time: no session to resume, a full handshake.
+    let mut attempts = 0;
+    let served_again = loop {
+        attempts += 1;
+        assert!(attempts < 1000, "{}", local.server.log());
+        if local.client().handshake(port, &sni).await.is_ok()
+            && children_named(local.server.pid(), "core-server-wor")
+                .iter()
+                .any(|pid| *pid != old)
+        {
+            break killed.elapsed();
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(
+        served_again < Duration::from_secs(1),
+        "new handshakes served again {served_again:?} after the SIGKILL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_holds_no_descriptor_of_the_certificate_store() {
+    if !tools("the_worker_holds_no_descriptor_of_the_certificate_store") {
+        return;
+    }
+    let local = Local::start().await;
+    let client = local.client();
+    assert!(client
+        .handshake(local.port(), &Sni::name(APP))
+        .await
+        .is_ok());
+    let store = std::fs::canonicalize(local.server.dir.join("acme")).unwrap();
+    let under_store = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|target| target.starts_with(&store))
+            .map(|target| target.display().to_string())
+            .collect()
+    };
+    let worker = local.server.worker_pid();
+    assert_eq!(under_store(worker), Vec::<String>::new());
+    // The helper does hold the store: what the worker is checked for is there to see.
+    let helper = children_named(local.server.pid(), "core-server-acm");
+    assert_eq!(helper.len(), 1, "{helper:?}");
+    assert!(!under_store(helper[0]).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_mkcert_port_443_refuses_handshakes_at_once() {
+    if !tools("without_mkcert_port_443_refuses_handshakes_at_once") {
+        return;
+    }
+    // No mkcert on PATH, no CAROOT.
+    let server = CoreServer::start_with_env(&[("PATH", "/nonexistent"), ("CAROOT", "")]);
+    let backend = Backend::echo().await;
+    server.add(APP, backend.port);
+    let ca = MkcertCa::new();
+    let client = TlsClient::new(&[&ca.root_pem()]);
+    let sni = Sni::name(APP);
+    let port = server.https_port;
+    assert_refused(&client, port, &sni, AlertDescription::HandshakeFailure).await;
+    // HTTP is served.
+    assert_eq!(get(&server.url("/"), APP).await.status, 200);
+}

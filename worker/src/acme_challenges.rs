@@ -1,0 +1,332 @@
+//! ACME challenges the worker answers for the helper, and the HTTP port in release mode.
+//!
+//! - TLS-ALPN-01 (RFC 8737): a handshake offering ALPN `acme-tls/1` for a name with a pending
+//!   challenge gets the validation certificate, from a config that offers `acme-tls/1` only.
+//! - HTTP-01 (RFC 8555 §8.3): `GET /.well-known/acme-challenge/<token>` on the HTTP port, for
+//!   the challenge's name, gets the key authorization as `text/plain`.
+//!
+//! In release mode (`CertificateSource::Acme`) the HTTP port otherwise answers registered hosts
+//! with `308` to `https://<host><path and query>`, as Caddy and Traefik do; unknown hosts get
+//! the proxy's 404 as before. In local mode the HTTP port proxies as always.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use core_server_proto::acme_ipc::AcmeToWorker;
+use core_server_proto::domain::Domain;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use rustls::crypto::CryptoProvider;
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tracing::{info, warn};
+
+use crate::certificates::certified_key;
+use crate::proxy::{error_page, request_host, ProxyBody};
+use crate::route_table::RouteTable;
+
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
+/// The challenges pending, by the helper's id.
+pub struct Challenges {
+    provider: Arc<CryptoProvider>,
+    pending: Mutex<HashMap<u64, Challenge>>,
+}
+
+enum Challenge {
+    TlsAlpn {
+        name: Domain,
+        config: Arc<ServerConfig>,
+    },
+    Http {
+        name: Domain,
+        token: String,
+        key_authorization: String,
+    },
+}
+
+impl Challenges {
+    pub fn new(provider: Arc<CryptoProvider>) -> Self {
+        Challenges {
+            provider,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Challenge>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts answering a challenge message; its id once it is answered (to confirm with
+    /// `ChallengeReady`), or `None` if it cannot be (or is no challenge).
+    pub fn install(&self, message: AcmeToWorker) -> Option<u64> {
+        let (id, challenge) = match message {
+            AcmeToWorker::TlsAlpnChallenge {
+                id,
+                name,
+                certificate,
+                key,
+            } => match self.validation_config(certificate, key.0) {
+                Ok(config) => (id, Challenge::TlsAlpn { name, config }),
+                Err(e) => {
+                    warn!("TLS-ALPN-01 challenge for {name}: unusable certificate: {e}");
+                    return None;
+                }
+            },
+            AcmeToWorker::HttpChallenge {
+                id,
+                name,
+                token,
+                key_authorization,
+            } => (
+                id,
+                Challenge::Http {
+                    name,
+                    token,
+                    key_authorization,
+                },
+            ),
+            other => {
+                warn!("not a challenge from the ACME helper: {other:?}");
+                return None;
+            }
+        };
+        info!(
+            "answering the {} challenge {id} for {}",
+            challenge.kind(),
+            challenge.name()
+        );
+        self.pending().insert(id, challenge);
+        Some(id)
+    }
+
+    pub fn done(&self, id: u64) {
+        if let Some(challenge) = self.pending().remove(&id) {
+            info!(
+                "the {} challenge {id} for {} is over",
+                challenge.kind(),
+                challenge.name()
+            );
+        }
+    }
+
+    /// The config answering a TLS-ALPN-01 validation handshake for `name`, if one is pending.
+    pub fn tls_alpn(&self, name: &Domain) -> Option<Arc<ServerConfig>> {
+        self.pending()
+            .values()
+            .find_map(|challenge| match challenge {
+                Challenge::TlsAlpn { name: n, config } if n == name => Some(config.clone()),
+                _ => None,
+            })
+    }
+
+    /// The key authorization for `token` under `name`, if an HTTP-01 challenge is pending.
+    fn key_authorization(&self, name: &Domain, token: &str) -> Option<String> {
+        self.pending()
+            .values()
+            .find_map(|challenge| match challenge {
+                Challenge::Http {
+                    name: n,
+                    token: t,
+                    key_authorization,
+                } if n == name && t == token => Some(key_authorization.clone()),
+                _ => None,
+            })
+    }
+
+    fn validation_config(
+        &self,
+        certificate: Vec<u8>,
+        key: Vec<u8>,
+    ) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let certificate = Arc::new(certified_key(&self.provider, vec![certificate], key)?);
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Always(certificate)));
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl Challenge {
+    fn name(&self) -> &Domain {
+        match self {
+            Challenge::TlsAlpn { name, .. } | Challenge::Http { name, .. } => name,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Challenge::TlsAlpn { .. } => "TLS-ALPN-01",
+            Challenge::Http { .. } => "HTTP-01",
+        }
+    }
+}
+
+/// One certificate for every handshake (the validation certificate names the one domain).
+#[derive(Debug)]
+struct Always(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Always {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The HTTP port in release mode: challenges answered, registered hosts sent to HTTPS.
+pub struct RedirectToHttps {
+    pub challenges: Arc<Challenges>,
+    pub routes: Arc<RouteTable>,
+}
+
+impl RedirectToHttps {
+    /// The answer to `request` if it is not for the proxy: a challenge, or a redirect.
+    pub fn answer<B>(&self, request: &Request<B>) -> Option<Response<ProxyBody>> {
+        let domain = request_host(request)
+            .ok()
+            .and_then(|host| Domain::from_host(host.to_str().ok()?))?;
+        let path = request.uri().path();
+        if let Some(token) = path.strip_prefix(CHALLENGE_PATH) {
+            let key_authorization = matches!(*request.method(), Method::GET | Method::HEAD)
+                .then(|| self.challenges.key_authorization(&domain, token))
+                .flatten();
+            return Some(match key_authorization {
+                Some(key_authorization) => Response::builder()
+                    .header(header::CONTENT_TYPE, "text/plain")
+                    .header(header::CACHE_CONTROL, "no-store")
+                    .body(Either::Right(Full::from(key_authorization)))
+                    .expect("static headers make a valid response"),
+                None => error_page(StatusCode::NOT_FOUND, "no such ACME challenge"),
+            });
+        }
+        self.routes.port(&domain)?;
+        let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = HeaderValue::try_from(format!("https://{domain}{path_and_query}")).ok()?;
+        Some(
+            Response::builder()
+                .status(StatusCode::PERMANENT_REDIRECT)
+                .header(header::LOCATION, location)
+                .header(header::CONTENT_LENGTH, "0")
+                .body(Either::Right(Full::new(Bytes::new())))
+                .expect("static headers make a valid response"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use core_server_proto::acme_ipc::Secret;
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use core_server_proto::routes::Routes;
+    use http_body_util::BodyExt;
+
+    use crate::tls_acceptor::crypto_provider;
+
+    fn port80(routed: &str) -> RedirectToHttps {
+        let (worker, _supervisor) = socketpair_fds().unwrap();
+        let routes: Routes = [(Domain::parse(routed).unwrap(), 8080)]
+            .into_iter()
+            .collect();
+        RedirectToHttps {
+            challenges: Arc::new(Challenges::new(crypto_provider())),
+            routes: Arc::new(RouteTable::new(
+                routes,
+                Arc::new(Channel::new(worker).unwrap()),
+            )),
+        }
+    }
+
+    fn request(method: Method, host: &str, path: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .body(())
+            .unwrap()
+    }
+
+    async fn text(response: Response<ProxyBody>) -> String {
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn registered_hosts_go_to_https_with_path_and_query_others_to_the_proxy() {
+        let port80 = port80("app.example");
+        let response = port80
+            .answer(&request(Method::POST, "App.Example:8080", "/a/b?c=d"))
+            .expect("answered");
+        assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(
+            response.headers()[header::LOCATION],
+            "https://app.example/a/b?c=d"
+        );
+        assert!(port80
+            .answer(&request(Method::GET, "other.example", "/"))
+            .is_none());
+        assert!(port80
+            .answer(&request(Method::GET, "127.0.0.1", "/"))
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pending_http_challenge_is_answered_until_done_and_never_redirected() {
+        let port80 = port80("app.example");
+        let path = "/.well-known/acme-challenge/tok-1";
+        let challenge = AcmeToWorker::HttpChallenge {
+            id: 3,
+            name: Domain::parse("app.example").unwrap(),
+            token: "tok-1".into(),
+            key_authorization: "tok-1.thumbprint".into(),
+        };
+        assert_eq!(port80.challenges.install(challenge), Some(3));
+        let response = port80
+            .answer(&request(Method::GET, "app.example", path))
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain");
+        assert_eq!(text(response).await, "tok-1.thumbprint");
+        // Another name, another token, or another method: not this challenge.
+        for (method, host, path) in [
+            (Method::GET, "other.example", path),
+            (
+                Method::GET,
+                "app.example",
+                "/.well-known/acme-challenge/tok-2",
+            ),
+            (Method::POST, "app.example", path),
+        ] {
+            let response = port80.answer(&request(method, host, path)).unwrap();
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{host} {path}");
+        }
+        port80.challenges.done(3);
+        let response = port80
+            .answer(&request(Method::GET, "app.example", path))
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn an_unusable_tls_alpn_certificate_is_not_confirmed() {
+        let challenges = Challenges::new(crypto_provider());
+        let challenge = AcmeToWorker::TlsAlpnChallenge {
+            id: 1,
+            name: Domain::parse("app.example").unwrap(),
+            certificate: b"not DER".to_vec(),
+            key: Secret(b"not a key".to_vec()),
+        };
+        assert_eq!(challenges.install(challenge), None);
+        assert!(challenges
+            .tls_alpn(&Domain::parse("app.example").unwrap())
+            .is_none());
+    }
+}

@@ -1,0 +1,205 @@
+//! The certificates the worker serves, by name, as the ACME helper hands them over.
+//!
+//! The worker holds no certificate store of its own: a handshake for a name not loaded yet asks
+//! the helper (`WorkerToAcme::Certificate`) and waits for its answer, at most
+//! `--acme-wait`. However many handshakes wait for one name, one request is outstanding: they
+//! all wake on the answer (a certificate, or `Unavailable`), or each at its own deadline. A
+//! request nobody waits for any more stays outstanding, so the certificate that answers it
+//! is loaded and the next handshake is fast; requests unanswered when the link to the helper
+//! breaks are sent again on the next link (see `acme_link`). A certificate the helper sends
+//! unasked (a renewal) replaces the loaded one. Loaded certificates stay served while the
+//! helper is down.
+//!
+//! The routes table is the allowlist: a certificate is only kept for a routed name, and a
+//! route removed drops its certificate (and tells the helper, `Forget`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use core_server_proto::acme_ipc::WorkerToAcme;
+use core_server_proto::domain::Domain;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::acme_link::AcmeLink;
+use crate::route_table::RouteTable;
+
+/// What became of a request: the certificate, or why there is none.
+type Answer = Result<Arc<CertifiedKey>, Arc<str>>;
+
+/// Why a handshake got no certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("no certificate: {0}")]
+    Unavailable(Arc<str>),
+    #[error("no certificate within {0:?}")]
+    TimedOut(Duration),
+    #[error("the route was removed while waiting for its certificate")]
+    Removed,
+}
+
+pub struct Certificates {
+    routes: Arc<RouteTable>,
+    link: Arc<AcmeLink>,
+    provider: Arc<CryptoProvider>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    loaded: HashMap<Domain, Arc<CertifiedKey>>,
+    /// Names asked for and not answered yet, with the handshakes waiting for them.
+    asked: HashMap<Domain, watch::Sender<Option<Answer>>>,
+}
+
+impl Certificates {
+    pub fn new(
+        routes: Arc<RouteTable>,
+        link: Arc<AcmeLink>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Certificates {
+            routes,
+            link,
+            provider,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loaded certificate for `name`, if any.
+    pub fn loaded(&self, name: &Domain) -> Option<Arc<CertifiedKey>> {
+        self.state().loaded.get(name).cloned()
+    }
+
+    /// The certificate for `name` (a routed name), loaded or asked of the helper, waiting at
+    /// most `wait` for it.
+    pub async fn get(&self, name: &Domain, wait: Duration) -> Result<Arc<CertifiedKey>, Missing> {
+        let (mut answer, ask) = {
+            let mut state = self.state();
+            if let Some(loaded) = state.loaded.get(name) {
+                return Ok(loaded.clone());
+            }
+            match state.asked.get(name) {
+                Some(asked) => (asked.subscribe(), false),
+                None => {
+                    let (asked, answer) = watch::channel(None);
+                    state.asked.insert(name.clone(), asked);
+                    (answer, true)
+                }
+            }
+        };
+        if ask {
+            debug!("asking the ACME helper for the certificate of {name}");
+            // Without a link now, the request goes out on the next one.
+            self.link
+                .send(&WorkerToAcme::Certificate { name: name.clone() })
+                .await;
+        }
+        let answer = match tokio::time::timeout(wait, answer.wait_for(Option::is_some)).await {
+            Ok(Ok(answer)) => answer.clone().expect("waited for an answer"),
+            Ok(Err(_)) => return Err(Missing::Removed),
+            Err(_) => return Err(Missing::TimedOut(wait)),
+        };
+        answer.map_err(Missing::Unavailable)
+    }
+
+    /// Names asked for and not answered yet: to ask again on a new link.
+    pub fn unanswered(&self) -> Vec<Domain> {
+        self.state().asked.keys().cloned().collect()
+    }
+
+    /// The helper's certificate for `name`: loaded (replacing an earlier one), and handed to
+    /// the handshakes waiting for it.
+    pub fn received(&self, name: Domain, chain: Vec<Vec<u8>>, key: Vec<u8>) {
+        let answer: Answer = match certified_key(&self.provider, chain, key) {
+            Ok(certificate) => Ok(Arc::new(certificate)),
+            Err(e) => {
+                warn!("the ACME helper's certificate for {name} is unusable: {e}");
+                Err(format!("the certificate is unusable: {e}").into())
+            }
+        };
+        let mut state = self.state();
+        // Checked under the lock that `forget` takes too, so a removed route stays removed.
+        if self.routes.port(&name).is_none() {
+            debug!("certificate for {name} received, but {name} is not routed: dropped");
+            state.asked.remove(&name);
+            return;
+        }
+        if let Ok(certificate) = &answer {
+            let renewed = state.loaded.insert(name.clone(), certificate.clone());
+            info!(
+                "certificate for {name} {}",
+                if renewed.is_some() {
+                    "replaced"
+                } else {
+                    "loaded"
+                }
+            );
+        }
+        if let Some(asked) = state.asked.remove(&name) {
+            asked.send_replace(Some(answer));
+        }
+    }
+
+    /// The helper has no certificate for `name` now: the handshakes waiting fail.
+    pub fn unavailable(&self, name: Domain, reason: String) {
+        info!("no certificate for {name}: {reason}");
+        if let Some(asked) = self.state().asked.remove(&name) {
+            asked.send_replace(Some(Err(reason.into())));
+        }
+    }
+
+    /// `name` is no longer routed: its certificate is no longer served (handshakes waiting
+    /// for it fail), and the helper stops renewing it.
+    pub async fn forget(&self, name: Domain) {
+        {
+            let mut state = self.state();
+            state.loaded.remove(&name);
+            // Dropping the sender wakes its waiters.
+            state.asked.remove(&name);
+        }
+        self.link.send(&WorkerToAcme::Forget { name }).await;
+    }
+
+    /// Forgets each route removed, as `removals` (see `RouteTable::removals`) says.
+    pub async fn forget_removed(self: Arc<Self>, mut removals: mpsc::UnboundedReceiver<Domain>) {
+        while let Some(name) = removals.recv().await {
+            self.forget(name).await;
+        }
+    }
+}
+
+/// Serves, during a handshake, the certificate `Certificates::get` has just loaded for the
+/// ClientHello's name (normalised as a Host header is).
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = Domain::parse(client_hello.server_name()?).ok()?;
+        self.loaded(&name)
+    }
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Certificates")
+    }
+}
+
+/// A chain (DER, leaf first) and its PKCS#8 key, checked to belong together.
+pub fn certified_key(
+    provider: &CryptoProvider,
+    chain: Vec<Vec<u8>>,
+    key: Vec<u8>,
+) -> Result<CertifiedKey, rustls::Error> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
+    let chain = chain.into_iter().map(CertificateDer::from).collect();
+    CertifiedKey::from_der(chain, key, provider)
+}

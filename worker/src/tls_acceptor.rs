@@ -1,0 +1,564 @@
+//! TLS on the HTTPS port: the ClientHello decides, before any certificate is touched.
+//!
+//! The ClientHello is read first (tokio-rustls `LazyConfigAcceptor`), and its SNI normalised
+//! exactly as a Host header is ([`Domain`]). The routes table is the allowlist: no SNI (an
+//! IP literal is sent as none), a name that is not a valid DNS name, or one that is not routed
+//! fails at once with an alert, and nothing is asked of the ACME helper or any CA (an open
+//! on-demand issuer is an abuse vector: anyone could make it order certificates). Then the
+//! certificate: loaded already, or asked of the helper and waited for at most `--acme-wait`
+//! (see `certificates`). A ClientHello offering `acme-tls/1` is a CA validating a
+//! TLS-ALPN-01 challenge (see `acme_challenges`).
+//!
+//! Served: TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`, session tickets that outlive the worker
+//! (see `session_tickets`). The stream then goes to the same `HttpServer` as port 80.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use core_server_proto::domain::Domain;
+use rustls::crypto::CryptoProvider;
+use rustls::server::Acceptor;
+use rustls::{AlertDescription, ServerConfig};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
+
+use crate::acme_challenges::{Challenges, ACME_TLS_ALPN};
+use crate::certificates::{Certificates, Missing};
+use crate::route_table::RouteTable;
+use crate::session_tickets::SessionTickets;
+
+/// The one place the crypto provider is chosen, for TLS and for loading keys. aws-lc-rs is
+/// rustls's default, and faster than ring at ECDSA P-256 signatures and AES-GCM (measured
+/// with bench/tls.sh); swap it here to measure another.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Why a handshake was not completed.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("TLS: {0}")]
+    Tls(#[from] std::io::Error),
+    #[error("no SNI (or an IP address): refused")]
+    NoName,
+    #[error("SNI {0:?} is not a domain name: refused")]
+    BadName(String),
+    #[error("SNI {0} is not a registered domain: refused")]
+    NotRouted(Domain),
+    #[error("ALPN acme-tls/1 for {0}, which has no TLS-ALPN-01 challenge pending: refused")]
+    NoChallenge(Domain),
+    #[error("{0}: {1}")]
+    NoCertificate(Domain, Missing),
+}
+
+pub struct TlsAcceptor {
+    routes: Arc<RouteTable>,
+    certificates: Arc<Certificates>,
+    challenges: Arc<Challenges>,
+    /// For every handshake but validations: the certificate is found by `certificates`.
+    config: Arc<ServerConfig>,
+    certificate_wait: Duration,
+}
+
+impl TlsAcceptor {
+    pub fn new(
+        routes: Arc<RouteTable>,
+        certificates: Arc<Certificates>,
+        challenges: Arc<Challenges>,
+        provider: Arc<CryptoProvider>,
+        ticket_key: &[u8],
+        certificate_wait: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(certificates.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.ticketer = Arc::new(SessionTickets::new(ticket_key)?);
+        Ok(TlsAcceptor {
+            routes,
+            certificates,
+            challenges,
+            config: Arc::new(config),
+            certificate_wait,
+        })
+    }
+
+    /// The handshake on a freshly accepted connection (the caller bounds its time).
+    pub async fn accept(&self, stream: TcpStream) -> Result<TlsStream<TcpStream>, Refused> {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
+        let hello = start.client_hello();
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        let Some(sni) = hello.server_name() else {
+            return Err(refuse(start, AlertDescription::HandshakeFailure, Refused::NoName).await);
+        };
+        let name = match Domain::parse(sni) {
+            Ok(name) => name,
+            Err(_) => {
+                let why = Refused::BadName(sni.to_owned());
+                return Err(refuse(start, AlertDescription::UnrecognisedName, why).await);
+            }
+        };
+        let config = if validation {
+            match self.challenges.tls_alpn(&name) {
+                Some(config) => config,
+                None => {
+                    let why = Refused::NoChallenge(name);
+                    return Err(refuse(start, AlertDescription::HandshakeFailure, why).await);
+                }
+            }
+        } else {
+            if self.routes.port(&name).is_none() {
+                let why = Refused::NotRouted(name);
+                return Err(refuse(start, AlertDescription::UnrecognisedName, why).await);
+            }
+            if let Err(missing) = self.certificates.get(&name, self.certificate_wait).await {
+                let why = Refused::NoCertificate(name, missing);
+                return Err(refuse(start, AlertDescription::HandshakeFailure, why).await);
+            }
+            self.config.clone()
+        };
+        Ok(start.into_stream(config).await?)
+    }
+}
+
+/// Ends the handshake with a fatal alert, sent as the plaintext record a server sends before
+/// its ServerHello (TLS 1.2 and 1.3 alike), then closes; `why`, for the caller to log.
+async fn refuse(
+    start: StartHandshake<TcpStream>,
+    alert: AlertDescription,
+    why: Refused,
+) -> Refused {
+    const ALERT: u8 = 21;
+    const FATAL: u8 = 2;
+    let record = [ALERT, 3, 3, 0, 2, FATAL, u8::from(alert)];
+    let mut stream = start.io;
+    let _ = stream.write_all(&record).await;
+    let _ = stream.shutdown().await;
+    why
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use core_server_proto::acme_ipc::{AcmeToWorker, Secret, WorkerToAcme};
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use core_server_proto::ipc::{FromWorker, ToWorker};
+    use core_server_proto::routes::Routes;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, HandshakeKind, RootCertStore};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsConnector;
+
+    use crate::acme_link::AcmeLink;
+
+    type HelperEnd = Channel<AcmeToWorker, WorkerToAcme>;
+
+    /// A CA, and certificates it issues.
+    struct Ca {
+        issuer: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    impl Ca {
+        fn new() -> Ca {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap());
+            Ca {
+                issuer: issuer.unwrap(),
+            }
+        }
+
+        /// A chain and PKCS#8 key for `name`, as the helper sends them.
+        fn issue(&self, name: &str) -> AcmeToWorker {
+            let key = KeyPair::generate().unwrap();
+            let leaf = CertificateParams::new(vec![name.to_owned()])
+                .unwrap()
+                .signed_by(&key, &self.issuer)
+                .unwrap();
+            AcmeToWorker::Certificate {
+                name: Domain::parse(name).unwrap(),
+                chain: vec![leaf.der().to_vec()],
+                key: Secret(key.serialize_der()),
+            }
+        }
+
+        fn client(&self, alpn: &[&[u8]]) -> ClientConfig {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.issuer.der().clone()).unwrap();
+            let mut config = ClientConfig::builder_with_provider(crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            config
+        }
+    }
+
+    /// A worker's TLS side: routes for `names`, serving on loopback.
+    struct Worker {
+        addr: std::net::SocketAddr,
+        link: Arc<AcmeLink>,
+        certificates: Arc<Certificates>,
+        challenges: Arc<Challenges>,
+        routes: Arc<RouteTable>,
+        _supervisor: Channel<ToWorker, FromWorker>,
+    }
+
+    impl Worker {
+        async fn start(names: &[&str], ticket_key: &[u8], wait: Duration) -> Worker {
+            let (ours, theirs) = socketpair_fds().unwrap();
+            let routes: Routes = names
+                .iter()
+                .map(|n| (Domain::parse(n).unwrap(), 8080))
+                .collect();
+            let routes = Arc::new(RouteTable::new(
+                routes,
+                Arc::new(Channel::new(ours).unwrap()),
+            ));
+            let link = Arc::new(AcmeLink::default());
+            let provider = crypto_provider();
+            let certificates = Arc::new(Certificates::new(
+                routes.clone(),
+                link.clone(),
+                provider.clone(),
+            ));
+            tokio::spawn(certificates.clone().forget_removed(routes.removals()));
+            let challenges = Arc::new(Challenges::new(provider.clone()));
+            let acceptor = Arc::new(
+                TlsAcceptor::new(
+                    routes.clone(),
+                    certificates.clone(),
+                    challenges.clone(),
+                    provider,
+                    ticket_key,
+                    wait,
+                )
+                .unwrap(),
+            );
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        if let Ok(mut stream) = acceptor.accept(stream).await {
+                            let alpn = stream.get_ref().1.alpn_protocol().unwrap_or(b"none");
+                            let alpn = alpn.to_vec();
+                            let _ = stream.write_all(&alpn).await;
+                            let _ = stream.shutdown().await;
+                        }
+                    });
+                }
+            });
+            Worker {
+                addr,
+                link,
+                certificates,
+                challenges,
+                routes,
+                _supervisor: Channel::new(theirs).unwrap(),
+            }
+        }
+
+        /// A new link to a helper; the helper's end.
+        fn link_helper(&self) -> HelperEnd {
+            let (ours, theirs) = socketpair_fds().unwrap();
+            self.link
+                .connect(ours, self.certificates.clone(), self.challenges.clone())
+                .unwrap();
+            Channel::new(theirs).unwrap()
+        }
+
+        /// A handshake for `sni`; what the server said after it (its ALPN) and how it went.
+        async fn handshake(
+            &self,
+            config: &Arc<ClientConfig>,
+            sni: &str,
+        ) -> std::io::Result<(String, HandshakeKind)> {
+            let tcp = TcpStream::connect(self.addr).await?;
+            let name = ServerName::try_from(sni.to_owned()).unwrap();
+            let mut tls = TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await?;
+            let mut said = String::new();
+            tls.read_to_string(&mut said).await?;
+            let kind = tls.get_ref().1.handshake_kind().unwrap();
+            Ok((said, kind))
+        }
+    }
+
+    async fn next(helper: &HelperEnd) -> WorkerToAcme {
+        tokio::time::timeout(Duration::from_secs(5), helper.recv())
+            .await
+            .expect("a message from the worker")
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    async fn nothing_from(helper: &HelperEnd) {
+        let heard = tokio::time::timeout(Duration::from_millis(200), helper.recv()).await;
+        assert!(heard.is_err(), "the helper heard {heard:?}");
+    }
+
+    const KEY: [u8; 32] = [3; 32];
+
+    #[tokio::test]
+    async fn concurrent_first_handshakes_ask_once_and_all_get_the_certificate() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
+        let helper = worker.link_helper();
+        let client = Arc::new(ca.client(&[b"h2", b"http/1.1"]));
+        let all = tokio::spawn({
+            let client = client.clone();
+            let addr = worker.addr;
+            async move {
+                let mut results = Vec::new();
+                for _ in 0..10 {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    // Normalised as a Host header is.
+                    let name = ServerName::try_from("A.Example.").unwrap();
+                    results.push(TlsConnector::from(client.clone()).connect(name, tcp));
+                }
+                let mut ok = 0;
+                for handshake in results {
+                    if let Ok(mut tls) = handshake.await {
+                        let mut said = String::new();
+                        tls.read_to_string(&mut said).await.unwrap();
+                        assert_eq!(said, "h2");
+                        ok += 1;
+                    }
+                }
+                ok
+            }
+        });
+        let asked = next(&helper).await;
+        assert_eq!(
+            asked,
+            WorkerToAcme::Certificate {
+                name: Domain::parse("a.example").unwrap()
+            }
+        );
+        nothing_from(&helper).await;
+        helper.send(&ca.issue("a.example"), &[]).await.unwrap();
+        assert_eq!(all.await.unwrap(), 10);
+        // Loaded: served without asking again, HTTP/1.1 too.
+        let http1 = Arc::new(ca.client(&[b"http/1.1"]));
+        assert_eq!(
+            worker.handshake(&http1, "a.example").await.unwrap().0,
+            "http/1.1"
+        );
+        nothing_from(&helper).await;
+    }
+
+    #[tokio::test]
+    async fn names_not_routed_fail_at_once_without_asking_the_helper() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
+        let helper = worker.link_helper();
+        let client = Arc::new(ca.client(&[b"h2"]));
+        let started = std::time::Instant::now();
+        for sni in ["b.example", "x.a.example", "127.0.0.1", "a.example.com"] {
+            let refused = worker.handshake(&client, sni).await.unwrap_err();
+            let text = refused.to_string();
+            assert!(
+                text.contains("UnrecognisedName") || text.contains("HandshakeFailure"),
+                "{sni}: {text}"
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        nothing_from(&helper).await;
+    }
+
+    #[tokio::test]
+    async fn without_an_answer_the_handshake_fails_at_its_deadline_and_the_request_stays() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_millis(300)).await;
+        let client = Arc::new(ca.client(&[b"h2"]));
+        // No link yet: the handshake waits its time, then fails with an alert.
+        let refused = worker.handshake(&client, "a.example").await.unwrap_err();
+        assert!(
+            refused.to_string().contains("HandshakeFailure"),
+            "{refused}"
+        );
+        // The request still unanswered goes out on the new link, once.
+        let helper = worker.link_helper();
+        assert!(matches!(
+            next(&helper).await,
+            WorkerToAcme::Certificate { .. }
+        ));
+        helper.send(&ca.issue("a.example"), &[]).await.unwrap();
+        nothing_from(&helper).await;
+        assert_eq!(
+            worker.handshake(&client, "a.example").await.unwrap().0,
+            "h2"
+        );
+        // The helper gone, the loaded certificate is still served.
+        drop(helper);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            worker.handshake(&client, "a.example").await.unwrap().0,
+            "h2"
+        );
+    }
+
+    #[tokio::test]
+    async fn unavailable_fails_the_waiting_handshakes_and_a_later_one_asks_again() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
+        let helper = worker.link_helper();
+        let client = Arc::new(ca.client(&[b"h2"]));
+        let handshake = tokio::spawn({
+            let client = client.clone();
+            let addr = worker.addr;
+            async move {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = ServerName::try_from("a.example").unwrap();
+                TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await
+                    .map(drop)
+            }
+        });
+        assert!(matches!(
+            next(&helper).await,
+            WorkerToAcme::Certificate { .. }
+        ));
+        let unavailable = AcmeToWorker::Unavailable {
+            name: Domain::parse("a.example").unwrap(),
+            reason: "the CA said no".into(),
+        };
+        helper.send(&unavailable, &[]).await.unwrap();
+        assert!(handshake.await.unwrap().is_err());
+        let again = tokio::spawn({
+            let client = client.clone();
+            let addr = worker.addr;
+            async move {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = ServerName::try_from("a.example").unwrap();
+                TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await
+                    .map(drop)
+            }
+        });
+        assert!(matches!(
+            next(&helper).await,
+            WorkerToAcme::Certificate { .. }
+        ));
+        helper.send(&ca.issue("a.example"), &[]).await.unwrap();
+        assert!(again.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_ticket_resumes_on_another_worker_with_the_same_key_tls13_and_tls12() {
+        let ca = Ca::new();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.issuer.der().clone()).unwrap();
+            let client = Arc::new(
+                ClientConfig::builder_with_provider(crypto_provider())
+                    .with_protocol_versions(&[version])
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            );
+            let mut kinds = Vec::new();
+            for ticket_key in [KEY, KEY, [4; 32]] {
+                let worker =
+                    Worker::start(&["a.example"], &ticket_key, Duration::from_secs(5)).await;
+                let helper = worker.link_helper();
+                let issued = ca.issue("a.example");
+                let AcmeToWorker::Certificate { name, chain, key } = issued else {
+                    unreachable!()
+                };
+                worker.certificates.received(name, chain, key.0);
+                kinds.push(worker.handshake(&client, "a.example").await.unwrap().1);
+                drop(helper);
+            }
+            assert_eq!(
+                kinds,
+                [
+                    HandshakeKind::Full,
+                    HandshakeKind::Resumed,
+                    HandshakeKind::Full
+                ],
+                "{version:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_tls_alpn_challenge_is_answered_with_its_certificate_only() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
+        let helper = worker.link_helper();
+        let acme = Arc::new(ca.client(&[ACME_TLS_ALPN]));
+        let refused = worker.handshake(&acme, "a.example").await.unwrap_err();
+        assert!(
+            refused.to_string().contains("HandshakeFailure"),
+            "{refused}"
+        );
+        nothing_from(&helper).await;
+
+        let AcmeToWorker::Certificate { chain, key, .. } = ca.issue("a.example") else {
+            unreachable!()
+        };
+        let challenge = AcmeToWorker::TlsAlpnChallenge {
+            id: 7,
+            name: Domain::parse("a.example").unwrap(),
+            certificate: chain[0].clone(),
+            key,
+        };
+        helper.send(&challenge, &[]).await.unwrap();
+        assert_eq!(next(&helper).await, WorkerToAcme::ChallengeReady { id: 7 });
+        assert_eq!(
+            worker.handshake(&acme, "a.example").await.unwrap().0,
+            "acme-tls/1"
+        );
+        helper
+            .send(&AcmeToWorker::ChallengeDone { id: 7 }, &[])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(worker.handshake(&acme, "a.example").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_removed_route_is_no_longer_served_and_the_helper_is_told() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
+        let helper = worker.link_helper();
+        let client = Arc::new(ca.client(&[b"h2"]));
+        let AcmeToWorker::Certificate { name, chain, key } = ca.issue("a.example") else {
+            unreachable!()
+        };
+        worker.certificates.received(name.clone(), chain, key.0);
+        assert!(worker.handshake(&client, "a.example").await.is_ok());
+        let removal = core_server_proto::routes::RouteChange::Remove {
+            domain: name.clone(),
+        };
+        drop(worker.routes.change(removal).await.unwrap());
+        assert_eq!(
+            next(&helper).await,
+            WorkerToAcme::Forget { name: name.clone() }
+        );
+        assert!(worker.certificates.loaded(&name).is_none());
+        let refused = worker.handshake(&client, "a.example").await.unwrap_err();
+        assert!(
+            refused.to_string().contains("UnrecognisedName"),
+            "{refused}"
+        );
+        nothing_from(&helper).await;
+    }
+}
