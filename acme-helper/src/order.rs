@@ -1,5 +1,6 @@
 //! One attempt at a certificate from the ACME CA: TLS-ALPN-01 first (RFC 8737), then, when
-//! the CA does not offer it or its validation failed, HTTP-01 in a new order. Each order:
+//! the CA does not offer it, the worker could not set it up, or its validation failed, HTTP-01
+//! in a new order. Each order:
 //! new order, the worker set up to answer the challenge (it says `ChallengeReady`), the CA
 //! told to validate, the order polled tightly (from 50 ms, honouring Retry-After), a CSR for
 //! a fresh ECDSA P-256 key, the chain fetched.
@@ -28,8 +29,9 @@ use crate::clock;
 use crate::names::checked;
 use crate::worker_link::WorkerLink;
 
-/// How long the worker may take to set a challenge up (it is one message away).
-const CHALLENGE_SETUP: Duration = Duration::from_secs(10);
+/// How long the worker may take to set a challenge up (it is one message away, and a
+/// handshake waits meanwhile).
+const CHALLENGE_SETUP: Duration = Duration::from_secs(2);
 
 /// Polls of the order: tight at first, since a CA often validates and issues in milliseconds.
 fn polling() -> RetryPolicy {
@@ -43,6 +45,8 @@ fn polling() -> RetryPolicy {
 enum OrderError {
     /// The CA offers no challenge of this type for the name.
     NotOffered,
+    /// The worker did not set the challenge up: the CA was not asked to validate it.
+    NotAnswered(String),
     /// The CA could not validate the challenge: counts towards the backoff.
     Validation(String),
     /// The CA does not know our account (any more).
@@ -119,6 +123,10 @@ pub async fn obtain(
                     .map_err(|e| Failure::Other(format!("the CA's certificate: {e}")));
             }
             Err(OrderError::NotOffered) => {}
+            Err(OrderError::NotAnswered(error)) => {
+                warn!("{name}: {challenge:?}: {error}");
+                last = error;
+            }
             Err(OrderError::NoAccount) => return Err(Failure::NoAccount),
             Err(OrderError::Validation(error)) => {
                 warn!("{name}: {challenge:?} validation failed: {error}");
@@ -212,10 +220,7 @@ async fn order(
         let answering = link
             .challenge(message, CHALLENGE_SETUP)
             .await
-            .map_err(|error| OrderError::Other {
-                error,
-                retry_after: None,
-            })?;
+            .map_err(OrderError::NotAnswered)?;
         challenges.push(answering);
         step("challenge answered by the worker");
         challenge.set_ready().await?;
