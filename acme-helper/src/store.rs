@@ -160,6 +160,45 @@ impl Store {
         })
     }
 
+    /// Removes what writes and mkcert runs cut short by a kill left behind: temp files
+    /// (`.<file>.tmp-*`) and scratch directories. Under the lock, so that nothing of the
+    /// other helper's (in a rerun) is in progress. The names of what was removed.
+    pub fn remove_leftovers(&self, _: &LockGuard) -> io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for (dir, path) in [
+            (&self.dir, ""),
+            (&self.certs, "certs/"),
+            (&self.names, "names/"),
+        ] {
+            for entry in rustix::fs::Dir::read_from(dir)? {
+                let entry = entry?;
+                let Ok(file) = entry.file_name().to_str() else {
+                    continue;
+                };
+                if file.starts_with('.') && file.contains(".tmp-") {
+                    rustix::fs::unlinkat(dir, file, AtFlags::empty())?;
+                    removed.push(format!("{path}{file}"));
+                }
+            }
+        }
+        for entry in rustix::fs::Dir::read_from(&self.tmp)? {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if name != "." && name != ".." {
+                // Dropping it removes it and the files in it.
+                drop(ScratchDir {
+                    parent: self.tmp.try_clone()?,
+                    fd: open_dir(&self.tmp, name)?,
+                    name: name.to_owned(),
+                });
+                removed.push(format!("{TMP}/{name}"));
+            }
+        }
+        Ok(removed)
+    }
+
     /// Takes the store's lock: held by this process while any of its guards lives.
     pub async fn lock(&self) -> io::Result<LockGuard> {
         self.lock.clone().acquire().await
@@ -381,6 +420,33 @@ mod tests {
         assert_eq!(scratch.read("key.pem").unwrap(), b"k");
         drop(scratch);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_kill_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let scratch = store.scratch_dir().unwrap();
+        let scratch_path = dir.path().join(scratch.path());
+        std::fs::write(scratch_path.join("key.pem"), b"k").unwrap();
+        std::mem::forget(scratch); // as a kill would leave it
+        for file in [
+            "certs/.a.example.pem.tmp-0123456789abcdef",
+            "certs/a.example.pem",
+            "names/.a.example.json.tmp-1",
+            ".account.json.tmp-2",
+            "account.json",
+        ] {
+            std::fs::write(dir.path().join(file), b"x").unwrap();
+        }
+        let lock = store.lock().await.unwrap();
+        let mut removed = store.remove_leftovers(&lock).unwrap();
+        removed.sort();
+        assert_eq!(removed.len(), 4, "{removed:?}");
+        assert!(!scratch_path.exists());
+        assert!(dir.path().join("certs/a.example.pem").exists());
+        assert!(dir.path().join("account.json").exists());
+        assert!(!dir.path().join(".account.json.tmp-2").exists());
     }
 
     #[tokio::test]
