@@ -27,7 +27,7 @@ use crate::backoff::Backoff;
 use crate::certificate::Certificate;
 use crate::clock;
 use crate::names::checked;
-use crate::worker_link::WorkerLink;
+use crate::worker_link::{Challenge, WorkerLink};
 
 /// How long the worker may take to set a challenge up (it is one message away, and a
 /// handshake waits meanwhile).
@@ -45,10 +45,10 @@ fn polling() -> RetryPolicy {
 enum OrderError {
     /// The CA offers no challenge of this type for the name.
     NotOffered,
-    /// The worker did not set the challenge up: the CA was not asked to validate it.
+    /// The worker set up none of the challenges: the CA was not asked to validate.
     NotAnswered(String),
     /// The CA could not validate the challenge: counts towards the backoff.
-    Validation(String),
+    Validation { kind: ChallengeType, error: String },
     /// The CA does not know our account (any more).
     NoAccount,
     /// Anything else (the CA unreachable, a rate limit): ends the attempt.
@@ -106,32 +106,35 @@ pub async fn obtain(
             .ok()
             .map(CertificateIdentifier::into_owned)
     });
+    let mut kinds = vec![ChallengeType::TlsAlpn01, ChallengeType::Http01];
     let mut last = String::from("the CA offers neither TLS-ALPN-01 nor HTTP-01");
-    for challenge in [ChallengeType::TlsAlpn01, ChallengeType::Http01] {
+    while !kinds.is_empty() {
         let now = clock::now();
         if !backoff.allows_another_validation(now) {
             break;
         }
         let started = Instant::now();
-        match order(account, name, challenge.clone(), replaces.clone(), link).await {
-            Ok((key, chain)) => {
+        match order(account, name, &kinds, replaces.clone(), link).await {
+            Ok((key, chain, kind)) => {
                 info!(
-                    "{name}: certificate issued ({challenge:?}) in {:?}",
+                    "{name}: certificate issued ({kind:?}) in {:?}",
                     started.elapsed()
                 );
                 return Certificate::new(name, Some(source.to_owned()), key, chain)
                     .map_err(|e| Failure::Other(format!("the CA's certificate: {e}")));
             }
-            Err(OrderError::NotOffered) => {}
+            Err(OrderError::NotOffered) => break,
             Err(OrderError::NotAnswered(error)) => {
-                warn!("{name}: {challenge:?}: {error}");
                 last = error;
+                break;
             }
             Err(OrderError::NoAccount) => return Err(Failure::NoAccount),
-            Err(OrderError::Validation(error)) => {
-                warn!("{name}: {challenge:?} validation failed: {error}");
-                last = format!("{challenge:?} validation failed: {error}");
+            // That authorization is spent: a new order, with the other challenge types.
+            Err(OrderError::Validation { kind, error }) => {
+                warn!("{name}: {kind:?} validation failed: {error}");
+                last = format!("{kind:?} validation failed: {error}");
                 backoff.fail(now, last.clone(), None);
+                kinds.retain(|k| *k != kind);
             }
             Err(OrderError::Other { error, retry_after }) => {
                 let retry_after = retry_after.map(clock::secs);
@@ -143,14 +146,15 @@ pub async fn obtain(
     Err(Failure::Other(last))
 }
 
-/// One order with one challenge type: the key (PKCS#8) and the chain (DER, leaf first).
+/// One order, answered with the first of `kinds` that the CA offers and the worker sets
+/// up: the key (PKCS#8), the chain (DER, leaf first) and the challenge type used.
 async fn order(
     account: &Account,
     name: &Domain,
-    challenge_type: ChallengeType,
+    kinds: &[ChallengeType],
     replaces: Option<CertificateIdentifier<'static>>,
     link: &Arc<WorkerLink>,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>), OrderError> {
+) -> Result<(Vec<u8>, Vec<Vec<u8>>, ChallengeType), OrderError> {
     let dns = checked(name).map_err(|e| OrderError::Other {
         error: e.to_string(),
         retry_after: None,
@@ -172,6 +176,8 @@ async fn order(
     let step = |what: &str| debug!("{name}: {what} at {:?}", started.elapsed());
     step("order placed");
     let mut challenges = Vec::new();
+    // The type of the challenge answered (none when the CA had the name validated already).
+    let mut used = None;
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
         let mut authorization = authorization?;
@@ -185,67 +191,35 @@ async fn order(
                 })
             }
         }
-        let Some(mut challenge) = authorization.challenge(challenge_type.clone()) else {
-            return Err(OrderError::NotOffered);
-        };
-        let key_authorization = challenge.key_authorization();
-        let message: Box<dyn FnOnce(u64) -> AcmeToWorker + Send> = match challenge_type {
-            ChallengeType::TlsAlpn01 => {
-                let (certificate, key) =
-                    tls_alpn_certificate(name, key_authorization.digest().as_ref()).map_err(
-                        |error| OrderError::Other {
-                            error,
-                            retry_after: None,
-                        },
-                    )?;
-                let name = name.clone();
-                Box::new(move |id| AcmeToWorker::TlsAlpnChallenge {
-                    id,
-                    name,
-                    certificate,
-                    key: Secret(key),
-                })
-            }
-            _ => {
-                let (name, token) = (name.clone(), challenge.token.clone());
-                let key_authorization = key_authorization.as_str().to_owned();
-                Box::new(move |id| AcmeToWorker::HttpChallenge {
-                    id,
-                    name,
-                    token,
-                    key_authorization,
-                })
-            }
-        };
-        let answering = link
-            .challenge(message, CHALLENGE_SETUP)
-            .await
-            .map_err(OrderError::NotAnswered)?;
+        let (kind, answering) =
+            answer(account, name, &authorization.challenges, kinds, link).await?;
         challenges.push(answering);
         step("challenge answered by the worker");
+        let mut challenge = authorization
+            .challenge(kind.clone())
+            .ok_or(OrderError::NotOffered)?;
         challenge.set_ready().await?;
+        used = Some(kind);
         step("CA told to validate");
     }
 
     let polled = order.poll_ready(&polling()).await;
     // Validated or not: the worker stops answering.
     drop(challenges);
-    match polled {
-        Ok(OrderStatus::Ready) => {}
+    let kind = used.unwrap_or_else(|| kinds[0].clone());
+    let invalid = match polled {
+        Ok(OrderStatus::Ready) => None,
         // An order the CA made invalid (with its reason, or not) failed validation.
-        Ok(status) => {
-            let why = why_invalid(&mut order).await;
-            return Err(OrderError::Validation(
-                why.unwrap_or_else(|| format!("the order is {status:?}")),
-            ));
-        }
-        Err(instant_acme::Error::Api(problem)) => {
-            let why = why_invalid(&mut order).await;
-            return Err(OrderError::Validation(
-                why.unwrap_or_else(|| problem.to_string()),
-            ));
-        }
+        Ok(status) => Some(format!("the order is {status:?}")),
+        Err(instant_acme::Error::Api(problem)) => Some(problem.to_string()),
         Err(e) => return Err(e.into()),
+    };
+    if let Some(invalid) = invalid {
+        let why = why_invalid(&mut order).await;
+        return Err(OrderError::Validation {
+            kind,
+            error: why.unwrap_or(invalid),
+        });
     }
 
     step("validated");
@@ -264,7 +238,65 @@ async fn order(
             error: format!("the CA's chain is malformed: {e}"),
             retry_after: None,
         })?;
-    Ok((key.serialize_der(), chain))
+    Ok((key.serialize_der(), chain, kind))
+}
+
+/// Has the worker answer the first challenge of `kinds` that the CA offers and that the
+/// worker sets up; its type, and the challenge (over when dropped).
+async fn answer(
+    account: &Account,
+    name: &Domain,
+    offered: &[instant_acme::Challenge],
+    kinds: &[ChallengeType],
+    link: &Arc<WorkerLink>,
+) -> Result<(ChallengeType, Challenge), OrderError> {
+    let mut not_answered = None;
+    for kind in kinds {
+        let Some(challenge) = offered.iter().find(|c| c.r#type == *kind) else {
+            continue;
+        };
+        // RFC 8555 section 8.1: the token, a dot, the account key's thumbprint.
+        let key_authorization = format!("{}.{}", challenge.token, account.key_thumbprint());
+        let message: Box<dyn FnOnce(u64) -> AcmeToWorker + Send> = match kind {
+            ChallengeType::TlsAlpn01 => {
+                let digest = aws_lc_rs::digest::digest(
+                    &aws_lc_rs::digest::SHA256,
+                    key_authorization.as_bytes(),
+                );
+                let (certificate, key) =
+                    tls_alpn_certificate(name, digest.as_ref()).map_err(|error| {
+                        OrderError::Other {
+                            error,
+                            retry_after: None,
+                        }
+                    })?;
+                let name = name.clone();
+                Box::new(move |id| AcmeToWorker::TlsAlpnChallenge {
+                    id,
+                    name,
+                    certificate,
+                    key: Secret(key),
+                })
+            }
+            _ => {
+                let (name, token) = (name.clone(), challenge.token.clone());
+                Box::new(move |id| AcmeToWorker::HttpChallenge {
+                    id,
+                    name,
+                    token,
+                    key_authorization,
+                })
+            }
+        };
+        match link.challenge(message, CHALLENGE_SETUP).await {
+            Ok(answering) => return Ok((kind.clone(), answering)),
+            Err(error) => {
+                warn!("{name}: {kind:?}: {error}");
+                not_answered = Some(error);
+            }
+        }
+    }
+    Err(not_answered.map_or(OrderError::NotOffered, OrderError::NotAnswered))
 }
 
 /// The CA's reason for an invalid order: its challenge's error.
