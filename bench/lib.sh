@@ -49,3 +49,30 @@ CONF
   nginx -c "$work/backend.conf" & pids+=($!)
   wait_port "$1"
 }
+
+# add_route UDP DOMAIN PORT: routes DOMAIN on the core-server listening for commands on UDP,
+# retrying while it starts (5 s at most).
+add_route() {
+  for _ in $(seq 50); do
+    "$work/core-server" --udp-port "$1" add "$2" "$3" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "core-server on UDP port $1 did not accept 'add $2 $3'" >&2; exit 1
+}
+
+# make_cert NAME HOST...: an ECDSA P-256 certificate for the HOSTs from mkcert, signed by the
+# bench's own CA in $work/caroot (made on first use, trusted by nothing else):
+# $work/NAME.pem (certificate), $work/NAME-key.pem (PKCS#8 key).
+make_cert() {
+  local name=$1; shift
+  CAROOT="$work/caroot" mkcert -ecdsa -cert-file "$work/$name.pem" -key-file "$work/$name-key.pem" \
+    "$@" >>"$work/mkcert.log" 2>&1 || { cat "$work/mkcert.log" >&2; exit 1; }
+}
+
+# loopback_names NAME...: the names that with_hosts resolves to 127.0.0.1.
+loopback_names() { { cat /etc/hosts; echo "127.0.0.1 $*"; } > "$work/hosts"; }
+
+# with_hosts CMD...: runs CMD in a mount namespace of its own where /etc/hosts also holds the
+# loopback_names, so that a client without a --resolve option (wrk) connects to 127.0.0.1 and
+# sends the name as SNI. The machine's /etc/hosts is left as it is.
+with_hosts() { unshare --mount sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$work/hosts" "$@"; }
