@@ -21,7 +21,7 @@ use crate::backoff::Backoff;
 use crate::certificate::{self, Certificate};
 use crate::clock;
 use crate::order::Failure;
-use crate::store::{NameState, Store};
+use crate::store::{LockGuard, NameState, Store};
 use crate::supervisor_link::SupervisorLink;
 use crate::worker_link::{Request, WorkerLink};
 use crate::{mkcert, order};
@@ -202,6 +202,7 @@ impl Issuer {
         if let Some(why) = backing_off(&state) {
             return Err(why);
         }
+        self.set_aside_if_unusable(&lock, name);
         let source = self.source.tag();
         let result = match &self.source {
             Source::Mkcert(mkcert) => {
@@ -243,6 +244,20 @@ impl Issuer {
         self.report(name).await;
         self.changed.notify_one();
         outcome
+    }
+
+    /// A stored file that does not read as a certificate for `name` is kept, renamed, for
+    /// the operator to look at, rather than silently replaced.
+    fn set_aside_if_unusable(&self, lock: &LockGuard, name: &Domain) {
+        let Ok(Some(pem)) = self.store.read_certificate(name) else {
+            return;
+        };
+        if let Err(e) = Certificate::from_pem(name, &pem) {
+            match self.store.set_aside_certificate(lock, name) {
+                Ok(aside) => warn!("certs/{name}.pem was unusable ({e}); set aside as {aside}"),
+                Err(err) => warn!("certs/{name}.pem is unusable ({e}) and stays: {err}"),
+            }
+        }
     }
 
     /// An ACME attempt, with a new account if the CA forgot ours.

@@ -93,6 +93,15 @@ impl Store {
             .map_err(|e| context(e, &format!("{CERTS}/{file}")))
     }
 
+    /// Renames `certs/<name>.pem` to `certs/<name>.pem.unusable-<seconds>`; the new name.
+    pub fn set_aside_certificate(&self, _: &LockGuard, name: &Domain) -> io::Result<String> {
+        let file = format!("{}.pem", checked(name)?);
+        let aside = format!("{file}.unusable-{}", crate::clock::now());
+        rustix::fs::renameat(&self.certs, &*file, &self.certs, &*aside)?;
+        rustix::fs::fsync(&self.certs)?;
+        Ok(format!("{CERTS}/{aside}"))
+    }
+
     /// `names/<name>.json`; a missing file is a name without history. A corrupt one is
     /// reported, and counts as no history: the next write replaces it.
     pub fn read_state(&self, name: &Domain) -> io::Result<NameState> {
@@ -407,6 +416,23 @@ mod tests {
         }
         let names: Vec<_> = store.names().unwrap().into_iter().collect();
         assert_eq!(names, [Domain::parse("c.example").unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn an_unusable_certificate_is_set_aside_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let name = Domain::parse("d.example").unwrap();
+        let lock = store.lock().await.unwrap();
+        store.write_certificate(&lock, &name, b"garbage").unwrap();
+        let aside = store.set_aside_certificate(&lock, &name).unwrap();
+        assert!(
+            aside.starts_with("certs/d.example.pem.unusable-"),
+            "{aside}"
+        );
+        assert_eq!(std::fs::read(dir.path().join(&aside)).unwrap(), b"garbage");
+        assert_eq!(store.read_certificate(&name).unwrap(), None);
+        assert!(store.names().unwrap().is_empty());
     }
 
     #[test]
