@@ -296,6 +296,10 @@ impl Issuer {
 
     /// The worker no longer routes `name`: no renewals (the files stay).
     async fn forget(&self, name: Domain) {
+        // A name the store never held leaves no trace.
+        if matches!(self.store.read_certificate(&name), Ok(None)) {
+            return;
+        }
         self.set_forgotten(&name, true).await;
     }
 
