@@ -42,7 +42,12 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .context("cannot start the runtime")
-        .and_then(|runtime| runtime.block_on(run()));
+        .and_then(|runtime| {
+            let result = runtime.block_on(run());
+            // `Shutdown` means now: no waiting for a DNS lookup in a blocking thread.
+            runtime.shutdown_background();
+            result
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
