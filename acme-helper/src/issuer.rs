@@ -221,14 +221,19 @@ impl Issuer {
         let outcome = match result {
             Ok(certificate) => {
                 self.send(name, &certificate).await;
-                self.store
+                // The worker serves it either way; unstored, it is ordered again after a
+                // restart.
+                match self
+                    .store
                     .write_certificate(&lock, name, &certificate.to_pem())
-                    .map_err(|e| format!("cannot store the certificate: {e}"))?;
-                info!(
-                    "{name}: certificate from {} stored, valid until {}",
-                    certificate.issuer,
-                    clock::show(certificate.not_after)
-                );
+                {
+                    Ok(()) => info!(
+                        "{name}: certificate from {} stored, valid until {}",
+                        certificate.issuer,
+                        clock::show(certificate.not_after)
+                    ),
+                    Err(e) => warn!("{name}: cannot store the new certificate: {e}"),
+                }
                 // The failures of the hour stay counted (a failed TLS-ALPN-01 before a
                 // successful HTTP-01 is one of the hour's three).
                 state.backoff.last_error = None;
