@@ -123,9 +123,15 @@ pub async fn obtain(
                 return Certificate::new(name, Some(source.to_owned()), key, chain)
                     .map_err(|e| Failure::Other(format!("the CA's certificate: {e}")));
             }
-            Err(OrderError::NotOffered) => break,
+            // Nothing to validate: the attempt fails, and backs off like any other, so that
+            // a worker that answers no challenge does not have an order placed per handshake.
+            Err(OrderError::NotOffered) => {
+                backoff.fail(now, last.clone(), None);
+                break;
+            }
             Err(OrderError::NotAnswered(error)) => {
                 last = error;
+                backoff.fail(now, last.clone(), None);
                 break;
             }
             Err(OrderError::NoAccount) => return Err(Failure::NoAccount),
