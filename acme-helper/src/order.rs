@@ -171,8 +171,14 @@ async fn order(
         new_order = new_order.replaces(replaces);
     }
     let mut order = match account.new_order(&new_order).await {
-        // A CA without ARI refuses `replaces`; order without it.
+        // A CA without ARI refuses `replaces`, and one with it refuses to replace a
+        // certificate twice (RFC 9773 section 5): order without it.
         Err(instant_acme::Error::Unsupported(_)) => {
+            account.new_order(&NewOrder::new(&identifiers)).await?
+        }
+        Err(instant_acme::Error::Api(problem))
+            if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:alreadyReplaced") =>
+        {
             account.new_order(&NewOrder::new(&identifiers)).await?
         }
         result => result?,
