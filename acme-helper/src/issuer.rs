@@ -78,6 +78,30 @@ impl Issuer {
         })
     }
 
+    /// At start, in the background: the ACME account made ready before the first handshake
+    /// asks, then what a kill left in the store removed.
+    pub async fn prepare(self: Arc<Self>) {
+        if let Source::Acme(account) = &self.source {
+            if let Err(e) = account.get(&self.store).await {
+                warn!("no ACME account yet (tried again at the first order): {e}");
+            }
+        }
+        let removed = async {
+            let lock = self.store.lock().await?;
+            self.store.remove_leftovers(&lock)
+        };
+        match removed.await {
+            Ok(removed) if !removed.is_empty() => {
+                info!(
+                    "removed what a kill left in the store: {}",
+                    removed.join(", ")
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!("cannot clean the store up: {e}"),
+        }
+    }
+
     pub fn handle(self: &Arc<Self>, request: Request) {
         let issuer = self.clone();
         match request {

@@ -95,29 +95,7 @@ async fn run() -> anyhow::Result<()> {
     supervisor.ready().await?;
     issuer.report_all().await;
 
-    // The account is ready before the first handshake asks; then tidy up after a kill.
-    let early = issuer.clone();
-    tokio::spawn(async move {
-        if let Source::Acme(account) = &early.source {
-            if let Err(e) = account.get(&early.store).await {
-                warn!("no ACME account yet (tried again at the first order): {e}");
-            }
-        }
-        let removed = async {
-            let lock = early.store.lock().await?;
-            early.store.remove_leftovers(&lock)
-        };
-        match removed.await {
-            Ok(removed) if !removed.is_empty() => {
-                info!(
-                    "removed what a kill left in the store: {}",
-                    removed.join(", ")
-                )
-            }
-            Ok(_) => {}
-            Err(e) => warn!("cannot clean the store up: {e}"),
-        }
-    });
+    tokio::spawn(issuer.clone().prepare());
     tokio::spawn(renewal::run(issuer.clone()));
     {
         let issuer = issuer.clone();
