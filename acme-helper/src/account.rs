@@ -190,3 +190,39 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::acme_ipc::CertificateSource;
+
+    fn account(ca_root_pem: Option<Vec<u8>>) -> AcmeAccount {
+        AcmeAccount::new(AcmeSettings {
+            source: CertificateSource::Acme,
+            directory: "https://127.0.0.1:1/dir".into(),
+            email: None,
+            ca_root_pem,
+            mkcert: None,
+        })
+    }
+
+    #[test]
+    fn the_ca_root_must_hold_a_certificate() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let (_, der) = crate::certificate::tests::make(&["ca.example"], 0, 2_000_000_000);
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", der));
+        assert!(account(Some(pem.into_bytes())).builder().is_ok());
+        let error = account(Some(b"no PEM here".to_vec())).builder().err();
+        assert_eq!(
+            error.as_deref(),
+            Some("--acme-ca-root holds no certificate")
+        );
+        assert!(account(None).builder().is_ok(), "the system's roots");
+    }
+
+    #[test]
+    fn a_cause_already_shown_is_not_repeated() {
+        let e = instant_acme::Error::Other(Box::new(std::io::Error::other("tcp connect")));
+        assert_eq!(chain(&e), "tcp connect");
+    }
+}
