@@ -1,11 +1,113 @@
-//! `core-server-acme`: the ACME helper (account key, certificate store, mkcert in local mode).
+//! `core-server-acme`: the ACME helper. Started by the supervisor with no privilege left, it
+//! owns the certificate store (`DIR/acme`, handed over as a descriptor) and the ACME account,
+//! and hands the worker the certificates of the names it serves: from the store, from an
+//! ACME CA (release mode) or from mkcert (local mode).
 //!
-//! Not written yet: it arrives with HTTPS. Until then the supervisor does not start it, and
-//! running it says so instead of pretending to work.
+//! Like OpenBSD's acme-client: one process for one job, small typed messages, and confined
+//! (see `sandbox.rs`) before it reads anything but `Start`. It has no listening socket.
 
+mod account;
+mod backoff;
+mod certificate;
+mod clock;
+mod issuer;
+mod mkcert;
+mod names;
+mod order;
+mod renewal;
+mod sandbox;
+mod store;
+mod supervisor_link;
+mod worker_link;
+
+use std::os::fd::AsFd;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use core_server_proto::acme_ipc::CertificateSource;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::account::AcmeAccount;
+use crate::issuer::{Issuer, Source};
+use crate::store::Store;
+use crate::supervisor_link::SupervisorLink;
+use crate::worker_link::WorkerLink;
 
 fn main() -> ExitCode {
-    eprintln!("core-server-acme: not implemented yet (HTTPS and ACME arrive in a later release)");
-    ExitCode::FAILURE
+    core_server_proto::logging::init();
+    // One thread: the sandbox, applied after `Start`, then covers every thread there will be.
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|runtime| runtime.block_on(run()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    // One TLS provider for the whole process, whatever features other crates turn on.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let supervisor = Arc::new(SupervisorLink::inherited()?);
+    let (settings, store_dir) = supervisor.receive_start().await?;
+    // mkcert runs here, with paths relative to the store: never outside it.
+    rustix::process::fchdir(&store_dir).context("cannot enter the store directory")?;
+    let mkcert = match settings.source {
+        CertificateSource::Mkcert => settings.mkcert.clone(),
+        CertificateSource::Acme => None,
+    };
+    sandbox::apply(store_dir.as_fd(), mkcert.as_ref()).context("cannot sandbox the helper")?;
+    let store = Store::open(store_dir).context("cannot open the certificate store")?;
+
+    let source = match (settings.source, mkcert) {
+        (CertificateSource::Mkcert, Some(mkcert)) => {
+            info!(
+                "local mode: certificates from {} (CAROOT {})",
+                mkcert.binary.display(),
+                mkcert.caroot.display()
+            );
+            Source::Mkcert(mkcert)
+        }
+        (CertificateSource::Mkcert, None) => {
+            warn!("{}", issuer::NO_MKCERT);
+            Source::NoMkcert
+        }
+        (CertificateSource::Acme, _) => {
+            info!("release mode: certificates from {}", settings.directory);
+            Source::Acme(AcmeAccount::new(settings))
+        }
+    };
+    let (requests, mut incoming) = mpsc::unbounded_channel();
+    let link = WorkerLink::new(requests)?;
+    let issuer = Issuer::new(store, link.clone(), supervisor.clone(), source);
+    supervisor.ready().await?;
+    issuer.report_all().await;
+
+    // The account is ready before the first handshake asks for a certificate.
+    let early = issuer.clone();
+    tokio::spawn(async move {
+        if let Source::Acme(account) = &early.source {
+            if let Err(e) = account.get(&early.store).await {
+                warn!("no ACME account yet (tried again at the first order): {e}");
+            }
+        }
+    });
+    tokio::spawn(renewal::run(issuer.clone()));
+    {
+        let issuer = issuer.clone();
+        tokio::spawn(async move {
+            while let Some(request) = incoming.recv().await {
+                issuer.handle(request);
+            }
+        });
+    }
+    supervisor.follow(|fd| link.replace(fd)).await;
+    Ok(())
 }

@@ -22,6 +22,7 @@ pub mod http;
 pub mod load;
 pub mod mkcert;
 pub mod netns;
+pub mod pebble;
 pub mod previous;
 pub mod raw_backend;
 pub mod server;

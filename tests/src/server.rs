@@ -16,6 +16,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// The binaries an installation has, side by side.
 pub const BINARIES: [&str; 3] = ["core-server", "core-server-worker", "core-server-acme"];
 
+/// The ACME helper's command name as /proc shows it (`core-server-acme` cut to 15 bytes).
+pub const ACME_HELPER_COMM: &str = "core-server-acm";
+
 /// The directory holding the built binaries (`target/debug`), next to the test executable's
 /// `deps/`. When root, the children run as `nobody`, who must be able to execute them: if the
 /// checkout is not world-traversable (a clone under /root), they are copied somewhere that is.
@@ -156,6 +159,27 @@ impl CoreServer {
             .collect();
         server.launch();
         server
+    }
+
+    /// A server with its ports and directory chosen but not started: the test can set up
+    /// what needs its ports first (a test CA validating on them), add arguments and
+    /// environment, then [`Self::launch`] it.
+    pub fn unstarted() -> Self {
+        Self::new(None, &[])
+    }
+
+    /// Adds command-line arguments (from the next launch or rerun on).
+    pub fn add_args<S: AsRef<str>>(&mut self, args: &[S]) {
+        self.extra_args
+            .extend(args.iter().map(|a| a.as_ref().to_owned()));
+    }
+
+    /// Adds environment variables (from the next launch or rerun on).
+    pub fn add_env<K: AsRef<str>, V: AsRef<str>>(&mut self, env: &[(K, V)]) {
+        self.env.extend(
+            env.iter()
+                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())),
+        );
     }
 
     /// Runs the binaries in `dir` from the next rerun on (an upgrade to another version).
@@ -348,6 +372,22 @@ impl CoreServer {
         }
     }
 
+    /// The pid of the current ACME helper (waits for one to exist).
+    pub fn acme_helper_pid(&self) -> u32 {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(pid) = children_named(self.pid(), ACME_HELPER_COMM).first() {
+                return *pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no ACME helper process:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `signal` to the supervisor.
     pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
@@ -386,11 +426,12 @@ impl Drop for CoreServer {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let workers = children_named(child.id(), "core-server-wor");
+        let mut children = children_named(child.id(), "core-server-wor");
+        children.extend(children_named(child.id(), ACME_HELPER_COMM));
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
         let _ = child.wait();
-        for worker in workers {
-            let _ = kill(Pid::from_raw(worker as i32), Signal::SIGKILL);
+        for pid in children {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
 }

@@ -1,0 +1,309 @@
+//! Answers the worker's requests for certificates: from the store at once when it holds a
+//! current one, else by one attempt per name at a time (mkcert in local mode, an ACME order
+//! in release mode) that later requests for the name join; and runs the renewals.
+//!
+//! An attempt takes the store's lock, then looks again (a rerun's other helper may have just
+//! stored one), and does not start while the name backs off: such a request gets
+//! `Unavailable` at once, with no traffic to the CA. A new certificate goes to the worker
+//! first and to the disk right after, and each change of a name is reported to the
+//! supervisor as its `Status`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use core_server_proto::acme_ipc::{AcmeToWorker, Mkcert, Secret};
+use core_server_proto::domain::Domain;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::account::AcmeAccount;
+use crate::certificate::{self, Certificate};
+use crate::clock;
+use crate::store::{NameState, Store};
+use crate::supervisor_link::SupervisorLink;
+use crate::worker_link::{Request, WorkerLink};
+use crate::{mkcert, order};
+
+/// Where certificates come from.
+pub enum Source {
+    Mkcert(Mkcert),
+    /// Local mode without mkcert: HTTP only.
+    NoMkcert,
+    Acme(AcmeAccount),
+}
+
+impl Source {
+    /// The source line of its certificates (see `certificate.rs`).
+    fn tag(&self) -> String {
+        match self {
+            Source::Mkcert(mkcert) => mkcert::source(mkcert),
+            Source::NoMkcert => "none".into(),
+            Source::Acme(account) => format!("acme {}", account.directory()),
+        }
+    }
+}
+
+/// Why there is no HTTPS in local mode without mkcert.
+pub const NO_MKCERT: &str =
+    "local mode without mkcert: HTTPS is off (install mkcert and restart core-server to serve HTTPS)";
+
+pub struct Issuer {
+    pub store: Store,
+    link: Arc<WorkerLink>,
+    supervisor: Arc<SupervisorLink>,
+    pub source: Source,
+    /// Names with an attempt running, and whether a handshake waits for it.
+    in_flight: Mutex<HashMap<Domain, bool>>,
+    /// Wakes the renewals when a certificate or a name's state changed.
+    pub changed: Notify,
+}
+
+impl Issuer {
+    pub fn new(
+        store: Store,
+        link: Arc<WorkerLink>,
+        supervisor: Arc<SupervisorLink>,
+        source: Source,
+    ) -> Arc<Issuer> {
+        Arc::new(Issuer {
+            store,
+            link,
+            supervisor,
+            source,
+            in_flight: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        })
+    }
+
+    pub fn handle(self: &Arc<Self>, request: Request) {
+        let issuer = self.clone();
+        match request {
+            Request::Certificate(name) => tokio::spawn(async move { issuer.serve(name).await }),
+            Request::Forget(name) => tokio::spawn(async move { issuer.forget(name).await }),
+        };
+    }
+
+    /// The status of every name in the store, for the supervisor at start.
+    pub async fn report_all(&self) {
+        match self.store.names() {
+            Ok(names) => {
+                for name in names {
+                    self.report(&name).await;
+                }
+            }
+            Err(e) => warn!("cannot list the store: {e}"),
+        }
+    }
+
+    /// The stored certificate of `name`, if it reads and checks.
+    pub fn stored(&self, name: &Domain) -> Option<Certificate> {
+        match self.store.read_certificate(name) {
+            Ok(Some(pem)) => match Certificate::from_pem(name, &pem) {
+                Ok(certificate) => Some(certificate),
+                Err(e) => {
+                    warn!("certs/{name}.pem in the store is unusable ({e}); a new one is made");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                warn!("{e}");
+                None
+            }
+        }
+    }
+
+    /// Whether `certificate` may be served now: current, and from this mode's source.
+    pub fn servable(&self, certificate: &Certificate) -> bool {
+        certificate.is_current(clock::now()) && certificate.is_from(&self.source.tag())
+    }
+
+    async fn serve(&self, name: Domain) {
+        if let Some(certificate) = self.stored(&name).filter(|c| self.servable(c)) {
+            self.send(&name, &certificate).await;
+            self.remember(&name).await;
+            return;
+        }
+        if let Source::NoMkcert = self.source {
+            self.unavailable(&name, NO_MKCERT.into()).await;
+            return;
+        }
+        self.attempt(&name, None, true).await;
+        self.remember(&name).await;
+    }
+
+    /// Renews `old` in the background: handshakes go on with it meanwhile.
+    pub async fn renew(&self, name: &Domain, old: &Certificate) {
+        self.attempt(name, Some(old), false).await;
+    }
+
+    /// One attempt for `name` unless one runs (which then answers); `asked`: a handshake
+    /// waits, and is told if it fails.
+    async fn attempt(&self, name: &Domain, replacing: Option<&Certificate>, asked: bool) {
+        {
+            let mut in_flight = self.in_flight.lock().unwrap();
+            if let Some(waits) = in_flight.get_mut(name) {
+                *waits |= asked;
+                return;
+            }
+            in_flight.insert(name.clone(), asked);
+        }
+        let result = self.obtain(name, replacing).await;
+        let asked = self.in_flight.lock().unwrap().remove(name).unwrap_or(asked);
+        match result {
+            Ok(()) => {}
+            Err(reason) if asked => self.unavailable(name, reason).await,
+            Err(reason) => warn!("{name}: renewal failed: {reason}"),
+        }
+    }
+
+    async fn obtain(&self, name: &Domain, replacing: Option<&Certificate>) -> Result<(), String> {
+        let backing_off = |state: &NameState| {
+            state.backoff.waiting_until(clock::now()).map(|until| {
+                format!(
+                    "backing off after failures until {} (last: {})",
+                    clock::show(until),
+                    state.backoff.last_error.as_deref().unwrap_or("unknown")
+                )
+            })
+        };
+        let state = self.store.read_state(name).map_err(|e| e.to_string())?;
+        if let Some(why) = backing_off(&state) {
+            return Err(why);
+        }
+        let lock = self.store.lock().await.map_err(|e| e.to_string())?;
+        // The other helper of a rerun may have just stored one, or failed.
+        if let Some(certificate) = self
+            .stored(name)
+            .filter(|c| self.servable(c) && replacing.is_none_or(|old| old.chain[0] != c.chain[0]))
+        {
+            self.send(name, &certificate).await;
+            return Ok(());
+        }
+        let mut state = self.store.read_state(name).map_err(|e| e.to_string())?;
+        if let Some(why) = backing_off(&state) {
+            return Err(why);
+        }
+        let source = self.source.tag();
+        let result = match &self.source {
+            Source::Mkcert(mkcert) => {
+                let result = mkcert::issue(mkcert, &self.store, name).await;
+                if let Err(e) = &result {
+                    state.backoff.fail(clock::now(), e.clone(), None);
+                }
+                result
+            }
+            Source::NoMkcert => Err(NO_MKCERT.into()),
+            Source::Acme(account) => match account.get(&self.store).await {
+                Ok(account) => {
+                    order::obtain(
+                        account,
+                        &source,
+                        name,
+                        replacing,
+                        &self.link,
+                        &mut state.backoff,
+                    )
+                    .await
+                }
+                Err(e) => {
+                    state.backoff.fail(clock::now(), e.clone(), None);
+                    Err(e)
+                }
+            },
+        };
+        let outcome = match result {
+            Ok(certificate) => {
+                self.send(name, &certificate).await;
+                self.store
+                    .write_certificate(&lock, name, &certificate.to_pem())
+                    .map_err(|e| format!("cannot store the certificate: {e}"))?;
+                info!(
+                    "{name}: certificate from {} stored, valid until {}",
+                    certificate.issuer,
+                    clock::show(certificate.not_after)
+                );
+                state.backoff = Default::default();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = self.store.write_state(&lock, name, &state) {
+            warn!("cannot record {name}'s state: {e}");
+        }
+        drop(lock);
+        self.report(name).await;
+        self.changed.notify_one();
+        outcome
+    }
+
+    /// The worker no longer routes `name`: no renewals (the files stay).
+    async fn forget(&self, name: Domain) {
+        self.set_forgotten(&name, true).await;
+    }
+
+    /// The worker routes `name` (again): renewed from now on.
+    async fn remember(&self, name: &Domain) {
+        self.set_forgotten(name, false).await;
+    }
+
+    async fn set_forgotten(&self, name: &Domain, forgotten: bool) {
+        let unchanged = |issuer: &Issuer| {
+            issuer
+                .store
+                .read_state(name)
+                .map(|s| s.forgotten == forgotten)
+        };
+        if let Ok(true) = unchanged(self) {
+            return;
+        }
+        let result = async {
+            let lock = self.store.lock().await?;
+            let mut state = self.store.read_state(name)?;
+            state.forgotten = forgotten;
+            self.store.write_state(&lock, name, &state)
+        };
+        match result.await {
+            Ok(()) => self.changed.notify_one(),
+            Err(e) => warn!(
+                "cannot record that {name} is {}: {e}",
+                if forgotten { "forgotten" } else { "routed" }
+            ),
+        }
+    }
+
+    async fn send(&self, name: &Domain, certificate: &Certificate) {
+        self.link
+            .send(&AcmeToWorker::Certificate {
+                name: name.clone(),
+                chain: certificate.chain.clone(),
+                key: Secret(certificate.key.clone()),
+            })
+            .await;
+    }
+
+    async fn unavailable(&self, name: &Domain, reason: String) {
+        self.link
+            .send(&AcmeToWorker::Unavailable {
+                name: name.clone(),
+                reason,
+            })
+            .await;
+    }
+
+    /// Sends `name`'s status to the supervisor.
+    pub async fn report(&self, name: &Domain) {
+        let certificate = self.stored(name);
+        let state = self.store.read_state(name).unwrap_or_default();
+        let now = clock::now();
+        let next_try = state.backoff.waiting_until(now);
+        self.supervisor
+            .status(certificate::status(
+                name,
+                certificate.as_ref(),
+                state.backoff.last_error,
+                next_try,
+            ))
+            .await;
+    }
+}

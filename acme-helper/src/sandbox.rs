@@ -1,0 +1,76 @@
+//! The helper confines itself once `Start` is read (the rules need the store's descriptor and
+//! mkcert's paths), before it reads anything else: what a compromised helper could still do,
+//! above all to its supervisor, which may run as the same uid (setcap, no root).
+//!
+//! Landlock: files may be read and written only beneath the store; read (for DNS and the
+//! system's TLS roots) in `/etc` and `/usr`; in local mode, mkcert may be run (and its
+//! dynamic loader) and its `CAROOT` read. No TCP port may be bound (the helper has no
+//! listening socket), and signals and abstract Unix sockets reach only processes inside the
+//! same sandbox: the supervisor can be neither signalled nor reached on its control socket.
+//!
+//! Apply it while the helper has one thread: Landlock (up to ABI 7) confines the calling
+//! thread and the threads it starts afterwards (the runtime is single-threaded, and its
+//! blocking threads, for DNS, start later). Where the kernel lacks a feature, one warning
+//! names what is not enforced and the helper goes on.
+
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+
+use core_server_proto::acme_ipc::Mkcert;
+use landlock::{
+    Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetError, RulesetStatus, Scope, ABI,
+};
+use tracing::{info, warn};
+
+/// The Landlock ABI the rules are written for (Linux 6.15).
+const LANDLOCK_ABI: ABI = ABI::V7;
+
+/// Confines the process for the rest of its life; `mkcert` in local mode.
+pub fn apply(store: BorrowedFd<'_>, mkcert: Option<&Mkcert>) -> Result<(), RulesetError> {
+    let all = AccessFs::from_all(LANDLOCK_ABI);
+    let read = AccessFs::from_read(LANDLOCK_ABI) & !AccessFs::Execute;
+    let mut ruleset = Ruleset::default()
+        .handle_access(all)?
+        .handle_access(AccessNet::BindTcp)?
+        .scope(Scope::from_all(LANDLOCK_ABI))?
+        .create()?
+        .add_rule(PathBeneath::new(store, all & !AccessFs::Execute))?;
+    // Read-only system files: resolv.conf, hosts, nsswitch and the NSS modules, TLS roots.
+    let mut readable: Vec<(&Path, _)> = vec![(Path::new("/etc"), read), (Path::new("/usr"), read)];
+    // tokio's process spawning reads /dev/null for the child's stdin.
+    readable.push((
+        Path::new("/dev/null"),
+        AccessFs::ReadFile | AccessFs::WriteFile,
+    ));
+    if let Some(mkcert) = mkcert {
+        // The binary and the shared libraries and loader it needs (mkcert is dynamic).
+        let exec = read | AccessFs::Execute;
+        readable.push((Path::new("/usr"), exec));
+        readable.push((
+            mkcert.binary.as_path(),
+            AccessFs::ReadFile | AccessFs::Execute,
+        ));
+        readable.push((mkcert.caroot.as_path(), read));
+    }
+    for (path, access) in readable {
+        match PathFd::new(path) {
+            Ok(fd) => ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?,
+            // A missing path grants nothing; mkcert then fails with a reason of its own.
+            Err(e) => warn!("sandbox: cannot grant {}: {e}", path.display()),
+        }
+    }
+    let status = ruleset.restrict_self()?;
+    match status.ruleset {
+        RulesetStatus::FullyEnforced => info!(
+            "sandboxed: Landlock (files only beneath the store, no TCP bind, scoped signals and abstract sockets)"
+        ),
+        RulesetStatus::PartiallyEnforced => warn!(
+            "sandbox: this kernel enforces only part of the Landlock rules (signals and abstract sockets need Linux 6.12)"
+        ),
+        RulesetStatus::NotEnforced => {
+            warn!("sandbox: this kernel does not enforce Landlock; going on without")
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! The certificate store: the directory the supervisor hands over (`DIR/acme`), every file in
+//! it reached relative to that descriptor (never by a path from `/`, never through a link).
+//!
+//! ```text
+//! lock               flock'd while ordering or writing: in a rerun, the old and the new helper
+//!                    run side by side for a moment, and must not order the same name twice
+//! account.json       the ACME account, with its private key (0600)
+//! certs/<name>.pem   the private key and the chain (leaf first) in ONE file, so a renewal
+//!                    replaces the pair at once (0600)
+//! names/<name>.json  failed attempts (the backoff) and whether the name was forgotten
+//! tmp/               scratch directories for mkcert's output
+//! ```
+//!
+//! Reads take no lock: every file is replaced whole, by a rename (`atomic_file::write`).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use core_server_proto::atomic_file;
+use core_server_proto::domain::Domain;
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::Backoff;
+use crate::names::checked;
+
+const LOCK: &str = "lock";
+const ACCOUNT: &str = "account.json";
+const CERTS: &str = "certs";
+const NAMES: &str = "names";
+const TMP: &str = "tmp";
+/// No file of the store is anywhere near this; a larger one is not ours.
+const MAX_FILE_LEN: u64 = 1 << 20;
+/// How often a helper waiting for the other one's lock tries again.
+const LOCK_RETRY: Duration = Duration::from_millis(10);
+
+/// What the store remembers about a name besides its certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameState {
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// The worker no longer routes it: not renewed (its files stay for a later `add`).
+    #[serde(default)]
+    pub forgotten: bool,
+}
+
+pub struct Store {
+    dir: OwnedFd,
+    certs: OwnedFd,
+    names: OwnedFd,
+    tmp: OwnedFd,
+    lock: Arc<StoreLock>,
+}
+
+impl Store {
+    /// Opens the store in `dir`, making its subdirectories (0700) where missing.
+    pub fn open(dir: OwnedFd) -> io::Result<Store> {
+        let certs = subdir(&dir, CERTS)?;
+        let names = subdir(&dir, NAMES)?;
+        let tmp = subdir(&dir, TMP)?;
+        let lock = rustix::fs::openat(
+            &dir,
+            LOCK,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| context(e.into(), LOCK))?;
+        Ok(Store {
+            dir,
+            certs,
+            names,
+            tmp,
+            lock: Arc::new(StoreLock {
+                fd: lock,
+                holders: Mutex::new(0),
+                acquiring: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// `certs/<name>.pem`, if there is one.
+    pub fn read_certificate(&self, name: &Domain) -> io::Result<Option<Vec<u8>>> {
+        read(&self.certs, &format!("{}.pem", checked(name)?))
+    }
+
+    pub fn write_certificate(&self, _: &LockGuard, name: &Domain, pem: &[u8]) -> io::Result<()> {
+        let file = format!("{}.pem", checked(name)?);
+        atomic_file::write(self.certs.as_fd(), &file, pem, 0o600)
+            .map_err(|e| context(e, &format!("{CERTS}/{file}")))
+    }
+
+    /// `names/<name>.json`; a missing file is a name without history. A corrupt one is
+    /// reported, and counts as no history: the next write replaces it.
+    pub fn read_state(&self, name: &Domain) -> io::Result<NameState> {
+        let file = format!("{}.json", checked(name)?);
+        let Some(bytes) = read(&self.names, &file)? else {
+            return Ok(NameState::default());
+        };
+        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!("{NAMES}/{file} is corrupt ({e}); it is replaced at the next change");
+            NameState::default()
+        }))
+    }
+
+    pub fn write_state(&self, _: &LockGuard, name: &Domain, state: &NameState) -> io::Result<()> {
+        let file = format!("{}.json", checked(name)?);
+        let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
+        atomic_file::write(self.names.as_fd(), &file, &bytes, 0o600)
+            .map_err(|e| context(e, &format!("{NAMES}/{file}")))
+    }
+
+    /// Every name the store knows: with a certificate or a history.
+    pub fn names(&self) -> io::Result<BTreeSet<Domain>> {
+        let mut names = BTreeSet::new();
+        for (dir, suffix) in [(&self.certs, ".pem"), (&self.names, ".json")] {
+            for entry in rustix::fs::Dir::read_from(dir)? {
+                let entry = entry?;
+                let Ok(file) = entry.file_name().to_str() else {
+                    continue;
+                };
+                // Temp files start with a dot, which no domain does.
+                // Only names as we write them: validated and already normalised.
+                let Some(stem) = file.strip_suffix(suffix) else {
+                    continue;
+                };
+                match Domain::parse(stem) {
+                    Ok(name) if name.as_str() == stem => {
+                        names.insert(name);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    pub fn read_account(&self) -> io::Result<Option<Vec<u8>>> {
+        read(&self.dir, ACCOUNT)
+    }
+
+    pub fn write_account(&self, _: &LockGuard, bytes: &[u8]) -> io::Result<()> {
+        atomic_file::write(self.dir.as_fd(), ACCOUNT, bytes, 0o600).map_err(|e| context(e, ACCOUNT))
+    }
+
+    /// A new private directory under `tmp/`, removed with what is in it when dropped.
+    pub fn scratch_dir(&self) -> io::Result<ScratchDir> {
+        let mut random = [0u8; 8];
+        rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())?;
+        let name = format!("{:016x}", u64::from_ne_bytes(random));
+        rustix::fs::mkdirat(&self.tmp, &*name, Mode::from_raw_mode(0o700))?;
+        let fd = open_dir(&self.tmp, &name)?;
+        Ok(ScratchDir {
+            parent: self.tmp.try_clone()?,
+            fd,
+            name,
+        })
+    }
+
+    /// Takes the store's lock: held by this process while any of its guards lives.
+    pub async fn lock(&self) -> io::Result<LockGuard> {
+        self.lock.clone().acquire().await
+    }
+}
+
+/// A directory under `tmp/` for one run of mkcert.
+pub struct ScratchDir {
+    parent: OwnedFd,
+    fd: OwnedFd,
+    name: String,
+}
+
+impl ScratchDir {
+    /// Its path relative to the store (the helper's working directory).
+    pub fn path(&self) -> String {
+        format!("{TMP}/{}", self.name)
+    }
+
+    pub fn read(&self, file: &str) -> io::Result<Vec<u8>> {
+        read(&self.fd, file)?.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{}/{file}", self.path()))
+        })
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Ok(dir) = rustix::fs::Dir::read_from(&self.fd) {
+            for entry in dir.flatten() {
+                let name = entry.file_name();
+                if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                    let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::empty());
+                }
+            }
+        }
+        let _ = rustix::fs::unlinkat(&self.parent, &*self.name, AtFlags::REMOVEDIR);
+    }
+}
+
+/// The `lock` file's flock, shared by all the orders and writes of this process: taken when
+/// the first begins, released when the last ends.
+struct StoreLock {
+    fd: OwnedFd,
+    holders: Mutex<usize>,
+    /// One acquirer waits for the other process at a time.
+    acquiring: tokio::sync::Mutex<()>,
+}
+
+impl StoreLock {
+    async fn acquire(self: Arc<Self>) -> io::Result<LockGuard> {
+        let _one = self.acquiring.lock().await;
+        {
+            let mut holders = self.holders.lock().unwrap();
+            if *holders > 0 {
+                *holders += 1;
+                return Ok(LockGuard(self.clone()));
+            }
+        }
+        // Nobody here holds it, and only we may take it now: wait for the other helper.
+        loop {
+            match rustix::fs::flock(&self.fd, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) => tokio::time::sleep(LOCK_RETRY).await,
+                Err(e) => return Err(context(e.into(), LOCK)),
+            }
+        }
+        *self.holders.lock().unwrap() = 1;
+        Ok(LockGuard(self.clone()))
+    }
+}
+
+/// Proof that the store's lock is held, for the writes that need it.
+pub struct LockGuard(Arc<StoreLock>);
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let mut holders = self.0.holders.lock().unwrap();
+        *holders -= 1;
+        if *holders == 0 {
+            let _ = rustix::fs::flock(&self.0.fd, FlockOperation::Unlock);
+        }
+    }
+}
+
+fn subdir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(context(e.into(), name)),
+    }
+    open_dir(dir, name)
+}
+
+fn open_dir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| context(e.into(), name))
+}
+
+/// The whole of `name` in `dir`, if it exists; a link there is refused, not followed.
+fn read(dir: &OwnedFd, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let fd = match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(context(e.into(), name)),
+    };
+    let mut bytes = Vec::new();
+    File::from(fd)
+        .take(MAX_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| context(e, name))?;
+    if bytes.len() as u64 > MAX_FILE_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name} is larger than {MAX_FILE_LEN} bytes"),
+        ));
+    }
+    Ok(Some(bytes))
+}
+
+fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} in the store: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    fn store(dir: &Path) -> Store {
+        Store::open(File::open(dir).unwrap().into()).unwrap()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn certificates_and_states_round_trip_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let name = Domain::parse("a.example").unwrap();
+        assert_eq!(store.read_certificate(&name).unwrap(), None);
+        assert_eq!(store.read_state(&name).unwrap(), NameState::default());
+
+        let lock = store.lock().await.unwrap();
+        store.write_certificate(&lock, &name, b"first").unwrap();
+        store.write_certificate(&lock, &name, b"second").unwrap();
+        let state = NameState {
+            forgotten: true,
+            ..NameState::default()
+        };
+        store.write_state(&lock, &name, &state).unwrap();
+        drop(lock);
+
+        assert_eq!(store.read_certificate(&name).unwrap().unwrap(), b"second");
+        assert_eq!(store.read_state(&name).unwrap(), state);
+        for sub in ["certs", "names", "tmp"] {
+            assert_eq!(mode(&dir.path().join(sub)), 0o700, "{sub}");
+        }
+        assert_eq!(mode(&dir.path().join("certs/a.example.pem")), 0o600);
+        assert_eq!(mode(&dir.path().join("names/a.example.json")), 0o600);
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("certs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files, ["a.example.pem"], "no temp file left behind");
+        assert_eq!(
+            store.names().unwrap().into_iter().collect::<Vec<_>>(),
+            [name]
+        );
+    }
+
+    #[test]
+    fn a_link_in_the_store_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), b"secret").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("certs/b.example.pem")).unwrap();
+        let name = Domain::parse("b.example").unwrap();
+        assert!(store.read_certificate(&name).is_err());
+    }
+
+    #[test]
+    fn other_files_are_not_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        for file in [
+            "certs/.a.example.pem.tmp-0123",
+            "certs/UPPER.example.pem",
+            "certs/notes.txt",
+            "names/c.example.json",
+        ] {
+            std::fs::write(dir.path().join(file), b"x").unwrap();
+        }
+        let names: Vec<_> = store.names().unwrap().into_iter().collect();
+        assert_eq!(names, [Domain::parse("c.example").unwrap()]);
+    }
+
+    #[test]
+    fn a_scratch_dir_goes_with_its_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let scratch = store.scratch_dir().unwrap();
+        let path = dir.path().join(scratch.path());
+        assert_eq!(mode(&path), 0o700);
+        std::fs::write(path.join("key.pem"), b"k").unwrap();
+        assert_eq!(scratch.read("key.pem").unwrap(), b"k");
+        drop(scratch);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn the_lock_excludes_another_process_until_the_last_guard_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let first = store.lock().await.unwrap();
+        let second = store.lock().await.unwrap();
+        // Another open file description stands for the other helper.
+        let other = File::open(dir.path().join("lock")).unwrap();
+        let try_other = || rustix::fs::flock(&other, FlockOperation::NonBlockingLockExclusive);
+        assert!(try_other().is_err());
+        drop(first);
+        assert!(try_other().is_err(), "still held by the second guard");
+        drop(second);
+        try_other().unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(100), store.lock()).await;
+        assert!(waiting.is_err(), "waits while the other process holds it");
+        rustix::fs::flock(&other, FlockOperation::Unlock).unwrap();
+        store.lock().await.unwrap();
+    }
+}
