@@ -146,7 +146,12 @@ impl TlsClient {
         Arc::new(config)
     }
 
-    async fn connect(&self, port: u16, sni: &Sni) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    /// A new TLS connection to `127.0.0.1:port`, handshake done.
+    pub async fn connect(
+        &self,
+        port: u16,
+        sni: &Sni,
+    ) -> Result<TlsStream<TcpStream>, HandshakeError> {
         let attempt = async {
             let tcp = TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -178,10 +183,20 @@ impl TlsClient {
     /// `GET path` with `Host: host` over a new connection: HTTP/2 if the server chose `h2`,
     /// else HTTP/1.1. Panics if the handshake or the request fails.
     pub async fn get(&self, port: u16, sni: &Sni, host: &str, path: &str) -> TlsReply {
-        let tls = self
-            .connect(port, sni)
+        self.try_get(port, sni, host, path)
             .await
-            .unwrap_or_else(|e| panic!("TLS handshake with port {port} ({sni:?}): {e:?}"));
+            .unwrap_or_else(|e| panic!("TLS handshake with port {port} ({sni:?}): {e:?}"))
+    }
+
+    /// [`Self::get`], but a failed handshake is returned (the request after it must work).
+    pub async fn try_get(
+        &self,
+        port: u16,
+        sni: &Sni,
+        host: &str,
+        path: &str,
+    ) -> Result<TlsReply, HandshakeError> {
+        let tls = self.connect(port, sni).await?;
         let session = session(&tls);
         let io = TokioIo::new(tls);
         let request = async {
@@ -213,12 +228,12 @@ impl TlsClient {
             .expect("the whole body in time")
             .expect("the whole body")
             .to_bytes();
-        TlsReply {
+        Ok(TlsReply {
             status: parts.status,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
             session,
-        }
+        })
     }
 }
 

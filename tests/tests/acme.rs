@@ -62,8 +62,9 @@ impl Release {
     /// `GET /` for `name` over HTTPS through a new connection of `client`.
     async fn get(&self, client: &TlsClient, name: &str) -> core_server_tests::tls_client::TlsReply {
         client
-            .get(self.server.https_port, &Sni::name(name), name, "/")
+            .try_get(self.server.https_port, &Sni::name(name), name, "/")
             .await
+            .unwrap_or_else(|e| panic!("TLS handshake for {name}: {e:?}\n{}", self.logs()))
     }
 
     /// What everything logged: the server's output, its log file, and the CA's log.
