@@ -38,10 +38,14 @@ use crate::worker_link::WorkerLink;
 fn main() -> ExitCode {
     core_server_proto::logging::init();
     // One thread: the sandbox, applied after `Start`, then covers every thread there will be.
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")
+    let result = core_server_proto::dumpable::forbid()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")
+        })
         .and_then(|runtime| {
             let result = runtime.block_on(run());
             // `Shutdown` means now: no waiting for a DNS lookup in a blocking thread.

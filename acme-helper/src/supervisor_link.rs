@@ -1,5 +1,5 @@
 //! The channel to the supervisor, on descriptor 3: `Start` with the store's descriptor, then
-//! `Ready`; the worker links it hands over; the `Status` of each name; `Shutdown`.
+//! `Ready`; the worker links it hands over; the `Status` of each name; heartbeats; `Shutdown`.
 
 use std::os::fd::OwnedFd;
 
@@ -46,6 +46,12 @@ impl SupervisorLink {
             match self.0.recv().await {
                 Ok(Some((ToAcme::Worker, mut fds))) if fds.len() == 1 => on_worker(fds.remove(0)),
                 Ok(Some((ToAcme::Shutdown, _))) => return,
+                Ok(Some((ToAcme::Ping, _))) => {
+                    if let Err(e) = self.0.send(&FromAcme::Pong, &[]).await {
+                        warn!("cannot answer the supervisor ({e}); stopping");
+                        return;
+                    }
+                }
                 Ok(Some(other)) => warn!("unexpected message from the supervisor: {other:?}"),
                 Ok(None) => {
                     warn!("the supervisor is gone; stopping");

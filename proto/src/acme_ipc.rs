@@ -83,6 +83,9 @@ pub enum ToAcme {
     Worker,
     /// Exit now. Orders in flight are abandoned; what is on disk stays consistent.
     Shutdown,
+    /// Answer `Pong`: a helper that does not, within a deadline, is stopped or stuck and is
+    /// replaced.
+    Ping,
 }
 
 /// Helper to supervisor.
@@ -93,6 +96,8 @@ pub enum FromAcme {
     /// What `core-server status` shows for one name; sent for every name in the store at
     /// start, then whenever it changes. Replaces the earlier status of the same name.
     Status(CertificateStatus),
+    /// The answer to `Ping`.
+    Pong,
 }
 
 /// Worker to helper.

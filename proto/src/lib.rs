@@ -8,6 +8,7 @@
 //! - [`acme_ipc`]: the ACME helper's messages, with the supervisor and with the worker.
 //! - [`channel`]: how those messages travel: postcard over a `SOCK_SEQPACKET` socketpair, with
 //!   descriptors attached as `SCM_RIGHTS`.
+//! - [`dumpable`]: what each child does first, so that no other process of its user reads it.
 //! - [`logging`]: the one tracing set-up every binary uses.
 
 pub mod acme_ipc;
@@ -15,6 +16,7 @@ pub mod atomic_file;
 pub mod channel;
 pub mod command;
 pub mod domain;
+pub mod dumpable;
 pub mod ipc;
 pub mod logging;
 pub mod routes;

@@ -30,6 +30,11 @@ use crate::cli::ServerOptions;
 use crate::supervise::Supervisor;
 use crate::worker::Worker;
 
+/// How often a helper is asked to prove it runs, and how long it has to answer (generous: a
+/// stuck helper only delays certificates not yet issued).
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a helper told to shut down may take to exit before it is killed.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -129,11 +134,28 @@ pub struct AcmeHelper {
     child: Child,
     channel: Channel<ToAcme, FromAcme>,
     started: Instant,
+    /// When to send the next `Ping`, or, while one is unanswered, when it is overdue.
+    heartbeat_due: Instant,
+    ping_unanswered: bool,
 }
 
 impl AcmeHelper {
     async fn tell(&mut self, message: &ToAcme, fds: &[BorrowedFd<'_>]) -> bool {
         self.child.tell(&self.channel, message, fds).await
+    }
+
+    /// Sends the next `Ping`, or kills a helper that left the last one unanswered (its
+    /// channel then closes, and it is restarted).
+    async fn heartbeat(&mut self) {
+        self.heartbeat_due = Instant::now() + HEARTBEAT_TIMEOUT;
+        if self.ping_unanswered {
+            warn!(
+                "the ACME helper did not answer within {HEARTBEAT_TIMEOUT:?} (stopped or stuck); replacing it"
+            );
+            self.child.start_kill();
+        } else {
+            self.ping_unanswered = self.tell(&ToAcme::Ping, &[]).await;
+        }
     }
 }
 
@@ -173,7 +195,19 @@ impl HelperSlot {
             tokio::time::sleep_until(self.restart_at).await;
             return HelperEvent::RestartDue;
         };
-        match helper.channel.recv().await {
+        let received = tokio::select! {
+            received = helper.channel.recv() => received,
+            _ = tokio::time::sleep_until(helper.heartbeat_due) => {
+                helper.heartbeat().await;
+                return HelperEvent::Said;
+            }
+        };
+        match received {
+            Ok(Some((FromAcme::Pong, _))) => {
+                helper.ping_unanswered = false;
+                helper.heartbeat_due = Instant::now() + HEARTBEAT_INTERVAL;
+                return HelperEvent::Said;
+            }
             Ok(Some((FromAcme::Ready, _))) => {
                 info!("ACME helper ready");
                 return HelperEvent::Said;
@@ -290,6 +324,8 @@ impl Supervisor {
             child,
             channel: Channel::new(ours)?,
             started: Instant::now(),
+            heartbeat_due: Instant::now() + HEARTBEAT_INTERVAL,
+            ping_unanswered: false,
         };
         let start = ToAcme::Start {
             settings: setup.settings.clone(),

@@ -63,8 +63,9 @@ fn main() -> ExitCode {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     // Before the runtime starts its threads: Landlock confines only the calling thread and
     // those it starts afterwards. Nothing until then has read network input.
-    let result = core_server_worker::sandbox::apply()
-        .context("cannot sandbox the worker")
+    let result = core_server_proto::dumpable::forbid()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| core_server_worker::sandbox::apply().context("cannot sandbox the worker"))
         .and_then(|()| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
