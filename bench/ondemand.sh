@@ -164,13 +164,13 @@ echo
 echo "$(nproc) cores; pebble (PEBBLE_VA_NOSLEEP=1), one per run; times in seconds (curl time_total)"
 printf '%-14s %22s %22s %24s %20s\n' "" "first, with account" "first (median)" "second (median)" "$BURST at once"
 for who in $SERVERS; do
-  printf '%-14s %22s %22s %24s %20s\n' "$who" "${account[$who]}" "$(median <<<"${first[$who]}")" \
-    "$(median <<<"${second[$who]}")" "${burst_ok[$who]:-0} ok, ${burst_orders[$who]} orders"
-  echo "               first: ${first[$who]}  second: ${second[$who]}"
+  printf '%-14s %22s %22s %24s %20s\n' "$who" "${account[$who]}" "$(median <<<"${first[$who]:-}")" \
+    "$(median <<<"${second[$who]:-}")" "${burst_ok[$who]:-0} ok, ${burst_orders[$who]} orders"
+  echo "               first: ${first[$who]:-}  second: ${second[$who]:-}"
 done
 if [ "$SERVERS" = "core-server caddy" ]; then
   echo
-  awk -v a="$(median <<<"${first[core-server]}")" -v b="$(median <<<"${first[caddy]}")" 'BEGIN {
+  awk -v a="$(median <<<"${first[core-server]:-}")" -v b="$(median <<<"${first[caddy]:-}")" 'BEGIN {
     if (a + 0 > 0 && b + 0 > 0) printf "first request, core-server / Caddy: %.2f  (core-server %.3f s; target <= 0.3 s)\n", a / b, a }'
   echo "orders for $BURST concurrent first handshakes: core-server ${burst_orders[core-server]}, Caddy ${burst_orders[caddy]} (target: exactly 1)"
 fi

@@ -109,7 +109,7 @@ start_core() {  # which threads [binaries]
   udp=$(free_port)
   env CAROOT="$work/caroot" ${2:+TOKIO_WORKER_THREADS=$2} RUST_LOG=warn "$bin/core-server" \
     --mode local --http-port "$(free_port)" --https-port "${port[$1]}" --udp-port "$udp" \
-    --dir "$work/$1" 2>>"$work/$1.err" &
+    --dir "$work/state-$1" 2>>"$work/$1.err" &
   pids+=($!)
   wait_port "${port[$1]}"
   add_route "$udp" "$name" "$backend"

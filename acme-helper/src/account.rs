@@ -8,13 +8,14 @@
 use std::sync::Arc;
 
 use core_server_proto::acme_ipc::AcmeSettings;
+use hyper_rustls::ConfigBuilderExt;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{Account, AccountBuilder, AccountCredentials, NewAccount};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
-use tokio::sync::OnceCell;
 use tracing::info;
 
 use crate::store::Store;
@@ -29,14 +30,15 @@ struct StoredAccount {
 
 pub struct AcmeAccount {
     settings: AcmeSettings,
-    account: OnceCell<Account>,
+    /// `None` until loaded or made, and again once the CA said it no longer knows it.
+    account: tokio::sync::Mutex<Option<Account>>,
 }
 
 impl AcmeAccount {
     pub fn new(settings: AcmeSettings) -> AcmeAccount {
         AcmeAccount {
             settings,
-            account: OnceCell::new(),
+            account: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -45,16 +47,29 @@ impl AcmeAccount {
     }
 
     /// The account, loaded or made at the first call (retried at the next if that failed).
-    pub async fn get(&self, store: &Store) -> Result<&Account, String> {
-        self.account
-            .get_or_try_init(|| self.load_or_create(store))
-            .await
+    pub async fn get(&self, store: &Store) -> Result<Account, String> {
+        let mut account = self.account.lock().await;
+        if let Some(account) = &*account {
+            return Ok(account.clone());
+        }
+        let loaded = self.load_or_create(store, false).await?;
+        *account = Some(loaded.clone());
+        Ok(loaded)
     }
 
-    async fn load_or_create(&self, store: &Store) -> Result<Account, String> {
+    /// The CA no longer knows the account (a test CA restarted, an account deleted): makes a
+    /// new one, replacing the stored one.
+    pub async fn replace(&self, store: &Store) -> Result<Account, String> {
+        let mut account = self.account.lock().await;
+        let made = self.load_or_create(store, true).await?;
+        *account = Some(made.clone());
+        Ok(made)
+    }
+
+    async fn load_or_create(&self, store: &Store, anew: bool) -> Result<Account, String> {
         let directory = &self.settings.directory;
-        let error = |e: instant_acme::Error| format!("ACME directory {directory}: {e}");
-        if let Some(stored) = self.stored(store)? {
+        let error = |e: instant_acme::Error| format!("ACME directory {directory}: {}", chain(&e));
+        if let Some(stored) = self.stored(store)?.filter(|_| !anew) {
             if stored.directory == *directory && stored.email == self.settings.email {
                 return self
                     .builder()?
@@ -69,7 +84,7 @@ impl AcmeAccount {
         }
         let lock = store.lock().await.map_err(|e| e.to_string())?;
         // A helper that ran meanwhile (a rerun's) may have made it.
-        if let Some(stored) = self.stored(store)? {
+        if let Some(stored) = self.stored(store)?.filter(|_| !anew) {
             if stored.directory == *directory && stored.email == self.settings.email {
                 return self
                     .builder()?
@@ -124,32 +139,90 @@ impl AcmeAccount {
 
     /// An HTTP client trusting the system's roots, or only `--acme-ca-root`.
     fn builder(&self) -> Result<AccountBuilder, String> {
-        let Some(pem) = &self.settings.ca_root_pem else {
-            return Account::builder().map_err(|e| format!("cannot set up HTTPS to the CA: {e}"));
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| format!("--acme-ca-root: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("--acme-ca-root: {e}"))?;
-        }
-        if roots.is_empty() {
-            return Err("--acme-ca-root holds no certificate".into());
-        }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .map_err(|e| e.to_string())?;
+        let tls = match &self.settings.ca_root_pem {
+            None => tls
+                .try_with_platform_verifier()
+                .map_err(|e| format!("cannot set up HTTPS to the CA: {e}"))?,
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| format!("--acme-ca-root: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("--acme-ca-root: {e}"))?;
+                }
+                if roots.is_empty() {
+                    return Err("--acme-ca-root holds no certificate".into());
+                }
+                tls.with_root_certificates(roots)
+            }
+        };
+        // Without TCP_NODELAY, a request whose body follows its head in a second write waits
+        // for the server's delayed ACK: 40 ms per ACME request.
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(tls.with_no_client_auth())
             .https_only()
             .enable_http1()
-            .enable_http2()
-            .build();
+            .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Account::builder_with_http(Box::new(client)))
+    }
+}
+
+/// An error with its causes ("client error (Connect): tcp connect error: Connection refused").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::acme_ipc::CertificateSource;
+
+    fn account(ca_root_pem: Option<Vec<u8>>) -> AcmeAccount {
+        AcmeAccount::new(AcmeSettings {
+            source: CertificateSource::Acme,
+            directory: "https://127.0.0.1:1/dir".into(),
+            email: None,
+            ca_root_pem,
+            mkcert: None,
+        })
+    }
+
+    #[test]
+    fn the_ca_root_must_hold_a_certificate() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let (_, der) = crate::certificate::tests::make(&["ca.example"], 0, 2_000_000_000);
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", der));
+        assert!(account(Some(pem.into_bytes())).builder().is_ok());
+        let error = account(Some(b"no PEM here".to_vec())).builder().err();
+        assert_eq!(
+            error.as_deref(),
+            Some("--acme-ca-root holds no certificate")
+        );
+        assert!(account(None).builder().is_ok(), "the system's roots");
+    }
+
+    #[test]
+    fn a_cause_already_shown_is_not_repeated() {
+        let e = instant_acme::Error::Other(Box::new(std::io::Error::other("tcp connect")));
+        assert_eq!(chain(&e), "tcp connect");
     }
 }

@@ -17,9 +17,11 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::account::AcmeAccount;
+use crate::backoff::Backoff;
 use crate::certificate::{self, Certificate};
 use crate::clock;
-use crate::store::{NameState, Store};
+use crate::order::Failure;
+use crate::store::{LockGuard, NameState, Store};
 use crate::supervisor_link::SupervisorLink;
 use crate::worker_link::{Request, WorkerLink};
 use crate::{mkcert, order};
@@ -52,8 +54,9 @@ pub struct Issuer {
     link: Arc<WorkerLink>,
     supervisor: Arc<SupervisorLink>,
     pub source: Source,
-    /// Names with an attempt running, and whether a handshake waits for it.
-    in_flight: Mutex<HashMap<Domain, bool>>,
+    /// Names with an attempt running, and how many requests of the worker wait for it:
+    /// each gets its answer.
+    in_flight: Mutex<HashMap<Domain, usize>>,
     /// Wakes the renewals when a certificate or a name's state changed.
     pub changed: Notify,
 }
@@ -73,6 +76,30 @@ impl Issuer {
             in_flight: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         })
+    }
+
+    /// At start, in the background: the ACME account made ready before the first handshake
+    /// asks, then what a kill left in the store removed.
+    pub async fn prepare(self: Arc<Self>) {
+        if let Source::Acme(account) = &self.source {
+            if let Err(e) = account.get(&self.store).await {
+                warn!("no ACME account yet (tried again at the first order): {e}");
+            }
+        }
+        let removed = async {
+            let lock = self.store.lock().await?;
+            self.store.remove_leftovers(&lock)
+        };
+        match removed.await {
+            Ok(removed) if !removed.is_empty() => {
+                info!(
+                    "removed what a kill left in the store: {}",
+                    removed.join(", ")
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!("cannot clean the store up: {e}"),
+        }
     }
 
     pub fn handle(self: &Arc<Self>, request: Request) {
@@ -137,27 +164,42 @@ impl Issuer {
         self.attempt(name, Some(old), false).await;
     }
 
-    /// One attempt for `name` unless one runs (which then answers); `asked`: a handshake
-    /// waits, and is told if it fails.
+    /// One attempt for `name` unless one runs (which then answers this request too);
+    /// `asked`: a request of the worker waits for it (a renewal is not asked for).
     async fn attempt(&self, name: &Domain, replacing: Option<&Certificate>, asked: bool) {
         {
             let mut in_flight = self.in_flight.lock().unwrap();
-            if let Some(waits) = in_flight.get_mut(name) {
-                *waits |= asked;
+            if let Some(waiting) = in_flight.get_mut(name) {
+                *waiting += usize::from(asked);
                 return;
             }
-            in_flight.insert(name.clone(), asked);
+            in_flight.insert(name.clone(), usize::from(asked));
         }
         let result = self.obtain(name, replacing).await;
-        let asked = self.in_flight.lock().unwrap().remove(name).unwrap_or(asked);
+        let waiting = self.in_flight.lock().unwrap().remove(name).unwrap_or(0);
         match result {
-            Ok(()) => {}
-            Err(reason) if asked => self.unavailable(name, reason).await,
-            Err(reason) => warn!("{name}: renewal failed: {reason}"),
+            // The first answer went out as soon as the certificate was there.
+            Ok(certificate) => {
+                for _ in 1..waiting {
+                    self.send(name, &certificate).await;
+                }
+            }
+            Err(reason) => {
+                if waiting == 0 {
+                    warn!("{name}: renewal failed: {reason}");
+                }
+                for _ in 0..waiting {
+                    self.unavailable(name, reason.clone()).await;
+                }
+            }
         }
     }
 
-    async fn obtain(&self, name: &Domain, replacing: Option<&Certificate>) -> Result<(), String> {
+    async fn obtain(
+        &self,
+        name: &Domain,
+        replacing: Option<&Certificate>,
+    ) -> Result<Certificate, String> {
         let backing_off = |state: &NameState| {
             state.backoff.waiting_until(clock::now()).map(|until| {
                 format!(
@@ -178,12 +220,13 @@ impl Issuer {
             .filter(|c| self.servable(c) && replacing.is_none_or(|old| old.chain[0] != c.chain[0]))
         {
             self.send(name, &certificate).await;
-            return Ok(());
+            return Ok(certificate);
         }
         let mut state = self.store.read_state(name).map_err(|e| e.to_string())?;
         if let Some(why) = backing_off(&state) {
             return Err(why);
         }
+        self.set_aside_if_unusable(&lock, name);
         let source = self.source.tag();
         let result = match &self.source {
             Source::Mkcert(mkcert) => {
@@ -194,37 +237,32 @@ impl Issuer {
                 result
             }
             Source::NoMkcert => Err(NO_MKCERT.into()),
-            Source::Acme(account) => match account.get(&self.store).await {
-                Ok(account) => {
-                    order::obtain(
-                        account,
-                        &source,
-                        name,
-                        replacing,
-                        &self.link,
-                        &mut state.backoff,
-                    )
+            Source::Acme(account) => {
+                self.order(account, &source, name, replacing, &mut state.backoff)
                     .await
-                }
-                Err(e) => {
-                    state.backoff.fail(clock::now(), e.clone(), None);
-                    Err(e)
-                }
-            },
+            }
         };
         let outcome = match result {
             Ok(certificate) => {
                 self.send(name, &certificate).await;
-                self.store
+                // The worker serves it either way; unstored, it is ordered again after a
+                // restart.
+                match self
+                    .store
                     .write_certificate(&lock, name, &certificate.to_pem())
-                    .map_err(|e| format!("cannot store the certificate: {e}"))?;
-                info!(
-                    "{name}: certificate from {} stored, valid until {}",
-                    certificate.issuer,
-                    clock::show(certificate.not_after)
-                );
-                state.backoff = Default::default();
-                Ok(())
+                {
+                    Ok(()) => info!(
+                        "{name}: certificate from {} stored, valid until {}",
+                        certificate.issuer,
+                        clock::show(certificate.not_after)
+                    ),
+                    Err(e) => warn!("{name}: cannot store the new certificate: {e}"),
+                }
+                // The failures of the hour stay counted (a failed TLS-ALPN-01 before a
+                // successful HTTP-01 is one of the hour's three).
+                state.backoff.last_error = None;
+                state.backoff.next_try = None;
+                Ok(certificate)
             }
             Err(e) => Err(e),
         };
@@ -237,8 +275,60 @@ impl Issuer {
         outcome
     }
 
+    /// A stored file that does not read as a certificate for `name` is kept, renamed, for
+    /// the operator to look at, rather than silently replaced.
+    fn set_aside_if_unusable(&self, lock: &LockGuard, name: &Domain) {
+        let Ok(Some(pem)) = self.store.read_certificate(name) else {
+            return;
+        };
+        if let Err(e) = Certificate::from_pem(name, &pem) {
+            match self.store.set_aside_certificate(lock, name) {
+                Ok(aside) => warn!("certs/{name}.pem was unusable ({e}); set aside as {aside}"),
+                Err(err) => warn!("certs/{name}.pem is unusable ({e}) and stays: {err}"),
+            }
+        }
+    }
+
+    /// An ACME attempt, with a new account if the CA forgot ours.
+    async fn order(
+        &self,
+        account: &AcmeAccount,
+        source: &str,
+        name: &Domain,
+        replacing: Option<&Certificate>,
+        backoff: &mut Backoff,
+    ) -> Result<Certificate, String> {
+        let mut current = account.get(&self.store).await;
+        for _ in 0..2 {
+            let result = match &current {
+                Ok(acme) => order::obtain(acme, source, name, replacing, &self.link, backoff).await,
+                Err(e) => Err(Failure::Other(e.clone())),
+            };
+            match result {
+                Ok(certificate) => return Ok(certificate),
+                Err(Failure::NoAccount) => {
+                    warn!("the CA no longer knows our ACME account: making a new one");
+                    current = account.replace(&self.store).await;
+                }
+                Err(Failure::Other(e)) => {
+                    if current.is_err() {
+                        backoff.fail(clock::now(), e.clone(), None);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let e = "the CA does not know the ACME account it just made".to_owned();
+        backoff.fail(clock::now(), e.clone(), None);
+        Err(e)
+    }
+
     /// The worker no longer routes `name`: no renewals (the files stay).
     async fn forget(&self, name: Domain) {
+        // A name the store never held leaves no trace.
+        if matches!(self.store.read_certificate(&name), Ok(None)) {
+            return;
+        }
         self.set_forgotten(&name, true).await;
     }
 

@@ -42,7 +42,12 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .context("cannot start the runtime")
-        .and_then(|runtime| runtime.block_on(run()));
+        .and_then(|runtime| {
+            let result = runtime.block_on(run());
+            // `Shutdown` means now: no waiting for a DNS lookup in a blocking thread.
+            runtime.shutdown_background();
+            result
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -90,15 +95,7 @@ async fn run() -> anyhow::Result<()> {
     supervisor.ready().await?;
     issuer.report_all().await;
 
-    // The account is ready before the first handshake asks for a certificate.
-    let early = issuer.clone();
-    tokio::spawn(async move {
-        if let Source::Acme(account) = &early.source {
-            if let Err(e) = account.get(&early.store).await {
-                warn!("no ACME account yet (tried again at the first order): {e}");
-            }
-        }
-    });
+    tokio::spawn(issuer.clone().prepare());
     tokio::spawn(renewal::run(issuer.clone()));
     {
         let issuer = issuer.clone();

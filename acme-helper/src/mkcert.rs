@@ -20,6 +20,10 @@ use crate::store::Store;
 /// mkcert takes a few milliseconds; this bounds a hung one.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One mkcert at a time: the first run makes the CA, and a second one at the same moment
+/// would make another and overwrite it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The source line of mkcert's certificates: a change of CA means new certificates.
 pub fn source(mkcert: &Mkcert) -> String {
     format!("mkcert {}", mkcert.caroot.display())
@@ -46,6 +50,7 @@ pub async fn issue(mkcert: &Mkcert, store: &Store, name: &Domain) -> Result<Cert
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    let _turn = ONE_AT_A_TIME.lock().await;
     let run = command.output();
     let output = match tokio::time::timeout(TIMEOUT, run).await {
         Ok(Ok(output)) => output,

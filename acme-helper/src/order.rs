@@ -1,5 +1,6 @@
 //! One attempt at a certificate from the ACME CA: TLS-ALPN-01 first (RFC 8737), then, when
-//! the CA does not offer it or its validation failed, HTTP-01 in a new order. Each order:
+//! the CA does not offer it, the worker could not set it up, or its validation failed, HTTP-01
+//! in a new order. Each order:
 //! new order, the worker set up to answer the challenge (it says `ChallengeReady`), the CA
 //! told to validate, the order polled tightly (from 50 ms, honouring Retry-After), a CSR for
 //! a fresh ECDSA P-256 key, the chain fetched.
@@ -19,16 +20,18 @@ use instant_acme::{
 use rcgen::{CertificateParams, CustomExtension, DistinguishedName, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::account::chain;
 use crate::backoff::Backoff;
 use crate::certificate::Certificate;
 use crate::clock;
 use crate::names::checked;
-use crate::worker_link::WorkerLink;
+use crate::worker_link::{Challenge, WorkerLink};
 
-/// How long the worker may take to set a challenge up (it is one message away).
-const CHALLENGE_SETUP: Duration = Duration::from_secs(10);
+/// How long the worker may take to set a challenge up (it is one message away, and a
+/// handshake waits meanwhile).
+const CHALLENGE_SETUP: Duration = Duration::from_secs(2);
 
 /// Polls of the order: tight at first, since a CA often validates and issues in milliseconds.
 fn polling() -> RetryPolicy {
@@ -42,8 +45,12 @@ fn polling() -> RetryPolicy {
 enum OrderError {
     /// The CA offers no challenge of this type for the name.
     NotOffered,
+    /// The worker set up none of the challenges: the CA was not asked to validate.
+    NotAnswered(String),
     /// The CA could not validate the challenge: counts towards the backoff.
-    Validation(String),
+    Validation { kind: ChallengeType, error: String },
+    /// The CA does not know our account (any more).
+    NoAccount,
     /// Anything else (the CA unreachable, a rate limit): ends the attempt.
     Other {
         error: String,
@@ -53,6 +60,11 @@ enum OrderError {
 
 impl From<instant_acme::Error> for OrderError {
     fn from(e: instant_acme::Error) -> OrderError {
+        if let instant_acme::Error::Api(problem) = &e {
+            if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist") {
+                return OrderError::NoAccount;
+            }
+        }
         let retry_after = match &e {
             instant_acme::Error::Timeout(Some(at)) => {
                 Some(SystemTime::now() + at.saturating_duration_since(Instant::now()))
@@ -67,10 +79,17 @@ impl From<instant_acme::Error> for OrderError {
             _ => None,
         };
         OrderError::Other {
-            error: e.to_string(),
+            error: chain(&e),
             retry_after,
         }
     }
+}
+
+/// Why an attempt failed.
+pub enum Failure {
+    /// The CA does not know the account: make a new one and try again.
+    NoAccount,
+    Other(String),
 }
 
 /// One attempt for `name`; `replacing` is the certificate a renewal replaces (for ARI).
@@ -81,52 +100,67 @@ pub async fn obtain(
     replacing: Option<&Certificate>,
     link: &Arc<WorkerLink>,
     backoff: &mut Backoff,
-) -> Result<Certificate, String> {
+) -> Result<Certificate, Failure> {
     let replaces = replacing.and_then(|old| {
         CertificateIdentifier::try_from(&CertificateDer::from(old.chain[0].as_slice()))
             .ok()
             .map(CertificateIdentifier::into_owned)
     });
+    let mut kinds = vec![ChallengeType::TlsAlpn01, ChallengeType::Http01];
     let mut last = String::from("the CA offers neither TLS-ALPN-01 nor HTTP-01");
-    for challenge in [ChallengeType::TlsAlpn01, ChallengeType::Http01] {
+    while !kinds.is_empty() {
         let now = clock::now();
         if !backoff.allows_another_validation(now) {
             break;
         }
         let started = Instant::now();
-        match order(account, name, challenge.clone(), replaces.clone(), link).await {
-            Ok((key, chain)) => {
+        match order(account, name, &kinds, replaces.clone(), link).await {
+            Ok((key, chain, kind)) => {
                 info!(
-                    "{name}: certificate issued ({challenge:?}) in {:?}",
+                    "{name}: certificate issued ({kind:?}) in {:?}",
                     started.elapsed()
                 );
                 return Certificate::new(name, Some(source.to_owned()), key, chain)
-                    .map_err(|e| format!("the CA's certificate: {e}"));
+                    .map_err(|e| Failure::Other(format!("the CA's certificate: {e}")));
             }
-            Err(OrderError::NotOffered) => {}
-            Err(OrderError::Validation(error)) => {
-                warn!("{name}: {challenge:?} validation failed: {error}");
-                last = format!("{challenge:?} validation failed: {error}");
+            // Nothing to validate: the attempt fails, and backs off like any other, so that
+            // a worker that answers no challenge does not have an order placed per handshake.
+            Err(OrderError::NotOffered) => {
                 backoff.fail(now, last.clone(), None);
+                break;
+            }
+            Err(OrderError::NotAnswered(error)) => {
+                last = error;
+                backoff.fail(now, last.clone(), None);
+                break;
+            }
+            Err(OrderError::NoAccount) => return Err(Failure::NoAccount),
+            // That authorization is spent: a new order, with the other challenge types.
+            Err(OrderError::Validation { kind, error }) => {
+                warn!("{name}: {kind:?} validation failed: {error}");
+                last = format!("{kind:?} validation failed: {error}");
+                backoff.fail(now, last.clone(), None);
+                kinds.retain(|k| *k != kind);
             }
             Err(OrderError::Other { error, retry_after }) => {
                 let retry_after = retry_after.map(clock::secs);
                 backoff.fail(now, error.clone(), retry_after);
-                return Err(error);
+                return Err(Failure::Other(error));
             }
         }
     }
-    Err(last)
+    Err(Failure::Other(last))
 }
 
-/// One order with one challenge type: the key (PKCS#8) and the chain (DER, leaf first).
+/// One order, answered with the first of `kinds` that the CA offers and the worker sets
+/// up: the key (PKCS#8), the chain (DER, leaf first) and the challenge type used.
 async fn order(
     account: &Account,
     name: &Domain,
-    challenge_type: ChallengeType,
+    kinds: &[ChallengeType],
     replaces: Option<CertificateIdentifier<'static>>,
     link: &Arc<WorkerLink>,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>), OrderError> {
+) -> Result<(Vec<u8>, Vec<Vec<u8>>, ChallengeType), OrderError> {
     let dns = checked(name).map_err(|e| OrderError::Other {
         error: e.to_string(),
         retry_after: None,
@@ -137,14 +171,25 @@ async fn order(
         new_order = new_order.replaces(replaces);
     }
     let mut order = match account.new_order(&new_order).await {
-        // A CA without ARI refuses `replaces`; order without it.
+        // A CA without ARI refuses `replaces`, and one with it refuses to replace a
+        // certificate twice (RFC 9773 section 5): order without it.
         Err(instant_acme::Error::Unsupported(_)) => {
+            account.new_order(&NewOrder::new(&identifiers)).await?
+        }
+        Err(instant_acme::Error::Api(problem))
+            if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:alreadyReplaced") =>
+        {
             account.new_order(&NewOrder::new(&identifiers)).await?
         }
         result => result?,
     };
 
+    let started = Instant::now();
+    let step = |what: &str| debug!("{name}: {what} at {:?}", started.elapsed());
+    step("order placed");
     let mut challenges = Vec::new();
+    // The type of the challenge answered (none when the CA had the name validated already).
+    let mut used = None;
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
         let mut authorization = authorization?;
@@ -158,19 +203,85 @@ async fn order(
                 })
             }
         }
-        let Some(mut challenge) = authorization.challenge(challenge_type.clone()) else {
-            return Err(OrderError::NotOffered);
+        let (kind, answering) =
+            answer(account, name, &authorization.challenges, kinds, link).await?;
+        challenges.push(answering);
+        step("challenge answered by the worker");
+        let mut challenge = authorization
+            .challenge(kind.clone())
+            .ok_or(OrderError::NotOffered)?;
+        challenge.set_ready().await?;
+        used = Some(kind);
+        step("CA told to validate");
+    }
+
+    let polled = order.poll_ready(&polling()).await;
+    // Validated or not: the worker stops answering.
+    drop(challenges);
+    let kind = used.unwrap_or_else(|| kinds[0].clone());
+    let invalid = match polled {
+        Ok(OrderStatus::Ready) => None,
+        // An order the CA made invalid (with its reason, or not) failed validation.
+        Ok(status) => Some(format!("the order is {status:?}")),
+        Err(instant_acme::Error::Api(problem)) => Some(problem.to_string()),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(invalid) = invalid {
+        let why = why_invalid(&mut order).await;
+        return Err(OrderError::Validation {
+            kind,
+            error: why.unwrap_or(invalid),
+        });
+    }
+
+    step("validated");
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(other)?;
+    let mut params = CertificateParams::new(vec![dns.to_owned()]).map_err(other)?;
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key).map_err(other)?;
+    order.finalize_csr(csr.der()).await?;
+    step("finalized");
+    let pem = order.poll_certificate(&polling()).await?;
+    step("certificate fetched");
+    let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|cert| cert.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| OrderError::Other {
+            error: format!("the CA's chain is malformed: {e}"),
+            retry_after: None,
+        })?;
+    Ok((key.serialize_der(), chain, kind))
+}
+
+/// Has the worker answer the first challenge of `kinds` that the CA offers and that the
+/// worker sets up; its type, and the challenge (over when dropped).
+async fn answer(
+    account: &Account,
+    name: &Domain,
+    offered: &[instant_acme::Challenge],
+    kinds: &[ChallengeType],
+    link: &Arc<WorkerLink>,
+) -> Result<(ChallengeType, Challenge), OrderError> {
+    let mut not_answered = None;
+    for kind in kinds {
+        let Some(challenge) = offered.iter().find(|c| c.r#type == *kind) else {
+            continue;
         };
-        let key_authorization = challenge.key_authorization();
-        let message: Box<dyn FnOnce(u64) -> AcmeToWorker + Send> = match challenge_type {
+        // RFC 8555 section 8.1: the token, a dot, the account key's thumbprint.
+        let key_authorization = format!("{}.{}", challenge.token, account.key_thumbprint());
+        let message: Box<dyn FnOnce(u64) -> AcmeToWorker + Send> = match kind {
             ChallengeType::TlsAlpn01 => {
+                let digest = aws_lc_rs::digest::digest(
+                    &aws_lc_rs::digest::SHA256,
+                    key_authorization.as_bytes(),
+                );
                 let (certificate, key) =
-                    tls_alpn_certificate(name, key_authorization.digest().as_ref()).map_err(
-                        |error| OrderError::Other {
+                    tls_alpn_certificate(name, digest.as_ref()).map_err(|error| {
+                        OrderError::Other {
                             error,
                             retry_after: None,
-                        },
-                    )?;
+                        }
+                    })?;
                 let name = name.clone();
                 Box::new(move |id| AcmeToWorker::TlsAlpnChallenge {
                     id,
@@ -181,7 +292,6 @@ async fn order(
             }
             _ => {
                 let (name, token) = (name.clone(), challenge.token.clone());
-                let key_authorization = key_authorization.as_str().to_owned();
                 Box::new(move |id| AcmeToWorker::HttpChallenge {
                     id,
                     name,
@@ -190,42 +300,15 @@ async fn order(
                 })
             }
         };
-        let answering = link
-            .challenge(message, CHALLENGE_SETUP)
-            .await
-            .map_err(|error| OrderError::Other {
-                error,
-                retry_after: None,
-            })?;
-        challenges.push(answering);
-        challenge.set_ready().await?;
+        match link.challenge(message, CHALLENGE_SETUP).await {
+            Ok(answering) => return Ok((kind.clone(), answering)),
+            Err(error) => {
+                warn!("{name}: {kind:?}: {error}");
+                not_answered = Some(error);
+            }
+        }
     }
-
-    let status = order.poll_ready(&polling()).await?;
-    // Validated or not: the worker stops answering.
-    drop(challenges);
-    if status != OrderStatus::Ready {
-        return Err(OrderError::Validation(
-            why_invalid(&mut order)
-                .await
-                .unwrap_or_else(|| format!("order {status:?}")),
-        ));
-    }
-
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(other)?;
-    let mut params = CertificateParams::new(vec![dns.to_owned()]).map_err(other)?;
-    params.distinguished_name = DistinguishedName::new();
-    let csr = params.serialize_request(&key).map_err(other)?;
-    order.finalize_csr(csr.der()).await?;
-    let pem = order.poll_certificate(&polling()).await?;
-    let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .map(|cert| cert.map(|c| c.to_vec()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| OrderError::Other {
-            error: format!("the CA's chain is malformed: {e}"),
-            retry_after: None,
-        })?;
-    Ok((key.serialize_der(), chain))
+    Err(not_answered.map_or(OrderError::NotOffered, OrderError::NotAnswered))
 }
 
 /// The CA's reason for an invalid order: its challenge's error.

@@ -4,7 +4,8 @@
 //!
 //! Landlock: files may be read and written only beneath the store; read (for DNS and the
 //! system's TLS roots) in `/etc` and `/usr`; in local mode, mkcert may be run (and its
-//! dynamic loader) and its `CAROOT` read. No TCP port may be bound (the helper has no
+//! dynamic loader), and its `CAROOT` read (and written: mkcert makes its CA there at its
+//! first run, as it does for a user). No TCP port may be bound (the helper has no
 //! listening socket), and signals and abstract Unix sockets reach only processes inside the
 //! same sandbox: the supervisor can be neither signalled nor reached on its control socket.
 //!
@@ -51,7 +52,9 @@ pub fn apply(store: BorrowedFd<'_>, mkcert: Option<&Mkcert>) -> Result<(), Rules
             mkcert.binary.as_path(),
             AccessFs::ReadFile | AccessFs::Execute,
         ));
-        readable.push((mkcert.caroot.as_path(), read));
+        // mkcert makes its CA there at its first run, as it does for a user.
+        let ca = read | AccessFs::MakeReg | AccessFs::WriteFile;
+        readable.push((mkcert.caroot.as_path(), ca));
     }
     for (path, access) in readable {
         match PathFd::new(path) {

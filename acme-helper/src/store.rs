@@ -93,6 +93,15 @@ impl Store {
             .map_err(|e| context(e, &format!("{CERTS}/{file}")))
     }
 
+    /// Renames `certs/<name>.pem` to `certs/<name>.pem.unusable-<seconds>`; the new name.
+    pub fn set_aside_certificate(&self, _: &LockGuard, name: &Domain) -> io::Result<String> {
+        let file = format!("{}.pem", checked(name)?);
+        let aside = format!("{file}.unusable-{}", crate::clock::now());
+        rustix::fs::renameat(&self.certs, &*file, &self.certs, &*aside)?;
+        rustix::fs::fsync(&self.certs)?;
+        Ok(format!("{CERTS}/{aside}"))
+    }
+
     /// `names/<name>.json`; a missing file is a name without history. A corrupt one is
     /// reported, and counts as no history: the next write replaces it.
     pub fn read_state(&self, name: &Domain) -> io::Result<NameState> {
@@ -158,6 +167,45 @@ impl Store {
             fd,
             name,
         })
+    }
+
+    /// Removes what writes and mkcert runs cut short by a kill left behind: temp files
+    /// (`.<file>.tmp-*`) and scratch directories. Under the lock, so that nothing of the
+    /// other helper's (in a rerun) is in progress. The names of what was removed.
+    pub fn remove_leftovers(&self, _: &LockGuard) -> io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for (dir, path) in [
+            (&self.dir, ""),
+            (&self.certs, "certs/"),
+            (&self.names, "names/"),
+        ] {
+            for entry in rustix::fs::Dir::read_from(dir)? {
+                let entry = entry?;
+                let Ok(file) = entry.file_name().to_str() else {
+                    continue;
+                };
+                if file.starts_with('.') && file.contains(".tmp-") {
+                    rustix::fs::unlinkat(dir, file, AtFlags::empty())?;
+                    removed.push(format!("{path}{file}"));
+                }
+            }
+        }
+        for entry in rustix::fs::Dir::read_from(&self.tmp)? {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if name != "." && name != ".." {
+                // Dropping it removes it and the files in it.
+                drop(ScratchDir {
+                    parent: self.tmp.try_clone()?,
+                    fd: open_dir(&self.tmp, name)?,
+                    name: name.to_owned(),
+                });
+                removed.push(format!("{TMP}/{name}"));
+            }
+        }
+        Ok(removed)
     }
 
     /// Takes the store's lock: held by this process while any of its guards lives.
@@ -370,6 +418,23 @@ mod tests {
         assert_eq!(names, [Domain::parse("c.example").unwrap()]);
     }
 
+    #[tokio::test]
+    async fn an_unusable_certificate_is_set_aside_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let name = Domain::parse("d.example").unwrap();
+        let lock = store.lock().await.unwrap();
+        store.write_certificate(&lock, &name, b"garbage").unwrap();
+        let aside = store.set_aside_certificate(&lock, &name).unwrap();
+        assert!(
+            aside.starts_with("certs/d.example.pem.unusable-"),
+            "{aside}"
+        );
+        assert_eq!(std::fs::read(dir.path().join(&aside)).unwrap(), b"garbage");
+        assert_eq!(store.read_certificate(&name).unwrap(), None);
+        assert!(store.names().unwrap().is_empty());
+    }
+
     #[test]
     fn a_scratch_dir_goes_with_its_contents() {
         let dir = tempfile::tempdir().unwrap();
@@ -381,6 +446,33 @@ mod tests {
         assert_eq!(scratch.read("key.pem").unwrap(), b"k");
         drop(scratch);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_kill_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let scratch = store.scratch_dir().unwrap();
+        let scratch_path = dir.path().join(scratch.path());
+        std::fs::write(scratch_path.join("key.pem"), b"k").unwrap();
+        std::mem::forget(scratch); // as a kill would leave it
+        for file in [
+            "certs/.a.example.pem.tmp-0123456789abcdef",
+            "certs/a.example.pem",
+            "names/.a.example.json.tmp-1",
+            ".account.json.tmp-2",
+            "account.json",
+        ] {
+            std::fs::write(dir.path().join(file), b"x").unwrap();
+        }
+        let lock = store.lock().await.unwrap();
+        let mut removed = store.remove_leftovers(&lock).unwrap();
+        removed.sort();
+        assert_eq!(removed.len(), 4, "{removed:?}");
+        assert!(!scratch_path.exists());
+        assert!(dir.path().join("certs/a.example.pem").exists());
+        assert!(dir.path().join("account.json").exists());
+        assert!(!dir.path().join(".account.json.tmp-2").exists());
     }
 
     #[tokio::test]

@@ -27,10 +27,8 @@ pub enum Request {
 }
 
 pub struct WorkerLink {
-    current: Mutex<Option<(u64, Arc<WorkerChannel>)>>,
+    state: Mutex<State>,
     generation: AtomicU64,
-    /// Challenges being answered, by id: sent again to a new worker.
-    challenges: Mutex<HashMap<u64, AcmeToWorker>>,
     /// Who waits for a `ChallengeReady`, by id.
     waiting: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_id: AtomicU64,
@@ -45,9 +43,8 @@ impl WorkerLink {
         let mut seed = [0u8; 8];
         rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty())?;
         Ok(Arc::new(WorkerLink {
-            current: Mutex::new(None),
+            state: Mutex::new(State::default()),
             generation: AtomicU64::new(0),
-            challenges: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(u64::from_ne_bytes(seed) >> 1),
             requests,
@@ -65,11 +62,13 @@ impl WorkerLink {
             }
         };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.current.lock().unwrap() = Some((generation, channel.clone()));
+        let pending: Vec<AcmeToWorker> = {
+            let mut state = self.state.lock().unwrap();
+            state.current = Some((generation, channel.clone()));
+            state.challenges.values().cloned().collect()
+        };
         let link = self.clone();
         tokio::spawn(async move {
-            let pending: Vec<AcmeToWorker> =
-                link.challenges.lock().unwrap().values().cloned().collect();
             for challenge in pending {
                 let _ = channel.send(&challenge, &[]).await;
             }
@@ -110,28 +109,24 @@ impl WorkerLink {
     }
 
     fn drop_current(&self, generation: u64) {
-        let mut current = self.current.lock().unwrap();
-        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *current = None;
+        let mut state = self.state.lock().unwrap();
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|(g, _)| *g == generation)
+        {
+            state.current = None;
         }
+    }
+
+    fn current(&self) -> Option<Arc<WorkerChannel>> {
+        let state = self.state.lock().unwrap();
+        state.current.as_ref().map(|(_, channel)| channel.clone())
     }
 
     /// Sends `message` to the worker of now, if there is one (a later one asks again).
     pub async fn send(&self, message: &AcmeToWorker) {
-        let channel = self
-            .current
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|(_, c)| c.clone());
-        match channel {
-            Some(channel) => {
-                if let Err(e) = channel.send(message, &[]).await {
-                    debug!("cannot send to the worker: {e}");
-                }
-            }
-            None => debug!("no worker to tell"),
-        }
+        send_on(self.current(), message).await;
     }
 
     /// Has the worker answer a challenge: `make` builds the message from an id. Returns once
@@ -145,18 +140,43 @@ impl WorkerLink {
         let message = make(id);
         let (ready, is_ready) = oneshot::channel();
         self.waiting.lock().unwrap().insert(id, ready);
-        self.challenges.lock().unwrap().insert(id, message.clone());
+        // Recorded and sent to the worker of that moment at once: a new worker gets it from
+        // `replace`, and only from there.
+        let channel = {
+            let mut state = self.state.lock().unwrap();
+            state.challenges.insert(id, message.clone());
+            state.current.as_ref().map(|(_, channel)| channel.clone())
+        };
         let challenge = Challenge {
             id,
             link: self.clone(),
         };
-        self.send(&message).await;
+        send_on(channel, &message).await;
         match tokio::time::timeout(wait, is_ready).await {
             Ok(Ok(())) => Ok(challenge),
             _ => Err(format!(
                 "the worker did not set up the challenge within {wait:?}"
             )),
         }
+    }
+}
+
+/// The worker of now, and the challenges it is to answer.
+#[derive(Default)]
+struct State {
+    current: Option<(u64, Arc<WorkerChannel>)>,
+    /// Challenges being answered, by id: sent again to a new worker.
+    challenges: HashMap<u64, AcmeToWorker>,
+}
+
+async fn send_on(channel: Option<Arc<WorkerChannel>>, message: &AcmeToWorker) {
+    match channel {
+        Some(channel) => {
+            if let Err(e) = channel.send(message, &[]).await {
+                debug!("cannot send to the worker: {e}");
+            }
+        }
+        None => debug!("no worker to tell"),
     }
 }
 
@@ -169,9 +189,83 @@ pub struct Challenge {
 impl Drop for Challenge {
     fn drop(&mut self) {
         self.link.waiting.lock().unwrap().remove(&self.id);
-        self.link.challenges.lock().unwrap().remove(&self.id);
+        self.link.state.lock().unwrap().challenges.remove(&self.id);
         let link = self.link.clone();
         let id = self.id;
         tokio::spawn(async move { link.send(&AcmeToWorker::ChallengeDone { id }).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::channel::socketpair_fds;
+
+    type Worker = Channel<WorkerToAcme, AcmeToWorker>;
+
+    fn worker(link: &Arc<WorkerLink>) -> Worker {
+        let (ours, theirs) = socketpair_fds().unwrap();
+        link.replace(ours);
+        Worker::new(theirs).unwrap()
+    }
+
+    async fn next(worker: &Worker) -> AcmeToWorker {
+        let message = tokio::time::timeout(Duration::from_secs(5), worker.recv());
+        message.await.unwrap().unwrap().unwrap().0
+    }
+
+    fn http(id: u64) -> AcmeToWorker {
+        AcmeToWorker::HttpChallenge {
+            id,
+            name: Domain::parse("c.example").unwrap(),
+            token: "t".into(),
+            key_authorization: "t.k".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_come_in_and_challenges_follow_a_new_worker_until_done() {
+        let (requests, mut incoming) = mpsc::unbounded_channel();
+        let link = WorkerLink::new(requests).unwrap();
+        let first = worker(&link);
+        let name = Domain::parse("c.example").unwrap();
+        first
+            .send(&WorkerToAcme::Certificate { name: name.clone() }, &[])
+            .await
+            .unwrap();
+        assert!(matches!(incoming.recv().await, Some(Request::Certificate(n)) if n == name));
+
+        let pending = tokio::spawn({
+            let link = link.clone();
+            async move { link.challenge(http, Duration::from_secs(5)).await }
+        });
+        let AcmeToWorker::HttpChallenge { id, .. } = next(&first).await else {
+            panic!("not the challenge");
+        };
+        first
+            .send(&WorkerToAcme::ChallengeReady { id }, &[])
+            .await
+            .unwrap();
+        let challenge = pending.await.unwrap().unwrap();
+
+        // A restarted worker is told the challenge again, and when it is over.
+        let second = worker(&link);
+        assert_eq!(next(&second).await, http(id));
+        drop(challenge);
+        assert_eq!(next(&second).await, AcmeToWorker::ChallengeDone { id });
+    }
+
+    #[tokio::test]
+    async fn a_challenge_not_set_up_in_time_is_an_error_and_over() {
+        let (requests, _incoming) = mpsc::unbounded_channel();
+        let link = WorkerLink::new(requests).unwrap();
+        let worker = worker(&link);
+        let result = link.challenge(http, Duration::from_millis(50)).await;
+        assert!(result.is_err());
+        let AcmeToWorker::HttpChallenge { id, .. } = next(&worker).await else {
+            panic!("not the challenge");
+        };
+        assert_eq!(next(&worker).await, AcmeToWorker::ChallengeDone { id });
+        assert!(link.state.lock().unwrap().challenges.is_empty());
     }
 }

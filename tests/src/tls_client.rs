@@ -146,7 +146,12 @@ impl TlsClient {
         Arc::new(config)
     }
 
-    async fn connect(&self, port: u16, sni: &Sni) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    /// A new TLS connection to `127.0.0.1:port`, handshake done.
+    pub async fn connect(
+        &self,
+        port: u16,
+        sni: &Sni,
+    ) -> Result<TlsStream<TcpStream>, HandshakeError> {
         let attempt = async {
             let tcp = TcpStream::connect(("127.0.0.1", port))
                 .await

@@ -16,9 +16,13 @@ use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::server::children_named;
 use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
+use futures_util::{SinkExt, StreamExt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::AlertDescription;
+use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = "app.example";
 
@@ -64,15 +68,20 @@ fn tools(test: &str) -> bool {
     have_tools(test, &["mkcert", "curl", "openssl"])
 }
 
-/// `curl` for `https://APP:<port>/path`, trusting `root` only; its output and status.
-fn curl(port: u16, root: &Path, version: &str, path: &str) -> Output {
+/// `curl` for `https://APP:<port><path>` for each of `paths` in turn (over one connection
+/// while it lasts), trusting `root` only, writing `write_out` after each; its output.
+fn curl(port: u16, root: &Path, version: &str, paths: &[&str], write_out: &str) -> Output {
     Command::new("curl")
         .args(["-sS", "--max-time", "30", version, "--cacert"])
         .arg(root)
         .arg("--resolve")
         .arg(format!("{APP}:{port}:127.0.0.1"))
-        .args(["-w", "\n%{http_version}"])
-        .arg(format!("https://{APP}:{port}{path}"))
+        .args(["-w", write_out])
+        .args(
+            paths
+                .iter()
+                .map(|path| format!("https://{APP}:{port}{path}")),
+        )
         .output()
         .expect("run curl")
 }
@@ -151,7 +160,15 @@ async fn a_registered_domain_is_served_over_https_with_http1_and_http2() {
     let local = Local::start().await;
     let root = local.ca.root_pem();
     for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
-        let output = tokio::task::block_in_place(|| curl(local.port(), &root, flag, "/path?q=1"));
+        let output = tokio::task::block_in_place(|| {
+            curl(
+                local.port(),
+                &root,
+                flag,
+                &["/path?q=1"],
+                "\n%{http_version}",
+            )
+        });
         let said = text(&output);
         assert!(output.status.success(), "{said}\n{}", local.server.log());
         let (body, got) = String::from_utf8_lossy(&output.stdout)
@@ -188,6 +205,69 @@ async fn a_registered_domain_is_served_over_https_with_http1_and_http2() {
         "{}",
         plain.body
     );
+}
+
+/// A WebSocket server that echoes every message; its port.
+async fn websocket_echo() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_close() {
+                        break;
+                    }
+                    ws.send(message).await.unwrap();
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_over_tls_reaches_the_backend() {
+    if !tools("websocket_over_tls_reaches_the_backend") {
+        return;
+    }
+    let local = Local::start().await;
+    local.server.add("ws.example", websocket_echo().await);
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_file_iter(local.ca.root_pem()).unwrap() {
+        roots.add(root.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", local.port()))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("ws.example").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake for ws.example");
+    let (mut ws, response) = tokio_tungstenite::client_async("wss://ws.example/chat", tls)
+        .await
+        .expect("WebSocket handshake over TLS through core-server");
+    assert_eq!(response.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text(format!("hello {i}"))
+        );
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    ws.close(None).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -352,10 +432,76 @@ async fn after_a_worker_sigkill_under_https_load_new_handshakes_are_served_withi
     for task in load {
         task.await.unwrap();
     }
+    eprintln!("new handshakes served again {served_again:?} after the SIGKILL ({attempts} tries)");
     assert!(
         served_again < Duration::from_secs(1),
         "new handshakes served again {served_again:?} after the SIGKILL"
     );
+}
+
+/// curl's outcomes under load: how many requests were answered 200, and what else it saw.
+#[derive(Default)]
+struct Outcomes {
+    ok: u64,
+    failures: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rerun_under_https_load_fails_no_request() {
+    if !tools("a_rerun_under_https_load_fails_no_request") {
+        return;
+    }
+    let mut local = Local::start().await;
+    let root = local.ca.root_pem();
+    let port = local.port();
+    assert!(
+        local
+            .client()
+            .get(port, &Sni::name(APP), APP, "/")
+            .await
+            .status
+            == 200
+    );
+
+    // HTTP/1.1 keep-alive, HTTP/2 (one connection, many requests), and a new TLS connection
+    // per request, until the rerun is over (60 s at most).
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = [("--http1.1", 20), ("--http2", 20), ("--http1.1", 1)]
+        .into_iter()
+        .map(|(flag, per_connection)| {
+            let (stop, root) = (stop.clone(), root.clone());
+            std::thread::spawn(move || {
+                let paths = vec!["/"; per_connection];
+                let mut outcomes = Outcomes::default();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let output = curl(port, &root, flag, &paths, "%{http_code}\n");
+                    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+                    let codes: Vec<&str> = said.lines().filter(|l| l.len() == 3).collect();
+                    outcomes.ok += codes.iter().filter(|c| **c == "200").count() as u64;
+                    if !output.status.success() || codes.iter().any(|c| *c != "200") {
+                        outcomes.failures.push(format!("{flag}: {}", text(&output)));
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(tokio::task::block_in_place(|| local.server.rerun()).success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for load in loads {
+        let outcomes = load.join().unwrap();
+        eprintln!("{} requests answered through the rerun", outcomes.ok);
+        assert!(outcomes.ok > 0);
+        assert!(
+            outcomes.failures.is_empty(),
+            "{} answered, failed: {:?}",
+            outcomes.ok,
+            outcomes.failures
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

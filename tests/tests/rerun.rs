@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use core_server_tests::http::get;
-use core_server_tests::load::Load;
+use core_server_tests::load::{Load, Via};
+use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::server::{alive, binaries, install_copy};
+use core_server_tests::tls_client::{Sni, TlsClient};
 use core_server_tests::{Backend, CoreServer};
 use http::Response;
 use http_body_util::{BodyExt, StreamBody};
@@ -22,11 +24,36 @@ use nix::sys::socket::{
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_reruns_under_load_fail_no_request() {
-    let mut server = CoreServer::start();
+    // Local mode with a real mkcert: HTTPS is served too.
+    let ca = MkcertCa::new();
+    let env = ca.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
+    let mut server = CoreServer::start_with_env(&env);
     let backend = Backend::echo().await;
     server.add("app.example", backend.port);
+    let tls = TlsClient::new(&[&ca.root_pem()]);
+    let first = tls
+        .get(
+            server.https_port,
+            &Sni::name("app.example"),
+            "app.example",
+            "/",
+        )
+        .await;
+    assert_eq!(first.status, 200, "{}", server.log());
 
-    let load = Load::start(server.http_port, "app.example", 6, 3);
+    let https = |http2| Via::Https {
+        port: server.https_port,
+        client: tls.clone(),
+        http2,
+    };
+    // Keep-alive clients and clients connecting (and handshaking) per request, over HTTP,
+    // HTTPS with HTTP/1.1, and HTTP/2 (which reconnects on the drain's GOAWAY).
+    let loads = [
+        Load::start(server.http_port, "app.example", 4, 2),
+        Load::start_via(https(false), "app.example", 2, 2),
+        Load::start_via(https(true), "app.example", 2, 1),
+    ];
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut supervisors = vec![server.pid()];
     for round in 0..10 {
@@ -38,10 +65,12 @@ async fn ten_reruns_under_load_fail_no_request() {
         supervisors.push(server.pid());
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let counts = load.finish().await;
-    eprintln!("{counts:?}");
-    assert_eq!(counts.failures(), 0, "{counts:?}\n{}", server.log());
-    assert!(counts.ok > 500, "the load ran: {counts:?}");
+    for (load, name) in loads.into_iter().zip(["HTTP", "HTTPS", "HTTP/2"]) {
+        let counts = load.finish().await;
+        eprintln!("{name}: {counts:?}");
+        assert_eq!(counts.failures(), 0, "{name}: {counts:?}\n{}", server.log());
+        assert!(counts.ok > 100, "the {name} load ran: {counts:?}");
+    }
     supervisors.dedup();
     assert_eq!(supervisors.len(), 11, "each rerun is a new supervisor");
     assert!(!alive(supervisors[0]));

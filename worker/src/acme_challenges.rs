@@ -19,12 +19,12 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tracing::{info, warn};
 
-use crate::certificates::certified_key;
 use crate::proxy::{error_page, request_host, ProxyBody};
 use crate::route_table::RouteTable;
 
@@ -145,7 +145,12 @@ impl Challenges {
         certificate: Vec<u8>,
         key: Vec<u8>,
     ) -> Result<Arc<ServerConfig>, rustls::Error> {
-        let certificate = Arc::new(certified_key(&self.provider, vec![certificate], key)?);
+        // Not `CertifiedKey::from_der`: its check that key and certificate match parses the
+        // certificate with webpki, which refuses the critical acmeIdentifier extension
+        // (RFC 8737 §3) every validation certificate has.
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
+        let key = self.provider.key_provider.load_private_key(key)?;
+        let certificate = Arc::new(CertifiedKey::new(vec![certificate.into()], key));
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()

@@ -194,7 +194,7 @@ impl std::fmt::Debug for Certificates {
 }
 
 /// A chain (DER, leaf first) and its PKCS#8 key, checked to belong together.
-pub fn certified_key(
+fn certified_key(
     provider: &CryptoProvider,
     chain: Vec<Vec<u8>>,
     key: Vec<u8>,

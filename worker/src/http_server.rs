@@ -8,9 +8,10 @@
 //!
 //! Deadlines, from accept on:
 //! - the first request's head must be complete within `--header-timeout`, whatever the
-//!   protocol, the TLS handshake included: hyper's own header timeout only starts once hyper-util has told HTTP/1 from the
-//!   HTTP/2 preface, and HTTP/2 has none, so a client sending nothing (or a preface, slowly)
-//!   would otherwise live until the idle timeout. Later HTTP/1 heads get hyper's header timeout,
+//!   protocol, the TLS handshake included (and with it any wait for a certificate): hyper's
+//!   own header timeout only starts once hyper-util has told HTTP/1 from the HTTP/2 preface,
+//!   and HTTP/2 has none, so a client sending nothing (or a preface, slowly) would otherwise
+//!   live until the idle timeout. Later HTTP/1 heads get hyper's header timeout,
 //!   counted from the end of the previous response and not reset by each byte that trickles in;
 //! - a connection with no request in flight for `--idle-timeout` is closed gracefully;
 //! - a connection told to close (idle, evicted, draining HTTP/2) that still has no request in

@@ -17,6 +17,9 @@
 //!   (`TIOCSTI`), and sockets other than IP (a named Unix socket, which Landlock does not
 //!   guard, may be the operator's session bus, ssh-agent or docker).
 //!
+//! TLS needs nothing denied here: rustls and aws-lc-rs draw randomness with `getrandom(2)`
+//! (tests/https.rs handshakes with a sandboxed worker).
+//!
 //! Apply it before any thread exists: Landlock (up to ABI 7) confines only the calling thread
 //! and the threads it starts afterwards. Where the kernel lacks a feature, one warning names
 //! what is not enforced and the process goes on.

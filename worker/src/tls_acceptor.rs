@@ -29,9 +29,12 @@ use crate::certificates::{Certificates, Missing};
 use crate::route_table::RouteTable;
 use crate::session_tickets::SessionTickets;
 
-/// The one place the crypto provider is chosen, for TLS and for loading keys. aws-lc-rs is
-/// rustls's default, and faster than ring at ECDSA P-256 signatures and AES-GCM (measured
-/// with bench/tls.sh); swap it here to measure another.
+/// The one place the crypto provider is chosen, for TLS and for loading keys: aws-lc-rs,
+/// rustls's default. Measured on this project's 2-core machine against ring, in-process
+/// full handshakes with an ECDSA P-256 certificate, the server's CPU alone: TLS 1.3 with
+/// X25519 about 12 000/s against 10 500/s, TLS 1.2 about 17 500/s against 12 000/s.
+/// (aws-lc-rs also offers X25519MLKEM768 first, post-quantum, about 20% more CPU, to
+/// clients that offer it.) Swap it here to measure another.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -151,8 +154,9 @@ mod tests {
     use core_server_proto::ipc::{FromWorker, ToWorker};
     use core_server_proto::routes::Routes;
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    use rustls::pki_types::ServerName;
-    use rustls::{ClientConfig, HandshakeKind, RootCertStore};
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore};
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
     use tokio_rustls::TlsConnector;
@@ -319,29 +323,20 @@ mod tests {
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
         let helper = worker.link_helper();
         let client = Arc::new(ca.client(&[b"h2", b"http/1.1"]));
-        let all = tokio::spawn({
-            let client = client.clone();
-            let addr = worker.addr;
-            async move {
-                let mut results = Vec::new();
-                for _ in 0..10 {
+        let handshakes: Vec<_> = (0..10)
+            .map(|_| {
+                let (client, addr) = (client.clone(), worker.addr);
+                tokio::spawn(async move {
                     let tcp = TcpStream::connect(addr).await.unwrap();
                     // Normalised as a Host header is.
                     let name = ServerName::try_from("A.Example.").unwrap();
-                    results.push(TlsConnector::from(client.clone()).connect(name, tcp));
-                }
-                let mut ok = 0;
-                for handshake in results {
-                    if let Ok(mut tls) = handshake.await {
-                        let mut said = String::new();
-                        tls.read_to_string(&mut said).await.unwrap();
-                        assert_eq!(said, "h2");
-                        ok += 1;
-                    }
-                }
-                ok
-            }
-        });
+                    let mut tls = TlsConnector::from(client).connect(name, tcp).await?;
+                    let mut said = String::new();
+                    tls.read_to_string(&mut said).await?;
+                    Ok::<_, std::io::Error>(said)
+                })
+            })
+            .collect();
         let asked = next(&helper).await;
         assert_eq!(
             asked,
@@ -350,8 +345,11 @@ mod tests {
             }
         );
         nothing_from(&helper).await;
+        assert!(handshakes.iter().all(|h| !h.is_finished()), "all wait");
         helper.send(&ca.issue("a.example"), &[]).await.unwrap();
-        assert_eq!(all.await.unwrap(), 10);
+        for handshake in handshakes {
+            assert_eq!(handshake.await.unwrap().unwrap(), "h2");
+        }
         // Loaded: served without asking again, HTTP/1.1 too.
         let http1 = Arc::new(ca.client(&[b"http/1.1"]));
         assert_eq!(
@@ -500,38 +498,130 @@ mod tests {
 
     #[tokio::test]
     async fn a_pending_tls_alpn_challenge_is_answered_with_its_certificate_only() {
-        let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
         let helper = worker.link_helper();
-        let acme = Arc::new(ca.client(&[ACME_TLS_ALPN]));
-        let refused = worker.handshake(&acme, "a.example").await.unwrap_err();
+        // As a CA validating: it checks the certificate itself (RFC 8737 §3), webpki cannot.
+        let mut acme = ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Validator(crypto_provider())))
+            .with_no_client_auth();
+        acme.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        let acme = TlsConnector::from(Arc::new(acme));
+        let validate = || async {
+            let tcp = TcpStream::connect(worker.addr).await.unwrap();
+            let name = ServerName::try_from("a.example").unwrap();
+            let tls = acme.connect(name, tcp).await?;
+            let (_, connection) = tls.get_ref();
+            assert_eq!(connection.alpn_protocol(), Some(ACME_TLS_ALPN));
+            Ok::<_, std::io::Error>(connection.peer_certificates().unwrap()[0].to_vec())
+        };
+        let refused = validate().await.unwrap_err();
         assert!(
             refused.to_string().contains("HandshakeFailure"),
             "{refused}"
         );
         nothing_from(&helper).await;
 
-        let AcmeToWorker::Certificate { chain, key, .. } = ca.issue("a.example") else {
-            unreachable!()
-        };
+        // The validation certificate: self-signed, with the critical acmeIdentifier extension.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["a.example".to_owned()]).unwrap();
+        params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&[9; 32])];
+        let certificate = params.self_signed(&key).unwrap().der().to_vec();
         let challenge = AcmeToWorker::TlsAlpnChallenge {
             id: 7,
             name: Domain::parse("a.example").unwrap(),
-            certificate: chain[0].clone(),
-            key,
+            certificate: certificate.clone(),
+            key: Secret(key.serialize_der()),
         };
         helper.send(&challenge, &[]).await.unwrap();
         assert_eq!(next(&helper).await, WorkerToAcme::ChallengeReady { id: 7 });
-        assert_eq!(
-            worker.handshake(&acme, "a.example").await.unwrap().0,
-            "acme-tls/1"
-        );
+        assert_eq!(validate().await.unwrap(), certificate);
         helper
             .send(&AcmeToWorker::ChallengeDone { id: 7 }, &[])
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(worker.handshake(&acme, "a.example").await.is_err());
+        assert!(validate().await.is_err());
+    }
+
+    /// Takes any certificate: the test compares it with the challenge's (webpki, which
+    /// rustls's signature checks parse certificates with, refuses acmeIdentifier).
+    #[derive(Debug)]
+    struct Validator(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for Validator {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_sent_unasked_replaces_the_loaded_one() {
+        let ca = Ca::new();
+        let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
+        let helper = worker.link_helper();
+        let client = Arc::new(ca.client(&[b"h2"]));
+        let leaf = || async {
+            let tcp = TcpStream::connect(worker.addr).await.unwrap();
+            let name = ServerName::try_from("a.example").unwrap();
+            let tls = TlsConnector::from(client.clone())
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+        };
+        for _ in 0..2 {
+            let issued = ca.issue("a.example");
+            let AcmeToWorker::Certificate { chain, .. } = &issued else {
+                unreachable!()
+            };
+            let expected = chain[0].clone();
+            helper.send(&issued, &[]).await.unwrap();
+            // Loaded (the link is read in its own task), then served.
+            let name = Domain::parse("a.example").unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while worker
+                .certificates
+                .loaded(&name)
+                .is_none_or(|loaded| loaded.cert[0].as_ref() != expected.as_slice())
+            {
+                assert!(std::time::Instant::now() < deadline, "not loaded");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(leaf().await, expected);
+        }
+        nothing_from(&helper).await;
     }
 
     #[tokio::test]
