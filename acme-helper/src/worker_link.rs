@@ -85,6 +85,8 @@ impl WorkerLink {
             let request = match message {
                 Ok(Some((WorkerToAcme::Certificate { name }, _))) => Request::Certificate(name),
                 Ok(Some((WorkerToAcme::Forget { name }, _))) => Request::Forget(name),
+                // The routed set: used from the next commit on.
+                Ok(Some((WorkerToAcme::Routed(_) | WorkerToAcme::RoutedEnd, _))) => continue,
                 Ok(Some((WorkerToAcme::ChallengeReady { id }, _))) => {
                     if let Some(ready) = self.waiting.lock().unwrap().remove(&id) {
                         let _ = ready.send(());

@@ -106,12 +106,23 @@ pub enum WorkerToAcme {
     /// A handshake for `name` (a registered domain) needs its certificate: answered
     /// `Certificate` or `Unavailable`, however many times it is asked meanwhile (one order
     /// at a time per name).
-    Certificate { name: Domain },
+    Certificate {
+        name: Domain,
+    },
     /// `name` is no longer routed: stop renewing it (its files stay, for a later `add`).
-    Forget { name: Domain },
+    Forget {
+        name: Domain,
+    },
     /// The challenge `AcmeToWorker::TlsAlpnChallenge` or `HttpChallenge` with this `id` is
     /// being answered: the CA may be told to validate.
-    ChallengeReady { id: u64 },
+    ChallengeReady {
+        id: u64,
+    },
+    /// Part of the routed names, sent on every new link (in chunks of at most
+    /// [`crate::ipc::ROUTES_PER_MESSAGE`]) and ended by `RoutedEnd`: the names the helper may
+    /// renew. Names routed later are asked for (`Certificate`), names removed are `Forget`.
+    Routed(Vec<Domain>),
+    RoutedEnd,
 }
 
 /// Helper to worker.

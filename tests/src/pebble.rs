@@ -257,7 +257,11 @@ fn listening(port: u16) -> bool {
 /// Starts pebble-challtestsrv as a DNS server only (every A query: 127.0.0.1, no AAAA, no
 /// challenge servers of its own): the child and its DNS port, once it runs.
 fn start_dns(dir: &Path) -> (Child, u16) {
-    let dns_port = free_udp_port();
+    // It serves DNS over UDP and TCP on the same port: find one free for both.
+    let dns_port = (0..100)
+        .map(|_| free_udp_port())
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a port free for both UDP and TCP");
     let management_port = free_tcp_port();
     let log_path = dir.join("challtestsrv.log");
     let log = std::fs::File::create(&log_path).unwrap();

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 use core_server_tests::backend::{describe, full};
 use core_server_tests::http::get;
 use core_server_tests::pebble::{dead_port, Pebble, PebbleOptions};
-use core_server_tests::server::{binaries, proc_status};
+use core_server_tests::server::{alive, binaries, children_named, proc_status, ACME_HELPER_COMM};
 use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
 use core_server_tests::{have_root, have_tools, Backend, CoreServer};
 use http::{Response, StatusCode};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 const NAME: &str = "app.example.com";
 
@@ -22,7 +24,7 @@ const NAME: &str = "app.example.com";
 struct Release {
     server: CoreServer,
     pebble: Pebble,
-    _backend: Backend,
+    backend: Backend,
 }
 
 impl Release {
@@ -48,7 +50,7 @@ impl Release {
             Release {
                 server,
                 pebble,
-                _backend: backend,
+                backend,
             }
         });
         Some(release)
@@ -514,4 +516,35 @@ async fn the_helper_runs_apart_unprivileged_and_the_worker_holds_nothing_of_the_
         !worker_paths.iter().any(|p| p.starts_with(&store)),
         "the worker holds a descriptor of the store: {worker_paths:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_helper_is_restarted_while_loaded_names_keep_serving() {
+    let Some(release) = Release::start(|o| o).await else {
+        return;
+    };
+    let root = release.pebble.issuing_root_pem();
+    let reply = release.get(&TlsClient::new(&[&root]), NAME).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", release.logs());
+
+    let helper = release.server.acme_helper_pid();
+    kill(Pid::from_raw(helper as i32), Signal::SIGKILL).unwrap();
+    // A new client (no session to resume): the worker still holds the certificate.
+    let reply = release.get(&TlsClient::new(&[&root]), NAME).await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let server = &release.server;
+    eventually(Duration::from_secs(30), "a new helper", || {
+        let restarted = children_named(server.pid(), ACME_HELPER_COMM)
+            .into_iter()
+            .any(|pid| pid != helper && alive(pid));
+        async move { restarted.then_some(()) }
+    })
+    .await;
+    // The new helper is linked to the worker: a name registered now gets its certificate.
+    const OTHER: &str = "other.example.com";
+    blocking(|| server.add(OTHER, release.backend.port));
+    let reply = release.get(&TlsClient::new(&[&root]), OTHER).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", release.logs());
+    assert_eq!(release.pebble.orders(), 2, "{}", release.logs());
 }

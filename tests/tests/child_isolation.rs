@@ -215,6 +215,33 @@ fn a_process_of_the_supervisors_own_uid_cannot_read_its_environment() {
     assert!(stderr.contains("Permission denied"), "{stderr}");
 }
 
+#[test]
+fn another_process_of_the_childrens_user_cannot_look_into_them() {
+    if !have_root("another_process_of_the_childrens_user_cannot_look_into_them") {
+        return;
+    }
+    let server = CoreServer::start();
+    for (child, pid) in [
+        ("worker", server.worker_pid()),
+        ("ACME helper", server.acme_helper_pid()),
+    ] {
+        // `nobody`, as the children are: were they dumpable, it could list (and open) their
+        // descriptors (the certificate store) and read their memory (served keys).
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg("ls")
+            .arg(format!("/proc/{pid}/fd"))
+            .output()
+            .expect("setpriv is installed (util-linux)");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains("Permission denied"),
+            "the {child}'s descriptors, listed by nobody: {}{stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+}
+
 /// A stand-in worker that writes one 50 MB line without a newline to stderr, then a normal
 /// line, and fails. Each step waits for a file that the test creates, so the test can measure
 /// the supervisor in between.

@@ -63,14 +63,30 @@ impl Https {
         settings: &WorkerSettings,
         ticket_key: &Secret,
     ) -> anyhow::Result<Transport> {
-        Ok(Transport::Https(TlsAcceptor::new(
+        let acceptor = self.acceptor(&ticket_key.0, settings.https.certificate_wait)?;
+        Ok(Transport::Https(acceptor))
+    }
+
+    /// The TLS side of the HTTPS port: certificates waited for at most `certificate_wait`.
+    pub fn acceptor(
+        &self,
+        ticket_key: &[u8],
+        certificate_wait: std::time::Duration,
+    ) -> anyhow::Result<TlsAcceptor> {
+        TlsAcceptor::new(
             self.routes.clone(),
             self.certificates.clone(),
             self.challenges.clone(),
             self.provider.clone(),
-            &ticket_key.0,
-            settings.https.certificate_wait,
-        )?))
+            ticket_key,
+            certificate_wait,
+        )
+    }
+
+    /// The certificate cache (for tests that hand it a certificate directly).
+    #[cfg(test)]
+    pub fn certificates(&self) -> &Certificates {
+        &self.certificates
     }
 
     /// `fd` is the new channel to the ACME helper (`ToWorker::AcmeHelper`).

@@ -161,7 +161,7 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio_rustls::TlsConnector;
 
-    use crate::acme_link::AcmeLink;
+    use crate::https::Https;
 
     type HelperEnd = Channel<AcmeToWorker, WorkerToAcme>;
 
@@ -210,9 +210,7 @@ mod tests {
     /// A worker's TLS side: routes for `names`, serving on loopback.
     struct Worker {
         addr: std::net::SocketAddr,
-        link: Arc<AcmeLink>,
-        certificates: Arc<Certificates>,
-        challenges: Arc<Challenges>,
+        https: Https,
         routes: Arc<RouteTable>,
         _supervisor: Channel<ToWorker, FromWorker>,
     }
@@ -228,26 +226,8 @@ mod tests {
                 routes,
                 Arc::new(Channel::new(ours).unwrap()),
             ));
-            let link = Arc::new(AcmeLink::default());
-            let provider = crypto_provider();
-            let certificates = Arc::new(Certificates::new(
-                routes.clone(),
-                link.clone(),
-                provider.clone(),
-            ));
-            tokio::spawn(certificates.clone().forget_removed(routes.removals()));
-            let challenges = Arc::new(Challenges::new(provider.clone()));
-            let acceptor = Arc::new(
-                TlsAcceptor::new(
-                    routes.clone(),
-                    certificates.clone(),
-                    challenges.clone(),
-                    provider,
-                    ticket_key,
-                    wait,
-                )
-                .unwrap(),
-            );
+            let https = Https::new(routes.clone());
+            let acceptor = Arc::new(https.acceptor(ticket_key, wait).unwrap());
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             tokio::spawn(async move {
@@ -266,9 +246,7 @@ mod tests {
             });
             Worker {
                 addr,
-                link,
-                certificates,
-                challenges,
+                https,
                 routes,
                 _supervisor: Channel::new(theirs).unwrap(),
             }
@@ -277,9 +255,7 @@ mod tests {
         /// A new link to a helper; the helper's end.
         fn link_helper(&self) -> HelperEnd {
             let (ours, theirs) = socketpair_fds().unwrap();
-            self.link
-                .connect(ours, self.certificates.clone(), self.challenges.clone())
-                .unwrap();
+            self.https.connect_helper(ours).unwrap();
             Channel::new(theirs).unwrap()
         }
 
@@ -298,6 +274,24 @@ mod tests {
             tls.read_to_string(&mut said).await?;
             let kind = tls.get_ref().1.handshake_kind().unwrap();
             Ok((said, kind))
+        }
+
+        /// A handshake for `sni` in a task of its own, so several can wait at once: `Ok`
+        /// once it is done.
+        fn spawn_handshake(
+            &self,
+            config: &Arc<ClientConfig>,
+            sni: &'static str,
+        ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+            let (config, addr) = (config.clone(), self.addr);
+            tokio::spawn(async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let name = ServerName::try_from(sni).unwrap();
+                TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .map(drop)
+            })
         }
     }
 
@@ -416,18 +410,7 @@ mod tests {
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
         let helper = worker.link_helper();
         let client = Arc::new(ca.client(&[b"h2"]));
-        let handshake = tokio::spawn({
-            let client = client.clone();
-            let addr = worker.addr;
-            async move {
-                let tcp = TcpStream::connect(addr).await.unwrap();
-                let name = ServerName::try_from("a.example").unwrap();
-                TlsConnector::from(client)
-                    .connect(name, tcp)
-                    .await
-                    .map(drop)
-            }
-        });
+        let handshake = worker.spawn_handshake(&client, "a.example");
         assert!(matches!(
             next(&helper).await,
             WorkerToAcme::Certificate { .. }
@@ -438,18 +421,7 @@ mod tests {
         };
         helper.send(&unavailable, &[]).await.unwrap();
         assert!(handshake.await.unwrap().is_err());
-        let again = tokio::spawn({
-            let client = client.clone();
-            let addr = worker.addr;
-            async move {
-                let tcp = TcpStream::connect(addr).await.unwrap();
-                let name = ServerName::try_from("a.example").unwrap();
-                TlsConnector::from(client)
-                    .connect(name, tcp)
-                    .await
-                    .map(drop)
-            }
-        });
+        let again = worker.spawn_handshake(&client, "a.example");
         assert!(matches!(
             next(&helper).await,
             WorkerToAcme::Certificate { .. }
@@ -480,7 +452,7 @@ mod tests {
                 let AcmeToWorker::Certificate { name, chain, key } = issued else {
                     unreachable!()
                 };
-                worker.certificates.received(name, chain, key.0);
+                worker.https.certificates().received(name, chain, key.0);
                 kinds.push(worker.handshake(&client, "a.example").await.unwrap().1);
                 drop(helper);
             }
@@ -612,7 +584,8 @@ mod tests {
             let name = Domain::parse("a.example").unwrap();
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while worker
-                .certificates
+                .https
+                .certificates()
                 .loaded(&name)
                 .is_none_or(|loaded| loaded.cert[0].as_ref() != expected.as_slice())
             {
@@ -633,7 +606,10 @@ mod tests {
         let AcmeToWorker::Certificate { name, chain, key } = ca.issue("a.example") else {
             unreachable!()
         };
-        worker.certificates.received(name.clone(), chain, key.0);
+        worker
+            .https
+            .certificates()
+            .received(name.clone(), chain, key.0);
         assert!(worker.handshake(&client, "a.example").await.is_ok());
         let removal = core_server_proto::routes::RouteChange::Remove {
             domain: name.clone(),
@@ -643,7 +619,7 @@ mod tests {
             next(&helper).await,
             WorkerToAcme::Forget { name: name.clone() }
         );
-        assert!(worker.certificates.loaded(&name).is_none());
+        assert!(worker.https.certificates().loaded(&name).is_none());
         let refused = worker.handshake(&client, "a.example").await.unwrap_err();
         assert!(
             refused.to_string().contains("UnrecognisedName"),
