@@ -7,7 +7,8 @@
 //! most until its deadline) and certificates already loaded keep being served.
 //!
 //! What the helper sends is applied here: certificates go to `certificates`, challenges to
-//! `acme_challenges` (installed, then confirmed with `ChallengeReady` on the same link).
+//! `acme_challenges` (installed, then confirmed with `ChallengeReady` on the same link). A new
+//! link drops the pending challenges: the helper sends again those still in progress.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,7 @@ impl AcmeLink {
         challenges: Arc<Challenges>,
     ) -> std::io::Result<()> {
         let channel = Arc::new(HelperChannel::new(fd)?);
+        challenges.clear();
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel.clone());
         info!("linked to the ACME helper");
         // Not tracked with the connections: a stopping worker does not wait for the helper.
@@ -97,7 +99,8 @@ impl AcmeLink {
                     certificates.unavailable(name, reason)
                 }
                 AcmeToWorker::ChallengeDone { id } => challenges.done(id),
-                challenge => {
+                challenge @ (AcmeToWorker::TlsAlpnChallenge { .. }
+                | AcmeToWorker::HttpChallenge { .. }) => {
                     if let Some(id) = challenges.install(challenge) {
                         let _ = channel
                             .send(&WorkerToAcme::ChallengeReady { id }, &[])
