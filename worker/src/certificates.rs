@@ -10,8 +10,10 @@
 //! unasked (a renewal) replaces the loaded one. Loaded certificates stay served while the
 //! helper is down.
 //!
-//! The routes table is the allowlist: a certificate is only kept for a routed name, and a
-//! route removed drops its certificate (and tells the helper, `Forget`).
+//! The routes table is the allowlist: a certificate is only asked for and kept for a routed
+//! name, and a route removed drops its certificate (and tells the helper, `Forget`). Requests
+//! and `Forget`s are checked and queued for the helper under one lock, so no request for a
+//! name can follow that name's `Forget`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +43,8 @@ pub enum Missing {
     TimedOut(Duration),
     #[error("the route was removed while waiting for its certificate")]
     Removed,
+    #[error("not a registered domain")]
+    NotRouted,
 }
 
 pub struct Certificates {
@@ -80,30 +84,32 @@ impl Certificates {
         self.state().loaded.get(name).cloned()
     }
 
-    /// The certificate for `name` (a routed name), loaded or asked of the helper, waiting at
-    /// most `wait` for it.
+    /// The certificate for `name`, if it is routed: loaded, or asked of the helper, waiting
+    /// at most `wait` for it.
     pub async fn get(&self, name: &Domain, wait: Duration) -> Result<Arc<CertifiedKey>, Missing> {
-        let (mut answer, ask) = {
+        let mut answer = {
             let mut state = self.state();
+            // Under the lock `forget` takes: a route removed now is either seen here, or
+            // its `Forget` is queued after this request.
+            if self.routes.port(name).is_none() {
+                return Err(Missing::NotRouted);
+            }
             if let Some(loaded) = state.loaded.get(name) {
                 return Ok(loaded.clone());
             }
             match state.asked.get(name) {
-                Some(asked) => (asked.subscribe(), false),
+                Some(asked) => asked.subscribe(),
                 None => {
                     let (asked, answer) = watch::channel(None);
                     state.asked.insert(name.clone(), asked);
-                    (answer, true)
+                    debug!("asking the ACME helper for the certificate of {name}");
+                    // Without a link now, the request goes out on the next one.
+                    self.link
+                        .send(WorkerToAcme::Certificate { name: name.clone() });
+                    answer
                 }
             }
         };
-        if ask {
-            debug!("asking the ACME helper for the certificate of {name}");
-            // Without a link now, the request goes out on the next one.
-            self.link
-                .send(&WorkerToAcme::Certificate { name: name.clone() })
-                .await;
-        }
         let answer = match tokio::time::timeout(wait, answer.wait_for(Option::is_some)).await {
             Ok(Ok(answer)) => answer.clone().expect("waited for an answer"),
             Ok(Err(_)) => return Err(Missing::Removed),
@@ -112,9 +118,12 @@ impl Certificates {
         answer.map_err(Missing::Unavailable)
     }
 
-    /// Names asked for and not answered yet: to ask again on a new link.
-    pub fn unanswered(&self) -> Vec<Domain> {
-        self.state().asked.keys().cloned().collect()
+    /// Runs `link` (which makes a new link the current one) with the names asked for and
+    /// not answered yet, to ask again on it, under the lock requests and `Forget`s are sent
+    /// under.
+    pub fn relink(&self, link: impl FnOnce(Vec<Domain>)) {
+        let state = self.state();
+        link(state.asked.keys().cloned().collect());
     }
 
     /// The helper's certificate for `name`: loaded (replacing an earlier one), and handed to
@@ -160,20 +169,19 @@ impl Certificates {
 
     /// `name` is no longer routed: its certificate is no longer served (handshakes waiting
     /// for it fail), and the helper stops renewing it.
-    pub async fn forget(&self, name: Domain) {
-        {
-            let mut state = self.state();
-            state.loaded.remove(&name);
-            // Dropping the sender wakes its waiters.
-            state.asked.remove(&name);
-        }
-        self.link.send(&WorkerToAcme::Forget { name }).await;
+    pub fn forget(&self, name: Domain) {
+        let mut state = self.state();
+        state.loaded.remove(&name);
+        // Dropping the sender wakes its waiters.
+        state.asked.remove(&name);
+        // Without a link now, the next link's routed names leave it out.
+        self.link.send(WorkerToAcme::Forget { name });
     }
 
     /// Forgets each route removed, as `removals` (see `RouteTable::removals`) says.
     pub async fn forget_removed(self: Arc<Self>, mut removals: mpsc::UnboundedReceiver<Domain>) {
         while let Some(name) = removals.recv().await {
-            self.forget(name).await;
+            self.forget(name);
         }
     }
 }
