@@ -470,7 +470,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unavailable_fails_the_waiting_handshakes_and_a_later_one_asks_again() {
+    async fn unavailable_fails_the_waiting_handshakes_and_the_next_at_once_until_a_certificate() {
         let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
         let helper = worker.link_helper().await;
@@ -486,13 +486,22 @@ mod tests {
         };
         helper.send(&unavailable, &[]).await.unwrap();
         assert!(handshake.await.unwrap().is_err());
-        let again = worker.spawn_handshake(&client, "a.example");
-        assert!(matches!(
-            next(&helper).await,
-            WorkerToAcme::Certificate { .. }
-        ));
+        // Refused at once, without asking the helper again (the wait is 10 s).
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            assert!(worker.handshake(&client, "a.example").await.is_err());
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        nothing_from(&helper).await;
+        // A certificate sent meanwhile is served.
         helper.send(&ca.issue("a.example"), &[]).await.unwrap();
-        assert!(again.await.unwrap().is_ok());
+        let name = Domain::parse("a.example").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while worker.https.certificates().loaded(&name).is_none() {
+            assert!(std::time::Instant::now() < deadline, "not loaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(worker.handshake(&client, "a.example").await.is_ok());
     }
 
     #[tokio::test]
