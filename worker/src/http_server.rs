@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::accept_errors::AcceptErrors;
-use crate::acme_challenges::RedirectToHttps;
+use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
 use crate::proxy::{Proxy, ProxyBody};
@@ -164,7 +164,7 @@ impl HttpServer {
                 // before it sent a request is dropped, mid-handshake too.
                 let handshake =
                     tokio::time::timeout_at(self.first_request_by(&activity), tls.accept(stream));
-                let stream = tokio::select! {
+                let mut stream = tokio::select! {
                     handshake = handshake => match handshake {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
@@ -181,6 +181,14 @@ impl HttpServer {
                         return;
                     }
                 };
+                if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                    // A CA validating TLS-ALPN-01 sends nothing after the handshake (RFC 8737
+                    // §3): close at once (close_notify, within the same deadline).
+                    debug!("TLS-ALPN-01 validation handshake from {client} done: closing");
+                    let by = self.first_request_by(&activity);
+                    let _ = tokio::time::timeout_at(by, stream.shutdown()).await;
+                    return;
+                }
                 self.serve_http(stream, client, &activity, stop).await
             }
         }
