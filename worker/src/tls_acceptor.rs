@@ -145,7 +145,7 @@ async fn refuse(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use core_server_proto::acme_ipc::{AcmeToWorker, Secret, WorkerToAcme};
@@ -610,7 +610,7 @@ mod tests {
     /// Takes any certificate: the test compares it with the challenge's (webpki, which
     /// rustls's signature checks parse certificates with, refuses acmeIdentifier).
     #[derive(Debug)]
-    struct Validator(Arc<CryptoProvider>);
+    pub(crate) struct Validator(pub(crate) Arc<CryptoProvider>);
 
     impl ServerCertVerifier for Validator {
         fn verify_server_cert(
