@@ -65,6 +65,8 @@ impl Challenges {
 
     /// Starts answering a challenge message; its id once it is answered (to confirm with
     /// `ChallengeReady`), or `None` if it cannot be (or is no challenge).
+    /// A challenge of the same kind for the same name still pending (its order abandoned)
+    /// is replaced: only the newest can validate.
     pub fn install(&self, message: AcmeToWorker) -> Option<u64> {
         let (id, challenge) = match message {
             AcmeToWorker::TlsAlpnChallenge {
@@ -92,7 +94,9 @@ impl Challenges {
                     key_authorization,
                 },
             ),
-            other => {
+            other @ (AcmeToWorker::Certificate { .. }
+            | AcmeToWorker::Unavailable { .. }
+            | AcmeToWorker::ChallengeDone { .. }) => {
                 warn!("not a challenge from the ACME helper: {other:?}");
                 return None;
             }
@@ -102,8 +106,16 @@ impl Challenges {
             challenge.kind(),
             challenge.name()
         );
-        self.pending().insert(id, challenge);
+        let mut pending = self.pending();
+        pending.retain(|_, p| p.kind() != challenge.kind() || p.name() != challenge.name());
+        pending.insert(id, challenge);
         Some(id)
+    }
+
+    /// Drops every pending challenge: a new link to the helper sends again those still in
+    /// progress, and one whose order died with the old helper would never be `ChallengeDone`.
+    pub fn clear(&self) {
+        self.pending().clear();
     }
 
     pub fn done(&self, id: u64) {
@@ -156,6 +168,9 @@ impl Challenges {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Always(certificate)));
         config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        // One handshake per validation, never resumed: nothing to keep for later.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 }
@@ -318,6 +333,28 @@ mod tests {
             .answer(&request(Method::GET, "app.example", path))
             .unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_new_challenge_replaces_the_pending_one_of_its_kind_for_its_name() {
+        let challenges = Challenges::new(crypto_provider());
+        let http = |id, name: &str, token: &str| AcmeToWorker::HttpChallenge {
+            id,
+            name: Domain::parse(name).unwrap(),
+            token: token.into(),
+            key_authorization: format!("{token}.thumbprint"),
+        };
+        let a = Domain::parse("a.example").unwrap();
+        let b = Domain::parse("b.example").unwrap();
+        assert_eq!(challenges.install(http(1, "a.example", "old")), Some(1));
+        assert_eq!(challenges.install(http(2, "b.example", "other")), Some(2));
+        assert_eq!(challenges.install(http(3, "a.example", "new")), Some(3));
+        assert!(challenges.key_authorization(&a, "old").is_none());
+        assert!(challenges.key_authorization(&a, "new").is_some());
+        assert!(challenges.key_authorization(&b, "other").is_some());
+        challenges.clear();
+        assert!(challenges.key_authorization(&a, "new").is_none());
+        assert!(challenges.key_authorization(&b, "other").is_none());
     }
 
     #[test]

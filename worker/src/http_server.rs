@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::accept_errors::AcceptErrors;
-use crate::acme_challenges::RedirectToHttps;
+use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
 use crate::proxy::{Proxy, ProxyBody};
@@ -164,7 +164,7 @@ impl HttpServer {
                 // before it sent a request is dropped, mid-handshake too.
                 let handshake =
                     tokio::time::timeout_at(self.first_request_by(&activity), tls.accept(stream));
-                let stream = tokio::select! {
+                let mut stream = tokio::select! {
                     handshake = handshake => match handshake {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
@@ -181,6 +181,14 @@ impl HttpServer {
                         return;
                     }
                 };
+                if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                    // A CA validating TLS-ALPN-01 sends nothing after the handshake (RFC 8737
+                    // §3): close at once (close_notify, within the same deadline).
+                    debug!("TLS-ALPN-01 validation handshake from {client} done: closing");
+                    let by = self.first_request_by(&activity);
+                    let _ = tokio::time::timeout_at(by, stream.shutdown()).await;
+                    return;
+                }
                 self.serve_http(stream, client, &activity, stop).await
             }
         }
@@ -316,5 +324,99 @@ fn ask_to_close(response: &mut Response<ProxyBody>) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use core_server_proto::acme_ipc::{
+        AcmeToWorker, CertificateSource, HttpsSettings, Secret, WorkerToAcme,
+    };
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use core_server_proto::domain::Domain;
+    use rcgen::{CertificateParams, KeyPair};
+    use rustls::pki_types::ServerName;
+    use rustls::ClientConfig;
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::TlsConnector;
+
+    use crate::connection_limit::ConnectionLimit;
+    use crate::https::Https;
+    use crate::route_table::RouteTable;
+    use crate::tls_acceptor::crypto_provider;
+    use crate::tls_acceptor::tests::Validator;
+
+    #[tokio::test]
+    async fn a_tls_alpn_validation_connection_is_closed_after_its_handshake_not_served() {
+        let name = Domain::parse("a.example").unwrap();
+        let (ours, _supervisor) = socketpair_fds().unwrap();
+        let routes = Arc::new(RouteTable::new(
+            [(name.clone(), 8080)].into_iter().collect(),
+            Arc::new(Channel::new(ours).unwrap()),
+        ));
+        let settings = WorkerSettings {
+            header_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(2),
+            backend_timeout: Duration::from_secs(2),
+            max_connections: None,
+            https: HttpsSettings {
+                source: CertificateSource::Acme,
+                certificate_wait: Duration::from_secs(1),
+            },
+        };
+        let https = Https::new(routes.clone());
+        let transport = https.https(&settings, &Secret(vec![3; 32])).unwrap();
+        let tasks = TaskTracker::new();
+        let proxy = Arc::new(Proxy::new(routes, settings.backend_timeout, tasks.clone()));
+        let server = HttpServer::new(proxy, &settings, transport, ConnectionLimit::new(16));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(server.serve(listener, stop.clone(), tasks));
+
+        // The helper hands over a TLS-ALPN-01 challenge for the name.
+        let (ours, theirs) = socketpair_fds().unwrap();
+        https.connect_helper(ours).unwrap();
+        let helper: Channel<AcmeToWorker, WorkerToAcme> = Channel::new(theirs).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["a.example".to_owned()]).unwrap();
+        params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&[9; 32])];
+        let challenge = AcmeToWorker::TlsAlpnChallenge {
+            id: 1,
+            name,
+            certificate: params.self_signed(&key).unwrap().der().to_vec(),
+            key: Secret(key.serialize_der()),
+        };
+        helper.send(&challenge, &[]).await.unwrap();
+        for _ in 0..10 {
+            let heard = tokio::time::timeout(Duration::from_secs(5), helper.recv()).await;
+            if heard.unwrap().unwrap().unwrap().0 == (WorkerToAcme::ChallengeReady { id: 1 }) {
+                break;
+            }
+        }
+
+        // As a CA validating, then (against RFC 8737) sending a request: no answer, closed.
+        let mut acme = ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Validator(crypto_provider())))
+            .with_no_client_auth();
+        acme.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = TlsConnector::from(Arc::new(acme))
+            .connect(ServerName::try_from("a.example").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ACME_TLS_ALPN));
+        let _ = tls
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            .await;
+        let mut said = Vec::new();
+        let _ = tls.read_to_end(&mut said).await;
+        assert!(said.is_empty(), "{}", String::from_utf8_lossy(&said));
+        stop.cancel();
     }
 }

@@ -74,7 +74,6 @@ impl Https {
         certificate_wait: std::time::Duration,
     ) -> anyhow::Result<TlsAcceptor> {
         TlsAcceptor::new(
-            self.routes.clone(),
             self.certificates.clone(),
             self.challenges.clone(),
             self.provider.clone(),
@@ -91,7 +90,11 @@ impl Https {
 
     /// `fd` is the new channel to the ACME helper (`ToWorker::AcmeHelper`).
     pub fn connect_helper(&self, fd: OwnedFd) -> std::io::Result<()> {
-        self.link
-            .connect(fd, self.certificates.clone(), self.challenges.clone())
+        self.link.connect(
+            fd,
+            &self.routes,
+            self.certificates.clone(),
+            self.challenges.clone(),
+        )
     }
 }

@@ -79,10 +79,22 @@ impl RouteTable {
             .port(domain)
     }
 
-    /// Every domain removed from now on, in order (one watcher: a second call replaces it).
+    /// Every domain routed now.
+    pub fn names(&self) -> Vec<Domain> {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        routes.iter().map(|(domain, _)| domain.clone()).collect()
+    }
+
+    /// Every domain removed from now on, in order. There is one watcher (the certificates):
+    /// a second call panics rather than silently leave the first without removals.
     pub fn removals(&self) -> mpsc::UnboundedReceiver<Domain> {
+        let mut watcher = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            watcher.is_none(),
+            "RouteTable::removals called twice: the table has one watcher of its removals"
+        );
         let (removed, removals) = mpsc::unbounded_channel();
-        *self.removed.lock().unwrap_or_else(|e| e.into_inner()) = Some(removed);
+        *watcher = Some(removed);
         removals
     }
 

@@ -2,11 +2,18 @@
 //! no signature: one round trip less and far less CPU) after a worker restart and after a rerun.
 //!
 //! rustls's own ticketer draws a random key per process, so every restart would invalidate
-//! every ticket. Here the keys are derived from the instance's ticket key
+//! every ticket. Here the keys are derived from the instance's static ticket key
 //! (`ToWorker::Start.ticket_key`, kept 0600 under DIR by the supervisor and the same for every
-//! worker): HKDF-SHA256 of it per [`PERIOD`], so each key lives two periods at most (forward
-//! secrecy for tickets is bounded by key rotation, as rustls's `ProducesTickets` asks). A ticket
-//! is `period (8 bytes) | nonce (12) | AES-256-GCM(state) | tag (16)`; the period is
+//! worker), as nginx's `ssl_session_ticket_key` is used: HKDF-SHA256 of it per [`PERIOD`] (12
+//! hours), so a ticket is accepted for two periods at most. That bounds how long a ticket
+//! resumes, not what a leaked key exposes: this is not forward secrecy. Whoever reads
+//! `DIR/tls-ticket-key` can derive the key of any period, past or future, and decrypt every
+//! ticket issued under it; for TLS 1.2 a ticket holds the session's master secret, so recorded
+//! TLS 1.2 traffic (the full handshake's too) can then be read. TLS 1.3 resumption here always
+//! adds an ECDHE exchange (psk_dhe_ke, no 0-RTT), so its traffic stays unreadable. Removing
+//! the file (the supervisor makes a new one at its next start) is the only rotation.
+//!
+//! A ticket is `period (8 bytes) | nonce (12) | AES-256-GCM(state) | tag (16)`; the period is
 //! authenticated as associated data. Tickets of the current and the previous period are
 //! accepted, so one issued at the end of a period still works for a whole period. The same
 //! tickets serve TLS 1.3 and TLS 1.2 (RFC 5077).

@@ -26,7 +26,6 @@ use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use crate::acme_challenges::{Challenges, ACME_TLS_ALPN};
 use crate::certificates::{Certificates, Missing};
-use crate::route_table::RouteTable;
 use crate::session_tickets::SessionTickets;
 
 /// The one place the crypto provider is chosen, for TLS and for loading keys: aws-lc-rs,
@@ -57,7 +56,6 @@ pub enum Refused {
 }
 
 pub struct TlsAcceptor {
-    routes: Arc<RouteTable>,
     certificates: Arc<Certificates>,
     challenges: Arc<Challenges>,
     /// For every handshake but validations: the certificate is found by `certificates`.
@@ -67,7 +65,6 @@ pub struct TlsAcceptor {
 
 impl TlsAcceptor {
     pub fn new(
-        routes: Arc<RouteTable>,
         certificates: Arc<Certificates>,
         challenges: Arc<Challenges>,
         provider: Arc<CryptoProvider>,
@@ -81,7 +78,6 @@ impl TlsAcceptor {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.ticketer = Arc::new(SessionTickets::new(ticket_key)?);
         Ok(TlsAcceptor {
-            routes,
             certificates,
             challenges,
             config: Arc::new(config),
@@ -115,13 +111,16 @@ impl TlsAcceptor {
                 }
             }
         } else {
-            if self.routes.port(&name).is_none() {
-                let why = Refused::NotRouted(name);
-                return Err(refuse(start, AlertDescription::UnrecognisedName, why).await);
-            }
-            if let Err(missing) = self.certificates.get(&name, self.certificate_wait).await {
-                let why = Refused::NoCertificate(name, missing);
-                return Err(refuse(start, AlertDescription::HandshakeFailure, why).await);
+            match self.certificates.get(&name, self.certificate_wait).await {
+                Ok(_) => {}
+                Err(Missing::NotRouted) => {
+                    let why = Refused::NotRouted(name);
+                    return Err(refuse(start, AlertDescription::UnrecognisedName, why).await);
+                }
+                Err(missing) => {
+                    let why = Refused::NoCertificate(name, missing);
+                    return Err(refuse(start, AlertDescription::HandshakeFailure, why).await);
+                }
             }
             self.config.clone()
         };
@@ -146,7 +145,7 @@ async fn refuse(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use core_server_proto::acme_ipc::{AcmeToWorker, Secret, WorkerToAcme};
@@ -162,6 +161,7 @@ mod tests {
     use tokio_rustls::TlsConnector;
 
     use crate::https::Https;
+    use crate::route_table::RouteTable;
 
     type HelperEnd = Channel<AcmeToWorker, WorkerToAcme>;
 
@@ -252,11 +252,13 @@ mod tests {
             }
         }
 
-        /// A new link to a helper; the helper's end.
-        fn link_helper(&self) -> HelperEnd {
+        /// A new link to a helper; the helper's end, once told the routed names (checked).
+        async fn link_helper(&self) -> HelperEnd {
             let (ours, theirs) = socketpair_fds().unwrap();
             self.https.connect_helper(ours).unwrap();
-            Channel::new(theirs).unwrap()
+            let helper = Channel::new(theirs).unwrap();
+            assert_eq!(routed(&helper).await, self.routes.names());
+            helper
         }
 
         /// A handshake for `sni`; what the server said after it (its ALPN) and how it went.
@@ -295,6 +297,21 @@ mod tests {
         }
     }
 
+    /// The routed names a new link starts with, each chunk at most `ROUTES_PER_MESSAGE`.
+    async fn routed(helper: &HelperEnd) -> Vec<Domain> {
+        let mut names = Vec::new();
+        loop {
+            match next(helper).await {
+                WorkerToAcme::Routed(chunk) => {
+                    assert!(chunk.len() <= core_server_proto::ipc::ROUTES_PER_MESSAGE);
+                    names.extend(chunk);
+                }
+                WorkerToAcme::RoutedEnd => return names,
+                other => panic!("{other:?} before RoutedEnd"),
+            }
+        }
+    }
+
     async fn next(helper: &HelperEnd) -> WorkerToAcme {
         tokio::time::timeout(Duration::from_secs(5), helper.recv())
             .await
@@ -315,7 +332,7 @@ mod tests {
     async fn concurrent_first_handshakes_ask_once_and_all_get_the_certificate() {
         let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
-        let helper = worker.link_helper();
+        let helper = worker.link_helper().await;
         let client = Arc::new(ca.client(&[b"h2", b"http/1.1"]));
         let handshakes: Vec<_> = (0..10)
             .map(|_| {
@@ -357,7 +374,7 @@ mod tests {
     async fn names_not_routed_fail_at_once_without_asking_the_helper() {
         let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
-        let helper = worker.link_helper();
+        let helper = worker.link_helper().await;
         let client = Arc::new(ca.client(&[b"h2"]));
         let started = std::time::Instant::now();
         for sni in ["b.example", "x.a.example", "127.0.0.1", "a.example.com"] {
@@ -384,7 +401,7 @@ mod tests {
             "{refused}"
         );
         // The request still unanswered goes out on the new link, once.
-        let helper = worker.link_helper();
+        let helper = worker.link_helper().await;
         assert!(matches!(
             next(&helper).await,
             WorkerToAcme::Certificate { .. }
@@ -405,10 +422,58 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unavailable_fails_the_waiting_handshakes_and_a_later_one_asks_again() {
+    async fn a_new_link_gets_the_routed_names_as_they_are_then_the_unanswered_requests() {
+        let ca = Ca::new();
+        let names: Vec<String> = (0..450).map(|i| format!("n{i}.example")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let worker = Worker::start(&names, &KEY, Duration::from_millis(200)).await;
+        let client = Arc::new(ca.client(&[b"h2"]));
+        // Asked, and removed, while there is no link.
+        assert!(worker.handshake(&client, "n1.example").await.is_err());
+        let removal = core_server_proto::routes::RouteChange::Remove {
+            domain: Domain::parse("n2.example").unwrap(),
+        };
+        drop(worker.routes.change(removal).await.unwrap());
+        let (ours, theirs) = socketpair_fds().unwrap();
+        worker.https.connect_helper(ours).unwrap();
+        let helper: HelperEnd = Channel::new(theirs).unwrap();
+        let mut sizes = Vec::new();
+        let mut routed = Vec::new();
+        loop {
+            match next(&helper).await {
+                WorkerToAcme::Routed(chunk) => {
+                    sizes.push(chunk.len());
+                    routed.extend(chunk);
+                }
+                WorkerToAcme::RoutedEnd => break,
+                other => panic!("{other:?} before RoutedEnd"),
+            }
+        }
+        assert_eq!(sizes, [200, 200, 49]);
+        assert!(!routed.contains(&Domain::parse("n2.example").unwrap()));
+        assert_eq!(routed, worker.routes.names());
+        // The request; and the removal's `Forget`, if it was handled after the link was made
+        // (then after the routed names: harmless).
+        let asked = WorkerToAcme::Certificate {
+            name: Domain::parse("n1.example").unwrap(),
+        };
+        let forget = WorkerToAcme::Forget {
+            name: Domain::parse("n2.example").unwrap(),
+        };
+        let mut rest = vec![next(&helper).await];
+        while let Ok(heard) = tokio::time::timeout(Duration::from_millis(200), helper.recv()).await
+        {
+            rest.push(heard.unwrap().unwrap().0);
+        }
+        rest.retain(|m| *m != forget);
+        assert_eq!(rest, [asked]);
+    }
+
+    #[tokio::test]
+    async fn unavailable_fails_the_waiting_handshakes_and_the_next_at_once_until_a_certificate() {
         let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(10)).await;
-        let helper = worker.link_helper();
+        let helper = worker.link_helper().await;
         let client = Arc::new(ca.client(&[b"h2"]));
         let handshake = worker.spawn_handshake(&client, "a.example");
         assert!(matches!(
@@ -421,13 +486,22 @@ mod tests {
         };
         helper.send(&unavailable, &[]).await.unwrap();
         assert!(handshake.await.unwrap().is_err());
-        let again = worker.spawn_handshake(&client, "a.example");
-        assert!(matches!(
-            next(&helper).await,
-            WorkerToAcme::Certificate { .. }
-        ));
+        // Refused at once, without asking the helper again (the wait is 10 s).
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            assert!(worker.handshake(&client, "a.example").await.is_err());
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        nothing_from(&helper).await;
+        // A certificate sent meanwhile is served.
         helper.send(&ca.issue("a.example"), &[]).await.unwrap();
-        assert!(again.await.unwrap().is_ok());
+        let name = Domain::parse("a.example").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while worker.https.certificates().loaded(&name).is_none() {
+            assert!(std::time::Instant::now() < deadline, "not loaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(worker.handshake(&client, "a.example").await.is_ok());
     }
 
     #[tokio::test]
@@ -447,7 +521,7 @@ mod tests {
             for ticket_key in [KEY, KEY, [4; 32]] {
                 let worker =
                     Worker::start(&["a.example"], &ticket_key, Duration::from_secs(5)).await;
-                let helper = worker.link_helper();
+                let helper = worker.link_helper().await;
                 let issued = ca.issue("a.example");
                 let AcmeToWorker::Certificate { name, chain, key } = issued else {
                     unreachable!()
@@ -471,7 +545,7 @@ mod tests {
     #[tokio::test]
     async fn a_pending_tls_alpn_challenge_is_answered_with_its_certificate_only() {
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
-        let helper = worker.link_helper();
+        let helper = worker.link_helper().await;
         // As a CA validating: it checks the certificate itself (RFC 8737 §3), webpki cannot.
         let mut acme = ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
@@ -516,12 +590,27 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(validate().await.is_err());
+
+        // A helper that dies mid-order never says `ChallengeDone`: a new link drops the
+        // challenge (the new helper sends again those it still has in progress).
+        let again = AcmeToWorker::TlsAlpnChallenge {
+            id: 8,
+            name: Domain::parse("a.example").unwrap(),
+            certificate,
+            key: Secret(key.serialize_der()),
+        };
+        helper.send(&again, &[]).await.unwrap();
+        assert_eq!(next(&helper).await, WorkerToAcme::ChallengeReady { id: 8 });
+        assert!(validate().await.is_ok());
+        drop(helper);
+        let _helper = worker.link_helper().await;
+        assert!(validate().await.is_err());
     }
 
     /// Takes any certificate: the test compares it with the challenge's (webpki, which
     /// rustls's signature checks parse certificates with, refuses acmeIdentifier).
     #[derive(Debug)]
-    struct Validator(Arc<CryptoProvider>);
+    pub(crate) struct Validator(pub(crate) Arc<CryptoProvider>);
 
     impl ServerCertVerifier for Validator {
         fn verify_server_cert(
@@ -562,7 +651,7 @@ mod tests {
     async fn a_certificate_sent_unasked_replaces_the_loaded_one() {
         let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
-        let helper = worker.link_helper();
+        let helper = worker.link_helper().await;
         let client = Arc::new(ca.client(&[b"h2"]));
         let leaf = || async {
             let tcp = TcpStream::connect(worker.addr).await.unwrap();
@@ -601,7 +690,7 @@ mod tests {
     async fn a_removed_route_is_no_longer_served_and_the_helper_is_told() {
         let ca = Ca::new();
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
-        let helper = worker.link_helper();
+        let helper = worker.link_helper().await;
         let client = Arc::new(ca.client(&[b"h2"]));
         let AcmeToWorker::Certificate { name, chain, key } = ca.issue("a.example") else {
             unreachable!()
