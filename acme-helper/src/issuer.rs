@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use core_server_proto::acme_ipc::{AcmeToWorker, Mkcert, Secret};
 use core_server_proto::domain::Domain;
@@ -48,6 +49,10 @@ impl Source {
 /// Why there is no HTTPS in local mode without mkcert.
 pub const NO_MKCERT: &str =
     "local mode without mkcert: HTTPS is off (install mkcert and restart core-server to serve HTTPS)";
+
+/// The longest an ACME attempt may take (both orders, every poll): past it the attempt
+/// fails like any other, and the name backs off.
+const ATTEMPT_DEADLINE: Duration = Duration::from_secs(180);
 
 pub struct Issuer {
     pub store: Store,
@@ -238,8 +243,17 @@ impl Issuer {
             }
             Source::NoMkcert => Err(NO_MKCERT.into()),
             Source::Acme(account) => {
-                self.order(account, &source, name, replacing, &mut state.backoff)
-                    .await
+                let attempt = self.order(account, &source, name, replacing, &mut state.backoff);
+                match tokio::time::timeout(ATTEMPT_DEADLINE, attempt).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        let e = format!(
+                            "network error: the CA did not complete the order within {ATTEMPT_DEADLINE:?}"
+                        );
+                        state.backoff.fail(clock::now(), e.clone(), None);
+                        Err(e)
+                    }
+                }
             }
         };
         let outcome = match result {

@@ -22,7 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tracing::{debug, info, warn};
 
-use crate::account::chain;
+use crate::account::describe;
 use crate::backoff::Backoff;
 use crate::certificate::Certificate;
 use crate::clock;
@@ -79,7 +79,7 @@ impl From<instant_acme::Error> for OrderError {
             _ => None,
         };
         OrderError::Other {
-            error: chain(&e),
+            error: describe(&e),
             retry_after,
         }
     }
