@@ -243,7 +243,15 @@ impl Issuer {
             }
             Source::NoMkcert => Err(NO_MKCERT.into()),
             Source::Acme(account) => {
-                let attempt = self.order(account, &source, name, replacing, &mut state.backoff);
+                let mut store = |backoff: &Backoff| self.record(&lock, name, backoff);
+                let attempt = self.order(
+                    account,
+                    &source,
+                    name,
+                    replacing,
+                    &mut state.backoff,
+                    &mut store,
+                );
                 match tokio::time::timeout(ATTEMPT_DEADLINE, attempt).await {
                     Ok(result) => result,
                     Err(_) => {
@@ -280,13 +288,26 @@ impl Issuer {
             }
             Err(e) => Err(e),
         };
-        if let Err(e) = self.store.write_state(&lock, name, &state) {
-            warn!("cannot record {name}'s state: {e}");
-        }
+        self.record(&lock, name, &state.backoff);
         drop(lock);
         self.report(name).await;
         self.changed.notify_one();
         outcome
+    }
+
+    /// Stores `backoff` as `name`'s, keeping whether it is forgotten as stored now (the
+    /// worker may have forgotten it while the attempt ran).
+    fn record(&self, lock: &LockGuard, name: &Domain, backoff: &Backoff) {
+        let result = self.store.read_state(name).and_then(|stored| {
+            let state = NameState {
+                backoff: backoff.clone(),
+                forgotten: stored.forgotten,
+            };
+            self.store.write_state(lock, name, &state)
+        });
+        if let Err(e) = result {
+            warn!("cannot record {name}'s state: {e}");
+        }
     }
 
     /// A stored file that does not read as a certificate for `name` is kept, renamed, for
@@ -311,11 +332,17 @@ impl Issuer {
         name: &Domain,
         replacing: Option<&Certificate>,
         backoff: &mut Backoff,
+        store: &mut (dyn FnMut(&Backoff) + Send),
     ) -> Result<Certificate, String> {
+        // Only a certificate this CA issued may be named as replaced (RFC 9773): not a
+        // mkcert one from before the switch to release mode, nor one of unknown source.
+        let replaces = replacing.filter(|old| old.source.as_deref() == Some(source));
         let mut current = account.get(&self.store).await;
         for _ in 0..2 {
             let result = match &current {
-                Ok(acme) => order::obtain(acme, source, name, replacing, &self.link, backoff).await,
+                Ok(acme) => {
+                    order::obtain(acme, source, name, replaces, &self.link, backoff, store).await
+                }
                 Err(e) => Err(Failure::Other(e.clone())),
             };
             match result {
