@@ -8,7 +8,7 @@
 //! first and to the disk right after, and each change of a name is reported to the
 //! supervisor as its `Status`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +62,9 @@ pub struct Issuer {
     /// Names with an attempt running, and how many requests of the worker wait for it:
     /// each gets its answer.
     in_flight: Mutex<HashMap<Domain, usize>>,
+    /// The names the worker routes, as far as it told us: its set at each new link, then
+    /// the names it asks for and forgets.
+    routed: Mutex<HashSet<Domain>>,
     /// Wakes the renewals when a certificate or a name's state changed.
     pub changed: Notify,
 }
@@ -79,6 +82,7 @@ impl Issuer {
             supervisor,
             source,
             in_flight: Mutex::new(HashMap::new()),
+            routed: Mutex::new(HashSet::new()),
             changed: Notify::new(),
         })
     }
@@ -107,12 +111,42 @@ impl Issuer {
         }
     }
 
+    /// Takes the worker's requests in their order (the routed set changes here, at once),
+    /// and serves them in the background.
     pub fn handle(self: &Arc<Self>, request: Request) {
         let issuer = self.clone();
+        let mut routed = self.routed.lock().unwrap();
         match request {
-            Request::Certificate(name) => tokio::spawn(async move { issuer.serve(name).await }),
-            Request::Forget(name) => tokio::spawn(async move { issuer.forget(name).await }),
+            Request::Certificate(name) => {
+                routed.insert(name.clone());
+                tokio::spawn(async move { issuer.serve(name).await })
+            }
+            Request::Forget(name) => {
+                routed.remove(&name);
+                tokio::spawn(async move { issuer.forget(name).await })
+            }
+            Request::Routed(names) => {
+                *routed = names;
+                tokio::spawn(async move { issuer.follow_routes().await })
+            }
         };
+    }
+
+    /// Renews only the stored names the worker routes: the others are forgotten (their files
+    /// stay for a later `add`), the routed ones remembered.
+    async fn follow_routes(&self) {
+        let names = match self.store.names() {
+            Ok(names) => names,
+            Err(e) => return warn!("cannot list the store: {e}"),
+        };
+        for name in names {
+            let routed = self.is_routed(&name);
+            self.set_forgotten(&name, !routed).await;
+        }
+    }
+
+    fn is_routed(&self, name: &Domain) -> bool {
+        self.routed.lock().unwrap().contains(name)
     }
 
     /// The status of every name in the store, for the supervisor at start.
@@ -161,7 +195,10 @@ impl Issuer {
             return;
         }
         self.attempt(&name, None, true).await;
-        self.remember(&name).await;
+        // Unless the worker forgot it meanwhile.
+        if self.is_routed(&name) {
+            self.remember(&name).await;
+        }
     }
 
     /// Renews `old` in the background: handshakes go on with it meanwhile.
@@ -366,8 +403,10 @@ impl Issuer {
 
     /// The worker no longer routes `name`: no renewals (the files stay).
     async fn forget(&self, name: Domain) {
-        // A name the store never held leaves no trace.
-        if matches!(self.store.read_certificate(&name), Ok(None)) {
+        // A name the store never held, and none being ordered, leaves no trace; one whose
+        // first order runs is forgotten too (that order keeps it so).
+        let in_flight = self.in_flight.lock().unwrap().contains_key(&name);
+        if !in_flight && matches!(self.store.read_certificate(&name), Ok(None)) {
             return;
         }
         self.set_forgotten(&name, true).await;
