@@ -102,20 +102,38 @@ impl Store {
         Ok(format!("{CERTS}/{aside}"))
     }
 
-    /// `names/<name>.json`; a missing file is a name without history. A corrupt one is
-    /// reported, and counts as no history: the next write replaces it.
+    /// `names/<name>.json`; a missing file is a name without history. A corrupt one is set
+    /// aside (`.corrupt-<seconds>`, for the operator) and replaced at once by a record that
+    /// backs off for an hour: the failures it held are unknown, and must not be forgotten.
     pub fn read_state(&self, name: &Domain) -> io::Result<NameState> {
         let file = format!("{}.json", checked(name)?);
         let Some(bytes) = read(&self.names, &file)? else {
             return Ok(NameState::default());
         };
-        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!("{NAMES}/{file} is corrupt ({e}); it is replaced at the next change");
-            NameState::default()
-        }))
+        let e = match serde_json::from_slice(&bytes) {
+            Ok(state) => return Ok(state),
+            Err(e) => e,
+        };
+        let now = crate::clock::now();
+        let aside = format!("{file}.corrupt-{now}");
+        // Each step is atomic and leaves a record at least as cautious: no lock needed.
+        rustix::fs::renameat(&self.names, &*file, &self.names, &*aside)
+            .map_err(|err| context(err.into(), &format!("{NAMES}/{file}")))?;
+        let why = format!("{NAMES}/{file} was corrupt ({e}), set aside as {NAMES}/{aside}");
+        tracing::warn!("{why}; {name} backs off for an hour");
+        let state = NameState {
+            backoff: Backoff::assume_worst(now, why),
+            forgotten: false,
+        };
+        self.write_state_unlocked(name, &state)?;
+        Ok(state)
     }
 
     pub fn write_state(&self, _: &LockGuard, name: &Domain, state: &NameState) -> io::Result<()> {
+        self.write_state_unlocked(name, state)
+    }
+
+    fn write_state_unlocked(&self, name: &Domain, state: &NameState) -> io::Result<()> {
         let file = format!("{}.json", checked(name)?);
         let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
         atomic_file::write(self.names.as_fd(), &file, &bytes, 0o600)
@@ -433,6 +451,29 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join(&aside)).unwrap(), b"garbage");
         assert_eq!(store.read_certificate(&name).unwrap(), None);
         assert!(store.names().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_record_is_set_aside_and_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let name = Domain::parse("e.example").unwrap();
+        std::fs::write(dir.path().join("names/e.example.json"), b"{not json").unwrap();
+        let state = store.read_state(&name).unwrap();
+        let now = crate::clock::now();
+        assert!(state
+            .backoff
+            .waiting_until(now)
+            .is_some_and(|t| t >= now + 3500));
+        assert_eq!(store.read_state(&name).unwrap(), state, "kept in the store");
+        let aside: Vec<_> = std::fs::read_dir(dir.path().join("names"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|f| f.starts_with("e.example.json.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let kept = std::fs::read(dir.path().join("names").join(&aside[0])).unwrap();
+        assert_eq!(kept, b"{not json");
     }
 
     #[test]
