@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use core_server_proto::atomic_file;
 use core_server_proto::domain::Domain;
-use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
@@ -197,15 +197,8 @@ impl Store {
             (&self.certs, "certs/"),
             (&self.names, "names/"),
         ] {
-            for entry in rustix::fs::Dir::read_from(dir)? {
-                let entry = entry?;
-                let Ok(file) = entry.file_name().to_str() else {
-                    continue;
-                };
-                if file.starts_with('.') && file.contains(".tmp-") {
-                    rustix::fs::unlinkat(dir, file, AtFlags::empty())?;
-                    removed.push(format!("{path}{file}"));
-                }
+            for file in atomic_file::remove_all_leftovers(dir.as_fd())? {
+                removed.push(format!("{path}{file}"));
             }
         }
         for entry in rustix::fs::Dir::read_from(&self.tmp)? {
@@ -311,12 +304,27 @@ impl Drop for LockGuard {
     }
 }
 
+/// `name` in `dir`, made (0700) where missing; one found there must be ours and private,
+/// since the keys are in it.
 fn subdir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
     match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(context(e.into(), name)),
     }
-    open_dir(dir, name)
+    let fd = open_dir(dir, name)?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| context(e.into(), name))?;
+    let uid = rustix::process::geteuid().as_raw();
+    let mode = stat.st_mode & 0o7777;
+    if stat.st_uid != uid || mode != 0o700 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{name} in the store is owned by uid {} with mode {mode:o}, where uid {uid} and 0700 are expected",
+                stat.st_uid
+            ),
+        ));
+    }
+    Ok(fd)
 }
 
 fn open_dir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
@@ -329,18 +337,27 @@ fn open_dir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
     .map_err(|e| context(e.into(), name))
 }
 
-/// The whole of `name` in `dir`, if it exists; a link there is refused, not followed.
+/// The whole of `name` in `dir`, if it exists; a link or anything but a regular file there
+/// is refused, not followed.
 fn read(dir: &OwnedFd, name: &str) -> io::Result<Option<Vec<u8>>> {
+    // O_NONBLOCK: a FIFO planted there must not block the helper's only thread at the open.
     let fd = match rustix::fs::openat(
         dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     ) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(context(e.into(), name)),
     };
+    let stat = rustix::fs::fstat(&fd).map_err(|e| context(e.into(), name))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name} in the store is not a regular file"),
+        ));
+    }
     let mut bytes = Vec::new();
     File::from(fd)
         .take(MAX_FILE_LEN + 1)
@@ -418,6 +435,29 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), dir.path().join("certs/b.example.pem")).unwrap();
         let name = Domain::parse("b.example").unwrap();
         assert!(store.read_certificate(&name).is_err());
+    }
+
+    #[test]
+    fn a_fifo_in_the_store_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let fifo = dir.path().join("certs/f.example.pem");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, Mode::from_raw_mode(0o600)).unwrap();
+        let name = Domain::parse("f.example").unwrap();
+        let error = store.read_certificate(&name).unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+    }
+
+    #[test]
+    fn a_subdirectory_open_to_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(store(dir.path()));
+        let names = dir.path().join("names");
+        std::fs::set_permissions(&names, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = Store::open(File::open(dir.path()).unwrap().into())
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("mode 755"), "{error}");
     }
 
     #[test]
