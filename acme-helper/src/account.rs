@@ -211,26 +211,33 @@ impl AcmeAccount {
             .enable_http1()
             .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Account::builder_with_http(Box::new(TimedClient(client))))
+        Ok(Account::builder_with_http(Box::new(TimedClient {
+            client,
+            limit: REQUEST_TIMEOUT,
+        })))
     }
 }
 
-/// The HTTP client to the CA, each request bounded by [`REQUEST_TIMEOUT`].
-struct TimedClient<C>(C);
+/// The HTTP client to the CA, each request bounded by `limit` ([`REQUEST_TIMEOUT`]).
+struct TimedClient<C> {
+    client: C,
+    limit: Duration,
+}
 
 impl<C: HttpClient> HttpClient for TimedClient<C> {
     fn request(
         &self,
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
-        let answer = self.0.request(req);
+        let answer = self.client.request(req);
+        let limit = self.limit;
         Box::pin(async move {
-            tokio::time::timeout(REQUEST_TIMEOUT, answer)
+            tokio::time::timeout(limit, answer)
                 .await
                 .unwrap_or_else(|_| {
                     Err(instant_acme::Error::Other(Box::new(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("the CA did not answer within {REQUEST_TIMEOUT:?}"),
+                        format!("the CA did not answer within {limit:?}"),
                     ))))
                 })
         })
@@ -291,6 +298,36 @@ mod tests {
             Some("--acme-ca-root holds no certificate")
         );
         assert!(account(None).builder().is_ok(), "the system's roots");
+    }
+
+    /// A CA that accepts and never answers.
+    struct Silent;
+
+    impl HttpClient for Silent {
+        fn request(
+            &self,
+            _: http::Request<BodyWrapper<Bytes>>,
+        ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>>
+        {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ca_that_never_answers_is_a_network_error_in_time() {
+        let client = TimedClient {
+            client: Silent,
+            limit: Duration::from_millis(50),
+        };
+        let request = http::Request::new(BodyWrapper::default());
+        let answer = tokio::time::timeout(Duration::from_secs(10), client.request(request));
+        let Err(e) = answer.await.expect("bounded by the limit") else {
+            panic!("an answer from nowhere");
+        };
+        assert_eq!(
+            describe(&e),
+            "network error: the CA did not answer within 50ms"
+        );
     }
 
     #[test]

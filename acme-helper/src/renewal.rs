@@ -3,8 +3,10 @@
 //!
 //! When it is due: inside the CA's ACME Renewal Information window (RFC 9773), at a random
 //! point of it, when the CA offers ARI; otherwise when a third of the lifetime remains (half,
-//! for certificates shorter than 10 days). Forgotten names (no longer routed) are not renewed,
-//! and a name backing off waits for its next try.
+//! for certificates shorter than 10 days). Only the names the worker routes are renewed (its
+//! routed set at each link, then its requests and `Forget`s, kept as the names' `forgotten`),
+//! and a name backing off waits for its next try. Asking the CA for a window is bounded in
+//! time, so a silent CA cannot stop the renewals of the other names.
 
 use std::collections::HashMap;
 use std::sync::Arc;
