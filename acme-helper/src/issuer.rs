@@ -187,14 +187,12 @@ impl Issuer {
     async fn serve(&self, name: Domain) {
         if let Some(certificate) = self.stored(&name).filter(|c| self.servable(c)) {
             self.send(&name, &certificate).await;
-            self.remember(&name).await;
-            return;
-        }
-        if let Source::NoMkcert = self.source {
+        } else if let Source::NoMkcert = self.source {
             self.unavailable(&name, NO_MKCERT.into()).await;
             return;
+        } else {
+            self.attempt(&name, None, true).await;
         }
-        self.attempt(&name, None, true).await;
         // Unless the worker forgot it meanwhile.
         if self.is_routed(&name) {
             self.remember(&name).await;
