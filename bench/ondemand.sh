@@ -94,7 +94,10 @@ measure() {
   name=account-$who.ondemand.test; $allow "$name"
   account[$who]=$(seconds "$name")
   if [ "${account[$who]}" = failed ]; then   # no certificate at all: nothing more to time
-    echo "$who: no HTTPS answer for $name (see curl.err)" >&2; burst_orders[$who]=none; return
+    { echo "$who: no HTTPS answer for $name: $(tail -n 1 "$work/curl.err")"
+      grep -hsE ' (WARN|ERROR) ' "$work/core/logs/core.log" "$work/caddy.log" | tail -n 3 || true
+    } >&2
+    burst_orders[$who]=none; return
   fi
   for i in $(seq "$NAMES"); do
     name=name-$i-$who.ondemand.test; $allow "$name"

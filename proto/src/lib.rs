@@ -9,6 +9,7 @@
 //! - [`channel`]: how those messages travel: postcard over a `SOCK_SEQPACKET` socketpair, with
 //!   descriptors attached as `SCM_RIGHTS`.
 //! - [`dumpable`]: what each child does first, so that no other process of its user reads it.
+//! - [`seccomp`]: the syscall deny-list the worker and the ACME helper confine themselves with.
 //! - [`logging`]: the one tracing set-up every binary uses.
 
 pub mod acme_ipc;
@@ -20,3 +21,4 @@ pub mod dumpable;
 pub mod ipc;
 pub mod logging;
 pub mod routes;
+pub mod seccomp;

@@ -2,10 +2,12 @@
 //! run without root, whose worker shares its uid and so passes the control socket's uid check
 //! and may signal it. A probe process applies the worker's real sandbox and then tries what a
 //! compromised worker would; the same probe unconfined shows each attempt works without it.
+//! The ACME helper installs the same seccomp filter (proto/src/seccomp.rs tests what it denies).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use core_server_tests::have_root;
 use core_server_tests::server::{alive, proc_status};
@@ -135,4 +137,58 @@ fn the_worker_runs_under_its_seccomp_filter() {
         "{}",
         server.log()
     );
+}
+
+/// The ACME helper installs the same seccomp deny-list (proto's unit tests show what it
+/// denies in each mode) right after Landlock, in both modes, on all of its threads.
+#[test]
+fn the_acme_helper_runs_under_its_seccomp_filter_in_both_modes() {
+    if !core_server_tests::have_tools(
+        "the_acme_helper_runs_under_its_seccomp_filter_in_both_modes",
+        &["mkcert"],
+    ) {
+        return;
+    }
+    let ca = core_server_tests::mkcert::MkcertCa::new();
+    let env = ca.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
+    let local = CoreServer::start_with_env(&env);
+    // Release mode against a CA that is not there: the helper starts and confines itself all
+    // the same.
+    let directory = format!(
+        "https://127.0.0.1:{}/dir",
+        core_server_tests::pebble::dead_port()
+    );
+    let release = CoreServer::start_with(&[
+        "--mode",
+        "release",
+        "--foreground",
+        "--acme-directory",
+        &directory,
+    ]);
+    for (server, line) in [
+        (&local, "sandboxed: seccomp (mkcert may run)"),
+        (&release, "sandboxed: seccomp (no process, no exec)"),
+    ] {
+        let helper = server.acme_helper_pid();
+        // Release mode logs into a file.
+        let log = || {
+            let file = std::fs::read_to_string(server.dir.join("logs/core.log"));
+            server.log() + &file.unwrap_or_default()
+        };
+        // The helper confines itself once `Start` is read, a moment after it exists.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !log().contains(line) {
+            assert!(Instant::now() < deadline, "no {line:?}:\n{}", log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(proc_status(helper, "Seccomp"), "2", "seccomp filter mode");
+        let tasks = std::fs::read_dir(format!("/proc/{helper}/task")).unwrap();
+        for task in tasks {
+            let status =
+                std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+            assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+        }
+        assert!(alive(helper), "{}", log());
+    }
 }

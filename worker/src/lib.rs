@@ -1,4 +1,5 @@
-//! The worker's parts that other programs use too: the sandbox, which the ACME helper applies
-//! the same way and which tests apply to a probe process to check what it forbids.
+//! The worker's sandbox as a library, so that tests apply it to a probe process and check
+//! what it forbids (`tests/tests/sandbox.rs`). Its seccomp part is `core_server_proto::seccomp`,
+//! which the ACME helper applies too.
 
 pub mod sandbox;
