@@ -5,20 +5,35 @@
 //! The CA's own HTTPS is checked against the system's roots, or only against
 //! `--acme-ca-root` when given (a test CA such as pebble).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use core_server_proto::acme_ipc::AcmeSettings;
 use hyper_rustls::ConfigBuilderExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use instant_acme::{Account, AccountBuilder, AccountCredentials, NewAccount};
+use instant_acme::{
+    Account, AccountBuilder, AccountCredentials, BodyWrapper, BytesResponse, HttpClient, NewAccount,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::store::Store;
+
+/// How long a TCP connection to the CA may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request to the CA may wait for its answer: a CA that accepts and never
+/// answers must not freeze a name (nor hold the store's lock) forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long loading or making the account may take (a few requests), while every order
+/// waits for it.
+const ACCOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `account.json`.
 #[derive(Serialize, Deserialize)]
@@ -52,7 +67,7 @@ impl AcmeAccount {
         if let Some(account) = &*account {
             return Ok(account.clone());
         }
-        let loaded = self.load_or_create(store, false).await?;
+        let loaded = self.load_or_create_in_time(store, false).await?;
         *account = Some(loaded.clone());
         Ok(loaded)
     }
@@ -61,36 +76,37 @@ impl AcmeAccount {
     /// new one, replacing the stored one.
     pub async fn replace(&self, store: &Store) -> Result<Account, String> {
         let mut account = self.account.lock().await;
-        let made = self.load_or_create(store, true).await?;
+        let made = self.load_or_create_in_time(store, true).await?;
         *account = Some(made.clone());
         Ok(made)
     }
 
+    /// `load_or_create` within [`ACCOUNT_TIMEOUT`]: every order waits on the mutex meanwhile.
+    async fn load_or_create_in_time(&self, store: &Store, anew: bool) -> Result<Account, String> {
+        tokio::time::timeout(ACCOUNT_TIMEOUT, self.load_or_create(store, anew))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "network error: the ACME directory {} did not set our account up within {ACCOUNT_TIMEOUT:?}",
+                    self.settings.directory
+                ))
+            })
+    }
+
     async fn load_or_create(&self, store: &Store, anew: bool) -> Result<Account, String> {
         let directory = &self.settings.directory;
-        let error = |e: instant_acme::Error| format!("ACME directory {directory}: {}", chain(&e));
-        if let Some(stored) = self.stored(store)?.filter(|_| !anew) {
-            if stored.directory == *directory && stored.email == self.settings.email {
-                return self
-                    .builder()?
-                    .from_credentials(stored.credentials)
-                    .await
-                    .map_err(error);
+        let error =
+            |e: instant_acme::Error| format!("ACME directory {directory}: {}", describe(&e));
+        if !anew {
+            if let Some(account) = self.reuse_stored(store, true).await? {
+                return Ok(account);
             }
-            info!(
-                "the stored ACME account is for {} ({:?}): making one for {directory} ({:?})",
-                stored.directory, stored.email, self.settings.email
-            );
         }
         let lock = store.lock().await.map_err(|e| e.to_string())?;
         // A helper that ran meanwhile (a rerun's) may have made it.
-        if let Some(stored) = self.stored(store)?.filter(|_| !anew) {
-            if stored.directory == *directory && stored.email == self.settings.email {
-                return self
-                    .builder()?
-                    .from_credentials(stored.credentials)
-                    .await
-                    .map_err(error);
+        if !anew {
+            if let Some(account) = self.reuse_stored(store, false).await? {
+                return Ok(account);
             }
         }
         let contact: Vec<String> = self
@@ -124,6 +140,28 @@ impl AcmeAccount {
             .map_err(|e| format!("cannot keep the new ACME account: {e}"))?;
         info!("made an ACME account at {directory}: {}", account.id());
         Ok(account)
+    }
+
+    /// The stored account, when it is for this directory and contact; `tell`: say why not.
+    async fn reuse_stored(&self, store: &Store, tell: bool) -> Result<Option<Account>, String> {
+        let directory = &self.settings.directory;
+        let Some(stored) = self.stored(store)? else {
+            return Ok(None);
+        };
+        if stored.directory != *directory || stored.email != self.settings.email {
+            if tell {
+                info!(
+                    "the stored ACME account is for {} ({:?}): making one for {directory} ({:?})",
+                    stored.directory, stored.email, self.settings.email
+                );
+            }
+            return Ok(None);
+        }
+        self.builder()?
+            .from_credentials(stored.credentials)
+            .await
+            .map(Some)
+            .map_err(|e| format!("ACME directory {directory}: {}", describe(&e)))
     }
 
     fn stored(&self, store: &Store) -> Result<Option<StoredAccount>, String> {
@@ -166,13 +204,55 @@ impl AcmeAccount {
         let mut tcp = HttpConnector::new();
         tcp.set_nodelay(true);
         tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.with_no_client_auth())
             .https_only()
             .enable_http1()
             .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Account::builder_with_http(Box::new(client)))
+        Ok(Account::builder_with_http(Box::new(TimedClient {
+            client,
+            limit: REQUEST_TIMEOUT,
+        })))
+    }
+}
+
+/// The HTTP client to the CA, each request bounded by `limit` ([`REQUEST_TIMEOUT`]).
+struct TimedClient<C> {
+    client: C,
+    limit: Duration,
+}
+
+impl<C: HttpClient> HttpClient for TimedClient<C> {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let answer = self.client.request(req);
+        let limit = self.limit;
+        Box::pin(async move {
+            tokio::time::timeout(limit, answer)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(instant_acme::Error::Other(Box::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the CA did not answer within {limit:?}"),
+                    ))))
+                })
+        })
+    }
+}
+
+/// An instant-acme error for `last_error`: one that never reached the CA's ACME layer (no
+/// connection, TLS, a timeout) is called a network error, since it counts towards the
+/// failures of the hour as well.
+pub fn describe(e: &instant_acme::Error) -> String {
+    match e {
+        instant_acme::Error::Other(_) | instant_acme::Error::Hyper(_) => {
+            format!("network error: {}", chain(e))
+        }
+        _ => chain(e),
     }
 }
 
@@ -218,6 +298,36 @@ mod tests {
             Some("--acme-ca-root holds no certificate")
         );
         assert!(account(None).builder().is_ok(), "the system's roots");
+    }
+
+    /// A CA that accepts and never answers.
+    struct Silent;
+
+    impl HttpClient for Silent {
+        fn request(
+            &self,
+            _: http::Request<BodyWrapper<Bytes>>,
+        ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>>
+        {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ca_that_never_answers_is_a_network_error_in_time() {
+        let client = TimedClient {
+            client: Silent,
+            limit: Duration::from_millis(50),
+        };
+        let request = http::Request::new(BodyWrapper::default());
+        let answer = tokio::time::timeout(Duration::from_secs(10), client.request(request));
+        let Err(e) = answer.await.expect("bounded by the limit") else {
+            panic!("an answer from nowhere");
+        };
+        assert_eq!(
+            describe(&e),
+            "network error: the CA did not answer within 50ms"
+        );
     }
 
     #[test]

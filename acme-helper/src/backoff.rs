@@ -41,6 +41,16 @@ impl Backoff {
         self.last_error = Some(error);
     }
 
+    /// A record that was lost (found corrupt) at `now`: as if the hour's failures had all
+    /// just been made, so the CA is not asked again for an hour.
+    pub fn assume_worst(now: u64, error: String) -> Backoff {
+        Backoff {
+            failures: vec![now; MAX_FAILURES_PER_HOUR],
+            last_error: Some(error),
+            next_try: Some(now + HOUR),
+        }
+    }
+
     /// Whether one more validation may be made at `now` without a fourth failure in an hour:
     /// for the HTTP-01 order that follows a failed TLS-ALPN-01 one within the same attempt.
     pub fn allows_another_validation(&self, now: u64) -> bool {
@@ -101,6 +111,15 @@ mod tests {
         backoff.fail(10 * HOUR, "d".into(), None);
         assert_eq!(backoff.failures, [10 * HOUR]);
         assert_eq!(backoff.next_try, Some(10 * HOUR + 60));
+    }
+
+    #[test]
+    fn a_lost_record_waits_an_hour() {
+        let backoff = Backoff::assume_worst(100, "corrupt".into());
+        assert_eq!(backoff.waiting_until(100 + HOUR - 1), Some(100 + HOUR));
+        assert!(!backoff.allows_another_validation(100 + HOUR - 1));
+        assert_eq!(backoff.waiting_until(100 + HOUR), None);
+        assert!(backoff.allows_another_validation(100 + HOUR));
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! first and to the disk right after, and each change of a name is reported to the
 //! supervisor as its `Status`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use core_server_proto::acme_ipc::{AcmeToWorker, Mkcert, Secret};
 use core_server_proto::domain::Domain;
@@ -49,6 +50,10 @@ impl Source {
 pub const NO_MKCERT: &str =
     "local mode without mkcert: HTTPS is off (install mkcert and restart core-server to serve HTTPS)";
 
+/// The longest an ACME attempt may take (both orders, every poll): past it the attempt
+/// fails like any other, and the name backs off.
+const ATTEMPT_DEADLINE: Duration = Duration::from_secs(180);
+
 pub struct Issuer {
     pub store: Store,
     link: Arc<WorkerLink>,
@@ -57,6 +62,9 @@ pub struct Issuer {
     /// Names with an attempt running, and how many requests of the worker wait for it:
     /// each gets its answer.
     in_flight: Mutex<HashMap<Domain, usize>>,
+    /// The names the worker routes, as far as it told us: its set at each new link, then
+    /// the names it asks for and forgets.
+    routed: Mutex<HashSet<Domain>>,
     /// Wakes the renewals when a certificate or a name's state changed.
     pub changed: Notify,
 }
@@ -74,6 +82,7 @@ impl Issuer {
             supervisor,
             source,
             in_flight: Mutex::new(HashMap::new()),
+            routed: Mutex::new(HashSet::new()),
             changed: Notify::new(),
         })
     }
@@ -102,12 +111,42 @@ impl Issuer {
         }
     }
 
+    /// Takes the worker's requests in their order (the routed set changes here, at once),
+    /// and serves them in the background.
     pub fn handle(self: &Arc<Self>, request: Request) {
         let issuer = self.clone();
+        let mut routed = self.routed.lock().unwrap();
         match request {
-            Request::Certificate(name) => tokio::spawn(async move { issuer.serve(name).await }),
-            Request::Forget(name) => tokio::spawn(async move { issuer.forget(name).await }),
+            Request::Certificate(name) => {
+                routed.insert(name.clone());
+                tokio::spawn(async move { issuer.serve(name).await })
+            }
+            Request::Forget(name) => {
+                routed.remove(&name);
+                tokio::spawn(async move { issuer.forget(name).await })
+            }
+            Request::Routed(names) => {
+                *routed = names;
+                tokio::spawn(async move { issuer.follow_routes().await })
+            }
         };
+    }
+
+    /// Renews only the stored names the worker routes: the others are forgotten (their files
+    /// stay for a later `add`), the routed ones remembered.
+    async fn follow_routes(&self) {
+        let names = match self.store.names() {
+            Ok(names) => names,
+            Err(e) => return warn!("cannot list the store: {e}"),
+        };
+        for name in names {
+            let routed = self.is_routed(&name);
+            self.set_forgotten(&name, !routed).await;
+        }
+    }
+
+    fn is_routed(&self, name: &Domain) -> bool {
+        self.routed.lock().unwrap().contains(name)
     }
 
     /// The status of every name in the store, for the supervisor at start.
@@ -148,15 +187,16 @@ impl Issuer {
     async fn serve(&self, name: Domain) {
         if let Some(certificate) = self.stored(&name).filter(|c| self.servable(c)) {
             self.send(&name, &certificate).await;
-            self.remember(&name).await;
-            return;
-        }
-        if let Source::NoMkcert = self.source {
+        } else if let Source::NoMkcert = self.source {
             self.unavailable(&name, NO_MKCERT.into()).await;
             return;
+        } else {
+            self.attempt(&name, None, true).await;
         }
-        self.attempt(&name, None, true).await;
-        self.remember(&name).await;
+        // Unless the worker forgot it meanwhile.
+        if self.is_routed(&name) {
+            self.remember(&name).await;
+        }
     }
 
     /// Renews `old` in the background: handshakes go on with it meanwhile.
@@ -238,8 +278,25 @@ impl Issuer {
             }
             Source::NoMkcert => Err(NO_MKCERT.into()),
             Source::Acme(account) => {
-                self.order(account, &source, name, replacing, &mut state.backoff)
-                    .await
+                let mut store = |backoff: &Backoff| self.record(&lock, name, backoff);
+                let attempt = self.order(
+                    account,
+                    &source,
+                    name,
+                    replacing,
+                    &mut state.backoff,
+                    &mut store,
+                );
+                match tokio::time::timeout(ATTEMPT_DEADLINE, attempt).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        let e = format!(
+                            "network error: the CA did not complete the order within {ATTEMPT_DEADLINE:?}"
+                        );
+                        state.backoff.fail(clock::now(), e.clone(), None);
+                        Err(e)
+                    }
+                }
             }
         };
         let outcome = match result {
@@ -266,13 +323,26 @@ impl Issuer {
             }
             Err(e) => Err(e),
         };
-        if let Err(e) = self.store.write_state(&lock, name, &state) {
-            warn!("cannot record {name}'s state: {e}");
-        }
+        self.record(&lock, name, &state.backoff);
         drop(lock);
         self.report(name).await;
         self.changed.notify_one();
         outcome
+    }
+
+    /// Stores `backoff` as `name`'s, keeping whether it is forgotten as stored now (the
+    /// worker may have forgotten it while the attempt ran).
+    fn record(&self, lock: &LockGuard, name: &Domain, backoff: &Backoff) {
+        let result = self.store.read_state(name).and_then(|stored| {
+            let state = NameState {
+                backoff: backoff.clone(),
+                forgotten: stored.forgotten,
+            };
+            self.store.write_state(lock, name, &state)
+        });
+        if let Err(e) = result {
+            warn!("cannot record {name}'s state: {e}");
+        }
     }
 
     /// A stored file that does not read as a certificate for `name` is kept, renamed, for
@@ -297,11 +367,17 @@ impl Issuer {
         name: &Domain,
         replacing: Option<&Certificate>,
         backoff: &mut Backoff,
+        store: &mut (dyn FnMut(&Backoff) + Send),
     ) -> Result<Certificate, String> {
+        // Only a certificate this CA issued may be named as replaced (RFC 9773): not a
+        // mkcert one from before the switch to release mode, nor one of unknown source.
+        let replaces = replacing.filter(|old| old.source.as_deref() == Some(source));
         let mut current = account.get(&self.store).await;
         for _ in 0..2 {
             let result = match &current {
-                Ok(acme) => order::obtain(acme, source, name, replacing, &self.link, backoff).await,
+                Ok(acme) => {
+                    order::obtain(acme, source, name, replaces, &self.link, backoff, store).await
+                }
                 Err(e) => Err(Failure::Other(e.clone())),
             };
             match result {
@@ -325,8 +401,10 @@ impl Issuer {
 
     /// The worker no longer routes `name`: no renewals (the files stay).
     async fn forget(&self, name: Domain) {
-        // A name the store never held leaves no trace.
-        if matches!(self.store.read_certificate(&name), Ok(None)) {
+        // A name the store never held, and none being ordered, leaves no trace; one whose
+        // first order runs is forgotten too (that order keeps it so).
+        let in_flight = self.in_flight.lock().unwrap().contains_key(&name);
+        if !in_flight && matches!(self.store.read_certificate(&name), Ok(None)) {
             return;
         }
         self.set_forgotten(&name, true).await;

@@ -6,7 +6,10 @@
 //! a fresh ECDSA P-256 key, the chain fetched.
 //!
 //! Every failed validation is recorded in the name's [`Backoff`] as it happens, and the
-//! fallback is skipped when it would make a fourth failure within the hour.
+//! fallback is skipped when it would make a fourth failure within the hour. Before each
+//! order, the backoff is stored with that order counted as failed: a helper killed while it
+//! runs (a rerun says `Shutdown`, which exits at once) has it counted; the end of the
+//! attempt stores the real outcome.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,7 +25,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tracing::{debug, info, warn};
 
-use crate::account::chain;
+use crate::account::describe;
 use crate::backoff::Backoff;
 use crate::certificate::Certificate;
 use crate::clock;
@@ -40,6 +43,9 @@ fn polling() -> RetryPolicy {
         .backoff(1.5)
         .timeout(Duration::from_secs(90))
 }
+
+/// The failure an order counts as until it ends (when the helper is killed meanwhile).
+pub const UNFINISHED: &str = "an order was under way when the helper stopped";
 
 /// How an order ended without a certificate.
 enum OrderError {
@@ -79,7 +85,7 @@ impl From<instant_acme::Error> for OrderError {
             _ => None,
         };
         OrderError::Other {
-            error: chain(&e),
+            error: describe(&e),
             retry_after,
         }
     }
@@ -92,16 +98,18 @@ pub enum Failure {
     Other(String),
 }
 
-/// One attempt for `name`; `replacing` is the certificate a renewal replaces (for ARI).
+/// One attempt for `name`; `replaces`: the certificate a renewal replaces (for ARI), when
+/// this CA issued it. `store` keeps a backoff in the store at once.
 pub async fn obtain(
     account: &Account,
     source: &str,
     name: &Domain,
-    replacing: Option<&Certificate>,
+    replaces: Option<&Certificate>,
     link: &Arc<WorkerLink>,
     backoff: &mut Backoff,
+    store: &mut (dyn FnMut(&Backoff) + Send),
 ) -> Result<Certificate, Failure> {
-    let replaces = replacing.and_then(|old| {
+    let replaces = replaces.and_then(|old| {
         CertificateIdentifier::try_from(&CertificateDer::from(old.chain[0].as_slice()))
             .ok()
             .map(CertificateIdentifier::into_owned)
@@ -113,6 +121,9 @@ pub async fn obtain(
         if !backoff.allows_another_validation(now) {
             break;
         }
+        let mut tentative = backoff.clone();
+        tentative.fail(now, UNFINISHED.into(), None);
+        store(&tentative);
         let started = Instant::now();
         match order(account, name, &kinds, replaces.clone(), link).await {
             Ok((key, chain, kind)) => {

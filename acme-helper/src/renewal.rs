@@ -3,8 +3,10 @@
 //!
 //! When it is due: inside the CA's ACME Renewal Information window (RFC 9773), at a random
 //! point of it, when the CA offers ARI; otherwise when a third of the lifetime remains (half,
-//! for certificates shorter than 10 days). Forgotten names (no longer routed) are not renewed,
-//! and a name backing off waits for its next try.
+//! for certificates shorter than 10 days). Only the names the worker routes are renewed (its
+//! routed set at each link, then its requests and `Forget`s, kept as the names' `forgotten`),
+//! and a name backing off waits for its next try. Asking the CA for a window is bounded in
+//! time, so a silent CA cannot stop the renewals of the other names.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ const DAY: u64 = 24 * 3600;
 const MAX_SLEEP: u64 = 3600;
 /// ARI windows are fetched again after the CA's Retry-After, within these bounds.
 const ARI_RECHECK: (u64, u64) = (60, 6 * 3600);
+/// How long asking the CA for a renewal window may take (the account, then one request).
+const ARI_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// When a certificate valid from `not_before` to `not_after` is renewed without ARI.
 pub fn by_lifetime(not_before: u64, not_after: u64) -> u64 {
@@ -114,7 +118,9 @@ async fn due(
             .ok()?;
             account.renewal_info(&id).await.ok()
         };
-        let (renew_at, recheck) = match answer.await {
+        // A CA that does not answer must not stop the renewals of every other name.
+        let answer = tokio::time::timeout(ARI_TIMEOUT, answer);
+        let (renew_at, recheck) = match answer.await.ok().flatten() {
             Some((info, retry_after)) => {
                 let window = info.suggested_window;
                 let (start, end) = (

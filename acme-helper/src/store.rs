@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use core_server_proto::atomic_file;
 use core_server_proto::domain::Domain;
-use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
@@ -102,20 +102,38 @@ impl Store {
         Ok(format!("{CERTS}/{aside}"))
     }
 
-    /// `names/<name>.json`; a missing file is a name without history. A corrupt one is
-    /// reported, and counts as no history: the next write replaces it.
+    /// `names/<name>.json`; a missing file is a name without history. A corrupt one is set
+    /// aside (`.corrupt-<seconds>`, for the operator) and replaced at once by a record that
+    /// backs off for an hour: the failures it held are unknown, and must not be forgotten.
     pub fn read_state(&self, name: &Domain) -> io::Result<NameState> {
         let file = format!("{}.json", checked(name)?);
         let Some(bytes) = read(&self.names, &file)? else {
             return Ok(NameState::default());
         };
-        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!("{NAMES}/{file} is corrupt ({e}); it is replaced at the next change");
-            NameState::default()
-        }))
+        let e = match serde_json::from_slice(&bytes) {
+            Ok(state) => return Ok(state),
+            Err(e) => e,
+        };
+        let now = crate::clock::now();
+        let aside = format!("{file}.corrupt-{now}");
+        // Each step is atomic and leaves a record at least as cautious: no lock needed.
+        rustix::fs::renameat(&self.names, &*file, &self.names, &*aside)
+            .map_err(|err| context(err.into(), &format!("{NAMES}/{file}")))?;
+        let why = format!("{NAMES}/{file} was corrupt ({e}), set aside as {NAMES}/{aside}");
+        tracing::warn!("{why}; {name} backs off for an hour");
+        let state = NameState {
+            backoff: Backoff::assume_worst(now, why),
+            forgotten: false,
+        };
+        self.write_state_unlocked(name, &state)?;
+        Ok(state)
     }
 
     pub fn write_state(&self, _: &LockGuard, name: &Domain, state: &NameState) -> io::Result<()> {
+        self.write_state_unlocked(name, state)
+    }
+
+    fn write_state_unlocked(&self, name: &Domain, state: &NameState) -> io::Result<()> {
         let file = format!("{}.json", checked(name)?);
         let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
         atomic_file::write(self.names.as_fd(), &file, &bytes, 0o600)
@@ -179,15 +197,8 @@ impl Store {
             (&self.certs, "certs/"),
             (&self.names, "names/"),
         ] {
-            for entry in rustix::fs::Dir::read_from(dir)? {
-                let entry = entry?;
-                let Ok(file) = entry.file_name().to_str() else {
-                    continue;
-                };
-                if file.starts_with('.') && file.contains(".tmp-") {
-                    rustix::fs::unlinkat(dir, file, AtFlags::empty())?;
-                    removed.push(format!("{path}{file}"));
-                }
+            for file in atomic_file::remove_all_leftovers(dir.as_fd())? {
+                removed.push(format!("{path}{file}"));
             }
         }
         for entry in rustix::fs::Dir::read_from(&self.tmp)? {
@@ -293,12 +304,27 @@ impl Drop for LockGuard {
     }
 }
 
+/// `name` in `dir`, made (0700) where missing; one found there must be ours and private,
+/// since the keys are in it.
 fn subdir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
     match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(context(e.into(), name)),
     }
-    open_dir(dir, name)
+    let fd = open_dir(dir, name)?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| context(e.into(), name))?;
+    let uid = rustix::process::geteuid().as_raw();
+    let mode = stat.st_mode & 0o7777;
+    if stat.st_uid != uid || mode != 0o700 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{name} in the store is owned by uid {} with mode {mode:o}, where uid {uid} and 0700 are expected",
+                stat.st_uid
+            ),
+        ));
+    }
+    Ok(fd)
 }
 
 fn open_dir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
@@ -311,18 +337,27 @@ fn open_dir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
     .map_err(|e| context(e.into(), name))
 }
 
-/// The whole of `name` in `dir`, if it exists; a link there is refused, not followed.
+/// The whole of `name` in `dir`, if it exists; a link or anything but a regular file there
+/// is refused, not followed.
 fn read(dir: &OwnedFd, name: &str) -> io::Result<Option<Vec<u8>>> {
+    // O_NONBLOCK: a FIFO planted there must not block the helper's only thread at the open.
     let fd = match rustix::fs::openat(
         dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     ) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(context(e.into(), name)),
     };
+    let stat = rustix::fs::fstat(&fd).map_err(|e| context(e.into(), name))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name} in the store is not a regular file"),
+        ));
+    }
     let mut bytes = Vec::new();
     File::from(fd)
         .take(MAX_FILE_LEN + 1)
@@ -403,6 +438,29 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_in_the_store_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let fifo = dir.path().join("certs/f.example.pem");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, Mode::from_raw_mode(0o600)).unwrap();
+        let name = Domain::parse("f.example").unwrap();
+        let error = store.read_certificate(&name).unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+    }
+
+    #[test]
+    fn a_subdirectory_open_to_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(store(dir.path()));
+        let names = dir.path().join("names");
+        std::fs::set_permissions(&names, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = Store::open(File::open(dir.path()).unwrap().into())
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("mode 755"), "{error}");
+    }
+
+    #[test]
     fn other_files_are_not_names() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
@@ -433,6 +491,29 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join(&aside)).unwrap(), b"garbage");
         assert_eq!(store.read_certificate(&name).unwrap(), None);
         assert!(store.names().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_record_is_set_aside_and_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let name = Domain::parse("e.example").unwrap();
+        std::fs::write(dir.path().join("names/e.example.json"), b"{not json").unwrap();
+        let state = store.read_state(&name).unwrap();
+        let now = crate::clock::now();
+        assert!(state
+            .backoff
+            .waiting_until(now)
+            .is_some_and(|t| t >= now + 3500));
+        assert_eq!(store.read_state(&name).unwrap(), state, "kept in the store");
+        let aside: Vec<_> = std::fs::read_dir(dir.path().join("names"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|f| f.starts_with("e.example.json.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let kept = std::fs::read(dir.path().join("names").join(&aside[0])).unwrap();
+        assert_eq!(kept, b"{not json");
     }
 
     #[test]

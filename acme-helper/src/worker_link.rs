@@ -1,11 +1,12 @@
 //! The channel to the worker, handed over by the supervisor (again whenever either restarts;
-//! a new link replaces the old one). In: `Certificate`, `Forget`, `ChallengeReady`. Out:
+//! a new link replaces the old one). In: `Certificate`, `Forget`, `ChallengeReady`, and on
+//! each link first the routed names (`Routed` chunks, `RoutedEnd`). Out:
 //! certificates, `Unavailable`, and the challenges the worker answers for the CA.
 //!
 //! Challenges in progress are sent again to a new worker, so an order outlives a worker
 //! restart; [`Challenge`] says `ChallengeDone` when dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,8 @@ type WorkerChannel = Channel<AcmeToWorker, WorkerToAcme>;
 pub enum Request {
     Certificate(Domain),
     Forget(Domain),
+    /// Every name the worker routes now (its whole set, sent on each new link).
+    Routed(HashSet<Domain>),
 }
 
 pub struct WorkerLink {
@@ -77,6 +80,8 @@ impl WorkerLink {
     }
 
     async fn read(&self, generation: u64, channel: &WorkerChannel) {
+        // The routed set being received from this worker.
+        let mut routed = HashSet::new();
         loop {
             let message = channel.recv().await;
             if self.generation.load(Ordering::Relaxed) != generation {
@@ -85,8 +90,13 @@ impl WorkerLink {
             let request = match message {
                 Ok(Some((WorkerToAcme::Certificate { name }, _))) => Request::Certificate(name),
                 Ok(Some((WorkerToAcme::Forget { name }, _))) => Request::Forget(name),
-                // The routed set: used from the next commit on.
-                Ok(Some((WorkerToAcme::Routed(_) | WorkerToAcme::RoutedEnd, _))) => continue,
+                Ok(Some((WorkerToAcme::Routed(names), _))) => {
+                    routed.extend(names);
+                    continue;
+                }
+                Ok(Some((WorkerToAcme::RoutedEnd, _))) => {
+                    Request::Routed(std::mem::take(&mut routed))
+                }
                 Ok(Some((WorkerToAcme::ChallengeReady { id }, _))) => {
                     if let Some(ready) = self.waiting.lock().unwrap().remove(&id) {
                         let _ = ready.send(());
@@ -236,6 +246,14 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(incoming.recv().await, Some(Request::Certificate(n)) if n == name));
+        // The routed set, in chunks: one request when it ends.
+        let other = Domain::parse("d.example").unwrap();
+        for chunk in [vec![name.clone()], vec![other.clone()]] {
+            first.send(&WorkerToAcme::Routed(chunk), &[]).await.unwrap();
+        }
+        first.send(&WorkerToAcme::RoutedEnd, &[]).await.unwrap();
+        let expected = HashSet::from([name.clone(), other]);
+        assert!(matches!(incoming.recv().await, Some(Request::Routed(set)) if set == expected));
 
         let pending = tokio::spawn({
             let link = link.clone();

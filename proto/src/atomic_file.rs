@@ -40,13 +40,27 @@ pub fn write(dir: BorrowedFd, name: &str, bytes: &[u8], mode: u32) -> io::Result
 /// names. Only for a directory nothing else writes `name` in at the time (at start-up).
 pub fn remove_leftovers(dir: BorrowedFd, name: &str) -> io::Result<Vec<String>> {
     let prefix = temp_prefix(name);
+    remove_temp_files(dir, |entry| entry.starts_with(&prefix))
+}
+
+/// Removes the temp files of every name that writes cut short left in `dir`; their names.
+/// Only for a directory nothing else writes in at the time.
+pub fn remove_all_leftovers(dir: BorrowedFd) -> io::Result<Vec<String>> {
+    remove_temp_files(dir, |entry| {
+        entry
+            .strip_prefix('.')
+            .is_some_and(|rest| rest.contains(TEMP_MARK))
+    })
+}
+
+fn remove_temp_files(dir: BorrowedFd, is_temp: impl Fn(&str) -> bool) -> io::Result<Vec<String>> {
     let mut removed = Vec::new();
     for entry in rustix::fs::Dir::read_from(dir)? {
         let entry = entry?;
         let Ok(entry_name) = entry.file_name().to_str() else {
             continue;
         };
-        if entry_name.starts_with(&prefix) {
+        if is_temp(entry_name) {
             // unlinkat removes a link itself, never its target.
             rustix::fs::unlinkat(dir, entry_name, AtFlags::empty())?;
             removed.push(entry_name.to_owned());
@@ -55,9 +69,11 @@ pub fn remove_leftovers(dir: BorrowedFd, name: &str) -> io::Result<Vec<String>> 
     Ok(removed)
 }
 
+const TEMP_MARK: &str = ".tmp-";
+
 /// Temp files of `name` start with this (older versions used the pid after it).
 fn temp_prefix(name: &str) -> String {
-    format!(".{name}.tmp-")
+    format!(".{name}{TEMP_MARK}")
 }
 
 fn random_u64() -> io::Result<u64> {
