@@ -1,8 +1,8 @@
-//! How long to wait before restarting a worker that exited.
+//! How long to wait before restarting a child (the worker, the ACME helper) that exited.
 
 use std::time::Duration;
 
-/// Restart delays: short for a worker that ran a while, doubling for one that keeps dying.
+/// Restart delays: short for a child that ran a while, doubling for one that keeps dying.
 pub struct Backoff {
     next: Duration,
 }

@@ -1,5 +1,6 @@
-//! The supervisor's life: keep one worker running on the held sockets, save what it reports,
-//! answer the control socket, and hand everything to a rerun instance (`handover.rs`).
+//! The supervisor's life: keep one worker running on the held sockets and one ACME helper on
+//! the certificate store (`acme_helper.rs`), save what the worker reports, answer the control
+//! socket, and hand everything to a rerun instance (`handover.rs`).
 //!
 //! The worker is restarted whenever it exits, for any reason, with the same sockets and the
 //! current routes; a worker that keeps dying is restarted with growing delays. Route changes
@@ -9,7 +10,8 @@
 //! Nothing here waits on a peer without a bound: control clients are read in tasks of their
 //! own (`control.rs`); the worker must take every message, confirm a pause and answer every
 //! heartbeat within a deadline, or it (stopped, stuck) is killed and replaced (`worker.rs`).
-//! What it acknowledged was saved before it was told, so nothing is lost.
+//! What it acknowledged was saved before it was told, so nothing is lost. The helper is never
+//! waited for beyond a send's deadline: it only delays certificates not yet issued.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
