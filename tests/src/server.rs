@@ -358,30 +358,24 @@ impl CoreServer {
 
     /// The pid of the current worker (waits for one to exist).
     pub fn worker_pid(&self) -> u32 {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(pid) = children_named(self.pid(), "core-server-wor").first() {
-                return *pid;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no worker process:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child_pid("core-server-wor", "worker")
     }
 
     /// The pid of the current ACME helper (waits for one to exist).
     pub fn acme_helper_pid(&self) -> u32 {
+        self.child_pid(ACME_HELPER_COMM, "ACME helper")
+    }
+
+    /// The pid of the supervisor's child named `comm` (waits for one to exist).
+    fn child_pid(&self, comm: &str, what: &str) -> u32 {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(pid) = children_named(self.pid(), ACME_HELPER_COMM).first() {
+            if let Some(pid) = children_named(self.pid(), comm).first() {
                 return *pid;
             }
             assert!(
                 Instant::now() < deadline,
-                "no ACME helper process:\n{}",
+                "no {what} process:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use core_server_tests::backend::websocket_echo;
 use core_server_tests::http::{get, read_until_closed};
 use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::server::children_named;
@@ -223,26 +224,6 @@ async fn a_registered_domain_is_served_over_https_with_http1_and_http2() {
         "{}",
         plain.body
     );
-}
-
-/// A WebSocket server that echoes every message; its port.
-async fn websocket_echo() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                while let Some(Ok(message)) = ws.next().await {
-                    if message.is_close() {
-                        break;
-                    }
-                    ws.send(message).await.unwrap();
-                }
-            });
-        }
-    });
-    port
 }
 
 #[tokio::test(flavor = "multi_thread")]

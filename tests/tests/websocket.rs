@@ -1,34 +1,15 @@
 //! HTTP/1.1 Upgrade passes through: a real WebSocket client talks to a real WebSocket server.
 
+use core_server_tests::backend::websocket_echo;
 use core_server_tests::CoreServer;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A WebSocket server that echoes every message; its port.
-async fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                while let Some(Ok(message)) = ws.next().await {
-                    if message.is_close() {
-                        break;
-                    }
-                    ws.send(message).await.unwrap();
-                }
-            });
-        }
-    });
-    port
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_echo_through_the_proxy() {
     let server = CoreServer::start();
-    server.add("ws.example", echo_server().await);
+    server.add("ws.example", websocket_echo().await);
 
     let stream = TcpStream::connect(("127.0.0.1", server.http_port))
         .await

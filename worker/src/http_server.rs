@@ -338,15 +338,13 @@ mod tests {
     use core_server_proto::domain::Domain;
     use rcgen::{CertificateParams, KeyPair};
     use rustls::pki_types::ServerName;
-    use rustls::ClientConfig;
     use tokio::io::AsyncReadExt;
     use tokio_rustls::TlsConnector;
 
     use crate::connection_limit::ConnectionLimit;
     use crate::https::Https;
     use crate::route_table::RouteTable;
-    use crate::tls_acceptor::crypto_provider;
-    use crate::tls_acceptor::tests::Validator;
+    use crate::tls_acceptor::tests::validating_ca;
 
     #[tokio::test]
     async fn a_tls_alpn_validation_connection_is_closed_after_its_handshake_not_served() {
@@ -398,15 +396,8 @@ mod tests {
         }
 
         // As a CA validating, then (against RFC 8737) sending a request: no answer, closed.
-        let mut acme = ClientConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Validator(crypto_provider())))
-            .with_no_client_auth();
-        acme.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut tls = TlsConnector::from(Arc::new(acme))
+        let mut tls = TlsConnector::from(Arc::new(validating_ca()))
             .connect(ServerName::try_from("a.example").unwrap(), tcp)
             .await
             .unwrap();

@@ -546,15 +546,7 @@ pub(crate) mod tests {
     async fn a_pending_tls_alpn_challenge_is_answered_with_its_certificate_only() {
         let worker = Worker::start(&["a.example"], &KEY, Duration::from_secs(5)).await;
         let helper = worker.link_helper().await;
-        // As a CA validating: it checks the certificate itself (RFC 8737 §3), webpki cannot.
-        let mut acme = ClientConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Validator(crypto_provider())))
-            .with_no_client_auth();
-        acme.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-        let acme = TlsConnector::from(Arc::new(acme));
+        let acme = TlsConnector::from(Arc::new(validating_ca()));
         let validate = || async {
             let tcp = TcpStream::connect(worker.addr).await.unwrap();
             let name = ServerName::try_from("a.example").unwrap();
@@ -605,6 +597,19 @@ pub(crate) mod tests {
         drop(helper);
         let _helper = worker.link_helper().await;
         assert!(validate().await.is_err());
+    }
+
+    /// A client as a CA validating TLS-ALPN-01: offers only `acme-tls/1` and checks the
+    /// certificate itself (RFC 8737 §3), as webpki cannot.
+    pub(crate) fn validating_ca() -> ClientConfig {
+        let mut acme = ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Validator(crypto_provider())))
+            .with_no_client_auth();
+        acme.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        acme
     }
 
     /// Takes any certificate: the test compares it with the challenge's (webpki, which
