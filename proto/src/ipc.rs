@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::acme_ipc::{CertificateStatus, HttpsSettings, Secret};
 use crate::domain::Domain;
 use crate::routes::{Routable, RouteChange};
+use crate::tunnel::{TokenHash, TunnelRoute, TunnelStatus};
 
 /// What a listening socket handed to a child is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +57,9 @@ pub struct WorkerSettings {
     /// limit.
     pub max_connections: Option<u32>,
     pub https: HttpsSettings,
+    /// How long a request for a tunnel domain with no agent connected waits for one to
+    /// (re)connect before it is answered 503.
+    pub tunnel_wait: Duration,
 }
 
 /// Supervisor to worker.
@@ -92,6 +96,14 @@ pub enum ToWorker {
     /// (`Channel<WorkerToAcme, AcmeToWorker>`), replacing any earlier one. Sent after `Start`
     /// and each time the helper is restarted.
     AcmeHelper,
+    /// The tunnel routes, sent like `Routes` (chunks of at most [`TUNNELS_PER_MESSAGE`]),
+    /// after them and before `Serve`.
+    TunnelRoutes(Vec<TunnelRoute>),
+    /// `core-server tunnel allow|revoke`: apply `change` (an `AllowTunnel` or `RevokeTunnel`)
+    /// like a UDP command; answer `TunnelDone` once it is saved (or failed).
+    Tunnel { id: u64, change: RouteChange },
+    /// Answer `Tunnels`: the tunnel domains and their agent connections, for `status`.
+    ReportTunnels { id: u64 },
 }
 
 /// Worker to supervisor.
@@ -105,6 +117,15 @@ pub enum FromWorker {
     CommandsPaused,
     /// The answer to `Ping`.
     Pong,
+    /// The answer to `Tunnel`: `None` once the change is applied and saved, else why not.
+    TunnelDone { id: u64, error: Option<String> },
+    /// The answer to `ReportTunnels`, in chunks of at most [`TUNNEL_STATUSES_PER_MESSAGE`]; `last` on
+    /// the final one (which may be empty).
+    Tunnels {
+        id: u64,
+        chunk: Vec<TunnelStatus>,
+        last: bool,
+    },
 }
 
 /// A local client of the running supervisor's control socket: `core-server status|stop`, or a
@@ -126,6 +147,17 @@ pub enum ControlRequest {
     /// Protocol 2: the taker's worker is ready, serving nothing yet: hand over, answered
     /// `HandedOver`, or `Refused` if the takeover is void (it took too long).
     TakerReady,
+    /// `core-server tunnel allow`: `name` becomes a tunnel route (if it was not) that `token`
+    /// may connect to. Answered `Done` once saved, or `Refused`.
+    TunnelAllow {
+        name: String,
+        token: TokenHash,
+    },
+    /// `core-server tunnel revoke`: no token may connect to `name`; its agents are closed.
+    /// Answered `Done` once saved, or `Refused`.
+    TunnelRevoke {
+        name: String,
+    },
 }
 
 /// The running supervisor's answers on its control socket.
@@ -160,6 +192,16 @@ pub enum ControlReply {
     /// chunks of at most [`CERTIFICATES_PER_MESSAGE`], until the connection closes. (An
     /// older client stops reading at `RoutesEnd`.)
     Certificates(Vec<CertificateStatus>),
+    /// Takeover protocol 3: after `RoutesEnd` (whose `Routes` carry the port routes only),
+    /// the tunnel routes, in chunks of at most [`TUNNELS_PER_MESSAGE`], until `TunnelsEnd`.
+    Tunnels(Vec<TunnelRoute>),
+    TunnelsEnd,
+    /// In answer to `Status`, after the `Certificates` and only if there are tunnel routes:
+    /// the tunnel domains and their agents, in chunks of at most
+    /// [`TUNNEL_STATUSES_PER_MESSAGE`].
+    TunnelStatus(Vec<TunnelStatus>),
+    /// A command was carried out; what to tell the user.
+    Done(String),
 }
 
 /// What `core-server status` shows.
@@ -174,16 +216,29 @@ pub struct InstanceStatus {
     pub dir: PathBuf,
 }
 
-/// The takeover protocol of this version: 2, where the running instance decides whether the
+/// The takeover protocol of this version: 3, which is 2 with the tunnel routes (`Tunnels`...
+/// `TunnelsEnd`) after `RoutesEnd`. In protocol 2 the running instance decides whether the
 /// taker owns (`TakerReady`, answered `HandedOver` or `Refused`). Protocol 1 (no `Protocol`
 /// announced): the taker says `TookOver`, and the running instance drains.
-pub const TAKEOVER_PROTOCOL: u32 = 2;
+pub const TAKEOVER_PROTOCOL: u32 = 3;
 
 /// The descriptor on which a child finds its end of the IPC socketpair.
 pub const CHILD_IPC_FD: i32 = 3;
 
 /// At most this many routes in one [`ToWorker::Routes`] message (253-byte names: about 52 KiB).
 pub const ROUTES_PER_MESSAGE: usize = 200;
+
+/// At most this many tunnel routes in one message: a 253-byte name and
+/// [`crate::tunnel::MAX_TOKENS_PER_DOMAIN`] hashes each, well under 64 KiB together.
+pub const TUNNELS_PER_MESSAGE: usize = 20;
+
+/// At most this many [`TunnelStatus`]es in one message (each up to
+/// [`MAX_CONNECTIONS_SHOWN`] connections of about 130 bytes).
+pub const TUNNEL_STATUSES_PER_MESSAGE: usize = 4;
+
+/// At most this many agent connections of one domain are listed in a [`TunnelStatus`] (the
+/// count of the rest is not); a worker takes at most 64 per domain.
+pub const MAX_CONNECTIONS_SHOWN: usize = 64;
 
 /// At most this many names in one [`ControlReply::Certificates`] message (a name, an issuer
 /// and an error message each: well under 64 KiB together).
@@ -212,6 +267,19 @@ mod tests {
                 4,
             ),
             (ControlRequest::TakerReady, 5),
+            (
+                ControlRequest::TunnelAllow {
+                    name: String::new(),
+                    token: TokenHash([0; 32]),
+                },
+                6,
+            ),
+            (
+                ControlRequest::TunnelRevoke {
+                    name: String::new(),
+                },
+                7,
+            ),
         ];
         for (request, index) in requests {
             assert_eq!(first_byte(&request), index, "{request:?}");
@@ -232,6 +300,10 @@ mod tests {
             (ControlReply::HandedOver, 6),
             (ControlReply::Protocol(TAKEOVER_PROTOCOL), 7),
             (ControlReply::Certificates(Vec::new()), 8),
+            (ControlReply::Tunnels(Vec::new()), 9),
+            (ControlReply::TunnelsEnd, 10),
+            (ControlReply::TunnelStatus(Vec::new()), 11),
+            (ControlReply::Done(String::new()), 12),
         ];
         for (reply, index) in &replies {
             assert_eq!(first_byte(reply), *index, "{reply:?}");
@@ -262,18 +334,49 @@ mod tests {
         );
     }
 
+    fn longest_name() -> String {
+        [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61),
+        ]
+        .join(".")
+    }
+
+    #[test]
+    fn full_tunnel_chunks_fit_one_message() {
+        let route = TunnelRoute {
+            name: longest_name(),
+            tokens: vec![TokenHash([255; 32]); crate::tunnel::MAX_TOKENS_PER_DOMAIN],
+        };
+        let connection = crate::tunnel::AgentConnection {
+            label: "\u{10ffff}".repeat(crate::tunnel::MAX_LABEL_LEN / 4),
+            address: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
+            since: u64::MAX,
+            in_flight: u32::MAX,
+            served: u64::MAX,
+        };
+        let status = TunnelStatus {
+            name: longest_name(),
+            tokens: u32::MAX,
+            connections: vec![connection; MAX_CONNECTIONS_SHOWN],
+        };
+        for bytes in [
+            postcard::to_stdvec(&ControlReply::Tunnels(vec![route; TUNNELS_PER_MESSAGE])),
+            postcard::to_stdvec(&ControlReply::TunnelStatus(vec![
+                status;
+                TUNNEL_STATUSES_PER_MESSAGE
+            ])),
+        ] {
+            let len = bytes.unwrap().len();
+            assert!(len <= crate::channel::MAX_MESSAGE_LEN, "{len} bytes");
+        }
+    }
+
     #[test]
     fn a_full_routes_chunk_fits_one_message() {
-        let longest = Domain::parse(
-            &[
-                "a".repeat(63),
-                "b".repeat(63),
-                "c".repeat(63),
-                "d".repeat(61),
-            ]
-            .join("."),
-        )
-        .unwrap();
+        let longest = Domain::parse(&longest_name()).unwrap();
         let chunk = ToWorker::Routes(vec![(longest, 65535); ROUTES_PER_MESSAGE]);
         let bytes = postcard::to_stdvec(&chunk).unwrap();
         assert!(

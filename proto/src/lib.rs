@@ -4,6 +4,7 @@
 //! - [`domain`]: which names may be routed, and how a `Host` header maps to one.
 //! - [`command`]: the UDP command grammar (`add example.com 5665`) and its one-line replies.
 //! - [`routes`]: the routes table itself, as the supervisor persists it and the worker serves it.
+//! - [`tunnel`]: what the worker and `core-agent` agree on, and the tunnel tokens.
 //! - [`ipc`]: the typed messages between supervisor and children.
 //! - [`acme_ipc`]: the ACME helper's messages, with the supervisor and with the worker.
 //! - [`channel`]: how those messages travel: postcard over a `SOCK_SEQPACKET` socketpair, with
@@ -22,3 +23,4 @@ pub mod ipc;
 pub mod logging;
 pub mod routes;
 pub mod seccomp;
+pub mod tunnel;

@@ -1,8 +1,9 @@
-//! The routes table: which local port serves which domain.
+//! The routes table: which local port, or which tunnel, serves which domain.
 //!
-//! The worker holds the live table and applies UDP commands to it; it reports every
-//! [`RouteChange`] to the supervisor, which applies the same change to its copy and persists it.
-//! One type, one `apply`, so both copies change by the same rule.
+//! The worker holds the live table and applies UDP commands (and the supervisor's tunnel
+//! commands) to it; it reports every [`RouteChange`] to the supervisor, which applies the same
+//! change to its copy and persists it. One type, one `apply`, so both copies change by the same
+//! rule.
 
 use std::collections::BTreeMap;
 
@@ -10,12 +11,47 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::Command;
 use crate::domain::{Domain, DomainError};
+use crate::tunnel::{TokenHash, TunnelRoute, MAX_TOKENS_PER_DOMAIN};
+
+/// What serves a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A local app on this port of 127.0.0.1.
+    Port(u16),
+    /// Agents connected with one of these tokens (none: `tunnel revoke` took them all; the
+    /// domain stays routed, its certificate kept, and is answered 503 until the next `allow`).
+    Tunnel { tokens: Vec<TokenHash> },
+}
+
+/// Where a request for a domain goes (a [`Route`] without the secrets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Port(u16),
+    Tunnel,
+}
 
 /// One change to the table, as reported from worker to supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RouteChange {
+    /// `add`: the domain is served by a local port (a tunnel route and its tokens are gone).
     Set { domain: Domain, port: u16 },
+    /// `remove`: the domain is not routed (whatever it was).
     Remove { domain: Domain },
+    /// `tunnel allow`: the domain is a tunnel (replacing a port route), and `token` may connect.
+    AllowTunnel { domain: Domain, token: TokenHash },
+    /// `tunnel revoke`: no token may connect to the domain any more.
+    RevokeTunnel { domain: Domain },
+}
+
+impl RouteChange {
+    pub fn domain(&self) -> &Domain {
+        match self {
+            RouteChange::Set { domain, .. }
+            | RouteChange::Remove { domain }
+            | RouteChange::AllowTunnel { domain, .. }
+            | RouteChange::RevokeTunnel { domain } => domain,
+        }
+    }
 }
 
 impl From<Command> for RouteChange {
@@ -32,28 +68,75 @@ impl From<Command> for RouteChange {
 pub enum RouteError {
     #[error("no route for {0}")]
     NoSuchRoute(Domain),
+    #[error("{0} is not a tunnel (it is served by a local port)")]
+    NotATunnel(Domain),
+    #[error("{0} already has {MAX_TOKENS_PER_DOMAIN} tokens, the most a domain may have; revoke them and allow again")]
+    TooManyTokens(Domain),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Routes(BTreeMap<Domain, u16>);
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes(BTreeMap<Domain, Route>);
 
 impl Routes {
     /// Applies `change`. Returns whether the table is now different.
     pub fn apply(&mut self, change: &RouteChange) -> Result<bool, RouteError> {
         match change {
             RouteChange::Set { domain, port } => {
-                Ok(self.0.insert(domain.clone(), *port) != Some(*port))
+                let new = Route::Port(*port);
+                Ok(self.0.insert(domain.clone(), new.clone()) != Some(new))
             }
             RouteChange::Remove { domain } => match self.0.remove(domain) {
                 Some(_) => Ok(true),
                 None => Err(RouteError::NoSuchRoute(domain.clone())),
             },
+            RouteChange::AllowTunnel { domain, token } => match self.0.get_mut(domain) {
+                Some(Route::Tunnel { tokens }) if tokens.contains(token) => Ok(false),
+                Some(Route::Tunnel { tokens }) if tokens.len() >= MAX_TOKENS_PER_DOMAIN => {
+                    Err(RouteError::TooManyTokens(domain.clone()))
+                }
+                Some(Route::Tunnel { tokens }) => {
+                    tokens.push(*token);
+                    Ok(true)
+                }
+                Some(Route::Port(_)) | None => {
+                    let tokens = vec![*token];
+                    self.0.insert(domain.clone(), Route::Tunnel { tokens });
+                    Ok(true)
+                }
+            },
+            RouteChange::RevokeTunnel { domain } => match self.0.get_mut(domain) {
+                Some(Route::Tunnel { tokens }) => {
+                    let had = !tokens.is_empty();
+                    tokens.clear();
+                    Ok(had)
+                }
+                Some(Route::Port(_)) => Err(RouteError::NotATunnel(domain.clone())),
+                None => Err(RouteError::NoSuchRoute(domain.clone())),
+            },
         }
     }
 
-    pub fn port(&self, domain: &Domain) -> Option<u16> {
-        self.0.get(domain).copied()
+    pub fn get(&self, domain: &Domain) -> Option<&Route> {
+        self.0.get(domain)
+    }
+
+    pub fn target(&self, domain: &Domain) -> Option<Target> {
+        self.0.get(domain).map(|route| match route {
+            Route::Port(port) => Target::Port(*port),
+            Route::Tunnel { .. } => Target::Tunnel,
+        })
+    }
+
+    pub fn is_routed(&self, domain: &Domain) -> bool {
+        self.0.contains_key(domain)
+    }
+
+    /// The tokens that may connect to `domain`'s tunnel (empty if it is not a tunnel).
+    pub fn tokens(&self, domain: &Domain) -> &[TokenHash] {
+        match self.0.get(domain) {
+            Some(Route::Tunnel { tokens }) => tokens,
+            _ => &[],
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -64,19 +147,54 @@ impl Routes {
         self.0.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Domain, u16)> {
-        self.0.iter().map(|(d, p)| (d, *p))
+    pub fn iter(&self) -> impl Iterator<Item = (&Domain, &Route)> {
+        self.0.iter()
     }
 
-    /// The table in pieces of at most `size` routes, for messages of bounded size.
-    pub fn chunks(&self, size: usize) -> Vec<Vec<(Domain, u16)>> {
-        let all: Vec<_> = self.0.iter().map(|(d, p)| (d.clone(), *p)).collect();
+    /// Whether any route is a tunnel.
+    pub fn has_tunnels(&self) -> bool {
+        self.0.values().any(|r| matches!(r, Route::Tunnel { .. }))
+    }
+
+    /// The port routes in pieces of at most `size`, for messages of bounded size.
+    pub fn port_chunks(&self, size: usize) -> Vec<Vec<(Domain, u16)>> {
+        let all: Vec<_> = (self.0.iter())
+            .filter_map(|(d, r)| match r {
+                Route::Port(p) => Some((d.clone(), *p)),
+                Route::Tunnel { .. } => None,
+            })
+            .collect();
         all.chunks(size).map(<[_]>::to_vec).collect()
+    }
+
+    /// The tunnel routes in pieces of at most `size`.
+    pub fn tunnel_chunks(&self, size: usize) -> Vec<Vec<TunnelRoute>> {
+        let all: Vec<_> = (self.0.iter())
+            .filter_map(|(d, r)| match r {
+                Route::Tunnel { tokens } => Some(TunnelRoute {
+                    name: d.to_string(),
+                    tokens: tokens.clone(),
+                }),
+                Route::Port(_) => None,
+            })
+            .collect();
+        all.chunks(size).map(<[_]>::to_vec).collect()
+    }
+
+    /// Adds (or replaces) one route.
+    pub fn insert(&mut self, domain: Domain, route: Route) {
+        self.0.insert(domain, route);
     }
 }
 
 impl FromIterator<(Domain, u16)> for Routes {
     fn from_iter<I: IntoIterator<Item = (Domain, u16)>>(iter: I) -> Self {
+        Routes(iter.into_iter().map(|(d, p)| (d, Route::Port(p))).collect())
+    }
+}
+
+impl FromIterator<(Domain, Route)> for Routes {
+    fn from_iter<I: IntoIterator<Item = (Domain, Route)>>(iter: I) -> Self {
         Routes(iter.into_iter().collect())
     }
 }
@@ -85,11 +203,11 @@ impl FromIterator<(Domain, u16)> for Routes {
 /// a rerun), whose rules for names may have been looser: the names this version refuses (a
 /// name a browser reads as an IP address, say) are left out, each with the reason; the others
 /// are kept. A route this version refuses could never be served anyway.
-pub fn keep_routable(entries: impl IntoIterator<Item = (String, u16)>) -> Routable {
+pub fn keep_routable<T>(entries: impl IntoIterator<Item = (String, T)>) -> Routable<T> {
     let mut routable = Routable::default();
-    for (name, port) in entries {
+    for (name, route) in entries {
         match Domain::parse(&name) {
-            Ok(domain) => routable.kept.push((domain, port)),
+            Ok(domain) => routable.kept.push((domain, route)),
             Err(why) => routable.refused.push((name, why)),
         }
     }
@@ -101,10 +219,19 @@ pub fn keep_routable(entries: impl IntoIterator<Item = (String, u16)>) -> Routab
 /// Also how routes travel on a takeover: the wire format of `Vec<(Domain, u16)>` (the kept
 /// ones), read with [`keep_routable`]'s leniency, so an older instance handing over a name
 /// this version refuses does not fail the takeover.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Routable {
-    pub kept: Vec<(Domain, u16)>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routable<T = u16> {
+    pub kept: Vec<(Domain, T)>,
     pub refused: Vec<(String, DomainError)>,
+}
+
+impl<T> Default for Routable<T> {
+    fn default() -> Self {
+        Routable {
+            kept: Vec::new(),
+            refused: Vec::new(),
+        }
+    }
 }
 
 impl From<Vec<(Domain, u16)>> for Routable {
@@ -159,7 +286,7 @@ mod tests {
             }),
             Ok(true)
         );
-        assert_eq!(routes.port(&d), Some(2));
+        assert_eq!(routes.target(&d), Some(Target::Port(2)));
         assert_eq!(
             routes.apply(&RouteChange::Remove { domain: d.clone() }),
             Ok(true)
@@ -169,6 +296,57 @@ mod tests {
             Err(RouteError::NoSuchRoute(d))
         );
         assert!(routes.is_empty());
+    }
+
+    #[test]
+    fn tunnels_gather_tokens_and_add_or_remove_replaces_them() {
+        let d = Domain::parse("app.example").unwrap();
+        let [t1, t2] = [1, 2].map(|b| TokenHash([b; 32]));
+        let allow = |token| RouteChange::AllowTunnel {
+            domain: d.clone(),
+            token,
+        };
+        let revoke = RouteChange::RevokeTunnel { domain: d.clone() };
+        let mut routes = Routes::default();
+        assert_eq!(
+            routes.apply(&revoke),
+            Err(RouteError::NoSuchRoute(d.clone()))
+        );
+        routes
+            .apply(&RouteChange::Set {
+                domain: d.clone(),
+                port: 1,
+            })
+            .unwrap();
+        assert_eq!(
+            routes.apply(&revoke),
+            Err(RouteError::NotATunnel(d.clone()))
+        );
+        assert_eq!(routes.apply(&allow(t1)), Ok(true));
+        assert_eq!(routes.target(&d), Some(Target::Tunnel));
+        assert_eq!(routes.apply(&allow(t1)), Ok(false));
+        assert_eq!(routes.apply(&allow(t2)), Ok(true));
+        assert_eq!(routes.tokens(&d), [t1, t2]);
+        assert_eq!(routes.apply(&revoke), Ok(true));
+        assert_eq!(routes.tokens(&d), []);
+        assert_eq!(routes.target(&d), Some(Target::Tunnel));
+        assert_eq!(routes.apply(&revoke), Ok(false));
+        for n in 0..MAX_TOKENS_PER_DOMAIN as u8 {
+            routes.apply(&allow(TokenHash([n; 32]))).unwrap();
+        }
+        assert_eq!(
+            routes.apply(&allow(TokenHash([255; 32]))),
+            Err(RouteError::TooManyTokens(d.clone()))
+        );
+        routes
+            .apply(&RouteChange::Set {
+                domain: d.clone(),
+                port: 2,
+            })
+            .unwrap();
+        assert_eq!(routes.target(&d), Some(Target::Port(2)));
+        assert_eq!(routes.tokens(&d), []);
+        assert!(!routes.has_tunnels());
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub struct ServerOptions {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub acme_wait: Duration,
 
+    /// How long a request for a tunnel domain with no agent connected waits for one to
+    /// (re)connect before it is answered 503
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub tunnel_wait: Duration,
+
     /// On SIGTERM or SIGINT: how long in-flight requests may take to finish
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub grace: Duration,

@@ -124,6 +124,7 @@ fn run_server(
             source,
             certificate_wait: options.acme_wait,
         },
+        tunnel_wait: options.tunnel_wait,
     };
     block_on(async {
         let signals = StopSignals::new()?;

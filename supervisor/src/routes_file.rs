@@ -4,6 +4,16 @@
 //! {"version":1,"routes":{"example.com":5665}}
 //! ```
 //!
+//! With a tunnel route, the file is version 2 and readable by root alone (0600), and a tunnel
+//! route holds the SHA-256 of each token that may connect (never a token):
+//!
+//! ```json
+//! {"version":2,"routes":{"example.com":5665,"app.example.com":{"tunnel":["9f86d08…"]}}}
+//! ```
+//!
+//! Without one, it stays version 1, byte for byte what earlier versions wrote, so that they
+//! can still read it after a downgrade.
+//!
 //! A file that cannot be read as this format is moved aside to `routes.json.corrupt-<time>`
 //! (`-2`, `-3`... after it if that name is taken; kept for the operator, never deleted) and
 //! reported by name; the server then starts with an empty table instead of refusing to serve
@@ -19,25 +29,63 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use core_server_proto::routes::{keep_routable, Routable, RouteChange, Routes};
+use core_server_proto::routes::{keep_routable, Routable, Route, RouteChange, Routes};
+use core_server_proto::tunnel::TokenHash;
 use serde::{Deserialize, Serialize};
 
 use crate::state_dir::StateDir;
 
 const FILE_NAME: &str = "routes.json";
-const VERSION: u32 = 1;
+/// The newest version this one reads, and writes when there are tunnel routes.
+const VERSION: u32 = 2;
+/// What it writes without tunnel routes (as earlier versions did).
+const VERSION_WITHOUT_TUNNELS: u32 = 1;
 
 #[derive(Serialize)]
 struct Contents<'a> {
     version: u32,
-    routes: &'a Routes,
+    routes: BTreeMap<&'a str, Stored>,
+}
+
+/// A route as stored.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Port(u16),
+    /// Hex SHA-256 of each token.
+    Tunnel {
+        tunnel: Vec<String>,
+    },
 }
 
 /// The file as read: names as they are, judged afterwards (see the module comment).
 #[derive(Deserialize)]
 struct Read {
     version: u32,
-    routes: BTreeMap<String, u16>,
+    routes: BTreeMap<String, Stored>,
+}
+
+impl Stored {
+    fn of(route: &Route) -> Stored {
+        match route {
+            Route::Port(port) => Stored::Port(*port),
+            Route::Tunnel { tokens } => Stored::Tunnel {
+                tunnel: tokens.iter().map(TokenHash::to_hex).collect(),
+            },
+        }
+    }
+
+    fn route(self) -> Result<Route, String> {
+        match self {
+            Stored::Port(port) => Ok(Route::Port(port)),
+            Stored::Tunnel { tunnel } => (tunnel.iter())
+                .map(|hex| {
+                    TokenHash::from_hex(hex).ok_or_else(|| format!("bad token hash '{hex}'"))
+                })
+                .collect::<Result<_, _>>()
+                .map(|tokens| Route::Tunnel { tokens }),
+        }
+    }
 }
 
 pub struct RoutesFile {
@@ -93,11 +141,18 @@ impl RoutesFile {
             _ => {}
         }
         let read = match serde_json::from_slice::<Read>(&bytes) {
-            Ok(read) if read.version == VERSION => read,
+            Ok(read) if (VERSION_WITHOUT_TUNNELS..=VERSION).contains(&read.version) => read,
             Ok(read) => return self.set_aside(&format!("unknown format version {}", read.version)),
             Err(e) => return self.set_aside(&e.to_string()),
         };
-        let Routable { kept, refused } = keep_routable(read.routes);
+        let stored: Result<BTreeMap<_, _>, String> = (read.routes.into_iter())
+            .map(|(name, stored)| Ok((name, stored.route()?)))
+            .collect();
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => return self.set_aside(&e),
+        };
+        let Routable { kept, refused } = keep_routable(stored);
         let routes: Routes = kept.into_iter().collect();
         if !refused.is_empty() {
             let aside = self.keep_aside("refused")?;
@@ -114,13 +169,22 @@ impl RoutesFile {
     }
 
     pub fn save(&self, routes: &Routes) -> io::Result<()> {
+        let tunnels = routes.has_tunnels();
         let contents = Contents {
-            version: VERSION,
-            routes,
+            version: if tunnels {
+                VERSION
+            } else {
+                VERSION_WITHOUT_TUNNELS
+            },
+            routes: (routes.iter())
+                .map(|(domain, route)| (domain.as_str(), Stored::of(route)))
+                .collect(),
         };
         let mut json = serde_json::to_vec_pretty(&contents).map_err(io::Error::other)?;
         json.push(b'\n');
-        self.dir.replace(FILE_NAME, &json, 0o644)
+        // Token hashes are no secret, but who may connect is no one else's business.
+        self.dir
+            .replace(FILE_NAME, &json, if tunnels { 0o600 } else { 0o644 })
     }
 
     fn set_aside(&self, why: &str) -> anyhow::Result<Routes> {
@@ -253,8 +317,8 @@ mod tests {
         let old = b"{\"version\":1,\"routes\":{\"127.1\":81,\"kept.example\":80}}";
         fs::write(file.path(), old).unwrap();
         let routes = file.load().unwrap();
-        let names: Vec<_> = routes.iter().map(|(d, p)| (d.as_str(), p)).collect();
-        assert_eq!(names, [("kept.example", 80)]);
+        let names: Vec<_> = routes.iter().map(|(d, r)| (d.as_str(), r)).collect();
+        assert_eq!(names, [("kept.example", &Route::Port(80))]);
         // The file now holds what is served; the old one is kept aside as it was.
         assert_eq!(file.load().unwrap(), routes);
         let aside: Vec<_> = fs::read_dir(dir.path())
@@ -290,16 +354,50 @@ mod tests {
             in_tempdir(&dir)
                 .load()
                 .unwrap()
-                .port(&Domain::parse("a.example").unwrap()),
-            Some(2)
+                .get(&Domain::parse("a.example").unwrap()),
+            Some(&Route::Port(2))
         );
+    }
+
+    #[test]
+    fn tunnels_make_it_version_2_and_private_and_without_them_it_is_version_1_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = in_tempdir(&dir);
+        let mode = || fs::metadata(file.path()).unwrap().permissions().mode() & 0o777;
+        let [app, port] = ["app.example", "port.example"].map(|n| Domain::parse(n).unwrap());
+        let hash = TokenHash([0xab; 32]);
+        let mut routes: Routes = [(port.clone(), 80)].into_iter().collect();
+        routes.insert(app.clone(), Route::Tunnel { tokens: vec![hash] });
+        file.save(&routes).unwrap();
+        let json = fs::read_to_string(file.path()).unwrap();
+        assert!(json.contains("\"version\": 2"), "{json}");
+        assert!(json.contains(&"ab".repeat(32)), "{json}");
+        assert_eq!(mode(), 0o600);
+        assert_eq!(file.load().unwrap(), routes);
+
+        routes.insert(app, Route::Port(81));
+        file.save(&routes).unwrap();
+        let json = fs::read_to_string(file.path()).unwrap();
+        assert_eq!(
+            json,
+            "{\n  \"version\": 1,\n  \"routes\": {\n    \"app.example\": 81,\n    \"port.example\": 80\n  }\n}\n"
+        );
+        assert_eq!(mode(), 0o644);
+
+        fs::write(
+            file.path(),
+            b"{\"version\":2,\"routes\":{\"a.example\":{\"tunnel\":[\"xyz\"]}}}",
+        )
+        .unwrap();
+        assert!(file.load().unwrap().is_empty(), "a bad hash is corruption");
     }
 
     #[test]
     fn newer_format_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let file = in_tempdir(&dir);
-        fs::write(file.path(), b"{\"version\":2,\"routes\":{},\"more\":1}").unwrap();
+        fs::write(file.path(), b"{\"version\":3,\"routes\":{},\"more\":1}").unwrap();
         let err = file.load().unwrap_err().to_string();
         assert!(err.contains("newer core-server"), "{err}");
         assert!(file.path().exists());

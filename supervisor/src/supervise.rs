@@ -290,7 +290,7 @@ impl Supervisor {
 /// The routes as control replies: `Routes` chunks, then `RoutesEnd`.
 pub(crate) fn routes_replies(routes: &Routes) -> Vec<ControlReply> {
     let mut replies: Vec<_> = routes
-        .chunks(ROUTES_PER_MESSAGE)
+        .port_chunks(ROUTES_PER_MESSAGE)
         .into_iter()
         .map(|chunk| ControlReply::Routes(chunk.into()))
         .collect();

@@ -153,7 +153,7 @@ impl Supervisor {
             ticket_key: self.ticket_key.clone(),
         };
         channel.send(&start, &fds).await?;
-        for chunk in self.routes.routes().chunks(ROUTES_PER_MESSAGE) {
+        for chunk in self.routes.routes().port_chunks(ROUTES_PER_MESSAGE) {
             channel.send(&ToWorker::Routes(chunk), &[]).await?;
         }
         channel.send(&ToWorker::Serve { owner }, &[]).await?;

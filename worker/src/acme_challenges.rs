@@ -226,7 +226,7 @@ impl RedirectToHttps {
                 None => error_page(StatusCode::NOT_FOUND, "no such ACME challenge"),
             });
         }
-        self.routes.port(&domain)?;
+        self.routes.is_routed(&domain).then_some(())?;
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let location = HeaderValue::try_from(format!("https://{domain}{path_and_query}")).ok()?;
         Some(

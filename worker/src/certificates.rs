@@ -101,7 +101,7 @@ impl Certificates {
             let mut state = self.state();
             // Under the lock `forget` takes: a route removed now is either seen here, or
             // its `Forget` is queued after this request.
-            if self.routes.port(name).is_none() {
+            if !self.routes.is_routed(name) {
                 return Err(Missing::NotRouted);
             }
             if let Some(loaded) = state.loaded.get(name) {
@@ -154,7 +154,7 @@ impl Certificates {
         };
         let mut state = self.state();
         // Checked under the lock that `forget` takes too, so a removed route stays removed.
-        if self.routes.port(&name).is_none() {
+        if !self.routes.is_routed(&name) {
             debug!("certificate for {name} received, but {name} is not routed: dropped");
             state.asked.remove(&name);
             return;
@@ -183,7 +183,7 @@ impl Certificates {
         let reason: Arc<str> = reason.into();
         let mut state = self.state();
         // Only routed names are kept (checked under the lock `forget` takes).
-        if self.routes.port(&name).is_some() {
+        if self.routes.is_routed(&name) {
             let until = Instant::now() + REFUSAL_HELD;
             state.refused.insert(name.clone(), (until, reason.clone()));
         }

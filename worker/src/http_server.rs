@@ -363,6 +363,7 @@ mod tests {
                 source: CertificateSource::Acme,
                 certificate_wait: Duration::from_secs(1),
             },
+            tunnel_wait: Duration::from_secs(1),
         };
         let https = Https::new(routes.clone());
         let transport = https.https(&settings, &Secret(vec![3; 32])).unwrap();

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use core_server_proto::domain::Domain;
+use core_server_proto::routes::Target;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -130,11 +131,20 @@ impl Proxy {
         let Some(domain) = host.to_str().ok().and_then(Domain::from_host) else {
             return error_page(StatusCode::NOT_FOUND, "no app is registered for this host");
         };
-        let Some(port) = self.routes.port(&domain) else {
-            return error_page(
-                StatusCode::NOT_FOUND,
-                &format!("no app is registered for {domain}"),
-            );
+        let port = match self.routes.target(&domain) {
+            Some(Target::Port(port)) => port,
+            Some(Target::Tunnel) => {
+                return error_page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no agent is connected for {domain}"),
+                )
+            }
+            None => {
+                return error_page(
+                    StatusCode::NOT_FOUND,
+                    &format!("no app is registered for {domain}"),
+                )
+            }
         };
         let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
 

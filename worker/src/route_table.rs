@@ -19,7 +19,7 @@ use core_server_proto::channel::Channel;
 use core_server_proto::command::Reply;
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::{FromWorker, ToWorker};
-use core_server_proto::routes::{RouteChange, RouteError, Routes};
+use core_server_proto::routes::{RouteChange, RouteError, Routes, Target};
 use tokio::sync::{mpsc, watch};
 
 pub type SupervisorChannel = Channel<FromWorker, ToWorker>;
@@ -72,17 +72,25 @@ impl RouteTable {
         }
     }
 
-    pub fn port(&self, domain: &Domain) -> Option<u16> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .port(domain)
+    /// Where requests for `domain` go; `None`: it is not routed.
+    pub fn target(&self, domain: &Domain) -> Option<Target> {
+        self.read().target(domain)
+    }
+
+    pub fn is_routed(&self, domain: &Domain) -> bool {
+        self.read().is_routed(domain)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Routes> {
+        self.routes.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every domain routed now.
     pub fn names(&self) -> Vec<Domain> {
-        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        routes.iter().map(|(domain, _)| domain.clone()).collect()
+        self.read()
+            .iter()
+            .map(|(domain, _)| domain.clone())
+            .collect()
     }
 
     /// Every domain removed from now on, in order. There is one watcher (the certificates):
