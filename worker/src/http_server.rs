@@ -345,6 +345,8 @@ mod tests {
     use crate::https::Https;
     use crate::route_table::RouteTable;
     use crate::tls_acceptor::tests::validating_ca;
+    use crate::tunnel_endpoint::TunnelEndpoint;
+    use crate::tunnels::Tunnels;
 
     #[tokio::test]
     async fn a_tls_alpn_validation_connection_is_closed_after_its_handshake_not_served() {
@@ -368,7 +370,13 @@ mod tests {
         let https = Https::new(routes.clone());
         let transport = https.https(&settings, &Secret(vec![3; 32])).unwrap();
         let tasks = TaskTracker::new();
-        let proxy = Arc::new(Proxy::new(routes, settings.backend_timeout, tasks.clone()));
+        let proxy = Arc::new(Proxy::new(
+            routes,
+            settings.backend_timeout,
+            tasks.clone(),
+            Arc::new(Tunnels::new(settings.tunnel_wait)),
+            TunnelEndpoint {},
+        ));
         let server = HttpServer::new(proxy, &settings, transport, ConnectionLimit::new(16));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

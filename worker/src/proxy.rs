@@ -47,6 +47,8 @@ use crate::forwarding;
 use crate::request_body::{ClientBodyError, RequestBody, Upload};
 use crate::response_body::ResponseBody;
 use crate::route_table::RouteTable;
+use crate::tunnel_endpoint::TunnelEndpoint;
+use crate::tunnels::Tunnels;
 use crate::upgrade;
 
 /// What the client gets: the backend's streamed body, or a short error page.
@@ -82,10 +84,19 @@ pub struct Proxy {
     backend_timeout: Duration,
     /// Upgraded (WebSocket) connections, so a draining worker waits for them.
     tasks: TaskTracker,
+    #[allow(dead_code)] // Issue 9 in progress: the tunnel forwarding uses it.
+    tunnels: Arc<Tunnels>,
+    endpoint: TunnelEndpoint,
 }
 
 impl Proxy {
-    pub fn new(routes: Arc<RouteTable>, backend_timeout: Duration, tasks: TaskTracker) -> Self {
+    pub fn new(
+        routes: Arc<RouteTable>,
+        backend_timeout: Duration,
+        tasks: TaskTracker,
+        tunnels: Arc<Tunnels>,
+        endpoint: TunnelEndpoint,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(backend_timeout));
@@ -99,6 +110,8 @@ impl Proxy {
             client,
             backend_timeout,
             tasks,
+            tunnels,
+            endpoint,
         }
     }
 
@@ -116,6 +129,9 @@ impl Proxy {
                 return last_response(error_page(StatusCode::BAD_REQUEST, why), client_version)
             }
         };
+        if TunnelEndpoint::wants(&request) {
+            return self.endpoint.handle(request, client).await;
+        }
         if request.method() == Method::CONNECT {
             // A tunnel would bypass every per-request rule; the bytes after the head are the
             // tunnel's, not a next request, so the connection is not reused either.
