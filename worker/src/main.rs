@@ -104,8 +104,8 @@ async fn run() -> anyhow::Result<()> {
     let routes = Arc::new(RouteTable::new(routes, supervisor.clone()));
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let tunnels = Arc::new(Tunnels::new(settings.tunnel_wait));
-    let endpoint = TunnelEndpoint {};
+    let tunnels = Arc::new(Tunnels::new(settings.tunnel_wait, routes.clone()));
+    let endpoint = TunnelEndpoint::new(tunnels.clone());
     let proxy = Arc::new(Proxy::new(
         routes.clone(),
         settings.backend_timeout,

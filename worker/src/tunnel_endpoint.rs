@@ -5,15 +5,24 @@
 //! SKELETON (issue 9, lead): filled by the endpoint's author.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::Request;
 use hyper::body::Incoming;
 
 use crate::proxy::ProxyBody;
+use crate::tunnels::Tunnels;
 
-pub struct TunnelEndpoint {}
+pub struct TunnelEndpoint {
+    tunnels: Arc<Tunnels>,
+}
 
 impl TunnelEndpoint {
+    /// The endpoint that adds the agents it accepts to `tunnels`.
+    pub fn new(tunnels: Arc<Tunnels>) -> Self {
+        TunnelEndpoint { tunnels }
+    }
+
     /// Whether `request` asks to become a tunnel (an HTTP/1.1 `Upgrade:
     /// core-server-tunnel/1` on `TUNNEL_PATH`); other requests to that path go to the app.
     pub fn wants(request: &Request<Incoming>) -> bool {
@@ -27,7 +36,7 @@ impl TunnelEndpoint {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> http::Response<ProxyBody> {
-        let _ = (request, client);
+        let _ = (request, client, &self.tunnels);
         todo!("issue 9: tunnel endpoint")
     }
 }

@@ -12,6 +12,7 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use http_body_util::Either;
 use hyper::client::conn::http2::SendRequest;
 
 use crate::request_body::RequestBody;
+use crate::route_table::RouteTable;
 
 /// What the worker sends on a reversed connection: a client's request body, or one of its own
 /// (the control stream's lines; nothing, for a WebSocket's extended CONNECT).
@@ -29,18 +31,20 @@ pub type TunnelBody = Either<RequestBody, BoxBody<Bytes, Infallible>>;
 /// Every agent connection, by domain.
 pub struct Tunnels {
     wait: Duration,
+    routes: Arc<RouteTable>,
 }
 
 impl Tunnels {
-    pub fn new(wait: Duration) -> Self {
-        Tunnels { wait }
+    /// `routes` tells which domains are tunnels and which tokens may connect to them.
+    pub fn new(wait: Duration, routes: Arc<RouteTable>) -> Self {
+        Tunnels { wait, routes }
     }
 
     /// A connection of `domain`'s agents to send one request on: the live one with the fewest
     /// requests in flight. With none connected, waits up to `--tunnel-wait` for one (not if the
     /// domain has no token, or the worker is stopping).
     pub async fn pick(&self, domain: &Domain) -> Result<Lease, NoAgent> {
-        let _ = (domain, self.wait);
+        let _ = (domain, self.wait, &self.routes);
         todo!("issue 9: tunnels registry")
     }
 }
