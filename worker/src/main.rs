@@ -29,6 +29,8 @@ mod tls_acceptor;
 mod tunnel_connection;
 mod tunnel_control;
 mod tunnel_endpoint;
+#[cfg(test)]
+mod tunnel_tests;
 // Issue 9 in progress: `pick` and the `Lease` are used once the forwarding lands.
 #[allow(dead_code)]
 mod tunnels;

@@ -90,11 +90,21 @@ struct AgentConn {
     served: AtomicU64,
     /// Handed a request back unsent: it is closing, pick it no more.
     retired: AtomicBool,
-    /// The worker's end of the control stream (taken when the connection leaves, which ends
-    /// the stream's request body: the agent then knows it gets no new request).
+    /// The worker's end of the control stream, until the connection leaves the balancer.
     control: Mutex<Option<http_body_util::channel::Sender<Bytes>>>,
     leave: CancellationToken,
     kill: CancellationToken,
+}
+
+impl AgentConn {
+    /// Ends the control stream's request body: the agent then knows it gets no new request
+    /// (the connection may still be finishing some).
+    fn end_control(&self) {
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
 }
 
 /// Why a connection could not be set up.
@@ -219,6 +229,7 @@ impl Tunnels {
         let mut state = self.state();
         for tunnels in state.domains.values_mut() {
             for conn in tunnels.live.drain(..) {
+                conn.end_control();
                 conn.leave.cancel();
             }
         }
@@ -247,6 +258,7 @@ impl Tunnels {
             None => Vec::new(),
         };
         for conn in &closed {
+            conn.end_control();
             conn.kill.cancel();
         }
         if !closed.is_empty() {
@@ -384,10 +396,7 @@ impl Reservation {
     /// stream's request body.
     pub fn remove(&self) {
         if let Some(conn) = self.tunnels.remove(&self.domain, self.id) {
-            conn.control
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+            conn.end_control();
         }
     }
 }
