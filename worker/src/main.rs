@@ -28,6 +28,8 @@ mod tls_acceptor;
 // Issue 9 in progress: used once the endpoint and the forwarding land.
 #[allow(dead_code)]
 mod tunnel_endpoint;
+mod tunnel_forward;
+mod tunnel_upgrade;
 #[allow(dead_code)]
 mod tunnels;
 mod udp_commands;
