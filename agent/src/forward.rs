@@ -99,10 +99,14 @@ impl ForwardService {
         }
         parts.uri = app_uri(self.app, &parts.uri)?;
         parts.version = Version::HTTP_11;
-        // HTTP/1.1 carries trailers only in a chunked body, and hyper sends only the ones the
-        // `Trailer` header declares.
+        // HTTP/1.1 carries trailers only in a chunked body (hyper would send a body of known
+        // length with `Content-Length`), and hyper sends only those `Trailer` declares.
         if parts.headers.contains_key(header::TRAILER) {
             parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
         let response = self
             .client
