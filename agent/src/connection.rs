@@ -17,7 +17,7 @@ use hyper::server::conn::http2;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{info, warn};
 
 use crate::control::Control;
 use crate::dial::Tunnel;
@@ -61,8 +61,8 @@ pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
 /// A connection being served.
 pub(crate) struct Running {
     pub control: Arc<Control>,
-    /// Ends with the connection.
-    pub ended: JoinHandle<()>,
+    /// Ends with the connection, saying how.
+    pub ended: JoinHandle<String>,
 }
 
 /// Serves `tunnel` with `service` in a task of `shutdown`'s, until the worker closes it, it
@@ -101,18 +101,22 @@ where
                         tokio::select! {
                             result = connection.as_mut() => result,
                             _ = force.cancelled() => {
-                                debug!("{name}: grace period over, requests still in flight cut");
-                                return;
+                                warn!("{name}: requests still in flight at the end of the grace period were cut");
+                                return "cut".to_owned();
                             }
                         }
                     }
                 }
             }
         };
-        match result {
-            Ok(()) => debug!("{name}: closed"),
-            Err(e) => debug!("{name}: ended: {e}"),
+        let why = match result {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => format!("lost: {e}"),
+        };
+        if stop.is_cancelled() {
+            info!("{name} drained ({why})");
         }
+        why
     });
     Running { control, ended }
 }

@@ -4,7 +4,7 @@
 //! connection to finish its requests on its own until the old worker closes it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
@@ -61,8 +61,7 @@ where
                 dialed = dial(&self.settings) => dialed,
                 _ = stop.cancelled() => return,
             };
-            let mut retry_after = None;
-            match dialed {
+            let (why, retry_after) = match dialed {
                 Ok(_) if stop.is_cancelled() => return,
                 Ok(tunnel) => {
                     if self.settings.tls.is_none() {
@@ -81,11 +80,12 @@ where
                         name.clone(),
                     );
                     tokio::select! {
-                        _ = &mut running.ended => {
+                        ended = &mut running.ended => {
                             if since.elapsed() >= STABLE_AFTER {
                                 backoff.reset();
                             }
-                            warn!("{name} closed; reconnecting");
+                            let why = ended.unwrap_or_else(|e| format!("failed: {e}"));
+                            (format!("{name} {why}"), None)
                         }
                         _ = running.control.reconnect_asked() => {
                             info!("{name}: the proxy is rerunning: dialing a replacement");
@@ -95,12 +95,14 @@ where
                         _ = stop.cancelled() => return,
                     }
                 }
-                Err(e) => {
-                    error!("{name}: dialing {connect} failed: {e}");
-                    retry_after = e.retry_after();
-                }
-            }
+                Err(e) => (
+                    format!("{name}: dialing {connect} failed: {e}"),
+                    e.retry_after(),
+                ),
+            };
             let delay = backoff.next_delay().max(retry_after.unwrap_or_default());
+            let shown = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+            error!("{why}; retrying in {shown}");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.cancelled() => return,

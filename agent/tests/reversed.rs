@@ -56,6 +56,14 @@ struct Reversed {
 /// HTTP/2 client, the control stream and its hello.
 async fn accept_tunnel(listener: &TcpListener) -> Reversed {
     let (tcp, _) = listener.accept().await.unwrap();
+    reverse(tcp).await
+}
+
+/// The worker's part on an accepted connection (plain or TLS).
+async fn reverse<T>(io: T) -> Reversed
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (upgrade_tx, upgrade_rx) = oneshot::channel();
     let upgrade_tx = Arc::new(Mutex::new(Some(upgrade_tx)));
     let upgrade = service_fn(move |mut request: Request<Incoming>| {
@@ -82,7 +90,7 @@ async fn accept_tunnel(listener: &TcpListener) -> Reversed {
     });
     tokio::spawn(
         hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(tcp), upgrade)
+            .serve_connection(TokioIo::new(io), upgrade)
             .with_upgrades(),
     );
     let (handshake, on) = upgrade_rx.await.unwrap();
@@ -222,9 +230,18 @@ fn start_agent(
     to: SocketAddr,
     token: &Token,
 ) -> (oneshot::Sender<()>, oneshot::Receiver<()>) {
+    start_agent_with(listener, to, token, Tls::InsecurePlaintext)
+}
+
+fn start_agent_with(
+    listener: &TcpListener,
+    to: SocketAddr,
+    token: &Token,
+    tls: Tls,
+) -> (oneshot::Sender<()>, oneshot::Receiver<()>) {
     let mut config = AgentConfig::new(DOMAIN, token.clone());
     config.connect = Some(listener.local_addr().unwrap().to_string());
-    config.tls = Tls::InsecurePlaintext;
+    config.tls = tls;
     config.connections = 1;
     config.label = Some("test-agent".into());
     config.grace = Duration::from_secs(20);
@@ -444,6 +461,67 @@ async fn a_stopping_agent_says_draining_then_finishes_the_requests_in_flight() {
         // No new dial: the agent stopped.
         let accepted = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await;
         assert!(accepted.is_err(), "a stopped agent dials no more");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_agent_sends_the_domain_as_sni_offers_only_http1_and_checks_the_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    bounded(async {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![DOMAIN.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let token = Token::generate().unwrap();
+        let ca_pem = Tls::CaPem(ca.pem().into_bytes());
+        let (_stop, _done) = start_agent_with(&listener, backend().await, &token, ca_pem);
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let (_, session) = tls.get_ref();
+        assert_eq!(session.server_name(), Some(DOMAIN));
+        assert_eq!(session.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let mut tunnel = reverse(tls).await;
+        assert_eq!(
+            text(get(&mut tunnel.send, "/hello").await).await,
+            "hello GET /hello host=app.test xff=203.0.113.7 proto=https"
+        );
+
+        // An agent trusting another CA refuses this certificate, and keeps retrying.
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other_pem = Tls::CaPem(other.pem().into_bytes());
+        let (_stop, _done) = start_agent_with(&listener, backend().await, &token, other_pem);
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().await.unwrap();
+            assert!(
+                acceptor.accept(tcp).await.is_err(),
+                "the agent refused the certificate"
+            );
+        }
     })
     .await
 }
