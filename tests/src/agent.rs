@@ -177,7 +177,7 @@ pub fn connections_labelled(status: &str, label: &str) -> usize {
 }
 
 /// How many agent connections a `core-server status` output lists for `domain`: the number in
-/// its line `  DOMAIN  N tokens  M agent connection(s)` (0 when it has none).
+/// its line `  DOMAIN  N tokens  M agent connections` (0 when it has none).
 pub fn connections_of(status: &str, domain: &str) -> usize {
     tunnel_section(status)
         .filter(|line| line.starts_with("  ") && !line.starts_with("    "))

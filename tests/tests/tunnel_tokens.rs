@@ -118,7 +118,7 @@ async fn status_shows_tunnels_and_revoke_closes_the_agents_and_later_requests_ge
     );
     assert!(status.contains("\ntunnels (1):\n"), "{status}");
     assert!(
-        status.contains(&format!("\n  {APP}  2 tokens  3 agent connection(s)\n")),
+        status.contains(&format!("\n  {APP}  2 tokens  3 agent connections\n")),
         "{status}"
     );
     for agent in &agents {
