@@ -121,7 +121,8 @@ impl TunnelEndpoint {
         };
         let agent = Agent {
             label: label(request.headers()),
-            address: client,
+            // As the agent's machine knows itself, not as the dual-stack socket maps it.
+            address: SocketAddr::new(source, client.port()),
             nonce,
         };
         let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
