@@ -552,12 +552,13 @@ mod tests {
             [(name, port)].into_iter().collect(),
             Arc::new(Channel::new(ours).unwrap()),
         ));
+        let tunnels = Arc::new(Tunnels::new(Duration::from_secs(1), routes.clone()));
         let proxy = Arc::new(Proxy::new(
             routes,
             Duration::from_secs(30),
             TaskTracker::new(),
-            Arc::new(Tunnels::new(Duration::from_secs(1))),
-            TunnelEndpoint {},
+            tunnels.clone(),
+            TunnelEndpoint::new(tunnels),
         ));
         let mut client = http1(move |request| {
             let proxy = proxy.clone();
