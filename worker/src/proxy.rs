@@ -505,6 +505,90 @@ pub fn error_page(status: StatusCode, why: &str) -> Response<ProxyBody> {
 mod tests {
     use super::*;
 
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use http::HeaderMap;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use crate::tunnel_forward::tests::{http1, trailers, Frames};
+
+    /// An app on a local port answering each request's body, and its `x-sum` trailer as an
+    /// `x-echoed-sum` trailer.
+    async fn trailer_echo() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(|request: Request<Incoming>| async move {
+                let collected = request.into_body().collect().await.unwrap();
+                let (frames, body) = mpsc::channel(2);
+                let sum = collected.trailers().and_then(|t| t.get("x-sum")).cloned();
+                frames.try_send(Frame::data(collected.to_bytes())).unwrap();
+                if let Some(sum) = sum {
+                    let mut answer = HeaderMap::new();
+                    answer.insert("x-echoed-sum", sum);
+                    frames.try_send(Frame::trailers(answer)).unwrap();
+                }
+                let response = Response::builder().header("trailer", "x-echoed-sum");
+                Ok::<_, std::convert::Infallible>(response.body(Frames(body)).unwrap())
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn trailers_cross_a_port_route_both_ways() {
+        let name = Domain::parse("a.example").unwrap();
+        let port = trailer_echo().await;
+        let (ours, _supervisor) = socketpair_fds().unwrap();
+        let routes = Arc::new(RouteTable::new(
+            [(name, port)].into_iter().collect(),
+            Arc::new(Channel::new(ours).unwrap()),
+        ));
+        let tunnels = Arc::new(Tunnels::new(Duration::from_secs(1), routes.clone()));
+        let proxy = Arc::new(Proxy::new(
+            routes,
+            Duration::from_secs(30),
+            TaskTracker::new(),
+            tunnels.clone(),
+            TunnelEndpoint::new(tunnels),
+        ));
+        let mut client = http1(move |request| {
+            let proxy = proxy.clone();
+            async move {
+                proxy
+                    .handle(request, "192.0.2.7:4000".parse().unwrap(), "http")
+                    .await
+            }
+        })
+        .await;
+
+        let (frames, body) = mpsc::channel(2);
+        frames.try_send(Frame::data(Bytes::from("abc"))).unwrap();
+        frames
+            .try_send(Frame::trailers(trailers("x-sum", "42")))
+            .unwrap();
+        drop(frames);
+        let request = Request::post("/")
+            .header("host", "a.example")
+            .header("te", "trailers")
+            .header("trailer", "x-sum")
+            .body(Frames(body).boxed())
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer = response.into_body().collect().await.unwrap();
+        assert_eq!(answer.trailers(), Some(&trailers("x-echoed-sum", "42")));
+        assert_eq!(answer.to_bytes(), "abc");
+    }
+
     #[test]
     fn backend_uri_keeps_path_and_query() {
         let uri: Uri = "http://example.com:8080/a/b?c=d".parse().unwrap();

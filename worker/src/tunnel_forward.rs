@@ -340,16 +340,27 @@ pub(crate) mod tests {
     }
 
     /// A client's HTTP/1.1 connection to a front server that forwards to `picks`.
-    pub async fn front<L: Leased + Clone>(
-        picks: Vec<L>,
-    ) -> hyper::client::conn::http1::SendRequest<ClientBody> {
-        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    pub async fn front<L: Leased + Clone>(picks: Vec<L>) -> Client {
         let picks = Arc::new(Mutex::new(picks));
         let tasks = TaskTracker::new();
+        http1(move |request| forward(request, picks.clone(), tasks.clone())).await
+    }
+
+    pub type Client = hyper::client::conn::http1::SendRequest<ClientBody>;
+
+    /// A client's HTTP/1.1 connection (upgrades allowed) to a server answering with `service`.
+    pub async fn http1<S, Fut, B>(service: S) -> Client
+    where
+        S: Fn(Request<Incoming>) -> Fut + Send + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let (picks, tasks) = (picks.clone(), tasks.clone());
-                async move { Ok::<_, Infallible>(forward(request, picks, tasks).await) }
+                let response = service(request);
+                async move { Ok::<_, Infallible>(response.await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(server_io), service)
@@ -364,7 +375,7 @@ pub(crate) mod tests {
     }
 
     /// A body whose frames the test sends one at a time.
-    struct Frames(mpsc::Receiver<Frame<Bytes>>);
+    pub struct Frames(pub mpsc::Receiver<Frame<Bytes>>);
 
     impl Body for Frames {
         type Data = Bytes;
@@ -378,7 +389,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn trailers(name: &'static str, value: &'static str) -> HeaderMap {
+    pub fn trailers(name: &'static str, value: &'static str) -> HeaderMap {
         let mut map = HeaderMap::new();
         map.insert(name, HeaderValue::from_static(value));
         map
