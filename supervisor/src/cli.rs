@@ -133,11 +133,11 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum TunnelCommand {
-    /// Make DOMAIN a tunnel and print a new token for its agents (only the token goes to
-    /// stdout: `core-server tunnel allow DOMAIN > DOMAIN.token`); again, for another token
+    /// Make DOMAIN a tunnel and print a new token for its agents, alone on stdout (`> FILE`
+    /// keeps it); run again for another token
     Allow { domain: String },
-    /// Remove every token of DOMAIN and disconnect its agents (the route stays, answering 503,
-    /// until the next `allow`)
+    /// Drop every token of DOMAIN and disconnect its agents (it answers 503 until the next
+    /// `allow`)
     Revoke { domain: String },
 }
 

@@ -12,6 +12,9 @@
 //! heartbeat within a deadline, or it (stopped, stuck) is killed and replaced (`worker.rs`).
 //! What it acknowledged was saved before it was told, so nothing is lost. The helper is never
 //! waited for beyond a send's deadline: it only delays certificates not yet issued.
+//! Control requests only the worker can answer (`tunnel allow|revoke`, the agents `status`
+//! lists) wait beside the loop, in `tunnel_requests.rs`, until it does or their deadline
+//! passes.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

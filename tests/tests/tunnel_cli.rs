@@ -4,58 +4,16 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use core_server_tests::server::{binaries, free_udp_port, wait_gone};
+use core_server_tests::server::{binaries, wait_gone};
 use core_server_tests::CoreServer;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// `core-server --udp-port PORT ARGS...`, run to its end.
-fn core_server(udp_port: u16, args: &[&str]) -> Output {
-    Command::new(binaries().join("core-server"))
-        .arg("--udp-port")
-        .arg(udp_port.to_string())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// `tunnel allow NAME` on `server`, which must succeed: the token it printed.
-fn allow(server: &CoreServer, name: &str) -> String {
-    let output = core_server(server.udp_port, &["tunnel", "allow", name]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    assert!(
-        output.status.success(),
-        "tunnel allow {name}: {stderr}\n{}",
-        server.log()
-    );
-    // Only the token, on a line of its own: `> app.token` keeps just it.
-    let token = stdout.strip_suffix('\n').expect("a line");
-    let body = token.strip_prefix("cst1_").expect("the token's prefix");
-    assert_eq!(body.len(), 43, "{stdout:?}");
-    assert!(
-        body.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
-        "base64url: {stdout:?}"
-    );
-    assert!(
-        stderr.contains("core-agent"),
-        "how to run the agent: {stderr}"
-    );
-    assert!(!stderr.contains(token), "the token on stderr: {stderr}");
-    token.to_owned()
-}
-
-fn status(server: &CoreServer) -> String {
-    let output = core_server(server.udp_port, &["status"]);
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    text(&output.stdout)
 }
 
 /// The SHA-256 of `token` in hex, as coreutils computes it.
@@ -98,7 +56,22 @@ fn allow_prints_a_token_keeps_its_hash_only_and_revoke_and_add_undo_it() {
     assert_eq!(json(&before)["version"], 1);
     assert_eq!(mode, 0o644);
 
-    let first = allow(&server, "app.example");
+    let output = server.cli(&["tunnel", "allow", "app.example"]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert!(output.status.success(), "{stderr}\n{}", server.log());
+    let first = stdout.trim_end().to_owned();
+    assert!(
+        stderr.contains("app.example is now a tunnel with 1 token\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("core-agent app.example"),
+        "how to run the agent: {stderr}"
+    );
+    assert!(
+        !stderr.contains(&first[5..]),
+        "the token on stderr: {stderr}"
+    );
     let (saved, mode) = routes_file(&server);
     assert_eq!(mode, 0o600, "{saved}");
     let saved = json(&saved);
@@ -112,14 +85,14 @@ fn allow_prints_a_token_keeps_its_hash_only_and_revoke_and_add_undo_it() {
     );
 
     // Again: a second token, the first one still valid.
-    let second = allow(&server, "app.example");
+    let second = server.tunnel_allow("app.example");
     assert_ne!(first, second);
     let saved = json(&routes_file(&server).0);
     assert_eq!(
         hashes(&saved),
         serde_json::json!([sha256_hex(&first), sha256_hex(&second)])
     );
-    let shown = status(&server);
+    let shown = server.status();
     assert!(
         shown.contains(
             "routes (2):\n  app.example -> tunnel (2 tokens)\n  port.example -> 127.0.0.1:5665\n"
@@ -131,7 +104,7 @@ fn allow_prints_a_token_keeps_its_hash_only_and_revoke_and_add_undo_it() {
         "{shown}"
     );
 
-    let output = core_server(server.udp_port, &["tunnel", "revoke", "app.example"]);
+    let output = server.cli(&["tunnel", "revoke", "app.example"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert_eq!(
         text(&output.stdout),
@@ -140,12 +113,14 @@ fn allow_prints_a_token_keeps_its_hash_only_and_revoke_and_add_undo_it() {
     let saved = json(&routes_file(&server).0);
     assert_eq!(hashes(&saved), serde_json::json!([]));
     assert!(
-        status(&server).contains("  app.example -> tunnel (0 tokens)\n"),
+        server
+            .status()
+            .contains("  app.example -> tunnel (0 tokens)\n"),
         "the route stays"
     );
 
     // A port route is replaced, and the operator told so.
-    let output = core_server(server.udp_port, &["tunnel", "allow", "port.example"]);
+    let output = server.cli(&["tunnel", "allow", "port.example"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
         text(&output.stderr).contains(
@@ -165,11 +140,11 @@ fn allow_prints_a_token_keeps_its_hash_only_and_revoke_and_add_undo_it() {
         serde_json::json!({"version": 1, "routes": {"app.example": 5666}})
     );
     assert_eq!(mode, 0o644);
-    let shown = status(&server);
+    let shown = server.status();
     assert!(!shown.contains("tunnel"), "{shown}");
 
     // Revoking what is not a tunnel is refused, with the reason.
-    let output = core_server(server.udp_port, &["tunnel", "revoke", "app.example"]);
+    let output = server.cli(&["tunnel", "revoke", "app.example"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(
         text(&output.stderr).contains("app.example is not a tunnel"),
@@ -179,9 +154,9 @@ fn allow_prints_a_token_keeps_its_hash_only_and_revoke_and_add_undo_it() {
 }
 
 #[test]
-fn a_tunnel_route_survives_a_crash_and_a_rerun() {
+fn a_tunnel_route_survives_a_crash_a_worker_restart_and_a_rerun() {
     let mut server = CoreServer::start();
-    let token = allow(&server, "app.example");
+    server.tunnel_allow("app.example");
     let line = "  app.example -> tunnel (1 token)\n";
 
     // Everything killed: the route was saved before `allow` answered.
@@ -191,19 +166,25 @@ fn a_tunnel_route_survives_a_crash_and_a_rerun() {
     server.wait_exit(Duration::from_secs(5));
     wait_gone(worker, Duration::from_secs(5));
     server.launch();
-    assert!(status(&server).contains(line), "{}", server.log());
+    assert!(server.status().contains(line), "{}", server.log());
 
-    // A rerun hands it over (takeover protocol 3), and saves it as it was.
+    // A new worker gets the tunnel routes, hashes included.
+    let worker = server.worker_pid();
+    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    wait_gone(worker, Duration::from_secs(5));
+    server.wait_until_answering();
+    server.tunnel_revoke("app.example");
+    let token = server.tunnel_allow("app.example");
+
+    // A rerun hands it over (takeover protocol 3) to the new instance and its worker.
     assert!(server.rerun().success(), "{}", server.log());
-    assert!(status(&server).contains(line), "{}", server.log());
+    assert!(server.status().contains(line), "{}", server.log());
     let saved = json(&routes_file(&server).0);
     assert_eq!(
         saved["routes"]["app.example"]["tunnel"],
         serde_json::json!([sha256_hex(&token)])
     );
-    // The new worker has the token's hash: another one for the same domain is a second one.
-    allow(&server, "app.example");
-    assert!(status(&server).contains("  app.example -> tunnel (2 tokens)\n"));
+    server.tunnel_revoke("app.example");
 }
 
 #[test]
@@ -219,7 +200,7 @@ fn bad_names_are_refused_with_status_2_and_change_nothing() {
         "spa ce.example",
     ] {
         for verb in ["allow", "revoke"] {
-            let output = core_server(server.udp_port, &["tunnel", verb, name]);
+            let output = server.cli(&["tunnel", verb, name]);
             assert_eq!(output.status.code(), Some(2), "{verb} {name:?}");
             assert_eq!(text(&output.stdout), "", "{verb} {name:?}: no token");
             assert!(
@@ -230,16 +211,16 @@ fn bad_names_are_refused_with_status_2_and_change_nothing() {
         }
     }
     assert_eq!(routes_file(&server), before);
-    assert!(!status(&server).contains("tunnel"));
+    assert!(!server.status().contains("tunnel"));
 }
 
 #[test]
 fn with_no_instance_running_it_says_so_as_status_does_and_prints_no_token() {
-    let udp_port = free_udp_port();
-    let status = core_server(udp_port, &["status"]);
+    let server = CoreServer::unstarted();
+    let status = server.cli(&["status"]);
     assert_eq!(status.status.code(), Some(1));
     for verb in ["allow", "revoke"] {
-        let output = core_server(udp_port, &["tunnel", verb, "app.example"]);
+        let output = server.cli(&["tunnel", verb, "app.example"]);
         assert_eq!(output.status.code(), Some(1), "{verb}");
         assert_eq!(text(&output.stdout), "", "{verb}");
         assert_eq!(text(&output.stderr), text(&status.stderr), "{verb}");
@@ -249,9 +230,11 @@ fn with_no_instance_running_it_says_so_as_status_does_and_prints_no_token() {
 #[test]
 fn an_instance_from_before_tunnels_is_told_apart_and_serves_on() {
     let previous = core_server_tests::previous::install();
-    let server = CoreServer::start_installed(previous.path());
+    let mut server = CoreServer::start_installed(previous.path());
     server.add("port.example", 5665);
-    let output = core_server(server.udp_port, &["tunnel", "allow", "app.example"]);
+    // This version's CLI, that instance's.
+    server.set_binaries(binaries());
+    let output = server.cli(&["tunnel", "allow", "app.example"]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
         text(&output.stdout),
@@ -265,7 +248,7 @@ fn an_instance_from_before_tunnels_is_told_apart_and_serves_on() {
         "{}",
         text(&output.stderr)
     );
-    let shown = status(&server);
+    let shown = server.status();
     assert!(
         shown.contains("routes (1):\n  port.example -> 127.0.0.1:5665\n"),
         "{shown}"
