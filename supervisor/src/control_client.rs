@@ -2,7 +2,6 @@
 //! socket, and print what it says.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::bail;
@@ -124,20 +123,11 @@ fn describe_tunnel(tunnel: &TunnelStatus) -> String {
         text += &format!(
             "\n    {}  from {}  since {}  in flight {in_flight}  served {served}",
             printable(label),
-            printable(&canonical(address)),
+            printable(address),
             time(*since)
         );
     }
     text
-}
-
-/// An IPv4 peer of a dual-stack socket as IPv4 (`127.0.0.1:4000`, not
-/// `[::ffff:127.0.0.1]:4000`); anything else as it is.
-fn canonical(address: &str) -> String {
-    match address.parse::<SocketAddr>() {
-        Ok(parsed) => SocketAddr::new(parsed.ip().to_canonical(), parsed.port()).to_string(),
-        Err(_) => address.to_owned(),
-    }
 }
 
 /// `1 token`, `2 tokens`.
@@ -235,7 +225,7 @@ mod tests {
     fn a_tunnel_shows_its_agents_with_their_texts_made_printable() {
         let connection = AgentConnection {
             label: "laptop/42\u{1b}[2J".into(),
-            address: "[::ffff:203.0.113.7]:50112".into(),
+            address: "203.0.113.7:50112".into(),
             since: 1_795_640_400,
             in_flight: 3,
             served: 1204,
@@ -250,8 +240,6 @@ mod tests {
             "  app.example.com  2 tokens  1 agent connection\n    laptop/42?[2J  from \
              203.0.113.7:50112  since 2026-11-25T21:00:00Z  in flight 3  served 1204"
         );
-        assert_eq!(canonical("[2001:db8::1]:443"), "[2001:db8::1]:443");
-        assert_eq!(canonical("not an address"), "not an address");
         let revoked = TunnelStatus {
             tokens: 1,
             connections: Vec::new(),
