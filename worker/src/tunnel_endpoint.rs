@@ -98,7 +98,7 @@ impl TunnelEndpoint {
         let reservation = match self.tunnels.reserve(&domain) {
             Ok(reservation) => reservation,
             Err(e) => {
-                info!("{domain}: tunnel request from {client} refused: {e}");
+                info!("{domain}: tunnel request from {source} refused: {e}");
                 let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
                 if matches!(e, Refusal::Stopping) {
                     // The next worker takes it at once.
@@ -112,7 +112,7 @@ impl TunnelEndpoint {
         let nonce = match nonce() {
             Ok(nonce) => nonce,
             Err(e) => {
-                warn!("{domain}: tunnel request from {client} refused: no random nonce: {e}");
+                warn!("{domain}: tunnel request from {source} refused: no random nonce: {e}");
                 return refusal(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the worker has no randomness",
@@ -121,7 +121,8 @@ impl TunnelEndpoint {
         };
         let agent = Agent {
             label: label(request.headers()),
-            address: client,
+            // As `status` shows it: 127.0.0.1, not ::ffff:127.0.0.1 (the socket is dual-stack).
+            address: SocketAddr::new(source, client.port()),
             nonce,
         };
         let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
