@@ -146,6 +146,9 @@ impl Tunnels {
     /// requests in flight. With none connected, waits up to `--tunnel-wait` for one (not if the
     /// domain has no token, or the worker is stopping).
     pub async fn pick(&self, domain: &Domain) -> Result<Lease, NoAgent> {
+        if let Some(lease) = self.try_pick(domain) {
+            return Ok(lease);
+        }
         let deadline = Instant::now() + self.wait;
         loop {
             // Registered before looking, so that a connection joining in between wakes us.
