@@ -85,7 +85,8 @@ impl TunnelEndpoint {
         let Some(domain) = domain.filter(|_| admitted) else {
             self.failures.charge(source);
             let host = request_host(&request).ok();
-            info!("tunnel request from {source} for {host:?} refused: not a tunnel, or a wrong or missing token");
+            let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
+            info!("tunnel request from {source} for {host} refused: not a tunnel, or a wrong or missing token");
             let mut response = refusal(
                 StatusCode::UNAUTHORIZED,
                 "this host is no tunnel, or the token is wrong",
