@@ -76,3 +76,15 @@ loopback_names() { { cat /etc/hosts; echo "127.0.0.1 $*"; } > "$work/hosts"; }
 # loopback_names, so that a client without a --resolve option (wrk) connects to 127.0.0.1 and
 # sends the name as SNI. The machine's /etc/hosts is left as it is.
 with_hosts() { unshare --mount sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$work/hosts" "$@"; }
+
+# The release core-agent, next to the core-server binaries in $work.
+install_core_agent() {
+  cargo build --release -q -p core-agent
+  cp target/release/core-agent "$work/"
+}
+
+# rathole on PATH (cargo install puts it in ~/.cargo/bin); its 0.5.0 builds without --locked.
+need_rathole() {
+  PATH=$PATH:$HOME/.cargo/bin
+  command -v rathole >/dev/null || cargo install rathole
+}

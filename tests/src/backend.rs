@@ -39,7 +39,17 @@ impl Backend {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(std::net::Ipv4Addr::LOCALHOST.into(), handler).await
+    }
+
+    /// [`Backend::start`] listening on `ip` (an address of a test's veth link, say) instead of
+    /// loopback.
+    pub async fn start_at<F, Fut>(ip: std::net::IpAddr, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(AtomicUsize::new(0));
         let handler = Arc::new(handler);
@@ -132,4 +142,9 @@ pub async fn websocket_echo() -> u16 {
         }
     });
     port
+}
+
+/// Answers every request with `text`: which of several backends served a request.
+pub async fn saying(text: &'static str) -> Backend {
+    Backend::start(move |_| async move { Response::new(full(text)) }).await
 }

@@ -15,8 +15,10 @@
 //!   session resumption, and the alert of a refused handshake.
 //! - [`mkcert`] is a throwaway mkcert CA (`CAROOT`) for local-mode HTTPS.
 //! - [`pebble`] is a real ACME CA (pebble, with pebble-challtestsrv as its DNS) for release mode.
+//! - [`agent`] runs the real `core-agent`, serving a domain through a reverse tunnel.
 
 pub mod adder;
+pub mod agent;
 pub mod backend;
 pub mod http;
 pub mod load;

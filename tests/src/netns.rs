@@ -60,6 +60,19 @@ impl TestHost {
     }
 }
 
+impl TestHost {
+    /// Takes our end of the link down (`up == false`), as a pulled cable: the namespace's
+    /// peers get no FIN and no RST, their packets just stop arriving; or brings it back up.
+    pub fn set_link(&self, up: bool) {
+        ip(&[
+            "link",
+            "set",
+            &self.outside_link,
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
 impl Drop for TestHost {
     fn drop(&mut self) {
         // Deleting the namespace deletes its end of the veth pair, and with it ours.

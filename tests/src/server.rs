@@ -14,7 +14,12 @@ use nix::unistd::Pid;
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The binaries an installation has, side by side.
-pub const BINARIES: [&str; 3] = ["core-server", "core-server-worker", "core-server-acme"];
+pub const BINARIES: [&str; 4] = [
+    "core-server",
+    "core-server-worker",
+    "core-server-acme",
+    "core-agent",
+];
 
 /// The ACME helper's command name as /proc shows it (`core-server-acme` cut to 15 bytes).
 pub const ACME_HELPER_COMM: &str = "core-server-acm";
@@ -504,5 +509,70 @@ impl CoreServer {
         drop(command); // its copies of the streams: a terminal must close when the server exits
         server.wait_until_answering();
         server
+    }
+}
+
+impl CoreServer {
+    /// Runs `core-server --udp-port <its port> ARGS` (a subcommand for this instance) to the
+    /// end: what it printed and its exit status.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.binaries.join("core-server"))
+            .arg("--udp-port")
+            .arg(self.udp_port.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run core-server")
+    }
+
+    /// `core-server status`'s output, which must succeed.
+    pub fn status(&self) -> String {
+        let output = self.cli(&["status"]);
+        assert!(
+            output.status.success(),
+            "core-server status: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// `core-server tunnel allow DOMAIN`: the token it printed, checked to be all it printed
+    /// on stdout (`cst1_` and 43 base64url characters, a newline).
+    pub fn tunnel_allow(&self, domain: &str) -> String {
+        let output = self.cli(&["tunnel", "allow", domain]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "core-server tunnel allow {domain}: {stdout}{}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        let token = stdout
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("the token and a newline on stdout, got {stdout:?}"));
+        let body = token
+            .strip_prefix("cst1_")
+            .unwrap_or_else(|| panic!("a token starts with cst1_: {token:?}"));
+        assert!(
+            body.len() == 43
+                && body
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "43 base64url characters after cst1_: {token:?}"
+        );
+        token.to_owned()
+    }
+
+    /// `core-server tunnel revoke DOMAIN`, which must succeed.
+    pub fn tunnel_revoke(&self, domain: &str) {
+        let output = self.cli(&["tunnel", "revoke", domain]);
+        assert!(
+            output.status.success(),
+            "core-server tunnel revoke {domain}: {}{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
     }
 }

@@ -36,10 +36,10 @@ mod tls_acceptor;
 mod tunnel_connection;
 mod tunnel_control;
 mod tunnel_endpoint;
+mod tunnel_forward;
 #[cfg(test)]
 mod tunnel_tests;
-// Issue 9 in progress: `pick` and the `Lease` are used once the forwarding lands.
-#[allow(dead_code)]
+mod tunnel_upgrade;
 mod tunnels;
 mod udp_commands;
 mod upgrade;

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Reverse-tunnel throughput, side by side, in one run on this machine:
+#   requests/s: wrk, keep-alive, a small response;   MB/s: curl, a 100 MB download.
+# The same backend (nginx serving static content) sits behind each path:
+#   core-server, plain proxy (add DOMAIN PORT);
+#   core-server tunnel: core-agent --insecure-plaintext --connections 2 to the HTTP port;
+#   core-server tunnel over TLS: core-agent --ca (mkcert) to the HTTPS port;
+#   rathole 0.5.0 on its default TCP transport, nodelay.
+# Clients always speak plain HTTP/1.1 to the front; only the agent's link differs.
+# Prints the figures and the ratios tunnel / rathole (target >= 1.5, both) and tunnel / plain
+# proxy requests/s (target >= 0.6). Only loopback traffic; every load is bounded by DURATION
+# or LIMIT. Stops only the processes it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}      # seconds of wrk load per path
+CONNECTIONS=${CONNECTIONS:-64}
+DOWNLOADS=${DOWNLOADS:-9}     # 100 MB downloads per path; the median counts
+LIMIT=${LIMIT:-60}            # seconds any one download may take
+
+source bench/lib.sh
+need nginx=nginx wrk=wrk curl=curl mkcert=mkcert
+need_rathole
+install_core_server
+install_core_agent
+
+backend=$(free_port); http=$(free_port); https=$(free_port); udp=$(free_port)
+ctl=$(free_port); visitor=$(free_port)
+head -c 100000000 /dev/zero > "$work/100mb"
+chmod 644 "$work/100mb"
+start_backend "$backend"
+
+show_logs() {  # when the script stops short: what the servers said
+  local log
+  [ -z "${finished:-}" ] || return 0
+  for log in "$work"/*.err; do
+    [ -s "$log" ] && { echo; echo "== ${log##*/} (last 10 lines)"; tail -n 10 "$log"; }
+  done
+  return 0
+}
+cleanup_hooks+=(show_logs)
+
+# core-server, local mode (plaintext tunnels are served on its HTTP port in local mode only);
+# certificates from mkcert with the bench's own CA, which the children (nobody) must read.
+make_cert unused unused.bench   # mkcert makes the CA with its first certificate
+[ "$(id -u)" != 0 ] || chown -R nobody "$work/caroot"
+env CAROOT="$work/caroot" RUST_LOG=warn "$work/core-server" --mode local --http-port "$http" \
+  --https-port "$https" --udp-port "$udp" --dir "$work/state" 2>>"$work/core.err" &
+pids+=($!)
+wait_port "$http"
+add_route "$udp" plain.bench "$backend"
+
+# allow DOMAIN: the token of a new tunnel for DOMAIN.
+allow() {
+  "$work/core-server" --udp-port "$udp" tunnel allow "$1" 2>>"$work/allow.err" ||
+    { echo "core-server tunnel allow $1 failed" >&2; exit 1; }
+}
+# agent DOMAIN OPTIONS...: a core-agent serving DOMAIN from the backend.
+agent() {
+  local domain=$1 token; shift
+  token=$(allow "$domain")
+  CORE_AGENT_TOKEN=$token RUST_LOG=warn "$work/core-agent" "$domain" \
+    --to "127.0.0.1:$backend" --connections 2 "$@" 2>>"$work/agent-$domain.err" &
+  pids+=($!)
+}
+agent tunnel.bench --insecure-plaintext --connect "127.0.0.1:$http"
+agent tls.bench --connect "127.0.0.1:$https" --ca "$work/caroot/rootCA.pem"
+
+# rathole: a server taking the visitors, a client dialing it and forwarding to the backend.
+cat > "$work/server.toml" <<CONF
+[server]
+bind_addr = "127.0.0.1:$ctl"
+default_token = "bench"
+[server.services.app]
+bind_addr = "127.0.0.1:$visitor"
+nodelay = true
+CONF
+cat > "$work/client.toml" <<CONF
+[client]
+remote_addr = "127.0.0.1:$ctl"
+default_token = "bench"
+[client.services.app]
+local_addr = "127.0.0.1:$backend"
+nodelay = true
+CONF
+rathole --server "$work/server.toml" >"$work/rathole-server.err" 2>&1 & pids+=($!)
+rathole --client "$work/client.toml" >"$work/rathole-client.err" 2>&1 & pids+=($!)
+wait_port "$visitor"
+
+# Before measuring: every path answers with the backend's page (a tunnel's agent may still be
+# connecting, a TLS one waiting for its certificate: 20 s at most).
+declare -A port=([backend]=$backend [plain]=$http [tunnel]=$http [tls]=$http [rathole]=$visitor)
+declare -A host=([backend]=plain.bench [plain]=plain.bench [tunnel]=tunnel.bench
+  [tls]=tls.bench [rathole]=plain.bench)
+declare -A label=([backend]="backend, direct" [plain]="core-server proxy"
+  [tunnel]="core-server tunnel" [tls]="core-server tunnel, TLS" [rathole]="rathole")
+paths=(backend plain tunnel tls rathole)
+for path in "${paths[@]}"; do
+  for _ in $(seq 100); do
+    body=$(curl -sS --max-time 2 -H "Host: ${host[$path]}" "http://127.0.0.1:${port[$path]}/" 2>/dev/null) || true
+    [ "$body" = "hello from the backend" ] && break
+    sleep 0.2
+  done
+  [ "$body" = "hello from the backend" ] || { echo "${label[$path]}: '$body'" >&2; exit 1; }
+done
+
+rps() {  # path -> requests/s (a run with socket errors or non-2xx answers stops the script)
+  local out
+  out=$(timeout $((DURATION + LIMIT)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
+    -H "Host: ${host[$1]}" "http://127.0.0.1:${port[$1]}/")
+  if grep -qE 'Socket errors|Non-2xx' <<<"$out"; then echo "${label[$1]}: $out" >&2; exit 1; fi
+  awk '/Requests\/sec/ {print $2}' <<<"$out"
+}
+mbps() {  # path -> median MB/s of the 100 MB download
+  for _ in $(seq "$DOWNLOADS"); do
+    curl -sS --fail --max-time "$LIMIT" -o /dev/null -H "Host: ${host[$1]}" \
+      -w '%{size_download} %{speed_download}\n' "http://127.0.0.1:${port[$1]}/100mb"
+  done | awk '$1 != 100000000 {print "a download was cut short" > "/dev/stderr"; exit 1} {print $2}' |
+    sort -n | awk '{v[NR]=$1} END {printf "%.1f\n", v[int((NR+1)/2)]/1e6}'
+}
+
+declare -A RPS MBPS
+for path in "${paths[@]}"; do RPS[$path]=$(rps "$path"); MBPS[$path]=$(mbps "$path"); done
+finished=1
+
+echo
+echo "$(nproc) cores; wrk -t1 -c$CONNECTIONS -d${DURATION}s; median of $DOWNLOADS x 100 MB downloads with curl"
+printf '%-26s %12s %12s\n' "" "requests/s" "MB/s"
+for path in "${paths[@]}"; do
+  printf '%-26s %12s %12s\n' "${label[$path]}" "${RPS[$path]}" "${MBPS[$path]}"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
+echo
+echo "tunnel / rathole requests/s:      $(ratio "${RPS[tunnel]}" "${RPS[rathole]}")  (TLS: $(ratio "${RPS[tls]}" "${RPS[rathole]}"); target >= 1.5)"
+echo "tunnel / rathole MB/s:            $(ratio "${MBPS[tunnel]}" "${MBPS[rathole]}")  (TLS: $(ratio "${MBPS[tls]}" "${MBPS[rathole]}"); target >= 1.5)"
+echo "tunnel / plain proxy requests/s:  $(ratio "${RPS[tunnel]}" "${RPS[plain]}")  (TLS: $(ratio "${RPS[tls]}" "${RPS[plain]}"); target >= 0.6)"

@@ -1,0 +1,125 @@
+//! Several agents serve one tunnel domain: both get traffic; under load, a SIGKILLed agent
+//! fails at most the requests it had in flight and none after the worker noticed; a SIGTERMed
+//! agent drains and fails none at all.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use core_server_tests::agent::Agent;
+use core_server_tests::backend::full;
+use core_server_tests::load::Load;
+use core_server_tests::{Backend, CoreServer};
+use http::Response;
+use nix::sys::signal::Signal;
+
+const APP: &str = "app.example";
+/// Keep-alive and connection-per-request clients of each load: at most this many requests are
+/// in flight at once.
+const KEEP_ALIVE: usize = 8;
+const FRESH: usize = 2;
+
+/// A backend counting the requests it answered, each after `delay` (so that a good number are
+/// in flight through the tunnel at any moment).
+async fn counting(delay: Duration) -> (Backend, Arc<AtomicU64>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = count.clone();
+    let backend = Backend::start(move |_| {
+        let counter = counter.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            counter.fetch_add(1, Ordering::SeqCst);
+            Response::new(full("served"))
+        }
+    })
+    .await;
+    (backend, count)
+}
+
+/// A server with `APP` served by two agents, each to a counting backend of its own.
+struct Two {
+    server: CoreServer,
+    agents: [Agent; 2],
+    counts: [Arc<AtomicU64>; 2],
+    _backends: [Backend; 2],
+}
+
+async fn two_agents(delay: Duration) -> Two {
+    let server = CoreServer::start();
+    let token = server.tunnel_allow(APP);
+    let (a, a_count) = counting(delay).await;
+    let (b, b_count) = counting(delay).await;
+    let agents = [a.port, b.port]
+        .map(|port| Agent::start(&server, APP, &token, &format!("127.0.0.1:{port}"), &[]));
+    for agent in &agents {
+        agent.wait_connected(&server, 2);
+    }
+    Two {
+        server,
+        agents,
+        counts: [a_count, b_count],
+        _backends: [a, b],
+    }
+}
+
+impl Two {
+    fn load(&self) -> Load {
+        Load::start(self.server.http_port, APP, KEEP_ALIVE, FRESH)
+    }
+
+    fn counts(&self) -> [u64; 2] {
+        self.counts.clone().map(|c| c.load(Ordering::SeqCst))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_agents_get_traffic() {
+    let two = two_agents(Duration::ZERO).await;
+    let load = two.load();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let counts = load.finish().await;
+    assert_eq!(counts.failures(), 0, "{counts:?}");
+    let [a, b] = two.counts();
+    eprintln!("{counts:?}; agent a served {a}, agent b {b}");
+    assert!(a > 0 && b > 0, "a served {a}, b {b}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_agent_fails_only_what_it_had_in_flight() {
+    let two = two_agents(Duration::from_millis(20)).await;
+    let load = two.load();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(two.counts()[0] > 0, "agent a serves before it is killed");
+    two.agents[0].signal(Signal::SIGKILL);
+    let detected = two.agents[0].wait_connected(&two.server, 0);
+    let during = load.finish().await;
+    eprintln!("detected after {detected:?}; {during:?}");
+    assert!(
+        during.failures() <= (KEEP_ALIVE + FRESH) as u64,
+        "more failures than requests in flight: {during:?}"
+    );
+
+    let after = two.load();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = after.finish().await;
+    assert!(after.ok > 0, "{after:?}");
+    assert_eq!(after.failures(), 0, "after detection: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigtermed_agent_drains_and_no_request_fails() {
+    let mut two = two_agents(Duration::from_millis(20)).await;
+    let load = two.load();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = two.counts()[0];
+    assert!(before > 0, "agent a serves before it is stopped");
+    two.agents[0].signal(Signal::SIGTERM);
+    let status = two.agents[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", two.agents[0].log());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = load.finish().await;
+    let [a, b] = two.counts();
+    eprintln!("{counts:?}; agent a served {a}, agent b {b}");
+    assert!(counts.ok > 0, "{counts:?}");
+    assert_eq!(counts.failures(), 0, "{counts:?}\n{}", two.server.log());
+}

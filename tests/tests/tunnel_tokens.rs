@@ -1,0 +1,217 @@
+//! Who may serve a tunnel domain: `core-server tunnel allow` prints a token, and only its hash
+//! is kept (routes.json version 2, 0600, across a restart and a `kill -9`); a wrong token gets
+//! 401 and no tunnel; the 11th failure from one address gets 429 even with the right token;
+//! `revoke` closes the agents at once and later requests get 503; a UDP `add` replaces a tunnel
+//! route (version 1 again) and `remove` removes it. Also what `core-server status` shows.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use core_server_proto::tunnel::{Token, TUNNEL_PATH, UPGRADE_PROTOCOL};
+use core_server_tests::agent::{connections_of, Agent};
+use core_server_tests::backend::saying;
+use core_server_tests::http::{get, raw};
+use core_server_tests::server::wait_gone;
+use core_server_tests::CoreServer;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const APP: &str = "app.example";
+
+/// A server whose requests for an agentless tunnel wait 2 s, not 5, before their 503.
+fn server() -> CoreServer {
+    CoreServer::start_with(&["--tunnel-wait", "2s"])
+}
+
+/// The tunnel handshake an agent makes, by hand, presenting `token` for `domain`: the answer.
+async fn upgrade(server: &CoreServer, domain: &str, token: &str) -> String {
+    let request = format!(
+        "GET {TUNNEL_PATH} HTTP/1.1\r\nHost: {domain}\r\nConnection: Upgrade\r\n\
+         Upgrade: {UPGRADE_PROTOCOL}\r\nAuthorization: Bearer {token}\r\ncore-agent: by-hand\r\n\r\n"
+    );
+    raw(server.http_port, request.as_bytes()).await
+}
+
+fn routes_file(server: &CoreServer) -> (u32, serde_json::Value, String) {
+    let path = server.dir.join("routes.json");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    let text = std::fs::read_to_string(&path).unwrap();
+    (mode, serde_json::from_str(&text).unwrap(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_token_gets_401_and_no_tunnel() {
+    let server = server();
+    let backend = saying("from the agent").await;
+    let to = format!("127.0.0.1:{}", backend.port);
+    let right = server.tunnel_allow(APP);
+    let wrong = server.tunnel_allow("other.example");
+
+    // The right token makes a tunnel (so that the refusals below are the token's doing).
+    let agent = Agent::start(&server, APP, &right, &to, &[]);
+    agent.wait_connected(&server, 2);
+    agent.signal(Signal::SIGKILL);
+    agent.wait_connected(&server, 0);
+    drop(agent);
+
+    let answer = upgrade(&server, APP, &wrong).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    // The real agent with another domain's token: refused, no tunnel, the domain has no one
+    // to serve it.
+    let agent = Agent::start(&server, APP, &wrong, &to, &[]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = server.status();
+    assert_eq!(connections_of(&status, APP), 0, "{status}\n{}", agent.log());
+    assert_eq!(agent.connections(&server), 0);
+    let reply = get(&server.url("/"), APP).await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_eleventh_failure_gets_429_even_with_the_right_token() {
+    let server = server();
+    let right = server.tunnel_allow(APP);
+    let wrong = server.tunnel_allow("other.example");
+    for attempt in 1..=10 {
+        let answer = upgrade(&server, APP, &wrong).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "attempt {attempt}: {answer}"
+        );
+    }
+    let answer = upgrade(&server, APP, &right).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("\r\nretry-after: "),
+        "{answer}"
+    );
+    let status = server.status();
+    assert_eq!(connections_of(&status, APP), 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_tunnels_and_revoke_closes_the_agents_and_later_requests_get_503() {
+    let server = server();
+    let backend = saying("from the agent").await;
+    let to = format!("127.0.0.1:{}", backend.port);
+    // Two tokens for one domain (one per machine), both good.
+    let first = server.tunnel_allow(APP);
+    let second = server.tunnel_allow(APP);
+    assert_ne!(first, second);
+    let agents = [
+        Agent::start(&server, APP, &first, &to, &[]),
+        Agent::start(&server, APP, &second, &to, &["--connections", "1"]),
+    ];
+    agents[0].wait_connected(&server, 2);
+    agents[1].wait_connected(&server, 1);
+    let reply = get(&server.url("/"), APP).await;
+    assert_eq!(
+        (reply.status.as_u16(), &*reply.body),
+        (200, "from the agent")
+    );
+
+    let status = server.status();
+    assert!(
+        status.contains(&format!("\n  {APP} -> tunnel (2 tokens)\n")),
+        "{status}"
+    );
+    assert!(status.contains("\ntunnels (1):\n"), "{status}");
+    assert!(
+        status.contains(&format!("\n  {APP}  2 tokens  3 agent connections\n")),
+        "{status}"
+    );
+    for agent in &agents {
+        let line = status
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{}  ", agent.label)))
+            .unwrap_or_else(|| panic!("a line for {} in:\n{status}", agent.label));
+        for part in [
+            "  from 127.0.0.1:",
+            "  since 20",
+            "Z  in flight ",
+            "  served ",
+        ] {
+            assert!(line.contains(part), "{part:?} in {line:?}");
+        }
+    }
+
+    server.tunnel_revoke(APP);
+    for agent in &agents {
+        agent.wait_connected(&server, 0);
+    }
+    let reply = get(&server.url("/"), APP).await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    // The agents keep trying, and are refused.
+    let status = server.status();
+    assert_eq!(connections_of(&status, APP), 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_hashes_are_kept_across_restarts_and_a_port_route_makes_it_version_1_again() {
+    let mut server = server();
+    let tunnel_backend = saying("from the agent").await;
+    let direct_backend = saying("direct").await;
+    let token = server.tunnel_allow(APP);
+    let hash = Token::parse(&token).unwrap().hash().to_hex();
+
+    let (mode, json, text) = routes_file(&server);
+    assert_eq!(mode, 0o600, "{text}");
+    assert_eq!(json["version"], 2, "{text}");
+    assert_eq!(
+        json["routes"][APP]["tunnel"],
+        serde_json::json!([hash]),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&token[5..]),
+        "the token itself is on disk: {text}"
+    );
+
+    let agent = Agent::start(
+        &server,
+        APP,
+        &token,
+        &format!("127.0.0.1:{}", tunnel_backend.port),
+        &[],
+    );
+    agent.wait_connected(&server, 2);
+    assert_eq!(get(&server.url("/"), APP).await.body, "from the agent");
+
+    // A clean restart, then a crash: the tunnel route and its token survive both, and the
+    // agent, dialing again on its own, serves again.
+    server.stop();
+    server.launch();
+    agent.wait_connected(&server, 2);
+    assert_eq!(get(&server.url("/"), APP).await.body, "from the agent");
+    let worker = server.worker_pid();
+    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    server.signal(Signal::SIGKILL);
+    server.wait_exit(Duration::from_secs(5));
+    wait_gone(worker, Duration::from_secs(5));
+    server.launch();
+    agent.wait_connected(&server, 2);
+    assert_eq!(get(&server.url("/"), APP).await.body, "from the agent");
+
+    // A UDP `add` replaces the tunnel route (and closes its agents); the file is version 1,
+    // readable by all, as before tunnels existed.
+    server.add(APP, direct_backend.port);
+    agent.wait_connected(&server, 0);
+    assert_eq!(get(&server.url("/"), APP).await.body, "direct");
+    let (mode, json, text) = routes_file(&server);
+    assert_eq!(
+        (mode, &json["version"]),
+        (0o644, &serde_json::json!(1)),
+        "{text}"
+    );
+    assert_eq!(json["routes"][APP], direct_backend.port, "{text}");
+
+    // `remove` removes a tunnel route too.
+    server.tunnel_allow(APP);
+    assert_eq!(routes_file(&server).1["version"], 2);
+    assert_eq!(server.udp(&format!("remove {APP}")), "ok");
+    let (_, json, text) = routes_file(&server);
+    assert!(json["routes"].get(APP).is_none(), "{text}");
+    let status = server.status();
+    assert!(!status.contains(APP), "{status}");
+}

@@ -1,0 +1,428 @@
+//! Requests through a reverse tunnel, end to end: a real `core-agent` dials core-server and
+//! serves its domain from a local backend. A GET (the backend sees the client in
+//! X-Forwarded-For/-Proto), server-sent events arriving as they are sent, a WebSocket echo and
+//! trailers both ways, over plain HTTP in local mode and over HTTPS (mkcert, `--ca`); and 1 GiB
+//! each way with the worker's and the agent's peak memory flat.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use core_server_tests::agent::Agent;
+use core_server_tests::backend::{describe, full, websocket_echo, Body};
+use core_server_tests::mkcert::MkcertCa;
+use core_server_tests::server::proc_status;
+use core_server_tests::tls_client::{Sni, TlsClient};
+use core_server_tests::{have_tools, Backend, CoreServer};
+use futures_util::{stream, SinkExt, StreamExt};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::channel::{Channel, Sender};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+const APP: &str = "app.example";
+const WS: &str = "ws.example";
+const GIB: u64 = 1 << 30;
+const CHUNK: usize = 64 * 1024;
+/// The worker and the agent may each use this much memory at their peak, whatever the body
+/// sizes (as for the plain proxy in streaming.rs).
+const PEAK_LIMIT_KIB: u64 = 96 * 1024;
+/// How long a test waits for something that should come at once (an event, a response).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// How the test's client reaches core-server.
+#[derive(Clone)]
+enum Via {
+    Http(u16),
+    /// HTTPS, HTTP/1.1, trusting only the test's mkcert CA; SNI the request's host.
+    Https {
+        port: u16,
+        client: TlsClient,
+    },
+}
+
+impl Via {
+    fn scheme(&self) -> &'static str {
+        match self {
+            Via::Http(_) => "http",
+            Via::Https { .. } => "https",
+        }
+    }
+
+    /// Sends `request` (for `host`) over a new HTTP/1.1 connection; the response head.
+    async fn send(&self, host: &str, request: Request<Body>) -> Response<Incoming> {
+        match self {
+            Via::Http(port) => {
+                over(
+                    TcpStream::connect(("127.0.0.1", *port)).await.unwrap(),
+                    request,
+                )
+                .await
+            }
+            Via::Https { port, client } => {
+                let tls = client.connect(*port, &Sni::name(host)).await.unwrap();
+                over(tls, request).await
+            }
+        }
+    }
+
+    /// A WebSocket echo through `host`: 20 text messages and a 1 MiB binary one come back.
+    async fn websocket_echo(&self, host: &str) {
+        let url = format!(
+            "{}://{host}/chat",
+            if matches!(self, Via::Http(_)) {
+                "ws"
+            } else {
+                "wss"
+            }
+        );
+        match self {
+            Via::Http(port) => {
+                echo(
+                    &url,
+                    TcpStream::connect(("127.0.0.1", *port)).await.unwrap(),
+                )
+                .await
+            }
+            Via::Https { port, client } => {
+                echo(&url, client.connect(*port, &Sni::name(host)).await.unwrap()).await
+            }
+        }
+    }
+}
+
+async fn over<S>(stream: S, request: Request<Body>) -> Response<Incoming>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("a response head in time")
+        .expect("a response")
+}
+
+async fn echo<S>(url: &str, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ws, response) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("WebSocket handshake through the tunnel");
+    assert_eq!(response.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let back = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("an echo in time");
+        assert_eq!(back.unwrap().unwrap(), Message::text(format!("hello {i}")));
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    ws.close(None).await.unwrap();
+}
+
+fn request(method: &str, path: &str, host: &str, body: Body) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(body)
+        .unwrap()
+}
+
+/// The app behind the tunnel: `/events` streams server-sent events the test hands it one by
+/// one (through `events`), `/trailers` answers with what it got (body and the client's
+/// trailer) and a trailer of its own, anything else is echoed as [`describe`] tells it.
+async fn app(events: mpsc::Sender<Sender<Bytes, std::io::Error>>) -> Backend {
+    Backend::start(move |request| {
+        let events = events.clone();
+        async move {
+            match request.uri().path() {
+                "/events" => {
+                    let (sender, body) = Channel::new(1);
+                    events.send(sender).await.unwrap();
+                    Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(body.boxed())
+                        .unwrap()
+                }
+                "/trailers" => {
+                    let collected = request.into_body().collect().await.unwrap();
+                    let client_said = collected
+                        .trailers()
+                        .and_then(|t| t.get("x-client"))
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("x-server", HeaderValue::from_static("done"));
+                    let frames = stream::iter([
+                        Ok(Frame::data(Bytes::from(format!(
+                            "{body} / {client_said:?}"
+                        )))),
+                        Ok(Frame::trailers(trailers)),
+                    ]);
+                    Response::builder()
+                        .header("trailer", "x-server")
+                        .body(BodyExt::boxed(StreamBody::new(frames)))
+                        .unwrap()
+                }
+                _ => Response::new(full(describe(&request))),
+            }
+        }
+    })
+    .await
+}
+
+/// A GET, server-sent events, trailers both ways and a WebSocket echo through the tunnels of
+/// `APP` and `WS`, which `agent(domain, token, to)` serves.
+async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &str, &str) -> Agent) {
+    let (events_tx, mut events_rx) = mpsc::channel(1);
+    let app = app(events_tx).await;
+    let ws_port = websocket_echo().await;
+    let agents = [
+        agent(
+            APP,
+            &server.tunnel_allow(APP),
+            &format!("127.0.0.1:{}", app.port),
+        ),
+        agent(
+            WS,
+            &server.tunnel_allow(WS),
+            &format!("127.0.0.1:{ws_port}"),
+        ),
+    ];
+    for agent in &agents {
+        agent.wait_connected(server, 2);
+    }
+
+    // GET: the backend sees the client, and how it came.
+    let response = via
+        .send(APP, request("GET", "/path?q=1", APP, full("")))
+        .await;
+    assert_eq!(response.status(), 200);
+    let body = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(body.starts_with("GET /path?q=1 HTTP/1.1\n"), "{body}");
+    assert!(body.contains(&format!("\nhost: {APP}\n")), "{body}");
+    assert!(body.contains("\nx-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(
+        body.contains(&format!("\nx-forwarded-proto: {}\n", via.scheme())),
+        "{body}"
+    );
+
+    // Server-sent events: each one reaches the client before the next is even written.
+    let response = via
+        .send(APP, request("GET", "/events", APP, full("")))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut events = response.into_body();
+    let mut sender = tokio::time::timeout(PATIENCE, events_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    for i in 0..5 {
+        let event = format!("data: event {i}\n\n");
+        sender.send_data(Bytes::from(event.clone())).await.unwrap();
+        let mut seen = String::new();
+        while seen.len() < event.len() {
+            let frame = tokio::time::timeout(PATIENCE, events.frame())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("event {i} did not arrive while the stream stayed open: buffered")
+                })
+                .expect("the stream goes on")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        assert_eq!(seen, event);
+    }
+    drop(sender);
+
+    // Trailers both ways.
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-client", HeaderValue::from_static("42"));
+    let frames = stream::iter([
+        Ok(Frame::data(Bytes::from_static(b"hello "))),
+        Ok(Frame::data(Bytes::from_static(b"trailers"))),
+        Ok(Frame::trailers(trailers)),
+    ]);
+    let mut post = request(
+        "POST",
+        "/trailers",
+        APP,
+        BodyExt::boxed(StreamBody::new(frames)),
+    );
+    post.headers_mut()
+        .insert("te", HeaderValue::from_static("trailers"));
+    post.headers_mut()
+        .insert("trailer", HeaderValue::from_static("x-client"));
+    let response = via.send(APP, post).await;
+    assert_eq!(response.status(), 200);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    assert_eq!(
+        String::from_utf8_lossy(&collected.to_bytes()),
+        "hello trailers / Some(\"42\")",
+        "the body and the client's trailer reach the backend"
+    );
+    assert_eq!(
+        trailers.as_ref().and_then(|t| t.get("x-server")),
+        Some(&HeaderValue::from_static("done")),
+        "the backend's trailer reaches the client: {trailers:?}"
+    );
+
+    via.websocket_echo(WS).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exchanges_over_plaintext_in_local_mode() {
+    let server = CoreServer::start();
+    let via = Via::Http(server.http_port);
+    check_exchanges(&server, via, |domain, token, to| {
+        Agent::start(&server, domain, token, to, &[])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exchanges_over_https() {
+    if !have_tools("exchanges_over_https", &["mkcert"]) {
+        return;
+    }
+    let ca = MkcertCa::new();
+    let mut server = CoreServer::unstarted();
+    server.add_env(&ca.env());
+    server.launch();
+    let client = TlsClient::new(&[&ca.root_pem()]).alpn(&["http/1.1"]);
+    let via = Via::Https {
+        port: server.https_port,
+        client,
+    };
+    check_exchanges(&server, via, |domain, token, to| {
+        Agent::start_https(&server, &ca.root_pem(), domain, token, to, &[])
+    })
+    .await;
+}
+
+/// A body of `total` zero bytes, produced as it is read.
+fn zeros(total: u64) -> Body {
+    let chunk = Bytes::from(vec![0u8; CHUNK]);
+    let frames =
+        stream::iter((0..total / CHUNK as u64).map(move |_| Ok(Frame::data(chunk.clone()))));
+    BodyExt::boxed(StreamBody::new(frames))
+}
+
+/// Reads `body` to the end, pausing `pause` after the first 16 MiB (a buffering hop would
+/// swallow the rest meanwhile); how many bytes it had.
+async fn drain<B>(mut body: B, pause: Duration) -> u64
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut total = 0u64;
+    let mut paused = false;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("body intact").into_data() {
+            total += data.len() as u64;
+        }
+        if !paused && total >= 16 << 20 {
+            paused = true;
+            tokio::time::sleep(pause).await;
+        }
+    }
+    total
+}
+
+fn peak_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmHWM")
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_gib_each_way_with_flat_memory_in_worker_and_agent() {
+    let server = CoreServer::start();
+    let worker = server.worker_pid();
+    // One backend: GET downloads 1 GiB, POST counts what it gets (pausing midway).
+    let paused = Arc::new(AtomicBool::new(false));
+    let seen_pause = paused.clone();
+    let backend = Backend::start(move |request| {
+        let paused = seen_pause.clone();
+        async move {
+            if request.method() == http::Method::GET {
+                return Response::new(zeros(GIB));
+            }
+            let total = drain(request.into_body(), Duration::from_secs(2)).await;
+            paused.store(true, Ordering::SeqCst);
+            Response::new(full(total.to_string()))
+        }
+    })
+    .await;
+    let token = server.tunnel_allow(APP);
+    let agent = Agent::start(
+        &server,
+        APP,
+        &token,
+        &format!("127.0.0.1:{}", backend.port),
+        &[],
+    );
+    agent.wait_connected(&server, 2);
+    let via = Via::Http(server.http_port);
+
+    let started = Instant::now();
+    let response = via.send(APP, request("GET", "/big", APP, full(""))).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        drain(response.into_body(), Duration::from_secs(2)).await,
+        GIB
+    );
+    eprintln!(
+        "1 GiB download through the tunnel in {:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    let response = via
+        .send(APP, request("POST", "/big", APP, zeros(GIB)))
+        .await;
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        GIB.to_string(),
+        "the backend got every byte"
+    );
+    assert!(paused.load(Ordering::SeqCst));
+    eprintln!("1 GiB upload through the tunnel in {:?}", started.elapsed());
+
+    for (who, pid) in [("worker", worker), ("agent", agent.pid())] {
+        let peak = peak_kib(pid);
+        eprintln!("{who} peak RSS: {peak} KiB");
+        assert!(
+            peak < PEAK_LIMIT_KIB,
+            "the {who} peaked at {peak} KiB: bodies are being buffered"
+        );
+    }
+}
