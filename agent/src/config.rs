@@ -98,7 +98,7 @@ pub enum ConfigError {
     Connections(usize),
     #[error("--max-streams must be at least 1")]
     MaxStreams,
-    #[error("--label must be 1 to {MAX_LABEL_LEN} printable ASCII characters")]
+    #[error("--label must be 1 to {MAX_LABEL_LEN} printable ASCII characters, without spaces")]
     Label,
     #[error("the CA certificate PEM: {0}")]
     CaPem(String),

@@ -94,9 +94,11 @@ where
         let result = tokio::select! {
             result = connection.as_mut() => result,
             _ = stop.cancelled() => {
+                // Serving on meanwhile: `draining`, and the worker's release (at most 1 s)...
                 tokio::select! {
                     result = connection.as_mut() => result,
                     _ = drain_control.drain() => {
+                        // ...then GOAWAY, and the streams in flight finish (or the grace ends).
                         connection.as_mut().graceful_shutdown();
                         tokio::select! {
                             result = connection.as_mut() => result,

@@ -28,6 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::connection::BoxError;
+
 /// The body of a response from [`forward_to`]'s service: the app's, or the agent's own text.
 pub type ForwardBody = Either<Incoming, Full<Bytes>>;
 
@@ -88,8 +90,6 @@ impl Service<Request<Incoming>> for ForwardService {
         })
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ForwardService {
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<ForwardBody>, BoxError> {

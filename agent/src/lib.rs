@@ -73,7 +73,7 @@ where
 {
     let settings = config.check()?;
     if settings.tls.is_none() {
-        warn!("WARNING: --insecure-plaintext: the token and every request cross the network unencrypted; use it only with core-server in local mode on a network you trust");
+        warn!("WARNING: insecure plaintext (--insecure-plaintext): the token and every request cross the network unencrypted; use it only with core-server in local mode on a network you trust");
     }
     let grace = settings.grace;
     let pool = Arc::new(pool::Pool {

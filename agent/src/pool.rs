@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::backoff::{Backoff, STABLE_AFTER};
 use crate::config::Settings;
 use crate::connection::{self, BoxError};
-use crate::dial::dial;
+use crate::dial::{dial, Tunnel};
 use crate::shutdown::Shutdown;
 
 /// What every slot shares.
@@ -52,7 +52,6 @@ where
             connections,
             ..
         } = &self.settings;
-        let domain = domain.as_str();
         let name = format!("tunnel for {domain}, connection {slot} of {connections}");
         let stop = &self.shutdown.stop;
         let mut backoff = Backoff::default();
@@ -61,7 +60,7 @@ where
                 dialed = dial(&self.settings) => dialed,
                 _ = stop.cancelled() => return,
             };
-            let (why, retry_after) = match dialed {
+            let delay = match dialed {
                 Ok(_) if stop.is_cancelled() => return,
                 Ok(tunnel) => {
                     if self.settings.tls.is_none() {
@@ -71,42 +70,75 @@ where
                         "tunnel for {domain} connected to {} (connection {slot} of {connections})",
                         tunnel.peer
                     );
-                    let since = Instant::now();
-                    let mut running = connection::start(
-                        tunnel,
-                        self.service.clone(),
-                        &self.builder,
-                        &self.shutdown,
-                        name.clone(),
-                    );
-                    tokio::select! {
-                        ended = &mut running.ended => {
-                            if since.elapsed() >= STABLE_AFTER {
-                                backoff.reset();
-                            }
-                            let why = ended.unwrap_or_else(|e| format!("failed: {e}"));
-                            (format!("{name} {why}"), None)
-                        }
-                        _ = running.control.reconnect_asked() => {
-                            info!("{name}: the proxy is rerunning: dialing a replacement");
+                    match self.serve(tunnel, &name).await {
+                        Ended::Replaced => {
                             backoff.reset();
                             continue;
                         }
-                        _ = stop.cancelled() => return,
+                        Ended::Stopped => return,
+                        // The proxy may close a connection: a warning, where a failed dial
+                        // (the agent is not serving) is an error.
+                        Ended::Closed { lived, why } => {
+                            if lived >= STABLE_AFTER {
+                                backoff.reset();
+                            }
+                            let delay = backoff.next_delay();
+                            warn!("{name} {why}; reconnecting in {}", shown(delay));
+                            delay
+                        }
                     }
                 }
-                Err(e) => (
-                    format!("{name}: dialing {connect} failed: {e}"),
-                    e.retry_after(),
-                ),
+                Err(e) => {
+                    let delay = backoff
+                        .next_delay()
+                        .max(e.retry_after().unwrap_or_default());
+                    error!(
+                        "{name}: dialing {connect} failed: {e}; retrying in {}",
+                        shown(delay)
+                    );
+                    delay
+                }
             };
-            let delay = backoff.next_delay().max(retry_after.unwrap_or_default());
-            let shown = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
-            error!("{why}; retrying in {shown}");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.cancelled() => return,
             }
         }
     }
+
+    /// Serves `tunnel` until it ends, the proxy asks for a replacement (the connection then
+    /// goes on alone until the proxy closes it), or the agent stops (it then drains alone).
+    async fn serve(&self, tunnel: Tunnel, name: &str) -> Ended {
+        let since = Instant::now();
+        let mut running = connection::start(
+            tunnel,
+            self.service.clone(),
+            &self.builder,
+            &self.shutdown,
+            name.to_owned(),
+        );
+        tokio::select! {
+            ended = &mut running.ended => Ended::Closed {
+                lived: since.elapsed(),
+                why: ended.unwrap_or_else(|e| format!("failed: {e}")),
+            },
+            _ = running.control.reconnect_asked() => {
+                info!("{name}: the proxy is rerunning: dialing a replacement");
+                Ended::Replaced
+            }
+            _ = self.shutdown.stop.cancelled() => Ended::Stopped,
+        }
+    }
+}
+
+/// How a slot's connection stopped being its own.
+enum Ended {
+    Replaced,
+    Stopped,
+    Closed { lived: Duration, why: String },
+}
+
+/// `delay` to the millisecond, for people.
+fn shown(delay: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
 }

@@ -525,3 +525,34 @@ async fn over_tls_the_agent_sends_the_domain_as_sni_offers_only_http1_and_checks
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_rate_limited_agent_keeps_dialing_and_connects_once_let_in() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let token = Token::generate().unwrap();
+        let (_stop, _done) = start_agent(&listener, backend().await, &token);
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::TOO_MANY_REQUESTS] {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let refuse = service_fn(move |_: Request<Incoming>| async move {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .header("connection", "close")
+                        .header("retry-after", "1")
+                        .body(full(""))
+                        .unwrap(),
+                )
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), refuse)
+                .await
+                .unwrap();
+        }
+        let mut tunnel = accept_tunnel(&listener).await;
+        assert!(text(get(&mut tunnel.send, "/hello").await)
+            .await
+            .starts_with("hello GET"));
+    })
+    .await
+}
