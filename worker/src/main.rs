@@ -1,11 +1,18 @@
 //! `core-server-worker`: the unprivileged, network-facing process.
 //!
 //! Started by the supervisor with no privilege left, it receives the listening sockets and the
-//! routes over its IPC channel (descriptor 3), serves HTTP and the UDP command port, reports
-//! every route change, serves HTTPS with the certificates the ACME helper hands it over their
-//! own channel (`ToWorker::AcmeHelper`), and on `Shutdown` (or when the supervisor is gone) stops accepting,
-//! lets in-flight requests finish within the grace period, and exits. A taker's worker (a
-//! rerun's, before the running instance has handed over) serves nothing until told `Own`.
+//! routes (port and tunnel routes) over its IPC channel (descriptor 3), serves HTTP and the UDP
+//! command port, reports every route change (the supervisor's `tunnel allow|revoke` too),
+//! serves HTTPS with the certificates the ACME helper hands it over their own channel
+//! (`ToWorker::AcmeHelper`), takes agents' tunnels, and on `Shutdown` (or when the supervisor
+//! is gone) stops accepting, lets in-flight requests finish within the grace period, and
+//! exits. A taker's worker (a rerun's, before the running instance has handed over) serves
+//! nothing until told `Own`.
+//!
+//! Stopping, within the grace period: the accept loops end; every agent is asked to dial a
+//! replacement (the next worker's) while its connections here keep serving; the client
+//! connections finish; then the tunnels leave the balancer and close once their last
+//! requests are done.
 
 mod accept_errors;
 mod acme_challenges;

@@ -284,6 +284,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn revoking_replacing_or_removing_a_tunnel_closes_it_and_nothing_else_does() {
+        let (table, _supervisor) = table();
+        let mut closures = table.tunnel_closures();
+        let domain = Domain::parse("t.example").unwrap();
+        let allow = RouteChange::AllowTunnel {
+            domain: domain.clone(),
+            token: core_server_proto::tunnel::Token::generate().unwrap().hash(),
+        };
+        let set = RouteChange::Set {
+            domain: domain.clone(),
+            port: 8080,
+        };
+        let revoke = RouteChange::RevokeTunnel {
+            domain: domain.clone(),
+        };
+        let remove = RouteChange::Remove {
+            domain: domain.clone(),
+        };
+        // (change, whether it closes the domain's tunnel)
+        let changes = [
+            (set.clone(), false),
+            (allow.clone(), false),
+            (allow.clone(), false),
+            (revoke, true),
+            (allow.clone(), false),
+            (set.clone(), true),
+            (set, false),
+            (allow, false),
+            (remove.clone(), true),
+            (add(), false),
+            (remove, false),
+        ];
+        for (change, closes) in changes {
+            let text = format!("{change:?}");
+            drop(table.change(change).await);
+            let closed = closures.try_recv().ok();
+            assert_eq!(closed.is_some(), closes, "{text}");
+            if let Some(closed) = closed {
+                assert_eq!(closed, domain);
+            }
+        }
+        assert!(table.tunnels().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_change_the_supervisor_never_got_is_not_saved() {
         let (table, supervisor) = table();
         drop(supervisor);

@@ -85,7 +85,8 @@ impl TunnelEndpoint {
         let Some(domain) = domain.filter(|_| admitted) else {
             self.failures.charge(source);
             let host = request_host(&request).ok();
-            info!("tunnel request from {source} for {host:?} refused: not a tunnel, or a wrong or missing token");
+            let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
+            info!("tunnel request from {source} for {host} refused: not a tunnel, or a wrong or missing token");
             let mut response = refusal(
                 StatusCode::UNAUTHORIZED,
                 "this host is no tunnel, or the token is wrong",
@@ -98,7 +99,7 @@ impl TunnelEndpoint {
         let reservation = match self.tunnels.reserve(&domain) {
             Ok(reservation) => reservation,
             Err(e) => {
-                info!("{domain}: tunnel request from {client} refused: {e}");
+                info!("{domain}: tunnel request from {source} refused: {e}");
                 let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
                 if matches!(e, Refusal::Stopping) {
                     // The next worker takes it at once.
@@ -112,7 +113,7 @@ impl TunnelEndpoint {
         let nonce = match nonce() {
             Ok(nonce) => nonce,
             Err(e) => {
-                warn!("{domain}: tunnel request from {client} refused: no random nonce: {e}");
+                warn!("{domain}: tunnel request from {source} refused: no random nonce: {e}");
                 return refusal(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the worker has no randomness",
@@ -121,7 +122,7 @@ impl TunnelEndpoint {
         };
         let agent = Agent {
             label: label(request.headers()),
-            // As the agent's machine knows itself, not as the dual-stack socket maps it.
+            // As `status` shows it: 127.0.0.1, not ::ffff:127.0.0.1 (the socket is dual-stack).
             address: SocketAddr::new(source, client.port()),
             nonce,
         };

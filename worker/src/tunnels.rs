@@ -146,6 +146,9 @@ impl Tunnels {
     /// requests in flight. With none connected, waits up to `--tunnel-wait` for one (not if the
     /// domain has no token, or the worker is stopping).
     pub async fn pick(&self, domain: &Domain) -> Result<Lease, NoAgent> {
+        if let Some(lease) = self.try_pick(domain) {
+            return Ok(lease);
+        }
         let deadline = Instant::now() + self.wait;
         loop {
             // Registered before looking, so that a connection joining in between wakes us.
@@ -490,5 +493,44 @@ impl fmt::Display for NoAgent {
             NoAgent::Timeout(wait) => write!(f, "no agent connected within {wait:?}"),
             NoAgent::Stopping => f.write_str("this worker is stopping"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use core_server_proto::routes::Routes;
+
+    #[tokio::test]
+    async fn tunnels_are_limited_per_domain_and_in_all_and_refused_once_stopping() {
+        let (ours, _theirs) = socketpair_fds().unwrap();
+        let routes = RouteTable::new(Routes::default(), Arc::new(Channel::new(ours).unwrap()));
+        let tunnels = Arc::new(Tunnels::new(Duration::from_secs(1), Arc::new(routes)));
+        let domain = |i: usize| Domain::parse(&format!("d{i}.example")).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..MAX_PER_DOMAIN {
+            held.push(tunnels.reserve(&domain(0)).unwrap());
+        }
+        assert!(matches!(
+            tunnels.reserve(&domain(0)),
+            Err(Refusal::DomainFull)
+        ));
+        held.pop();
+        held.push(tunnels.reserve(&domain(0)).unwrap());
+        for i in 1..MAX_IN_ALL / MAX_PER_DOMAIN {
+            for _ in 0..MAX_PER_DOMAIN {
+                held.push(tunnels.reserve(&domain(i)).unwrap());
+            }
+        }
+        assert!(matches!(tunnels.reserve(&domain(999)), Err(Refusal::Full)));
+        held.clear();
+        assert!(tunnels.state().domains.is_empty());
+        let _one = tunnels.reserve(&domain(999)).unwrap();
+        tunnels.ask_to_reconnect();
+        assert!(matches!(
+            tunnels.reserve(&domain(1)),
+            Err(Refusal::Stopping)
+        ));
     }
 }
