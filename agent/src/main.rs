@@ -1,9 +1,30 @@
-//! `core-agent`: serves a local app through core-server without an inbound port.
-//! Not written yet; running it says so instead of pretending to work.
+//! `core-agent`: serves a local app through core-server without an inbound port (see the
+//! library's documentation, and `core-agent --help`).
+
+mod cli;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    eprintln!("core-agent: not implemented yet (tunnels arrive in a later release)");
-    ExitCode::FAILURE
+    let (config, app) = match cli::parse() {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            eprintln!("core-agent: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    core_server_proto::logging::init();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let served = runtime.block_on(core_agent::serve(
+        config,
+        core_agent::forward_to(app),
+        core_agent::sigterm_or_sigint(),
+    ));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("core-agent: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -124,6 +124,21 @@ pub enum Command {
     Status,
     /// Stop the running server: in-flight requests finish, then it exits
     Stop,
+    /// Reverse tunnels: domains served by a `core-agent` that dials in from elsewhere
+    Tunnel {
+        #[command(subcommand)]
+        command: TunnelCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TunnelCommand {
+    /// Make DOMAIN a tunnel and print a new token for its agents, alone on stdout (`> FILE`
+    /// keeps it); run again for another token
+    Allow { domain: String },
+    /// Drop every token of DOMAIN and disconnect its agents (it answers 503 until the next
+    /// `allow`)
+    Revoke { domain: String },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -111,6 +111,28 @@ pub async fn ask(
     }
 }
 
+/// Sends `replies` in a task of its own, so a client that reads slowly holds up nothing.
+pub fn send_replies(connection: ServerEnd, replies: Vec<ControlReply>) {
+    tokio::spawn(reply(connection, replies));
+}
+
+/// Sends `replies`; a client that takes none within [`REPLY_TIMEOUT`] is dropped.
+pub async fn reply(connection: ServerEnd, replies: Vec<ControlReply>) {
+    let sent = tokio::time::timeout(REPLY_TIMEOUT, async {
+        for reply in &replies {
+            connection.send(reply, &[]).await?;
+        }
+        io::Result::Ok(())
+    });
+    match sent.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("control connection: {e}"),
+        Err(_) => {
+            tracing::warn!("a control client read no answer within {REPLY_TIMEOUT:?}; closed")
+        }
+    }
+}
+
 /// The listening control socket, served by the running supervisor.
 #[derive(Clone)]
 pub struct Listener {

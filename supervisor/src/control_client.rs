@@ -7,11 +7,13 @@ use std::process::ExitCode;
 use anyhow::bail;
 use core_server_proto::acme_ipc::CertificateStatus;
 use core_server_proto::ipc::{ControlReply, ControlRequest, ListenerKind};
+use core_server_proto::tunnel::{AgentConnection, TunnelRoute, TunnelStatus};
 
 use crate::control;
 use crate::takeover::receive_routes;
 
-fn connect(udp_port: u16) -> anyhow::Result<control::ClientEnd> {
+/// The running instance's control socket; an error saying so if none runs.
+pub(crate) fn connect(udp_port: u16) -> anyhow::Result<control::ClientEnd> {
     match control::connect_to(udp_port)? {
         Some(instance) => Ok(instance),
         None => bail!("no core-server is running for UDP port {udp_port} (see --udp-port)"),
@@ -26,7 +28,11 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
         other => return Err(unexpected(other)),
     };
     let routes = receive_routes(&instance).await?.kept;
-    let certificates = receive_certificates(&instance).await?;
+    let Rest {
+        certificates,
+        tunnel_routes,
+        tunnels,
+    } = receive_rest(&instance).await?;
     let pid = |pid: Option<u32>| pid.map_or("not running".to_owned(), |p| format!("pid {p}"));
     let mut text = format!("core-server {}\n", status.version);
     let mut line = |l: String| {
@@ -45,36 +51,93 @@ pub async fn status(udp_port: u16) -> anyhow::Result<ExitCode> {
         line(format!("  {name:<12} port {port}"));
     }
     line(format!("  state        {}", status.dir.display()));
-    line(format!("routes ({}):", routes.len()));
-    for (domain, port) in routes.iter() {
-        line(format!("  {domain} -> 127.0.0.1:{port}"));
+    // Port and tunnel routes come apart; shown together, by name.
+    let mut all: Vec<(String, String)> = (routes.iter())
+        .map(|(domain, port)| (domain.to_string(), format!("127.0.0.1:{port}")))
+        .chain(tunnel_routes.iter().map(|route| {
+            let tokens = count(route.tokens.len(), "token");
+            (printable(&route.name), format!("tunnel ({tokens})"))
+        }))
+        .collect();
+    all.sort();
+    line(format!("routes ({}):", all.len()));
+    for (name, target) in &all {
+        line(format!("  {name} -> {target}"));
     }
     line(format!("certificates ({}):", certificates.len()));
     for certificate in &certificates {
         line(format!("  {}", describe(certificate)));
     }
+    if !tunnel_routes.is_empty() {
+        line(format!("tunnels ({}):", tunnels.len()));
+        for tunnel in &tunnels {
+            line(describe_tunnel(tunnel));
+        }
+    }
     print_to_closed_pipe_too(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// What follows the routes: the certificates, until the instance closes the connection (one
-/// of an earlier version sends none).
-async fn receive_certificates(
-    instance: &control::ClientEnd,
-) -> anyhow::Result<Vec<CertificateStatus>> {
-    let mut certificates = Vec::new();
+/// What follows the routes in answer to `status`.
+#[derive(Default)]
+struct Rest {
+    certificates: Vec<CertificateStatus>,
+    tunnel_routes: Vec<TunnelRoute>,
+    tunnels: Vec<TunnelStatus>,
+}
+
+/// What follows the routes: the certificates, then, if there are tunnel routes, those routes
+/// and their agents, until the instance closes the connection (one of an earlier version sends
+/// fewer sections).
+async fn receive_rest(instance: &control::ClientEnd) -> anyhow::Result<Rest> {
+    let mut rest = Rest::default();
     loop {
         match instance.recv().await? {
-            Some((ControlReply::Certificates(chunk), _)) => certificates.extend(chunk),
-            None => return Ok(certificates),
+            Some((ControlReply::Certificates(chunk), _)) => rest.certificates.extend(chunk),
+            Some((ControlReply::Tunnels(chunk), _)) => rest.tunnel_routes.extend(chunk),
+            Some((ControlReply::TunnelsEnd, _)) => {}
+            Some((ControlReply::TunnelStatus(chunk), _)) => rest.tunnels.extend(chunk),
+            None => return Ok(rest),
             other => return Err(unexpected(other)),
         }
     }
 }
 
+/// A tunnel domain's lines: `  name  2 tokens  1 agent connection`, then one per connection.
+/// Labels and addresses come from the agents: shown through [`printable`].
+fn describe_tunnel(tunnel: &TunnelStatus) -> String {
+    let mut text = format!(
+        "  {}  {}  {}",
+        printable(&tunnel.name),
+        count(tunnel.tokens as usize, "token"),
+        count(tunnel.connections.len(), "agent connection")
+    );
+    for AgentConnection {
+        label,
+        address,
+        since,
+        in_flight,
+        served,
+    } in &tunnel.connections
+    {
+        text += &format!(
+            "\n    {}  from {}  since {}  in flight {in_flight}  served {served}",
+            printable(label),
+            printable(address),
+            time(*since)
+        );
+    }
+    text
+}
+
+/// `1 token`, `2 tokens`.
+fn count(n: usize, what: &str) -> String {
+    let s = if n == 1 { "" } else { "s" };
+    format!("{n} {what}{s}")
+}
+
 /// One line: `name  issuer ...  expires ...`, and why the last try failed, if it did. The
-/// texts come from a CA and certificates: control characters are shown as `?`, so none
-/// reaches the operator's terminal.
+/// texts come from a CA and certificates: shown through [`printable`].
 fn describe(certificate: &CertificateStatus) -> String {
     let mut line = certificate.name.clone();
     match (&certificate.issuer, certificate.not_after) {
@@ -89,7 +152,13 @@ fn describe(certificate: &CertificateStatus) -> String {
     if let Some(next) = certificate.next_try {
         line += &format!("  next try {}", time(next));
     }
-    line.chars()
+    printable(&line)
+}
+
+/// `text` with each control character shown as `?`, so that none from a peer (a CA, an agent)
+/// reaches the operator's terminal.
+fn printable(text: &str) -> String {
+    text.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
 }
@@ -145,5 +214,40 @@ fn unexpected(answer: Option<(ControlReply, Vec<std::os::fd::OwnedFd>)>) -> anyh
         }
         None => anyhow::anyhow!("the running core-server closed the connection"),
         Some((other, _)) => anyhow::anyhow!("unexpected answer {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_shows_its_agents_with_their_texts_made_printable() {
+        let connection = AgentConnection {
+            label: "laptop/42\u{1b}[2J".into(),
+            address: "203.0.113.7:50112".into(),
+            since: 1_795_640_400,
+            in_flight: 3,
+            served: 1204,
+        };
+        let tunnel = TunnelStatus {
+            name: "app.example.com".into(),
+            tokens: 2,
+            connections: vec![connection],
+        };
+        assert_eq!(
+            describe_tunnel(&tunnel),
+            "  app.example.com  2 tokens  1 agent connection\n    laptop/42?[2J  from \
+             203.0.113.7:50112  since 2026-11-25T21:00:00Z  in flight 3  served 1204"
+        );
+        let revoked = TunnelStatus {
+            tokens: 1,
+            connections: Vec::new(),
+            ..tunnel
+        };
+        assert_eq!(
+            describe_tunnel(&revoked),
+            "  app.example.com  1 token  0 agent connections"
+        );
     }
 }

@@ -7,13 +7,15 @@
 //! listening sockets are shared, so connections arriving while ownership moves wait in the
 //! kernel's queue for it (none is refused), and after a void takeover a taker, even one frozen
 //! before it could drain, serves no stale routes. Ownership moves by one explicit message, and
-//! only the owner decides whether it moves (protocol 2, [`TAKEOVER_PROTOCOL`]):
+//! only the owner decides whether it moves (protocol 2, and 3, which is 2 with the tunnel
+//! routes: [`TAKEOVER_PROTOCOL`]):
 //!
 //! 1. The taker asks `TakeOver`. The owner stops serving control clients, pauses its worker's
 //!    commands (confirmed within `WORKER_TIMEOUT`, or the worker is killed, to be replaced,
-//!    and the takeover is void), saves every change reported, and sends `Protocol(2)`, then
-//!    `Sockets` (the listeners and the control socket) and the routes. Unread commands wait in
-//!    the kernel.
+//!    and the takeover is void), saves every change reported, and sends `Protocol(3)`, then
+//!    `Sockets` (the listeners and the control socket), the port routes (`Routes`...
+//!    `RoutesEnd`) and the tunnel routes (`Tunnels`... `TunnelsEnd`, even if there are none).
+//!    Unread commands wait in the kernel.
 //! 2. The taker starts its worker on them serving nothing, writes nothing, serves no control
 //!    client, and says `TakerReady` (or `TakeOverFailed`).
 //! 3. The owner decides, once. `TakerReady` within [`TAKER_TIMEOUT`] of step 1: it answers
@@ -28,10 +30,10 @@
 //!    If the connection closes with no verdict and the owner's process is gone (it died
 //!    mid-way), nobody else can act: the taker owns.
 //!
-//! Versions mix on an upgrade. An owner of the previous version (protocol 1) sends `Sockets`
-//! with no `Protocol` first, and drains when told `TookOver`; `takeover.rs` follows it. A taker
-//! of the previous version cannot read `Protocol`: it gives up, and the owner, hearing nothing
-//! more, keeps serving (step 3).
+//! Versions mix on an upgrade. An owner of a previous version follows protocol 2 (no tunnel
+//! routes) or 1 (it sends `Sockets` with no `Protocol` first, and drains when told
+//! `TookOver`); `takeover.rs` follows either. A taker of a previous version cannot read
+//! `Protocol(3)`: it gives up, and the owner, hearing nothing more, keeps serving (step 3).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
@@ -43,7 +45,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, warn};
 
 use crate::control::{ServerEnd, REPLY_TIMEOUT};
-use crate::supervise::{routes_replies, Supervisor};
+use crate::supervise::{routes_replies, tunnel_replies, Supervisor};
 use crate::test_hooks;
 use crate::worker::{Worker, WORKER_TIMEOUT};
 
@@ -147,7 +149,11 @@ impl Supervisor {
             pid: std::process::id(),
         };
         taker.send(&sockets, &fds).await?;
-        for reply in routes_replies(self.routes.routes()) {
+        let routes = self.routes.routes();
+        for reply in routes_replies(routes)
+            .into_iter()
+            .chain(tunnel_replies(routes))
+        {
             taker.send(&reply, &[]).await?;
         }
         Ok(())

@@ -3,8 +3,8 @@
 //! It binds the ports once (or, rerun while an instance runs, takes that instance's sockets
 //! over), starts the unprivileged worker and hands it the sockets, restarts it when it dies,
 //! persists the routes it reports, and answers its control socket. It parses no network input:
-//! HTTP and UDP commands are the worker's job. `add`, `remove`, `status` and `stop` are small
-//! local clients.
+//! HTTP and UDP commands are the worker's job. `add`, `remove`, `status`, `stop` and `tunnel`
+//! are small local clients.
 
 mod acme_helper;
 mod backoff;
@@ -27,6 +27,8 @@ mod systemd;
 mod takeover;
 mod test_hooks;
 mod ticket_key;
+mod tunnel_client;
+mod tunnel_requests;
 mod udp_client;
 mod worker;
 
@@ -40,7 +42,7 @@ use core_server_proto::ipc::WorkerSettings;
 
 use crate::acme_helper::HelperSetup;
 use crate::child_logs::ChildLogs;
-use crate::cli::{Cli, Command, Mode, ServerOptions};
+use crate::cli::{Cli, Command, Mode, ServerOptions, TunnelCommand};
 use crate::detach::ReadyReport;
 use crate::log_file::LogFile;
 use crate::privileges::Unprivileged;
@@ -57,6 +59,10 @@ fn main() -> ExitCode {
         Some(Command::Remove { domain }) => udp_client::run(udp_port, &["remove", domain]),
         Some(Command::Status) => block_on(control_client::status(udp_port)),
         Some(Command::Stop) => block_on(control_client::stop(udp_port)),
+        Some(Command::Tunnel { command }) => match command {
+            TunnelCommand::Allow { domain } => tunnel_client::allow(udp_port, domain),
+            TunnelCommand::Revoke { domain } => tunnel_client::revoke(udp_port, domain),
+        },
         None => serve(&cli.server, udp_port),
     };
     result.unwrap_or_else(|e| {
@@ -65,7 +71,9 @@ fn main() -> ExitCode {
     })
 }
 
-fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(crate) fn block_on<T>(
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -163,6 +171,7 @@ fn run_server(
             privileges,
             worker_binary,
             child_logs,
+            tunnel_requests: Default::default(),
         };
 
         let (supervisor, worker) = match takeover {

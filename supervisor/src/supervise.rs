@@ -12,6 +12,9 @@
 //! heartbeat within a deadline, or it (stopped, stuck) is killed and replaced (`worker.rs`).
 //! What it acknowledged was saved before it was told, so nothing is lost. The helper is never
 //! waited for beyond a send's deadline: it only delays certificates not yet issued.
+//! Control requests only the worker can answer (`tunnel allow|revoke`, the agents `status`
+//! lists) wait beside the loop, in `tunnel_requests.rs`, until it does or their deadline
+//! passes.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -20,7 +23,7 @@ use std::time::Duration;
 use core_server_proto::acme_ipc::Secret;
 use core_server_proto::ipc::{
     ControlReply, ControlRequest, FromWorker, InstanceStatus, ToWorker, WorkerSettings,
-    CERTIFICATES_PER_MESSAGE, ROUTES_PER_MESSAGE,
+    CERTIFICATES_PER_MESSAGE, ROUTES_PER_MESSAGE, TUNNELS_PER_MESSAGE,
 };
 use core_server_proto::routes::{RouteChange, Routes};
 use tokio::sync::mpsc;
@@ -29,11 +32,12 @@ use tracing::{error, info, warn};
 use crate::acme_helper::{HelperEvent, HelperSetup, HelperSlot};
 use crate::backoff::Backoff;
 use crate::child_logs::ChildLogs;
-use crate::control::{self, Incoming, REPLY_TIMEOUT};
+use crate::control::{self, send_replies, Incoming, REPLY_TIMEOUT};
 use crate::listeners::Listener;
 use crate::privileges::Unprivileged;
 use crate::routes_file::SavedRoutes;
 use crate::stop_signals::StopSignals;
+use crate::tunnel_requests::TunnelRequests;
 use crate::worker::Worker;
 
 /// How long a worker may overrun its grace period on shutdown before it is killed.
@@ -52,6 +56,8 @@ pub struct Supervisor {
     pub privileges: Unprivileged,
     pub worker_binary: PathBuf,
     pub child_logs: ChildLogs,
+    /// Control requests waiting for the worker's answer.
+    pub tunnel_requests: TunnelRequests,
 }
 
 /// Why the main loop ends.
@@ -106,7 +112,7 @@ impl Supervisor {
                         stop_requester = Some(connection);
                         break Ending::Stop;
                     }
-                    request => self.answer(request, connection, &worker, &helper),
+                    request => self.answer(request, connection, &mut worker, &helper).await,
                 },
                 message = worker.channel.recv() => match message {
                     Ok(Some((message, _))) => self.on_message(&mut worker, message),
@@ -114,6 +120,7 @@ impl Supervisor {
                         worker.kill();
                         let status = worker.wait().await;
                         self.save(&mut worker).await;
+                        self.tunnel_requests.worker_gone();
                         let delay = backoff.after_exit(worker.lived());
                         warn!("worker exited ({status}); starting a new one in {delay:?}");
                         match self.restart(delay, &mut backoff, &mut signals).await {
@@ -131,6 +138,7 @@ impl Supervisor {
                     self.save(&mut worker).await;
                 }
                 _ = tokio::time::sleep_until(worker.heartbeat_due()) => worker.heartbeat().await,
+                _ = self.tunnel_requests.next_deadline() => self.tunnel_requests.expire(),
                 event = helper.event(self.routes.routes()) => {
                     if let HelperEvent::RestartDue = event {
                         self.restart_acme_helper(&mut helper, &mut worker).await;
@@ -139,7 +147,11 @@ impl Supervisor {
             }
         };
         accepting.abort();
-        // Clients still queued are closed now, not left waiting for the drain to end.
+        // Clients still queued are answered now, not left waiting for the drain to end.
+        while let Ok(Incoming { connection, .. }) = requests.try_recv() {
+            let why = "this core-server is stopping or being replaced; retry in a moment";
+            send_replies(connection, vec![ControlReply::Refused(why.to_owned())]);
+        }
         drop(requests);
         if ending == Ending::Stop {
             crate::systemd::stopping();
@@ -151,6 +163,8 @@ impl Supervisor {
             // meanwhile, freeing the store's lock that the taker's helper waits for.
             tokio::join!(self.stop(worker, ending), helper.shut_down());
         }
+        let why = "core-server stopped before the worker answered; check `core-server status`";
+        self.tunnel_requests.abandon(why).await;
         drop(stop_requester);
         Ok(())
     }
@@ -185,6 +199,10 @@ impl Supervisor {
         match message {
             FromWorker::RouteChanged { seq, change } => self.record(worker, seq, &change),
             FromWorker::Pong => worker.answered(),
+            FromWorker::TunnelDone { id, error } => {
+                (self.tunnel_requests).done(id, error, self.routes.routes())
+            }
+            FromWorker::Tunnels { id, chunk, last } => self.tunnel_requests.report(id, chunk, last),
             other => warn!("unexpected message from the worker: {other:?}"),
         }
     }
@@ -204,52 +222,66 @@ impl Supervisor {
         worker.tell(&ToWorker::Saved { upto, error }).await;
     }
 
-    /// Answers a request that needs no more than a snapshot of our state, in a task of its own
-    /// (a client that reads slowly holds up nothing).
-    fn answer(
-        &self,
+    /// Answers a request other than a takeover or `stop`: at once from our state (the reply
+    /// sent in a task of its own, so a client that reads slowly holds up nothing), or, for what
+    /// only the worker knows or does, once it answers (`tunnel_requests.rs`).
+    async fn answer(
+        &mut self,
         request: ControlRequest,
         connection: control::ServerEnd,
-        worker: &Worker,
+        worker: &mut Worker,
         helper: &HelperSlot,
     ) {
-        let replies = match request {
+        let to_worker = match request {
             ControlRequest::Status => {
-                let status = InstanceStatus {
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    supervisor_pid: std::process::id(),
-                    worker_pid: worker.pid(),
-                    acme_pid: helper.pid(),
-                    ports: self.listeners.iter().map(|l| (l.kind, l.port())).collect(),
-                    dir: self.routes.dir().to_path_buf(),
-                };
-                let mut replies = vec![ControlReply::Status(status)];
-                replies.extend(routes_replies(self.routes.routes()));
-                let certificates: Vec<_> = helper.certificates().cloned().collect();
-                replies.extend(
-                    certificates
-                        .chunks(CERTIFICATES_PER_MESSAGE)
-                        .map(|chunk| ControlReply::Certificates(chunk.to_vec())),
-                );
-                replies
-            }
-            other => vec![ControlReply::Refused(format!(
-                "unexpected request {other:?}"
-            ))],
-        };
-        tokio::spawn(async move {
-            let sent = tokio::time::timeout(REPLY_TIMEOUT, async {
-                for reply in &replies {
-                    connection.send(reply, &[]).await?;
+                let replies = self.status_replies(worker, helper);
+                let routes = self.routes.routes();
+                if !routes.has_tunnels() {
+                    return send_replies(connection, replies);
                 }
-                std::io::Result::Ok(())
-            });
-            match sent.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("control connection: {e}"),
-                Err(_) => warn!("a control client read no answer within {REPLY_TIMEOUT:?}; closed"),
+                self.tunnel_requests.status(replies, routes, connection)
             }
-        });
+            request
+            @ (ControlRequest::TunnelAllow { .. } | ControlRequest::TunnelRevoke { .. }) => {
+                let routes = self.routes.routes();
+                match self.tunnel_requests.change(request, routes, connection) {
+                    Some(to_worker) => to_worker,
+                    None => return,
+                }
+            }
+            other => {
+                let why = format!("unexpected request {other:?}");
+                return send_replies(connection, vec![ControlReply::Refused(why)]);
+            }
+        };
+        // A worker that does not take it is replaced, which answers the request.
+        worker.tell(&to_worker).await;
+    }
+
+    /// `status`'s answer as far as we know it: the instance, its routes (the tunnel routes
+    /// after the certificates, only if there are any) and its certificates.
+    fn status_replies(&self, worker: &Worker, helper: &HelperSlot) -> Vec<ControlReply> {
+        let status = InstanceStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            supervisor_pid: std::process::id(),
+            worker_pid: worker.pid(),
+            acme_pid: helper.pid(),
+            ports: self.listeners.iter().map(|l| (l.kind, l.port())).collect(),
+            dir: self.routes.dir().to_path_buf(),
+        };
+        let routes = self.routes.routes();
+        let mut replies = vec![ControlReply::Status(status)];
+        replies.extend(routes_replies(routes));
+        let certificates: Vec<_> = helper.certificates().cloned().collect();
+        replies.extend(
+            certificates
+                .chunks(CERTIFICATES_PER_MESSAGE)
+                .map(|chunk| ControlReply::Certificates(chunk.to_vec())),
+        );
+        if routes.has_tunnels() {
+            replies.extend(tunnel_replies(routes));
+        }
+        replies
     }
 
     /// Asks the worker to drain and exit, saving what it still reports if we own the routes;
@@ -270,6 +302,10 @@ impl Supervisor {
                     Ok(Some((FromWorker::RouteChanged { change, .. }, _))) => {
                         warn!("the worker changed a route that another instance owns ({change:?}); not saved here")
                     }
+                    // A change saved before a handover, or while stopping, is done.
+                    Ok(Some((message @ (FromWorker::TunnelDone { .. } | FromWorker::Tunnels { .. }), _))) => {
+                        self.on_message(&mut worker, message)
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
                 },
@@ -287,7 +323,7 @@ impl Supervisor {
     }
 }
 
-/// The routes as control replies: `Routes` chunks, then `RoutesEnd`.
+/// The port routes as control replies: `Routes` chunks, then `RoutesEnd`.
 pub(crate) fn routes_replies(routes: &Routes) -> Vec<ControlReply> {
     let mut replies: Vec<_> = routes
         .port_chunks(ROUTES_PER_MESSAGE)
@@ -295,5 +331,16 @@ pub(crate) fn routes_replies(routes: &Routes) -> Vec<ControlReply> {
         .map(|chunk| ControlReply::Routes(chunk.into()))
         .collect();
     replies.push(ControlReply::RoutesEnd);
+    replies
+}
+
+/// The tunnel routes as control replies: `Tunnels` chunks, then `TunnelsEnd`.
+pub(crate) fn tunnel_replies(routes: &Routes) -> Vec<ControlReply> {
+    let mut replies: Vec<_> = routes
+        .tunnel_chunks(TUNNELS_PER_MESSAGE)
+        .into_iter()
+        .map(ControlReply::Tunnels)
+        .collect();
+    replies.push(ControlReply::TunnelsEnd);
     replies
 }

@@ -3,7 +3,8 @@
 //! worker on them, says whether that worked, and owns the instance only once the running one
 //! has handed it over. The protocol and the giving side are in `handover.rs`.
 //!
-//! The running instance may be of the previous version, which follows protocol 1: it sends
+//! The running instance may be of a previous version. One following protocol 2 hands over no
+//! tunnel routes (it has none). One following protocol 1 sends
 //! `Sockets` without announcing a `Protocol`, and drains as soon as it reads `TookOver`. With
 //! it, our worker serves nothing until `TookOver` is sent; only if that send succeeded does it
 //! serve and do we save the routes. That protocol's own window stays (it is the old binary's,
@@ -17,7 +18,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use core_server_proto::domain::DomainError;
 use core_server_proto::ipc::{ControlReply, ControlRequest, ToWorker, TAKEOVER_PROTOCOL};
-use core_server_proto::routes::{Routable, Routes};
+use core_server_proto::routes::{keep_routable, Routable, Route, Routes};
 
 use crate::control;
 use crate::control_client::running;
@@ -62,9 +63,9 @@ async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherite
     // The first answer tells the versions apart: protocol 1 sends the sockets at once.
     let mut protocol = 1;
     if let Some((ControlReply::Protocol(theirs), _)) = answer {
-        if theirs != TAKEOVER_PROTOCOL {
+        if !(2..=TAKEOVER_PROTOCOL).contains(&theirs) {
             let reason = format!(
-                "it follows takeover protocol {theirs}; this core-server knows 1 and {TAKEOVER_PROTOCOL}"
+                "it follows takeover protocol {theirs}; this core-server knows 1 to {TAKEOVER_PROTOCOL}"
             );
             let _ = old
                 .send(
@@ -97,11 +98,19 @@ async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherite
         .zip(fds)
         .map(|(kind, fd)| Listener { kind, fd })
         .collect();
-    let Routable { kept, refused } = receive_routes(old).await?;
+    let Routable { kept, mut refused } = receive_routes(old).await?;
+    let mut routes: Routes = kept.into_iter().collect();
+    if protocol >= 3 {
+        let tunnels = receive_tunnels(old).await?;
+        for (domain, route) in tunnels.kept {
+            routes.insert(domain, route);
+        }
+        refused.extend(tunnels.refused);
+    }
     Ok(Inherited {
         listeners,
         control,
-        routes: kept.into_iter().collect(),
+        routes,
         refused,
         dir,
         pid,
@@ -201,5 +210,62 @@ pub async fn receive_routes(old: &control::ClientEnd) -> anyhow::Result<Routable
             Some((ControlReply::RoutesEnd, _)) => return Ok(routes),
             other => bail!("expected the routes from the running core-server, got {other:?}"),
         }
+    }
+}
+
+/// Protocol 3: `Tunnels` chunks until `TunnelsEnd`, read as leniently as the routes.
+async fn receive_tunnels(old: &control::ClientEnd) -> anyhow::Result<Routable<Route>> {
+    let mut tunnels = Vec::new();
+    loop {
+        match old.recv().await? {
+            Some((ControlReply::Tunnels(chunk), _)) => tunnels.extend(chunk),
+            Some((ControlReply::TunnelsEnd, _)) => break,
+            other => {
+                bail!("expected the tunnel routes from the running core-server, got {other:?}")
+            }
+        }
+    }
+    Ok(keep_routable(tunnels.into_iter().map(|tunnel| {
+        (
+            tunnel.name,
+            Route::Tunnel {
+                tokens: tunnel.tokens,
+            },
+        )
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use core_server_proto::domain::Domain;
+    use core_server_proto::tunnel::{TokenHash, TunnelRoute};
+
+    #[tokio::test]
+    async fn tunnel_routes_are_read_as_leniently_as_routes() {
+        let (ours, theirs) = socketpair_fds().unwrap();
+        let owner: control::ServerEnd = Channel::new(ours).unwrap();
+        let taker: control::ClientEnd = Channel::new(theirs).unwrap();
+        let route = |name: &str| TunnelRoute {
+            name: name.into(),
+            tokens: vec![TokenHash([1; 32])],
+        };
+        for reply in [
+            ControlReply::Tunnels(vec![route("App.Example"), route("127.1")]),
+            ControlReply::Tunnels(vec![route("b.example")]),
+            ControlReply::TunnelsEnd,
+        ] {
+            owner.send(&reply, &[]).await.unwrap();
+        }
+        let Routable { kept, refused } = receive_tunnels(&taker).await.unwrap();
+        let tunnel = Route::Tunnel {
+            tokens: vec![TokenHash([1; 32])],
+        };
+        let expected =
+            ["app.example", "b.example"].map(|n| (Domain::parse(n).unwrap(), tunnel.clone()));
+        assert_eq!(kept, expected);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, "127.1");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use core_server_proto::channel::{socketpair_fds, Channel};
-use core_server_proto::ipc::{FromWorker, ToWorker, ROUTES_PER_MESSAGE};
+use core_server_proto::ipc::{FromWorker, ToWorker, ROUTES_PER_MESSAGE, TUNNELS_PER_MESSAGE};
 
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -155,6 +155,9 @@ impl Supervisor {
         channel.send(&start, &fds).await?;
         for chunk in self.routes.routes().port_chunks(ROUTES_PER_MESSAGE) {
             channel.send(&ToWorker::Routes(chunk), &[]).await?;
+        }
+        for chunk in self.routes.routes().tunnel_chunks(TUNNELS_PER_MESSAGE) {
+            channel.send(&ToWorker::TunnelRoutes(chunk), &[]).await?;
         }
         channel.send(&ToWorker::Serve { owner }, &[]).await?;
         match channel.recv().await? {

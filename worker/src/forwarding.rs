@@ -12,19 +12,21 @@
 use std::fmt::Write;
 use std::net::IpAddr;
 
+use core_server_proto::tunnel;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// `Trailer` is not among them: it names the trailer fields to come, end to end (RFC 9110
+/// §6.6.2), and hyper's HTTP/1 encoder sends only the trailer fields it declares.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     // Connection-specific by RFC 7540 §3.2.1, even when `Connection` forgets to name it.
@@ -38,8 +40,9 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// common middleware such as `request-ip`, read for the client's address or scheme when set by a
 /// CDN or load balancer in front; none of those sits in front of core-server, so a client that
 /// sends one is lying. Headers that rewrite the path (`X-Original-URL`) are not forwarding
-/// claims and pass, as through nginx.
-const CLIENT_CLAIMS: [HeaderName; 10] = [
+/// claims and pass, as through nginx. Last, the tunnel nonce: an agent takes the request that
+/// carries it for the worker's control stream, never a client's.
+const CLIENT_CLAIMS: [HeaderName; 11] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("x-client-ip"),
@@ -50,6 +53,7 @@ const CLIENT_CLAIMS: [HeaderName; 10] = [
     HeaderName::from_static("x-cluster-client-ip"),
     HeaderName::from_static("front-end-https"),
     HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static(tunnel::NONCE_HEADER),
 ];
 
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
@@ -185,10 +189,14 @@ mod tests {
             ("upgrade", "h2c"),
             ("http2-settings", "AAMAAABkAAQAAP__"),
             ("proxy-authorization", "Basic x"),
+            ("trailer", "x-checksum"),
             ("x-kept", "yes"),
         ]);
         remove_hop_by_hop(&mut h);
-        assert_eq!(sorted(&h), ["te: trailers", "x-kept: yes"]);
+        assert_eq!(
+            sorted(&h),
+            ["te: trailers", "trailer: x-checksum", "x-kept: yes"]
+        );
     }
 
     #[test]
@@ -203,6 +211,10 @@ mod tests {
             ("forwarded", "for=6.6.6.6;proto=https"),
             ("x-real-ip", "6.6.6.6"),
             ("true-client-ip", "6.6.6.6"),
+            (
+                "core-server-tunnel-nonce",
+                "0123456789abcdef0123456789abcdef",
+            ),
             ("x-kept", "yes"),
         ]);
         let host = HeaderValue::from_static("Example.com:8080");

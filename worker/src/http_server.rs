@@ -370,12 +370,13 @@ mod tests {
         let https = Https::new(routes.clone());
         let transport = https.https(&settings, &Secret(vec![3; 32])).unwrap();
         let tasks = TaskTracker::new();
+        let tunnels = Arc::new(Tunnels::new(settings.tunnel_wait, routes.clone()));
         let proxy = Arc::new(Proxy::new(
             routes,
             settings.backend_timeout,
             tasks.clone(),
-            Arc::new(Tunnels::new(settings.tunnel_wait)),
-            TunnelEndpoint {},
+            tunnels.clone(),
+            TunnelEndpoint::new(tunnels),
         ));
         let server = HttpServer::new(proxy, &settings, transport, ConnectionLimit::new(16));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

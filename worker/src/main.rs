@@ -1,11 +1,18 @@
 //! `core-server-worker`: the unprivileged, network-facing process.
 //!
 //! Started by the supervisor with no privilege left, it receives the listening sockets and the
-//! routes over its IPC channel (descriptor 3), serves HTTP and the UDP command port, reports
-//! every route change, serves HTTPS with the certificates the ACME helper hands it over their
-//! own channel (`ToWorker::AcmeHelper`), and on `Shutdown` (or when the supervisor is gone) stops accepting,
-//! lets in-flight requests finish within the grace period, and exits. A taker's worker (a
-//! rerun's, before the running instance has handed over) serves nothing until told `Own`.
+//! routes (port and tunnel routes) over its IPC channel (descriptor 3), serves HTTP and the UDP
+//! command port, reports every route change (the supervisor's `tunnel allow|revoke` too),
+//! serves HTTPS with the certificates the ACME helper hands it over their own channel
+//! (`ToWorker::AcmeHelper`), takes agents' tunnels, and on `Shutdown` (or when the supervisor
+//! is gone) stops accepting, lets in-flight requests finish within the grace period, and
+//! exits. A taker's worker (a rerun's, before the running instance has handed over) serves
+//! nothing until told `Own`.
+//!
+//! Stopping, within the grace period: the accept loops end; every agent is asked to dial a
+//! replacement (the next worker's) while its connections here keep serving; the client
+//! connections finish; then the tunnels leave the balancer and close once their last
+//! requests are done.
 
 mod accept_errors;
 mod acme_challenges;
@@ -13,6 +20,7 @@ mod acme_link;
 mod activity;
 mod certificates;
 mod connection_limit;
+mod failed_attempts;
 mod forwarding;
 mod http_server;
 mod https;
@@ -25,10 +33,13 @@ mod response_body;
 mod route_table;
 mod session_tickets;
 mod tls_acceptor;
-// Issue 9 in progress: used once the endpoint and the forwarding land.
-#[allow(dead_code)]
+mod tunnel_connection;
+mod tunnel_control;
 mod tunnel_endpoint;
-#[allow(dead_code)]
+mod tunnel_forward;
+#[cfg(test)]
+mod tunnel_tests;
+mod tunnel_upgrade;
 mod tunnels;
 mod udp_commands;
 mod upgrade;
@@ -41,8 +52,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use core_server_proto::acme_ipc::Secret;
 use core_server_proto::channel::{inherited_fd, Channel};
-use core_server_proto::ipc::{FromWorker, ListenerKind, ToWorker, WorkerSettings};
-use core_server_proto::routes::Routes;
+use core_server_proto::command::Reply;
+use core_server_proto::domain::Domain;
+use core_server_proto::ipc::{
+    FromWorker, ListenerKind, ToWorker, WorkerSettings, TUNNEL_STATUSES_PER_MESSAGE,
+};
+use core_server_proto::routes::{Route, RouteChange, Routes};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -104,13 +119,15 @@ async fn run() -> anyhow::Result<()> {
     let routes = Arc::new(RouteTable::new(routes, supervisor.clone()));
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let tunnels = Arc::new(Tunnels::new(settings.tunnel_wait));
-    let endpoint = TunnelEndpoint {};
+    let tunnels = Arc::new(Tunnels::new(settings.tunnel_wait, routes.clone()));
+    // Not tracked: it ends with the table, which outlives every task.
+    tokio::spawn(tunnels.clone().follow_closures(routes.tunnel_closures()));
+    let endpoint = TunnelEndpoint::new(tunnels.clone());
     let proxy = Arc::new(Proxy::new(
         routes.clone(),
         settings.backend_timeout,
         tasks.clone(),
-        tunnels,
+        tunnels.clone(),
         endpoint,
     ));
     let limit = connection_limit(&settings)?;
@@ -155,17 +172,45 @@ async fn run() -> anyhow::Result<()> {
     if let Some(fd) = acme_helper {
         https.connect_helper(fd)?;
     }
-    let grace = follow_supervisor(&supervisor, &routes, &udp_control, &owns, &https).await;
+    let grace = follow_supervisor(
+        &supervisor,
+        &routes,
+        &tunnels,
+        &udp_control,
+        &owns,
+        &https,
+        &tasks,
+    )
+    .await;
     info!(
-        "stopping: {} connections and commands have {grace:?} to finish",
-        tasks.len()
+        "stopping: {} connections and commands, and {} tunnel tasks, have {grace:?} to finish",
+        tasks.len(),
+        tunnels.tasks()
     );
+    let deadline = tokio::time::Instant::now() + grace;
     stop.cancel();
+    // Agents dial the next worker now, while their connections here serve this worker's
+    // clients to the end; then those connections close, once their requests are done.
+    tunnels.ask_to_reconnect();
     tasks.close();
-    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!(
             "grace period over with {} tasks unfinished; exiting",
             tasks.len()
+        );
+        return Ok(());
+    }
+    tunnels.close_all();
+    if tokio::time::timeout_at(deadline, tunnels.closed())
+        .await
+        .is_err()
+    {
+        warn!(
+            "grace period over with {} tunnel tasks unfinished; exiting",
+            tunnels.tasks()
         );
     }
     Ok(())
@@ -221,7 +266,22 @@ async fn receive_start(supervisor: &SupervisorChannel) -> anyhow::Result<Start> 
     let mut acme_helper = None;
     let owner = loop {
         match supervisor.recv().await? {
-            Some((ToWorker::Routes(chunk), _)) => routes.extend(chunk),
+            Some((ToWorker::Routes(chunk), _)) => {
+                routes.extend(chunk.into_iter().map(|(d, port)| (d, Route::Port(port))))
+            }
+            Some((ToWorker::TunnelRoutes(chunk), _)) => {
+                for tunnel in chunk {
+                    match Domain::parse(&tunnel.name) {
+                        Ok(domain) => routes.push((
+                            domain,
+                            Route::Tunnel {
+                                tokens: tunnel.tokens,
+                            },
+                        )),
+                        Err(e) => warn!("ignored the tunnel route {:?}: {e}", tunnel.name),
+                    }
+                }
+            }
             Some((ToWorker::AcmeHelper, fds)) => acme_helper = fds.into_iter().next(),
             Some((ToWorker::Serve { owner }, _)) => break owner,
             other => bail!("expected Routes or Serve from the supervisor, got {other:?}"),
@@ -239,14 +299,41 @@ async fn receive_start(supervisor: &SupervisorChannel) -> anyhow::Result<Start> 
 
 /// Handles the supervisor's messages until it asks us to stop or goes away; the grace period.
 async fn follow_supervisor(
-    supervisor: &SupervisorChannel,
-    routes: &RouteTable,
+    supervisor: &Arc<SupervisorChannel>,
+    routes: &Arc<RouteTable>,
+    tunnels: &Tunnels,
     udp: &mpsc::Sender<udp_commands::Control>,
     owns: &watch::Sender<bool>,
     https: &Https,
+    tasks: &TaskTracker,
 ) -> Duration {
     loop {
         match supervisor.recv().await {
+            Ok(Some((ToWorker::Tunnel { id, change }, _))) => {
+                // Applied and reported here, in order with the messages around it (a
+                // `PauseCommands` after it finds it reported); the save is awaited apart.
+                let saved = tunnel_change(routes, change).await;
+                let supervisor = supervisor.clone();
+                tasks.spawn(async move {
+                    let error = match saved {
+                        Ok(saved) => match saved.await {
+                            Reply::Ok => None,
+                            Reply::Error(e) => Some(e),
+                        },
+                        Err(e) => Some(e),
+                    };
+                    let done = FromWorker::TunnelDone { id, error };
+                    if let Err(e) = supervisor.send(&done, &[]).await {
+                        warn!("cannot answer the supervisor's tunnel command: {e}");
+                    }
+                });
+            }
+            Ok(Some((ToWorker::ReportTunnels { id }, _))) => {
+                if report_tunnels(supervisor, tunnels, id).await.is_err() {
+                    routes.supervisor_gone();
+                    return ORPHAN_GRACE;
+                }
+            }
             Ok(Some((ToWorker::AcmeHelper, fds))) => match <[OwnedFd; 1]>::try_from(fds) {
                 Ok([fd]) => {
                     if let Err(e) = https.connect_helper(fd) {
@@ -290,6 +377,49 @@ async fn follow_supervisor(
             }
         }
     }
+}
+
+/// Applies a tunnel command's `change` (reported like a UDP command's); resolves to its
+/// reply once saved, or why it could not be applied.
+async fn tunnel_change(
+    routes: &RouteTable,
+    change: RouteChange,
+) -> Result<impl std::future::Future<Output = Reply>, String> {
+    let text = format!("{change:?}");
+    match routes.change(change).await {
+        Ok(saved) => Ok(saved),
+        Err(e) => {
+            info!("tunnel command {text}: {e}");
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Answers `ReportTunnels`: the tunnel domains and their agents, in chunks.
+async fn report_tunnels(
+    supervisor: &SupervisorChannel,
+    tunnels: &Tunnels,
+    id: u64,
+) -> std::io::Result<()> {
+    let snapshot = tunnels.snapshot();
+    let mut chunks = snapshot.chunks(TUNNEL_STATUSES_PER_MESSAGE).peekable();
+    if chunks.peek().is_none() {
+        let last = FromWorker::Tunnels {
+            id,
+            chunk: Vec::new(),
+            last: true,
+        };
+        return supervisor.send(&last, &[]).await;
+    }
+    while let Some(chunk) = chunks.next() {
+        let message = FromWorker::Tunnels {
+            id,
+            chunk: chunk.to_vec(),
+            last: chunks.peek().is_none(),
+        };
+        supervisor.send(&message, &[]).await?;
+    }
+    Ok(())
 }
 
 /// The cap on client connections: `--max-connections`, or derived from the open-file limit

@@ -11,6 +11,13 @@
 //! | backend stops reading the request body for the timeout| 504, connection closed     |
 //! | no response head within the timeout after the body    | 504                        |
 //! | backend stalls mid-body for the timeout               | the response is cut short  |
+//! | tunnel domain with no agent connected after the wait  | 503, `Retry-After: 1`      |
+//! | tunnel agent without WebSockets (RFC 8441), asked one | 502                        |
+//!
+//! A domain's app is on a local port (HTTP/1.1 to `127.0.0.1:<port>`), or behind a tunnel: its
+//! agents' connections, over which the worker speaks HTTP/2 (see `tunnel_forward`). Both get the
+//! same request (hop-by-hop headers removed, `X-Forwarded-*` set), deadlines and error pages;
+//! in the table, "backend" is either.
 //!
 //! One timeout, `backend_timeout` (60 s by default, as nginx's `proxy_read_timeout`,
 //! `proxy_send_timeout` and `client_body_timeout`), bounds every wait of an exchange:
@@ -23,6 +30,7 @@
 //! Bodies stream both ways with backpressure: nothing is buffered beyond hyper's read buffers,
 //! so a 1 GiB upload or download costs the worker no more memory than a small one.
 
+use std::fmt;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -48,8 +56,8 @@ use crate::request_body::{ClientBodyError, RequestBody, Upload};
 use crate::response_body::ResponseBody;
 use crate::route_table::RouteTable;
 use crate::tunnel_endpoint::TunnelEndpoint;
-use crate::tunnels::Tunnels;
-use crate::upgrade;
+use crate::tunnels::{Lease, NoAgent, Tunnels};
+use crate::{tunnel_forward, tunnel_upgrade, upgrade};
 
 /// What the client gets: the backend's streamed body, or a short error page.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -67,7 +75,7 @@ const POOL_MAX_IDLE_PER_BACKEND: usize = 128;
 /// The methods core-server passes to apps, for the `Allow` header of its 405 to `CONNECT`.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE";
 
-/// Why a backend gave no response.
+/// Why a backend (an app's local port, or a tunnel's agent) gave no response.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot connect")]
@@ -76,6 +84,27 @@ pub enum BackendError {
     Http(#[from] hyper::Error),
     #[error(transparent)]
     Client(#[from] hyper_util::client::legacy::Error),
+    #[error("{0}")]
+    NoAgent(NoAgent),
+    #[error("the agent does not support WebSockets: its HTTP/2 SETTINGS do not enable RFC 8441's extended CONNECT")]
+    NoExtendedConnect,
+    #[error("{0} agent connections in a row closed before taking the request")]
+    Unsent(usize, #[source] hyper::Error),
+}
+
+/// Where a domain's requests go: named in the logs.
+pub enum Upstream {
+    Port(SocketAddr),
+    Tunnel(Domain),
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upstream::Port(backend) => write!(f, "backend {backend}"),
+            Upstream::Tunnel(domain) => write!(f, "the agent of {domain}"),
+        }
+    }
 }
 
 pub struct Proxy {
@@ -84,7 +113,6 @@ pub struct Proxy {
     backend_timeout: Duration,
     /// Upgraded (WebSocket) connections, so a draining worker waits for them.
     tasks: TaskTracker,
-    #[allow(dead_code)] // Issue 9 in progress: the tunnel forwarding uses it.
     tunnels: Arc<Tunnels>,
     endpoint: TunnelEndpoint,
 }
@@ -147,33 +175,74 @@ impl Proxy {
         let Some(domain) = host.to_str().ok().and_then(Domain::from_host) else {
             return error_page(StatusCode::NOT_FOUND, "no app is registered for this host");
         };
-        let port = match self.routes.target(&domain) {
-            Some(Target::Port(port)) => port,
-            Some(Target::Tunnel) => {
-                return error_page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("no agent is connected for {domain}"),
-                )
+        let Some(target) = self.routes.target(&domain) else {
+            return error_page(
+                StatusCode::NOT_FOUND,
+                &format!("no app is registered for {domain}"),
+            );
+        };
+        let upgrade_to = upgrade::requested_protocol(&request);
+        let (request, upload) = self.prepare(request, client, &host, scheme);
+        let (response, upstream) = match target {
+            Target::Port(port) => {
+                let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                let response = self.to_port(request, upgrade_to, backend, host, upload);
+                (response.await.map(|r| (r, None)), Upstream::Port(backend))
             }
-            None => {
-                return error_page(
-                    StatusCode::NOT_FOUND,
-                    &format!("no app is registered for {domain}"),
-                )
+            Target::Tunnel => {
+                // Boxed, as `to_port`'s upgrade path is: its state would otherwise make every
+                // request's future larger.
+                let response =
+                    Box::pin(self.to_tunnel(request, upgrade_to, &domain, &host, scheme, upload));
+                (response.await, Upstream::Tunnel(domain.clone()))
             }
         };
-        let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        match response {
+            Ok((mut response, lease)) => {
+                if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    forwarding::remove_hop_by_hop(response.headers_mut());
+                }
+                // Our connection with the client, not the backend's, sets the version.
+                *response.version_mut() = client_version;
+                let timeout = self.backend_timeout;
+                response.map(|body| {
+                    Either::Left(ResponseBody::new(body, timeout, upstream).holding(lease))
+                })
+            }
+            Err(failure) => self.failure_page(failure, &domain, &upstream, client, client_version),
+        }
+    }
 
-        let upgrade_to = upgrade::requested_protocol(&request);
+    /// `request` as any backend gets it: its body watched (see `request_body`), hop-by-hop
+    /// headers removed, and what the client claims about its origin replaced by what
+    /// core-server knows (see `forwarding`).
+    fn prepare(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        host: &HeaderValue,
+        scheme: &'static str,
+    ) -> (Request<RequestBody>, Option<Upload>) {
         let (parts, body) = request.into_parts();
         let (body, upload) = RequestBody::new(body, self.backend_timeout);
         let mut request = Request::from_parts(parts, body);
         forwarding::remove_hop_by_hop(request.headers_mut());
-        forwarding::set_forwarded(request.headers_mut(), client.ip(), &host, scheme);
+        forwarding::set_forwarded(request.headers_mut(), client.ip(), host, scheme);
+        (request, upload)
+    }
+
+    /// Sends `request` to the app on `backend`, a local port, over HTTP/1.1.
+    async fn to_port(
+        &self,
+        mut request: Request<RequestBody>,
+        upgrade_to: Option<HeaderValue>,
+        backend: SocketAddr,
+        host: HeaderValue,
+        upload: Option<Upload>,
+    ) -> Result<Response<Incoming>, Failure> {
         request.headers_mut().insert(header::HOST, host);
         *request.version_mut() = Version::HTTP_11;
-
-        let response = match upgrade_to {
+        match upgrade_to {
             // Boxed: the rare upgrade path would otherwise make every request's future
             // several times larger, and futures are moved by copying.
             Some(protocol) => {
@@ -188,24 +257,43 @@ impl Proxy {
                 self.exchange(Box::pin(send), upload).await
             }
             None => {
-                *request.uri_mut() = backend_uri(request.uri(), port);
+                *request.uri_mut() = backend_uri(request.uri(), backend.port());
                 let send = self.client.request(request);
                 self.exchange(async { send.await.map_err(BackendError::Client) }, upload)
                     .await
             }
-        };
-        match response {
-            Ok(mut response) => {
-                if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                    forwarding::remove_hop_by_hop(response.headers_mut());
-                }
-                // Our connection with the client, not the backend's, sets the version.
-                *response.version_mut() = client_version;
-                response.map(|body| {
-                    Either::Left(ResponseBody::new(body, self.backend_timeout, backend))
-                })
+        }
+    }
+
+    /// Sends `request` to one of `domain`'s agents, over its tunnel's HTTP/2; the lease on the
+    /// agent connection comes with the response, to hold until its body ends.
+    async fn to_tunnel(
+        &self,
+        mut request: Request<RequestBody>,
+        upgrade_to: Option<HeaderValue>,
+        domain: &Domain,
+        host: &HeaderValue,
+        scheme: &'static str,
+        upload: Option<Upload>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+        tunnel_forward::address(&mut request, scheme, host, domain);
+        let pick = || self.tunnels.pick(domain);
+        match upgrade_to {
+            Some(protocol) => {
+                let send = tunnel_upgrade::proxy(
+                    request,
+                    protocol,
+                    pick,
+                    &self.tasks,
+                    self.backend_timeout,
+                );
+                self.exchange(send, upload).await
             }
-            Err(failure) => self.failure_page(failure, &domain, backend, client, client_version),
+            None => {
+                let send = tunnel_forward::send(request.map(Either::Left), pick);
+                let send = async { send.await.map(|(response, lease)| (response, Some(lease))) };
+                self.exchange(send, upload).await
+            }
         }
     }
 
@@ -213,11 +301,11 @@ impl Proxy {
     /// any) is sent: the backend's time to answer counts from the end of the body; until then,
     /// the upload may only stall (move no byte) for as long: a client's stall is ended by the
     /// body itself, a backend that stops reading it is ended here.
-    async fn exchange(
+    async fn exchange<T>(
         &self,
-        send: impl Future<Output = Result<Response<Incoming>, BackendError>>,
+        send: impl Future<Output = Result<T, BackendError>>,
         upload: Option<Upload>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<T, Failure> {
         tokio::pin!(send);
         if let Some(upload) = upload {
             let ended = upload.ended();
@@ -257,7 +345,7 @@ impl Proxy {
         &self,
         failure: Failure,
         domain: &Domain,
-        backend: SocketAddr,
+        backend: &Upstream,
         client: SocketAddr,
         client_version: Version,
     ) -> Response<ProxyBody> {
@@ -278,24 +366,40 @@ impl Proxy {
                     "the request body stopped arriving",
                 ))
             }
+            Failure::Backend(BackendError::NoAgent(why)) => {
+                warn!("{domain}: no agent to send a request to: {why}");
+                let mut page = error_page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no agent is connected for {domain} ({why})"),
+                );
+                // Agents reconnect within about a second of a restart on either side.
+                page.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                page
+            }
+            Failure::Backend(e @ BackendError::NoExtendedConnect) => {
+                warn!("{domain}: {backend} was asked for a WebSocket: {e}");
+                error_page(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the agent for {domain} does not support WebSockets"),
+                )
+            }
             Failure::Backend(e) => {
-                warn!("{domain}: backend {backend} failed: {}", describe(&e));
+                warn!("{domain}: {backend} failed: {}", describe(&e));
                 error_page(
                     StatusCode::BAD_GATEWAY,
                     &format!("the app for {domain} is not answering"),
                 )
             }
             Failure::BackendNotReading => {
-                warn!(
-                    "{domain}: backend {backend} took no byte of the request body for {timeout:?}"
-                );
+                warn!("{domain}: {backend} took no byte of the request body for {timeout:?}");
                 last(error_page(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!("the app for {domain} stopped reading the request"),
                 ))
             }
             Failure::NoResponse => {
-                warn!("{domain}: backend {backend} gave no response within {timeout:?}");
+                warn!("{domain}: {backend} gave no response within {timeout:?}");
                 error_page(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!("the app for {domain} took too long to answer"),
@@ -373,7 +477,7 @@ fn backend_uri(uri: &Uri, port: u16) -> Uri {
 }
 
 /// `e` and its causes, `: `-separated, as one log line.
-fn describe(e: &dyn std::error::Error) -> String {
+pub fn describe(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -400,6 +504,90 @@ pub fn error_page(status: StatusCode, why: &str) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use http::HeaderMap;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use crate::tunnel_forward::tests::{http1, trailers, Frames};
+
+    /// An app on a local port answering each request's body, and its `x-sum` trailer as an
+    /// `x-echoed-sum` trailer.
+    async fn trailer_echo() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(|request: Request<Incoming>| async move {
+                let collected = request.into_body().collect().await.unwrap();
+                let (frames, body) = mpsc::channel(2);
+                let sum = collected.trailers().and_then(|t| t.get("x-sum")).cloned();
+                frames.try_send(Frame::data(collected.to_bytes())).unwrap();
+                if let Some(sum) = sum {
+                    let mut answer = HeaderMap::new();
+                    answer.insert("x-echoed-sum", sum);
+                    frames.try_send(Frame::trailers(answer)).unwrap();
+                }
+                let response = Response::builder().header("trailer", "x-echoed-sum");
+                Ok::<_, std::convert::Infallible>(response.body(Frames(body)).unwrap())
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn trailers_cross_a_port_route_both_ways() {
+        let name = Domain::parse("a.example").unwrap();
+        let port = trailer_echo().await;
+        let (ours, _supervisor) = socketpair_fds().unwrap();
+        let routes = Arc::new(RouteTable::new(
+            [(name, port)].into_iter().collect(),
+            Arc::new(Channel::new(ours).unwrap()),
+        ));
+        let tunnels = Arc::new(Tunnels::new(Duration::from_secs(1), routes.clone()));
+        let proxy = Arc::new(Proxy::new(
+            routes,
+            Duration::from_secs(30),
+            TaskTracker::new(),
+            tunnels.clone(),
+            TunnelEndpoint::new(tunnels),
+        ));
+        let mut client = http1(move |request| {
+            let proxy = proxy.clone();
+            async move {
+                proxy
+                    .handle(request, "192.0.2.7:4000".parse().unwrap(), "http")
+                    .await
+            }
+        })
+        .await;
+
+        let (frames, body) = mpsc::channel(2);
+        frames.try_send(Frame::data(Bytes::from("abc"))).unwrap();
+        frames
+            .try_send(Frame::trailers(trailers("x-sum", "42")))
+            .unwrap();
+        drop(frames);
+        let request = Request::post("/")
+            .header("host", "a.example")
+            .header("te", "trailers")
+            .header("trailer", "x-sum")
+            .body(Frames(body).boxed())
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer = response.into_body().collect().await.unwrap();
+        assert_eq!(answer.trailers(), Some(&trailers("x-echoed-sum", "42")));
+        assert_eq!(answer.to_bytes(), "abc");
+    }
 
     #[test]
     fn backend_uri_keeps_path_and_query() {

@@ -3,8 +3,10 @@
 //! arriving. When no byte of the body comes for the timeout (`backend_timeout`, 60 s by default,
 //! as nginx's `proxy_read_timeout`), the body fails, and hyper closes the client's HTTP/1
 //! connection (or resets the HTTP/2 stream): the client sees a cut response, not a complete one.
+//!
+//! A response through a tunnel also holds its lease on the agent connection, so the connection
+//! counts the request in flight (for the balancing) until the body has ended.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,7 +15,9 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tracing::warn;
 
+use crate::proxy::Upstream;
 use crate::read_deadline::ReadDeadline;
+use crate::tunnels::Lease;
 
 /// Why a response body stopped short.
 #[derive(Debug, thiserror::Error)]
@@ -29,16 +33,25 @@ pub struct ResponseBody {
     inner: Incoming,
     deadline: ReadDeadline,
     /// For the log line when it stalls.
-    backend: SocketAddr,
+    upstream: Upstream,
+    /// A tunnel's agent connection, released when the body ends.
+    lease: Option<Lease>,
 }
 
 impl ResponseBody {
-    pub fn new(inner: Incoming, read_timeout: Duration, backend: SocketAddr) -> Self {
+    pub fn new(inner: Incoming, read_timeout: Duration, upstream: Upstream) -> Self {
         ResponseBody {
             inner,
             deadline: ReadDeadline::new(read_timeout),
-            backend,
+            upstream,
+            lease: None,
         }
+    }
+
+    /// Holds `lease` until the body ends (or is dropped, the client gone).
+    pub fn holding(mut self, lease: Option<Lease>) -> Self {
+        self.lease = lease;
+        self
     }
 }
 
@@ -53,15 +66,20 @@ impl Body for ResponseBody {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.deadline.moved();
+            // hyper polls no further once the body says it has ended.
+            if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
+                this.lease = None;
+            }
             return Poll::Ready(frame.map(|f| f.map_err(ResponseBodyError::Backend)));
         }
         if !this.deadline.poll_expired(cx) {
             return Poll::Pending;
         }
+        this.lease = None;
         let timeout = this.deadline.timeout();
         warn!(
-            "backend {} sent no byte of its response body for {timeout:?}: cutting the response",
-            this.backend
+            "{} sent no byte of its response body for {timeout:?}: cutting the response",
+            this.upstream
         );
         Poll::Ready(Some(Err(ResponseBodyError::Stalled(timeout))))
     }

@@ -9,7 +9,9 @@
 //! reply says so, and that resending is safe: `add` and `remove` are idempotent.
 //!
 //! A route removed is also announced to whoever watches [`RouteTable::removals`] (the
-//! certificates, which stop serving the name's).
+//! certificates, which stop serving the name's), and a tunnel closed (revoked, replaced by a
+//! port, or removed) to whoever watches [`RouteTable::tunnel_closures`] (the tunnel registry,
+//! which closes its agents' connections).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,8 @@ use core_server_proto::channel::Channel;
 use core_server_proto::command::Reply;
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::{FromWorker, ToWorker};
-use core_server_proto::routes::{RouteChange, RouteError, Routes, Target};
+use core_server_proto::routes::{Route, RouteChange, RouteError, Routes, Target};
+use core_server_proto::tunnel::token_matches;
 use tokio::sync::{mpsc, watch};
 
 pub type SupervisorChannel = Channel<FromWorker, ToWorker>;
@@ -30,6 +33,10 @@ pub struct RouteTable {
     last_seq: AtomicU64,
     saved: watch::Sender<Saved>,
     removed: Mutex<Option<mpsc::UnboundedSender<Domain>>>,
+    tunnels_closed: Mutex<Option<mpsc::UnboundedSender<Domain>>>,
+    /// Held from applying a change to reporting it, so that changes from the UDP port and from
+    /// the supervisor (tunnel allow and revoke) reach the supervisor in the order applied.
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 /// The supervisor's latest word: what became of every change up to `upto`.
@@ -69,6 +76,8 @@ impl RouteTable {
             last_seq: AtomicU64::new(0),
             saved: watch::Sender::new(Saved::default()),
             removed: Mutex::new(None),
+            tunnels_closed: Mutex::new(None),
+            one_at_a_time: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -79,6 +88,27 @@ impl RouteTable {
 
     pub fn is_routed(&self, domain: &Domain) -> bool {
         self.read().is_routed(domain)
+    }
+
+    /// Whether `domain` is a tunnel that some token may connect to.
+    pub fn has_tokens(&self, domain: &Domain) -> bool {
+        !self.read().tokens(domain).is_empty()
+    }
+
+    /// Whether `presented` is one of the tokens that may connect to `domain`'s tunnel
+    /// (compared in constant time; false if `domain` is no tunnel).
+    pub fn admits(&self, domain: &Domain, presented: &str) -> bool {
+        token_matches(self.read().tokens(domain), presented)
+    }
+
+    /// Every tunnel domain, and how many tokens may connect to it.
+    pub fn tunnels(&self) -> Vec<(Domain, usize)> {
+        (self.read().iter())
+            .filter_map(|(domain, route)| match route {
+                Route::Tunnel { tokens } => Some((domain.clone(), tokens.len())),
+                Route::Port(_) => None,
+            })
+            .collect()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Routes> {
@@ -106,17 +136,49 @@ impl RouteTable {
         removals
     }
 
+    /// Every tunnel closed from now on (its tokens revoked, or its route replaced by a port or
+    /// removed), in order. There is one watcher (the tunnel registry): a second call panics.
+    pub fn tunnel_closures(&self) -> mpsc::UnboundedReceiver<Domain> {
+        let mut watcher = self
+            .tunnels_closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        assert!(
+            watcher.is_none(),
+            "RouteTable::tunnel_closures called twice: the table has one watcher of them"
+        );
+        let (closed, closures) = mpsc::unbounded_channel();
+        *watcher = Some(closed);
+        closures
+    }
+
     /// Applies `change` and reports it. Resolves to the reply for the command's sender once the
-    /// change is saved. Changes must be made one at a time (the UDP loop does), so they reach
-    /// the supervisor in the order they were applied.
+    /// change is saved. Changes are made one at a time, so they reach the supervisor in the
+    /// order they were applied.
     pub async fn change(
         &self,
         change: RouteChange,
     ) -> Result<impl Future<Output = Reply>, RouteError> {
-        self.routes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(&change)?;
+        let _one_at_a_time = self.one_at_a_time.lock().await;
+        let closes_a_tunnel = {
+            let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+            let was_tunnel = matches!(routes.get(change.domain()), Some(Route::Tunnel { .. }));
+            routes.apply(&change)?;
+            match change {
+                RouteChange::RevokeTunnel { .. } => true,
+                RouteChange::Set { .. } | RouteChange::Remove { .. } => was_tunnel,
+                RouteChange::AllowTunnel { .. } => false,
+            }
+        };
+        if closes_a_tunnel {
+            let watcher = self
+                .tunnels_closed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(closed) = &*watcher {
+                let _ = closed.send(change.domain().clone());
+            }
+        }
         if let RouteChange::Remove { domain } = &change {
             if let Some(removed) = &*self.removed.lock().unwrap_or_else(|e| e.into_inner()) {
                 let _ = removed.send(domain.clone());
@@ -219,6 +281,51 @@ mod tests {
             "error: route applied, but whether it was saved is unknown (the supervisor stopped \
              before saying); resending it is safe"
         );
+    }
+
+    #[tokio::test]
+    async fn revoking_replacing_or_removing_a_tunnel_closes_it_and_nothing_else_does() {
+        let (table, _supervisor) = table();
+        let mut closures = table.tunnel_closures();
+        let domain = Domain::parse("t.example").unwrap();
+        let allow = RouteChange::AllowTunnel {
+            domain: domain.clone(),
+            token: core_server_proto::tunnel::Token::generate().unwrap().hash(),
+        };
+        let set = RouteChange::Set {
+            domain: domain.clone(),
+            port: 8080,
+        };
+        let revoke = RouteChange::RevokeTunnel {
+            domain: domain.clone(),
+        };
+        let remove = RouteChange::Remove {
+            domain: domain.clone(),
+        };
+        // (change, whether it closes the domain's tunnel)
+        let changes = [
+            (set.clone(), false),
+            (allow.clone(), false),
+            (allow.clone(), false),
+            (revoke, true),
+            (allow.clone(), false),
+            (set.clone(), true),
+            (set, false),
+            (allow, false),
+            (remove.clone(), true),
+            (add(), false),
+            (remove, false),
+        ];
+        for (change, closes) in changes {
+            let text = format!("{change:?}");
+            drop(table.change(change).await);
+            let closed = closures.try_recv().ok();
+            assert_eq!(closed.is_some(), closes, "{text}");
+            if let Some(closed) = closed {
+                assert_eq!(closed, domain);
+            }
+        }
+        assert!(table.tunnels().is_empty());
     }
 
     #[tokio::test]

@@ -1,70 +1,475 @@
 //! The tunnel registry: every agent connection, by domain, and the choice of one for a request.
 //!
 //! An agent connection joins once its control stream's hello has arrived (see
-//! `tunnel_endpoint`), and leaves when it closes, when its agent announces it is draining, or
-//! when its domain's tunnel route is revoked, replaced or removed. A request goes to the live
-//! connection of its domain with the fewest requests in flight; with none, it waits (up to
-//! `--tunnel-wait`) for one to (re)connect.
+//! `tunnel_connection`), and leaves when it closes, when its agent announces it is draining,
+//! or when its domain's tunnel route is revoked, replaced or removed. A request goes to the
+//! live connection of its domain with the fewest requests in flight; with none, it waits (up
+//! to `--tunnel-wait`) for one to (re)connect.
 //!
-//! SKELETON (issue 9, lead): the public API below is the contract between the endpoint
-//! (`tunnel_endpoint.rs`, which fills the registry) and the forwarding (`tunnel_forward.rs`,
-//! `tunnel_upgrade.rs`, which lease connections). Bodies are filled by the endpoint's author.
+//! Leaving comes in two strengths. A connection that leaves softly (its agent drains, or this
+//! worker stops) takes no new request and closes once the requests it carries are done: the
+//! registry drops its `SendRequest`, the leases still out hold the only others, and hyper ends
+//! the connection when the last is gone and its streams have finished. A connection whose
+//! domain is closed (revoked, replaced by a port, removed) is killed at once: every task of
+//! the connection is spawned through [`TunnelExecutor`], which drops them all.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
-use std::time::Duration;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use core_server_proto::domain::Domain;
+use core_server_proto::ipc::MAX_CONNECTIONS_SHOWN;
+use core_server_proto::tunnel::{AgentConnection, TunnelStatus, RECONNECT};
 use http_body_util::combinators::BoxBody;
 use http_body_util::Either;
 use hyper::client::conn::http2::SendRequest;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
 
 use crate::request_body::RequestBody;
+use crate::route_table::RouteTable;
 
 /// What the worker sends on a reversed connection: a client's request body, or one of its own
 /// (the control stream's lines; nothing, for a WebSocket's extended CONNECT).
 pub type TunnelBody = Either<RequestBody, BoxBody<Bytes, Infallible>>;
 
+/// The most agent connections one domain may have (say 16 machines with 4 each).
+pub const MAX_PER_DOMAIN: usize = 64;
+/// The most agent connections of all domains together.
+pub const MAX_IN_ALL: usize = 1024;
+
 /// Every agent connection, by domain.
 pub struct Tunnels {
     wait: Duration,
+    routes: Arc<RouteTable>,
+    state: Mutex<State>,
+    /// Notified whenever a connection joins, and when a domain is closed (so that waiting
+    /// picks see a revocation at once).
+    changed: Notify,
+    stopping: CancellationToken,
+    /// Every task of every tunnel, so a stopping worker can wait for them.
+    tasks: TaskTracker,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    domains: HashMap<Domain, DomainTunnels>,
+    /// Connections reserved in all domains (being set up, live, or finishing).
+    total: usize,
+}
+
+#[derive(Default)]
+struct DomainTunnels {
+    /// The connections that take requests.
+    live: Vec<Arc<AgentConn>>,
+    /// Connections reserved (being set up, live, or finishing).
+    reserved: usize,
+    /// Where the next pick starts looking, so that ties rotate.
+    next: usize,
+}
+
+/// One live agent connection, as the registry and the leases know it.
+struct AgentConn {
+    id: u64,
+    label: String,
+    address: SocketAddr,
+    since: u64,
+    send: SendRequest<TunnelBody>,
+    extended_connect: bool,
+    in_flight: AtomicU32,
+    served: AtomicU64,
+    /// Handed a request back unsent: it is closing, pick it no more.
+    retired: AtomicBool,
+    /// The worker's end of the control stream, until the connection leaves the balancer.
+    control: Mutex<Option<http_body_util::channel::Sender<Bytes>>>,
+    leave: CancellationToken,
+    kill: CancellationToken,
+}
+
+impl AgentConn {
+    /// Ends the control stream's request body: the agent then knows it gets no new request
+    /// (the connection may still be finishing some).
+    fn end_control(&self) {
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+/// Why a connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("this domain has {MAX_PER_DOMAIN} agent connections already, the most it may have")]
+    DomainFull,
+    #[error("this worker has {MAX_IN_ALL} agent connections already, the most it takes")]
+    Full,
+    #[error("this worker is stopping")]
+    Stopping,
+    #[error("the domain's tunnel was revoked or removed meanwhile")]
+    Closed,
 }
 
 impl Tunnels {
-    pub fn new(wait: Duration) -> Self {
-        Tunnels { wait }
+    /// `routes` tells which domains are tunnels and which tokens may connect to them.
+    pub fn new(wait: Duration, routes: Arc<RouteTable>) -> Self {
+        Tunnels {
+            wait,
+            routes,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            stopping: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A connection of `domain`'s agents to send one request on: the live one with the fewest
     /// requests in flight. With none connected, waits up to `--tunnel-wait` for one (not if the
     /// domain has no token, or the worker is stopping).
     pub async fn pick(&self, domain: &Domain) -> Result<Lease, NoAgent> {
-        let _ = (domain, self.wait);
-        todo!("issue 9: tunnels registry")
+        if let Some(lease) = self.try_pick(domain) {
+            return Ok(lease);
+        }
+        let deadline = Instant::now() + self.wait;
+        loop {
+            // Registered before looking, so that a connection joining in between wakes us.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(lease) = self.try_pick(domain) {
+                return Ok(lease);
+            }
+            if !self.routes.has_tokens(domain) {
+                return Err(NoAgent::Revoked);
+            }
+            if self.stopping.is_cancelled() {
+                return Err(NoAgent::Stopping);
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline) => return Err(NoAgent::Timeout(self.wait)),
+                () = self.stopping.cancelled() => return Err(NoAgent::Stopping),
+            }
+        }
+    }
+
+    fn try_pick(&self, domain: &Domain) -> Option<Lease> {
+        let mut state = self.state();
+        let tunnels = state.domains.get_mut(domain)?;
+        let count = tunnels.live.len();
+        let start = tunnels.next;
+        tunnels.next = tunnels.next.wrapping_add(1);
+        let best = (0..count)
+            .map(|i| &tunnels.live[(start + i) % count])
+            .filter(|conn| !conn.retired.load(Ordering::Relaxed) && !conn.send.is_closed())
+            .min_by_key(|conn| conn.in_flight.load(Ordering::Relaxed))?;
+        // Counted under the lock, so that concurrent picks see it.
+        best.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Lease { conn: best.clone() })
+    }
+
+    /// Holds a place for a new connection of `domain`, within the limits, until the
+    /// reservation is dropped (when the connection has closed).
+    pub fn reserve(self: &Arc<Self>, domain: &Domain) -> Result<Reservation, Refusal> {
+        if self.stopping.is_cancelled() {
+            return Err(Refusal::Stopping);
+        }
+        let mut state = self.state();
+        if state.total >= MAX_IN_ALL {
+            return Err(Refusal::Full);
+        }
+        let tunnels = state.domains.entry(domain.clone()).or_default();
+        if tunnels.reserved >= MAX_PER_DOMAIN {
+            return Err(Refusal::DomainFull);
+        }
+        tunnels.reserved += 1;
+        state.total += 1;
+        Ok(Reservation {
+            tunnels: self.clone(),
+            domain: domain.clone(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            kill: CancellationToken::new(),
+            leave: CancellationToken::new(),
+        })
+    }
+
+    /// Asks every agent to dial a replacement now (the next worker's), and refuses new
+    /// tunnels and waits: this worker is stopping. Its connections keep serving until
+    /// [`Tunnels::close_all`].
+    pub fn ask_to_reconnect(&self) {
+        self.stopping.cancel();
+        let state = self.state();
+        for conn in state.domains.values().flat_map(|d| &d.live) {
+            if let Some(control) = &mut *conn.control.lock().unwrap_or_else(|e| e.into_inner()) {
+                // A full channel already holds a line the agent has not read: nothing to add.
+                let _ = control.try_send(hyper::body::Frame::data(Bytes::from_static(RECONNECT)));
+            }
+        }
+    }
+
+    /// Takes every connection out of the balancer; each closes once its requests are done.
+    pub fn close_all(&self) {
+        self.stopping.cancel();
+        let mut state = self.state();
+        for tunnels in state.domains.values_mut() {
+            for conn in tunnels.live.drain(..) {
+                conn.end_control();
+                conn.leave.cancel();
+            }
+        }
+    }
+
+    /// Resolves once every tunnel task has ended (after [`Tunnels::close_all`]).
+    pub async fn closed(&self) {
+        self.tasks.close();
+        self.tasks.wait().await
+    }
+
+    /// Runs `tunnel` as a tracked task: a stopping worker waits for it.
+    pub fn spawn(&self, tunnel: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(tunnel);
+    }
+
+    /// How many tunnel tasks are running.
+    pub fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Kills `domain`'s connections at once: its tunnel was revoked, replaced or removed.
+    pub fn close_domain(&self, domain: &Domain) {
+        let closed = match self.state().domains.get_mut(domain) {
+            Some(tunnels) => std::mem::take(&mut tunnels.live),
+            None => Vec::new(),
+        };
+        for conn in &closed {
+            conn.end_control();
+            conn.kill.cancel();
+        }
+        if !closed.is_empty() {
+            info!(
+                "{domain}: closed its {} agent connection(s): the tunnel was revoked, replaced or removed",
+                closed.len()
+            );
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Closes the connections of every domain announced on `closures` (see
+    /// `RouteTable::tunnel_closures`), until it ends.
+    pub async fn follow_closures(self: Arc<Self>, mut closures: mpsc::UnboundedReceiver<Domain>) {
+        while let Some(domain) = closures.recv().await {
+            self.close_domain(&domain);
+        }
+    }
+
+    /// The tunnel domains and their connections, for `status`.
+    pub fn snapshot(&self) -> Vec<TunnelStatus> {
+        let routes = self.routes.tunnels();
+        let state = self.state();
+        routes
+            .into_iter()
+            .map(|(domain, tokens)| {
+                let live = state.domains.get(&domain).map_or(&[][..], |d| &d.live[..]);
+                TunnelStatus {
+                    name: domain.to_string(),
+                    tokens: tokens as u32,
+                    connections: (live.iter().take(MAX_CONNECTIONS_SHOWN))
+                        .map(|conn| AgentConnection {
+                            label: conn.label.clone(),
+                            address: conn.address.to_string(),
+                            since: conn.since,
+                            in_flight: conn.in_flight.load(Ordering::Relaxed),
+                            served: conn.served.load(Ordering::Relaxed),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes the connection `id` of `domain` out of the balancer, if it is still in it.
+    fn remove(&self, domain: &Domain, id: u64) -> Option<Arc<AgentConn>> {
+        let mut state = self.state();
+        let live = &mut state.domains.get_mut(domain)?.live;
+        let at = live.iter().position(|conn| conn.id == id)?;
+        Some(live.swap_remove(at))
+    }
+}
+
+/// A place held for one agent connection (see [`Tunnels::reserve`]); the connection's life.
+pub struct Reservation {
+    tunnels: Arc<Tunnels>,
+    domain: Domain,
+    id: u64,
+    kill: CancellationToken,
+    leave: CancellationToken,
+}
+
+/// What the registry needs to know of a connection to put it in the balancer.
+pub struct Joining {
+    pub label: String,
+    pub address: SocketAddr,
+    pub send: SendRequest<TunnelBody>,
+    /// Whether the agent's SETTINGS enabled RFC 8441's extended CONNECT.
+    pub extended_connect: bool,
+    pub control: http_body_util::channel::Sender<Bytes>,
+}
+
+impl Reservation {
+    pub fn domain(&self) -> &Domain {
+        &self.domain
+    }
+
+    /// An executor for the connection's tasks: tracked (a stopping worker waits for them) and
+    /// dropped when the connection is killed.
+    pub fn executor(&self) -> TunnelExecutor {
+        TunnelExecutor {
+            tasks: self.tunnels.tasks.clone(),
+            kill: self.kill.clone(),
+        }
+    }
+
+    /// Resolves when the connection must leave softly (see the module's comment).
+    pub async fn leave(&self) {
+        self.leave.cancelled().await
+    }
+
+    /// Resolves when the connection must close at once.
+    pub async fn killed(&self) {
+        self.kill.cancelled().await
+    }
+
+    /// Puts the connection in the balancer. Refused if the domain was closed meanwhile.
+    pub fn join(&self, joining: Joining) -> Result<(), Refusal> {
+        let tunnels = &self.tunnels;
+        {
+            let mut state = tunnels.state();
+            // Checked under the registry's lock: a closure applied after this check is
+            // announced after it too, and then finds the connection to close.
+            if !tunnels.routes.has_tokens(&self.domain) {
+                return Err(Refusal::Closed);
+            }
+            if tunnels.stopping.is_cancelled() {
+                return Err(Refusal::Stopping);
+            }
+            let since = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let conn = Arc::new(AgentConn {
+                id: self.id,
+                label: joining.label,
+                address: joining.address,
+                since,
+                send: joining.send,
+                extended_connect: joining.extended_connect,
+                in_flight: AtomicU32::new(0),
+                served: AtomicU64::new(0),
+                retired: AtomicBool::new(false),
+                control: Mutex::new(Some(joining.control)),
+                leave: self.leave.clone(),
+                kill: self.kill.clone(),
+            });
+            let domain = state.domains.entry(self.domain.clone()).or_default();
+            domain.live.push(conn);
+        }
+        tunnels.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Takes the connection out of the balancer (if it still is) and ends its control
+    /// stream's request body.
+    pub fn remove(&self) {
+        if let Some(conn) = self.tunnels.remove(&self.domain, self.id) {
+            conn.end_control();
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.remove();
+        let mut state = self.tunnels.state();
+        state.total -= 1;
+        if let Some(tunnels) = state.domains.get_mut(&self.domain) {
+            tunnels.reserved -= 1;
+            if tunnels.reserved == 0 {
+                state.domains.remove(&self.domain);
+            }
+        }
+    }
+}
+
+/// Spawns a tunnel connection's tasks (hyper's HTTP/2 connection, request bodies, upgrades):
+/// tracked, and dropped when the connection is killed, which closes its socket and fails its
+/// streams.
+#[derive(Clone)]
+pub struct TunnelExecutor {
+    tasks: TaskTracker,
+    kill: CancellationToken,
+}
+
+impl<F> hyper::rt::Executor<F> for TunnelExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let kill = self.kill.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = future => {}
+                () = kill.cancelled() => {}
+            }
+        });
     }
 }
 
 /// One request's claim on an agent connection: counted in flight (for the balancing, and in
 /// `status`) until dropped, then counted as served. Keep it until the response body has ended.
 pub struct Lease {
-    sender: SendRequest<TunnelBody>,
+    conn: Arc<AgentConn>,
 }
 
 impl Lease {
     /// The connection's HTTP/2 request handle.
     pub fn sender(&self) -> SendRequest<TunnelBody> {
-        self.sender.clone()
+        self.conn.send.clone()
     }
 
     /// Whether the agent enabled RFC 8441's extended CONNECT (for WebSockets) in its SETTINGS.
     pub fn extended_connect(&self) -> bool {
-        todo!("issue 9: tunnels registry")
+        self.conn.extended_connect
     }
 
     /// The connection handed a request back unsent (it is closing): pick no more for it.
     pub fn retire(&self) {
-        todo!("issue 9: tunnels registry")
+        self.conn.retired.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.conn.served.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -88,5 +493,44 @@ impl fmt::Display for NoAgent {
             NoAgent::Timeout(wait) => write!(f, "no agent connected within {wait:?}"),
             NoAgent::Stopping => f.write_str("this worker is stopping"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core_server_proto::channel::{socketpair_fds, Channel};
+    use core_server_proto::routes::Routes;
+
+    #[tokio::test]
+    async fn tunnels_are_limited_per_domain_and_in_all_and_refused_once_stopping() {
+        let (ours, _theirs) = socketpair_fds().unwrap();
+        let routes = RouteTable::new(Routes::default(), Arc::new(Channel::new(ours).unwrap()));
+        let tunnels = Arc::new(Tunnels::new(Duration::from_secs(1), Arc::new(routes)));
+        let domain = |i: usize| Domain::parse(&format!("d{i}.example")).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..MAX_PER_DOMAIN {
+            held.push(tunnels.reserve(&domain(0)).unwrap());
+        }
+        assert!(matches!(
+            tunnels.reserve(&domain(0)),
+            Err(Refusal::DomainFull)
+        ));
+        held.pop();
+        held.push(tunnels.reserve(&domain(0)).unwrap());
+        for i in 1..MAX_IN_ALL / MAX_PER_DOMAIN {
+            for _ in 0..MAX_PER_DOMAIN {
+                held.push(tunnels.reserve(&domain(i)).unwrap());
+            }
+        }
+        assert!(matches!(tunnels.reserve(&domain(999)), Err(Refusal::Full)));
+        held.clear();
+        assert!(tunnels.state().domains.is_empty());
+        let _one = tunnels.reserve(&domain(999)).unwrap();
+        tunnels.ask_to_reconnect();
+        assert!(matches!(
+            tunnels.reserve(&domain(1)),
+            Err(Refusal::Stopping)
+        ));
     }
 }

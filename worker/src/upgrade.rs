@@ -8,6 +8,8 @@
 //! `proxy_read_timeout` closes a quiet WebSocket; WebSocket libraries ping every 20 to 30 s, so a
 //! live socket is never quiet that long).
 //!
+//! A tunnel domain's upgrades go to its agent instead (see `tunnel_upgrade`), spliced the same way.
+//!
 //! `Upgrade: h2c` is never passed on: core-server speaks HTTP/2 to clients itself, and a
 //! backend switching the client's connection to cleartext HTTP/2 behind the proxy's back would
 //! escape every rule the proxy applies per request (hosts, headers, deadlines).
@@ -18,6 +20,7 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
@@ -93,14 +96,27 @@ pub async fn proxy(
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let backend_side = hyper::upgrade::on(&mut response);
-        tasks.spawn(async move {
-            let (Ok(client), Ok(backend)) = tokio::join!(client_side, backend_side) else {
-                return;
-            };
-            quiet_splice::splice(TokioIo::new(client), TokioIo::new(backend), idle_timeout).await;
-        });
+        splice(client_side, backend_side, tasks, idle_timeout, ());
     }
     Ok(response)
+}
+
+/// Once the client's and the upstream's connections have both switched protocols, splices them
+/// in a task tracked by `tasks`, closed once no byte moves either way for `idle_timeout`.
+/// `hold` (a tunnel's lease on its agent connection) lives as long as the splice.
+pub fn splice<H: Send + 'static>(
+    client_side: OnUpgrade,
+    upstream_side: OnUpgrade,
+    tasks: &TaskTracker,
+    idle_timeout: Duration,
+    hold: H,
+) {
+    tasks.spawn(async move {
+        if let (Ok(client), Ok(upstream)) = tokio::join!(client_side, upstream_side) {
+            quiet_splice::splice(TokioIo::new(client), TokioIo::new(upstream), idle_timeout).await;
+        }
+        drop(hold);
+    });
 }
 
 #[cfg(test)]

@@ -1,0 +1,154 @@
+//! One reversed tunnel connection: the agent serves HTTP/2 on the connection it dialed. The
+//! control stream goes to [`crate::control`], every other request to the user's service. On
+//! shutdown the connection drains: `draining` on the control stream, then GOAWAY, then the
+//! requests in flight finish.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http2;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::control::Control;
+use crate::dial::Tunnel;
+use crate::shutdown::Shutdown;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every response body the agent sends: the user's, whatever its type, or the control stream's.
+pub(crate) type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// `body` as an [`AgentBody`]. `copy_to_bytes` costs nothing for the usual `Bytes` chunks.
+pub(crate) fn boxed<B>(body: B) -> AgentBody
+where
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_frame(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
+        .map_err(Into::into)
+        .boxed_unsync()
+}
+
+/// The HTTP/2 server settings of a tunnel connection. Windows and frames are far above hyper's
+/// server defaults (1 MiB windows, 16 KiB frames) for throughput over one TCP connection that
+/// carries many streams; streams are capped by `max_streams`, not hyper's default of 200. The
+/// PINGs notice a proxy that went silent (no FIN) within 3 + 5 s.
+pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(max_streams)
+        .enable_connect_protocol()
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(32 << 20)
+        .max_frame_size(256 << 10)
+        .max_send_buf_size(4 << 20)
+        .max_header_list_size(64 << 10)
+        .keep_alive_interval(Duration::from_secs(3))
+        .keep_alive_timeout(Duration::from_secs(5));
+    builder
+}
+
+/// A connection being served.
+pub(crate) struct Running {
+    pub control: Arc<Control>,
+    /// Ends with the connection, saying how.
+    pub ended: JoinHandle<String>,
+}
+
+/// Serves `tunnel` with `service` in a task of `shutdown`'s, until the worker closes it, it
+/// breaks, or the agent stops (then it drains first).
+pub(crate) fn start<S, B>(
+    tunnel: Tunnel,
+    service: S,
+    builder: &http2::Builder<TokioExecutor>,
+    shutdown: &Shutdown,
+    name: String,
+) -> Running
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let control = Control::new(tunnel.nonce, shutdown.tasks.clone());
+    let router = Router {
+        service,
+        control: control.clone(),
+    };
+    let connection = builder.serve_connection(tunnel.io, router);
+    let (stop, force) = (shutdown.stop.clone(), shutdown.force.clone());
+    let drain_control = control.clone();
+    let ended = shutdown.tasks.spawn(async move {
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = stop.cancelled() => {
+                // Serving on meanwhile: `draining`, and the worker's release (at most 1 s)...
+                tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = drain_control.drain() => {
+                        // ...then GOAWAY, and the streams in flight finish (or the grace ends).
+                        connection.as_mut().graceful_shutdown();
+                        tokio::select! {
+                            result = connection.as_mut() => result,
+                            _ = force.cancelled() => {
+                                warn!("{name}: requests still in flight at the end of the grace period were cut");
+                                return "cut".to_owned();
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let why = match result {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => format!("lost: {e}"),
+        };
+        if stop.is_cancelled() {
+            info!("{name} drained ({why})");
+        }
+        why
+    });
+    Running { control, ended }
+}
+
+/// Sends the control stream to [`Control`], the rest to the user's service.
+struct Router<S> {
+    service: S,
+    control: Arc<Control>,
+}
+
+type RouterFuture = Pin<Box<dyn Future<Output = Result<Response<AgentBody>, BoxError>> + Send>>;
+
+impl<S, B> Service<Request<Incoming>> for Router<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<AgentBody>;
+    type Error = BoxError;
+    type Future = RouterFuture;
+
+    fn call(&self, request: Request<Incoming>) -> RouterFuture {
+        if self.control.is_control(&request) {
+            let response = self.control.accept(request);
+            return Box::pin(async move { Ok(response) });
+        }
+        let response = self.service.call(request);
+        Box::pin(async move { Ok(response.await.map_err(Into::into)?.map(boxed)) })
+    }
+}

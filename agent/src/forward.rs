@@ -1,0 +1,214 @@
+//! The `core-agent` binary's service: every request from the tunnel goes to the local app at
+//! `--to` over pooled HTTP/1.1 connections, streaming both ways, trailers included. The worker
+//! already set `X-Forwarded-For`/`-Proto`/`-Host`; they pass through untouched, and `Host` is
+//! the tunnel domain (the request's `:authority`).
+//!
+//! A WebSocket (or any `Upgrade`) arrives as an RFC 8441 extended CONNECT carrying the protocol
+//! in `:protocol`: it goes to the app as the HTTP/1.1 `GET` with `Upgrade` it was in the browser,
+//! with its `Sec-WebSocket-*` headers, on a connection of its own. The app's `101` goes back as
+//! the `200` that RFC 8441 expects (with the app's `Sec-WebSocket-Accept`, passed through as
+//! the browser needs it), and the two upgraded streams are spliced.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper::ext::Protocol;
+use hyper::service::Service;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::connection::BoxError;
+
+/// The body of a response from [`forward_to`]'s service: the app's, or the agent's own text.
+pub type ForwardBody = Either<Incoming, Full<Bytes>>;
+
+/// Connection-level headers of HTTP/1.1 that never cross to HTTP/2 (RFC 9113 §8.2.2).
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A service that forwards every request to the HTTP/1.1 app at `app` (what `core-agent --to`
+/// runs).
+pub fn forward_to(app: SocketAddr) -> ForwardService {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(10)));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector);
+    ForwardService { client, app }
+}
+
+/// See [`forward_to`].
+#[derive(Clone)]
+pub struct ForwardService {
+    client: Client<HttpConnector, Incoming>,
+    app: SocketAddr,
+}
+
+type ForwardFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ForwardBody>, Infallible>> + Send>>;
+
+impl Service<Request<Incoming>> for ForwardService {
+    type Response = Response<ForwardBody>;
+    type Error = Infallible;
+    type Future = ForwardFuture;
+
+    fn call(&self, request: Request<Incoming>) -> ForwardFuture {
+        let this = self.clone();
+        Box::pin(async move {
+            let app = this.app;
+            let result = match request.extensions().get::<Protocol>().cloned() {
+                Some(protocol) if request.method() == Method::CONNECT => {
+                    upgrade(request, protocol, app).await
+                }
+                _ => this.forward(request).await,
+            };
+            Ok(result.unwrap_or_else(|e| {
+                warn!("the app at {app}: {e}");
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("core-agent: the app at {app} did not answer: {e}\n"),
+                )
+            }))
+        })
+    }
+}
+
+impl ForwardService {
+    async fn forward(&self, request: Request<Incoming>) -> Result<Response<ForwardBody>, BoxError> {
+        let (mut parts, body) = request.into_parts();
+        if let Some(host) = host(&parts.uri)? {
+            parts.headers.insert(header::HOST, host);
+        }
+        parts.uri = app_uri(self.app, &parts.uri)?;
+        parts.version = Version::HTTP_11;
+        // HTTP/1.1 carries trailers only in a chunked body (hyper would send a body of known
+        // length with `Content-Length`), and hyper sends only those `Trailer` declares.
+        if parts.headers.contains_key(header::TRAILER) {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        let response = self
+            .client
+            .request(Request::from_parts(parts, body))
+            .await?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+}
+
+/// The `Host` a request is forwarded with: its `:authority`.
+fn host(uri: &Uri) -> Result<Option<HeaderValue>, http::Error> {
+    Ok(match uri.authority() {
+        Some(authority) => Some(HeaderValue::from_str(authority.as_str())?),
+        None => None,
+    })
+}
+
+/// `http://APP/path?query`, for `uri` as it arrived (`https://domain/path?query` on HTTP/2).
+fn app_uri(app: SocketAddr, uri: &Uri) -> Result<Uri, http::Error> {
+    Uri::builder()
+        .scheme("http")
+        .authority(app.to_string())
+        .path_and_query(path(uri))
+        .build()
+}
+
+fn path(uri: &Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// An extended CONNECT for `protocol`, as an HTTP/1.1 upgrade to the app.
+async fn upgrade(
+    mut request: Request<Incoming>,
+    protocol: Protocol,
+    app: SocketAddr,
+) -> Result<Response<ForwardBody>, BoxError> {
+    let tunnel_side = hyper::upgrade::on(&mut request);
+    let (mut parts, _) = request.into_parts();
+    let mut backend_request = Request::get(path(&parts.uri))
+        .version(Version::HTTP_11)
+        .body(Empty::<Bytes>::new())?;
+    let headers = backend_request.headers_mut();
+    *headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(headers);
+    if let Some(host) = host(&parts.uri)? {
+        headers.insert(header::HOST, host);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_str(protocol.as_str())?);
+
+    let stream = TcpStream::connect(app).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            debug!("upgrade connection to {app}: {e}");
+        }
+    });
+    let mut response = sender.send_request(backend_request).await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        return Ok(Response::from_parts(parts, Either::Left(body)));
+    }
+    let app_side = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        let (Ok(tunnel), Ok(app)) = tokio::join!(tunnel_side, app_side) else {
+            return;
+        };
+        let (mut tunnel, mut app) = (TokioIo::new(tunnel), TokioIo::new(app));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await {
+            debug!("upgraded stream ended: {e}");
+        }
+    });
+    let mut accepted = Response::new(Either::Right(Full::default()));
+    *accepted.headers_mut() = std::mem::take(response.headers_mut());
+    strip_hop_by_hop(accepted.headers_mut());
+    Ok(accepted)
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<ForwardBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,230 @@
+//! A tunnel's life once the `101` is sent: the agent's connection reversed (the worker
+//! becomes an HTTP/2 client on it), its control stream opened, the connection put in the
+//! registry once the agent's hello arrives, and taken out when it closes, when the agent
+//! drains, or when the registry asks (see `tunnels`).
+//!
+//! Liveness: HTTP/2 PINGs every [`KEEP_ALIVE_INTERVAL`], answered within
+//! [`KEEP_ALIVE_TIMEOUT`], even while idle, find a silent agent (cable pulled: no FIN) within
+//! 8 seconds; `TCP_USER_TIMEOUT` also ends the socket once sent data stays unacknowledged for
+//! [`USER_TIMEOUT`].
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::upgrade::downcast;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info};
+
+use crate::tunnel_control::{self, AgentSaid};
+use crate::tunnels::{Joining, Reservation, TunnelBody};
+
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-stream and per-connection receive windows: a stream may have 4 MiB in flight (a
+/// 100 MB download at full speed over a 30 ms path), the connection 32 MiB, which bounds
+/// the memory a tunnel's slow readers can make the worker hold. hyper's client defaults (2
+/// and 5 MiB) halve throughput on a long fat path.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Large frames: fewer headers and wake-ups per megabyte than the 16 KiB default.
+const MAX_FRAME_SIZE: u32 = 256 << 10;
+const MAX_SEND_BUF_SIZE: usize = 4 << 20;
+
+/// Who the agent is, as its handshake told.
+pub struct Agent {
+    pub label: String,
+    pub address: SocketAddr,
+    pub nonce: String,
+}
+
+/// Runs a tunnel from its upgrade until it has closed, holding `reservation` meanwhile.
+pub async fn run(on_upgrade: OnUpgrade, reservation: Reservation, agent: Agent) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            debug!("tunnel from {}: the upgrade failed: {e}", agent.address);
+            return;
+        }
+    };
+    // The socket itself, when it can be had: no dynamic dispatch per read and write, and
+    // TCP_USER_TIMEOUT can be set.
+    match downcast::<TokioIo<TcpStream>>(upgraded) {
+        Ok(parts) => {
+            user_timeout(parts.io.inner(), &agent);
+            let io = Prefixed::new(parts.read_buf, parts.io);
+            serve(io, reservation, agent).await
+        }
+        Err(upgraded) => match downcast::<TokioIo<TlsStream<TcpStream>>>(upgraded) {
+            Ok(parts) => {
+                user_timeout(parts.io.inner().get_ref().0, &agent);
+                let io = Prefixed::new(parts.read_buf, parts.io);
+                serve(io, reservation, agent).await
+            }
+            Err(upgraded) => serve::<Upgraded>(upgraded, reservation, agent).await,
+        },
+    }
+}
+
+fn user_timeout(stream: &TcpStream, agent: &Agent) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        debug!(
+            "tunnel from {}: cannot set TCP_USER_TIMEOUT: {e}",
+            agent.address
+        );
+    }
+}
+
+/// The HTTP/2 client on the reversed connection, from its handshake to its end.
+async fn serve<T>(io: T, reservation: Reservation, agent: Agent)
+where
+    T: Read + Write + Unpin + Send + 'static,
+{
+    let domain = reservation.domain().clone();
+    let Agent {
+        label,
+        address,
+        nonce,
+    } = agent;
+    let handshake = hyper::client::conn::http2::Builder::new(reservation.executor())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buf_size(MAX_SEND_BUF_SIZE)
+        .adaptive_window(false)
+        .handshake::<_, TunnelBody>(io);
+    let (mut send, connection) = match handshake.await {
+        Ok(handshake) => handshake,
+        Err(e) => {
+            debug!("{domain}: HTTP/2 handshake with the agent at {address} failed: {e}");
+            return;
+        }
+    };
+    tokio::pin!(connection);
+
+    let opened = tokio::select! {
+        opened = tunnel_control::open(&mut send, &domain, &nonce) => opened,
+        result = connection.as_mut() => {
+            debug!("{domain}: the agent at {address} closed before its hello: {result:?}");
+            return;
+        }
+        () = reservation.killed() => return,
+    };
+    let (control, replies) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            info!("{domain}: agent {label:?} at {address} refused: {e}");
+            return;
+        }
+    };
+    // The agent's SETTINGS came before its hello.
+    let joining = Joining {
+        label: label.clone(),
+        address,
+        send,
+        extended_connect: connection.is_extended_connect_protocol_enabled(),
+        control,
+    };
+    if let Err(e) = reservation.join(joining) {
+        debug!("{domain}: agent {label:?} at {address} not taken: {e}");
+        return;
+    }
+    info!("{domain}: agent {label:?} connected from {address}");
+
+    let (why, ended) = tokio::select! {
+        result = connection.as_mut() => match result {
+            Ok(()) => ("it closed".to_owned(), true),
+            Err(e) => (e.to_string(), true),
+        },
+        said = tunnel_control::agent_said(replies) => match said {
+            AgentSaid::Draining => ("it is draining".to_owned(), false),
+            AgentSaid::Ended => ("it ended its control stream".to_owned(), false),
+        },
+        () = reservation.leave() => ("this worker is stopping".to_owned(), false),
+        () = reservation.killed() => {
+            info!("{domain}: agent {label:?} at {address} disconnected: the tunnel was closed");
+            return;
+        }
+    };
+    // No new request; those in flight finish, after which hyper closes the connection.
+    reservation.remove();
+    info!("{domain}: agent {label:?} at {address} left: {why}");
+    if !ended {
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            () = reservation.killed() => {}
+        }
+    }
+}
+
+/// A stream and the bytes already read from it (by the HTTP/1 handshake) before it was
+/// handed over: those are read first.
+struct Prefixed<T> {
+    prefix: Bytes,
+    io: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(prefix: Bytes, io: T) -> Self {
+        Prefixed { prefix, io }
+    }
+}
+
+impl<T: Read + Unpin> Read for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: Write + Unpin> Write for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
