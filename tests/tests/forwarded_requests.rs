@@ -5,9 +5,12 @@
 
 use std::time::Duration;
 
+use core_server_tests::backend::full;
 use core_server_tests::http::{raw, read_until_closed};
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
+use http::Response;
+use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -111,7 +114,13 @@ async fn websocket_upgrade_reaches_the_backend_in_origin_form() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_request_body_is_400_and_the_clients_fault() {
     let server = CoreServer::start();
-    let backend = Backend::echo().await;
+    // One that reads the body before it answers, as an app taking an upload does: an echo of
+    // the head alone could answer before the worker reads the bad chunk.
+    let backend = Backend::start(|request| async move {
+        let read = request.into_body().collect().await.is_ok();
+        Response::new(full(format!("body read: {read}")))
+    })
+    .await;
     server.add("app.example", backend.port);
 
     let answer = raw(
