@@ -29,8 +29,9 @@ pub struct Counts {
     pub non_2xx: u64,
     pub other_errors: u64,
     /// Requests the connection closed under before sending them (hyper's "canceled": an
-    /// HTTP/2 connection's GOAWAY crossed them), sent again on a new connection, as browsers
-    /// and hyper-util's pooled client do. Not failures: the server never saw them.
+    /// HTTP/2 connection's GOAWAY crossed them), or that an HTTP/2 server's GOAWAY declared
+    /// unprocessed (above its last stream id, RFC 9113 §6.8), sent again on a new connection,
+    /// as browsers and hyper-util's pooled client do. Not failures: the server never saw them.
     pub retried: u64,
 }
 
@@ -164,7 +165,7 @@ async fn client(via: Via, host: String, reuse: bool, stop: Arc<AtomicBool>) -> C
                     Err(e) => counts.failed(&e),
                 }
             }
-            Err(e) if e.is_canceled() => {
+            Err(e) if e.is_canceled() || refused_unprocessed(&e) => {
                 counts.retried += 1;
                 connection = None;
                 continue;
@@ -176,6 +177,17 @@ async fn client(via: Via, host: String, reuse: bool, stop: Arc<AtomicBool>) -> C
         }
     }
     counts
+}
+
+/// Whether `error` is an HTTP/2 stream that the server's GOAWAY left unprocessed (its id above
+/// the GOAWAY's last stream id) or refused with REFUSED_STREAM: safe to send again.
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    let Some(h2) = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>())
+    else {
+        return false;
+    };
+    (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
+        || h2.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// One client connection, HTTP/1.1 or HTTP/2.
