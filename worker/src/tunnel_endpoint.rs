@@ -78,11 +78,13 @@ impl TunnelEndpoint {
         let domain = request_host(&request)
             .ok()
             .and_then(|host| host.to_str().ok().and_then(Domain::from_host));
-        let admitted = match (&domain, bearer(request.headers())) {
-            (Some(domain), Some(token)) => self.tunnels.routes().admits(domain, token),
-            _ => false,
+        let admitted = match (domain, bearer(request.headers())) {
+            (Some(domain), Some(token)) => {
+                (self.tunnels.routes().admits(&domain, token)).map(|token| (domain, token))
+            }
+            _ => None,
         };
-        let Some(domain) = domain.filter(|_| admitted) else {
+        let Some((domain, token)) = admitted else {
             self.failures.charge(source);
             let host = request_host(&request).ok();
             let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
@@ -96,7 +98,7 @@ impl TunnelEndpoint {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return response;
         };
-        let reservation = match self.tunnels.reserve(&domain) {
+        let reservation = match self.tunnels.reserve(&domain, token) {
             Ok(reservation) => reservation,
             Err(e) => {
                 info!("{domain}: tunnel request from {source} refused: {e}");

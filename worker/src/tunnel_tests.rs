@@ -26,7 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -178,6 +178,18 @@ impl TestAgent {
         token: &str,
         label: &str,
     ) -> Result<TestAgent, Refused> {
+        Self::dial_with(addr, host, token, label, None).await
+    }
+
+    /// Dials; with `hello`, the agent sends its hello (the control stream's response head)
+    /// only once `hello` resolves.
+    async fn dial_with(
+        addr: SocketAddr,
+        host: &str,
+        token: &str,
+        label: &str,
+        hello: Option<oneshot::Receiver<()>>,
+    ) -> Result<TestAgent, Refused> {
         let frozen = Arc::new(AtomicBool::new(false));
         let tcp = TcpStream::connect(addr).await.unwrap();
         let io = Freezable {
@@ -210,13 +222,15 @@ impl TestAgent {
         assert_eq!(nonce.len(), 32);
         let upgraded = hyper::upgrade::on(response).await.unwrap();
 
-        let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+        let (control_tx, control_rx) = oneshot::channel();
         let control_tx = Arc::new(std::sync::Mutex::new(Some(control_tx)));
+        let hello = Arc::new(std::sync::Mutex::new(hello));
         let (heard_tx, heard) = mpsc::unbounded_channel();
         let label = label.to_owned();
         let service = service_fn(move |request: Request<Incoming>| {
             let (nonce, label) = (nonce.clone(), label.clone());
             let (control_tx, heard_tx) = (control_tx.clone(), heard_tx.clone());
+            let hello = hello.clone();
             async move {
                 let is_control = request.uri().path() == CONTROL_PATH
                     && request.headers().get(NONCE_HEADER).map(|v| v.as_bytes())
@@ -237,6 +251,10 @@ impl TestAgent {
                 let (sender, body) = http_body_util::channel::Channel::new(4);
                 if let Some(control_tx) = control_tx.lock().unwrap().take() {
                     let _ = control_tx.send(sender);
+                }
+                let hello = hello.lock().unwrap().take();
+                if let Some(hello) = hello {
+                    let _ = hello.await;
                 }
                 Ok(Response::new(body.boxed()))
             }
@@ -437,6 +455,41 @@ async fn revoking_closes_the_connections_at_once_and_picks_fail_without_waiting(
     ));
     let refused = TestAgent::dial(worker.addr, DOMAIN, worker.token.as_str(), "b").await;
     assert_eq!(refused.err().unwrap().status, StatusCode::UNAUTHORIZED);
+}
+
+impl Worker {
+    /// Revokes the domain's tokens, then allows a fresh one (a rotation).
+    async fn rotate_tokens(&self) {
+        let revoke = RouteChange::RevokeTunnel {
+            domain: self.domain.clone(),
+        };
+        drop(self.routes.change(revoke).await.unwrap());
+        let allow = RouteChange::AllowTunnel {
+            domain: self.domain.clone(),
+            token: Token::generate().unwrap().hash(),
+        };
+        drop(self.routes.change(allow).await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn an_agent_whose_token_is_revoked_before_its_hello_never_joins_even_after_a_new_allow() {
+    let worker = Worker::start(SOON).await;
+    let (send_hello, hello) = oneshot::channel();
+    let token = worker.token.as_str();
+    let agent = TestAgent::dial_with(worker.addr, DOMAIN, token, "old", Some(hello))
+        .await
+        .unwrap();
+    worker.rotate_tokens().await;
+    send_hello.send(()).unwrap();
+    agent.closed_within(SOON).await;
+    assert_eq!(worker.live(), 0);
+    assert!(matches!(
+        timeout(SOON, worker.tunnels.pick(&worker.domain))
+            .await
+            .unwrap(),
+        Err(NoAgent::Timeout(_))
+    ));
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::MAX_CONNECTIONS_SHOWN;
-use core_server_proto::tunnel::{AgentConnection, TunnelStatus, RECONNECT};
+use core_server_proto::tunnel::{AgentConnection, TokenHash, TunnelStatus, RECONNECT};
 use http_body_util::combinators::BoxBody;
 use http_body_util::Either;
 use hyper::client::conn::http2::SendRequest;
@@ -116,7 +116,7 @@ pub enum Refusal {
     Full,
     #[error("this worker is stopping")]
     Stopping,
-    #[error("the domain's tunnel was revoked or removed meanwhile")]
+    #[error("the agent's token was revoked, or its tunnel removed, meanwhile")]
     Closed,
 }
 
@@ -187,9 +187,13 @@ impl Tunnels {
         Some(Lease { conn: best.clone() })
     }
 
-    /// Holds a place for a new connection of `domain`, within the limits, until the
-    /// reservation is dropped (when the connection has closed).
-    pub fn reserve(self: &Arc<Self>, domain: &Domain) -> Result<Reservation, Refusal> {
+    /// Holds a place for a new connection of `domain`, admitted with `token`, within the
+    /// limits, until the reservation is dropped (when the connection has closed).
+    pub fn reserve(
+        self: &Arc<Self>,
+        domain: &Domain,
+        token: TokenHash,
+    ) -> Result<Reservation, Refusal> {
         if self.stopping.is_cancelled() {
             return Err(Refusal::Stopping);
         }
@@ -206,6 +210,7 @@ impl Tunnels {
         Ok(Reservation {
             tunnels: self.clone(),
             domain: domain.clone(),
+            token,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             kill: CancellationToken::new(),
             leave: CancellationToken::new(),
@@ -319,6 +324,8 @@ impl Tunnels {
 pub struct Reservation {
     tunnels: Arc<Tunnels>,
     domain: Domain,
+    /// The token the agent was admitted with: it must still be allowed when the agent joins.
+    token: TokenHash,
     id: u64,
     kill: CancellationToken,
     leave: CancellationToken,
@@ -358,14 +365,15 @@ impl Reservation {
         self.kill.cancelled().await
     }
 
-    /// Puts the connection in the balancer. Refused if the domain was closed meanwhile.
+    /// Puts the connection in the balancer. Refused if its token was revoked meanwhile (even
+    /// if others were allowed since).
     pub fn join(&self, joining: Joining) -> Result<(), Refusal> {
         let tunnels = &self.tunnels;
         {
             let mut state = tunnels.state();
             // Checked under the registry's lock: a closure applied after this check is
             // announced after it too, and then finds the connection to close.
-            if !tunnels.routes.has_tokens(&self.domain) {
+            if !tunnels.routes.still_admits(&self.domain, &self.token) {
                 return Err(Refusal::Closed);
             }
             if tunnels.stopping.is_cancelled() {
@@ -508,28 +516,32 @@ mod tests {
         let routes = RouteTable::new(Routes::default(), Arc::new(Channel::new(ours).unwrap()));
         let tunnels = Arc::new(Tunnels::new(Duration::from_secs(1), Arc::new(routes)));
         let domain = |i: usize| Domain::parse(&format!("d{i}.example")).unwrap();
+        let token = TokenHash([7; 32]);
         let mut held = Vec::new();
         for _ in 0..MAX_PER_DOMAIN {
-            held.push(tunnels.reserve(&domain(0)).unwrap());
+            held.push(tunnels.reserve(&domain(0), token).unwrap());
         }
         assert!(matches!(
-            tunnels.reserve(&domain(0)),
+            tunnels.reserve(&domain(0), token),
             Err(Refusal::DomainFull)
         ));
         held.pop();
-        held.push(tunnels.reserve(&domain(0)).unwrap());
+        held.push(tunnels.reserve(&domain(0), token).unwrap());
         for i in 1..MAX_IN_ALL / MAX_PER_DOMAIN {
             for _ in 0..MAX_PER_DOMAIN {
-                held.push(tunnels.reserve(&domain(i)).unwrap());
+                held.push(tunnels.reserve(&domain(i), token).unwrap());
             }
         }
-        assert!(matches!(tunnels.reserve(&domain(999)), Err(Refusal::Full)));
+        assert!(matches!(
+            tunnels.reserve(&domain(999), token),
+            Err(Refusal::Full)
+        ));
         held.clear();
         assert!(tunnels.state().domains.is_empty());
-        let _one = tunnels.reserve(&domain(999)).unwrap();
+        let _one = tunnels.reserve(&domain(999), token).unwrap();
         tunnels.ask_to_reconnect();
         assert!(matches!(
-            tunnels.reserve(&domain(1)),
+            tunnels.reserve(&domain(1), token),
             Err(Refusal::Stopping)
         ));
     }
