@@ -41,6 +41,8 @@ use crate::tunnel_endpoint::TunnelEndpoint;
 use crate::tunnels::{Lease, NoAgent, Tunnels};
 
 const DOMAIN: &str = "app.example";
+/// Where the test agent answers with a response that never ends.
+const LONG_PATH: &str = "/long";
 /// Bounds what must happen "at once" on a noisy machine.
 const SOON: Duration = Duration::from_secs(5);
 
@@ -235,6 +237,15 @@ impl TestAgent {
                 let is_control = request.uri().path() == CONTROL_PATH
                     && request.headers().get(NONCE_HEADER).map(|v| v.as_bytes())
                         == Some(nonce.as_bytes());
+                if request.uri().path() == LONG_PATH {
+                    // One chunk, then nothing, for ever: a download, or server-sent events.
+                    let (mut sender, body) = http_body_util::channel::Channel::new(1);
+                    tokio::spawn(async move {
+                        let _ = sender.send_data(Bytes::from_static(b"first")).await;
+                        std::future::pending::<()>().await
+                    });
+                    return Ok(Response::new(body.boxed()));
+                }
                 if !is_control {
                     let body = Full::new(Bytes::from(label)).boxed();
                     return Ok::<_, hyper::Error>(Response::new(body));
@@ -242,8 +253,12 @@ impl TestAgent {
                 let mut lines = request.into_body();
                 tokio::spawn(async move {
                     while let Some(Ok(frame)) = lines.frame().await {
-                        if let Ok(data) = frame.into_data() {
-                            let _ = heard_tx.send(Some(data));
+                        // An empty frame (hyper may end a body with one) says nothing.
+                        match frame.into_data() {
+                            Ok(data) if !data.is_empty() => {
+                                let _ = heard_tx.send(Some(data));
+                            }
+                            _ => {}
                         }
                     }
                     let _ = heard_tx.send(None);
@@ -490,6 +505,59 @@ async fn an_agent_whose_token_is_revoked_before_its_hello_never_joins_even_after
             .unwrap(),
         Err(NoAgent::Timeout(_))
     ));
+}
+
+#[tokio::test]
+async fn revoking_closes_a_connection_still_waiting_for_its_hello() {
+    let worker = Worker::start(SOON).await;
+    let (_send_hello, hello) = oneshot::channel();
+    let token = worker.token.as_str();
+    let agent = TestAgent::dial_with(worker.addr, DOMAIN, token, "slow", Some(hello))
+        .await
+        .unwrap();
+    let revoke = RouteChange::RevokeTunnel {
+        domain: worker.domain.clone(),
+    };
+    drop(worker.routes.change(revoke).await.unwrap());
+    agent.closed_within(SOON).await;
+}
+
+#[tokio::test]
+async fn revoking_cuts_the_streams_of_connections_that_already_left_the_balancer() {
+    for draining in [true, false] {
+        let worker = Worker::start(SOON).await;
+        let mut agent = worker.dial("leaving").await;
+        worker.wait_for(1).await;
+        let lease = worker.tunnels.pick(&worker.domain).await.unwrap();
+        let request = Request::get(format!("http://{DOMAIN}{LONG_PATH}"))
+            .body(http_body_util::Either::Right(Empty::new().boxed()))
+            .unwrap();
+        let response = lease.sender().send_request(request).await.unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first");
+        // The agent leaves the balancer softly, its long response still streaming.
+        if draining {
+            agent.say(DRAINING).await;
+        } else {
+            let (ended, _) = http_body_util::channel::Channel::new(1);
+            drop(std::mem::replace(&mut agent.control, ended));
+        }
+        assert_eq!(agent.next_heard().await, None, "the worker ends its side");
+        worker.wait_for(0).await;
+        let revoke = RouteChange::RevokeTunnel {
+            domain: worker.domain.clone(),
+        };
+        drop(worker.routes.change(revoke).await.unwrap());
+        let next = timeout(SOON, body.frame())
+            .await
+            .expect("the revoked agent's stream is cut at once");
+        assert!(
+            !matches!(next, Some(Ok(_))),
+            "no more of the response passes"
+        );
+        agent.closed_within(SOON).await;
+    }
 }
 
 #[tokio::test]

@@ -9,9 +9,11 @@
 //! Leaving comes in two strengths. A connection that leaves softly (its agent drains, or this
 //! worker stops) takes no new request and closes once the requests it carries are done: the
 //! registry drops its `SendRequest`, the leases still out hold the only others, and hyper ends
-//! the connection when the last is gone and its streams have finished. A connection whose
-//! domain is closed (revoked, replaced by a port, removed) is killed at once: every task of
-//! the connection is spawned through [`TunnelExecutor`], which drops them all.
+//! the connection when the last is gone and its streams have finished. When a domain is closed
+//! (revoked, replaced by a port, removed), every connection of it is killed at once, whether
+//! still waiting for its hello, live, or finishing after leaving softly: each one's kill token
+//! is a child of its domain's, which the closure cancels, and every task of the connection is
+//! spawned through [`TunnelExecutor`], which drops them all.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -72,6 +74,9 @@ struct State {
 struct DomainTunnels {
     /// The connections that take requests.
     live: Vec<Arc<AgentConn>>,
+    /// The parent of the kill token of every connection reserved since the domain was last
+    /// closed; replaced by a fresh one at each closure.
+    closed: CancellationToken,
     /// Connections reserved (being set up, live, or finishing).
     reserved: usize,
     /// Where the next pick starts looking, so that ties rotate.
@@ -93,7 +98,6 @@ struct AgentConn {
     /// The worker's end of the control stream, until the connection leaves the balancer.
     control: Mutex<Option<http_body_util::channel::Sender<Bytes>>>,
     leave: CancellationToken,
-    kill: CancellationToken,
 }
 
 impl AgentConn {
@@ -206,13 +210,14 @@ impl Tunnels {
             return Err(Refusal::DomainFull);
         }
         tunnels.reserved += 1;
+        let kill = tunnels.closed.child_token();
         state.total += 1;
         Ok(Reservation {
             tunnels: self.clone(),
             domain: domain.clone(),
             token,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            kill: CancellationToken::new(),
+            kill,
             leave: CancellationToken::new(),
         })
     }
@@ -259,20 +264,20 @@ impl Tunnels {
         self.tasks.len()
     }
 
-    /// Kills `domain`'s connections at once: its tunnel was revoked, replaced or removed.
+    /// Kills `domain`'s connections at once, whatever their state: its tunnel was revoked,
+    /// replaced or removed.
     pub fn close_domain(&self, domain: &Domain) {
         let closed = match self.state().domains.get_mut(domain) {
-            Some(tunnels) => std::mem::take(&mut tunnels.live),
-            None => Vec::new(),
+            Some(tunnels) => {
+                tunnels.live.clear();
+                std::mem::take(&mut tunnels.closed).cancel();
+                tunnels.reserved
+            }
+            None => 0,
         };
-        for conn in &closed {
-            conn.end_control();
-            conn.kill.cancel();
-        }
-        if !closed.is_empty() {
+        if closed > 0 {
             info!(
-                "{domain}: closed its {} agent connection(s): the tunnel was revoked, replaced or removed",
-                closed.len()
+                "{domain}: closed its {closed} agent connection(s): the tunnel was revoked, replaced or removed"
             );
         }
         self.changed.notify_waiters();
@@ -394,7 +399,6 @@ impl Reservation {
                 retired: AtomicBool::new(false),
                 control: Mutex::new(Some(joining.control)),
                 leave: self.leave.clone(),
-                kill: self.kill.clone(),
             });
             let domain = state.domains.entry(self.domain.clone()).or_default();
             domain.live.push(conn);
