@@ -453,6 +453,46 @@ async fn after_ten_failures_even_the_right_token_gets_429() {
 }
 
 #[tokio::test]
+async fn a_revoked_agent_retrying_for_one_domain_locks_out_no_agent_of_another() {
+    let worker = Worker::start(SOON).await;
+    let other = Domain::parse("other.example").unwrap();
+    let token = Token::generate().unwrap();
+    let allow = RouteChange::AllowTunnel {
+        domain: other.clone(),
+        token: token.hash(),
+    };
+    drop(worker.routes.change(allow).await.unwrap());
+    let revoke = RouteChange::RevokeTunnel {
+        domain: worker.domain.clone(),
+    };
+    drop(worker.routes.change(revoke).await.unwrap());
+    // The revoked agent, on the same address, retries with its old token.
+    let old = worker.token.as_str();
+    for _ in 0..ALLOWED_FAILURES {
+        let refused = TestAgent::dial(worker.addr, DOMAIN, old, "old").await;
+        assert_eq!(refused.err().unwrap().status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = TestAgent::dial(worker.addr, DOMAIN, old, "old").await;
+    assert_eq!(refused.err().unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+    let _agent = TestAgent::dial(worker.addr, other.as_str(), token.as_str(), "good")
+        .await
+        .expect("the other domain's agent is let in");
+}
+
+#[tokio::test]
+async fn hosts_that_are_no_tunnel_share_one_bucket_per_address() {
+    let worker = Worker::start(SOON).await;
+    let token = worker.token.as_str();
+    for i in 0..ALLOWED_FAILURES {
+        let host = format!("guess{i}.example");
+        let refused = TestAgent::dial(worker.addr, &host, token, "x").await;
+        assert_eq!(refused.err().unwrap().status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = TestAgent::dial(worker.addr, "one-more.example", token, "x").await;
+    assert_eq!(refused.err().unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn revoking_closes_the_connections_at_once_and_picks_fail_without_waiting() {
     let worker = Worker::start(Duration::from_secs(60)).await;
     let agent = worker.dial("a").await;
