@@ -46,8 +46,9 @@ pub type TunnelBody = Either<RequestBody, BoxBody<Bytes, Infallible>>;
 
 /// The most agent connections one domain may have (say 16 machines with 4 each).
 pub const MAX_PER_DOMAIN: usize = 64;
-/// The most agent connections of all domains together.
-pub const MAX_IN_ALL: usize = 1024;
+/// The most agent connections of all domains together (which bounds the memory they may hold:
+/// see `tunnel_connection`'s windows).
+pub const MAX_IN_ALL: usize = 256;
 
 /// Every agent connection, by domain.
 pub struct Tunnels {
