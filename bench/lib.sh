@@ -77,9 +77,10 @@ loopback_names() { { cat /etc/hosts; echo "127.0.0.1 $*"; } > "$work/hosts"; }
 # sends the name as SNI. The machine's /etc/hosts is left as it is.
 with_hosts() { unshare --mount sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$work/hosts" "$@"; }
 
-# The release core-agent, next to the core-server binaries in $work.
+# The release core-agent, next to the core-server binaries in $work (built with them, so that
+# their dependencies are built once, with the same features).
 install_core_agent() {
-  cargo build --release -q -p core-agent
+  cargo build --release -q "${binaries[@]/#/-p}" -p core-agent
   cp target/release/core-agent "$work/"
 }
 

@@ -13,16 +13,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10}      # seconds of wrk load per path
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}       # seconds of wrk load per path and round
 CONNECTIONS=${CONNECTIONS:-64}
-DOWNLOADS=${DOWNLOADS:-9}     # 100 MB downloads per path; the median counts
+DOWNLOADS=${DOWNLOADS:-3}     # 100 MB downloads per path and round
 LIMIT=${LIMIT:-60}            # seconds any one download may take
 
 source bench/lib.sh
 need nginx=nginx wrk=wrk curl=curl mkcert=mkcert
 need_rathole
-install_core_server
 install_core_agent
+install_core_server
 
 backend=$(free_port); http=$(free_port); https=$(free_port); udp=$(free_port)
 ctl=$(free_port); visitor=$(free_port)
@@ -111,20 +112,33 @@ rps() {  # path -> requests/s (a run with socket errors or non-2xx answers stops
   if grep -qE 'Socket errors|Non-2xx' <<<"$out"; then echo "${label[$1]}: $out" >&2; exit 1; fi
   awk '/Requests\/sec/ {print $2}' <<<"$out"
 }
-mbps() {  # path -> median MB/s of the 100 MB download
+mbps() {  # path -> the MB/s of each of DOWNLOADS 100 MB downloads (one cut short stops the script)
   for _ in $(seq "$DOWNLOADS"); do
     curl -sS --fail --max-time "$LIMIT" -o /dev/null -H "Host: ${host[$1]}" \
       -w '%{size_download} %{speed_download}\n' "http://127.0.0.1:${port[$1]}/100mb"
-  done | awk '$1 != 100000000 {print "a download was cut short" > "/dev/stderr"; exit 1} {print $2}' |
-    sort -n | awk '{v[NR]=$1} END {printf "%.1f\n", v[int((NR+1)/2)]/1e6}'
+  done | awk '$1 != 100000000 {print "a download was cut short" > "/dev/stderr"; exit 1}
+              {printf "%.1f ", $2 / 1e6}'
 }
 
-declare -A RPS MBPS
-for path in "${paths[@]}"; do RPS[$path]=$(rps "$path"); MBPS[$path]=$(mbps "$path"); done
+# ROUNDS rounds, every path in turn within a round (a drift in the machine's load hits all
+# alike); the medians count.
+declare -A runs_rps runs_mbps RPS MBPS
+for round in $(seq "$ROUNDS"); do
+  for path in "${paths[@]}"; do
+    runs_rps[$path]+="$(rps "$path") "
+    runs_mbps[$path]+="$(mbps "$path")"
+  done
+  echo "round $round of $ROUNDS done"
+done
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+for path in "${paths[@]}"; do
+  RPS[$path]=$(median <<<"${runs_rps[$path]}")
+  MBPS[$path]=$(median <<<"${runs_mbps[$path]}")
+done
 finished=1
 
 echo
-echo "$(nproc) cores; wrk -t1 -c$CONNECTIONS -d${DURATION}s; median of $DOWNLOADS x 100 MB downloads with curl"
+echo "$(nproc) cores; medians of $ROUNDS rounds of wrk -t1 -c$CONNECTIONS -d${DURATION}s and of $DOWNLOADS x 100 MB curl downloads"
 printf '%-26s %12s %12s\n' "" "requests/s" "MB/s"
 for path in "${paths[@]}"; do
   printf '%-26s %12s %12s\n' "${label[$path]}" "${RPS[$path]}" "${MBPS[$path]}"

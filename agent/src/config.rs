@@ -120,12 +120,29 @@ pub fn read_token(
                 path: path.display().to_string(),
                 error,
             })?;
+            warn_if_others_may_read(path);
             (text, format!("in {}", path.display()))
         }
         (None, None, Some(token)) => (token, format!("in ${TOKEN_ENV}")),
         (None, None, None) => return Err(ConfigError::NoToken),
     };
     Token::parse(&text).map_err(|error| ConfigError::BadToken { source_name, error })
+}
+
+/// A token file others may read is a token others may have: say so (as ssh does of keys).
+fn warn_if_others_may_read(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let mode = metadata.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "{} is readable by others (mode {:o}): whoever reads it can serve this domain; \
+                 chmod 600 it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+    }
 }
 
 /// A checked configuration, as the dialer and the connections use it.

@@ -30,6 +30,9 @@ use tracing::{debug, warn};
 
 use crate::connection::BoxError;
 
+/// How long connecting to the app may take (for requests and WebSockets alike).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The body of a response from [`forward_to`]'s service: the app's, or the agent's own text.
 pub type ForwardBody = Either<Incoming, Full<Bytes>>;
 
@@ -47,7 +50,7 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 pub fn forward_to(app: SocketAddr) -> ForwardService {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(10)));
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
@@ -159,7 +162,9 @@ async fn upgrade(
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_str(protocol.as_str())?);
 
-    let stream = TcpStream::connect(app).await?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(app))
+        .await
+        .map_err(|_| format!("connecting to {app} took over {CONNECT_TIMEOUT:?}"))??;
     let _ = stream.set_nodelay(true);
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -23,6 +23,23 @@ pub enum Route {
     Tunnel { tokens: Vec<TokenHash> },
 }
 
+impl Route {
+    /// A tunnel route as read from a file or from another instance, which `apply` did not
+    /// check: a token listed twice counts once; more than [`MAX_TOKENS_PER_DOMAIN`] is refused
+    /// (the worker could not even be handed them).
+    pub fn tunnel(mut tokens: Vec<TokenHash>) -> Result<Route, String> {
+        let mut seen = std::collections::HashSet::new();
+        tokens.retain(|token| seen.insert(*token));
+        if tokens.len() > MAX_TOKENS_PER_DOMAIN {
+            return Err(format!(
+                "{} tokens for one domain, more than the {MAX_TOKENS_PER_DOMAIN} allowed",
+                tokens.len()
+            ));
+        }
+        Ok(Route::Tunnel { tokens })
+    }
+}
+
 /// Where a request for a domain goes (a [`Route`] without the secrets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -347,6 +364,19 @@ mod tests {
         assert_eq!(routes.target(&d), Some(Target::Port(2)));
         assert_eq!(routes.tokens(&d), []);
         assert!(!routes.has_tunnels());
+    }
+
+    #[test]
+    fn tunnel_routes_from_outside_lose_duplicates_and_may_not_have_too_many_tokens() {
+        let [a, b] = [1, 2].map(|n| TokenHash([n; 32]));
+        assert_eq!(
+            Route::tunnel(vec![a, b, a]),
+            Ok(Route::Tunnel { tokens: vec![a, b] })
+        );
+        let many: Vec<_> = (0..=MAX_TOKENS_PER_DOMAIN as u8)
+            .map(|n| TokenHash([n; 32]))
+            .collect();
+        assert!(Route::tunnel(many).is_err());
     }
 
     #[test]

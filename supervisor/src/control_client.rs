@@ -155,11 +155,13 @@ fn describe(certificate: &CertificateStatus) -> String {
     printable(&line)
 }
 
-/// `text` with each control character shown as `?`, so that none from a peer (a CA, an agent)
-/// reaches the operator's terminal.
-fn printable(text: &str) -> String {
+/// `text` with each control character, and each invisible one that reorders or hides text
+/// (bidirectional overrides, zero-width characters), shown as `?`, so that none from a peer
+/// (a CA, an agent, the worker) reaches the operator's terminal.
+pub(crate) fn printable(text: &str) -> String {
+    let hidden = |c: char| matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}');
     text.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if c.is_control() || hidden(c) { '?' } else { c })
         .collect()
 }
 

@@ -83,7 +83,7 @@ impl Stored {
                     TokenHash::from_hex(hex).ok_or_else(|| format!("bad token hash '{hex}'"))
                 })
                 .collect::<Result<_, _>>()
-                .map(|tokens| Route::Tunnel { tokens }),
+                .and_then(Route::tunnel),
         }
     }
 }
@@ -361,6 +361,7 @@ mod tests {
 
     #[test]
     fn tunnels_make_it_version_2_and_private_and_without_them_it_is_version_1_again() {
+        use core_server_proto::tunnel::MAX_TOKENS_PER_DOMAIN;
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let file = in_tempdir(&dir);
@@ -391,6 +392,18 @@ mod tests {
         )
         .unwrap();
         assert!(file.load().unwrap().is_empty(), "a bad hash is corruption");
+        let too_many: Vec<_> = (0..=MAX_TOKENS_PER_DOMAIN)
+            .map(|n| format!("\"{n:064x}\""))
+            .collect();
+        let json = format!(
+            "{{\"version\":2,\"routes\":{{\"a.example\":{{\"tunnel\":[{}]}}}}}}",
+            too_many.join(",")
+        );
+        fs::write(file.path(), json).unwrap();
+        assert!(
+            file.load().unwrap().is_empty(),
+            "more tokens than allowed is corruption"
+        );
     }
 
     #[test]

@@ -225,14 +225,16 @@ async fn receive_tunnels(old: &control::ClientEnd) -> anyhow::Result<Routable<Ro
             }
         }
     }
-    Ok(keep_routable(tunnels.into_iter().map(|tunnel| {
-        (
-            tunnel.name,
-            Route::Tunnel {
-                tokens: tunnel.tokens,
-            },
-        )
-    })))
+    let tunnels = (tunnels.into_iter())
+        .map(|tunnel| match Route::tunnel(tunnel.tokens) {
+            Ok(route) => Ok((tunnel.name, route)),
+            Err(why) => Err(anyhow!(
+                "the running core-server's tunnel route for {}: {why}",
+                tunnel.name
+            )),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(keep_routable(tunnels))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use core_server_proto::ipc::{ControlReply, ControlRequest};
 use core_server_proto::tunnel::Token;
 
 use crate::control;
-use crate::control_client::connect;
+use crate::control_client::{connect, printable};
 
 /// The exit status for a name that cannot be a tunnel, as for other usage errors.
 const USAGE: u8 = 2;
@@ -75,8 +75,10 @@ fn tunnel_domain(name: &str) -> Option<Domain> {
 async fn ask(udp_port: u16, request: &ControlRequest) -> anyhow::Result<String> {
     let instance = connect(udp_port)?;
     match control::ask(&instance, request).await? {
-        Some((ControlReply::Done(text), _)) => Ok(text),
-        Some((ControlReply::Refused(why), _)) => bail!("the running core-server refused: {why}"),
+        Some((ControlReply::Done(text), _)) => Ok(printable(&text)),
+        Some((ControlReply::Refused(why), _)) => {
+            bail!("the running core-server refused: {}", printable(&why))
+        }
         // An instance that cannot decode the request closes the connection unanswered.
         None => {
             bail!("the running core-server predates tunnels; rerun it (core-server) to update it")

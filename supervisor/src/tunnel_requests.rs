@@ -43,9 +43,9 @@ struct Pending {
 }
 
 enum Waiting {
-    /// `allow`; the port route it replaces, if any, to say so.
+    /// `allow`: the change asked for, and the port route it replaces, if any, to say so.
     Allow {
-        domain: Domain,
+        change: RouteChange,
         replaced: Option<u16>,
     },
     Revoke {
@@ -92,11 +92,12 @@ impl TunnelRequests {
                     Some(Route::Port(port)) => Some(*port),
                     _ => None,
                 };
-                let change = RouteChange::AllowTunnel {
-                    domain: domain.clone(),
-                    token,
+                let change = RouteChange::AllowTunnel { domain, token };
+                let what = Waiting::Allow {
+                    change: change.clone(),
+                    replaced,
                 };
-                (change, Waiting::Allow { domain, replaced })
+                (change, what)
             }
             None => (
                 RouteChange::RevokeTunnel {
@@ -154,8 +155,8 @@ impl TunnelRequests {
             // Not what it asked for (a confused worker): answered as if with no report.
             (_, Waiting::Status { .. }) => return pending.answer(None),
             (Some(error), _) => ControlReply::Refused(error),
-            (None, Waiting::Allow { domain, replaced }) => {
-                ControlReply::Done(allowed(domain, *replaced, routes))
+            (None, Waiting::Allow { change, replaced }) => {
+                ControlReply::Done(allowed(change.domain(), *replaced, routes))
             }
             (None, Waiting::Revoke { domain }) => ControlReply::Done(format!(
                 "revoked every token of {domain}; its agents are disconnected"
@@ -164,13 +165,31 @@ impl TunnelRequests {
         send_replies(pending.connection, vec![reply]);
     }
 
+    /// Whether `change`, an `AllowTunnel` the worker reports, is one an operator asked for
+    /// and waits for: a token the worker made up (a compromised worker planting one) is not.
+    pub fn asked_for(&self, change: &RouteChange) -> bool {
+        (self.pending.values())
+            .any(|p| matches!(&p.what, Waiting::Allow { change: asked, .. } if asked == change))
+    }
+
     /// The worker's `Tunnels`: part of its report, the last part if `last`.
     pub fn report(&mut self, id: u64, chunk: Vec<TunnelStatus>, last: bool) {
         let Some(pending) = self.pending.get_mut(&id) else {
             return;
         };
-        if let Waiting::Status { report, .. } = &mut pending.what {
-            report.extend(chunk);
+        if let Waiting::Status {
+            tunnels, report, ..
+        } = &mut pending.what
+        {
+            // Kept within what `status` shows (each tunnel route once, its first connections),
+            // however much a confused worker sends.
+            for mut status in chunk {
+                let routed = tunnels.iter().any(|(name, _)| *name == status.name);
+                if routed && !report.iter().any(|r| r.name == status.name) {
+                    status.connections.truncate(MAX_CONNECTIONS_SHOWN);
+                    report.push(status);
+                }
+            }
         }
         if last {
             if let Some(pending) = self.pending.remove(&id) {
@@ -235,11 +254,10 @@ impl Pending {
             } => {
                 let statuses: Vec<TunnelStatus> = (tunnels.into_iter())
                     .map(|(name, tokens)| {
-                        let mut connections = (report.iter_mut())
+                        let connections = (report.iter_mut())
                             .find(|reported| reported.name == name)
                             .map(|reported| std::mem::take(&mut reported.connections))
                             .unwrap_or_default();
-                        connections.truncate(MAX_CONNECTIONS_SHOWN);
                         TunnelStatus {
                             name,
                             tokens,
@@ -317,6 +335,13 @@ mod tests {
             token,
         };
         assert_eq!(change, expected);
+        // The worker reports what was asked for, and nothing it made up.
+        assert!(requests.asked_for(&change));
+        let made_up = RouteChange::AllowTunnel {
+            domain: domain(),
+            token: TokenHash([8; 32]),
+        };
+        assert!(!requests.asked_for(&made_up));
         routes.apply(&change).unwrap();
         requests.done(id, None, &routes);
         assert_eq!(
@@ -418,6 +443,18 @@ mod tests {
             connections: vec![agent.clone()],
         };
         requests.report(id, vec![reported.clone()], false);
+        // What the report may hold is bounded by what status shows, however much is sent: a
+        // name reported twice, or not a tunnel route, or too many connections, is dropped.
+        let flood = TunnelStatus {
+            name: "b.example".into(),
+            tokens: 2,
+            connections: vec![agent.clone(); MAX_CONNECTIONS_SHOWN + 1],
+        };
+        let stranger = TunnelStatus {
+            name: "c.example".into(),
+            ..flood.clone()
+        };
+        requests.report(id, vec![flood, stranger], false);
         requests.report(id, Vec::new(), true);
         assert_eq!(answer(&client).await, ControlReply::TunnelsEnd);
         let a = TunnelStatus {

@@ -107,20 +107,9 @@ impl Agent {
 
     /// Its exit status once it exits, at most `timeout` from now.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "core-agent did not exit within {timeout:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log_path = self.log_path.clone();
+        let log = move || std::fs::read_to_string(&log_path).unwrap_or_default();
+        crate::server::wait_for_exit(&mut self.child, timeout, "core-agent", log)
     }
 
     /// How many connections `server`'s status shows for this agent now.

@@ -20,6 +20,7 @@
 pub mod adder;
 pub mod agent;
 pub mod backend;
+pub mod big_body;
 pub mod http;
 pub mod load;
 pub mod mkcert;

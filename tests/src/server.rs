@@ -394,20 +394,9 @@ impl CoreServer {
 
     /// Waits for the supervisor to exit (after a signal), at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "core-server did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log_path = self.log_path();
+        let log = move || std::fs::read_to_string(&log_path).unwrap_or_default();
+        wait_for_exit(&mut self.child, timeout, "core-server", log)
     }
 
     /// SIGTERM, and the exit status; the worker must be gone too.
@@ -479,6 +468,30 @@ pub fn wait_gone(pid: u32, timeout: Duration) {
 }
 
 /// A field of `/proc/<pid>/status`, e.g. `CapEff` or `VmHWM`.
+/// Waits at most `timeout` for `child` (`what`, which logs `log`) to exit; its status. It is
+/// then no longer `child`.
+pub(crate) fn wait_for_exit(
+    child: &mut Option<Child>,
+    timeout: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+) -> ExitStatus {
+    let running = child.as_mut().expect("running");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = running.try_wait().unwrap() {
+            *child = None;
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit within {timeout:?}:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn proc_status(pid: u32, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status

@@ -6,56 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use core_server_tests::backend::{full, Body};
-use core_server_tests::server::proc_status;
+use core_server_tests::big_body::{drain, peak_kib, zeros, GIB, PEAK_LIMIT_KIB};
 use core_server_tests::{Backend, CoreServer};
-use futures_util::stream;
 use http::{Request, Response};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-
-const GIB: u64 = 1 << 30;
-const CHUNK: usize = 64 * 1024;
-/// The worker may use this much memory at its peak, whatever the body sizes.
-const PEAK_LIMIT_KIB: u64 = 96 * 1024;
-
-/// A body of `total` zero bytes, produced as it is read.
-fn zeros(total: u64) -> Body {
-    let chunk = Bytes::from(vec![0u8; CHUNK]);
-    let frames =
-        stream::iter((0..total / CHUNK as u64).map(move |_| Ok(Frame::data(chunk.clone()))));
-    BodyExt::boxed(StreamBody::new(frames))
-}
-
-/// Reads `body` to the end, pausing `pause` after the first 16 MiB; how many bytes it had.
-async fn drain<B>(mut body: B, pause: Duration) -> u64
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Debug,
-{
-    let mut total = 0u64;
-    let mut paused = false;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.expect("body intact").into_data() {
-            total += data.len() as u64;
-        }
-        if !paused && total >= 16 << 20 {
-            paused = true;
-            tokio::time::sleep(pause).await;
-        }
-    }
-    total
-}
-
-fn peak_kib(pid: u32) -> u64 {
-    proc_status(pid, "VmHWM")
-        .trim_end_matches(" kB")
-        .parse()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_gib_each_way_with_flat_memory() {

@@ -1,6 +1,7 @@
 //! Several agents serve one tunnel domain: both get traffic; under load, a SIGKILLed agent
 //! fails at most the requests it had in flight and none after the worker noticed; a SIGTERMed
-//! agent drains and fails none at all.
+//! agent drains and fails none at all. One agent connection carries more requests at once than
+//! hyper's default cap of 200 streams.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use core_server_tests::agent::Agent;
 use core_server_tests::backend::full;
+use core_server_tests::http::get;
 use core_server_tests::load::Load;
 use core_server_tests::{Backend, CoreServer};
 use http::Response;
@@ -122,4 +124,47 @@ async fn a_sigtermed_agent_drains_and_no_request_fails() {
     eprintln!("{counts:?}; agent a served {a}, agent b {b}");
     assert!(counts.ok > 0, "{counts:?}");
     assert_eq!(counts.failures(), 0, "{counts:?}\n{}", two.server.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_agent_connection_carries_more_than_200_requests_at_once() {
+    const AT_ONCE: usize = 300;
+    let server = CoreServer::start();
+    let token = server.tunnel_allow(APP);
+    // Every request waits for all the others: either all are in flight at once, or none is
+    // answered "together".
+    let barrier = Arc::new(tokio::sync::Barrier::new(AT_ONCE));
+    let backend = Backend::start(move |_| {
+        let barrier = barrier.clone();
+        async move {
+            match tokio::time::timeout(Duration::from_secs(20), barrier.wait()).await {
+                Ok(_) => Response::new(full("together")),
+                Err(_) => Response::builder().status(500).body(full("alone")).unwrap(),
+            }
+        }
+    })
+    .await;
+    let agent = Agent::start(
+        &server,
+        APP,
+        &token,
+        &format!("127.0.0.1:{}", backend.port),
+        &["--connections", "1"],
+    );
+    agent.wait_connected(&server, 1);
+    let url = server.url("/");
+    let requests: Vec<_> = (0..AT_ONCE)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, APP).await })
+        })
+        .collect();
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(
+            (reply.status.as_u16(), &*reply.body),
+            (200, "together"),
+            "not all {AT_ONCE} requests were in flight on the one connection at once"
+        );
+    }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use core_server_tests::agent::Agent;
 use core_server_tests::backend::{describe, full, websocket_echo, Body};
+use core_server_tests::big_body::{drain, peak_kib, zeros, GIB, PEAK_LIMIT_KIB};
 use core_server_tests::mkcert::MkcertCa;
-use core_server_tests::server::proc_status;
 use core_server_tests::tls_client::{Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
 use futures_util::{stream, SinkExt, StreamExt};
@@ -28,11 +28,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = "app.example";
 const WS: &str = "ws.example";
-const GIB: u64 = 1 << 30;
-const CHUNK: usize = 64 * 1024;
-/// The worker and the agent may each use this much memory at their peak, whatever the body
-/// sizes (as for the plain proxy in streaming.rs).
-const PEAK_LIMIT_KIB: u64 = 96 * 1024;
 /// How long a test waits for something that should come at once (an event, a response).
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -323,42 +318,6 @@ async fn exchanges_over_https() {
         Agent::start_https(&server, &ca.root_pem(), domain, token, to, &[])
     })
     .await;
-}
-
-/// A body of `total` zero bytes, produced as it is read.
-fn zeros(total: u64) -> Body {
-    let chunk = Bytes::from(vec![0u8; CHUNK]);
-    let frames =
-        stream::iter((0..total / CHUNK as u64).map(move |_| Ok(Frame::data(chunk.clone()))));
-    BodyExt::boxed(StreamBody::new(frames))
-}
-
-/// Reads `body` to the end, pausing `pause` after the first 16 MiB (a buffering hop would
-/// swallow the rest meanwhile); how many bytes it had.
-async fn drain<B>(mut body: B, pause: Duration) -> u64
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Debug,
-{
-    let mut total = 0u64;
-    let mut paused = false;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.expect("body intact").into_data() {
-            total += data.len() as u64;
-        }
-        if !paused && total >= 16 << 20 {
-            paused = true;
-            tokio::time::sleep(pause).await;
-        }
-    }
-    total
-}
-
-fn peak_kib(pid: u32) -> u64 {
-    proc_status(pid, "VmHWM")
-        .trim_end_matches(" kB")
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
