@@ -21,7 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 /// The reserved path an agent asks to become a tunnel on. Requests to it that are not a tunnel
 /// upgrade go to the domain's app like any other.
@@ -140,16 +140,28 @@ impl fmt::Debug for TokenHash {
     }
 }
 
-/// Whether `presented` (as the agent sent it) is one of the `allowed` tokens. Compares with
-/// every allowed hash in constant time, without stopping at a match, so the time taken tells
+/// Which of the `allowed` tokens `presented` (as the agent sent it) is, if any: its hash, so
+/// that the caller can later tell whether that very token is still allowed (it may have been
+/// revoked meanwhile, and others allowed). Compares with every allowed hash in constant time,
+/// and selects the matching one without branching or stopping at it, so the time taken tells
 /// nothing about which, or how much, matched.
-pub fn token_matches(allowed: &[TokenHash], presented: &str) -> bool {
+pub fn matching_token(allowed: &[TokenHash], presented: &str) -> Option<TokenHash> {
     let presented = TokenHash::of(presented);
     let mut matched = subtle::Choice::from(0);
+    let mut which = [0u8; 32];
     for hash in allowed {
-        matched |= hash.0.ct_eq(&presented.0);
+        let this = hash.0.ct_eq(&presented.0);
+        for (out, byte) in which.iter_mut().zip(hash.0) {
+            out.conditional_assign(&byte, this);
+        }
+        matched |= this;
     }
-    matched.into()
+    Option::from(subtle::CtOption::new(TokenHash(which), matched))
+}
+
+/// Whether `presented` is one of the `allowed` tokens (see [`matching_token`]).
+pub fn token_matches(allowed: &[TokenHash], presented: &str) -> bool {
+    matching_token(allowed, presented).is_some()
 }
 
 // These travel in control replies (takeover and `status`), so their shapes are frozen: see
@@ -199,9 +211,11 @@ mod tests {
         );
         let other = Token::generate().unwrap();
         assert_ne!(token, other);
-        assert!(token_matches(&[other.hash(), token.hash()], token.as_str()));
-        assert!(!token_matches(&[other.hash()], token.as_str()));
-        assert!(!token_matches(&[], token.as_str()));
+        let both = [other.hash(), token.hash()];
+        assert_eq!(matching_token(&both, token.as_str()), Some(token.hash()));
+        assert_eq!(matching_token(&both, other.as_str()), Some(other.hash()));
+        assert_eq!(matching_token(&[other.hash()], token.as_str()), None);
+        assert_eq!(matching_token(&[], token.as_str()), None);
         assert!(!format!("{token:?}").contains(&token.as_str()[5..]));
     }
 

@@ -2,18 +2,25 @@
 //! [`ALLOWED_FAILURES`], refilled at one per [`REFILL`], so guessing tokens is hopeless (and a
 //! wrong token in an agent's configuration costs the worker one hash per 6 seconds).
 //!
-//! Sources are keyed by IP address, IPv6 ones by their /64 (one host usually has a whole
-//! one). At most [`MAX_SOURCES`] are remembered: beyond that, full buckets are forgotten first
-//! (they hold nothing), then the fullest.
+//! A source is an IP address, IPv6 ones by their /64 (one host usually has a whole one), and
+//! the tunnel domain it asked for: an agent left running with a revoked or mistyped token for
+//! one domain must not lock out a well configured agent for another domain on the same
+//! machine. Requests whose `Host` is no tunnel share one bucket per address, so that rotating
+//! `Host` buys no extra guesses (a guess is only ever good for the domain it names).
+//!
+//! At most [`MAX_SOURCES`] are remembered: beyond that, full buckets are forgotten first (they
+//! hold nothing), then the fullest. Buckets are kept ordered by when they are full again, so
+//! finding the one to forget is cheap, under the lock every failure takes.
 //!
 //! A bucket is kept as its debt: each failure adds [`REFILL`], time pays it back, and the
 //! bucket is empty while the debt is more than `ALLOWED_FAILURES - 1` refills.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use core_server_proto::domain::Domain;
 use tokio::time::Instant;
 
 /// Failures a source may have in a row before it must wait.
@@ -23,18 +30,45 @@ pub const REFILL: Duration = Duration::from_secs(6);
 /// The most sources remembered.
 pub const MAX_SOURCES: usize = 4096;
 
+/// Who failed, as the rate limit counts (see the module's comment).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Source {
+    address: IpAddr,
+    tunnel: Option<Domain>,
+}
+
+impl Source {
+    /// A request from `address` for `tunnel`: the tunnel domain its `Host` names, or `None`
+    /// if it names none.
+    pub fn new(address: IpAddr, tunnel: Option<Domain>) -> Self {
+        Source {
+            address: key(address),
+            tunnel,
+        }
+    }
+}
+
 /// Past failures by source.
 #[derive(Default)]
-pub struct FailedAttempts {
+pub struct FailedAttempts(Mutex<Buckets>);
+
+#[derive(Default)]
+struct Buckets {
     /// When each source's bucket is full again.
-    full_at: Mutex<HashMap<IpAddr, Instant>>,
+    full_at: HashMap<Source, Instant>,
+    /// The same, ordered by that time: the first is the first to forget.
+    by_time: BTreeSet<(Instant, Source)>,
 }
 
 impl FailedAttempts {
+    fn buckets(&self) -> MutexGuard<'_, Buckets> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// `Ok` if `source` may try now, else how long until it may.
-    pub fn check(&self, source: IpAddr) -> Result<(), Duration> {
-        let full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(full_at) = full_at.get(&key(source)) else {
+    pub fn check(&self, source: &Source) -> Result<(), Duration> {
+        let buckets = self.buckets();
+        let Some(full_at) = buckets.full_at.get(source) else {
             return Ok(());
         };
         let debt = full_at.saturating_duration_since(Instant::now());
@@ -45,25 +79,37 @@ impl FailedAttempts {
     }
 
     /// `source` failed once more.
-    pub fn charge(&self, source: IpAddr) {
-        let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn charge(&self, source: Source) {
+        let mut buckets = self.buckets();
+        let Buckets { full_at, by_time } = &mut *buckets;
         let now = Instant::now();
-        let key = key(source);
-        if !full_at.contains_key(&key) && full_at.len() >= MAX_SOURCES {
-            full_at.retain(|_, at| *at > now);
-            if full_at.len() >= MAX_SOURCES {
-                let fullest = full_at.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k);
-                full_at.remove(&fullest.expect("the map is full, so not empty"));
-            }
+        // Full buckets hold nothing: forget them (each is forgotten once, so this is cheap).
+        while let Some(first) = by_time.first().filter(|(at, _)| *at <= now) {
+            full_at.remove(&first.1);
+            by_time.pop_first();
         }
-        let at = full_at.entry(key).or_insert(now);
-        *at = (*at).max(now) + REFILL;
+        let at = match full_at.get(&source) {
+            Some(&at) => {
+                by_time.remove(&(at, source.clone()));
+                at.max(now) + REFILL
+            }
+            None => {
+                if full_at.len() >= MAX_SOURCES {
+                    // The fullest bucket: the one full again soonest.
+                    let (_, fullest) = by_time.pop_first().expect("the map is full, so not empty");
+                    full_at.remove(&fullest);
+                }
+                now + REFILL
+            }
+        };
+        by_time.insert((at, source.clone()));
+        full_at.insert(source, at);
     }
 }
 
-/// What a source is known by: its address, or its /64 for IPv6.
-fn key(source: IpAddr) -> IpAddr {
-    match source.to_canonical() {
+/// What an address is known by: itself, or its /64 for IPv6.
+fn key(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
         v4 => v4,
     }
@@ -73,8 +119,15 @@ fn key(source: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> Source {
+        Source::new(s.parse().unwrap(), None)
+    }
+
+    fn for_tunnel(address: &str, domain: &str) -> Source {
+        Source::new(
+            address.parse().unwrap(),
+            Some(Domain::parse(domain).unwrap()),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -82,17 +135,17 @@ mod tests {
         let failures = FailedAttempts::default();
         let source = ip("192.0.2.7");
         for _ in 0..ALLOWED_FAILURES {
-            assert_eq!(failures.check(source), Ok(()));
-            failures.charge(source);
+            assert_eq!(failures.check(&source), Ok(()));
+            failures.charge(source.clone());
         }
-        assert_eq!(failures.check(source), Err(REFILL));
-        assert_eq!(failures.check(ip("192.0.2.8")), Ok(()));
+        assert_eq!(failures.check(&source), Err(REFILL));
+        assert_eq!(failures.check(&ip("192.0.2.8")), Ok(()));
         tokio::time::advance(REFILL - Duration::from_millis(1)).await;
-        assert!(failures.check(source).is_err());
+        assert!(failures.check(&source).is_err());
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(failures.check(source), Ok(()));
-        failures.charge(source);
-        assert_eq!(failures.check(source), Err(REFILL));
+        assert_eq!(failures.check(&source), Ok(()));
+        failures.charge(source.clone());
+        assert_eq!(failures.check(&source), Err(REFILL));
     }
 
     #[tokio::test(start_paused = true)]
@@ -101,27 +154,50 @@ mod tests {
         for i in 0..ALLOWED_FAILURES {
             failures.charge(ip(&format!("2001:db8:1:2::{i:x}")));
         }
-        assert!(failures.check(ip("2001:db8:1:2:ffff::1")).is_err());
-        assert_eq!(failures.check(ip("2001:db8:1:3::1")), Ok(()));
+        assert!(failures.check(&ip("2001:db8:1:2:ffff::1")).is_err());
+        assert_eq!(failures.check(&ip("2001:db8:1:3::1")), Ok(()));
         for _ in 0..ALLOWED_FAILURES {
             failures.charge(ip("::ffff:198.51.100.1"));
         }
-        assert!(failures.check(ip("198.51.100.1")).is_err());
+        assert!(failures.check(&ip("198.51.100.1")).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_for_one_tunnel_domain_leave_the_others_of_the_address_alone() {
+        let failures = FailedAttempts::default();
+        let revoked = for_tunnel("192.0.2.7", "old.example");
+        for _ in 0..ALLOWED_FAILURES {
+            failures.charge(revoked.clone());
+        }
+        assert!(failures.check(&revoked).is_err());
+        assert_eq!(
+            failures.check(&for_tunnel("192.0.2.7", "app.example")),
+            Ok(())
+        );
+        assert_eq!(failures.check(&ip("192.0.2.7")), Ok(()));
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_map_stays_bounded_forgetting_the_fullest_buckets_first() {
         let failures = FailedAttempts::default();
+        // A bucket that is full again by the time the map fills: forgotten first.
+        let paid_back = ip("192.0.2.2");
+        failures.charge(paid_back.clone());
+        tokio::time::advance(REFILL).await;
         let blocked = ip("192.0.2.1");
         for _ in 0..ALLOWED_FAILURES {
-            failures.charge(blocked);
+            failures.charge(blocked.clone());
         }
         for i in 0..MAX_SOURCES as u32 + 10 {
-            failures.charge(IpAddr::V4((0x0a00_0000 + i).into()));
+            failures.charge(Source::new(IpAddr::V4((0x0a00_0000 + i).into()), None));
         }
-        assert_eq!(failures.full_at.lock().unwrap().len(), MAX_SOURCES);
+        let buckets = failures.buckets();
+        assert_eq!(buckets.full_at.len(), MAX_SOURCES);
+        assert_eq!(buckets.by_time.len(), MAX_SOURCES);
+        assert!(!buckets.full_at.contains_key(&paid_back));
+        drop(buckets);
         assert!(
-            failures.check(blocked).is_err(),
+            failures.check(&blocked).is_err(),
             "the emptiest bucket is kept"
         );
     }

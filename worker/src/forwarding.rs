@@ -100,7 +100,10 @@ pub fn set_forwarded(
     headers.insert(header::FORWARDED, forwarded(client, host, proto));
 }
 
-fn remove_client_claims(headers: &mut HeaderMap) {
+/// Removes every header through which a client claims to be someone or somewhere else (every
+/// `X-Forwarded-*` and [`CLIENT_CLAIMS`]): from a request's head, and from its trailers (see
+/// `request_body`), which pass end to end.
+pub fn remove_client_claims(headers: &mut HeaderMap) {
     let x_forwarded: Vec<HeaderName> = headers
         .keys()
         .filter(|name| name.as_str().starts_with("x-forwarded-"))

@@ -12,6 +12,10 @@
 //!
 //! The body ends a client's stall itself, even after the response head (a backend may answer
 //! before reading the whole upload): its backend connection is then closed, not held.
+//!
+//! Trailers pass end to end, so the client's claims about its origin are removed from them as
+//! from the request's head (see `forwarding`): a backend merging trailers into headers must not
+//! find an `X-Forwarded-For` of the client's making there.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +28,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::forwarding;
 use crate::last_moment::LastMoment;
 use crate::read_deadline::ReadDeadline;
 
@@ -84,7 +89,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = &mut *self;
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        let poll = Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map_ok(without_client_claims);
         let Some((shared, deadline)) = &mut this.watch else {
             return poll.map(|frame| frame.map(|f| f.map_err(ClientBodyError::broken)));
         };
@@ -120,6 +127,14 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// `frame`, with the client's claims removed if it holds trailers.
+fn without_client_claims(mut frame: Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(trailers) = frame.trailers_mut() {
+        forwarding::remove_client_claims(trailers);
+    }
+    frame
 }
 
 impl ClientBodyError {
@@ -173,5 +188,65 @@ impl Upload {
             return None;
         }
         Some(self.0.moved.get() + timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue, Request, Response};
+    use http_body_util::{BodyExt, Empty};
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::sync::mpsc;
+
+    #[tokio::test]
+    async fn the_clients_claims_are_removed_from_its_trailers() {
+        let (client_io, server_io) = tokio::io::duplex(64 << 10);
+        let (received, mut trailers) = mpsc::unbounded_channel();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let received = received.clone();
+            async move {
+                let (body, _upload) = RequestBody::new(request.into_body(), Duration::from_secs(5));
+                let collected = body.collect().await.unwrap();
+                let _ = received.send(collected.trailers().cloned());
+                Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(server_io), service);
+        tokio::spawn(server);
+        let (mut send, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+
+        let (mut body, channel) = http_body_util::channel::Channel::<Bytes>::new(2);
+        let request = Request::post("http://app.example/upload")
+            .body(channel)
+            .unwrap();
+        let response = tokio::spawn(send.send_request(request));
+        body.send_data(Bytes::from_static(b"data")).await.unwrap();
+        let mut sent = HeaderMap::new();
+        for (name, value) in [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            (
+                "core-server-tunnel-nonce",
+                "0123456789abcdef0123456789abcdef",
+            ),
+            ("x-checksum", "1234"),
+        ] {
+            sent.insert(name, HeaderValue::from_static(value));
+        }
+        body.send_trailers(sent).await.unwrap();
+        drop(body);
+        response.await.unwrap().unwrap();
+        let trailers = trailers.recv().await.unwrap().expect("the trailers arrive");
+        let names: Vec<_> = trailers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(names, ["x-checksum"]);
     }
 }

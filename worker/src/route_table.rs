@@ -22,7 +22,7 @@ use core_server_proto::command::Reply;
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::{FromWorker, ToWorker};
 use core_server_proto::routes::{Route, RouteChange, RouteError, Routes, Target};
-use core_server_proto::tunnel::token_matches;
+use core_server_proto::tunnel::{matching_token, TokenHash};
 use tokio::sync::{mpsc, watch};
 
 pub type SupervisorChannel = Channel<FromWorker, ToWorker>;
@@ -95,10 +95,16 @@ impl RouteTable {
         !self.read().tokens(domain).is_empty()
     }
 
-    /// Whether `presented` is one of the tokens that may connect to `domain`'s tunnel
-    /// (compared in constant time; false if `domain` is no tunnel).
-    pub fn admits(&self, domain: &Domain, presented: &str) -> bool {
-        token_matches(self.read().tokens(domain), presented)
+    /// Which of the tokens that may connect to `domain`'s tunnel `presented` is (compared in
+    /// constant time; `None` if none, or if `domain` is no tunnel).
+    pub fn admits(&self, domain: &Domain, presented: &str) -> Option<TokenHash> {
+        matching_token(self.read().tokens(domain), presented)
+    }
+
+    /// Whether the token `token` (one [`RouteTable::admits`] gave) may still connect to
+    /// `domain`'s tunnel.
+    pub fn still_admits(&self, domain: &Domain, token: &TokenHash) -> bool {
+        self.read().tokens(domain).contains(token)
     }
 
     /// Every tunnel domain, and how many tokens may connect to it.

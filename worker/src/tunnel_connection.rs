@@ -23,18 +23,25 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
 use crate::tunnel_control::{self, AgentSaid};
-use crate::tunnels::{Joining, Reservation, TunnelBody};
+use crate::tunnels::{Joining, Reservation, TunnelBody, MAX_IN_ALL, MAX_PER_DOMAIN};
 
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
 pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Per-stream and per-connection receive windows: a stream may have 4 MiB in flight (a
-/// 100 MB download at full speed over a 30 ms path), the connection 32 MiB, which bounds
-/// the memory a tunnel's slow readers can make the worker hold. hyper's client defaults (2
-/// and 5 MiB) halve throughput on a long fat path.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Per-stream and per-connection receive windows: what an agent may send the worker before it
+/// reads. A stream may have 2 MiB in flight (about 70 MB/s over a 30 ms path), a connection
+/// 8 MiB (4 streams at full speed); hyper's client defaults (2 and 5 MiB) leave less room for
+/// concurrent downloads.
+///
+/// They bound the memory a token holder can pin in the worker by sending responses that are
+/// read slowly (or a slow client's): at most one connection window per connection, so
+/// 8 MiB x 64 connections = 512 MiB per domain, and 8 MiB x 256 connections = 2 GiB in all
+/// (see `tunnels::{MAX_PER_DOMAIN, MAX_IN_ALL}`; checked below).
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 8 << 20;
+const _: () = assert!(CONNECTION_WINDOW as usize * MAX_PER_DOMAIN <= 512 << 20);
+const _: () = assert!(CONNECTION_WINDOW as usize * MAX_IN_ALL <= 2 << 30);
 /// Large frames: fewer headers and wake-ups per megabyte than the 16 KiB default.
 const MAX_FRAME_SIZE: u32 = 256 << 10;
 const MAX_SEND_BUF_SIZE: usize = 4 << 20;

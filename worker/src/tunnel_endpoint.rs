@@ -4,11 +4,13 @@
 //!
 //! | situation                                                   | agent sees              |
 //! |-------------------------------------------------------------|-------------------------|
-//! | its source failed [`ALLOWED_FAILURES`] times lately         | 429, `Retry-After`      |
+//! | its source failed [`ALLOWED_FAILURES`] times lately (*)     | 429, `Retry-After`      |
 //! | Host no tunnel, no `Authorization: Bearer`, or a wrong token| 401 (one failure more)  |
 //! | the domain or the worker has the most tunnels it takes      | 503                     |
 //! | the worker is stopping                                      | 503                     |
 //! | otherwise                                                   | 101, then HTTP/2        |
+//!
+//! (*) Per address and tunnel domain (see `failed_attempts`).
 //!
 //! Refusals close the connection. A rate-limited source is refused before its token is even
 //! hashed.
@@ -18,6 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use core_server_proto::domain::Domain;
+use core_server_proto::routes::Target;
 use core_server_proto::tunnel::{
     AGENT_LABEL_HEADER, MAX_LABEL_LEN, NONCE_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL,
 };
@@ -27,7 +30,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
-use crate::failed_attempts::{FailedAttempts, ALLOWED_FAILURES};
+use crate::failed_attempts::{FailedAttempts, Source, ALLOWED_FAILURES};
 use crate::proxy::{error_page, request_host, ProxyBody};
 use crate::tunnel_connection::{self, Agent};
 use crate::tunnels::{Refusal, Tunnels};
@@ -63,7 +66,13 @@ impl TunnelEndpoint {
         client: SocketAddr,
     ) -> Response<ProxyBody> {
         let source = client.ip().to_canonical();
-        if let Err(wait) = self.failures.check(source) {
+        let domain = request_host(&request)
+            .ok()
+            .and_then(|host| host.to_str().ok().and_then(Domain::from_host));
+        let routes = self.tunnels.routes();
+        let tunnel = (domain.clone()).filter(|d| routes.target(d) == Some(Target::Tunnel));
+        let attempt = Source::new(source, tunnel);
+        if let Err(wait) = self.failures.check(&attempt) {
             info!("tunnel request from {source} refused: more than {ALLOWED_FAILURES} failures lately");
             let mut response = refusal(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -75,15 +84,14 @@ impl TunnelEndpoint {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             return response;
         }
-        let domain = request_host(&request)
-            .ok()
-            .and_then(|host| host.to_str().ok().and_then(Domain::from_host));
-        let admitted = match (&domain, bearer(request.headers())) {
-            (Some(domain), Some(token)) => self.tunnels.routes().admits(domain, token),
-            _ => false,
+        let admitted = match (domain, bearer(request.headers())) {
+            (Some(domain), Some(token)) => {
+                (self.tunnels.routes().admits(&domain, token)).map(|token| (domain, token))
+            }
+            _ => None,
         };
-        let Some(domain) = domain.filter(|_| admitted) else {
-            self.failures.charge(source);
+        let Some((domain, token)) = admitted else {
+            self.failures.charge(attempt);
             let host = request_host(&request).ok();
             let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
             info!("tunnel request from {source} for {host} refused: not a tunnel, or a wrong or missing token");
@@ -96,7 +104,7 @@ impl TunnelEndpoint {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return response;
         };
-        let reservation = match self.tunnels.reserve(&domain) {
+        let reservation = match self.tunnels.reserve(&domain, token) {
             Ok(reservation) => reservation,
             Err(e) => {
                 info!("{domain}: tunnel request from {source} refused: {e}");

@@ -26,7 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,8 @@ use crate::tunnel_endpoint::TunnelEndpoint;
 use crate::tunnels::{Lease, NoAgent, Tunnels};
 
 const DOMAIN: &str = "app.example";
+/// Where the test agent answers with a response that never ends.
+const LONG_PATH: &str = "/long";
 /// Bounds what must happen "at once" on a noisy machine.
 const SOON: Duration = Duration::from_secs(5);
 
@@ -178,6 +180,18 @@ impl TestAgent {
         token: &str,
         label: &str,
     ) -> Result<TestAgent, Refused> {
+        Self::dial_with(addr, host, token, label, None).await
+    }
+
+    /// Dials; with `hello`, the agent sends its hello (the control stream's response head)
+    /// only once `hello` resolves.
+    async fn dial_with(
+        addr: SocketAddr,
+        host: &str,
+        token: &str,
+        label: &str,
+        hello: Option<oneshot::Receiver<()>>,
+    ) -> Result<TestAgent, Refused> {
         let frozen = Arc::new(AtomicBool::new(false));
         let tcp = TcpStream::connect(addr).await.unwrap();
         let io = Freezable {
@@ -210,17 +224,28 @@ impl TestAgent {
         assert_eq!(nonce.len(), 32);
         let upgraded = hyper::upgrade::on(response).await.unwrap();
 
-        let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+        let (control_tx, control_rx) = oneshot::channel();
         let control_tx = Arc::new(std::sync::Mutex::new(Some(control_tx)));
+        let hello = Arc::new(std::sync::Mutex::new(hello));
         let (heard_tx, heard) = mpsc::unbounded_channel();
         let label = label.to_owned();
         let service = service_fn(move |request: Request<Incoming>| {
             let (nonce, label) = (nonce.clone(), label.clone());
             let (control_tx, heard_tx) = (control_tx.clone(), heard_tx.clone());
+            let hello = hello.clone();
             async move {
                 let is_control = request.uri().path() == CONTROL_PATH
                     && request.headers().get(NONCE_HEADER).map(|v| v.as_bytes())
                         == Some(nonce.as_bytes());
+                if request.uri().path() == LONG_PATH {
+                    // One chunk, then nothing, for ever: a download, or server-sent events.
+                    let (mut sender, body) = http_body_util::channel::Channel::new(1);
+                    tokio::spawn(async move {
+                        let _ = sender.send_data(Bytes::from_static(b"first")).await;
+                        std::future::pending::<()>().await
+                    });
+                    return Ok(Response::new(body.boxed()));
+                }
                 if !is_control {
                     let body = Full::new(Bytes::from(label)).boxed();
                     return Ok::<_, hyper::Error>(Response::new(body));
@@ -228,8 +253,12 @@ impl TestAgent {
                 let mut lines = request.into_body();
                 tokio::spawn(async move {
                     while let Some(Ok(frame)) = lines.frame().await {
-                        if let Ok(data) = frame.into_data() {
-                            let _ = heard_tx.send(Some(data));
+                        // An empty frame (hyper may end a body with one) says nothing.
+                        match frame.into_data() {
+                            Ok(data) if !data.is_empty() => {
+                                let _ = heard_tx.send(Some(data));
+                            }
+                            _ => {}
                         }
                     }
                     let _ = heard_tx.send(None);
@@ -237,6 +266,10 @@ impl TestAgent {
                 let (sender, body) = http_body_util::channel::Channel::new(4);
                 if let Some(control_tx) = control_tx.lock().unwrap().take() {
                     let _ = control_tx.send(sender);
+                }
+                let hello = hello.lock().unwrap().take();
+                if let Some(hello) = hello {
+                    let _ = hello.await;
                 }
                 Ok(Response::new(body.boxed()))
             }
@@ -420,6 +453,46 @@ async fn after_ten_failures_even_the_right_token_gets_429() {
 }
 
 #[tokio::test]
+async fn a_revoked_agent_retrying_for_one_domain_locks_out_no_agent_of_another() {
+    let worker = Worker::start(SOON).await;
+    let other = Domain::parse("other.example").unwrap();
+    let token = Token::generate().unwrap();
+    let allow = RouteChange::AllowTunnel {
+        domain: other.clone(),
+        token: token.hash(),
+    };
+    drop(worker.routes.change(allow).await.unwrap());
+    let revoke = RouteChange::RevokeTunnel {
+        domain: worker.domain.clone(),
+    };
+    drop(worker.routes.change(revoke).await.unwrap());
+    // The revoked agent, on the same address, retries with its old token.
+    let old = worker.token.as_str();
+    for _ in 0..ALLOWED_FAILURES {
+        let refused = TestAgent::dial(worker.addr, DOMAIN, old, "old").await;
+        assert_eq!(refused.err().unwrap().status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = TestAgent::dial(worker.addr, DOMAIN, old, "old").await;
+    assert_eq!(refused.err().unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+    let _agent = TestAgent::dial(worker.addr, other.as_str(), token.as_str(), "good")
+        .await
+        .expect("the other domain's agent is let in");
+}
+
+#[tokio::test]
+async fn hosts_that_are_no_tunnel_share_one_bucket_per_address() {
+    let worker = Worker::start(SOON).await;
+    let token = worker.token.as_str();
+    for i in 0..ALLOWED_FAILURES {
+        let host = format!("guess{i}.example");
+        let refused = TestAgent::dial(worker.addr, &host, token, "x").await;
+        assert_eq!(refused.err().unwrap().status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = TestAgent::dial(worker.addr, "one-more.example", token, "x").await;
+    assert_eq!(refused.err().unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn revoking_closes_the_connections_at_once_and_picks_fail_without_waiting() {
     let worker = Worker::start(Duration::from_secs(60)).await;
     let agent = worker.dial("a").await;
@@ -437,6 +510,94 @@ async fn revoking_closes_the_connections_at_once_and_picks_fail_without_waiting(
     ));
     let refused = TestAgent::dial(worker.addr, DOMAIN, worker.token.as_str(), "b").await;
     assert_eq!(refused.err().unwrap().status, StatusCode::UNAUTHORIZED);
+}
+
+impl Worker {
+    /// Revokes the domain's tokens, then allows a fresh one (a rotation).
+    async fn rotate_tokens(&self) {
+        let revoke = RouteChange::RevokeTunnel {
+            domain: self.domain.clone(),
+        };
+        drop(self.routes.change(revoke).await.unwrap());
+        let allow = RouteChange::AllowTunnel {
+            domain: self.domain.clone(),
+            token: Token::generate().unwrap().hash(),
+        };
+        drop(self.routes.change(allow).await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn an_agent_whose_token_is_revoked_before_its_hello_never_joins_even_after_a_new_allow() {
+    let worker = Worker::start(SOON).await;
+    let (send_hello, hello) = oneshot::channel();
+    let token = worker.token.as_str();
+    let agent = TestAgent::dial_with(worker.addr, DOMAIN, token, "old", Some(hello))
+        .await
+        .unwrap();
+    worker.rotate_tokens().await;
+    send_hello.send(()).unwrap();
+    agent.closed_within(SOON).await;
+    assert_eq!(worker.live(), 0);
+    assert!(matches!(
+        timeout(SOON, worker.tunnels.pick(&worker.domain))
+            .await
+            .unwrap(),
+        Err(NoAgent::Timeout(_))
+    ));
+}
+
+#[tokio::test]
+async fn revoking_closes_a_connection_still_waiting_for_its_hello() {
+    let worker = Worker::start(SOON).await;
+    let (_send_hello, hello) = oneshot::channel();
+    let token = worker.token.as_str();
+    let agent = TestAgent::dial_with(worker.addr, DOMAIN, token, "slow", Some(hello))
+        .await
+        .unwrap();
+    let revoke = RouteChange::RevokeTunnel {
+        domain: worker.domain.clone(),
+    };
+    drop(worker.routes.change(revoke).await.unwrap());
+    agent.closed_within(SOON).await;
+}
+
+#[tokio::test]
+async fn revoking_cuts_the_streams_of_connections_that_already_left_the_balancer() {
+    for draining in [true, false] {
+        let worker = Worker::start(SOON).await;
+        let mut agent = worker.dial("leaving").await;
+        worker.wait_for(1).await;
+        let lease = worker.tunnels.pick(&worker.domain).await.unwrap();
+        let request = Request::get(format!("http://{DOMAIN}{LONG_PATH}"))
+            .body(http_body_util::Either::Right(Empty::new().boxed()))
+            .unwrap();
+        let response = lease.sender().send_request(request).await.unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first");
+        // The agent leaves the balancer softly, its long response still streaming.
+        if draining {
+            agent.say(DRAINING).await;
+        } else {
+            let (ended, _) = http_body_util::channel::Channel::new(1);
+            drop(std::mem::replace(&mut agent.control, ended));
+        }
+        assert_eq!(agent.next_heard().await, None, "the worker ends its side");
+        worker.wait_for(0).await;
+        let revoke = RouteChange::RevokeTunnel {
+            domain: worker.domain.clone(),
+        };
+        drop(worker.routes.change(revoke).await.unwrap());
+        let next = timeout(SOON, body.frame())
+            .await
+            .expect("the revoked agent's stream is cut at once");
+        assert!(
+            !matches!(next, Some(Ok(_))),
+            "no more of the response passes"
+        );
+        agent.closed_within(SOON).await;
+    }
 }
 
 #[tokio::test]

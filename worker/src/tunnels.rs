@@ -9,9 +9,11 @@
 //! Leaving comes in two strengths. A connection that leaves softly (its agent drains, or this
 //! worker stops) takes no new request and closes once the requests it carries are done: the
 //! registry drops its `SendRequest`, the leases still out hold the only others, and hyper ends
-//! the connection when the last is gone and its streams have finished. A connection whose
-//! domain is closed (revoked, replaced by a port, removed) is killed at once: every task of
-//! the connection is spawned through [`TunnelExecutor`], which drops them all.
+//! the connection when the last is gone and its streams have finished. When a domain is closed
+//! (revoked, replaced by a port, removed), every connection of it is killed at once, whether
+//! still waiting for its hello, live, or finishing after leaving softly: each one's kill token
+//! is a child of its domain's, which the closure cancels, and every task of the connection is
+//! spawned through [`TunnelExecutor`], which drops them all.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -25,7 +27,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::MAX_CONNECTIONS_SHOWN;
-use core_server_proto::tunnel::{AgentConnection, TunnelStatus, RECONNECT};
+use core_server_proto::tunnel::{AgentConnection, TokenHash, TunnelStatus, RECONNECT};
 use http_body_util::combinators::BoxBody;
 use http_body_util::Either;
 use hyper::client::conn::http2::SendRequest;
@@ -44,8 +46,9 @@ pub type TunnelBody = Either<RequestBody, BoxBody<Bytes, Infallible>>;
 
 /// The most agent connections one domain may have (say 16 machines with 4 each).
 pub const MAX_PER_DOMAIN: usize = 64;
-/// The most agent connections of all domains together.
-pub const MAX_IN_ALL: usize = 1024;
+/// The most agent connections of all domains together (which bounds the memory they may hold:
+/// see `tunnel_connection`'s windows).
+pub const MAX_IN_ALL: usize = 256;
 
 /// Every agent connection, by domain.
 pub struct Tunnels {
@@ -72,6 +75,9 @@ struct State {
 struct DomainTunnels {
     /// The connections that take requests.
     live: Vec<Arc<AgentConn>>,
+    /// The parent of the kill token of every connection reserved since the domain was last
+    /// closed; replaced by a fresh one at each closure.
+    closed: CancellationToken,
     /// Connections reserved (being set up, live, or finishing).
     reserved: usize,
     /// Where the next pick starts looking, so that ties rotate.
@@ -93,7 +99,6 @@ struct AgentConn {
     /// The worker's end of the control stream, until the connection leaves the balancer.
     control: Mutex<Option<http_body_util::channel::Sender<Bytes>>>,
     leave: CancellationToken,
-    kill: CancellationToken,
 }
 
 impl AgentConn {
@@ -116,7 +121,7 @@ pub enum Refusal {
     Full,
     #[error("this worker is stopping")]
     Stopping,
-    #[error("the domain's tunnel was revoked or removed meanwhile")]
+    #[error("the agent's token was revoked, or its tunnel removed, meanwhile")]
     Closed,
 }
 
@@ -187,9 +192,13 @@ impl Tunnels {
         Some(Lease { conn: best.clone() })
     }
 
-    /// Holds a place for a new connection of `domain`, within the limits, until the
-    /// reservation is dropped (when the connection has closed).
-    pub fn reserve(self: &Arc<Self>, domain: &Domain) -> Result<Reservation, Refusal> {
+    /// Holds a place for a new connection of `domain`, admitted with `token`, within the
+    /// limits, until the reservation is dropped (when the connection has closed).
+    pub fn reserve(
+        self: &Arc<Self>,
+        domain: &Domain,
+        token: TokenHash,
+    ) -> Result<Reservation, Refusal> {
         if self.stopping.is_cancelled() {
             return Err(Refusal::Stopping);
         }
@@ -202,12 +211,14 @@ impl Tunnels {
             return Err(Refusal::DomainFull);
         }
         tunnels.reserved += 1;
+        let kill = tunnels.closed.child_token();
         state.total += 1;
         Ok(Reservation {
             tunnels: self.clone(),
             domain: domain.clone(),
+            token,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            kill: CancellationToken::new(),
+            kill,
             leave: CancellationToken::new(),
         })
     }
@@ -254,20 +265,20 @@ impl Tunnels {
         self.tasks.len()
     }
 
-    /// Kills `domain`'s connections at once: its tunnel was revoked, replaced or removed.
+    /// Kills `domain`'s connections at once, whatever their state: its tunnel was revoked,
+    /// replaced or removed.
     pub fn close_domain(&self, domain: &Domain) {
         let closed = match self.state().domains.get_mut(domain) {
-            Some(tunnels) => std::mem::take(&mut tunnels.live),
-            None => Vec::new(),
+            Some(tunnels) => {
+                tunnels.live.clear();
+                std::mem::take(&mut tunnels.closed).cancel();
+                tunnels.reserved
+            }
+            None => 0,
         };
-        for conn in &closed {
-            conn.end_control();
-            conn.kill.cancel();
-        }
-        if !closed.is_empty() {
+        if closed > 0 {
             info!(
-                "{domain}: closed its {} agent connection(s): the tunnel was revoked, replaced or removed",
-                closed.len()
+                "{domain}: closed its {closed} agent connection(s): the tunnel was revoked, replaced or removed"
             );
         }
         self.changed.notify_waiters();
@@ -319,6 +330,8 @@ impl Tunnels {
 pub struct Reservation {
     tunnels: Arc<Tunnels>,
     domain: Domain,
+    /// The token the agent was admitted with: it must still be allowed when the agent joins.
+    token: TokenHash,
     id: u64,
     kill: CancellationToken,
     leave: CancellationToken,
@@ -358,14 +371,15 @@ impl Reservation {
         self.kill.cancelled().await
     }
 
-    /// Puts the connection in the balancer. Refused if the domain was closed meanwhile.
+    /// Puts the connection in the balancer. Refused if its token was revoked meanwhile (even
+    /// if others were allowed since).
     pub fn join(&self, joining: Joining) -> Result<(), Refusal> {
         let tunnels = &self.tunnels;
         {
             let mut state = tunnels.state();
             // Checked under the registry's lock: a closure applied after this check is
             // announced after it too, and then finds the connection to close.
-            if !tunnels.routes.has_tokens(&self.domain) {
+            if !tunnels.routes.still_admits(&self.domain, &self.token) {
                 return Err(Refusal::Closed);
             }
             if tunnels.stopping.is_cancelled() {
@@ -386,7 +400,6 @@ impl Reservation {
                 retired: AtomicBool::new(false),
                 control: Mutex::new(Some(joining.control)),
                 leave: self.leave.clone(),
-                kill: self.kill.clone(),
             });
             let domain = state.domains.entry(self.domain.clone()).or_default();
             domain.live.push(conn);
@@ -508,28 +521,32 @@ mod tests {
         let routes = RouteTable::new(Routes::default(), Arc::new(Channel::new(ours).unwrap()));
         let tunnels = Arc::new(Tunnels::new(Duration::from_secs(1), Arc::new(routes)));
         let domain = |i: usize| Domain::parse(&format!("d{i}.example")).unwrap();
+        let token = TokenHash([7; 32]);
         let mut held = Vec::new();
         for _ in 0..MAX_PER_DOMAIN {
-            held.push(tunnels.reserve(&domain(0)).unwrap());
+            held.push(tunnels.reserve(&domain(0), token).unwrap());
         }
         assert!(matches!(
-            tunnels.reserve(&domain(0)),
+            tunnels.reserve(&domain(0), token),
             Err(Refusal::DomainFull)
         ));
         held.pop();
-        held.push(tunnels.reserve(&domain(0)).unwrap());
+        held.push(tunnels.reserve(&domain(0), token).unwrap());
         for i in 1..MAX_IN_ALL / MAX_PER_DOMAIN {
             for _ in 0..MAX_PER_DOMAIN {
-                held.push(tunnels.reserve(&domain(i)).unwrap());
+                held.push(tunnels.reserve(&domain(i), token).unwrap());
             }
         }
-        assert!(matches!(tunnels.reserve(&domain(999)), Err(Refusal::Full)));
+        assert!(matches!(
+            tunnels.reserve(&domain(999), token),
+            Err(Refusal::Full)
+        ));
         held.clear();
         assert!(tunnels.state().domains.is_empty());
-        let _one = tunnels.reserve(&domain(999)).unwrap();
+        let _one = tunnels.reserve(&domain(999), token).unwrap();
         tunnels.ask_to_reconnect();
         assert!(matches!(
-            tunnels.reserve(&domain(1)),
+            tunnels.reserve(&domain(1), token),
             Err(Refusal::Stopping)
         ));
     }
