@@ -159,11 +159,6 @@ pub fn matching_token(allowed: &[TokenHash], presented: &str) -> Option<TokenHas
     Option::from(subtle::CtOption::new(TokenHash(which), matched))
 }
 
-/// Whether `presented` is one of the `allowed` tokens (see [`matching_token`]).
-pub fn token_matches(allowed: &[TokenHash], presented: &str) -> bool {
-    matching_token(allowed, presented).is_some()
-}
-
 // These travel in control replies (takeover and `status`), so their shapes are frozen: see
 // `ipc`'s rules.
 
