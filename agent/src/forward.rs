@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
@@ -28,6 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use core_server_proto::hop_by_hop::remove_hop_by_hop;
+
 use crate::connection::BoxError;
 
 /// How long connecting to the app may take (for requests and WebSockets alike).
@@ -35,15 +37,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of a response from [`forward_to`]'s service: the app's, or the agent's own text.
 pub type ForwardBody = Either<Incoming, Full<Bytes>>;
-
-/// Connection-level headers of HTTP/1.1 that never cross to HTTP/2 (RFC 9113 §8.2.2).
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 /// A service that forwards every request to the HTTP/1.1 app at `app` (what `core-agent --to`
 /// runs).
@@ -116,7 +109,7 @@ impl ForwardService {
             .request(Request::from_parts(parts, body))
             .await?;
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 }
@@ -155,7 +148,7 @@ async fn upgrade(
         .body(Empty::<Bytes>::new())?;
     let headers = backend_request.headers_mut();
     *headers = std::mem::take(&mut parts.headers);
-    strip_hop_by_hop(headers);
+    remove_hop_by_hop(headers);
     if let Some(host) = host(&parts.uri)? {
         headers.insert(header::HOST, host);
     }
@@ -176,7 +169,7 @@ async fn upgrade(
     let mut response = sender.send_request(backend_request).await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        remove_hop_by_hop(&mut parts.headers);
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     let app_side = hyper::upgrade::on(&mut response);
@@ -191,21 +184,8 @@ async fn upgrade(
     });
     let mut accepted = Response::new(Either::Right(Full::default()));
     *accepted.headers_mut() = std::mem::take(response.headers_mut());
-    strip_hop_by_hop(accepted.headers_mut());
+    remove_hop_by_hop(accepted.headers_mut());
     Ok(accepted)
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
-    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<ForwardBody> {

@@ -1,7 +1,6 @@
 //! The headers a reverse proxy rewrites on the way through.
 //!
-//! Hop-by-hop headers (RFC 9110 §7.6.1: `Connection`, the headers it names, `Keep-Alive`,
-//! `Transfer-Encoding`, ...) describe one connection and are removed in both directions.
+//! Hop-by-hop headers (see [`core_server_proto::hop_by_hop`]) are removed in both directions.
 //!
 //! core-server is the edge: nothing in front of it can vouch for a client's claim about where a
 //! request came from. Every header that frameworks read for the client's address, scheme, host,
@@ -12,26 +11,13 @@
 use std::fmt::Write;
 use std::net::IpAddr;
 
+pub use core_server_proto::hop_by_hop::remove_hop_by_hop;
 use core_server_proto::tunnel;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// `Trailer` is not among them: it names the trailer fields to come, end to end (RFC 9110
-/// §6.6.2), and hyper's HTTP/1 encoder sends only the trailer fields it declares.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    // Connection-specific by RFC 7540 §3.2.1, even when `Connection` forgets to name it.
-    HeaderName::from_static("http2-settings"),
-];
 
 /// Request headers through which a client claims to be someone or somewhere else, besides every
 /// `X-Forwarded-*` (`-For`, `-Proto`, `-Host`, `-Port`, `-Ssl`, `-Prefix`, `-Scheme`, `-Server`,
@@ -55,32 +41,6 @@ const CLIENT_CLAIMS: [HeaderName; 11] = [
     HeaderName::from_static("x-url-scheme"),
     HeaderName::from_static(tunnel::NONCE_HEADER),
 ];
-
-/// Removes the hop-by-hop headers, including every header the `Connection` header names.
-/// `TE: trailers` is kept: it is end-to-end in meaning (gRPC needs it).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
-    }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
 
 /// Replaces whatever the client said about where its request came from with what core-server
 /// knows: a request from `client` for `host` over `proto` (`"http"` or `"https"`).
@@ -179,27 +139,6 @@ mod tests {
             .collect();
         lines.sort();
         lines
-    }
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_go() {
-        let mut h = headers(&[
-            ("connection", "keep-alive, X-Secret"),
-            ("keep-alive", "timeout=5"),
-            ("x-secret", "1"),
-            ("transfer-encoding", "chunked"),
-            ("te", "gzip, trailers"),
-            ("upgrade", "h2c"),
-            ("http2-settings", "AAMAAABkAAQAAP__"),
-            ("proxy-authorization", "Basic x"),
-            ("trailer", "x-checksum"),
-            ("x-kept", "yes"),
-        ]);
-        remove_hop_by_hop(&mut h);
-        assert_eq!(
-            sorted(&h),
-            ["te: trailers", "trailer: x-checksum", "x-kept: yes"]
-        );
     }
 
     #[test]

@@ -1,0 +1,78 @@
+//! Hop-by-hop headers (RFC 9110 §7.6.1: `Connection`, the headers it names, `Keep-Alive`,
+//! `Transfer-Encoding`, ...): they describe one connection, so every proxy hop (the worker,
+//! and `core-agent` in front of its app) removes them in both directions.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `Trailer` is not among them: it names the trailer fields to come, end to end (RFC 9110
+/// §6.6.2), and hyper's HTTP/1 encoder sends only the trailer fields it declares.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    // Connection-specific by RFC 7540 §3.2.1, even when `Connection` forgets to name it.
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Removes the hop-by-hop headers, including every header the `Connection` header names.
+/// `TE: trailers` is kept: it is end-to-end in meaning (gRPC needs it).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip, trailers"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+            ("proxy-authorization", "Basic x"),
+            ("trailer", "x-checksum"),
+            ("x-kept", "yes"),
+        ] {
+            h.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        remove_hop_by_hop(&mut h);
+        let mut left: Vec<_> = (h.iter())
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        left.sort();
+        assert_eq!(left, ["te: trailers", "trailer: x-checksum", "x-kept: yes"]);
+    }
+}
