@@ -4,7 +4,8 @@
 //! - [`domain`]: which names may be routed, and how a `Host` header maps to one.
 //! - [`command`]: the UDP command grammar (`add example.com 5665`) and its one-line replies.
 //! - [`routes`]: the routes table itself, as the supervisor persists it and the worker serves it.
-//! - [`hop_by_hop`]: the headers every proxy hop removes.
+//! - `hop_by_hop` (feature `http`, for the worker and the agent): the headers every proxy hop
+//!   removes.
 //! - [`tunnel`]: what the worker and `core-agent` agree on, and the tunnel tokens.
 //! - [`ipc`]: the typed messages between supervisor and children.
 //! - [`acme_ipc`]: the ACME helper's messages, with the supervisor and with the worker.
@@ -20,6 +21,7 @@ pub mod channel;
 pub mod command;
 pub mod domain;
 pub mod dumpable;
+#[cfg(feature = "http")]
 pub mod hop_by_hop;
 pub mod ipc;
 pub mod logging;
