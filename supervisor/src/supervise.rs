@@ -210,7 +210,7 @@ impl Supervisor {
     /// Takes in a change the worker reports; it is saved (and acknowledged) by [`Self::save`].
     fn record(&mut self, worker: &mut Worker, seq: u64, change: &RouteChange) {
         if matches!(change, RouteChange::AllowTunnel { .. })
-            && !self.tunnel_requests.asked_for(change)
+            && !self.tunnel_requests.take_asked(change)
         {
             error!(
                 "the worker reported a tunnel token no one allowed, for {}: not saved",

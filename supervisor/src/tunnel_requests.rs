@@ -7,7 +7,7 @@
 //! worker goes (whichever is first). A `status` is answered in any case, without the agents if
 //! need be; a change the worker did not confirm is refused with what to check.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use core_server_proto::domain::Domain;
@@ -34,7 +34,14 @@ const WORKER_RESTARTED: &str = "the worker restarted; retry";
 pub struct TunnelRequests {
     last_id: u64,
     pending: HashMap<u64, Pending>,
+    /// The latest `allow` changes sent to the worker and not yet reported back (even once
+    /// their request has been answered "may still apply"): the only tokens the worker may
+    /// report as allowed.
+    allows: VecDeque<RouteChange>,
 }
+
+/// How many sent `allow` changes are remembered for [`TunnelRequests::take_asked`].
+const ALLOWS_REMEMBERED: usize = 64;
 
 struct Pending {
     connection: ServerEnd,
@@ -106,6 +113,12 @@ impl TunnelRequests {
                 Waiting::Revoke { domain },
             ),
         };
+        if let RouteChange::AllowTunnel { .. } = change {
+            if self.allows.len() == ALLOWS_REMEMBERED {
+                self.allows.pop_front();
+            }
+            self.allows.push_back(change.clone());
+        }
         let id = self.wait(connection, CHANGE_TIMEOUT, what);
         Some(ToWorker::Tunnel { id, change })
     }
@@ -166,10 +179,13 @@ impl TunnelRequests {
     }
 
     /// Whether `change`, an `AllowTunnel` the worker reports, is one an operator asked for
-    /// and waits for: a token the worker made up (a compromised worker planting one) is not.
-    pub fn asked_for(&self, change: &RouteChange) -> bool {
-        (self.pending.values())
-            .any(|p| matches!(&p.what, Waiting::Allow { change: asked, .. } if asked == change))
+    /// (even if the answer went out before the report came): a token the worker made up (a
+    /// compromised worker planting one) is not. Each is taken once.
+    pub fn take_asked(&mut self, change: &RouteChange) -> bool {
+        match self.allows.iter().position(|asked| asked == change) {
+            Some(i) => self.allows.remove(i).is_some(),
+            None => false,
+        }
     }
 
     /// The worker's `Tunnels`: part of its report, the last part if `last`.
@@ -336,12 +352,13 @@ mod tests {
         };
         assert_eq!(change, expected);
         // The worker reports what was asked for, and nothing it made up.
-        assert!(requests.asked_for(&change));
         let made_up = RouteChange::AllowTunnel {
             domain: domain(),
             token: TokenHash([8; 32]),
         };
-        assert!(!requests.asked_for(&made_up));
+        assert!(!requests.take_asked(&made_up));
+        assert!(requests.take_asked(&change));
+        assert!(!requests.take_asked(&change), "taken once");
         routes.apply(&change).unwrap();
         requests.done(id, None, &routes);
         assert_eq!(
