@@ -22,8 +22,7 @@ LIMIT=${LIMIT:-60}            # seconds any one download may take
 source bench/lib.sh
 need nginx=nginx wrk=wrk curl=curl mkcert=mkcert
 need_rathole
-install_core_agent
-install_core_server
+install_core_server core-agent
 
 backend=$(free_port); http=$(free_port); https=$(free_port); udp=$(free_port)
 ctl=$(free_port); visitor=$(free_port)
