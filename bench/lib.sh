@@ -27,9 +27,12 @@ cleanup() {
 trap cleanup EXIT
 
 binaries=(core-server core-server-worker core-server-acme)
+# install_core_server [PACKAGE...]: builds them with the core-server binaries in ONE cargo build
+# (two builds of different package sets unify features differently and rebuild each other's
+# binaries every run) and copies them all into $work.
 install_core_server() {
-  cargo build --release -q "${binaries[@]/#/-p}"
-  cp "${binaries[@]/#/target/release/}" "$work/"
+  cargo build --release -q "${binaries[@]/#/-p}" "${@/#/-p}"
+  cp "${binaries[@]/#/target/release/}" "${@/#/target/release/}" "$work/"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -77,12 +80,6 @@ loopback_names() { { cat /etc/hosts; echo "127.0.0.1 $*"; } > "$work/hosts"; }
 # sends the name as SNI. The machine's /etc/hosts is left as it is.
 with_hosts() { unshare --mount sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$work/hosts" "$@"; }
 
-# The release core-agent, next to the core-server binaries in $work (built with them, so that
-# their dependencies are built once, with the same features).
-install_core_agent() {
-  cargo build --release -q "${binaries[@]/#/-p}" -p core-agent
-  cp target/release/core-agent "$work/"
-}
 
 # rathole on PATH (cargo install puts it in ~/.cargo/bin); its 0.5.0 builds without --locked.
 need_rathole() {

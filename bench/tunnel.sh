@@ -18,12 +18,12 @@ DURATION=${DURATION:-5}       # seconds of wrk load per path and round
 CONNECTIONS=${CONNECTIONS:-64}
 DOWNLOADS=${DOWNLOADS:-3}     # 100 MB downloads per path and round
 LIMIT=${LIMIT:-60}            # seconds any one download may take
+AGENT_OPTIONS=${AGENT_OPTIONS:-}  # more core-agent options, for both agents (e.g. "--threads 2")
 
 source bench/lib.sh
 need nginx=nginx wrk=wrk curl=curl mkcert=mkcert
 need_rathole
-install_core_agent
-install_core_server
+install_core_server core-agent
 
 backend=$(free_port); http=$(free_port); https=$(free_port); udp=$(free_port)
 ctl=$(free_port); visitor=$(free_port)
@@ -61,7 +61,7 @@ agent() {
   local domain=$1 token; shift
   token=$(allow "$domain")
   CORE_AGENT_TOKEN=$token RUST_LOG=warn "$work/core-agent" "$domain" \
-    --to "127.0.0.1:$backend" --connections 2 "$@" 2>>"$work/agent-$domain.err" &
+    --to "127.0.0.1:$backend" --connections 2 $AGENT_OPTIONS "$@" 2>>"$work/agent-$domain.err" &
   pids+=($!)
 }
 agent tunnel.bench --insecure-plaintext --connect "127.0.0.1:$http"
@@ -138,7 +138,8 @@ done
 finished=1
 
 echo
-echo "$(nproc) cores; medians of $ROUNDS rounds of wrk -t1 -c$CONNECTIONS -d${DURATION}s and of $DOWNLOADS x 100 MB curl downloads"
+echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; core-agent options: --connections 2 ${AGENT_OPTIONS}"
+echo "medians of $ROUNDS rounds of wrk -t1 -c$CONNECTIONS -d${DURATION}s and of $DOWNLOADS x 100 MB curl downloads"
 printf '%-26s %12s %12s\n' "" "requests/s" "MB/s"
 for path in "${paths[@]}"; do
   printf '%-26s %12s %12s\n' "${label[$path]}" "${RPS[$path]}" "${MBPS[$path]}"

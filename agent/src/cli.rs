@@ -1,6 +1,7 @@
 //! `core-agent`'s command line, turned into an [`AgentConfig`] and the app's address.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -45,18 +46,34 @@ struct Cli {
     /// Requests in flight at once per connection.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_streams: u32,
+    /// Threads serving the connections. One suits an agent sharing a small machine with its
+    /// app: its work per request is small, and threads waking each other cost more than they
+    /// give (bench/tunnel.sh: about a quarter less CPU per request). Raise it when the agent
+    /// needs more than one core.
+    #[arg(long, value_name = "N", default_value = "1")]
+    threads: NonZeroUsize,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub struct Parsed {
+    pub config: AgentConfig,
+    /// The app's address (`--to`).
+    pub app: SocketAddr,
+    /// `--threads`.
+    pub threads: NonZeroUsize,
 }
 
 /// The configuration and the app's address, or why the command line cannot work (clap's own
 /// errors, and `--help`, exit by themselves, with status 2 and 0).
-pub fn parse() -> Result<(AgentConfig, SocketAddr), String> {
+pub fn parse() -> Result<Parsed, String> {
     from_args(std::env::args_os(), std::env::var(TOKEN_ENV).ok())
 }
 
 fn from_args(
     args: impl IntoIterator<Item = std::ffi::OsString>,
     env_token: Option<String>,
-) -> Result<(AgentConfig, SocketAddr), String> {
+) -> Result<Parsed, String> {
     let cli = Cli::parse_from(args);
     let token = read_token(cli.token.as_deref(), cli.token_file.as_deref(), env_token)
         .map_err(|e| e.to_string())?;
@@ -83,7 +100,11 @@ fn from_args(
     config.label = cli.label;
     config.grace = cli.grace;
     config.max_streams = cli.max_streams;
-    Ok((config, app))
+    Ok(Parsed {
+        config,
+        app,
+        threads: cli.threads,
+    })
 }
 
 #[cfg(test)]
@@ -101,11 +122,16 @@ mod tests {
     #[test]
     fn the_defaults_and_the_environments_token() {
         let token = Token::generate().unwrap();
-        let (config, app) = from_args(
+        let Parsed {
+            config,
+            app,
+            threads,
+        } = from_args(
             args(&["app.example.com", "--to", "127.0.0.1:3000"]),
             Some(token.as_str().to_owned()),
         )
         .unwrap();
+        assert_eq!(threads.get(), 1);
         assert_eq!(app, "127.0.0.1:3000".parse().unwrap());
         assert_eq!(config.token, token);
         assert_eq!(config.connections, 2);
@@ -117,7 +143,9 @@ mod tests {
     #[test]
     fn every_option() {
         let token = Token::generate().unwrap();
-        let (config, _) = from_args(
+        let Parsed {
+            config, threads, ..
+        } = from_args(
             args(&[
                 "app.example.com",
                 "--to",
@@ -135,6 +163,8 @@ mod tests {
                 "2s",
                 "--max-streams",
                 "10",
+                "--threads",
+                "4",
             ]),
             None,
         )
@@ -146,6 +176,7 @@ mod tests {
             (3, Duration::from_secs(2), 10)
         );
         assert_eq!(config.label.as_deref(), Some("laptop"));
+        assert_eq!(threads.get(), 4);
     }
 
     #[test]

@@ -6,7 +6,11 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let (config, app) = match cli::parse() {
+    let cli::Parsed {
+        config,
+        app,
+        threads,
+    } = match cli::parse() {
         Ok(parsed) => parsed,
         Err(message) => {
             eprintln!("core-agent: {message}");
@@ -14,7 +18,18 @@ fn main() -> ExitCode {
         }
     };
     core_server_proto::logging::init();
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    // One thread: everything on the thread that runs `serve`, no wake-ups across threads.
+    let runtime = match threads.get() {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    }
+    .enable_all()
+    .build()
+    .expect("a tokio runtime");
     let served = runtime.block_on(core_agent::serve(
         config,
         core_agent::forward_to(app),
