@@ -247,9 +247,9 @@ mod tests {
     use core_server_proto::acme_ipc::Secret;
     use core_server_proto::channel::{socketpair_fds, Channel};
     use core_server_proto::routes::Routes;
-    use http_body_util::BodyExt;
 
     use crate::tls_acceptor::crypto_provider;
+    use crate::tunnel_forward::tests::text;
 
     fn port80(routed: &str) -> RedirectToHttps {
         let (worker, _supervisor) = socketpair_fds().unwrap();
@@ -272,11 +272,6 @@ mod tests {
             .header(header::HOST, host)
             .body(())
             .unwrap()
-    }
-
-    async fn text(response: Response<ProxyBody>) -> String {
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8(body.to_vec()).unwrap()
     }
 
     #[tokio::test]
@@ -314,7 +309,7 @@ mod tests {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain");
-        assert_eq!(text(response).await, "tok-1.thumbprint");
+        assert_eq!(text(response.into_body()).await, "tok-1.thumbprint");
         // Another name, another token, or another method: not this challenge.
         for (method, host, path) in [
             (Method::GET, "other.example", path),

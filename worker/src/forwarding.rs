@@ -120,6 +120,7 @@ fn is_tchar(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel_forward::tests::sorted;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -130,15 +131,6 @@ mod tests {
             );
         }
         map
-    }
-
-    fn sorted(h: &HeaderMap) -> Vec<String> {
-        let mut lines: Vec<_> = h
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
-            .collect();
-        lines.sort();
-        lines
     }
 
     #[test]
