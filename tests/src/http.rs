@@ -34,6 +34,16 @@ pub async fn send(request: Request<Full<Bytes>>) -> Reply {
     }
 }
 
+/// `body` read whole, as the UTF-8 text it must be.
+pub async fn text<B>(body: B) -> String
+where
+    B: hyper::body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let bytes = body.collect().await.expect("whole body").to_bytes();
+    String::from_utf8(bytes.to_vec()).expect("a UTF-8 body")
+}
+
 /// `GET url` with `Host: host`.
 pub async fn get(url: &str, host: &str) -> Reply {
     send(

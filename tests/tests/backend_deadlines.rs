@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use core_server_tests::backend::{full, Body};
-use core_server_tests::http::read_until_closed;
+use core_server_tests::http::{read_until_closed, text};
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use futures_util::stream;
@@ -75,9 +75,8 @@ async fn an_upload_slower_than_the_timeout_to_a_healthy_backend_succeeds() {
         .expect("a response within 30s")
         .unwrap();
     let status = response.status();
-    let text = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
-        (status.as_u16(), String::from_utf8_lossy(&text).as_ref()),
+        (status.as_u16(), text(response.into_body()).await.as_str()),
         (200, "got 60 bytes")
     );
 }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use core_server_tests::http::{get, h2_connect, raw, send};
+use core_server_tests::http::{get, h2_connect, raw, send, text};
 use core_server_tests::{Backend, CoreServer};
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -246,16 +246,7 @@ async fn http2_prior_knowledge_clients() {
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);
-    let seen = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let seen = text(response.into_body()).await;
     // The backend speaks HTTP/1.1 and gets the Host from :authority.
     assert!(seen.starts_with("GET /over-h2 HTTP/1.1\n"), "{seen}");
     assert!(seen.contains("host: h2.example\n"), "{seen}");

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use core_server_tests::backend::{full, Body};
 use core_server_tests::big_body::{drain, peak_kib, zeros, GIB, PEAK_LIMIT_KIB};
+use core_server_tests::http::text;
 use core_server_tests::{Backend, CoreServer};
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -56,9 +56,8 @@ async fn one_gib_each_way_with_flat_memory() {
         .unwrap();
     let response = client.request(request).await.unwrap();
     assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
-        String::from_utf8_lossy(&body),
+        text(response.into_body()).await,
         GIB.to_string(),
         "the backend got every byte"
     );

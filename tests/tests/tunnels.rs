@@ -12,6 +12,7 @@ use bytes::Bytes;
 use core_server_tests::agent::Agent;
 use core_server_tests::backend::{describe, full, websocket_echo, Body};
 use core_server_tests::big_body::{drain, peak_kib, zeros, GIB, PEAK_LIMIT_KIB};
+use core_server_tests::http::text;
 use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::tls_client::{Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
@@ -206,16 +207,7 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         .send(APP, request("GET", "/path?q=1", APP, full("")))
         .await;
     assert_eq!(response.status(), 200);
-    let body = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let body = text(response.into_body()).await;
     assert!(body.starts_with("GET /path?q=1 HTTP/1.1\n"), "{body}");
     assert!(body.contains(&format!("\nhost: {APP}\n")), "{body}");
     assert!(body.contains("\nx-forwarded-for: 127.0.0.1\n"), "{body}");
@@ -367,9 +359,8 @@ async fn one_gib_each_way_with_flat_memory_in_worker_and_agent() {
         .send(APP, request("POST", "/big", APP, zeros(GIB)))
         .await;
     assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
-        String::from_utf8_lossy(&body),
+        text(response.into_body()).await,
         GIB.to_string(),
         "the backend got every byte"
     );
