@@ -26,6 +26,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A cleanup hook: when the script stops short (it never set finished=1), what the servers said
+# in their $work/*.err logs, before the work directory goes.
+show_err_logs_unless_finished() {
+  local log
+  [ -z "${finished:-}" ] || return 0
+  for log in "$work"/*.err; do
+    [ -s "$log" ] && { echo; echo "== ${log##*/} (last 10 lines)"; tail -n 10 "$log"; }
+  done
+  return 0
+}
+
 binaries=(core-server core-server-worker core-server-acme)
 # install_core_server [PACKAGE...]: builds them with the core-server binaries in ONE cargo build
 # (two builds of different package sets unify features differently and rebuild each other's

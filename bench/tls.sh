@@ -43,15 +43,7 @@ declare -A port=([core-server]=$(free_port) [core-server-1t]=$(free_port) [nginx
   [haproxy]=$(free_port) [variant]=$(free_port))
 declare -A label=([core-server]="core-server" [core-server-1t]="core-server, 1 thread"
   [nginx]="nginx, 1 worker" [haproxy]="haproxy, 1 thread" [variant]="variant")
-show_logs() {  # when the script stops short: what the servers said
-  local log
-  [ -z "${finished:-}" ] || return 0
-  for log in "$work"/*.err; do
-    [ -s "$log" ] && { echo; echo "== ${log##*/} (last 10 lines)"; tail -n 10 "$log"; }
-  done
-  return 0
-}
-cleanup_hooks+=(show_logs)
+cleanup_hooks+=(show_err_logs_unless_finished)
 
 start_backend "$backend"
 # nginx and haproxy share one certificate and key; core-server makes its own with the same

@@ -31,15 +31,7 @@ head -c 100000000 /dev/zero > "$work/100mb"
 chmod 644 "$work/100mb"
 start_backend "$backend"
 
-show_logs() {  # when the script stops short: what the servers said
-  local log
-  [ -z "${finished:-}" ] || return 0
-  for log in "$work"/*.err; do
-    [ -s "$log" ] && { echo; echo "== ${log##*/} (last 10 lines)"; tail -n 10 "$log"; }
-  done
-  return 0
-}
-cleanup_hooks+=(show_logs)
+cleanup_hooks+=(show_err_logs_unless_finished)
 
 # core-server, local mode (plaintext tunnels are served on its HTTP port in local mode only);
 # certificates from mkcert with the bench's own CA, which the children (nobody) must read.
