@@ -407,6 +407,16 @@ impl CoreServer {
         wait_gone(worker, Duration::from_secs(10));
         status
     }
+
+    /// SIGKILL to the worker and the supervisor (a crash, or the power going): no clean stop
+    /// at all. Returns once both are gone.
+    pub fn crash(&mut self) {
+        let worker = self.worker_pid();
+        kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(5));
+        wait_gone(worker, Duration::from_secs(5));
+    }
 }
 
 impl Drop for CoreServer {

@@ -1,12 +1,7 @@
 //! Routes survive restarts: a clean stop, a crash of everything, and a corrupt state file.
 
-use std::time::Duration;
-
 use core_server_tests::http::get;
-use core_server_tests::server::wait_gone;
 use core_server_tests::{Backend, CoreServer};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_survive_a_clean_restart() {
@@ -42,11 +37,7 @@ async fn ok_means_saved_even_if_everything_is_killed_right_after() {
         server.add(&format!("app{i}.example"), backend.port);
     }
     // No clean stop: kill the supervisor and the worker the instant the last `ok` arrived.
-    let worker = server.worker_pid();
-    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
-    server.signal(Signal::SIGKILL);
-    server.wait_exit(Duration::from_secs(5));
-    wait_gone(worker, Duration::from_secs(5));
+    server.crash();
 
     server.launch();
     for i in 0..50 {

@@ -160,11 +160,7 @@ fn a_tunnel_route_survives_a_crash_a_worker_restart_and_a_rerun() {
     let line = "  app.example -> tunnel (1 token)\n";
 
     // Everything killed: the route was saved before `allow` answered.
-    let worker = server.worker_pid();
-    server.signal(Signal::SIGKILL);
-    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
-    server.wait_exit(Duration::from_secs(5));
-    wait_gone(worker, Duration::from_secs(5));
+    server.crash();
     server.launch();
     assert!(server.status().contains(line), "{}", server.log());
 

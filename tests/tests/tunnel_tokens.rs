@@ -11,10 +11,8 @@ use core_server_proto::tunnel::{Token, TUNNEL_PATH, UPGRADE_PROTOCOL};
 use core_server_tests::agent::{connections_of, Agent};
 use core_server_tests::backend::saying;
 use core_server_tests::http::{get, raw};
-use core_server_tests::server::wait_gone;
 use core_server_tests::CoreServer;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 const APP: &str = "app.example";
 
@@ -184,11 +182,7 @@ async fn only_hashes_are_kept_across_restarts_and_a_port_route_makes_it_version_
     server.launch();
     agent.wait_connected(&server, 2);
     assert_eq!(get(&server.url("/"), APP).await.body, "from the agent");
-    let worker = server.worker_pid();
-    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
-    server.signal(Signal::SIGKILL);
-    server.wait_exit(Duration::from_secs(5));
-    wait_gone(worker, Duration::from_secs(5));
+    server.crash();
     server.launch();
     agent.wait_connected(&server, 2);
     assert_eq!(get(&server.url("/"), APP).await.body, "from the agent");
