@@ -144,6 +144,33 @@ pub async fn websocket_echo() -> u16 {
     port
 }
 
+/// A WebSocket client's round trip to a [`websocket_echo`] behind core-server: the handshake
+/// on `stream` for `url` (`ws://` or `wss://`, its host the routed name) gets 101, then `texts`
+/// text messages and one 1 MiB binary message each come back, each within 30 s.
+pub async fn check_websocket_echo<S>(url: &str, stream: S, texts: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, response) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("WebSocket handshake through core-server");
+    assert_eq!(response.status(), 101);
+    let mut echoed = async |sent: Message| {
+        ws.send(sent.clone()).await.unwrap();
+        let back = tokio::time::timeout(std::time::Duration::from_secs(30), ws.next())
+            .await
+            .expect("an echo within 30s");
+        assert_eq!(back.unwrap().unwrap(), sent);
+    };
+    for i in 0..texts {
+        echoed(Message::text(format!("hello {i}"))).await;
+    }
+    echoed(Message::binary(vec![7u8; 1 << 20])).await;
+    ws.close(None).await.unwrap();
+}
+
 /// Answers every request with `text`: which of several backends served a request.
 pub async fn saying(text: &'static str) -> Backend {
     Backend::start(move |_| async move { Response::new(full(text)) }).await

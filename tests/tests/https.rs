@@ -11,13 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use core_server_tests::backend::websocket_echo;
+use core_server_tests::backend::{check_websocket_echo, websocket_echo};
 use core_server_tests::http::{get, read_until_closed};
 use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::server::children_named;
 use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
-use futures_util::{SinkExt, StreamExt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rustls::pki_types::pem::PemObject;
@@ -25,7 +24,6 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::AlertDescription;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = "app.example";
 
@@ -252,21 +250,7 @@ async fn websocket_over_tls_reaches_the_backend() {
         .connect(name, tcp)
         .await
         .expect("TLS handshake for ws.example");
-    let (mut ws, response) = tokio_tungstenite::client_async("wss://ws.example/chat", tls)
-        .await
-        .expect("WebSocket handshake over TLS through core-server");
-    assert_eq!(response.status(), 101);
-    for i in 0..20 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            Message::text(format!("hello {i}"))
-        );
-    }
-    let big = vec![7u8; 1 << 20];
-    ws.send(Message::binary(big.clone())).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
-    ws.close(None).await.unwrap();
+    check_websocket_echo("wss://ws.example/chat", tls, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

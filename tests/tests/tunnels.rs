@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use core_server_tests::agent::Agent;
-use core_server_tests::backend::{describe, full, websocket_echo, Body};
+use core_server_tests::backend::{check_websocket_echo, describe, full, websocket_echo, Body};
 use core_server_tests::big_body::{drain, peak_kib, zeros, GIB, PEAK_LIMIT_KIB};
 use core_server_tests::http::text;
 use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::tls_client::{Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
-use futures_util::{stream, SinkExt, StreamExt};
+use futures_util::stream;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::channel::{Channel, Sender};
 use http_body_util::{BodyExt, StreamBody};
@@ -25,7 +25,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = "app.example";
 const WS: &str = "ws.example";
@@ -80,14 +79,12 @@ impl Via {
         );
         match self {
             Via::Http(port) => {
-                echo(
-                    &url,
-                    TcpStream::connect(("127.0.0.1", *port)).await.unwrap(),
-                )
-                .await
+                let stream = TcpStream::connect(("127.0.0.1", *port)).await.unwrap();
+                check_websocket_echo(&url, stream, 20).await
             }
             Via::Https { port, client } => {
-                echo(&url, client.connect(*port, &Sni::name(host)).await.unwrap()).await
+                let stream = client.connect(*port, &Sni::name(host)).await.unwrap();
+                check_websocket_echo(&url, stream, 20).await
             }
         }
     }
@@ -105,27 +102,6 @@ where
         .await
         .expect("a response head in time")
         .expect("a response")
-}
-
-async fn echo<S>(url: &str, stream: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut ws, response) = tokio_tungstenite::client_async(url, stream)
-        .await
-        .expect("WebSocket handshake through the tunnel");
-    assert_eq!(response.status(), 101);
-    for i in 0..20 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let back = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("an echo in time");
-        assert_eq!(back.unwrap().unwrap(), Message::text(format!("hello {i}")));
-    }
-    let big = vec![7u8; 1 << 20];
-    ws.send(Message::binary(big.clone())).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
-    ws.close(None).await.unwrap();
 }
 
 fn request(method: &str, path: &str, host: &str, body: Body) -> Request<Body> {

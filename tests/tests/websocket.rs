@@ -1,10 +1,8 @@
 //! HTTP/1.1 Upgrade passes through: a real WebSocket client talks to a real WebSocket server.
 
-use core_server_tests::backend::websocket_echo;
+use core_server_tests::backend::{check_websocket_echo, websocket_echo};
 use core_server_tests::CoreServer;
-use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_echo_through_the_proxy() {
@@ -14,22 +12,7 @@ async fn websocket_echo_through_the_proxy() {
     let stream = TcpStream::connect(("127.0.0.1", server.http_port))
         .await
         .unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async("ws://ws.example/chat", stream)
-        .await
-        .expect("WebSocket handshake through core-server");
-    assert_eq!(response.status(), 101);
-
-    for i in 0..50 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            Message::text(format!("hello {i}"))
-        );
-    }
-    let big = vec![7u8; 1 << 20];
-    ws.send(Message::binary(big.clone())).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
-    ws.close(None).await.unwrap();
+    check_websocket_echo("ws://ws.example/chat", stream, 50).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
