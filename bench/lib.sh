@@ -302,9 +302,10 @@ print_ratios() {
     [ "${kind[$server]}" = core-server ] || continue
     cpu=$(awk -v a="$(cpu_of "$server.$metric")" -v b="$(cpu_of "$other.$metric")" \
       'BEGIN {split(a, x); split(b, y); t = y[1] + y[2]; print (t > 0 ? sprintf("%.2f", (x[1] + x[2]) / t) : "-")}')
-    printf '  %s / %s: %.2f   (%s)   CPU per unit: %s\n' "${label[$server]}" "${label[$other]}" \
+    printf '  %s / %s: %.2f   (%s)   user+sys %s: %sx\n' "${label[$server]}" "${label[$other]}" \
       "$(awk -v a="$(median_of "$server.$metric")" -v b="$(median_of "$other.$metric")" 'BEGIN {print (b > 0 ? a / b : 0)}')" \
-      "$([ "${threads[$server]}" = 1 ] && echo "target ${target[$metric]}" || echo "informational: more CPU")" "$cpu"
+      "$([ "${threads[$server]}" = 1 ] && echo "target ${target[$metric]}" || echo "informational: more CPU")" \
+      "${cpu_per[$metric]}" "$cpu"
   done
 }
 
@@ -316,4 +317,48 @@ wrk_figures() {
   out=$("$@") || { echo "0 0 all"; return; }
   awk '/Requests\/sec/ {rps = $2} / requests in / {n = $1} /Socket errors/ {gsub(",", ""); e += $4 + $6 + $8 + $10}
        /Non-2xx/ {e += $NF} END {printf "%.0f %d %d\n", rps, n, e}' <<<"$out"
+}
+
+# nginx_peer_conf BACKEND LISTEN [DIRECTIVES]: $work/nginx.conf, nginx as a reverse proxy beside
+# core-server: one worker, pooled keep-alive connections to 127.0.0.1:BACKEND, the forwarding
+# headers core-server sets, bodies streamed both ways as core-server and haproxy stream them (no
+# request buffering, no response spilled to a temporary file on disk). LISTEN: the arguments
+# of its listen directive; DIRECTIVES: more for its server block (certificates).
+nginx_peer_conf() {
+  cat > "$work/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err;
+events { worker_connections 8192; }
+http { access_log off; keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$1; keepalive 128; }
+  server { listen $2; client_max_body_size 0; ${3:-}
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$remote_addr;
+                 proxy_set_header X-Forwarded-Proto \$scheme;
+                 proxy_request_buffering off; proxy_max_temp_file_size 0; }
+  } }
+CONF
+}
+
+# haproxy_peer_conf BACKEND BIND [FRONTEND-LINE]: $work/haproxy.cfg, haproxy as a reverse proxy
+# beside core-server: one thread, X-Forwarded-For, connections to 127.0.0.1:BACKEND reused.
+# BIND: the arguments of its bind line; FRONTEND-LINE: one more line for its frontend.
+haproxy_peer_conf() {
+  cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option forwardfor
+frontend web
+  bind $2
+  ${3:-}
+  default_backend app
+backend app
+  http-reuse always
+  server app 127.0.0.1:$1
+CONF
 }

@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}          # seconds of each wrk load
 CONNECTIONS=${CONNECTIONS:-64}
-DOWNLOADS=${DOWNLOADS:-3}         # 100 MB transfers each way per server and round
+DOWNLOADS=${DOWNLOADS:-5}         # 100 MB transfers each way per server and round
 LIMIT=${LIMIT:-$((DURATION + 30))}  # seconds any one wrk run or transfer may take
 SERVERS=${SERVERS:-"core-server-1t nginx haproxy core-server"}
 METRICS=${METRICS:-"keepalive close download upload"}
@@ -49,39 +49,9 @@ chmod 644 "$work/100mb"
 start_backend "$backend"
 kind[backend]=nginx main_pid[backend]=${pids[-1]}
 
-# nginx as a reverse proxy, one worker, pooled keep-alive connections to the backend; bodies
-# streamed both ways as core-server and haproxy do (no request buffering, no response spilled
-# to a temporary file on disk).
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  upstream app { server 127.0.0.1:$backend; keepalive 128; }
-  server { listen 127.0.0.1:${port[nginx]} backlog=4096; client_max_body_size 0;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
-                 proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$remote_addr;
-                 proxy_request_buffering off; proxy_max_temp_file_size 0; }
-  } }
-CONF
-
-# haproxy, one thread.
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option forwardfor
-frontend web
-  bind 127.0.0.1:${port[haproxy]}
-  default_backend app
-backend app
-  http-reuse always
-  server app 127.0.0.1:$backend
-CONF
+# nginx (1 worker) and haproxy (1 thread) as reverse proxies (lib.sh).
+nginx_peer_conf "$backend" "127.0.0.1:${port[nginx]} backlog=4096"
+haproxy_peer_conf "$backend" "127.0.0.1:${port[haproxy]}"
 
 # start_core SERVER THREADS: a core-server (plain HTTP on the column's port) routing $name to
 # the backend.
