@@ -115,6 +115,14 @@ make_upload_sink() {
 }
 remove_upload_sink() { rm -rf "$sink"; }
 
+# print_settings VAR...: each VAR=value, so that a run can be repeated as it was.
+print_settings() {
+  local var
+  printf 'settings:   '
+  for var in "$@"; do printf ' %s="%s"' "$var" "${!var}"; done
+  echo
+}
+
 # print_versions TOOL...: the machine, this tree's commit, the compiler and each TOOL's version.
 print_versions() {
   local tool dirty=
@@ -198,8 +206,9 @@ print_servers() {
   for server in "$@"; do
     printf '%-24s port %-6s serving pids:' "${label[$server]}" "${port[$server]}"
     for pid in $(serving_pids "$server"); do
-      printf ' %s (%s%s)' "$pid" "$(cat "/proc/$pid/comm")" \
-        "$([ "${kind[$server]}" != core-server ] || echo ", $(runtime_threads "$pid") runtime threads")"
+      printf ' %s (%s%s, CPUs %s)' "$pid" "$(cat "/proc/$pid/comm")" \
+        "$([ "${kind[$server]}" != core-server ] || echo ", $(runtime_threads "$pid") runtime threads")" \
+        "$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$pid/status")"
     done
     echo
   done
@@ -223,7 +232,8 @@ declare -A heading cpu_per versus target
 
 # measure SERVER METRIC ROUND: runs "METRIC PORT", which prints "<rate> <units done> <failures>"
 # (units: requests, or bytes for an s/GB metric), reading SERVER's serving processes' CPU
-# ticks before and after it; records the rate and the CPU per unit.
+# ticks before and after it; records the rate and the CPU per unit. Serving processes that
+# changed meanwhile (a worker restarted) make the round a failure: their CPU is not all counted.
 measure() {
   local server=$1 metric=$2 round=$3 serving before after rate units fails user system
   serving=$(serving_pids "$server")
@@ -232,6 +242,8 @@ measure() {
   after=$(cpu_ticks $serving)
   runs[$server.$metric]+="$rate "
   [ "$fails" = 0 ] || failed[$server.$metric]+="round $round: $fails failed; "
+  [ "$(serving_pids "$server")" = "$serving" ] ||
+    failed[$server.$metric]+="round $round: serving processes changed ($serving: now $(serving_pids "$server" | paste -sd' ')); "
   read -r user system < <(awk -v b="$before" -v a="$after" -v n="$units" -v hz="$clock_ticks" \
     -v scale="$([ "${cpu_per[$metric]}" = s/GB ] && echo 1e9 || echo 1e6)" 'BEGIN {
       split(b, x); split(a, y); if (n <= 0) {print "nan nan"; exit}

@@ -132,8 +132,8 @@ target=([keepalive]=">= 1.0, goal 1.2" [close]=">= 1.0" [download]=">= 1.0" [upl
 
 echo
 print_versions wrk nginx haproxy curl
+print_settings ROUNDS DURATION CONNECTIONS DOWNLOADS LIMIT SERVERS METRICS
 print_servers $SERVERS
-echo "$ROUNDS rounds of: $METRICS"
 run_rounds "$SERVERS" "$METRICS"
 echo
 echo "Medians of $ROUNDS rounds; CPU of the serving processes only, per request or per GB moved"

@@ -149,6 +149,7 @@ target=([keepalive]=">= 1.0, issues 8 and 10" [handshakes]=">= 1.0, issue 8" [re
 
 echo
 print_versions wrk h2load nginx haproxy curl openssl
+print_settings ROUNDS DURATION CONNECTIONS HANDSHAKES RESUMED H2_REQUESTS H2_CLIENTS H2_STREAMS LIMIT SERVERS
 print_servers $SERVERS
 run_rounds "$SERVERS" "$metrics"
 echo
