@@ -253,14 +253,17 @@ measure() {
 }
 
 # run_rounds SERVERS METRICS: ROUNDS rounds; in each, metric after metric, every server in turn
-# (A B C A B C ...: a drift in the machine's load hits all alike, not one server's block).
+# (A B C A B C ...: a drift in the machine's load hits all alike, not one server's block), the
+# order rotated by one each round (A B C, B C A, C A B, ...), so that no server always runs
+# right after the same other or first after a change of load.
 run_rounds() {
-  local round metric server
+  local round metric server order=($1)
   for round in $(seq "$ROUNDS"); do
     for metric in $2; do
-      for server in $1; do measure "$server" "$metric" "$round"; done
+      for server in "${order[@]}"; do measure "$server" "$metric" "$round"; done
     done
-    echo "round $round of $ROUNDS done"
+    echo "round $round of $ROUNDS done (order: ${order[*]})"
+    order=("${order[@]:1}" "${order[0]}")
   done
 }
 

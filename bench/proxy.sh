@@ -13,8 +13,8 @@
 # Through core-server with ONE worker runtime thread ("core-server, 1 thread", the one the
 # targets apply to), nginx (1 worker) and haproxy (1 thread), and core-server with its default
 # threads (one per CPU: informational), all in front of the same nginx backend (lib.sh's
-# start_backend). ROUNDS rounds, every server in turn for each load within a round (a drift of
-# the machine's load hits all alike); per load and server: the median, the spread (min-max),
+# start_backend). ROUNDS rounds, every server in turn for each load within a round, the order
+# rotated each round (a drift of the machine's load hits all alike); per load and server: the median, the spread (min-max),
 # CPU per request (user and system microseconds, of the serving processes only, from
 # /proc/<pid>/stat) or CPU seconds per GB for the transfers; then the ratios core-server / the
 # better of nginx and haproxy (requests/s) and / haproxy (MB/s), next to issue 10's targets.

@@ -9,10 +9,11 @@
 # the column the targets apply to, and with its default threads, informational), nginx (1
 # worker) and haproxy (1 thread), every one with an ECDSA P-256 certificate of the same mkcert
 # CA, TLS 1.2 and 1.3, ALPN h2 and http/1.1, and the same nginx backend. ROUNDS rounds, every
-# server in turn for each load within a round (a drift in the machine's load hits all alike);
-# per load and server: the median, the spread (min-max) and CPU per request (user and system
-# microseconds of the serving processes only, from /proc/<pid>/stat; see bench/README.md);
-# then the ratios core-server / the better of nginx and haproxy, next to issue 10's targets.
+# server in turn for each load within a round, the order rotated each round (a drift in the
+# machine's load hits all alike); per load and server: the median, the spread (min-max) and
+# CPU per request (user and system microseconds of the serving processes only, from
+# /proc/<pid>/stat; see bench/README.md); then the ratios core-server / the better of nginx
+# and haproxy, next to the targets of issues 8 and 10.
 # VARIANT=DIR also measures the core-server binaries in DIR, e.g. a scratch build with another
 # rustls crypto provider, and prints the ratios variant / core-server.
 # Only loopback traffic; every load is bounded in count or duration and by LIMIT seconds.
@@ -20,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}           # seconds of wrk load per measurement
 CONNECTIONS=${CONNECTIONS:-64}
 HANDSHAKES=${HANDSHAKES:-1000}    # new connections per measurement, all opened at once
