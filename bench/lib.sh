@@ -163,15 +163,12 @@ runtime_threads() { cat /proc/"$1"/task/*/comm 2>/dev/null | grep -c '^tokio-rt-
 
 # start_core_server SERVER THREADS BIN_DIR ARGS...: a core-server from BIN_DIR with ARGS (its
 # stderr in $work/SERVER.err) as column SERVER; returns once its worker runs, with THREADS
-# runtime threads ("" for the worker's default, one per CPU). The worker sizes its runtime by
-# the CPUs it may run on, and sets that size explicitly (so TOKIO_WORKER_THREADS, passed too,
-# does not change it): the supervisor starts on THREADS CPUs, then the worker gets every CPU
-# back, so it is scheduled as freely as nginx's and haproxy's single worker. Checked, not assumed.
+# runtime threads ("" for the worker's default, one per CPU) as TOKIO_WORKER_THREADS asks.
+# Checked, not assumed.
 start_core_server() {
-  local server=$1 want=$2 bin=$3 pin=() worker= count=0
+  local server=$1 want=$2 bin=$3 worker= count=0
   shift 3
-  [ -z "$want" ] || pin=(taskset -c "0-$((want - 1))")
-  env ${want:+TOKIO_WORKER_THREADS=$want} RUST_LOG=warn "${pin[@]}" "$bin/core-server" "$@" \
+  env ${want:+TOKIO_WORKER_THREADS=$want} RUST_LOG=warn "$bin/core-server" "$@" \
     2>>"$work/$server.err" &
   pids+=($!)
   kind[$server]=core-server main_pid[$server]=$! threads[$server]=$want
@@ -184,7 +181,6 @@ start_core_server() {
   sleep 0.3   # the runtime starts its threads one after the other
   count=$(runtime_threads "$worker")
   [ "$count" != 0 ] || { echo "${label[$server]}: no worker with a runtime within 10 s" >&2; exit 1; }
-  [ -z "$want" ] || taskset -a -p -c "0-$(($(nproc) - 1))" "$worker" >/dev/null
   if [ -n "$want" ] && [ "$count" != "$want" ]; then
     echo "${label[$server]}: its worker runs $count runtime threads, not $want" >&2; exit 1
   fi

@@ -33,7 +33,7 @@ SERVERS=${SERVERS:-"core-server-1t nginx haproxy core-server"}
 METRICS=${METRICS:-"keepalive close download upload"}
 
 source bench/lib.sh
-need nginx=nginx haproxy=haproxy wrk=wrk curl=curl taskset=util-linux
+need nginx=nginx haproxy=haproxy wrk=wrk curl=curl
 install_core_server
 cleanup_hooks+=(show_err_logs_unless_finished)
 

@@ -36,7 +36,7 @@ SERVERS=${SERVERS:-"core-server-1t nginx haproxy core-server${VARIANT:+ variant}
 
 source bench/lib.sh
 need nginx=nginx haproxy=haproxy wrk=wrk h2load=nghttp2-client mkcert=mkcert curl=curl \
-  openssl=openssl unshare=util-linux taskset=util-linux
+  openssl=openssl unshare=util-linux
 ulimit -n "$(ulimit -Hn)"   # HANDSHAKES connections at once need the descriptors
 install_core_server
 
