@@ -18,6 +18,7 @@ mod accept_errors;
 mod acme_challenges;
 mod acme_link;
 mod activity;
+mod backend_pool;
 mod certificates;
 mod connection_limit;
 mod failed_attempts;

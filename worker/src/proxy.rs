@@ -40,37 +40,25 @@ use bytes::Bytes;
 use core_server_proto::domain::Domain;
 use core_server_proto::routes::Target;
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::backend_pool::BackendPool;
 use crate::forwarding;
 use crate::request_body::{ClientBodyError, RequestBody, Upload};
-use crate::response_body::ResponseBody;
+use crate::response_body::{Holding, ResponseBody};
 use crate::route_table::RouteTable;
 use crate::tunnel_endpoint::TunnelEndpoint;
-use crate::tunnels::{Lease, NoAgent, Tunnels};
+use crate::tunnels::{NoAgent, Tunnels};
 use crate::{tunnel_forward, tunnel_upgrade, upgrade};
 
 /// What the client gets: the backend's streamed body, or a short error page.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
-
-/// How long an unused pooled backend connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// How many unused connections to one backend the pool keeps; more are closed once their
-/// request is done. nginx keeps as many as its `keepalive` says per worker process (its docs
-/// show 16 to 32, with several workers); core-server is one process for all cores, and
-/// bench/proxy.sh gives nginx 128. Enough for a busy app to reuse connections under load,
-/// few enough that a burst leaves no thousands of idle sockets on either side.
-const POOL_MAX_IDLE_PER_BACKEND: usize = 128;
 
 /// The methods core-server passes to apps, for the `Allow` header of its 405 to `CONNECT`.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE";
@@ -82,8 +70,6 @@ pub enum BackendError {
     Connect(#[source] std::io::Error),
     #[error(transparent)]
     Http(#[from] hyper::Error),
-    #[error(transparent)]
-    Client(#[from] hyper_util::client::legacy::Error),
     #[error("{0}")]
     NoAgent(NoAgent),
     #[error("the agent does not support WebSockets: its HTTP/2 SETTINGS do not enable RFC 8441's extended CONNECT")]
@@ -109,7 +95,7 @@ impl fmt::Display for Upstream {
 
 pub struct Proxy {
     routes: Arc<RouteTable>,
-    client: Client<HttpConnector, RequestBody>,
+    backends: Arc<BackendPool>,
     backend_timeout: Duration,
     /// Upgraded (WebSocket) connections, so a draining worker waits for them.
     tasks: TaskTracker,
@@ -125,17 +111,9 @@ impl Proxy {
         tunnels: Arc<Tunnels>,
         endpoint: TunnelEndpoint,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(backend_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_BACKEND)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Proxy {
             routes,
-            client,
+            backends: BackendPool::new(backend_timeout),
             backend_timeout,
             tasks,
             tunnels,
@@ -187,7 +165,7 @@ impl Proxy {
             Target::Port(port) => {
                 let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                 let response = self.to_port(request, upgrade_to, backend, host, upload);
-                (response.await.map(|r| (r, None)), Upstream::Port(backend))
+                (response.await, Upstream::Port(backend))
             }
             Target::Tunnel => {
                 // Boxed, as `to_port`'s upgrade path is: its state would otherwise make every
@@ -198,7 +176,7 @@ impl Proxy {
             }
         };
         match response {
-            Ok((mut response, lease)) => {
+            Ok((mut response, holding)) => {
                 if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                     forwarding::remove_hop_by_hop(response.headers_mut());
                 }
@@ -206,7 +184,7 @@ impl Proxy {
                 *response.version_mut() = client_version;
                 let timeout = self.backend_timeout;
                 response.map(|body| {
-                    Either::Left(ResponseBody::new(body, timeout, upstream).holding(lease))
+                    Either::Left(ResponseBody::new(body, timeout, upstream).holding(holding))
                 })
             }
             Err(failure) => self.failure_page(failure, &domain, &upstream, client, client_version),
@@ -239,14 +217,14 @@ impl Proxy {
         backend: SocketAddr,
         host: HeaderValue,
         upload: Option<Upload>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<(Response<Incoming>, Option<Holding>), Failure> {
         request.headers_mut().insert(header::HOST, host);
         *request.version_mut() = Version::HTTP_11;
+        *request.uri_mut() = origin_form(request.uri());
         match upgrade_to {
             // Boxed: the rare upgrade path would otherwise make every request's future
             // several times larger, and futures are moved by copying.
             Some(protocol) => {
-                *request.uri_mut() = origin_form(request.uri());
                 let send = upgrade::proxy(
                     request,
                     protocol,
@@ -254,13 +232,16 @@ impl Proxy {
                     &self.tasks,
                     self.backend_timeout,
                 );
+                let send = async { send.await.map(|response| (response, None)) };
                 self.exchange(Box::pin(send), upload).await
             }
             None => {
-                *request.uri_mut() = backend_uri(request.uri(), backend.port());
-                let send = self.client.request(request);
-                self.exchange(async { send.await.map_err(BackendError::Client) }, upload)
-                    .await
+                let send = self.backends.send(backend.port(), request);
+                let send = async {
+                    let (response, connection) = send.await?;
+                    Ok((response, Some(Holding::Connection(connection))))
+                };
+                self.exchange(send, upload).await
             }
         }
     }
@@ -275,7 +256,7 @@ impl Proxy {
         host: &HeaderValue,
         scheme: &'static str,
         upload: Option<Upload>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+    ) -> Result<(Response<Incoming>, Option<Holding>), Failure> {
         tunnel_forward::address(&mut request, scheme, host, domain);
         let pick = || self.tunnels.pick(domain);
         match upgrade_to {
@@ -287,11 +268,15 @@ impl Proxy {
                     &self.tasks,
                     self.backend_timeout,
                 );
+                let send = async { send.await.map(|(r, lease)| (r, lease.map(Holding::Lease))) };
                 self.exchange(send, upload).await
             }
             None => {
                 let send = tunnel_forward::send(request.map(Either::Left), pick);
-                let send = async { send.await.map(|(response, lease)| (response, Some(lease))) };
+                let send = async {
+                    let (response, lease) = send.await?;
+                    Ok((response, Some(Holding::Lease(lease))))
+                };
                 self.exchange(send, upload).await
             }
         }
@@ -462,20 +447,6 @@ fn origin_form(uri: &Uri) -> Uri {
     Uri::from(path)
 }
 
-/// `http://127.0.0.1:<port>/<path and query>`.
-fn backend_uri(uri: &Uri, port: u16) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority =
-        Some(Authority::try_from(format!("127.0.0.1:{port}")).expect("valid authority"));
-    parts.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
-}
-
 /// `e` and its causes, `: `-separated, as one log line.
 pub fn describe(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -587,16 +558,5 @@ mod tests {
         let answer = response.into_body().collect().await.unwrap();
         assert_eq!(answer.trailers(), Some(&trailers("x-echoed-sum", "42")));
         assert_eq!(answer.to_bytes(), "abc");
-    }
-
-    #[test]
-    fn backend_uri_keeps_path_and_query() {
-        let uri: Uri = "http://example.com:8080/a/b?c=d".parse().unwrap();
-        assert_eq!(
-            backend_uri(&uri, 5665).to_string(),
-            "http://127.0.0.1:5665/a/b?c=d"
-        );
-        let uri: Uri = "/x?y".parse().unwrap();
-        assert_eq!(backend_uri(&uri, 1).to_string(), "http://127.0.0.1:1/x?y");
     }
 }

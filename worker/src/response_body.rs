@@ -4,8 +4,10 @@
 //! as nginx's `proxy_read_timeout`), the body fails, and hyper closes the client's HTTP/1
 //! connection (or resets the HTTP/2 stream): the client sees a cut response, not a complete one.
 //!
-//! A response through a tunnel also holds its lease on the agent connection, so the connection
-//! counts the request in flight (for the balancing) until the body has ended.
+//! The body also holds what it comes on until it has ended: from an app on a local port, the
+//! backend connection, which it drives (see `backend_pool`) and then gives back to the pool; through
+//! a tunnel, the lease on the agent connection, which counts the request in flight (for the
+//! balancing).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,9 +17,18 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tracing::warn;
 
+use crate::backend_pool::Pooled;
 use crate::proxy::Upstream;
 use crate::read_deadline::ReadDeadline;
 use crate::tunnels::Lease;
+
+/// What a response body comes on, held until it has ended.
+pub enum Holding {
+    /// A connection to an app on a local port.
+    Connection(Pooled),
+    /// A lease on a tunnel's agent connection.
+    Lease(Lease),
+}
 
 /// Why a response body stopped short.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +45,8 @@ pub struct ResponseBody {
     deadline: ReadDeadline,
     /// For the log line when it stalls.
     upstream: Upstream,
-    /// A tunnel's agent connection, released when the body ends.
-    lease: Option<Lease>,
+    /// Released when the body ends.
+    holding: Option<Holding>,
 }
 
 impl ResponseBody {
@@ -44,14 +55,35 @@ impl ResponseBody {
             inner,
             deadline: ReadDeadline::new(read_timeout),
             upstream,
-            lease: None,
+            holding: None,
         }
     }
 
-    /// Holds `lease` until the body ends (or is dropped, the client gone).
-    pub fn holding(mut self, lease: Option<Lease>) -> Self {
-        self.lease = lease;
+    /// Holds `holding` until the body ends (or is dropped, the client gone).
+    pub fn holding(mut self, holding: Option<Holding>) -> Self {
+        self.holding = holding;
         self
+    }
+
+    /// Lets go of what the body came on; `complete`: the body ended, so a backend connection
+    /// can serve another request.
+    fn release(&mut self, complete: bool) {
+        match self.holding.take() {
+            Some(Holding::Connection(mut connection)) => {
+                connection.release(complete, self.deadline.timeout())
+            }
+            // The agent connection counts one request fewer in flight.
+            Some(Holding::Lease(lease)) => drop(lease),
+            None => {}
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper reads no body that says it has ended from the start (HEAD, 204, 304).
+        let complete = self.inner.is_end_stream();
+        self.release(complete);
     }
 }
 
@@ -64,18 +96,23 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         let this = &mut *self;
+        if let Some(Holding::Connection(connection)) = &mut this.holding {
+            connection.drive(cx);
+        }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.deadline.moved();
             // hyper polls no further once the body says it has ended.
-            if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
-                this.lease = None;
+            match &frame {
+                Some(Ok(_)) if !this.inner.is_end_stream() => {}
+                Some(Ok(_)) | None => this.release(true),
+                Some(Err(_)) => this.release(false),
             }
             return Poll::Ready(frame.map(|f| f.map_err(ResponseBodyError::Backend)));
         }
         if !this.deadline.poll_expired(cx) {
             return Poll::Pending;
         }
-        this.lease = None;
+        this.release(false);
         let timeout = this.deadline.timeout();
         warn!(
             "{} sent no byte of its response body for {timeout:?}: cutting the response",

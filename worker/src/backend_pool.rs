@@ -1,0 +1,451 @@
+//! Connections to apps on local ports (HTTP/1.1 to `127.0.0.1:<port>`), kept open between
+//! requests, and driven by the task of the request that uses them.
+//!
+//! hyper-util's pooled client, which this replaces, runs each backend connection in a task of
+//! its own, hands it every request through a channel and the response back through another,
+//! and spawns one more task per request to put the connection back once it is ready: four task
+//! wake-ups per request besides the work. Here the task serving the client polls the backend
+//! connection itself: while it waits for the response head ([`BackendPool::send`]) and while it
+//! passes the response body on ([`Pooled::drive`], from `response_body`). When the body has
+//! ended and the response is dropped, the connection goes back into the pool; a connection
+//! still busy then (its upload not finished: a backend may answer early) finishes in a task of
+//! its own, bounded by the backend timeout, as hyper-util's did.
+//!
+//! What hyper-util's client did that this does too, each tested in `tests`:
+//! - keep-alive connections per backend port, the most recently used first, at most
+//!   [`MAX_IDLE_PER_BACKEND`] idle ones, each closed after [`IDLE_TIMEOUT`] unused, and closed
+//!   as soon as the app closes it (checked every [`SWEEP_EVERY`]: an idle connection is not
+//!   polled by anyone, so an app's close is only seen when it is looked at);
+//! - a request that found its pooled connection closed by the app just then (hyper hands it
+//!   back unsent) goes again on another connection, its body untouched;
+//! - a connect timeout, and `TCP_NODELAY`.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::proxy::BackendError;
+use crate::request_body::RequestBody;
+
+/// How long an unused connection is kept (hyper-util's default, and more than nginx's
+/// `keepalive_timeout` for upstreams, 60 s: apps usually close first, which is seen).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How many unused connections to one backend are kept; more are closed once their request is
+/// done. nginx keeps as many as its `keepalive` says per worker process (its docs show 16 to
+/// 32, with several workers); core-server is one process for all cores, and bench/proxy.sh
+/// gives nginx 128. Enough for a busy app to reuse connections under load, few enough that a
+/// burst leaves no thousands of idle sockets on either side.
+pub const MAX_IDLE_PER_BACKEND: usize = 128;
+
+/// How often idle connections are looked at, to close those the app closed or that expired.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// How many pooled connections one request may find closed before it gives up on reuse: after
+/// that, it goes on a new connection.
+const STALE_TRIES: usize = 3;
+
+type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+
+/// The connections to every backend port.
+pub struct BackendPool {
+    idle: Mutex<HashMap<u16, Vec<Idle>>>,
+    connect_timeout: Duration,
+}
+
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
+
+/// One HTTP/1.1 connection to a backend: the handle requests go through, and the future that
+/// does the connection's reading and writing, polled by whoever holds it.
+struct Connection {
+    sender: http1::SendRequest<RequestBody>,
+    /// `None` once it has returned: the connection is closed, and what waited on it has been
+    /// told (dropping the driver fails the requests it had not answered).
+    driver: Option<Pin<Box<Driver>>>,
+}
+
+impl Connection {
+    /// Does the connection's pending reading and writing; whether it is closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver {
+            if let Poll::Ready(result) = driver.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    debug!("backend connection closed: {e}");
+                }
+                self.driver = None;
+            }
+        }
+        self.driver.is_none()
+    }
+
+    fn closed(&self) -> bool {
+        self.driver.is_none()
+    }
+
+    /// Whether the connection can take a request now (looking, with no one to wake later).
+    fn ready_now(&mut self) -> bool {
+        !self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+
+    /// Waits until the connection can take a request; `false` if it closed instead.
+    async fn ready(&mut self) -> bool {
+        poll_fn(|cx| {
+            if self.drive(cx) {
+                return Poll::Ready(false);
+            }
+            self.sender.poll_ready(cx).map(|ready| ready.is_ok())
+        })
+        .await
+    }
+
+    /// Runs `send` (a request on this connection) to its end, driving the connection meanwhile.
+    async fn drive_while<T>(&mut self, send: impl Future<Output = T>) -> T {
+        tokio::pin!(send);
+        poll_fn(|cx| {
+            self.drive(cx);
+            send.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+impl BackendPool {
+    /// A pool whose connects give up after `connect_timeout`, and a task that looks at its idle
+    /// connections every [`SWEEP_EVERY`] while the pool lives.
+    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+        let pool = Arc::new(BackendPool {
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+        });
+        tokio::spawn(sweep(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) to the app on `127.0.0.1:<port>`: the
+    /// response head, and the connection it came on, to drive and hold until the body ends.
+    pub async fn send(
+        self: &Arc<Self>,
+        port: u16,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Pooled), BackendError> {
+        for _ in 0..STALE_TRIES {
+            let Some(mut connection) = self.take_idle(port) else {
+                break;
+            };
+            if !connection.ready().await {
+                continue;
+            }
+            let sent = connection.sender.try_send_request(request);
+            match connection.drive_while(sent).await {
+                Ok(response) => return Ok((response, self.pooled(port, connection))),
+                Err(mut e) => match e.take_message() {
+                    // Closed by the app as the request came: never written, so sent again.
+                    Some(unsent) => request = unsent,
+                    None => return Err(BackendError::Http(e.into_error())),
+                },
+            }
+        }
+        let mut connection = self.connect(port).await?;
+        let sent = connection.sender.send_request(request);
+        let response = connection.drive_while(sent).await?;
+        Ok((response, self.pooled(port, connection)))
+    }
+
+    fn pooled(self: &Arc<Self>, port: u16, connection: Connection) -> Pooled {
+        Pooled {
+            connection: Some(connection),
+            port,
+            pool: self.clone(),
+        }
+    }
+
+    async fn connect(&self, port: u16) -> Result<Connection, BackendError> {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(BackendError::Connect(e)),
+                Err(_) => {
+                    return Err(BackendError::Connect(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {:?}", self.connect_timeout),
+                    )))
+                }
+            };
+        stream.set_nodelay(true).map_err(BackendError::Connect)?;
+        let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
+        Ok(Connection {
+            sender,
+            driver: Some(Box::pin(driver)),
+        })
+    }
+
+    /// The most recently used idle connection to `port` that has not expired.
+    fn take_idle(&self, port: u16) -> Option<Connection> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.get_mut(&port)?;
+        let now = Instant::now();
+        while let Some(Idle { connection, since }) = list.pop() {
+            if now < since + IDLE_TIMEOUT {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    /// Keeps `connection` for the next request to `port`, if it is ready for one and there is
+    /// room.
+    fn put(&self, port: u16, mut connection: Connection) {
+        if !connection.ready_now() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(port).or_default();
+        if list.len() < MAX_IDLE_PER_BACKEND {
+            list.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the idle connections that the app closed or that expired.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("pool lock");
+        idle.retain(|_, list| {
+            list.retain_mut(|Idle { connection, since }| {
+                now < *since + IDLE_TIMEOUT && connection.ready_now()
+            });
+            !list.is_empty()
+        });
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self, port: u16) -> usize {
+        let idle = self.idle.lock().expect("pool lock");
+        idle.get(&port).map_or(0, Vec::len)
+    }
+}
+
+async fn sweep(pool: Weak<BackendPool>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        match pool.upgrade() {
+            Some(pool) => pool.sweep(),
+            None => return,
+        }
+    }
+}
+
+/// A backend connection while its response body is passed on: driven by the body's reader
+/// ([`Pooled::drive`]), back into the pool when dropped after the body ended.
+pub struct Pooled {
+    connection: Option<Connection>,
+    port: u16,
+    pool: Arc<BackendPool>,
+}
+
+impl Pooled {
+    /// Does the connection's pending reading (the body) and writing (an upload still going).
+    pub fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(connection) = &mut self.connection {
+            connection.drive(cx);
+        }
+    }
+
+    /// Done with the response: `complete`, its body ended, and the connection goes back into
+    /// the pool once it is ready (at once, unless an upload is still going); else it closes,
+    /// as HTTP/1.1 cannot abandon a response midway.
+    pub fn release(&mut self, complete: bool, finish_within: Duration) {
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        if !complete || connection.closed() {
+            return;
+        }
+        if connection.ready_now() {
+            return self.pool.put(self.port, connection);
+        }
+        let (pool, port) = (self.pool.clone(), self.port);
+        tokio::spawn(async move {
+            if let Ok(true) = tokio::time::timeout(finish_within, connection.ready()).await {
+                pool.put(port, connection);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pool between a front (hyper's HTTP/1.1 server, its service sending each request on
+    //! as the proxy does) and an app (hyper's server on a loopback port).
+
+    use super::*;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use crate::proxy::Upstream;
+    use crate::response_body::{Holding, ResponseBody};
+    use crate::tunnel_forward::tests::{http1, text, Client};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// An app answering each request with its body's length after `delay`, counting the
+    /// connections it accepted; it says `Connection: close` on the answer to a request with
+    /// `x-last`.
+    async fn app(delay: Duration) -> (u16, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    tokio::time::sleep(delay).await;
+                    let last = request.headers().contains_key("x-last");
+                    let length = request.into_body().collect().await?.to_bytes().len();
+                    let mut response = Response::new(Full::new(Bytes::from(length.to_string())));
+                    if last {
+                        let close = http::HeaderValue::from_static("close");
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONNECTION, close);
+                    }
+                    Ok::<_, hyper::Error>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (port, accepted)
+    }
+
+    /// A front sending every request to the app on `port` through `pool`.
+    async fn front(pool: Arc<BackendPool>, port: u16) -> Client {
+        http1(move |request: Request<Incoming>| {
+            let pool = pool.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let request = Request::from_parts(parts, RequestBody::new(body, TIMEOUT).0);
+                let (mut response, connection) = pool.send(port, request).await.unwrap();
+                // The app's `Connection: close` is about its connection, not the client's.
+                crate::forwarding::remove_hop_by_hop(response.headers_mut());
+                let upstream = Upstream::Port(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+                response.map(|body| {
+                    ResponseBody::new(body, TIMEOUT, upstream)
+                        .holding(Some(Holding::Connection(connection)))
+                })
+            }
+        })
+        .await
+    }
+
+    async fn post(client: &mut Client, body: &'static str, last: bool) -> String {
+        let mut request = Request::post("/").header("host", "app.example");
+        if last {
+            request = request.header("x-last", "1");
+        }
+        let request = request.body(Full::new(Bytes::from(body)).boxed()).unwrap();
+        client.ready().await.unwrap();
+        let response = client.send_request(request).await.unwrap();
+        text(response.into_body()).await
+    }
+
+    #[tokio::test]
+    async fn requests_one_after_another_share_one_connection_until_the_app_closes_it() {
+        let (port, accepted) = app(Duration::ZERO).await;
+        let pool = BackendPool::new(TIMEOUT);
+        let mut client = front(pool.clone(), port).await;
+        for body in ["a", "bb", "ccc"] {
+            assert_eq!(post(&mut client, body, false).await, body.len().to_string());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(port), 1);
+
+        // Closed by the app after its answer: not kept, the next request on a new one.
+        assert_eq!(post(&mut client, "dddd", true).await, "4");
+        assert_eq!(pool.idle_count(port), 0);
+        assert_eq!(post(&mut client, "e", false).await, "1");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_while_idle_is_not_used_and_the_sweep_drops_it() {
+        // An app that answers one request per connection with keep-alive, then closes it
+        // without saying so (as an app whose own idle timeout ran out).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut head = [0; 1024];
+                let _ = stream.read(&mut head).await;
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = stream.write_all(answer).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let pool = BackendPool::new(TIMEOUT);
+        let mut client = front(pool.clone(), port).await;
+        assert_eq!(post(&mut client, "", false).await, "ok");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            pool.idle_count(port),
+            1,
+            "kept: nobody has looked at it yet"
+        );
+
+        assert_eq!(post(&mut client, "", false).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pool.sweep();
+        assert_eq!(pool.idle_count(port), 0);
+    }
+
+    #[tokio::test]
+    async fn at_most_the_cap_of_idle_connections_are_kept() {
+        // Each request in flight for a while, so that each needs a connection of its own.
+        let (port, accepted) = app(Duration::from_millis(500)).await;
+        let pool = BackendPool::new(TIMEOUT);
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..MAX_IDLE_PER_BACKEND + 4 {
+            let mut client = front(pool.clone(), port).await;
+            requests.spawn(async move { post(&mut client, "x", false).await });
+        }
+        while let Some(answer) = requests.join_next().await {
+            assert_eq!(answer.unwrap(), "1");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), MAX_IDLE_PER_BACKEND + 4);
+        assert_eq!(pool.idle_count(port), MAX_IDLE_PER_BACKEND);
+    }
+}
