@@ -18,6 +18,7 @@ mod accept_errors;
 mod acme_challenges;
 mod acme_link;
 mod activity;
+mod allocator;
 mod certificates;
 mod connection_limit;
 mod failed_attempts;
@@ -66,19 +67,20 @@ use crate::supervisor_link::{follow_supervisor, receive_start, Start};
 use crate::tunnel_endpoint::TunnelEndpoint;
 use crate::tunnels::Tunnels;
 
-/// Requests allocate many small short-lived objects (headers, futures, channels); mimalloc
-/// handles that pattern with less CPU than glibc's malloc (measured with bench/proxy.sh).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     core_server_proto::logging::init();
-    // Read before the sandbox hides the cgroup's CPU quota from it.
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    // Read before the sandbox hides the cgroup's CPU quota from it. A thread count set here
+    // would override TOKIO_WORKER_THREADS (the supervisor passes it on): honour it first.
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|threads| threads.parse().ok())
+        .filter(|&threads: &usize| threads > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     // Before the runtime starts its threads: Landlock confines only the calling thread and
     // those it starts afterwards. Nothing until then has read network input.
     let result = core_server_proto::dumpable::forbid()
         .map_err(anyhow::Error::from)
+        .and_then(|()| allocator::no_huge_pages().context("cannot turn huge pages off"))
         .and_then(|()| core_server_worker::sandbox::apply().context("cannot sandbox the worker"))
         .and_then(|()| {
             tokio::runtime::Builder::new_multi_thread()
@@ -114,6 +116,8 @@ async fn run() -> anyhow::Result<()> {
     let tunnels = Arc::new(Tunnels::new(settings.tunnel_wait, routes.clone()));
     // Not tracked: it ends with the table, which outlives every task.
     tokio::spawn(tunnels.clone().follow_closures(routes.tunnel_closures()));
+    // Not tracked: it never ends, and holds nothing a stopping worker waits for.
+    tokio::spawn(allocator::give_back_freed_memory());
     let endpoint = TunnelEndpoint::new(tunnels.clone());
     let proxy = Arc::new(Proxy::new(
         routes.clone(),
