@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Memory per connection, side by side in one run: many idle client connections held open
-#   idle keep-alive: COUNT, each made one request, then idles;
-#   idle WebSocket:  up to COUNT (two descriptors each in a proxy: as many as the open-file limit
-#                    allows), each upgraded to a WebSocket (a real backend, Python's
-#                    `websockets`), then idles;
+# Memory per connection, side by side in one run: COUNT idle client connections held open (or
+# as many as the open-file limit leaves room for at two descriptors each, what a WebSocket takes
+# in a proxy and haproxy reserves for any connection), of each kind:
+#   idle keep-alive: each made one request, then idles;
+#   idle WebSocket:  each upgraded to a WebSocket (a real backend, Python's `websockets`), then
+#                    idles;
 # against core-server (TOKIO_WORKER_THREADS=1), nginx (1 worker) and haproxy (1 thread), each
 # started afresh for each kind. For each: the serving process's RSS (VmRSS of the core-server
 # worker, the nginx worker, haproxy) before, with the connections open, and SETTLE seconds after
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-COUNT=${COUNT:-10000}           # idle keep-alive connections (WebSockets: see WS_COUNT below)
+COUNT=${COUNT:-10000}
 DURATION=${DURATION:-5}        # seconds of wrk load per measurement
 CONNECTIONS=${CONNECTIONS:-64} # wrk's connections
 SETTLE=${SETTLE:-5}            # seconds after the connections closed before the last RSS reading
@@ -35,9 +36,9 @@ cleanup_hooks+=(show_err_logs_unless_finished)
 # raise the hard limit too (the supervisor gives the worker its soft limit raised to the hard).
 ulimit -Hn $((2 * MAX_CONNECTIONS)) 2>/dev/null || true
 ulimit -n "$(ulimit -Hn)"
-# A held WebSocket takes two descriptors in a proxy (client and backend): as many as the
-# open-file limit leaves room for (it may be below 2 x COUNT where it cannot be raised).
-WS_COUNT=$(( COUNT < ($(ulimit -n) - 1000) / 2 ? COUNT : ($(ulimit -n) - 1000) / 2 ))
+# Two descriptors per held connection, and room for the load's: where the limit cannot be
+# raised to that, fewer than COUNT.
+HELD=$(( COUNT < ($(ulimit -n) - 1000) / 2 ? COUNT : ($(ulimit -n) - 1000) / 2 ))
 
 backend=$(free_port); ws_backend=$(free_port); port=$(free_port)
 start_backend "$backend"
@@ -49,7 +50,7 @@ wait_port "$ws_backend"
 # connection is closed by the proxy meanwhile.
 start_nginx() {
   cat > "$work/nginx.conf" <<CONF
-worker_processes 1; worker_rlimit_nofile $MAX_CONNECTIONS; daemon off; pid $work/nginx.pid;
+worker_processes 1; worker_rlimit_nofile $(ulimit -n); daemon off; pid $work/nginx.pid;
 error_log $work/nginx.err;
 events { worker_connections $MAX_CONNECTIONS; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
@@ -69,7 +70,8 @@ start_haproxy() {
   cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn $MAX_CONNECTIONS
+  # haproxy reserves two descriptors per connection, and stops if the limit is below that.
+  maxconn $(( ($(ulimit -n) - 100) / 2 ))
 defaults
   mode http
   timeout connect 5s
@@ -79,7 +81,6 @@ defaults
   timeout http-keep-alive 300s
 frontend web
   bind 127.0.0.1:$port
-  maxconn $MAX_CONNECTIONS
   use_backend ws if { path_beg /ws }
   default_backend app
 backend app
@@ -129,13 +130,12 @@ wait_line() {  # file pattern -> once the holder wrote a line matching it (180 s
 
 declare -A R
 measure() {  # proxy kind
-  local proxy=$1 kind=$2 count held holder before open after opened
+  local proxy=$1 kind=$2 held holder before open after opened
   start_"$proxy"
   R[$proxy,$kind,rps0]=$(rps)
   before=$(rss_kb)
   held=$(mktemp -p "$work")
-  count=$([ "$kind" = websocket ] && echo "$WS_COUNT" || echo "$COUNT")
-  python3 bench/hold_connections.py "$port" "$count" "$kind" $((DURATION + 5)) >"$held" &
+  python3 bench/hold_connections.py "$port" "$HELD" "$kind" $((DURATION + 5)) >"$held" &
   holder=$!; pids+=($holder)
   wait_line "$held" '^open'
   sleep 2
@@ -162,7 +162,7 @@ done
 finished=1
 
 echo
-echo "$(nproc) cores; held: $COUNT idle keep-alive connections, $WS_COUNT idle WebSockets;" \
+echo "$(nproc) cores; $HELD connections held (open-file limit $(ulimit -n));" \
   "load: wrk -t1 -c$CONNECTIONS -d${DURATION}s;"
 echo "RSS of the serving process, MB: before / open / ${SETTLE}s after all closed;" \
   "held/left: connections opened / still open when the load ended"
