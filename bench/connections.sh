@@ -6,7 +6,7 @@
 #   idle WebSocket:  each upgraded to a WebSocket (a real backend, Python's `websockets`), then
 #                    idles;
 # against core-server (TOKIO_WORKER_THREADS=1), nginx (1 worker) and haproxy (1 thread), each
-# started afresh for each kind. For each: the serving process's RSS (VmRSS of the core-server
+# started afresh for each mode (MODES). For each: the serving process's RSS (VmRSS of the core-server
 # worker, the nginx worker, haproxy) before, with the connections open, and SETTLE seconds after
 # they all closed; bytes per connection; and a normal client's requests/s (wrk -t1 -c64)
 # before and while the COUNT connections are open. Only loopback traffic; every load and wait
@@ -19,7 +19,7 @@ DURATION=${DURATION:-5}        # seconds of wrk load per measurement
 CONNECTIONS=${CONNECTIONS:-64} # wrk's connections
 SETTLE=${SETTLE:-5}            # seconds after the connections closed before the last RSS reading
 PROXIES=${PROXIES:-"core-server nginx haproxy"}
-KINDS=${KINDS:-"idle websocket"}
+MODES=${MODES:-"idle websocket"}
 MAX_CONNECTIONS=$((2 * COUNT + 1000))
 
 source bench/lib.sh
@@ -40,12 +40,12 @@ ulimit -n "$(ulimit -Hn)"
 # raised to that, fewer than COUNT.
 HELD=$(( COUNT < ($(ulimit -n) - 1000) / 2 ? COUNT : ($(ulimit -n) - 1000) / 2 ))
 
-backend=$(free_port); ws_backend=$(free_port); port=$(free_port)
+backend=$(free_port); ws_backend=$(free_port); proxy_port=$(free_port)
 start_backend "$backend"
 /usr/bin/python3 bench/websocket_backend.py "$ws_backend" 2>>"$work/ws_backend.err" & pids+=($!)
 wait_port "$ws_backend"
 
-# Each proxy on $port: / to the HTTP backend, /ws (Host ws.example for core-server, which
+# Each proxy on $proxy_port: / to the HTTP backend, /ws (Host ws.example for core-server, which
 # routes by Host) to the WebSocket backend. Timeouts longer than a measurement, so no held
 # connection is closed by the proxy meanwhile.
 start_nginx() {
@@ -55,15 +55,16 @@ error_log $work/nginx.err;
 events { worker_connections $MAX_CONNECTIONS; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   upstream app { server 127.0.0.1:$backend; keepalive 128; }
-  server { listen 127.0.0.1:$port backlog=4096;
+  server { listen 127.0.0.1:$proxy_port backlog=4096;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; }
     location /ws { proxy_pass http://127.0.0.1:$ws_backend; proxy_http_version 1.1;
                    proxy_set_header Upgrade \$http_upgrade; proxy_set_header Connection upgrade;
                    proxy_read_timeout 300s; } } }
 CONF
-  nginx -c "$work/nginx.conf" 2>>"$work/nginx.err" & proxy_pid=$!
-  wait_port "$port"
+  start_peer nginx nginx nginx -c "$work/nginx.conf"
+  proxy_pid=${main_pid[nginx]}
+  wait_port "$proxy_port"
   serving() { pgrep -P "$proxy_pid"; }
 }
 start_haproxy() {
@@ -80,7 +81,7 @@ defaults
   timeout tunnel 300s
   timeout http-keep-alive 300s
 frontend web
-  bind 127.0.0.1:$port
+  bind 127.0.0.1:$proxy_port
   use_backend ws if { path_beg /ws }
   default_backend app
 backend app
@@ -89,22 +90,23 @@ backend app
 backend ws
   server ws 127.0.0.1:$ws_backend
 CONF
-  haproxy -f "$work/haproxy.cfg" -db 2>>"$work/haproxy.err" & proxy_pid=$!
-  wait_port "$port"
+  start_peer haproxy haproxy haproxy -f "$work/haproxy.cfg" -db
+  proxy_pid=${main_pid[haproxy]}
+  wait_port "$proxy_port"
   serving() { echo "$proxy_pid"; }
 }
+label[core]=core-server
 start_core-server() {
   local udp
   udp=$(free_port)
-  TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$work/core-server" --http-port "$port" \
-    --https-port "$(free_port)" --udp-port "$udp" --dir "$work/state" \
-    --max-connections "$MAX_CONNECTIONS" --header-timeout 120s --idle-timeout 5m \
-    --backend-timeout 300s 2>>"$work/core.err" & proxy_pid=$!
-  wait_port "$port"
+  start_core_server core 1 "$work" --http-port "$proxy_port" --https-port "$(free_port)" \
+    --udp-port "$udp" --dir "$work/state" --max-connections "$MAX_CONNECTIONS" \
+    --header-timeout 120s --idle-timeout 5m --backend-timeout 300s
+  proxy_pid=${main_pid[core]}
+  wait_port "$proxy_port"
   add_route "$udp" bench.example "$backend"
   add_route "$udp" ws.example "$ws_backend"
-  # The worker, a child of the supervisor we started (the other child is the ACME helper).
-  serving() { pgrep -P "$proxy_pid" -x core-server-wor; }
+  serving() { core_worker "$proxy_pid"; }
 }
 stop_proxy() {
   kill "$proxy_pid"
@@ -118,10 +120,9 @@ rss_kb() {  # the serving process's VmRSS in kB
   pid=$(serving) || { echo "no serving process to measure" >&2; exit 1; }
   awk '/^VmRSS/ {print $2}' "/proc/$pid/status"
 }
-rps() {  # requests/s of a normal keep-alive client, and any errors in brackets
-  wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 2s -H 'Host: bench.example' \
-    "http://127.0.0.1:$port/" | awk '/Requests\/sec/ {r=$2} /Socket errors|Non-2xx/ {sub(/^ +/, ""); e=e (e ? "; " : "") $0}
-                                    END {printf "%.0f%s\n", r, (e ? " (" e ")" : "")}'
+rps() {  # requests/s of a normal keep-alive client, and its failed requests in brackets
+  wrk_figures timeout $((DURATION + 30)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 2s \
+    -H 'Host: bench.example' "http://127.0.0.1:$proxy_port/" | awk '{print $1 ($3 != 0 ? " (" $3 " failed)" : "")}'
 }
 wait_line() {  # file pattern -> once the holder wrote a line matching it (180 s at most)
   for _ in $(seq 1800); do grep -q "$2" "$1" && return; sleep 0.1; done
@@ -129,34 +130,34 @@ wait_line() {  # file pattern -> once the holder wrote a line matching it (180 s
 }
 
 declare -A R
-measure() {  # proxy kind
-  local proxy=$1 kind=$2 held holder before open after opened
+measure() {  # proxy mode
+  local proxy=$1 mode=$2 held holder before open after opened
   start_"$proxy"
-  R[$proxy,$kind,rps0]=$(rps)
+  R[$proxy,$mode,rps0]=$(rps)
   before=$(rss_kb)
   held=$(mktemp -p "$work")
-  python3 bench/hold_connections.py "$port" "$HELD" "$kind" $((DURATION + 5)) >"$held" &
+  python3 bench/hold_connections.py "$proxy_port" "$HELD" "$mode" $((DURATION + 5)) >"$held" &
   holder=$!; pids+=($holder)
   wait_line "$held" '^open'
   sleep 2
   open=$(rss_kb)
-  R[$proxy,$kind,rps]=$(rps)
+  R[$proxy,$mode,rps]=$(rps)
   wait_line "$held" '^still open'   # the holder closes them all and exits
   wait "$holder" || true
   sleep "$SETTLE"
   after=$(rss_kb)
   opened=$(awk '/^open/ {print $2}' "$held")
-  R[$proxy,$kind,held]="$opened/$(awk '/^still open/ {print $3}' "$held")"
-  R[$proxy,$kind,bytes]=$(awk -v a="$open" -v b="$before" -v n="$opened" \
+  R[$proxy,$mode,held]="$opened/$(awk '/^still open/ {print $3}' "$held")"
+  R[$proxy,$mode,bytes]=$(awk -v a="$open" -v b="$before" -v n="$opened" \
     'BEGIN {printf "%.0f", n ? (a - b) * 1024 / n : 0}')
-  R[$proxy,$kind,mb]=$(awk -v b="$before" -v o="$open" -v a="$after" \
+  R[$proxy,$mode,mb]=$(awk -v b="$before" -v o="$open" -v a="$after" \
     'BEGIN {printf "%.0f / %.0f / %.0f", b / 1024, o / 1024, a / 1024}')
   stop_proxy
 }
 
-for kind in $KINDS; do
+for mode in $MODES; do
   for proxy in $PROXIES; do
-    measure "$proxy" "$kind"
+    measure "$proxy" "$mode"
   done
 done
 finished=1
@@ -166,13 +167,13 @@ echo "$(nproc) cores; $HELD connections held (open-file limit $(ulimit -n));" \
   "load: wrk -t1 -c$CONNECTIONS -d${DURATION}s;"
 echo "RSS of the serving process, MB: before / open / ${SETTLE}s after all closed;" \
   "held/left: connections opened / still open when the load ended"
-echo "$(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1)"
-for kind in $KINDS; do
+print_versions wrk nginx haproxy
+for mode in $MODES; do
   echo
-  printf '%-12s %-10s %12s %20s %12s %22s %12s\n' "$kind" "" "bytes/conn" "RSS MB" "req/s before" \
+  printf '%-12s %-10s %12s %20s %12s %22s %12s\n' "$mode" "" "bytes/conn" "RSS MB" "req/s before" \
     "req/s with them open" "held/left"
   for proxy in $PROXIES; do
-    printf '%-12s %-10s %12s %20s %12s %22s %12s\n' "" "$proxy" "${R[$proxy,$kind,bytes]}" \
-      "${R[$proxy,$kind,mb]}" "${R[$proxy,$kind,rps0]}" "${R[$proxy,$kind,rps]}" "${R[$proxy,$kind,held]}"
+    printf '%-12s %-10s %12s %20s %12s %22s %12s\n' "" "$proxy" "${R[$proxy,$mode,bytes]}" \
+      "${R[$proxy,$mode,mb]}" "${R[$proxy,$mode,rps0]}" "${R[$proxy,$mode,rps]}" "${R[$proxy,$mode,held]}"
   done
 done
