@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Holds many client connections open against one HTTP port, for the flood benchmark.
+"""Holds many client connections open against one HTTP port, for the flood and connection benchmarks.
 
     hold_connections.py PORT COUNT MODE SECONDS
 
 MODE idle:      each connection makes one keep-alive request, reads the answer, then idles.
 MODE slowloris: each connection sends a request head one byte every 5 s, never finishing.
+MODE websocket: each connection asks GET /ws (Host ws.example) to upgrade to a WebSocket,
+                reads the 101, then idles (sends no frame).
 
 Prints 'open N' once all connections are set up (or failed), holds them SECONDS from then
 (setting up 10,000 can take longer than a measurement), prints 'still open N' (the ones the
@@ -14,6 +16,8 @@ import asyncio
 import sys
 
 HEAD = b"GET / HTTP/1.1\r\nHost: bench.example\r\n\r\n"
+UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 TRICKLE = b"GET / HTTP/1.1\r\nHost: bench.example\r\nX-Slow: " + b"a" * 1000
 
 
@@ -44,6 +48,25 @@ async def idle(port, hold):
     return writer
 
 
+async def websocket(port, hold):
+    conn = await connect(port)
+    if conn is None:
+        return None
+    reader, writer = conn
+    try:
+        writer.write(UPGRADE)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        writer.close()
+        return None
+    if not head.startswith(b"HTTP/1.1 101"):
+        writer.close()
+        return None
+    hold.append(conn)
+    return writer
+
+
 async def slowloris(port, hold):
     conn = await connect(port)
     if conn is None:
@@ -69,7 +92,7 @@ async def main():
     port, count, mode, seconds = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     loop = asyncio.get_running_loop()
     hold = []
-    opener = idle if mode == "idle" else slowloris
+    opener = {"idle": idle, "slowloris": slowloris, "websocket": websocket}[mode]
     writers = []
     for start in range(0, count, 500):  # in batches, so the accept queue never overflows
         batch = await asyncio.gather(*(opener(port, hold) for _ in range(start, min(count, start + 500))))

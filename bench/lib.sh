@@ -373,3 +373,16 @@ backend app
   server app 127.0.0.1:$1
 CONF
 }
+
+# need_debian_python MODULE=PACKAGE...: installs the Debian packages of the Python modules that
+# Debian's own interpreter cannot import; run such scripts with /usr/bin/python3 (Debian's
+# packages install for it, whatever python3 comes first on PATH).
+need_debian_python() {
+  local missing=() pair
+  for pair in "$@"; do
+    /usr/bin/python3 -c "import ${pair%%=*}" 2>/dev/null || missing+=("${pair#*=}")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 "${missing[@]}"
+  fi
+}

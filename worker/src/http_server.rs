@@ -124,12 +124,7 @@ impl HttpServer {
                         slot = server.limit.admit() => (slot, false),
                         _ = stop.cancelled() => (server.limit.admit_beyond_cap(), true),
                     };
-                    tasks.spawn(server.clone().serve_connection(
-                        stream,
-                        client,
-                        slot,
-                        stop.clone(),
-                    ));
+                    server.spawn_connection(&tasks, stream, client, slot, stop.clone());
                     if stopping {
                         return;
                     }
@@ -148,50 +143,80 @@ impl HttpServer {
         }
     }
 
-    async fn serve_connection(
+    /// Serves a connection in a task of `tasks`, one made for its transport: a task is as big
+    /// as the largest state its future can be in, and a plain connection's must not carry
+    /// room for a TLS handshake and a TLS stream (that doubled the memory of every idle
+    /// plain-HTTP connection).
+    fn spawn_connection(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        stream: TcpStream,
+        client: SocketAddr,
+        slot: Slot,
+        stop: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let server = self.clone();
+        match &self.transport {
+            Transport::Http(_) => tasks.spawn(server.serve_plain(stream, client, slot, stop)),
+            Transport::Https(_) => tasks.spawn(server.serve_tls(stream, client, slot, stop)),
+        };
+    }
+
+    /// A plain-HTTP connection's task; it holds `slot` until the connection ends.
+    async fn serve_plain(
         self: Arc<Self>,
         stream: TcpStream,
         client: SocketAddr,
         mut slot: Slot,
         stop: CancellationToken,
     ) {
-        let _ = stream.set_nodelay(true);
         let activity = slot.connected();
-        match &self.transport {
-            Transport::Http(_) => self.serve_http(stream, client, &activity, stop).await,
-            Transport::Https(tls) => {
-                // Counted in the first request's deadline; a connection evicted to make room
-                // before it sent a request is dropped, mid-handshake too.
-                let handshake =
-                    tokio::time::timeout_at(self.first_request_by(&activity), tls.accept(stream));
-                let mut stream = tokio::select! {
-                    handshake = handshake => match handshake {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            debug!("TLS handshake with {client}: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!("TLS handshake with {client} not done within {:?}: closing", self.header_timeout);
-                            return;
-                        }
-                    },
-                    _ = activity.evicted() => {
-                        debug!("connection from {client} closed to make room");
-                        return;
-                    }
-                };
-                if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
-                    // A CA validating TLS-ALPN-01 sends nothing after the handshake (RFC 8737
-                    // §3): close at once (close_notify, within the same deadline).
-                    debug!("TLS-ALPN-01 validation handshake from {client} done: closing");
-                    let by = self.first_request_by(&activity);
-                    let _ = tokio::time::timeout_at(by, stream.shutdown()).await;
+        self.serve_http(stream, client, &activity, stop).await
+    }
+
+    /// An HTTPS connection's task; it holds `slot` until the connection ends.
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: TcpStream,
+        client: SocketAddr,
+        mut slot: Slot,
+        stop: CancellationToken,
+    ) {
+        let Transport::Https(tls) = &self.transport else {
+            unreachable!("spawn_connection serves only HTTPS listeners' connections here");
+        };
+        let activity = slot.connected();
+        // Counted in the first request's deadline; a connection evicted to make room
+        // before it sent a request is dropped, mid-handshake too.
+        let handshake =
+            tokio::time::timeout_at(self.first_request_by(&activity), tls.accept(stream));
+        let mut stream = tokio::select! {
+            handshake = handshake => match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    debug!("TLS handshake with {client}: {e}");
                     return;
                 }
-                self.serve_http(stream, client, &activity, stop).await
+                Err(_) => {
+                    debug!("TLS handshake with {client} not done within {:?}: closing", self.header_timeout);
+                    return;
+                }
+            },
+            _ = activity.evicted() => {
+                debug!("connection from {client} closed to make room");
+                return;
             }
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+            // A CA validating TLS-ALPN-01 sends nothing after the handshake (RFC 8737
+            // §3): close at once (close_notify, within the same deadline).
+            debug!("TLS-ALPN-01 validation handshake from {client} done: closing");
+            let by = self.first_request_by(&activity);
+            let _ = tokio::time::timeout_at(by, stream.shutdown()).await;
+            return;
         }
+        self.serve_http(stream, client, &activity, stop).await
     }
 
     /// Serves HTTP on `stream` (plain, or TLS after its handshake) until it closes.

@@ -18,6 +18,7 @@ mod accept_errors;
 mod acme_challenges;
 mod acme_link;
 mod activity;
+mod allocator;
 mod backend_pool;
 mod certificates;
 mod connection_limit;
@@ -67,11 +68,6 @@ use crate::supervisor_link::{follow_supervisor, receive_start, Start};
 use crate::tunnel_endpoint::TunnelEndpoint;
 use crate::tunnels::Tunnels;
 
-/// Requests allocate many small short-lived objects (headers, futures, channels); mimalloc
-/// handles that pattern with less CPU than glibc's malloc (measured with bench/proxy.sh).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     core_server_proto::logging::init();
     // As many as `TOKIO_WORKER_THREADS` says (passed through by the supervisor: the benches
@@ -87,6 +83,7 @@ fn main() -> ExitCode {
     // those it starts afterwards. Nothing until then has read network input.
     let result = core_server_proto::dumpable::forbid()
         .map_err(anyhow::Error::from)
+        .and_then(|()| allocator::no_huge_pages().context("cannot turn huge pages off"))
         .and_then(|()| core_server_worker::sandbox::apply().context("cannot sandbox the worker"))
         .and_then(|()| {
             tokio::runtime::Builder::new_multi_thread()
@@ -122,6 +119,8 @@ async fn run() -> anyhow::Result<()> {
     let tunnels = Arc::new(Tunnels::new(settings.tunnel_wait, routes.clone()));
     // Not tracked: it ends with the table, which outlives every task.
     tokio::spawn(tunnels.clone().follow_closures(routes.tunnel_closures()));
+    // Not tracked: it never ends, and holds nothing a stopping worker waits for.
+    tokio::spawn(allocator::give_back_freed_memory());
     let endpoint = TunnelEndpoint::new(tunnels.clone());
     let proxy = Arc::new(Proxy::new(
         routes.clone(),
