@@ -1,0 +1,162 @@
+//! Every acknowledged route survives a kill -9 of the supervisor and the worker at any instant:
+//! while apps add, re-point and remove routes at full speed (their changes saved a batch at a
+//! time, the routes journal compacted now and then), the server is killed mid-stream, several
+//! times over, and after each restart every change answered `ok` is in force.
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use core_server_tests::http::get;
+use core_server_tests::{Backend, CoreServer};
+
+/// Apps sending at once, each waiting for every reply (so their changes are saved in batches).
+const APPS: usize = 6;
+/// Acknowledged changes (over all apps) after which the server is killed, in each round.
+const CHANGES_PER_ROUND: usize = 1200;
+const ROUNDS: usize = 3;
+
+/// What the acknowledged changes left: each domain's port, `None` if removed.
+type Expected = BTreeMap<String, Option<u16>>;
+
+/// One app's changes in `round`: adds of its own domains, and among them re-pointing and
+/// removing some it added before. Returns what was acknowledged, in order, and the domain of
+/// the change left unanswered when the server died (it may or may not have been saved).
+fn app(
+    udp_port: u16,
+    round: usize,
+    app: usize,
+    ports: [u16; 2],
+    acknowledged: &AtomicUsize,
+    stop: &AtomicBool,
+) -> (Vec<(String, Option<u16>)>, Option<String>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let name = |i: usize| format!("r{round}-a{app}-{i}.example");
+    let mut done = Vec::new();
+    for i in 0..100_000 {
+        if stop.load(Ordering::Relaxed) {
+            return (done, None);
+        }
+        let (domain, port) = match i % 10 {
+            7 if i > 5 => (name(i - 5), None),
+            4 if i > 3 => (name(i - 3), Some(ports[1])),
+            _ => (name(i), Some(ports[0])),
+        };
+        let command = match port {
+            Some(port) => format!("add {domain} {port}"),
+            None => format!("remove {domain}"),
+        };
+        socket
+            .send_to(command.as_bytes(), ("127.0.0.1", udp_port))
+            .unwrap();
+        let mut reply = [0u8; 512];
+        match socket.recv(&mut reply) {
+            Ok(len) => {
+                let reply = String::from_utf8_lossy(&reply[..len]);
+                assert_eq!(reply, "ok", "{command}");
+                done.push((domain, port));
+                acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            // The server was killed before it answered.
+            Err(_) => return (done, Some(domain)),
+        }
+    }
+    panic!("app {app} of round {round} was never stopped");
+}
+
+/// The port routes `core-server status` lists.
+fn listed(server: &CoreServer) -> BTreeMap<String, u16> {
+    (server.status().lines())
+        .filter_map(|line| line.trim().split_once(" -> 127.0.0.1:"))
+        .map(|(name, port)| (name.to_owned(), port.parse().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_acknowledged_change_survives_kill_9_at_any_instant() {
+    let mut server = CoreServer::start();
+    let backends = [Backend::echo().await, Backend::echo().await];
+    let ports = [backends[0].port, backends[1].port];
+    let mut expected = Expected::new();
+    for round in 0..ROUNDS {
+        let acknowledged = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let apps: Vec<_> = (0..APPS)
+            .map(|n| {
+                let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
+                let udp_port = server.udp_port;
+                std::thread::spawn(move || app(udp_port, round, n, ports, &acknowledged, &stop))
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while acknowledged.load(Ordering::Relaxed) < CHANGES_PER_ROUND {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: only {} changes acknowledged in 120 s:\n{}",
+                acknowledged.load(Ordering::Relaxed),
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Mid-stream: every app has a change in flight.
+        server.crash();
+        stop.store(true, Ordering::Relaxed);
+        let mut in_doubt = Vec::new();
+        for app in apps {
+            let (done, unanswered) = app.join().unwrap();
+            expected.extend(done);
+            in_doubt.extend(unanswered);
+        }
+
+        server.launch();
+        let mut found = listed(&server);
+        for domain in &in_doubt {
+            // Saved or not, either is right: it was never acknowledged.
+            expected.remove(domain);
+            found.remove(domain);
+        }
+        let wanted: BTreeMap<_, _> = (expected.iter())
+            .filter_map(|(domain, port)| Some((domain.clone(), (*port)?)))
+            .collect();
+        let missing: Vec<_> = (wanted.iter())
+            .filter(|(domain, port)| found.get(*domain) != Some(port))
+            .take(10)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged but lost (of {}): {missing:?}\n{}",
+            wanted.len(),
+            server.log()
+        );
+        let removed: Vec<_> = (expected.iter())
+            .filter(|(domain, port)| port.is_none() && found.contains_key(*domain))
+            .take(10)
+            .collect();
+        assert!(
+            removed.is_empty(),
+            "round {round}: removed, yet back: {removed:?}"
+        );
+    }
+
+    // What the listing says is what is served: a few of each kind.
+    let url = server.url("/");
+    for (domain, port) in expected.iter().step_by(expected.len() / 20) {
+        let status = get(&url, domain).await.status;
+        assert_eq!(status, if port.is_some() { 200 } else { 404 }, "{domain}");
+    }
+    // The journal was compacted along the way, and each start compacted it: it stays small.
+    let journal = std::fs::metadata(server.dir.join("routes.log")).unwrap();
+    let snapshot = std::fs::metadata(server.dir.join("routes.json")).unwrap();
+    assert!(
+        journal.len() <= snapshot.len().max(64 * 1024) + 64 * 1024,
+        "journal {} bytes, snapshot {}",
+        journal.len(),
+        snapshot.len()
+    );
+    assert!(server.stop().success());
+}
