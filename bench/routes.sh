@@ -5,7 +5,9 @@
 #                between are registered by a sender keeping WINDOW commands in flight);
 #   requests/s   wrk -t1 -c64 keep-alive to one domain, on two instances side by side (both at
 #                TOKIO_WORKER_THREADS=1): one with that 1 route, one with ROUTES routes, in
-#                ROUNDS interleaved rounds (A B A B ...); the median of each and their ratio;
+#                ROUNDS interleaved rounds (A B A B ...); the median of each and their ratio,
+#                and the worker's CPU time per request (user + system, from /proc), which
+#                depends less on how the 2 cores were shared;
 #   rerun        the instance with ROUTES routes rerun RERUNS times: from starting the new binary
 #                to its worker serving (its log says "took over"), and until the old one exited.
 # Targets: p99 add < 10 ms, requests/s at ROUTES within 5% of 1 route, rerun < 1 s.
@@ -100,33 +102,46 @@ done
 echo "  (registered $ROUTES routes in $(( ($(date +%s%N) - t0) / 1000000 )) ms, $WINDOW in flight between samples)"
 ls -l "$work/many" | awk '/routes/ {print "  on disk: " $NF " " $5 " bytes"}'
 
-rps() {  # UDP-less: instance name; requests/s of one wrk round
+# cpu_ticks PID: user + system clock ticks the process used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+worker_of() { pgrep -P "$1" -x core-server-wor; }
+# measure NAME SUPERVISOR_PID: one wrk round; appends requests/s to rps_NAME and the worker's
+# CPU microseconds per request to us_NAME.
+measure() {
+  local worker before requests
+  worker=$(worker_of "$2"); before=$(cpu_ticks "$worker")
   wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H 'Host: bench.example' "http://127.0.0.1:${http[$1]}/" \
     > "$work/wrk.txt"
   grep -q 'Non-2xx' "$work/wrk.txt" && { echo "non-2xx answers from $1:" >&2; cat "$work/wrk.txt" >&2; exit 1; }
-  awk '/Requests\/sec/ {printf "%d", $2}' "$work/wrk.txt"
+  requests=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
+  eval "rps_$1+=($(awk '/Requests\/sec/ {printf "%d", $2}' "$work/wrk.txt"))"
+  eval "us_$1+=($(awk -v t="$(( $(cpu_ticks "$worker") - before ))" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN {printf "%.1f", t * 1e6 / hz / n}'))"
 }
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-one=(); many=()
+rps_one=(); rps_many=(); us_one=(); us_many=()
 for round in $(seq "$ROUNDS"); do
-  one+=("$(rps one)"); many+=("$(rps many)")
+  measure one "${core_pid[0]}"; measure many "${core_pid[1]}"
 done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
 echo
 echo "requests/s, wrk -t1 -c$CONNECTIONS -d${DURATION}s keep-alive, TOKIO_WORKER_THREADS=1, $ROUNDS rounds interleaved:"
-echo "  1 route:       median $(median "${one[@]}")  (${one[*]})"
-echo "  $ROUTES routes: median $(median "${many[@]}")  (${many[*]})"
-echo "  ratio: $(awk -v a="$(median "${many[@]}")" -v b="$(median "${one[@]}")" 'BEGIN {printf "%.3f", a / b}') (target >= 0.95)"
+echo "  1 route:       median $(median "${rps_one[@]}") req/s (${rps_one[*]}), worker $(median "${us_one[@]}") us CPU/request (${us_one[*]})"
+echo "  $ROUTES routes: median $(median "${rps_many[@]}") req/s (${rps_many[*]}), worker $(median "${us_many[@]}") us CPU/request (${us_many[*]})"
+echo "  ratio $ROUTES/1 route: requests/s $(ratio "$(median "${rps_many[@]}")" "$(median "${rps_one[@]}")") (target >= 0.95)," \
+  "CPU/request $(ratio "$(median "${us_many[@]}")" "$(median "${us_one[@]}")")"
 
 echo
 echo "rerun with $ROUTES routes (new binary started -> its worker serves; -> old one exited):"
 for i in $(seq "$RERUNS"); do
   old=${core_pid[-1]}
-  lines=$(grep -c 'took over from core-server pid' "$work/many.err" || true)
+  # Only what the log gets from now on is searched (it holds a line per add).
+  offset=$(( $(stat -c %s "$work/many.err") + 1 ))
   t0=$(date +%s%N)
   start_instance many
   served=""
   for _ in $(seq 2000); do
-    if [ "$(grep -c 'took over from core-server pid' "$work/many.err" || true)" -gt "$lines" ]; then
+    if tail -c +"$offset" "$work/many.err" | grep -q 'took over from core-server pid'; then
       served=$(( ($(date +%s%N) - t0) / 1000000 )); break
     fi
     sleep 0.005
