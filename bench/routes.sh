@@ -34,12 +34,12 @@ start_backend "$backend"
 
 # An instance NAME: its ports and state directory; start_instance NAME starts it (attached,
 # in the background), returns once it serves HTTP.
-declare -A http udp
-for name in one many; do http[$name]=$(free_port); udp[$name]=$(free_port); done
+declare -A http https udp
+for name in one many; do http[$name]=$(free_port); https[$name]=$(free_port); udp[$name]=$(free_port); done
 core_pid=()
 start_instance() {
   TOKIO_WORKER_THREADS=1 RUST_LOG=info "$work/core-server" --http-port "${http[$1]}" \
-    --https-port "$(free_port)" --udp-port "${udp[$1]}" --dir "$work/$1" >>"$work/$1.err" 2>&1 &
+    --https-port "${https[$1]}" --udp-port "${udp[$1]}" --dir "$work/$1" >>"$work/$1.err" 2>&1 &
   pids+=($!)
   core_pid[${#core_pid[@]}]=$!
   wait_port "${http[$1]}"

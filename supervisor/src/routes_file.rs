@@ -122,16 +122,18 @@ impl RoutesFile {
     /// The snapshot; empty if there is none yet, or if it was corrupt (and moved aside).
     /// For start-up only: it also removes what an interrupted save left.
     fn load(&self) -> anyhow::Result<Snapshot> {
-        match self.dir.remove_leftovers(FILE_NAME) {
-            Ok(removed) => {
-                for name in removed {
-                    tracing::info!("removed {name}, left by a save that was interrupted");
+        for name in [FILE_NAME, routes_journal::FILE_NAME] {
+            match self.dir.remove_leftovers(name) {
+                Ok(removed) => {
+                    for name in removed {
+                        tracing::info!("removed {name}, left by a save that was interrupted");
+                    }
                 }
+                Err(e) => tracing::warn!(
+                    "cannot remove temp files left in {}: {e}",
+                    self.dir.display()
+                ),
             }
-            Err(e) => tracing::warn!(
-                "cannot remove temp files left in {}: {e}",
-                self.dir.display()
-            ),
         }
         let bytes = match self.dir.read(FILE_NAME) {
             Ok(Some(bytes)) => bytes,
@@ -637,11 +639,12 @@ mod tests {
             .into_iter()
             .collect();
         file.save(&routes).unwrap();
-        fs::write(
-            dir.path().join(".routes.json.tmp-00c0ffee00c0ffee"),
-            b"{torn",
-        )
-        .unwrap();
+        for leftover in [
+            ".routes.json.tmp-00c0ffee00c0ffee",
+            ".routes.log.tmp-00c0ffee00c0ffee",
+        ] {
+            fs::write(dir.path().join(leftover), b"{torn").unwrap();
+        }
         assert_eq!(loaded(&dir), routes);
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
