@@ -23,15 +23,18 @@
 //! log, and the file as it was is kept aside as `routes.json.refused-<time>`. A temp file that
 //! a kill during a save left behind is removed at the next start.
 //!
-//! `routes.json` is the snapshot: changes made since it was written are in the journal beside
-//! it, `routes.log` (`routes_journal.rs`), and [`SavedRoutes`] keeps the two. A change is
-//! appended to the journal and fsync'd before it is acknowledged; when the journal has grown
-//! past the snapshot's size, the table is compacted: a new snapshot is written (atomically,
-//! as ever), then a new, empty journal replaces the old one. A kill between the two leaves a
-//! journal that names the snapshot before, so it is known stale and dropped: the new snapshot
-//! holds everything in it. At start-up the journal is replayed over the snapshot and, if it
-//! held anything, the table is compacted; on a clean stop too, so that `routes.json` alone
-//! holds every route for a version that knows no journal.
+//! A large table is not rewritten for every change: once `routes.json` is past [`SMALL`]
+//! (some 2,000 routes), it is a snapshot, and the changes made since are in a journal beside
+//! it, `routes.log` (`routes_journal.rs`); [`SavedRoutes`] keeps the two. A change is appended
+//! to the journal and fsync'd before it is acknowledged; when the journal has grown past the
+//! snapshot, the table is compacted: a new snapshot is written (atomically, as ever), then a
+//! new, empty journal replaces the old one. A kill between the two leaves a journal that names
+//! the snapshot before, so it is known stale and dropped: the new snapshot holds all of it.
+//! At start-up the journal is replayed over the snapshot and, if it held anything, the table is
+//! compacted; on a clean stop too. A small table, and any change to a tunnel route (rare, and
+//! what makes the file version 2 and private, or version 1 again), are written whole as
+//! before: `routes.json` alone then holds every route, for an operator reading it or a version
+//! that knows no journal, and token hashes are never in the journal.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -51,8 +54,10 @@ const FILE_NAME: &str = "routes.json";
 const VERSION: u32 = 2;
 /// What it writes without tunnel routes (as earlier versions did).
 const VERSION_WITHOUT_TUNNELS: u32 = 1;
-/// The journal is compacted once larger than the snapshot, and than this.
-const JOURNAL_MIN_COMPACTED: u64 = 64 * 1024;
+/// A snapshot smaller than this is rewritten for every change, as cheap as an append (its
+/// write is; the cost is in the fsyncs); past it, changes go to the journal, which is
+/// compacted once larger than the snapshot.
+pub const SMALL: u64 = 64 * 1024;
 
 #[derive(Serialize)]
 struct Contents<'a> {
@@ -269,12 +274,16 @@ impl Default for Snapshot {
 pub struct SavedRoutes {
     routes: Routes,
     file: RoutesFile,
-    /// Where changes go; `None` until the table is written as a snapshot with a journal after
-    /// it (for a taker, or after a failed write: the next save does that).
+    /// Where changes go; `None`: the next save writes the snapshot (the table is small, or
+    /// the journal is yet to be started after it: for a taker, or after a failed write).
     journal: Option<Journal>,
     snapshot_len: u64,
-    /// Changes applied but not yet in the journal.
+    /// The table differs from what is on disk.
+    dirty: bool,
+    /// Changes applied but not yet saved.
     unsaved: Vec<RouteChange>,
+    /// One of them changed a tunnel route: the next save writes the snapshot.
+    tunnel_changed: bool,
 }
 
 impl SavedRoutes {
@@ -288,7 +297,9 @@ impl SavedRoutes {
             file,
             journal: None,
             snapshot_len: snapshot.len,
+            dirty: false,
             unsaved: Vec::new(),
+            tunnel_changed: false,
         };
         let contents = routes_journal::read(&saved.file.dir, &snapshot.id)
             .with_context(|| format!("cannot read {}", journal_path.display()))?;
@@ -306,10 +317,14 @@ impl SavedRoutes {
                 (false, false)
             }
             routes_journal::Contents::Stale => {
-                tracing::info!(
-                    "{} continues an earlier {FILE_NAME}, which holds all it has: it is replaced",
-                    journal_path.display()
-                );
+                // Superseded (see the module comment): the next compaction would replace it.
+                match routes_journal::remove(&saved.file.dir) {
+                    Ok(()) => tracing::info!(
+                        "removed {}: it continued an earlier {FILE_NAME}, which holds all it had",
+                        journal_path.display()
+                    ),
+                    Err(e) => tracing::warn!("cannot remove {}: {e}", journal_path.display()),
+                }
                 (false, false)
             }
             routes_journal::Contents::Newer(version) => bail!(
@@ -321,6 +336,13 @@ impl SavedRoutes {
                 for change in &changes {
                     // As the worker applied them: one that did not apply then does not now.
                     let _ = saved.routes.apply(change);
+                }
+                if !changes.is_empty() {
+                    tracing::info!(
+                        "{}: replayed {} changes over {FILE_NAME}",
+                        journal_path.display(),
+                        changes.len()
+                    );
                 }
                 if torn > 0 {
                     tracing::warn!(
@@ -343,8 +365,9 @@ impl SavedRoutes {
             }
         };
         if compact || snapshot.rewrite {
+            saved.dirty = true;
             let _ = saved.compact();
-        } else if whole {
+        } else if whole && snapshot.len >= SMALL {
             match Journal::reopen(&saved.file.dir) {
                 Ok(journal) => saved.journal = Some(journal),
                 Err(e) => tracing::warn!("cannot open {}: {e}", journal_path.display()),
@@ -361,7 +384,9 @@ impl SavedRoutes {
             file,
             journal: None,
             snapshot_len: 0,
+            dirty: true,
             unsaved: Vec::new(),
+            tunnel_changed: false,
         }
     }
 
@@ -376,26 +401,37 @@ impl SavedRoutes {
 
     /// Applies a change the worker made to its live table.
     pub fn apply(&mut self, change: &RouteChange) {
+        let was_tunnel = matches!(self.routes.get(change.domain()), Some(Route::Tunnel { .. }));
         match self.routes.apply(change) {
-            Ok(true) => self.unsaved.push(change.clone()),
+            Ok(true) => {
+                self.dirty = true;
+                self.tunnel_changed |= was_tunnel
+                    || matches!(
+                        change,
+                        RouteChange::AllowTunnel { .. } | RouteChange::RevokeTunnel { .. }
+                    );
+                self.unsaved.push(change.clone());
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!("worker reported a change that does not apply: {e}"),
         }
     }
 
-    /// Makes every change applied so far durable: one append and fsync for all of them (or,
-    /// with no journal, a compaction). A failed save is retried at the next. The error is
-    /// worded for the command's sender.
+    /// Makes every change applied so far durable: one append and fsync for all of them, or a
+    /// write of the snapshot (see the module comment). A failed save is retried at the next.
+    /// The error is worded for the command's sender.
     pub fn save(&mut self) -> Result<(), String> {
-        let Some(journal) = &mut self.journal else {
-            return self.compact();
-        };
-        if self.unsaved.is_empty() {
+        if !self.dirty {
             return Ok(());
         }
+        let journal = match &mut self.journal {
+            Some(journal) if !self.tunnel_changed => journal,
+            _ => return self.compact(),
+        };
         match journal.append(&self.unsaved) {
             Ok(()) => {
                 self.unsaved.clear();
+                self.dirty = false;
                 Ok(())
             }
             Err(e) => {
@@ -412,25 +448,32 @@ impl SavedRoutes {
     /// acknowledged: the cost falls on no one waiting).
     pub fn compact_if_due(&mut self) {
         if let Some(journal) = &self.journal {
-            if journal.len() > self.snapshot_len.max(JOURNAL_MIN_COMPACTED) {
+            if journal.len() > self.snapshot_len.max(SMALL) {
                 let _ = self.compact();
             }
         }
     }
 
-    /// Writes the whole table as the snapshot, then starts a new journal after it (see the
-    /// module comment for why a kill between the two loses nothing).
+    /// Writes the whole table as the snapshot, then starts a new journal after it if the
+    /// table is not small, else removes the journal (see the module comment for why a kill
+    /// between the two loses nothing).
     pub fn compact(&mut self) -> Result<(), String> {
         // Whatever happens now, the old journal is appended to no more.
         self.journal = None;
         let written = self.file.save(&self.routes).and_then(|(id, len)| {
             self.snapshot_len = len;
-            Journal::start(&self.file.dir, &id)
+            if len < SMALL {
+                routes_journal::remove(&self.file.dir).map(|()| None)
+            } else {
+                Journal::start(&self.file.dir, &id).map(Some)
+            }
         });
         match written {
             Ok(journal) => {
-                self.journal = Some(journal);
+                self.journal = journal;
+                self.dirty = false;
                 self.unsaved.clear();
+                self.tunnel_changed = false;
                 Ok(())
             }
             Err(e) => {
@@ -444,7 +487,7 @@ impl SavedRoutes {
     /// Leaves every route in the snapshot, where a version without a journal reads them (on
     /// a clean stop).
     pub fn compact_for_stop(&mut self) {
-        if !self.journal.as_ref().is_some_and(Journal::is_empty) {
+        if self.dirty || self.journal.as_ref().is_some_and(|j| !j.is_empty()) {
             let _ = self.compact();
         }
     }
@@ -542,17 +585,21 @@ mod tests {
         saved.apply(&set("a.example", 1));
         saved.save().unwrap();
         assert!(path.exists());
-        let len = journal_len(&dir);
+        fs::remove_file(&path).unwrap();
         saved.apply(&set("a.example", 1)); // the same port again: nothing to write
         saved.save().unwrap();
-        assert_eq!(journal_len(&dir), len);
+        assert!(!path.exists());
         saved.apply(&set("a.example", 2));
         saved.save().unwrap();
-        assert!(journal_len(&dir) > len);
         assert_eq!(
             loaded(&dir).get(&Domain::parse("a.example").unwrap()),
             Some(&Route::Port(2))
         );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["routes.json"], "a small table needs no journal");
     }
 
     #[test]
@@ -653,38 +700,48 @@ mod tests {
         assert_eq!(names, ["routes.json"]);
     }
 
-    /// A table saved in `dir` change by change (`n` routes, and the last one's port changed),
-    /// as an instance leaves it when killed: snapshot and journal, no compaction.
-    fn saved_with_journal(dir: &tempfile::TempDir, n: usize) -> (SavedRoutes, Routes) {
+    /// Routes enough for a snapshot past [`SMALL`].
+    fn many() -> Vec<RouteChange> {
+        (0..2000)
+            .map(|i| set(&format!("route-number-{i}.example"), 1000))
+            .collect()
+    }
+
+    /// A large table saved in `dir` (its snapshot), then changes saved one by one (its
+    /// journal): `r0`...`r4` added, `r0` re-pointed, `r1` removed. As an instance leaves it
+    /// when killed: no compaction since.
+    fn saved_with_journal(dir: &tempfile::TempDir) -> Routes {
         let mut saved = SavedRoutes::load(in_tempdir(dir)).unwrap();
-        for i in 0..n {
-            saved.apply(&set(&format!("r{i}.example"), 1000 + i as u16));
-            saved.save().unwrap();
-        }
-        saved.apply(&set("r0.example", 1));
-        saved.apply(&RouteChange::Remove {
+        many().iter().for_each(|change| saved.apply(change));
+        saved.save().unwrap();
+        assert!(saved.snapshot_len >= SMALL);
+        let mut changes: Vec<_> = (0..5).map(|i| set(&format!("r{i}.example"), 1)).collect();
+        changes.push(set("r0.example", 2));
+        changes.push(RouteChange::Remove {
             domain: Domain::parse("r1.example").unwrap(),
         });
-        saved.save().unwrap();
-        let routes = saved.routes().clone();
-        (saved, routes)
+        for change in &changes {
+            saved.apply(change);
+            saved.save().unwrap();
+        }
+        saved.routes
+    }
+
+    fn snapshot(dir: &tempfile::TempDir) -> Routes {
+        in_tempdir(dir).load().unwrap().routes
     }
 
     #[test]
-    fn changes_are_journaled_and_replayed_over_the_snapshot_then_compacted_at_start() {
+    fn changes_to_a_large_table_are_journaled_and_replayed_then_compacted_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let (_saved, routes) = saved_with_journal(&dir, 5);
-        let snapshot = in_tempdir(&dir).load().unwrap().routes;
-        assert_eq!(
-            snapshot.len(),
-            1,
-            "the first save wrote the snapshot, the rest the journal"
-        );
-        assert!(journal_len(&dir) > 200);
+        let routes = saved_with_journal(&dir);
+        assert_eq!(snapshot(&dir).len(), 2000, "the changes are in the journal");
+        assert!(journal_len(&dir) > 300);
         assert_eq!(loaded(&dir), routes);
         // Loading compacted: the snapshot holds it all, the journal is empty again.
-        assert_eq!(in_tempdir(&dir).load().unwrap().routes, routes);
+        assert_eq!(snapshot(&dir), routes);
         let empty = journal_len(&dir);
+        assert!(empty < 200, "{empty} bytes");
         assert_eq!(loaded(&dir), routes);
         assert_eq!(
             journal_len(&dir),
@@ -696,8 +753,7 @@ mod tests {
     #[test]
     fn a_kill_during_an_append_loses_only_the_change_being_written() {
         let dir = tempfile::tempdir().unwrap();
-        let (saved, routes) = saved_with_journal(&dir, 5);
-        drop(saved);
+        let routes = saved_with_journal(&dir);
         let path = dir.path().join(routes_journal::FILE_NAME);
         let mut journal = fs::read(&path).unwrap();
         journal.extend_from_slice(b"0123456789abcdef {\"Set\":{\"domain\":\"torn.exa");
@@ -707,6 +763,7 @@ mod tests {
         // The torn tail is gone: what is appended next is read back.
         saved.apply(&set("after.example", 9));
         saved.save().unwrap();
+        assert!(journal_len(&dir) > 100, "appended");
         assert_eq!(
             loaded(&dir).get(&Domain::parse("after.example").unwrap()),
             Some(&Route::Port(9))
@@ -721,16 +778,18 @@ mod tests {
     #[test]
     fn a_corrupt_journal_is_set_aside_and_the_changes_before_the_damage_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let (saved, _) = saved_with_journal(&dir, 5);
-        drop(saved);
+        saved_with_journal(&dir);
         let path = dir.path().join(routes_journal::FILE_NAME);
         let journal = fs::read_to_string(&path).unwrap();
-        // Line 3 holds the third change (r2): damage it, keep what follows.
+        // Damage the third change (r2), keep what follows.
         let damaged = journal.replacen("r2.example", "r2.exbmple", 1);
         fs::write(&path, &damaged).unwrap();
         let routes = loaded(&dir);
-        let names: Vec<_> = routes.iter().map(|(d, _)| d.as_str()).collect();
-        assert_eq!(names, ["r0.example", "r1.example"]);
+        let added: Vec<_> = (routes.iter())
+            .map(|(d, _)| d.as_str())
+            .filter(|d| !d.starts_with("route-number-"))
+            .collect();
+        assert_eq!(added, ["r0.example", "r1.example"]);
         let aside: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -744,42 +803,44 @@ mod tests {
     #[test]
     fn a_kill_at_any_step_of_a_compaction_leaves_the_same_routes() {
         let dir = tempfile::tempdir().unwrap();
-        let (saved, routes) = saved_with_journal(&dir, 5);
-        drop(saved);
-        // Before the snapshot is replaced: the old one and its journal.
-        assert_eq!(in_tempdir(&dir).load().unwrap().routes.len(), 1);
-        let before: Vec<_> = ["routes.json", "routes.log"]
-            .map(|name| fs::read(dir.path().join(name)).unwrap())
-            .into();
-        // After the snapshot is replaced, before the new journal: the old journal is stale.
+        let routes = saved_with_journal(&dir);
+        let [old_snapshot, old_journal] =
+            ["routes.json", "routes.log"].map(|name| fs::read(dir.path().join(name)).unwrap());
+        // Before the snapshot is replaced: the old one and its journal (as above). After it is
+        // replaced, before the new journal: the old journal is stale.
         in_tempdir(&dir).save(&routes).unwrap();
-        let after_snapshot = fs::read(dir.path().join("routes.json")).unwrap();
         assert_eq!(loaded(&dir), routes);
         // ...and replaying it anyway would do no harm either (its changes are absolute).
-        let mut replayed = routes.clone();
+        let id = routes_journal::snapshot_id(Some(&old_snapshot));
         let routes_journal::Contents::Changes { changes, .. } =
-            routes_journal::parse(&before[1], &routes_journal::snapshot_id(Some(&before[0])))
+            routes_journal::parse(&old_journal, &id)
         else {
             panic!("the journal reads");
         };
+        let mut replayed = routes.clone();
         for change in &changes {
             let _ = replayed.apply(change);
         }
         assert_eq!(replayed, routes);
         // A version without a journal that saved routes.json since makes the journal stale too.
-        fs::write(dir.path().join("routes.json"), &after_snapshot).unwrap();
-        fs::write(dir.path().join("routes.log"), &before[1]).unwrap();
+        fs::write(dir.path().join("routes.log"), &old_journal).unwrap();
         let older: Routes = [(Domain::parse("older.example").unwrap(), 7)]
             .into_iter()
             .collect();
         in_tempdir(&dir).save(&older).unwrap();
         assert_eq!(loaded(&dir), older);
+        assert!(
+            !dir.path().join("routes.log").exists(),
+            "a small table needs no journal: the stale one is gone"
+        );
     }
 
     #[test]
     fn the_journal_is_compacted_once_larger_than_the_snapshot_and_on_a_clean_stop() {
         let dir = tempfile::tempdir().unwrap();
         let mut saved = SavedRoutes::load(in_tempdir(&dir)).unwrap();
+        many().iter().for_each(|change| saved.apply(change));
+        saved.save().unwrap();
         let mut compactions = 0;
         for i in 0..3000 {
             saved.apply(&set(&format!("r{i}.example"), 1000));
@@ -787,17 +848,39 @@ mod tests {
             let before = journal_len(&dir);
             saved.compact_if_due();
             compactions += usize::from(journal_len(&dir) < before);
-            assert!(journal_len(&dir) <= JOURNAL_MIN_COMPACTED.max(saved.snapshot_len) + 100);
+            assert!(journal_len(&dir) <= saved.snapshot_len.max(SMALL) + 100);
         }
         assert!((1..5).contains(&compactions), "{compactions} compactions");
         assert_eq!(loaded(&dir), saved.routes);
         saved.apply(&set("last.example", 1));
         saved.save().unwrap();
         saved.compact_for_stop();
-        assert_eq!(
-            in_tempdir(&dir).load().unwrap().routes,
-            saved.routes,
-            "all in routes.json"
-        );
+        assert_eq!(snapshot(&dir), saved.routes, "all in routes.json");
+    }
+
+    #[test]
+    fn a_tunnel_change_writes_the_snapshot_and_no_token_hash_goes_to_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = saved_with_journal(&dir);
+        let mut saved = SavedRoutes::load(in_tempdir(&dir)).unwrap();
+        assert_eq!(saved.routes, routes);
+        let domain = Domain::parse("t.example").unwrap();
+        let hash = TokenHash([0xcd; 32]);
+        saved.apply(&RouteChange::AllowTunnel {
+            domain: domain.clone(),
+            token: hash,
+        });
+        saved.save().unwrap();
+        let mut with_tunnel = routes.clone();
+        with_tunnel.insert(domain.clone(), Route::Tunnel { tokens: vec![hash] });
+        assert_eq!(snapshot(&dir), with_tunnel);
+        saved.apply(&set("port.example", 1));
+        saved.save().unwrap();
+        saved.apply(&set("t.example", 2)); // the tunnel replaced: written whole again
+        saved.save().unwrap();
+        assert_eq!(snapshot(&dir).get(&domain), Some(&Route::Port(2)));
+        let journal = fs::read_to_string(dir.path().join("routes.log")).unwrap();
+        assert!(!journal.contains("Tunnel"), "{journal}");
+        assert_eq!(loaded(&dir), saved.routes);
     }
 }

@@ -163,6 +163,15 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Removes `dir`'s journal, if there is one (a small table needs none). Not made durable:
+/// should it come back after a crash, it is stale (it names a snapshot no longer there).
+pub fn remove(dir: &StateDir) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir.fd(), FILE_NAME, rustix::fs::AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// An open journal, appended to.
 pub struct Journal {
     file: File,
