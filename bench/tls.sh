@@ -5,11 +5,15 @@
 #   resumed handshakes/s    h2load, 'Connection: close' on every request: each reconnection
 #                           resumes the client's session (a ticket);
 #   HTTP/2 requests/s       h2load, H2_CLIENTS connections of H2_STREAMS concurrent streams.
-# Through core-server (local mode: its certificate from mkcert; default threads, and
-# TOKIO_WORKER_THREADS=1), nginx (1 worker) and haproxy (1 thread), every one with an ECDSA
-# P-256 certificate of the same mkcert CA, TLS 1.2 and 1.3, ALPN h2 and http/1.1, and the same
-# nginx backend. ROUNDS rounds, each server in turn within a round (a drift in the machine's
-# load hits all alike); medians, and the ratios core-server / the better of nginx and haproxy.
+# Through core-server (local mode: its certificate from mkcert; with ONE worker runtime thread,
+# the column the targets apply to, and with its default threads, informational), nginx (1
+# worker) and haproxy (1 thread), every one with an ECDSA P-256 certificate of the same mkcert
+# CA, TLS 1.2 and 1.3, ALPN h2 and http/1.1, and the same nginx backend. ROUNDS rounds, every
+# server in turn for each load within a round, the order rotated each round (a drift in the
+# machine's load hits all alike); per load and server: the median, the spread (min-max) and
+# CPU per request (user and system microseconds of the serving processes only, from
+# /proc/<pid>/stat; see bench/README.md); then the ratios core-server / the better of nginx
+# and haproxy, next to the targets of issues 8 and 10.
 # VARIANT=DIR also measures the core-server binaries in DIR, e.g. a scratch build with another
 # rustls crypto provider, and prints the ratios variant / core-server.
 # Only loopback traffic; every load is bounded in count or duration and by LIMIT seconds.
@@ -17,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}           # seconds of wrk load per measurement
 CONNECTIONS=${CONNECTIONS:-64}
 HANDSHAKES=${HANDSHAKES:-1000}    # new connections per measurement, all opened at once
@@ -28,7 +32,7 @@ H2_STREAMS=${H2_STREAMS:-32}
 LIMIT=${LIMIT:-60}                # seconds any one load may take before it counts as failed
 VARIANT=${VARIANT:-}
 # Which to measure (a subset, to iterate faster).
-SERVERS=${SERVERS:-"core-server core-server-1t nginx haproxy${VARIANT:+ variant}"}
+SERVERS=${SERVERS:-"core-server-1t nginx haproxy core-server${VARIANT:+ variant}"}
 
 source bench/lib.sh
 need nginx=nginx haproxy=haproxy wrk=wrk h2load=nghttp2-client mkcert=mkcert curl=curl \
@@ -39,9 +43,9 @@ install_core_server
 name=bench.example
 loopback_names "$name"
 backend=$(free_port)
-declare -A port=([core-server]=$(free_port) [core-server-1t]=$(free_port) [nginx]=$(free_port)
+port=([core-server]=$(free_port) [core-server-1t]=$(free_port) [nginx]=$(free_port)
   [haproxy]=$(free_port) [variant]=$(free_port))
-declare -A label=([core-server]="core-server" [core-server-1t]="core-server, 1 thread"
+label=([core-server]="core-server, default" [core-server-1t]="core-server, 1 thread"
   [nginx]="nginx, 1 worker" [haproxy]="haproxy, 1 thread" [variant]="variant")
 cleanup_hooks+=(show_err_logs_unless_finished)
 
@@ -52,43 +56,13 @@ make_cert peer "$name"
 cat "$work/peer.pem" "$work/peer-key.pem" > "$work/peer-haproxy.pem"
 [ "$(id -u)" != 0 ] || chown -R nobody "$work/caroot"   # the children run as nobody
 
-# nginx as a TLS-terminating reverse proxy, one worker, pooled keep-alive connections to the
-# backend. TLS 1.3 is not in nginx 1.22's default protocols: named here, as in every
-# distribution's nginx.conf.
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err;
-events { worker_connections 8192; }
-http { access_log off; keepalive_requests 1000000;
-  upstream app { server 127.0.0.1:$backend; keepalive 128; }
-  server { listen 127.0.0.1:${port[nginx]} ssl http2 backlog=4096;
-    ssl_certificate $work/peer.pem; ssl_certificate_key $work/peer-key.pem;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
-                 proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$remote_addr;
-                 proxy_set_header X-Forwarded-Proto https; }
-  } }
-CONF
-
-# haproxy, one thread.
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8192
-  ssl-default-bind-options ssl-min-ver TLSv1.2
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option forwardfor
-frontend web
-  bind 127.0.0.1:${port[haproxy]} ssl crt $work/peer-haproxy.pem alpn h2,http/1.1
-  http-request set-header X-Forwarded-Proto https
-  default_backend app
-backend app
-  http-reuse always
-  server app 127.0.0.1:$backend
-CONF
+# nginx and haproxy as TLS-terminating reverse proxies (lib.sh). TLS 1.3 is not in nginx
+# 1.22's default protocols: named here, as in every distribution's nginx.conf.
+nginx_peer_conf "$backend" "127.0.0.1:${port[nginx]} ssl http2 backlog=4096" \
+  "ssl_certificate $work/peer.pem; ssl_certificate_key $work/peer-key.pem; ssl_protocols TLSv1.2 TLSv1.3;"
+haproxy_peer_conf "$backend" \
+  "127.0.0.1:${port[haproxy]} ssl crt $work/peer-haproxy.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2" \
+  "http-request set-header X-Forwarded-Proto https"
 
 # core-server, local mode: certificates from mkcert, with the bench's CA. Several instances,
 # idle but for the one measured: default threads, one thread, the variant.
@@ -96,21 +70,20 @@ if [ -n "$VARIANT" ]; then
   mkdir -m 755 "$work/variant-bin"
   cp "${binaries[@]/#/$VARIANT/}" "$work/variant-bin/"
 fi
+export CAROOT="$work/caroot"   # core-server's helper makes its certificates with mkcert from it
 start_core() {  # which threads [binaries]
-  local udp bin=${3:-$work}
+  local udp
   udp=$(free_port)
-  env CAROOT="$work/caroot" ${2:+TOKIO_WORKER_THREADS=$2} RUST_LOG=warn "$bin/core-server" \
-    --mode local --http-port "$(free_port)" --https-port "${port[$1]}" --udp-port "$udp" \
-    --dir "$work/state-$1" 2>>"$work/$1.err" &
-  pids+=($!)
+  start_core_server "$1" "$2" "${3:-$work}" --mode local --http-port "$(free_port)" \
+    --https-port "${port[$1]}" --udp-port "$udp" --dir "$work/state-$1"
   wait_port "${port[$1]}"
   add_route "$udp" "$name" "$backend"
 }
 
 for server in $SERVERS; do
   case $server in
-    nginx) nginx -c "$work/nginx.conf" 2>>"$work/nginx.err" & pids+=($!) ;;
-    haproxy) haproxy -f "$work/haproxy.cfg" -db 2>>"$work/haproxy.err" & pids+=($!) ;;
+    nginx) start_peer nginx nginx nginx -c "$work/nginx.conf" ;;
+    haproxy) start_peer haproxy haproxy haproxy -f "$work/haproxy.cfg" -db ;;
     core-server) start_core core-server "" ;;
     core-server-1t) start_core core-server-1t 1 ;;
     variant) start_core variant "" "$work/variant-bin" ;;
@@ -149,82 +122,50 @@ for server in $SERVERS; do
     paste -sd ' ')" "session: ${resumes:-none}"
 done
 
-# Each measurement prints "<rate> <failed requests>"; a load cut short by LIMIT prints "0 all".
+# Each measurement prints "<rate> <requests done> <failed requests>" (lib.sh's measure); a load
+# cut short by LIMIT prints "0 0 all".
 keepalive() {
-  local out
-  out=$(with_hosts timeout "$LIMIT" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "https://$name:$1/") ||
-    { echo "0 all"; return; }
-  awk '/Requests\/sec/ {rps = $2} /Socket errors/ {gsub(",", ""); e += $4 + $6 + $8 + $10}
-       /Non-2xx/ {e += $NF} END {printf "%.0f %d\n", rps, e}' <<<"$out"
+  wrk_figures with_hosts timeout "$LIMIT" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "https://$name:$1/"
 }
 h2load_run() {  # port, h2load options...
   local p=$1 out; shift
   out=$(timeout "$LIMIT" h2load --connect-to "127.0.0.1:$p" "$@" "https://$name:$p/") ||
-    { echo "0 all"; return; }
+    { echo "0 0 all"; return; }
   awk '/^finished in/ {rps = $4} /^requests:/ {total = $2} /^status codes:/ {ok = $3}
-       END {printf "%.0f %d\n", rps, total - ok}' <<<"$out"
+       END {printf "%.0f %d %d\n", rps, ok, total - ok}' <<<"$out"
 }
 handshakes() { h2load_run "$1" -n "$HANDSHAKES" -c "$HANDSHAKES" -m 1 --h1; }
 resumed() { h2load_run "$1" -n "$RESUMED" -c "$CONNECTIONS" -m 1 --h1 -H 'Connection: close'; }
 multiplexed() { h2load_run "$1" -n "$H2_REQUESTS" -c "$H2_CLIENTS" -m "$H2_STREAMS"; }
 
-metrics=(keepalive handshakes resumed multiplexed)
-declare -A heading=([keepalive]="keep-alive req/s" [handshakes]="new handshakes/s"
-  [resumed]="resumed handshakes/s" [multiplexed]="HTTP/2 req/s")
-declare -A runs failed
-for round in $(seq "$ROUNDS"); do
-  for server in $SERVERS; do
-    for metric in "${metrics[@]}"; do
-      read -r rate fails < <($metric "${port[$server]}")
-      runs[$server.$metric]+="$rate "
-      [ "$fails" = 0 ] || failed[$server.$metric]+="round $round: $fails failed; "
-    done
-  done
-  echo "round $round of $ROUNDS done"
-done
-
-median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {printf "%.0f", v[int((NR + 1) / 2)]}'; }
-declare -A med
-for key in "${!runs[@]}"; do med[$key]=$(median <<<"${runs[$key]}"); done
+metrics="keepalive handshakes resumed multiplexed"
+heading=([keepalive]="HTTPS keep-alive requests/s (wrk -t1 -c$CONNECTIONS -d${DURATION}s, HTTP/1.1)"
+  [handshakes]="new handshakes/s (h2load -n $HANDSHAKES -c $HANDSHAKES -m 1 --h1: one request per connection)"
+  [resumed]="resumed handshakes/s (h2load -n $RESUMED -c $CONNECTIONS -m 1 --h1 -H 'Connection: close')"
+  [multiplexed]="HTTP/2 requests/s (h2load -n $H2_REQUESTS -c $H2_CLIENTS -m $H2_STREAMS)")
+cpu_per=([keepalive]=us/request [handshakes]=us/request [resumed]=us/request [multiplexed]=us/request)
+versus=([keepalive]=best [handshakes]=best [resumed]=best [multiplexed]=best)
+target=([keepalive]=">= 1.0, issues 8 and 10" [handshakes]=">= 1.0, issue 8" [resumed]=">= 1.0, issue 8"
+  [multiplexed]=">= 1.0, issues 8 and 10")
 
 echo
-echo "$(nproc) cores; medians of $ROUNDS rounds; ECDSA P-256 certificates from one mkcert CA"
-echo "  keep-alive:  wrk -t1 -c$CONNECTIONS -d${DURATION}s (HTTP/1.1)"
-echo "  new:         h2load -n $HANDSHAKES -c $HANDSHAKES -m 1 --h1 (one request per connection)"
-echo "  resumed:     h2load -n $RESUMED -c $CONNECTIONS -m 1 --h1 -H 'Connection: close'"
-echo "  HTTP/2:      h2load -n $H2_REQUESTS -c $H2_CLIENTS -m $H2_STREAMS"
-printf '%-24s' ""; for metric in "${metrics[@]}"; do printf '%22s' "${heading[$metric]}"; done; echo
-for server in $SERVERS; do
-  printf '%-24s' "${label[$server]}"
-  for metric in "${metrics[@]}"; do printf '%22s' "${med[$server.$metric]}"; done
-  echo "   rounds: $(for metric in "${metrics[@]}"; do printf '| %s ' "${runs[$server.$metric]% }"; done)"
-done
-for key in "${!failed[@]}"; do echo "FAILED REQUESTS, ${key/./ }: ${failed[$key]}"; done
+print_versions wrk h2load nginx haproxy curl openssl
+print_settings ROUNDS DURATION CONNECTIONS HANDSHAKES RESUMED H2_REQUESTS H2_CLIENTS H2_STREAMS LIMIT SERVERS
+print_servers $SERVERS
+run_rounds "$SERVERS" "$metrics"
+echo
+echo "Medians of $ROUNDS rounds; ECDSA P-256 certificates from one mkcert CA; CPU of the serving"
+echo "processes only (2 cores shared by load generator, proxy and backend: see bench/README.md)."
+print_results "$SERVERS" "$metrics"
 
-# core-server / the better of nginx and haproxy, per measurement.
-ratios() {
-  local metric best line server
-  echo
-  for metric in "${metrics[@]}"; do
-    best=nginx
-    awk -v a="${med[haproxy.$metric]}" -v b="${med[nginx.$metric]}" 'BEGIN {exit !(a > b)}' && best=haproxy
-    line=$(printf '%-22s core-server / %s:' "${heading[$metric]}" "$best")
-    for server in core-server core-server-1t; do
-      [[ " $SERVERS " == *" $server "* ]] || continue
-      line+=$(awk -v a="${med[$server.$metric]}" -v b="${med[$best.$metric]}" -v l="${label[$server]}" \
-        'BEGIN {printf "  %s%.2f", (l ~ /thread/ ? "(1 thread) " : ""), a / b}')
-    done
-    echo "$line   (target >= 1.0)"
-  done
-}
+# variant / core-server, per measurement.
 variant_ratios() {
   local metric
   echo
-  for metric in "${metrics[@]}"; do
-    printf '%-22s variant / core-server: %.2f\n' "${heading[$metric]}" \
-      "$(awk -v a="${med[variant.$metric]}" -v b="${med[core-server.$metric]}" 'BEGIN {print a / b}')"
+  for metric in $metrics; do
+    printf '%-22s variant / core-server: %.2f\n' "$metric" \
+      "$(awk -v a="$(median_of "variant.$metric")" -v b="$(median_of "core-server.$metric")" 'BEGIN {print a / b}')"
   done
 }
-[[ " $SERVERS " != *" nginx "* || " $SERVERS " != *" haproxy "* ]] || ratios
 [[ " $SERVERS " != *" variant "* || " $SERVERS " != *" core-server "* ]] || variant_ratios
 finished=1

@@ -73,8 +73,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     core_server_proto::logging::init();
-    // Read before the sandbox hides the cgroup's CPU quota from it.
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    // As many as `TOKIO_WORKER_THREADS` says (passed through by the supervisor: the benches
+    // compare one thread with one nginx worker), else one per CPU the worker may use, read
+    // before the sandbox hides the cgroup's CPU quota from it. An explicit count overrides
+    // tokio's own reading of the variable, hence read here.
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     // Before the runtime starts its threads: Landlock confines only the calling thread and
     // those it starts afterwards. Nothing until then has read network input.
     let result = core_server_proto::dumpable::forbid()
