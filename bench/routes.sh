@@ -3,49 +3,52 @@
 #   add latency  a sender that waits for each reply, timing each: p50/p99/max of SAMPLE adds of
 #                new domains when the table reaches 1k, 20k and ROUTES routes (the routes in
 #                between are registered by a sender keeping WINDOW commands in flight);
-#   requests/s   wrk -t1 -c64 keep-alive to one domain, on two instances side by side (both at
-#                TOKIO_WORKER_THREADS=1): one with that 1 route, one with ROUTES routes, in
-#                ROUNDS interleaved rounds (A B A B ...); the median of each and their ratio,
-#                and the worker's CPU time per request (user + system, from /proc), which
-#                depends less on how the 2 cores were shared;
+#   requests/s   wrk -t1 -c$CONNECTIONS keep-alive to one domain, on two core-servers side by
+#                side, each with ONE worker runtime thread: one with that 1 route, one with
+#                ROUTES routes; ROUNDS rounds, the two in turn (lib.sh's run_rounds), the median,
+#                spread and worker CPU per request of each, and their ratio;
 #   rerun        the instance with ROUTES routes rerun RERUNS times: from starting the new binary
 #                to its worker serving (its log says "took over"), and until the old one exited.
-# Targets: p99 add < 10 ms, requests/s at ROUTES within 5% of 1 route, rerun < 1 s.
-# Only loopback traffic; every load and wait is bounded. Stops only what it started.
+# Targets: p99 add < 10 ms, requests/s at ROUTES >= 0.95 of 1 route, rerun < 1 s.
+# BINARIES=DIR measures the core-server binaries in DIR instead of building this tree (to
+# compare two builds). Only loopback traffic; every load and wait is bounded. Stops only what
+# it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUTES=${ROUTES:-100000}
 SAMPLE=${SAMPLE:-1000}         # timed adds at each size
 WINDOW=${WINDOW:-64}           # commands in flight while registering the rest
-ROUNDS=${ROUNDS:-3}            # interleaved wrk rounds per instance
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}        # seconds per wrk round
 CONNECTIONS=${CONNECTIONS:-64}
+LIMIT=${LIMIT:-$((DURATION + 30))}  # seconds any one wrk run may take
 RERUNS=${RERUNS:-3}
-BINARIES=${BINARIES:-}         # a directory of core-server binaries to measure instead of building
+BINARIES=${BINARIES:-}
 
 source bench/lib.sh
 need nginx=nginx wrk=wrk python3=python3 curl=curl
 if [ -n "$BINARIES" ]; then cp "${binaries[@]/#/$BINARIES/}" "$work/"; else install_core_server; fi
 cleanup_hooks+=(show_err_logs_unless_finished)
+print_settings ROUTES SAMPLE WINDOW ROUNDS DURATION CONNECTIONS RERUNS BINARIES
+print_versions wrk nginx
 
 backend=$(free_port)
 start_backend "$backend"
 
-# An instance NAME: its ports and state directory; start_instance NAME starts it (attached,
-# in the background), returns once it serves HTTP.
-declare -A http https udp
-for name in one many; do http[$name]=$(free_port); https[$name]=$(free_port); udp[$name]=$(free_port); done
-core_pid=()
-start_instance() {
-  TOKIO_WORKER_THREADS=1 RUST_LOG=info "$work/core-server" --http-port "${http[$1]}" \
-    --https-port "${https[$1]}" --udp-port "${udp[$1]}" --dir "$work/$1" >>"$work/$1.err" 2>&1 &
-  pids+=($!)
-  core_pid[${#core_pid[@]}]=$!
-  wait_port "${http[$1]}"
-}
-stop_instances() { local name; for name in one many; do "$work/core-server" --udp-port "${udp[$name]}" stop >/dev/null 2>&1 || true; done; }
+# The two instances, as lib.sh's columns: "one" keeps 1 route, "many" gets ROUTES.
+label=([one]="1 route" [many]="$ROUTES routes")
+declare -A https udp
+for server in one many; do port[$server]=$(free_port); https[$server]=$(free_port); udp[$server]=$(free_port); done
+start_args() { echo --http-port "${port[$1]}" --https-port "${https[$1]}" --udp-port "${udp[$1]}" --dir "$work/$1"; }
+stop_instances() { local server; for server in one many; do "$work/core-server" --udp-port "${udp[$server]}" stop >/dev/null 2>&1 || true; done; }
 cleanup_hooks+=(stop_instances)
+for server in one many; do
+  # shellcheck disable=SC2046 # the arguments, split on purpose
+  start_core_server "$server" 1 "$work" $(start_args "$server")
+  wait_port "${port[$server]}"
+  add_route "${udp[$server]}" bench.example "$backend"
+done
 
 # The sender: `fill UDP FROM TO` registers bulkNNNNNN.example for NNNNNN in [FROM, TO) with
 # WINDOW in flight; `time UDP FROM TO` one at a time, printing p50/p99/max in ms.
@@ -84,12 +87,8 @@ else:
 PY
 adds() { timeout 600 python3 "$work/adds.py" "$1" "${udp[many]}" "$2" "$3" "$WINDOW"; }
 
-start_instance one
-start_instance many
-add_route "${udp[one]}" bench.example "$backend"
-add_route "${udp[many]}" bench.example "$backend"
-
-echo "add latency, one sender waiting for each reply, $SAMPLE adds at each size ($(nproc) cores):"
+echo
+echo "add latency, one sender waiting for each reply, $SAMPLE adds at each size:"
 t0=$(date +%s%N)
 registered=1
 for size in 1000 20000 "$ROUTES"; do
@@ -102,55 +101,38 @@ done
 echo "  (registered $ROUTES routes in $(( ($(date +%s%N) - t0) / 1000000 )) ms, $WINDOW in flight between samples)"
 ls -l "$work/many" | awk '/routes/ {print "  on disk: " $NF " " $5 " bytes"}'
 
-# cpu_ticks PID: user + system clock ticks the process used so far.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-worker_of() { pgrep -P "$1" -x core-server-wor; }
-# measure NAME SUPERVISOR_PID: one wrk round; appends requests/s to rps_NAME and the worker's
-# CPU microseconds per request to us_NAME.
-measure() {
-  local worker before requests
-  worker=$(worker_of "$2"); before=$(cpu_ticks "$worker")
-  wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H 'Host: bench.example' "http://127.0.0.1:${http[$1]}/" \
-    > "$work/wrk.txt"
-  grep -q 'Non-2xx' "$work/wrk.txt" && { echo "non-2xx answers from $1:" >&2; cat "$work/wrk.txt" >&2; exit 1; }
-  requests=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
-  eval "rps_$1+=($(awk '/Requests\/sec/ {printf "%d", $2}' "$work/wrk.txt"))"
-  eval "us_$1+=($(awk -v t="$(( $(cpu_ticks "$worker") - before ))" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
-    'BEGIN {printf "%.1f", t * 1e6 / hz / n}'))"
+keepalive() {
+  wrk_figures timeout "$LIMIT" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H 'Host: bench.example' \
+    "http://127.0.0.1:$1/"
 }
-median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-rps_one=(); rps_many=(); us_one=(); us_many=()
-for round in $(seq "$ROUNDS"); do
-  measure one "${core_pid[0]}"; measure many "${core_pid[1]}"
-done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
+heading[keepalive]="requests/s, wrk -t1 -c$CONNECTIONS -d${DURATION}s keep-alive to one domain, 1 worker runtime thread each:"
+cpu_per[keepalive]=us/request versus[keepalive]=one target[keepalive]=">= 0.95"
 echo
-echo "requests/s, wrk -t1 -c$CONNECTIONS -d${DURATION}s keep-alive, TOKIO_WORKER_THREADS=1, $ROUNDS rounds interleaved:"
-echo "  1 route:       median $(median "${rps_one[@]}") req/s (${rps_one[*]}), worker $(median "${us_one[@]}") us CPU/request (${us_one[*]})"
-echo "  $ROUTES routes: median $(median "${rps_many[@]}") req/s (${rps_many[*]}), worker $(median "${us_many[@]}") us CPU/request (${us_many[*]})"
-echo "  ratio $ROUTES/1 route: requests/s $(ratio "$(median "${rps_many[@]}")" "$(median "${rps_one[@]}")") (target >= 0.95)," \
-  "CPU/request $(ratio "$(median "${us_many[@]}")" "$(median "${us_one[@]}")")"
+run_rounds "one many" keepalive
+print_results "one many" keepalive | grep -v "^  ${label[one]} / ${label[one]}:"
 
 echo
 echo "rerun with $ROUTES routes (new binary started -> its worker serves; -> old one exited):"
+old=${main_pid[many]}
 for i in $(seq "$RERUNS"); do
-  old=${core_pid[-1]}
-  # Only what the log gets from now on is searched (it holds a line per add).
-  offset=$(( $(stat -c %s "$work/many.err") + 1 ))
+  log=$work/rerun-$i.err
   t0=$(date +%s%N)
-  start_instance many
+  # shellcheck disable=SC2046 # the arguments, split on purpose
+  TOKIO_WORKER_THREADS=1 RUST_LOG=info "$work/core-server" $(start_args many) 2>"$log" &
+  pids+=($!)
   served=""
   for _ in $(seq 2000); do
-    if tail -c +"$offset" "$work/many.err" | grep -q 'took over from core-server pid'; then
+    if grep -q 'took over from core-server pid' "$log"; then
       served=$(( ($(date +%s%N) - t0) / 1000000 )); break
     fi
     sleep 0.005
   done
-  [ -n "$served" ] || { echo "the rerun did not take over within 10 s" >&2; exit 1; }
+  [ -n "$served" ] || { echo "the rerun did not take over within 10 s:" >&2; cat "$log" >&2; exit 1; }
   for _ in $(seq 6000); do kill -0 "$old" 2>/dev/null || break; sleep 0.005; done
   kill -0 "$old" 2>/dev/null && { echo "the old instance (pid $old) still runs 30 s on" >&2; exit 1; }
   gone=$(( ($(date +%s%N) - t0) / 1000000 ))
-  status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Host: bench.example' "http://127.0.0.1:${http[many]}/")
+  status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Host: bench.example' "http://127.0.0.1:${port[many]}/")
   echo "  rerun $i: serving after ${served} ms, old instance gone after ${gone} ms (then: HTTP $status)"
+  old=${pids[-1]}
 done
 finished=1
