@@ -116,6 +116,7 @@ echo "rerun with $ROUTES routes (new binary started -> its worker serves; -> old
 old=${main_pid[many]}
 for i in $(seq "$RERUNS"); do
   log=$work/rerun-$i.err
+  : > "$log"
   t0=$(date +%s%N)
   # shellcheck disable=SC2046 # the arguments, split on purpose
   TOKIO_WORKER_THREADS=1 RUST_LOG=info "$work/core-server" $(start_args many) 2>"$log" &

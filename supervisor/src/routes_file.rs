@@ -355,7 +355,7 @@ impl SavedRoutes {
                     let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "corrupt")?;
                     tracing::error!(
                         "routes journal {} is corrupt ({why}); moved it to {aside}, keeping the {} \
-                         changes before that",
+                         changes in it that are whole",
                         journal_path.display(),
                         changes.len()
                     );
@@ -776,12 +776,12 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_journal_is_set_aside_and_the_changes_before_the_damage_kept() {
+    fn a_corrupt_journal_is_set_aside_and_its_whole_changes_kept() {
         let dir = tempfile::tempdir().unwrap();
         saved_with_journal(&dir);
         let path = dir.path().join(routes_journal::FILE_NAME);
         let journal = fs::read_to_string(&path).unwrap();
-        // Damage the third change (r2), keep what follows.
+        // Damage the third change (r2): only it is lost.
         let damaged = journal.replacen("r2.example", "r2.exbmple", 1);
         fs::write(&path, &damaged).unwrap();
         let routes = loaded(&dir);
@@ -789,7 +789,7 @@ mod tests {
             .map(|(d, _)| d.as_str())
             .filter(|d| !d.starts_with("route-number-"))
             .collect();
-        assert_eq!(added, ["r0.example", "r1.example"]);
+        assert_eq!(added, ["r0.example", "r3.example", "r4.example"]);
         let aside: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())

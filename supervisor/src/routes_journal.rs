@@ -16,7 +16,9 @@
 //! - A line that is cut short (no newline) or fails its checksum at the very end of the file is
 //!   the tail of a write a kill (or power loss) interrupted: it was never acknowledged, and is
 //!   dropped.
-//! - A bad line with more after it is corruption: the changes before it are kept, and the file
+//! - A bad line with more after it is corruption: it is skipped and the others replayed (the
+//!   journal holds changes of port routes alone, each absolute, setting or removing one
+//!   domain's route: a line skipped leaves only its own domain as it was before), and the file
 //!   is set aside by the caller and reported by name.
 //! - A journal naming another snapshot than the one there is stale: written before that
 //!   snapshot replaced the one it continued (a compaction interrupted between its two steps, or
@@ -57,7 +59,7 @@ pub enum Contents {
         changes: Vec<RouteChange>,
         /// Bytes of an interrupted write dropped from the end.
         torn: usize,
-        /// Where it is corrupt, and why: the changes are those before it.
+        /// Which lines in the middle are bad, and why (the changes are those of the others).
         corrupt: Option<String>,
     },
 }
@@ -94,44 +96,39 @@ pub(crate) fn parse(bytes: &[u8], snapshot_id: &str) -> Contents {
         return Contents::Stale;
     }
     let mut changes = Vec::new();
+    let mut bad = Vec::new();
     let mut rest = &bytes[header_end + 1..];
     let mut line_number = 1;
+    let mut torn = 0;
     while !rest.is_empty() {
         line_number += 1;
-        let (line, after) = match rest.iter().position(|&b| b == b'\n') {
-            Some(end) => (&rest[..end], &rest[end + 1..]),
-            None => {
-                // Cut short: the last write did not finish.
-                return Contents::Changes {
-                    changes,
-                    torn: rest.len(),
-                    corrupt: None,
-                };
-            }
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            // Cut short: the last write did not finish.
+            torn = rest.len();
+            break;
         };
+        let (line, after) = (&rest[..end], &rest[end + 1..]);
         match decode(line) {
             Ok(change) => changes.push(change),
-            Err(_) if after.is_empty() => {
-                return Contents::Changes {
-                    changes,
-                    torn: rest.len(),
-                    corrupt: None,
-                }
-            }
-            Err(why) => {
-                return Contents::Changes {
-                    changes,
-                    torn: 0,
-                    corrupt: Some(format!("line {line_number}: {why}")),
-                }
-            }
+            // Garbled, with nothing after it: the last write too (power lost mid-way).
+            Err(_) if after.is_empty() => torn = rest.len(),
+            Err(why) => bad.push(format!("line {line_number}: {why}")),
         }
         rest = after;
     }
+    let corrupt = match bad.len() {
+        0 => None,
+        1..=3 => Some(bad.join("; ")),
+        n => Some(format!(
+            "{}; and {} more bad lines",
+            bad[..3].join("; "),
+            n - 3
+        )),
+    };
     Contents::Changes {
         changes,
-        torn: 0,
-        corrupt: None,
+        torn,
+        corrupt,
     }
 }
 
@@ -343,7 +340,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_line_with_more_after_it_is_corruption_and_the_lines_before_it_are_kept() {
+    fn a_bad_line_with_more_after_it_is_corruption_skipped_and_the_other_lines_kept() {
         let (_tmp, _dir, bytes) = written();
         let second_line = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
         let third_line = second_line
@@ -366,9 +363,31 @@ mod tests {
             else {
                 panic!("a bad line in the middle is corruption");
             };
-            assert_eq!(c, changes()[..1]);
+            let mut others = changes();
+            others.remove(1);
+            assert_eq!(c, others);
             assert_eq!(corrupt, format!("line 3: {why}"));
         }
+        // Many bad lines: the first three named, the rest counted.
+        let mut many = bytes[..second_line].to_vec();
+        for _ in 0..5 {
+            many.extend(b"0000000000000000 {}\n");
+        }
+        many.extend(&bytes[second_line..]);
+        let Contents::Changes {
+            changes: c,
+            corrupt: Some(corrupt),
+            ..
+        } = parse(&many, "s1")
+        else {
+            panic!("bad lines are corruption");
+        };
+        assert_eq!(c, changes());
+        assert!(
+            corrupt.starts_with("line 2: checksum mismatch; line 3: "),
+            "{corrupt}"
+        );
+        assert!(corrupt.ends_with("; and 2 more bad lines"), "{corrupt}");
         for header in [
             &b"garbage\n"[..],
             b"",

@@ -1,8 +1,12 @@
-//! Every acknowledged route survives a kill -9 of the supervisor and the worker at any instant:
-//! while apps add, re-point and remove routes at full speed (their changes saved a batch at a
-//! time: the table written whole while it is small, then journaled in `routes.log` and
-//! compacted now and then), the server is killed mid-stream, several times over, and after
-//! each restart every change answered `ok` is in force.
+//! The routes journal (`routes.log`, beside `routes.json` once the table is large), with the
+//! real processes:
+//! - every acknowledged route survives a kill -9 of the supervisor and the worker at any
+//!   instant: while apps add, re-point and remove routes at full speed (their changes saved a
+//!   batch at a time: the table written whole while it is small, then journaled and compacted
+//!   now and then), the server is killed mid-stream, several times over, and after each
+//!   restart every change answered `ok` is in force;
+//! - a corrupt journal is reported by name and kept aside, and its changes that are whole are
+//!   served.
 
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
@@ -166,4 +170,71 @@ async fn every_acknowledged_change_survives_kill_9_at_any_instant() {
         server.log()
     );
     assert!(server.stop().success());
+}
+
+/// Adds `bulk<n>.example` for n in `range`, `window` commands in flight, each answered `ok`.
+fn add_many(udp_port: u16, range: std::ops::Range<usize>, port: u16) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let window = 32;
+    let (mut sent, mut done) = (range.start, range.start);
+    while done < range.end {
+        while sent < range.end && sent - done < window {
+            let command = format!("add bulk{sent}.example {port}");
+            socket
+                .send_to(command.as_bytes(), ("127.0.0.1", udp_port))
+                .unwrap();
+            sent += 1;
+        }
+        let mut reply = [0u8; 512];
+        let len = socket.recv(&mut reply).expect("a reply within 10 s");
+        assert_eq!(&reply[..len], b"ok");
+        done += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_journal_is_reported_and_kept_aside_and_its_whole_changes_served() {
+    let mut server = CoreServer::start();
+    let backend = Backend::echo().await;
+    // Past the size written whole: what follows goes to the journal.
+    add_many(server.udp_port, 0..3000, backend.port);
+    for name in ["first", "second", "third"] {
+        server.add(&format!("{name}.example"), backend.port);
+    }
+    server.crash();
+
+    let journal = server.dir.join("routes.log");
+    let text = std::fs::read_to_string(&journal).unwrap();
+    assert!(text.contains("second.example"), "{text}");
+    let damaged = text.replacen("second.example", "secomd.example", 1);
+    std::fs::write(&journal, &damaged).unwrap();
+    server.launch();
+
+    let log = server.log();
+    assert!(
+        log.contains(&format!("routes journal {} is corrupt", journal.display())),
+        "{log}"
+    );
+    let aside: Vec<_> = std::fs::read_dir(&server.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("routes.log.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), damaged);
+    assert!(log.contains(&aside[0].display().to_string()), "{log}");
+
+    let url = server.url("/");
+    for (domain, status) in [
+        ("bulk0.example", 200),
+        ("bulk2999.example", 200),
+        ("first.example", 200),
+        ("second.example", 404),
+        ("third.example", 200),
+    ] {
+        assert_eq!(get(&url, domain).await.status, status, "{domain}");
+    }
 }
