@@ -2,7 +2,7 @@
 //! snapshot, `routes_file.rs`) was written, appended and fsync'd before it is acknowledged, so
 //! that a change costs one short write instead of a rewrite of the whole table.
 //!
-//! A text file, mode 0600 (tunnel changes hold token hashes). The first line names the
+//! A text file, mode 0600 (the supervisor alone reads it). The first line names the
 //! snapshot it continues by the SHA-256 of that file's bytes (`none`: there was none); then
 //! one line per change, its checksum (the first 8 bytes of the line's JSON's SHA-256, in hex)
 //! before it:
@@ -38,7 +38,7 @@ pub const FILE_NAME: &str = "routes.log";
 const MAGIC: &str = "core-server routes journal v";
 /// The version this one writes, and the newest it reads.
 const VERSION: u32 = 1;
-/// Token hashes may be in it.
+/// No secret is in it (tunnel changes go to the snapshot), but no one else needs it either.
 const MODE: u32 = 0o600;
 
 /// What identifies a snapshot to the journal that continues it: the hash of its bytes.
@@ -73,7 +73,7 @@ pub fn read(dir: &StateDir, snapshot_id: &str) -> io::Result<Contents> {
 }
 
 /// What `bytes`, a journal, holds as a continuation of the snapshot `snapshot_id` names.
-pub(crate) fn parse(bytes: &[u8], snapshot_id: &str) -> Contents {
+fn parse(bytes: &[u8], snapshot_id: &str) -> Contents {
     let corrupt = |why: String| Contents::Changes {
         changes: Vec::new(),
         torn: 0,
