@@ -20,6 +20,7 @@ mod listeners;
 mod log_file;
 mod privileges;
 mod routes_file;
+mod routes_journal;
 mod state_dir;
 mod stop_signals;
 mod supervise;
@@ -158,7 +159,6 @@ fn run_server(
         }
         let ticket_key = ticket_key::load_or_create(&dir)?;
         let acme_store = dir.child_dir(ACME_DIR, privileges.ids())?;
-        let routes_file = RoutesFile::in_dir(&dir);
         let supervisor = |listeners, control, routes| Supervisor {
             listeners,
             control,
@@ -167,7 +167,7 @@ fn run_server(
             acme,
             acme_store,
             grace: options.grace,
-            routes: SavedRoutes::new(routes, RoutesFile::in_dir(&dir)),
+            routes,
             privileges,
             worker_binary,
             child_logs,
@@ -189,19 +189,21 @@ fn run_server(
                 }
                 dir.claim_when_free();
                 let control = control::Listener::new(inherited.control)?;
-                let mut supervisor = supervisor(inherited.listeners, control, inherited.routes);
+                let routes = SavedRoutes::new(inherited.routes, RoutesFile::in_dir(&dir));
+                let mut supervisor = supervisor(inherited.listeners, control, routes);
                 let worker = takeover::complete(
                     &mut supervisor,
                     &running,
                     inherited.pid,
                     inherited.protocol,
-                    &routes_file,
                 )
                 .await?;
                 (supervisor, worker)
             }
             None => {
-                let routes = routes_file.load()?;
+                let routes_file = RoutesFile::in_dir(&dir);
+                let path = routes_file.path();
+                let routes = SavedRoutes::load(routes_file)?;
                 let listeners =
                     listeners::bind_all(options.http_port, options.https_port, udp_port)?;
                 let control = control::Listener::new(control::bind_for(udp_port)?)?;
@@ -210,8 +212,8 @@ fn run_server(
                     options.http_port,
                     options.https_port,
                     udp_port,
-                    routes.len(),
-                    routes_file.path().display()
+                    routes.routes().len(),
+                    path.display()
                 );
                 let supervisor = supervisor(listeners, control, routes);
                 let worker = supervisor.start_worker(true).await?;

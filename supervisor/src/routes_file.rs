@@ -1,4 +1,5 @@
-//! The routes table on disk: `<dir>/routes.json`, written atomically after every change.
+//! The routes table on disk: `<dir>/routes.json`, replaced atomically (for a large table, with a
+//! journal of the changes since beside it: see below).
 //!
 //! ```json
 //! {"version":1,"routes":{"example.com":5665}}
@@ -22,6 +23,19 @@
 //! refuses (its rules for names were looser): those routes are left out, each named in the
 //! log, and the file as it was is kept aside as `routes.json.refused-<time>`. A temp file that
 //! a kill during a save left behind is removed at the next start.
+//!
+//! A large table is not rewritten for every change: once `routes.json` is past [`SMALL`]
+//! (some 2,000 routes), it is a snapshot, and the changes made since are in a journal beside
+//! it, `routes.log` (`routes_journal.rs`); [`SavedRoutes`] keeps the two. A change is appended
+//! to the journal and fsync'd before it is acknowledged; when the journal has grown past the
+//! snapshot, the table is compacted: a new snapshot is written (atomically, as ever), then a
+//! new, empty journal replaces the old one. A kill between the two leaves a journal that names
+//! the snapshot before, so it is known stale and dropped: the new snapshot holds all of it.
+//! At start-up the journal is replayed over the snapshot and, if it held anything, the table is
+//! compacted; on a clean stop too. A small table, and any change to a tunnel route (rare, and
+//! what makes the file version 2 and private, or version 1 again), are written whole as
+//! before: `routes.json` alone then holds every route, for an operator reading it or a version
+//! that knows no journal, and token hashes are never in the journal.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -33,6 +47,7 @@ use core_server_proto::routes::{keep_routable, Routable, Route, RouteChange, Rou
 use core_server_proto::tunnel::TokenHash;
 use serde::{Deserialize, Serialize};
 
+use crate::routes_journal::{self, Journal};
 use crate::state_dir::StateDir;
 
 const FILE_NAME: &str = "routes.json";
@@ -40,6 +55,10 @@ const FILE_NAME: &str = "routes.json";
 const VERSION: u32 = 2;
 /// What it writes without tunnel routes (as earlier versions did).
 const VERSION_WITHOUT_TUNNELS: u32 = 1;
+/// A snapshot smaller than this is rewritten for every change, as cheap as an append (its
+/// write is; the cost is in the fsyncs); past it, changes go to the journal, which is
+/// compacted once larger than the snapshot.
+pub const SMALL: u64 = 64 * 1024;
 
 #[derive(Serialize)]
 struct Contents<'a> {
@@ -106,23 +125,25 @@ impl RoutesFile {
         self.dir.path()
     }
 
-    /// The saved table; empty if there is none yet, or if it was corrupt (and moved aside).
+    /// The snapshot; empty if there is none yet, or if it was corrupt (and moved aside).
     /// For start-up only: it also removes what an interrupted save left.
-    pub fn load(&self) -> anyhow::Result<Routes> {
-        match self.dir.remove_leftovers(FILE_NAME) {
-            Ok(removed) => {
-                for name in removed {
-                    tracing::info!("removed {name}, left by a save that was interrupted");
+    fn load(&self) -> anyhow::Result<Snapshot> {
+        for name in [FILE_NAME, routes_journal::FILE_NAME] {
+            match self.dir.remove_leftovers(name) {
+                Ok(removed) => {
+                    for name in removed {
+                        tracing::info!("removed {name}, left by a save that was interrupted");
+                    }
                 }
+                Err(e) => tracing::warn!(
+                    "cannot remove temp files left in {}: {e}",
+                    self.dir.display()
+                ),
             }
-            Err(e) => tracing::warn!(
-                "cannot remove temp files left in {}: {e}",
-                self.dir.display()
-            ),
         }
         let bytes = match self.dir.read(FILE_NAME) {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return Ok(Routes::default()),
+            Ok(None) => return Ok(Snapshot::default()),
             Err(e) => {
                 return Err(e).with_context(|| format!("cannot read {}", self.path().display()))
             }
@@ -155,20 +176,25 @@ impl RoutesFile {
         let Routable { kept, refused } = keep_routable(stored);
         let routes: Routes = kept.into_iter().collect();
         if !refused.is_empty() {
-            let aside = self.keep_aside("refused")?;
+            let aside = self.keep_aside(FILE_NAME, "refused")?;
             for (name, why) in &refused {
                 tracing::error!(
                     "{}: left out the route for '{name}': {why} (the file as it was is kept as {aside})",
                     self.path().display()
                 );
             }
-            self.save(&routes)
-                .with_context(|| format!("cannot save {}", self.path().display()))?;
         }
-        Ok(routes)
+        Ok(Snapshot {
+            routes,
+            id: routes_journal::snapshot_id(Some(&bytes)),
+            len: bytes.len() as u64,
+            rewrite: !refused.is_empty(),
+            set_aside: false,
+        })
     }
 
-    pub fn save(&self, routes: &Routes) -> io::Result<()> {
+    /// Writes `routes` as the snapshot; what identifies it to a journal, and its size.
+    fn save(&self, routes: &Routes) -> io::Result<(String, u64)> {
         let tunnels = routes.has_tunnels();
         let contents = Contents {
             version: if tunnels {
@@ -184,48 +210,184 @@ impl RoutesFile {
         json.push(b'\n');
         // Token hashes are no secret, but who may connect is no one else's business.
         self.dir
-            .replace(FILE_NAME, &json, if tunnels { 0o600 } else { 0o644 })
+            .replace(FILE_NAME, &json, if tunnels { 0o600 } else { 0o644 })?;
+        Ok((routes_journal::snapshot_id(Some(&json)), json.len() as u64))
     }
 
-    fn set_aside(&self, why: &str) -> anyhow::Result<Routes> {
+    fn set_aside(&self, why: &str) -> anyhow::Result<Snapshot> {
         let aside = self
-            .keep_aside("corrupt")
+            .keep_aside(FILE_NAME, "corrupt")
             .with_context(|| format!("{} is corrupt ({why})", self.path().display()))?;
         tracing::error!(
             "routes file {} is corrupt ({why}); moved it to {aside} and starting with no routes",
             self.path().display(),
         );
-        Ok(Routes::default())
+        Ok(Snapshot {
+            set_aside: true,
+            ..Snapshot::default()
+        })
     }
 
-    /// Moves the file to `routes.json.<what>-<time>` (never over an earlier one); its path.
-    fn keep_aside(&self, what: &str) -> anyhow::Result<String> {
+    /// Moves file `name` to `<name>.<what>-<time>` (never over an earlier one); its path.
+    fn keep_aside(&self, name: &str, what: &str) -> anyhow::Result<String> {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
+        let path = self.dir.path().join(name);
         let aside = self
             .dir
-            .rename_to_new(FILE_NAME, &format!("{FILE_NAME}.{what}-{stamp}"))
-            .with_context(|| format!("cannot move {} aside", self.path().display()))?;
+            .rename_to_new(name, &format!("{name}.{what}-{stamp}"))
+            .with_context(|| format!("cannot move {} aside", path.display()))?;
         Ok(self.dir.path().join(aside).display().to_string())
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.path().join(routes_journal::FILE_NAME)
     }
 }
 
-/// The supervisor's copy of the table, the file it is kept in, and whether the two differ.
+/// The snapshot as loaded.
+struct Snapshot {
+    routes: Routes,
+    /// What identifies it to the journal that continues it.
+    id: String,
+    len: u64,
+    /// It holds routes left out: it is to be written again as loaded.
+    rewrite: bool,
+    /// It was corrupt, and moved aside.
+    set_aside: bool,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            routes: Routes::default(),
+            id: routes_journal::snapshot_id(None),
+            len: 0,
+            rewrite: false,
+            set_aside: false,
+        }
+    }
+}
+
+/// The supervisor's copy of the table, and the snapshot and journal it is kept in.
 pub struct SavedRoutes {
     routes: Routes,
     file: RoutesFile,
+    /// Where changes go; `None`: the next save writes the snapshot (the table is small, or
+    /// the journal is yet to be started after it: for a taker, or after a failed write).
+    journal: Option<Journal>,
+    snapshot_len: u64,
+    /// The table differs from what is on disk.
     dirty: bool,
+    /// Changes applied but not yet saved.
+    unsaved: Vec<RouteChange>,
+    /// One of them changed a tunnel route: the next save writes the snapshot.
+    tunnel_changed: bool,
 }
 
 impl SavedRoutes {
-    /// `routes` as they are in `file` (or are about to be, once saved).
+    /// The table in `file`'s snapshot and journal, compacted if the journal held anything (a
+    /// failure to is logged: the next save tries again). For start-up only.
+    pub fn load(file: RoutesFile) -> anyhow::Result<Self> {
+        let snapshot = file.load()?;
+        let journal_path = file.journal_path();
+        let mut saved = SavedRoutes {
+            routes: snapshot.routes,
+            file,
+            journal: None,
+            snapshot_len: snapshot.len,
+            dirty: false,
+            unsaved: Vec::new(),
+            tunnel_changed: false,
+        };
+        let contents = routes_journal::read(&saved.file.dir, &snapshot.id)
+            .with_context(|| format!("cannot read {}", journal_path.display()))?;
+        // Whether to go on with it as it is; else whether to compact now (with nothing in
+        // it, or a stale one, the first save does).
+        let (whole, compact) = match contents {
+            routes_journal::Contents::Missing => (false, false),
+            // The changes it holds were made to what is no longer there.
+            _ if snapshot.set_aside => {
+                let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "corrupt")?;
+                tracing::error!(
+                    "moved the routes journal {} to {aside}, with the routes file it continues",
+                    journal_path.display()
+                );
+                (false, false)
+            }
+            routes_journal::Contents::Stale => {
+                // Superseded (see the module comment): the next compaction would replace it.
+                match routes_journal::remove(&saved.file.dir) {
+                    Ok(()) => tracing::info!(
+                        "removed {}: it continued an earlier {FILE_NAME}, which holds all it had",
+                        journal_path.display()
+                    ),
+                    Err(e) => tracing::warn!("cannot remove {}: {e}", journal_path.display()),
+                }
+                (false, false)
+            }
+            routes_journal::Contents::Newer(version) => bail!(
+                "{} has format version {version}, written by a newer core-server; this one reads \
+                 version 1. Run the newer core-server, or move it and {FILE_NAME} away to start empty",
+                journal_path.display()
+            ),
+            routes_journal::Contents::Changes { changes, torn, corrupt } => {
+                for change in &changes {
+                    // As the worker applied them: one that did not apply then does not now.
+                    let _ = saved.routes.apply(change);
+                }
+                if !changes.is_empty() {
+                    tracing::info!(
+                        "{}: replayed {} changes over {FILE_NAME}",
+                        journal_path.display(),
+                        changes.len()
+                    );
+                }
+                if torn > 0 {
+                    tracing::warn!(
+                        "{}: dropped the last {torn} bytes, a change being written when core-server \
+                         was stopped short (it was never acknowledged)",
+                        journal_path.display()
+                    );
+                }
+                if let Some(why) = &corrupt {
+                    let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "corrupt")?;
+                    tracing::error!(
+                        "routes journal {} is corrupt ({why}); moved it to {aside}, keeping the {} \
+                         changes in it that are whole",
+                        journal_path.display(),
+                        changes.len()
+                    );
+                }
+                let whole = changes.is_empty() && torn == 0 && corrupt.is_none();
+                (whole, !whole)
+            }
+        };
+        if compact || snapshot.rewrite {
+            saved.dirty = true;
+            let _ = saved.compact();
+        } else if whole && snapshot.len >= SMALL {
+            match Journal::reopen(&saved.file.dir) {
+                Ok(journal) => saved.journal = Some(journal),
+                Err(e) => tracing::warn!("cannot open {}: {e}", journal_path.display()),
+            }
+        }
+        Ok(saved)
+    }
+
+    /// `routes` as another instance handed them over: nothing is written until
+    /// [`SavedRoutes::compact`] (or the first save) writes them all.
     pub fn new(routes: Routes, file: RoutesFile) -> Self {
         SavedRoutes {
             routes,
             file,
-            dirty: false,
+            journal: None,
+            snapshot_len: 0,
+            dirty: true,
+            unsaved: Vec::new(),
+            tunnel_changed: false,
         }
     }
 
@@ -240,21 +402,79 @@ impl SavedRoutes {
 
     /// Applies a change the worker made to its live table.
     pub fn apply(&mut self, change: &RouteChange) {
+        let was_tunnel = matches!(self.routes.get(change.domain()), Some(Route::Tunnel { .. }));
         match self.routes.apply(change) {
-            Ok(changed) => self.dirty |= changed,
+            Ok(true) => {
+                self.dirty = true;
+                self.tunnel_changed |= was_tunnel
+                    || matches!(
+                        change,
+                        RouteChange::AllowTunnel { .. } | RouteChange::RevokeTunnel { .. }
+                    );
+                self.unsaved.push(change.clone());
+            }
+            Ok(false) => {}
             Err(e) => tracing::warn!("worker reported a change that does not apply: {e}"),
         }
     }
 
-    /// Writes the table if it changed since the last successful save (a failed one is retried
-    /// at the next). The error is worded for the command's sender.
+    /// Makes every change applied so far durable: one append and fsync for all of them, or a
+    /// write of the snapshot (see the module comment). A failed save is retried at the next.
+    /// The error is worded for the command's sender.
     pub fn save(&mut self) -> Result<(), String> {
         if !self.dirty {
             return Ok(());
         }
-        match self.file.save(&self.routes) {
+        let journal = match &mut self.journal {
+            Some(journal) if !self.tunnel_changed => journal,
+            _ => return self.compact(),
+        };
+        match journal.append(&self.unsaved) {
             Ok(()) => {
+                self.unsaved.clear();
                 self.dirty = false;
+                Ok(())
+            }
+            Err(e) => {
+                // Where its end is, no one knows: the next save writes a snapshot instead.
+                self.journal = None;
+                let e = format!("cannot save {}: {e}", self.file.journal_path().display());
+                tracing::error!("{e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Compacts if the journal has outgrown the snapshot (after a save, once its changes are
+    /// acknowledged: the cost falls on no one waiting).
+    pub fn compact_if_due(&mut self) {
+        if let Some(journal) = &self.journal {
+            if journal.len() > self.snapshot_len.max(SMALL) {
+                let _ = self.compact();
+            }
+        }
+    }
+
+    /// Writes the whole table as the snapshot, then starts a new journal after it if the
+    /// table is not small, else removes the journal (see the module comment for why a kill
+    /// between the two loses nothing).
+    pub fn compact(&mut self) -> Result<(), String> {
+        // Whatever happens now, the old journal is appended to no more.
+        self.journal = None;
+        let written = self.file.save(&self.routes).and_then(|(id, len)| {
+            self.snapshot_len = len;
+            if len < SMALL {
+                routes_journal::remove(&self.file.dir).map(|()| None)
+            } else {
+                Journal::start(&self.file.dir, &id).map(Some)
+            }
+        });
+        match written {
+            Ok(journal) => {
+                self.journal = journal;
+                self.dirty = false;
+                self.unsaved.clear();
+                self.tunnel_changed = false;
                 Ok(())
             }
             Err(e) => {
@@ -262,6 +482,14 @@ impl SavedRoutes {
                 tracing::error!("{e}");
                 Err(e)
             }
+        }
+    }
+
+    /// Leaves every route in the snapshot, where a version without a journal reads them (on
+    /// a clean stop).
+    pub fn compact_for_stop(&mut self) {
+        if self.dirty || self.journal.as_ref().is_some_and(|j| !j.is_empty()) {
+            let _ = self.compact();
         }
     }
 }
@@ -276,16 +504,21 @@ mod tests {
         RoutesFile::in_dir(&StateDir::open(dir.path()).unwrap())
     }
 
+    /// The table a start-up in `dir` finds.
+    fn loaded(dir: &tempfile::TempDir) -> Routes {
+        SavedRoutes::load(in_tempdir(dir)).unwrap().routes
+    }
+
     #[test]
     fn round_trip_and_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = in_tempdir(&dir);
-        assert!(file.load().unwrap().is_empty());
+        assert!(loaded(&dir).is_empty());
         let routes: Routes = [(Domain::parse("a.example").unwrap(), 8080)]
             .into_iter()
             .collect();
         file.save(&routes).unwrap();
-        assert_eq!(file.load().unwrap(), routes);
+        assert_eq!(loaded(&dir), routes);
     }
 
     #[test]
@@ -298,7 +531,7 @@ mod tests {
             b"{\"version\":0,\"routes\":{}}",
         ] {
             fs::write(file.path(), garbage).unwrap();
-            assert!(file.load().unwrap().is_empty());
+            assert!(loaded(&dir).is_empty());
             assert!(!file.path().exists());
             let aside: Vec<_> = fs::read_dir(dir.path())
                 .unwrap()
@@ -316,11 +549,11 @@ mod tests {
         let file = in_tempdir(&dir);
         let old = b"{\"version\":1,\"routes\":{\"127.1\":81,\"kept.example\":80}}";
         fs::write(file.path(), old).unwrap();
-        let routes = file.load().unwrap();
+        let routes = loaded(&dir);
         let names: Vec<_> = routes.iter().map(|(d, r)| (d.as_str(), r)).collect();
         assert_eq!(names, [("kept.example", &Route::Port(80))]);
         // The file now holds what is served; the old one is kept aside as it was.
-        assert_eq!(file.load().unwrap(), routes);
+        assert_eq!(file.load().unwrap().routes, routes);
         let aside: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -330,33 +563,44 @@ mod tests {
         assert_eq!(fs::read(&aside[0]).unwrap(), old);
     }
 
+    fn set(name: &str, port: u16) -> RouteChange {
+        RouteChange::Set {
+            domain: Domain::parse(name).unwrap(),
+            port,
+        }
+    }
+
+    fn journal_len(dir: &tempfile::TempDir) -> u64 {
+        fs::metadata(dir.path().join(routes_journal::FILE_NAME))
+            .unwrap()
+            .len()
+    }
+
     #[test]
     fn saved_routes_write_only_when_the_table_changed() {
         let dir = tempfile::tempdir().unwrap();
         let file = in_tempdir(&dir);
         let path = file.path().to_path_buf();
         let mut saved = SavedRoutes::new(Routes::default(), file);
-        let set = |port| RouteChange::Set {
-            domain: Domain::parse("a.example").unwrap(),
-            port,
-        };
 
-        saved.apply(&set(1));
+        saved.apply(&set("a.example", 1));
         saved.save().unwrap();
         assert!(path.exists());
         fs::remove_file(&path).unwrap();
-        saved.apply(&set(1)); // the same port again: nothing to write
+        saved.apply(&set("a.example", 1)); // the same port again: nothing to write
         saved.save().unwrap();
         assert!(!path.exists());
-        saved.apply(&set(2));
+        saved.apply(&set("a.example", 2));
         saved.save().unwrap();
         assert_eq!(
-            in_tempdir(&dir)
-                .load()
-                .unwrap()
-                .get(&Domain::parse("a.example").unwrap()),
+            loaded(&dir).get(&Domain::parse("a.example").unwrap()),
             Some(&Route::Port(2))
         );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["routes.json"], "a small table needs no journal");
     }
 
     #[test]
@@ -375,7 +619,7 @@ mod tests {
         assert!(json.contains("\"version\": 2"), "{json}");
         assert!(json.contains(&"ab".repeat(32)), "{json}");
         assert_eq!(mode(), 0o600);
-        assert_eq!(file.load().unwrap(), routes);
+        assert_eq!(loaded(&dir), routes);
 
         routes.insert(app, Route::Port(81));
         file.save(&routes).unwrap();
@@ -391,7 +635,7 @@ mod tests {
             b"{\"version\":2,\"routes\":{\"a.example\":{\"tunnel\":[\"xyz\"]}}}",
         )
         .unwrap();
-        assert!(file.load().unwrap().is_empty(), "a bad hash is corruption");
+        assert!(loaded(&dir).is_empty(), "a bad hash is corruption");
         let too_many: Vec<_> = (0..=MAX_TOKENS_PER_DOMAIN)
             .map(|n| format!("\"{n:064x}\""))
             .collect();
@@ -401,7 +645,7 @@ mod tests {
         );
         fs::write(file.path(), json).unwrap();
         assert!(
-            file.load().unwrap().is_empty(),
+            loaded(&dir).is_empty(),
             "more tokens than allowed is corruption"
         );
     }
@@ -411,7 +655,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = in_tempdir(&dir);
         fs::write(file.path(), b"{\"version\":3,\"routes\":{},\"more\":1}").unwrap();
-        let err = file.load().unwrap_err().to_string();
+        let Err(err) = SavedRoutes::load(in_tempdir(&dir)) else {
+            panic!("a newer format loads");
+        };
+        let err = err.to_string();
         assert!(err.contains("newer core-server"), "{err}");
         assert!(file.path().exists());
     }
@@ -422,7 +669,7 @@ mod tests {
         let file = in_tempdir(&dir);
         for garbage in ["{first", "{second", "{third"] {
             fs::write(file.path(), garbage).unwrap();
-            assert!(file.load().unwrap().is_empty());
+            assert!(loaded(&dir).is_empty());
         }
         let mut kept: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
@@ -440,16 +687,202 @@ mod tests {
             .into_iter()
             .collect();
         file.save(&routes).unwrap();
-        fs::write(
-            dir.path().join(".routes.json.tmp-00c0ffee00c0ffee"),
-            b"{torn",
-        )
-        .unwrap();
-        assert_eq!(file.load().unwrap(), routes);
+        for leftover in [
+            ".routes.json.tmp-00c0ffee00c0ffee",
+            ".routes.log.tmp-00c0ffee00c0ffee",
+        ] {
+            fs::write(dir.path().join(leftover), b"{torn").unwrap();
+        }
+        assert_eq!(loaded(&dir), routes);
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["routes.json"]);
+    }
+
+    /// Routes enough for a snapshot past [`SMALL`].
+    fn many() -> Vec<RouteChange> {
+        (0..2000)
+            .map(|i| set(&format!("route-number-{i}.example"), 1000))
+            .collect()
+    }
+
+    /// A large table saved in `dir` (its snapshot), then changes saved one by one (its
+    /// journal): `r0`...`r4` added, `r0` re-pointed, `r1` removed. As an instance leaves it
+    /// when killed: no compaction since.
+    fn saved_with_journal(dir: &tempfile::TempDir) -> Routes {
+        let mut saved = SavedRoutes::load(in_tempdir(dir)).unwrap();
+        many().iter().for_each(|change| saved.apply(change));
+        saved.save().unwrap();
+        assert!(saved.snapshot_len >= SMALL);
+        let mut changes: Vec<_> = (0..5).map(|i| set(&format!("r{i}.example"), 1)).collect();
+        changes.push(set("r0.example", 2));
+        changes.push(RouteChange::Remove {
+            domain: Domain::parse("r1.example").unwrap(),
+        });
+        for change in &changes {
+            saved.apply(change);
+            saved.save().unwrap();
+        }
+        saved.routes
+    }
+
+    fn snapshot(dir: &tempfile::TempDir) -> Routes {
+        in_tempdir(dir).load().unwrap().routes
+    }
+
+    #[test]
+    fn changes_to_a_large_table_are_journaled_and_replayed_then_compacted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = saved_with_journal(&dir);
+        assert_eq!(snapshot(&dir).len(), 2000, "the changes are in the journal");
+        assert!(journal_len(&dir) > 300);
+        assert_eq!(loaded(&dir), routes);
+        // Loading compacted: the snapshot holds it all, the journal is empty again.
+        assert_eq!(snapshot(&dir), routes);
+        let empty = journal_len(&dir);
+        assert!(empty < 200, "{empty} bytes");
+        assert_eq!(loaded(&dir), routes);
+        assert_eq!(
+            journal_len(&dir),
+            empty,
+            "an empty journal is reopened as it is"
+        );
+    }
+
+    #[test]
+    fn a_kill_during_an_append_loses_only_the_change_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = saved_with_journal(&dir);
+        let path = dir.path().join(routes_journal::FILE_NAME);
+        let mut journal = fs::read(&path).unwrap();
+        journal.extend_from_slice(b"0123456789abcdef {\"Set\":{\"domain\":\"torn.exa");
+        fs::write(&path, &journal).unwrap();
+        let mut saved = SavedRoutes::load(in_tempdir(&dir)).unwrap();
+        assert_eq!(saved.routes, routes);
+        // The torn tail is gone: what is appended next is read back.
+        saved.apply(&set("after.example", 9));
+        saved.save().unwrap();
+        assert!(journal_len(&dir) > 100, "appended");
+        assert_eq!(
+            loaded(&dir).get(&Domain::parse("after.example").unwrap()),
+            Some(&Route::Port(9))
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "nothing set aside: {names:?}");
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_set_aside_and_its_whole_changes_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_with_journal(&dir);
+        let path = dir.path().join(routes_journal::FILE_NAME);
+        let journal = fs::read_to_string(&path).unwrap();
+        // Damage the third change (r2): only it is lost.
+        let damaged = journal.replacen("r2.example", "r2.exbmple", 1);
+        fs::write(&path, &damaged).unwrap();
+        let routes = loaded(&dir);
+        let added: Vec<_> = (routes.iter())
+            .map(|(d, _)| d.as_str())
+            .filter(|d| !d.starts_with("route-number-"))
+            .collect();
+        assert_eq!(added, ["r0.example", "r3.example", "r4.example"]);
+        let aside: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("routes.log.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(fs::read_to_string(&aside[0]).unwrap(), damaged);
+        assert_eq!(loaded(&dir), routes, "compacted: the new journal is whole");
+    }
+
+    #[test]
+    fn a_kill_at_any_step_of_a_compaction_leaves_the_same_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = saved_with_journal(&dir);
+        let old_snapshot = fs::read(dir.path().join("routes.json")).unwrap();
+        let old_journal = fs::read(dir.path().join("routes.log")).unwrap();
+        // Before the snapshot is replaced: the old one and its journal (as above). After it is
+        // replaced, before the new journal: the old journal is stale...
+        in_tempdir(&dir).save(&routes).unwrap();
+        // ...and replaying it anyway would do no harm either (its changes are absolute).
+        let state = StateDir::open(dir.path()).unwrap();
+        let id = routes_journal::snapshot_id(Some(&old_snapshot));
+        let routes_journal::Contents::Changes { changes, .. } =
+            routes_journal::read(&state, &id).unwrap()
+        else {
+            panic!("the journal reads");
+        };
+        let mut replayed = routes.clone();
+        for change in &changes {
+            let _ = replayed.apply(change);
+        }
+        assert_eq!(replayed, routes);
+        assert_eq!(loaded(&dir), routes);
+        // A version without a journal that saved routes.json since makes the journal stale too.
+        fs::write(dir.path().join("routes.log"), &old_journal).unwrap();
+        let older: Routes = [(Domain::parse("older.example").unwrap(), 7)]
+            .into_iter()
+            .collect();
+        in_tempdir(&dir).save(&older).unwrap();
+        assert_eq!(loaded(&dir), older);
+        assert!(
+            !dir.path().join("routes.log").exists(),
+            "a small table needs no journal: the stale one is gone"
+        );
+    }
+
+    #[test]
+    fn the_journal_is_compacted_once_larger_than_the_snapshot_and_on_a_clean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut saved = SavedRoutes::load(in_tempdir(&dir)).unwrap();
+        many().iter().for_each(|change| saved.apply(change));
+        saved.save().unwrap();
+        let mut compactions = 0;
+        for i in 0..3000 {
+            saved.apply(&set(&format!("r{i}.example"), 1000));
+            saved.save().unwrap();
+            let before = journal_len(&dir);
+            saved.compact_if_due();
+            compactions += usize::from(journal_len(&dir) < before);
+            assert!(journal_len(&dir) <= saved.snapshot_len.max(SMALL) + 100);
+        }
+        assert!((1..5).contains(&compactions), "{compactions} compactions");
+        assert_eq!(loaded(&dir), saved.routes);
+        saved.apply(&set("last.example", 1));
+        saved.save().unwrap();
+        saved.compact_for_stop();
+        assert_eq!(snapshot(&dir), saved.routes, "all in routes.json");
+    }
+
+    #[test]
+    fn a_tunnel_change_writes_the_snapshot_and_no_token_hash_goes_to_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = saved_with_journal(&dir);
+        let mut saved = SavedRoutes::load(in_tempdir(&dir)).unwrap();
+        assert_eq!(saved.routes, routes);
+        let domain = Domain::parse("t.example").unwrap();
+        let hash = TokenHash([0xcd; 32]);
+        saved.apply(&RouteChange::AllowTunnel {
+            domain: domain.clone(),
+            token: hash,
+        });
+        saved.save().unwrap();
+        let mut with_tunnel = routes.clone();
+        with_tunnel.insert(domain.clone(), Route::Tunnel { tokens: vec![hash] });
+        assert_eq!(snapshot(&dir), with_tunnel);
+        saved.apply(&set("port.example", 1));
+        saved.save().unwrap();
+        saved.apply(&set("t.example", 2)); // the tunnel replaced: written whole again
+        saved.save().unwrap();
+        assert_eq!(snapshot(&dir).get(&domain), Some(&Route::Port(2)));
+        let journal = fs::read_to_string(dir.path().join("routes.log")).unwrap();
+        assert!(!journal.contains("Tunnel"), "{journal}");
+        assert_eq!(loaded(&dir), saved.routes);
     }
 }

@@ -222,13 +222,15 @@ impl Supervisor {
         worker.unsaved = Some(seq);
     }
 
-    /// Saves the table if it changed and tells the worker which changes are safe.
+    /// Saves the changes reported and tells the worker which are safe; then compacts the
+    /// journal if it is due, which the senders do not wait for.
     pub(crate) async fn save(&mut self, worker: &mut Worker) {
         let Some(upto) = worker.unsaved.take() else {
             return;
         };
         let error = self.routes.save().err();
         worker.tell(&ToWorker::Saved { upto, error }).await;
+        self.routes.compact_if_due();
     }
 
     /// Answers a request other than a takeover or `stop`: at once from our state (the reply
@@ -328,6 +330,9 @@ impl Supervisor {
         }
         let status = worker.wait().await;
         self.save(&mut worker).await;
+        if owner {
+            self.routes.compact_for_stop();
+        }
         info!("worker exited ({status}); stopped");
     }
 }

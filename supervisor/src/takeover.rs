@@ -23,7 +23,6 @@ use core_server_proto::routes::{keep_routable, Routable, Route, Routes};
 use crate::control;
 use crate::control_client::running;
 use crate::listeners::Listener;
-use crate::routes_file::RoutesFile;
 use crate::supervise::{Ending, Supervisor};
 use crate::test_hooks::freeze_point;
 use crate::worker::Worker;
@@ -120,14 +119,12 @@ async fn ask_for_everything(old: &control::ClientEnd) -> anyhow::Result<Inherite
 
 /// Starts our worker on the inherited sockets (serving nothing yet) and completes the
 /// handover: returns the worker, serving, once the instance at the other end of `old` (pid
-/// `old_pid`, following takeover `protocol`) has handed over and the routes are saved in
-/// `routes_file`.
+/// `old_pid`, following takeover `protocol`) has handed over; the routes are then saved.
 pub async fn complete(
     supervisor: &mut Supervisor,
     old: &control::ClientEnd,
     old_pid: u32,
     protocol: u32,
-    routes_file: &RoutesFile,
 ) -> anyhow::Result<Worker> {
     freeze_point("sockets-received");
     let keeps_serving = || format!("the running core-server (pid {old_pid}) keeps serving");
@@ -151,15 +148,12 @@ pub async fn complete(
         return Err(anyhow!("{why}").context(keeps_serving()));
     }
     freeze_point("handed-over");
-    // Ours alone from now on; an unsaved table is retried by the next change's save.
-    if let Err(e) = routes_file.save(supervisor.routes.routes()) {
-        tracing::error!(
-            "cannot save the routes in {}: {e}",
-            routes_file.path().display()
-        );
-    }
     worker.tell(&ToWorker::Own).await;
     tracing::info!("took over from core-server pid {old_pid}");
+    // Ours alone from now on: the whole table as a snapshot, with a journal of our own after
+    // it. The worker serves meanwhile; no change it reports is acknowledged before this is
+    // done (a failure is logged, and the next change's save tries again).
+    let _ = supervisor.routes.compact();
     Ok(worker)
 }
 
