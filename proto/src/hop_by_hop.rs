@@ -21,6 +21,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
 /// `TE: trailers` is kept: it is end-to-end in meaning (gRPC needs it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one look at each name is cheaper than a lookup of each.
+    let any = headers
+        .keys()
+        .any(|name| *name == header::TE || HOP_BY_HOP.contains(name));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

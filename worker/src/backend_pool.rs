@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -114,8 +114,7 @@ impl Connection {
     }
 
     /// Runs `send` (a request on this connection) to its end, driving the connection meanwhile.
-    async fn drive_while<T>(&mut self, send: impl Future<Output = T>) -> T {
-        tokio::pin!(send);
+    async fn drive_while<T>(&mut self, mut send: Pin<&mut impl Future<Output = T>>) -> T {
         poll_fn(|cx| {
             self.drive(cx);
             send.as_mut().poll(cx)
@@ -150,7 +149,7 @@ impl BackendPool {
             if !connection.ready().await {
                 continue;
             }
-            let sent = connection.sender.try_send_request(request);
+            let sent = pin!(connection.sender.try_send_request(request));
             match connection.drive_while(sent).await {
                 Ok(response) => return Ok((response, self.pooled(port, connection))),
                 Err(mut e) => match e.take_message() {
@@ -160,8 +159,9 @@ impl BackendPool {
                 },
             }
         }
-        let mut connection = self.connect(port).await?;
-        let sent = connection.sender.send_request(request);
+        // Boxed: most requests find a connection in the pool, and futures are moved by copying.
+        let mut connection = Box::pin(self.connect(port)).await?;
+        let sent = pin!(connection.sender.send_request(request));
         let response = connection.drive_while(sent).await?;
         Ok((response, self.pooled(port, connection)))
     }

@@ -33,6 +33,7 @@
 use std::fmt;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,7 +137,8 @@ impl Proxy {
             }
         };
         if TunnelEndpoint::wants(&request) {
-            return self.endpoint.handle(request, client).await;
+            // Boxed (rare: agents connecting), not to weigh on every request's future.
+            return Box::pin(self.endpoint.handle(request, client)).await;
         }
         if request.method() == Method::CONNECT {
             // A tunnel would bypass every per-request rule; the bytes after the head are the
@@ -164,8 +166,10 @@ impl Proxy {
         let (response, upstream) = match target {
             Target::Port(port) => {
                 let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                let response = self.to_port(request, upgrade_to, backend, host, upload);
-                (response.await, Upstream::Port(backend))
+                let response = self
+                    .to_port(request, upgrade_to, backend, host, upload)
+                    .await;
+                (response, Upstream::Port(backend))
             }
             Target::Tunnel => {
                 // Boxed, as `to_port`'s upgrade path is: its state would otherwise make every
@@ -225,22 +229,20 @@ impl Proxy {
             // Boxed: the rare upgrade path would otherwise make every request's future
             // several times larger, and futures are moved by copying.
             Some(protocol) => {
-                let send = upgrade::proxy(
-                    request,
-                    protocol,
-                    backend,
-                    &self.tasks,
-                    self.backend_timeout,
-                );
-                let send = async { send.await.map(|response| (response, None)) };
-                self.exchange(Box::pin(send), upload).await
+                let mut send = Box::pin(async {
+                    let (tasks, timeout) = (&self.tasks, self.backend_timeout);
+                    let response =
+                        upgrade::proxy(request, protocol, backend, tasks, timeout).await?;
+                    Ok((response, None))
+                });
+                self.exchange(send.as_mut(), upload).await
             }
             None => {
-                let send = self.backends.send(backend.port(), request);
-                let send = async {
-                    let (response, connection) = send.await?;
+                let send = pin!(async {
+                    let (response, connection) =
+                        self.backends.send(backend.port(), request).await?;
                     Ok((response, Some(Holding::Connection(connection))))
-                };
+                });
                 self.exchange(send, upload).await
             }
         }
@@ -261,22 +263,21 @@ impl Proxy {
         let pick = || self.tunnels.pick(domain);
         match upgrade_to {
             Some(protocol) => {
-                let send = tunnel_upgrade::proxy(
-                    request,
-                    protocol,
-                    pick,
-                    &self.tasks,
-                    self.backend_timeout,
-                );
-                let send = async { send.await.map(|(r, lease)| (r, lease.map(Holding::Lease))) };
+                let send = pin!(async {
+                    let tasks = &self.tasks;
+                    let timeout = self.backend_timeout;
+                    let (response, lease) =
+                        tunnel_upgrade::proxy(request, protocol, pick, tasks, timeout).await?;
+                    Ok((response, lease.map(Holding::Lease)))
+                });
                 self.exchange(send, upload).await
             }
             None => {
-                let send = tunnel_forward::send(request.map(Either::Left), pick);
-                let send = async {
-                    let (response, lease) = send.await?;
+                let send = pin!(async {
+                    let (response, lease) =
+                        tunnel_forward::send(request.map(Either::Left), pick).await?;
                     Ok((response, Some(Holding::Lease(lease))))
-                };
+                });
                 self.exchange(send, upload).await
             }
         }
@@ -288,10 +289,9 @@ impl Proxy {
     /// body itself, a backend that stops reading it is ended here.
     async fn exchange<T>(
         &self,
-        send: impl Future<Output = Result<T, BackendError>>,
+        mut send: Pin<&mut impl Future<Output = Result<T, BackendError>>>,
         upload: Option<Upload>,
     ) -> Result<T, Failure> {
-        tokio::pin!(send);
         if let Some(upload) = upload {
             let ended = upload.ended();
             tokio::pin!(ended);
