@@ -7,9 +7,14 @@
 //! wake-ups per request besides the work. Here the task serving the client polls the backend
 //! connection itself: while it waits for the response head ([`BackendPool::send`]) and while it
 //! passes the response body on ([`Pooled::drive`], from `response_body`). When the body has
-//! ended and the response is dropped, the connection goes back into the pool; a connection
-//! still busy then (its upload not finished: a backend may answer early) finishes in a task of
-//! its own, bounded by the backend timeout, as hyper-util's did.
+//! ended and the response is dropped, the connection goes back into the pool.
+//!
+//! One case needs a task of its own, as every exchange did under hyper-util: a backend that
+//! answers before the upload has ended (an early 413, or a streaming echo). hyper reads a
+//! response body only while it can write to the client, and a client that sends its whole body
+//! before reading would then wait on an upload that waits on it. That connection is driven by a
+//! task until the upload has ended (or the backend stops taking it for the backend timeout),
+//! then goes back into the pool if it is idle.
 //!
 //! What hyper-util's client did that this does too, each tested in `tests`:
 //! - keep-alive connections per backend port, the most recently used first, at most
@@ -37,7 +42,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::proxy::BackendError;
-use crate::request_body::RequestBody;
+use crate::request_body::{RequestBody, Upload};
 
 /// How long an unused connection is kept (hyper-util's default, and more than nginx's
 /// `keepalive_timeout` for upstreams, 60 s: apps usually close first, which is seen).
@@ -62,7 +67,8 @@ type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 /// The connections to every backend port.
 pub struct BackendPool {
     idle: Mutex<HashMap<u16, Vec<Idle>>>,
-    connect_timeout: Duration,
+    /// `backend_timeout`: for connecting, and for an upload the backend stops taking.
+    timeout: Duration,
 }
 
 struct Idle {
@@ -124,24 +130,30 @@ impl Connection {
 }
 
 impl BackendPool {
-    /// A pool whose connects give up after `connect_timeout`, and a task that looks at its idle
+    /// A pool whose waits give up after `timeout`, and a task that looks at its idle
     /// connections every [`SWEEP_EVERY`] while the pool lives.
-    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(timeout: Duration) -> Arc<Self> {
         let pool = Arc::new(BackendPool {
             idle: Mutex::new(HashMap::new()),
-            connect_timeout,
+            timeout,
         });
         tokio::spawn(sweep(Arc::downgrade(&pool)));
         pool
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) to the app on `127.0.0.1:<port>`: the
-    /// response head, and the connection it came on, to drive and hold until the body ends.
+    /// Sends `request` (origin-form URI, `Host` set; its body being `upload`, if any) to the
+    /// app on `127.0.0.1:<port>`: the response head, and the connection it came on, to drive
+    /// and hold until the body ends.
     pub async fn send(
         self: &Arc<Self>,
         port: u16,
         mut request: Request<RequestBody>,
+        upload: Option<&Upload>,
     ) -> Result<(Response<Incoming>, Pooled), BackendError> {
+        let pooled = |connection| match upload {
+            Some(upload) if !upload.is_ended() => self.finish_upload(port, connection, upload),
+            _ => self.pooled(port, connection),
+        };
         for _ in 0..STALE_TRIES {
             let Some(mut connection) = self.take_idle(port) else {
                 break;
@@ -151,7 +163,7 @@ impl BackendPool {
             }
             let sent = pin!(connection.sender.try_send_request(request));
             match connection.drive_while(sent).await {
-                Ok(response) => return Ok((response, self.pooled(port, connection))),
+                Ok(response) => return Ok((response, pooled(connection))),
                 Err(mut e) => match e.take_message() {
                     // Closed by the app as the request came: never written, so sent again.
                     Some(unsent) => request = unsent,
@@ -163,7 +175,7 @@ impl BackendPool {
         let mut connection = Box::pin(self.connect(port)).await?;
         let sent = pin!(connection.sender.send_request(request));
         let response = connection.drive_while(sent).await?;
-        Ok((response, self.pooled(port, connection)))
+        Ok((response, pooled(connection)))
     }
 
     fn pooled(self: &Arc<Self>, port: u16, connection: Connection) -> Pooled {
@@ -174,19 +186,57 @@ impl BackendPool {
         }
     }
 
+    /// Drives `connection` in a task of its own until `upload` has been sent, then keeps it if
+    /// it is idle; the response body reads what that task receives. A backend that takes no
+    /// byte of the upload for the timeout loses the connection (the client's stalls end the
+    /// body itself).
+    fn finish_upload(
+        self: &Arc<Self>,
+        port: u16,
+        mut connection: Connection,
+        upload: &Upload,
+    ) -> Pooled {
+        let (pool, upload, timeout) = (self.clone(), upload.clone(), self.timeout);
+        tokio::spawn(async move {
+            loop {
+                let check_at = upload
+                    .backend_stalled_at(timeout)
+                    .unwrap_or_else(|| Instant::now() + timeout);
+                tokio::select! {
+                    ready = connection.ready() => {
+                        if ready {
+                            pool.put(port, connection);
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep_until(check_at) => {
+                        if upload.backend_stalled_at(timeout).is_some_and(|at| at <= Instant::now()) {
+                            debug!("backend on port {port} took no byte of an upload for {timeout:?}: closing");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Pooled {
+            connection: None,
+            port,
+            pool: self.clone(),
+        }
+    }
+
     async fn connect(&self, port: u16) -> Result<Connection, BackendError> {
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(BackendError::Connect(e)),
-                Err(_) => {
-                    return Err(BackendError::Connect(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no connection within {:?}", self.connect_timeout),
-                    )))
-                }
-            };
+        let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(BackendError::Connect(e)),
+            Err(_) => {
+                return Err(BackendError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", self.timeout),
+                )))
+            }
+        };
         stream.set_nodelay(true).map_err(BackendError::Connect)?;
         let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
         Ok(Connection {
@@ -354,8 +404,10 @@ mod tests {
             let pool = pool.clone();
             async move {
                 let (parts, body) = request.into_parts();
-                let request = Request::from_parts(parts, RequestBody::new(body, TIMEOUT).0);
-                let (mut response, connection) = pool.send(port, request).await.unwrap();
+                let (body, upload) = RequestBody::new(body, TIMEOUT);
+                let request = Request::from_parts(parts, body);
+                let sent = pool.send(port, request, upload.as_ref()).await;
+                let (mut response, connection) = sent.unwrap();
                 // The app's `Connection: close` is about its connection, not the client's.
                 crate::forwarding::remove_hop_by_hop(response.headers_mut());
                 let upstream = Upstream::Port(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
@@ -447,5 +499,470 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), MAX_IDLE_PER_BACKEND + 4);
         assert_eq!(pool.idle_count(port), MAX_IDLE_PER_BACKEND);
+    }
+
+    /// A raw app: per connection, serves requests in order. `/early`: answers 413 at once,
+    /// then reads (and discards) the request body, slowly. Else reads the body and answers its length.
+    async fn raw_app() -> (u16, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // read a head
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            let n = stream.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        buf.drain(..end);
+                        let early = head.starts_with("post /early");
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map(|v| v.trim().parse().unwrap())
+                            .unwrap_or(0);
+                        if early {
+                            stream.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig").await.unwrap();
+                        }
+                        while buf.len() < length {
+                            let mut chunk = [0u8; 4096];
+                            let n = stream.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        buf.drain(..length);
+                        if !early {
+                            let body = length.to_string();
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}",
+                                body.len(),
+                                body
+                            );
+                            stream.write_all(answer.as_bytes()).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_lets_the_upload_finish_and_the_connection_serves_the_next_request_right(
+    ) {
+        use crate::tunnel_forward::tests::Frames;
+        let (port, accepted) = raw_app().await;
+        let pool = BackendPool::new(TIMEOUT);
+        let mut client = front(pool.clone(), port).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let request = Request::post("/early")
+            .header("host", "a")
+            .header("content-length", "10")
+            .body(Frames(rx).boxed())
+            .unwrap();
+        client.ready().await.unwrap();
+        let response = client.send_request(request);
+        tx.send(hyper::body::Frame::data(Bytes::from_static(b"12345")))
+            .await
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("head")
+            .unwrap();
+        assert_eq!(response.status(), 413);
+        let body = tokio::time::timeout(Duration::from_secs(5), text(response.into_body()))
+            .await
+            .expect("body");
+        assert_eq!(body, "big");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tx.send(hyper::body::Frame::data(Bytes::from_static(b"67890")))
+            .await
+            .unwrap();
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // the client's connection to the front: the next request
+        let mut client2 = front(pool.clone(), port).await;
+        let answer = tokio::time::timeout(Duration::from_secs(5), post(&mut client2, "abc", false))
+            .await
+            .expect("second");
+        assert_eq!(answer, "3");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "reused the connection after the upload finished"
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(5), post(&mut client, "abcd", false))
+            .await
+            .expect("third on first client");
+        assert_eq!(answer, "4");
+    }
+
+    #[tokio::test]
+    async fn connections_come_back_after_head_204_and_304() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"hello")));
+                    if request.uri().path() == "/204" {
+                        *response.status_mut() = http::StatusCode::NO_CONTENT;
+                        *response.body_mut() = Full::new(Bytes::new());
+                    }
+                    if request.uri().path() == "/304" {
+                        *response.status_mut() = http::StatusCode::NOT_MODIFIED;
+                        *response.body_mut() = Full::new(Bytes::new());
+                    }
+                    Ok::<_, hyper::Error>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        let pool = BackendPool::new(TIMEOUT);
+        let mut client = front(pool.clone(), port).await;
+        for (method, path) in [
+            ("HEAD", "/"),
+            ("GET", "/204"),
+            ("GET", "/304"),
+            ("GET", "/"),
+            ("HEAD", "/"),
+        ] {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "a")
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap();
+            client.ready().await.unwrap();
+            let response =
+                tokio::time::timeout(Duration::from_secs(5), client.send_request(request))
+                    .await
+                    .expect("head")
+                    .unwrap();
+            let body = text(response.into_body()).await;
+            let expected = if method == "GET" && path == "/" {
+                "hello"
+            } else {
+                ""
+            };
+            assert_eq!(body, expected, "{method} {path}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(
+                pool.idle_count(port),
+                1,
+                "{method} {path}: back in the pool"
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_comes_back_after_a_response_with_trailers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                buf.drain(..i + 4);
+                                break;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            let n = stream.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-t\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n").await.unwrap();
+                    }
+                });
+            }
+        });
+        let pool = BackendPool::new(TIMEOUT);
+        let mut client = front(pool.clone(), port).await;
+        for _ in 0..3 {
+            let request = Request::get("/")
+                .header("host", "a")
+                .header("te", "trailers")
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap();
+            client.ready().await.unwrap();
+            let response = client.send_request(request).await.unwrap();
+            let collected = response.into_body().collect().await.unwrap();
+            eprintln!("trailers: {:?}", collected.trailers());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "accepted with trailers: {}",
+            accepted.load(Ordering::SeqCst)
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "reused after a response with trailers"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_mid_response_closes_its_connection_and_the_next_request_is_answered_right(
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    let big = request.uri().path() == "/big";
+                    let body = if big {
+                        Bytes::from(vec![b'x'; 4 << 20])
+                    } else {
+                        Bytes::from_static(b"small")
+                    };
+                    Ok::<_, hyper::Error>(Response::new(Full::new(body)))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        let pool = BackendPool::new(TIMEOUT);
+        {
+            let mut client = front(pool.clone(), port).await;
+            let request = Request::get("/big")
+                .header("host", "a")
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap();
+            client.ready().await.unwrap();
+            let mut response = client.send_request(request).await.unwrap();
+            let _ = response.body_mut().frame().await;
+            // client gone
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut client = front(pool.clone(), port).await;
+        for _ in 0..3 {
+            let request = Request::get("/small")
+                .header("host", "a")
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap();
+            client.ready().await.unwrap();
+            let response =
+                tokio::time::timeout(Duration::from_secs(5), client.send_request(request))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(text(response.into_body()).await, "small");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_duplex_echo_streams_both_ways() {
+        use crate::tunnel_forward::tests::Frames;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    Ok::<_, hyper::Error>(Response::new(request.into_body()))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        let pool = BackendPool::new(TIMEOUT);
+        let mut client = front(pool.clone(), port).await;
+        for round in 0..2 {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let request = Request::post("/")
+                .header("host", "a")
+                .body(Frames(rx).boxed())
+                .unwrap();
+            client.ready().await.unwrap();
+            let response = client.send_request(request);
+            tx.send(hyper::body::Frame::data(Bytes::from_static(b"a")))
+                .await
+                .unwrap();
+            let mut response = tokio::time::timeout(Duration::from_secs(5), response)
+                .await
+                .expect("head")
+                .unwrap();
+            for i in 0..5u8 {
+                let frame =
+                    tokio::time::timeout(Duration::from_secs(5), response.body_mut().frame())
+                        .await
+                        .expect("echo")
+                        .unwrap()
+                        .unwrap();
+                eprintln!("round {round} echo {i}: {:?}", frame.data_ref());
+                tx.send(hyper::body::Frame::data(Bytes::from(vec![b'b' + i])))
+                    .await
+                    .unwrap();
+            }
+            drop(tx);
+            let rest = tokio::time::timeout(Duration::from_secs(5), text(response.into_body()))
+                .await
+                .expect("end");
+            eprintln!("round {round} rest {rest:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            eprintln!("idle {}", pool.idle_count(port));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_before_a_slow_upload_then_the_body() {
+        use crate::tunnel_forward::tests::Frames;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    };
+                    buf.drain(..end);
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await
+                        .unwrap();
+                    while buf.len() < 30 {
+                        let mut chunk = [0u8; 4096];
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    stream.write_all(b"5\r\nhello\r\n0\r\n\r\n").await.unwrap();
+                    let _ = stream.read(&mut [0u8; 16]).await;
+                });
+            }
+        });
+        let pool = BackendPool::new(TIMEOUT);
+        let mut client = front(pool.clone(), port).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let request = Request::post("/")
+            .header("host", "a")
+            .header("content-length", "30")
+            .body(Frames(rx).boxed())
+            .unwrap();
+        client.ready().await.unwrap();
+        let response = client.send_request(request);
+        let sender = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send(hyper::body::Frame::data(Bytes::from_static(b"0123456789")))
+                    .await
+                    .unwrap();
+            }
+        });
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("head")
+            .unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(5), text(response.into_body()))
+            .await
+            .expect("body");
+        assert_eq!(body, "hello");
+        sender.await.unwrap();
+    }
+
+    /// A backend that streams a big response at once while it reads the upload; a client that
+    /// reads the response only after it has sent its whole body (each larger than the buffers
+    /// between them): the upload must go on while nobody reads the response.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_early_answer_does_not_stop_the_upload_of_a_client_that_reads_later() {
+        use crate::tunnel_forward::tests::Frames;
+        const UP: usize = 16 << 20;
+        const DOWN: usize = 16 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (mut r, mut w) = stream.into_split();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while r.read(&mut buf).await.unwrap_or(0) > 0 {}
+            });
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {DOWN}\r\n\r\n");
+            w.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'x'; 65536];
+            for _ in 0..DOWN / 65536 {
+                if w.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let pool = BackendPool::new(Duration::from_secs(60));
+        let mut client = front(pool.clone(), port).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let request = Request::post("/")
+            .header("host", "a")
+            .header("content-length", UP.to_string())
+            .body(Frames(rx).boxed())
+            .unwrap();
+        client.ready().await.unwrap();
+        let response = tokio::spawn(client.send_request(request));
+        let chunk = Bytes::from(vec![b'u'; 65536]);
+        for i in 0..UP / 65536 {
+            let sent = tokio::time::timeout(
+                Duration::from_secs(10),
+                tx.send(hyper::body::Frame::data(chunk.clone())),
+            );
+            assert!(
+                sent.await.is_ok(),
+                "the upload stopped after {} KiB",
+                i * 64
+            );
+        }
+        drop(tx);
+        let response = response.await.unwrap().unwrap();
+        let mut body = response.into_body();
+        let mut got = 0;
+        while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the download stopped")
+        {
+            got += frame.unwrap().data_ref().map_or(0, |d| d.len());
+        }
+        assert_eq!(got, DOWN);
     }
 }

@@ -83,11 +83,17 @@ fn main() -> ExitCode {
     // those it starts afterwards. Nothing until then has read network input.
     let result = core_server_proto::dumpable::forbid()
         .map_err(anyhow::Error::from)
-        .and_then(|()| allocator::no_huge_pages().context("cannot turn huge pages off"))
-        .and_then(|()| core_server_worker::sandbox::apply().context("cannot sandbox the worker"))
+        .and_then(|()| {
+            // Memory per connection, not correctness: a kernel without it is served all the same.
+            if let Err(e) = allocator::no_huge_pages() {
+                tracing::warn!("cannot turn transparent huge pages off: {e}");
+            }
+            core_server_worker::sandbox::apply().context("cannot sandbox the worker")
+        })
         .and_then(|()| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
+                .on_thread_park(allocator::give_back_when_idle)
                 .enable_all()
                 .build()
                 .context("cannot start the runtime")

@@ -238,9 +238,12 @@ impl Proxy {
                 self.exchange(send.as_mut(), upload).await
             }
             None => {
+                let sending = upload.clone();
                 let send = pin!(async {
-                    let (response, connection) =
-                        self.backends.send(backend.port(), request).await?;
+                    let (response, connection) = self
+                        .backends
+                        .send(backend.port(), request, sending.as_ref())
+                        .await?;
                     Ok((response, Some(Holding::Connection(connection))))
                 });
                 self.exchange(send, upload).await

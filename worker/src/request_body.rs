@@ -49,6 +49,7 @@ pub struct RequestBody {
 }
 
 /// What the proxy sees of a [`RequestBody`] being sent.
+#[derive(Clone)]
 pub struct Upload(Arc<Shared>);
 
 struct Shared {
@@ -163,6 +164,11 @@ impl Shared {
 }
 
 impl Upload {
+    /// Whether the body has ended, whole or failed on the client's side.
+    pub fn is_ended(&self) -> bool {
+        self.0.outcome.get().is_some()
+    }
+
     /// Resolves once the body has ended, whole or failed on the client's side.
     pub async fn ended(&self) {
         let notified = self.0.ended.notified();

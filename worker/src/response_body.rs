@@ -103,7 +103,8 @@ impl Body for ResponseBody {
             this.deadline.moved();
             // hyper polls no further once the body says it has ended.
             match &frame {
-                Some(Ok(_)) if !this.inner.is_end_stream() => {}
+                // Trailers are the last frame: hyper polls no further after them.
+                Some(Ok(f)) if !f.is_trailers() && !this.inner.is_end_stream() => {}
                 Some(Ok(_)) | None => this.release(true),
                 Some(Err(_)) => this.release(false),
             }
