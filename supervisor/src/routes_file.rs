@@ -29,8 +29,12 @@
 //! it, `routes.log` (`routes_journal.rs`); [`SavedRoutes`] keeps the two. A change is appended
 //! to the journal and fsync'd before it is acknowledged; when the journal has grown past the
 //! snapshot, the table is compacted: a new snapshot is written (atomically, as ever), then a
-//! new, empty journal replaces the old one. A kill between the two leaves a journal that names
-//! the snapshot before, so it is known stale and dropped: the new snapshot holds all of it.
+//! new, empty journal replaces the old one. The two are linked by a random journal id, drawn
+//! anew at each compaction and written into `routes.json` (`"journal": "…"`, only when a
+//! journal is in use) and into the journal's first line. A kill between the two steps leaves
+//! a journal that names the snapshot before, so it is known stale and dropped: the new
+//! snapshot holds all of it. A version that knows no journal drops the id when it rewrites
+//! `routes.json`, so a journal from before is stale then too.
 //! At start-up the journal is replayed over the snapshot and, if it held anything, the table is
 //! compacted; on a clean stop too. A small table, and any change to a tunnel route (rare, and
 //! what makes the file version 2 and private, or version 1 again), are written whole as
@@ -63,6 +67,9 @@ pub const SMALL: u64 = 64 * 1024;
 #[derive(Serialize)]
 struct Contents<'a> {
     version: u32,
+    /// The id of the journal that continues it, if one does (see `routes_journal.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal: Option<&'a str>,
     routes: BTreeMap<&'a str, Stored>,
 }
 
@@ -81,6 +88,8 @@ enum Stored {
 #[derive(Deserialize)]
 struct Read {
     version: u32,
+    #[serde(default)]
+    journal: Option<String>,
     routes: BTreeMap<String, Stored>,
 }
 
@@ -186,32 +195,46 @@ impl RoutesFile {
         }
         Ok(Snapshot {
             routes,
-            id: routes_journal::snapshot_id(Some(&bytes)),
+            journal: read.journal,
             len: bytes.len() as u64,
             rewrite: !refused.is_empty(),
             set_aside: false,
         })
     }
 
-    /// Writes `routes` as the snapshot; what identifies it to a journal, and its size.
-    fn save(&self, routes: &Routes) -> io::Result<(String, u64)> {
+    /// Writes `routes` as the snapshot; the journal id written in it if the table is not small
+    /// (a journal is to continue it), and its size.
+    fn save(&self, routes: &Routes) -> io::Result<(Option<String>, u64)> {
         let tunnels = routes.has_tunnels();
-        let contents = Contents {
+        let id = routes_journal::new_id()?;
+        let mut contents = Contents {
             version: if tunnels {
                 VERSION
             } else {
                 VERSION_WITHOUT_TUNNELS
             },
+            journal: Some(&id),
             routes: (routes.iter())
                 .map(|(domain, route)| (domain.as_str(), Stored::of(route)))
                 .collect(),
         };
-        let mut json = serde_json::to_vec_pretty(&contents).map_err(io::Error::other)?;
-        json.push(b'\n');
+        let to_json = |contents: &Contents| -> io::Result<Vec<u8>> {
+            let mut json = serde_json::to_vec_pretty(contents).map_err(io::Error::other)?;
+            json.push(b'\n');
+            Ok(json)
+        };
+        let mut json = to_json(&contents)?;
+        // A small table needs no journal: written without the id, byte for byte what earlier
+        // versions wrote (again, but small, so cheap; a large one is serialised once).
+        if json.len() < SMALL as usize {
+            contents.journal = None;
+            json = to_json(&contents)?;
+        }
         // Token hashes are no secret, but who may connect is no one else's business.
         self.dir
             .replace(FILE_NAME, &json, if tunnels { 0o600 } else { 0o644 })?;
-        Ok((routes_journal::snapshot_id(Some(&json)), json.len() as u64))
+        let id = contents.journal.map(str::to_owned);
+        Ok((id, json.len() as u64))
     }
 
     fn set_aside(&self, why: &str) -> anyhow::Result<Snapshot> {
@@ -248,27 +271,16 @@ impl RoutesFile {
 }
 
 /// The snapshot as loaded.
+#[derive(Default)]
 struct Snapshot {
     routes: Routes,
-    /// What identifies it to the journal that continues it.
-    id: String,
+    /// The id of the journal that continues it, if one does.
+    journal: Option<String>,
     len: u64,
     /// It holds routes left out: it is to be written again as loaded.
     rewrite: bool,
     /// It was corrupt, and moved aside.
     set_aside: bool,
-}
-
-impl Default for Snapshot {
-    fn default() -> Self {
-        Snapshot {
-            routes: Routes::default(),
-            id: routes_journal::snapshot_id(None),
-            len: 0,
-            rewrite: false,
-            set_aside: false,
-        }
-    }
 }
 
 /// The supervisor's copy of the table, and the snapshot and journal it is kept in.
@@ -302,7 +314,7 @@ impl SavedRoutes {
             unsaved: Vec::new(),
             tunnel_changed: false,
         };
-        let contents = routes_journal::read(&saved.file.dir, &snapshot.id)
+        let contents = routes_journal::read(&saved.file.dir, snapshot.journal.as_deref())
             .with_context(|| format!("cannot read {}", journal_path.display()))?;
         // Whether to go on with it as it is; else whether to compact now (with nothing in
         // it, or a stale one, the first save does).
@@ -463,10 +475,9 @@ impl SavedRoutes {
         self.journal = None;
         let written = self.file.save(&self.routes).and_then(|(id, len)| {
             self.snapshot_len = len;
-            if len < SMALL {
-                routes_journal::remove(&self.file.dir).map(|()| None)
-            } else {
-                Journal::start(&self.file.dir, &id).map(Some)
+            match id {
+                None => routes_journal::remove(&self.file.dir).map(|()| None),
+                Some(id) => Journal::start(&self.file.dir, &id).map(Some),
             }
         });
         match written {
@@ -812,9 +823,11 @@ mod tests {
         in_tempdir(&dir).save(&routes).unwrap();
         // ...and replaying it anyway would do no harm either (its changes are absolute).
         let state = StateDir::open(dir.path()).unwrap();
-        let id = routes_journal::snapshot_id(Some(&old_snapshot));
+        let id = serde_json::from_slice::<Read>(&old_snapshot)
+            .unwrap()
+            .journal;
         let routes_journal::Contents::Changes { changes, .. } =
-            routes_journal::read(&state, &id).unwrap()
+            routes_journal::read(&state, id.as_deref()).unwrap()
         else {
             panic!("the journal reads");
         };
@@ -835,6 +848,35 @@ mod tests {
             !dir.path().join("routes.log").exists(),
             "a small table needs no journal: the stale one is gone"
         );
+    }
+
+    #[test]
+    fn a_snapshot_rewritten_without_its_journal_id_makes_the_journal_stale_even_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_with_journal(&dir);
+        let path = dir.path().join("routes.json");
+        let with_id = fs::read_to_string(&path).unwrap();
+        let snapshot_routes = snapshot(&dir);
+        assert!(
+            with_id.contains("\n  \"journal\": \""),
+            "{}",
+            &with_id[..100]
+        );
+        // An older version, after a rollback, rewrites the same routes (say, one added, then
+        // removed): the same bytes as this one would, but for the id it does not know.
+        let older: String = (with_id.lines())
+            .filter(|line| !line.starts_with("  \"journal\": "))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert_eq!(older.len() + 49, with_id.len());
+        fs::write(&path, &older).unwrap();
+        // The journal's changes (r0... added, r1 removed) came after this snapshot and were
+        // undone by the rollback: not replayed, and the journal is gone.
+        assert_eq!(loaded(&dir), snapshot_routes);
+        assert!(snapshot_routes
+            .get(&Domain::parse("r0.example").unwrap())
+            .is_none());
+        assert!(!dir.path().join("routes.log").exists());
     }
 
     #[test]
