@@ -17,10 +17,11 @@
 //! ```
 //!
 //! Reading it back:
-//! - A line that is cut short (no newline) or fails its checksum at the very end of the file is
-//!   the tail of a write a kill (or power loss) interrupted: it was never acknowledged, and is
-//!   dropped.
-//! - A bad line with more after it is corruption: it is skipped and the others replayed (the
+//! - A last line that is cut short (no newline), or nothing but zero bytes (a file extended
+//!   whose data never reached the disk), is the tail of a write a kill (or power loss)
+//!   interrupted: it was never acknowledged, and is dropped.
+//! - Any other bad line, the last one too (a write cannot end in its newline unless all of
+//!   it was written), is corruption: it is skipped and the others replayed (the
 //!   journal holds changes of port routes alone, each absolute, setting or removing one
 //!   domain's route: a line skipped leaves only its own domain as it was before), and the file
 //!   is set aside by the caller and reported by name.
@@ -122,8 +123,8 @@ fn parse(bytes: &[u8], snapshot_id: Option<&str>) -> Contents {
         let (line, after) = (&rest[..end], &rest[end + 1..]);
         match decode(line) {
             Ok(change) => changes.push(change),
-            // Garbled, with nothing after it: the last write too (power lost mid-way).
-            Err(_) if after.is_empty() => torn = rest.len(),
+            // Zeros, with nothing after them: the last write too (power lost mid-way).
+            Err(_) if after.is_empty() && line.iter().all(|&b| b == 0) => torn = rest.len(),
             Err(why) => bad.push(format!("line {line_number}: {why}")),
         }
         rest = after;
@@ -326,28 +327,40 @@ mod tests {
             };
             assert_eq!(parse(&bytes[..cut], Some("s1")), expected, "cut at {cut}");
         }
-        // A last line that is whole but garbled (power lost mid-write): torn as well.
+        // Zeros where the tail should be (a file extended, its data never written), with or
+        // without a newline after them.
+        for (zero_bytes, newline) in [(100, &b""[..]), (99, b"\n")] {
+            let mut zeros = bytes[..line_ends[3]].to_vec();
+            zeros.extend(vec![0; zero_bytes]);
+            zeros.extend(newline);
+            assert_eq!(
+                parse(&zeros, Some("s1")),
+                Contents::Changes {
+                    changes: changes()[..3].to_vec(),
+                    torn: 100,
+                    corrupt: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_last_line_that_fails_its_checksum_is_corruption_not_a_torn_tail() {
+        // A kill cannot leave a line's newline written without the line before it.
+        let (_tmp, _dir, bytes) = written();
+        let last_line = bytes[..bytes.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap()
+            + 1;
         let mut garbled = bytes.clone();
-        let at = line_ends[line_ends.len() - 2] + 3;
-        garbled[at] ^= 1;
-        let Contents::Changes {
-            changes: c,
-            torn,
-            corrupt: None,
-        } = parse(&garbled, Some("s1"))
-        else {
-            panic!("a garbled last line is a torn tail");
-        };
-        assert_eq!((c.len(), torn), (4, bytes.len() - line_ends[4]));
-        // Zeros where the tail should be (a file extended, its data never written).
-        let mut zeros = bytes[..line_ends[3]].to_vec();
-        zeros.extend([0; 100]);
+        garbled[last_line + 3] ^= 1;
         assert_eq!(
-            parse(&zeros, Some("s1")),
+            parse(&garbled, Some("s1")),
             Contents::Changes {
-                changes: changes()[..3].to_vec(),
-                torn: 100,
-                corrupt: None
+                changes: changes()[..4].to_vec(),
+                torn: 0,
+                corrupt: Some("line 6: checksum mismatch".to_owned()),
             }
         );
     }
