@@ -34,7 +34,10 @@
 //! journal is in use) and into the journal's first line. A kill between the two steps leaves
 //! a journal that names the snapshot before, so it is known stale and dropped: the new
 //! snapshot holds all of it. A version that knows no journal drops the id when it rewrites
-//! `routes.json`, so a journal from before is stale then too.
+//! `routes.json`, so a journal from before is stale then too. A corrupt journal is kept as
+//! `routes.log.corrupt-<time>` (a second name, made durable) before the compaction that replaces
+//! it, so a kill between loses none of its whole changes; a journal found without
+//! `routes.json` is moved to `routes.log.orphan-<time>`, not replayed; both are reported.
 //! At start-up the journal is replayed over the snapshot and, if it held anything, the table is
 //! compacted; on a clean stop too. A small table, and any change to a tunnel route (rare, and
 //! what makes the file version 2 and private, or version 1 again), are written whole as
@@ -198,6 +201,7 @@ impl RoutesFile {
             journal: read.journal,
             len: bytes.len() as u64,
             rewrite: !refused.is_empty(),
+            found: true,
             set_aside: false,
         })
     }
@@ -253,21 +257,36 @@ impl RoutesFile {
 
     /// Moves file `name` to `<name>.<what>-<time>` (never over an earlier one); its path.
     fn keep_aside(&self, name: &str, what: &str) -> anyhow::Result<String> {
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let path = self.dir.path().join(name);
-        let aside = self
-            .dir
-            .rename_to_new(name, &format!("{name}.{what}-{stamp}"))
-            .with_context(|| format!("cannot move {} aside", path.display()))?;
+        let aside = self.dir.rename_to_new(name, &aside_name(name, what));
+        self.aside_path(name, aside)
+    }
+
+    /// Keeps file `name` as `<name>.<what>-<time>` too (never over an earlier one), durably,
+    /// while it stays where it is until replaced; its new path.
+    fn link_aside(&self, name: &str, what: &str) -> anyhow::Result<String> {
+        let aside = self.dir.link_to_new(name, &aside_name(name, what));
+        self.aside_path(name, aside)
+    }
+
+    fn aside_path(&self, name: &str, aside: io::Result<String>) -> anyhow::Result<String> {
+        let aside = aside.with_context(|| {
+            format!("cannot keep {} aside", self.dir.path().join(name).display())
+        })?;
         Ok(self.dir.path().join(aside).display().to_string())
     }
 
     fn journal_path(&self) -> PathBuf {
         self.dir.path().join(routes_journal::FILE_NAME)
     }
+}
+
+/// `<name>.<what>-<time>`: a name to keep file `name` under, for the operator.
+fn aside_name(name: &str, what: &str) -> String {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!("{name}.{what}-{stamp}")
 }
 
 /// The snapshot as loaded.
@@ -279,6 +298,8 @@ struct Snapshot {
     len: u64,
     /// It holds routes left out: it is to be written again as loaded.
     rewrite: bool,
+    /// There was one (else the table starts empty).
+    found: bool,
     /// It was corrupt, and moved aside.
     set_aside: bool,
 }
@@ -329,6 +350,17 @@ impl SavedRoutes {
                 );
                 (false, false)
             }
+            // Its snapshot is gone (moved away by the operator, say): what its changes were
+            // made to is unknown, so they are not replayed, but the file is kept.
+            _ if !snapshot.found => {
+                let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "orphan")?;
+                tracing::error!(
+                    "found the routes journal {} without {FILE_NAME}, the snapshot it continues; \
+                     moved it to {aside} and starting with no routes",
+                    journal_path.display()
+                );
+                (false, false)
+            }
             routes_journal::Contents::Stale => {
                 // Superseded (see the module comment): the next compaction would replace it.
                 match routes_journal::remove(&saved.file.dir) {
@@ -365,9 +397,11 @@ impl SavedRoutes {
                     );
                 }
                 if let Some(why) = &corrupt {
-                    let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "corrupt")?;
+                    // Kept under a new name as well, not moved: until the compaction below
+                    // replaces it, it is where its whole changes are.
+                    let aside = saved.file.link_aside(routes_journal::FILE_NAME, "corrupt")?;
                     tracing::error!(
-                        "routes journal {} is corrupt ({why}); moved it to {aside}, keeping the {} \
+                        "routes journal {} is corrupt ({why}); kept it as {aside}, keeping the {} \
                          changes in it that are whole",
                         journal_path.display(),
                         changes.len()
@@ -810,6 +844,22 @@ mod tests {
         assert_eq!(aside.len(), 1, "{aside:?}");
         assert_eq!(fs::read_to_string(&aside[0]).unwrap(), damaged);
         assert_eq!(loaded(&dir), routes, "compacted: the new journal is whole");
+    }
+
+    #[test]
+    fn a_journal_without_its_snapshot_is_kept_aside_and_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_with_journal(&dir);
+        let journal = fs::read(dir.path().join("routes.log")).unwrap();
+        fs::remove_file(dir.path().join("routes.json")).unwrap();
+        assert!(loaded(&dir).is_empty());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].starts_with("routes.log.orphan-"), "{names:?}");
+        assert_eq!(fs::read(dir.path().join(&names[0])).unwrap(), journal);
     }
 
     #[test]
