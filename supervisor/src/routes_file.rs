@@ -29,8 +29,15 @@
 //! it, `routes.log` (`routes_journal.rs`); [`SavedRoutes`] keeps the two. A change is appended
 //! to the journal and fsync'd before it is acknowledged; when the journal has grown past the
 //! snapshot, the table is compacted: a new snapshot is written (atomically, as ever), then a
-//! new, empty journal replaces the old one. A kill between the two leaves a journal that names
-//! the snapshot before, so it is known stale and dropped: the new snapshot holds all of it.
+//! new, empty journal replaces the old one. The two are linked by a random journal id, drawn
+//! anew at each compaction and written into `routes.json` (`"journal": "…"`, only when a
+//! journal is in use) and into the journal's first line. A kill between the two steps leaves
+//! a journal that names the snapshot before, so it is known stale and dropped: the new
+//! snapshot holds all of it. A version that knows no journal drops the id when it rewrites
+//! `routes.json`, so a journal from before is stale then too. A corrupt journal is kept as
+//! `routes.log.corrupt-<time>` (a second name, made durable) before the compaction that replaces
+//! it, so a kill between loses none of its whole changes; a journal found without
+//! `routes.json` is moved to `routes.log.orphan-<time>`, not replayed; both are reported.
 //! At start-up the journal is replayed over the snapshot and, if it held anything, the table is
 //! compacted; on a clean stop too. A small table, and any change to a tunnel route (rare, and
 //! what makes the file version 2 and private, or version 1 again), are written whole as
@@ -63,6 +70,9 @@ pub const SMALL: u64 = 64 * 1024;
 #[derive(Serialize)]
 struct Contents<'a> {
     version: u32,
+    /// The id of the journal that continues it, if one does (see `routes_journal.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal: Option<&'a str>,
     routes: BTreeMap<&'a str, Stored>,
 }
 
@@ -81,6 +91,8 @@ enum Stored {
 #[derive(Deserialize)]
 struct Read {
     version: u32,
+    #[serde(default)]
+    journal: Option<String>,
     routes: BTreeMap<String, Stored>,
 }
 
@@ -186,32 +198,47 @@ impl RoutesFile {
         }
         Ok(Snapshot {
             routes,
-            id: routes_journal::snapshot_id(Some(&bytes)),
+            journal: read.journal,
             len: bytes.len() as u64,
             rewrite: !refused.is_empty(),
+            found: true,
             set_aside: false,
         })
     }
 
-    /// Writes `routes` as the snapshot; what identifies it to a journal, and its size.
-    fn save(&self, routes: &Routes) -> io::Result<(String, u64)> {
+    /// Writes `routes` as the snapshot; the journal id written in it if the table is not small
+    /// (a journal is to continue it), and its size.
+    fn save(&self, routes: &Routes) -> io::Result<(Option<String>, u64)> {
         let tunnels = routes.has_tunnels();
-        let contents = Contents {
+        let id = routes_journal::new_id()?;
+        let mut contents = Contents {
             version: if tunnels {
                 VERSION
             } else {
                 VERSION_WITHOUT_TUNNELS
             },
+            journal: Some(&id),
             routes: (routes.iter())
                 .map(|(domain, route)| (domain.as_str(), Stored::of(route)))
                 .collect(),
         };
-        let mut json = serde_json::to_vec_pretty(&contents).map_err(io::Error::other)?;
-        json.push(b'\n');
+        let to_json = |contents: &Contents| -> io::Result<Vec<u8>> {
+            let mut json = serde_json::to_vec_pretty(contents).map_err(io::Error::other)?;
+            json.push(b'\n');
+            Ok(json)
+        };
+        let mut json = to_json(&contents)?;
+        // A small table needs no journal: written without the id, byte for byte what earlier
+        // versions wrote (again, but small, so cheap; a large one is serialised once).
+        if json.len() < SMALL as usize {
+            contents.journal = None;
+            json = to_json(&contents)?;
+        }
         // Token hashes are no secret, but who may connect is no one else's business.
         self.dir
             .replace(FILE_NAME, &json, if tunnels { 0o600 } else { 0o644 })?;
-        Ok((routes_journal::snapshot_id(Some(&json)), json.len() as u64))
+        let id = contents.journal.map(str::to_owned);
+        Ok((id, json.len() as u64))
     }
 
     fn set_aside(&self, why: &str) -> anyhow::Result<Snapshot> {
@@ -230,15 +257,21 @@ impl RoutesFile {
 
     /// Moves file `name` to `<name>.<what>-<time>` (never over an earlier one); its path.
     fn keep_aside(&self, name: &str, what: &str) -> anyhow::Result<String> {
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let path = self.dir.path().join(name);
-        let aside = self
-            .dir
-            .rename_to_new(name, &format!("{name}.{what}-{stamp}"))
-            .with_context(|| format!("cannot move {} aside", path.display()))?;
+        let aside = self.dir.rename_to_new(name, &aside_name(name, what));
+        self.aside_path(name, aside)
+    }
+
+    /// Keeps file `name` as `<name>.<what>-<time>` too (never over an earlier one), durably,
+    /// while it stays where it is until replaced; its new path.
+    fn link_aside(&self, name: &str, what: &str) -> anyhow::Result<String> {
+        let aside = self.dir.link_to_new(name, &aside_name(name, what));
+        self.aside_path(name, aside)
+    }
+
+    fn aside_path(&self, name: &str, aside: io::Result<String>) -> anyhow::Result<String> {
+        let aside = aside.with_context(|| {
+            format!("cannot keep {} aside", self.dir.path().join(name).display())
+        })?;
         Ok(self.dir.path().join(aside).display().to_string())
     }
 
@@ -247,28 +280,28 @@ impl RoutesFile {
     }
 }
 
+/// `<name>.<what>-<time>`: a name to keep file `name` under, for the operator.
+fn aside_name(name: &str, what: &str) -> String {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!("{name}.{what}-{stamp}")
+}
+
 /// The snapshot as loaded.
+#[derive(Default)]
 struct Snapshot {
     routes: Routes,
-    /// What identifies it to the journal that continues it.
-    id: String,
+    /// The id of the journal that continues it, if one does.
+    journal: Option<String>,
     len: u64,
     /// It holds routes left out: it is to be written again as loaded.
     rewrite: bool,
+    /// There was one (else the table starts empty).
+    found: bool,
     /// It was corrupt, and moved aside.
     set_aside: bool,
-}
-
-impl Default for Snapshot {
-    fn default() -> Self {
-        Snapshot {
-            routes: Routes::default(),
-            id: routes_journal::snapshot_id(None),
-            len: 0,
-            rewrite: false,
-            set_aside: false,
-        }
-    }
 }
 
 /// The supervisor's copy of the table, and the snapshot and journal it is kept in.
@@ -302,7 +335,7 @@ impl SavedRoutes {
             unsaved: Vec::new(),
             tunnel_changed: false,
         };
-        let contents = routes_journal::read(&saved.file.dir, &snapshot.id)
+        let contents = routes_journal::read(&saved.file.dir, snapshot.journal.as_deref())
             .with_context(|| format!("cannot read {}", journal_path.display()))?;
         // Whether to go on with it as it is; else whether to compact now (with nothing in
         // it, or a stale one, the first save does).
@@ -313,6 +346,17 @@ impl SavedRoutes {
                 let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "corrupt")?;
                 tracing::error!(
                     "moved the routes journal {} to {aside}, with the routes file it continues",
+                    journal_path.display()
+                );
+                (false, false)
+            }
+            // Its snapshot is gone (moved away by the operator, say): what its changes were
+            // made to is unknown, so they are not replayed, but the file is kept.
+            _ if !snapshot.found => {
+                let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "orphan")?;
+                tracing::error!(
+                    "found the routes journal {} without {FILE_NAME}, the snapshot it continues; \
+                     moved it to {aside} and starting with no routes",
                     journal_path.display()
                 );
                 (false, false)
@@ -353,9 +397,11 @@ impl SavedRoutes {
                     );
                 }
                 if let Some(why) = &corrupt {
-                    let aside = saved.file.keep_aside(routes_journal::FILE_NAME, "corrupt")?;
+                    // Kept under a new name as well, not moved: until the compaction below
+                    // replaces it, it is where its whole changes are.
+                    let aside = saved.file.link_aside(routes_journal::FILE_NAME, "corrupt")?;
                     tracing::error!(
-                        "routes journal {} is corrupt ({why}); moved it to {aside}, keeping the {} \
+                        "routes journal {} is corrupt ({why}); kept it as {aside}, keeping the {} \
                          changes in it that are whole",
                         journal_path.display(),
                         changes.len()
@@ -463,10 +509,9 @@ impl SavedRoutes {
         self.journal = None;
         let written = self.file.save(&self.routes).and_then(|(id, len)| {
             self.snapshot_len = len;
-            if len < SMALL {
-                routes_journal::remove(&self.file.dir).map(|()| None)
-            } else {
-                Journal::start(&self.file.dir, &id).map(Some)
+            match id {
+                None => routes_journal::remove(&self.file.dir).map(|()| None),
+                Some(id) => Journal::start(&self.file.dir, &id).map(Some),
             }
         });
         match written {
@@ -802,6 +847,22 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_without_its_snapshot_is_kept_aside_and_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_with_journal(&dir);
+        let journal = fs::read(dir.path().join("routes.log")).unwrap();
+        fs::remove_file(dir.path().join("routes.json")).unwrap();
+        assert!(loaded(&dir).is_empty());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].starts_with("routes.log.orphan-"), "{names:?}");
+        assert_eq!(fs::read(dir.path().join(&names[0])).unwrap(), journal);
+    }
+
+    #[test]
     fn a_kill_at_any_step_of_a_compaction_leaves_the_same_routes() {
         let dir = tempfile::tempdir().unwrap();
         let routes = saved_with_journal(&dir);
@@ -812,9 +873,11 @@ mod tests {
         in_tempdir(&dir).save(&routes).unwrap();
         // ...and replaying it anyway would do no harm either (its changes are absolute).
         let state = StateDir::open(dir.path()).unwrap();
-        let id = routes_journal::snapshot_id(Some(&old_snapshot));
+        let id = serde_json::from_slice::<Read>(&old_snapshot)
+            .unwrap()
+            .journal;
         let routes_journal::Contents::Changes { changes, .. } =
-            routes_journal::read(&state, &id).unwrap()
+            routes_journal::read(&state, id.as_deref()).unwrap()
         else {
             panic!("the journal reads");
         };
@@ -835,6 +898,35 @@ mod tests {
             !dir.path().join("routes.log").exists(),
             "a small table needs no journal: the stale one is gone"
         );
+    }
+
+    #[test]
+    fn a_snapshot_rewritten_without_its_journal_id_makes_the_journal_stale_even_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        saved_with_journal(&dir);
+        let path = dir.path().join("routes.json");
+        let with_id = fs::read_to_string(&path).unwrap();
+        let snapshot_routes = snapshot(&dir);
+        assert!(
+            with_id.contains("\n  \"journal\": \""),
+            "{}",
+            &with_id[..100]
+        );
+        // An older version, after a rollback, rewrites the same routes (say, one added, then
+        // removed): the same bytes as this one would, but for the id it does not know.
+        let older: String = (with_id.lines())
+            .filter(|line| !line.starts_with("  \"journal\": "))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert_eq!(older.len() + 49, with_id.len());
+        fs::write(&path, &older).unwrap();
+        // The journal's changes (r0... added, r1 removed) came after this snapshot and were
+        // undone by the rollback: not replayed, and the journal is gone.
+        assert_eq!(loaded(&dir), snapshot_routes);
+        assert!(snapshot_routes
+            .get(&Domain::parse("r0.example").unwrap())
+            .is_none());
+        assert!(!dir.path().join("routes.log").exists());
     }
 
     #[test]

@@ -2,10 +2,14 @@
 //! snapshot, `routes_file.rs`) was written, appended and fsync'd before it is acknowledged, so
 //! that a change costs one short write instead of a rewrite of the whole table.
 //!
-//! A text file, mode 0600 (the supervisor alone reads it). The first line names the
-//! snapshot it continues by the SHA-256 of that file's bytes (`none`: there was none); then
-//! one line per change, its checksum (the first 8 bytes of the line's JSON's SHA-256, in hex)
-//! before it:
+//! A text file, mode 0600 (the supervisor alone reads it). The first line names the snapshot
+//! it continues by that snapshot's journal id: 128 random bits, drawn anew at each compaction
+//! and written into `routes.json` (as `"journal"`) with the table. Not a hash of the snapshot's
+//! bytes: a snapshot rewritten by a version that knows no journal (after a rollback) can come
+//! back byte for byte as it was (a route added, then removed), and would make a journal of
+//! changes since undone look current. Such a version drops the key it does not know, so every
+//! journal before is stale. Then one line per change, its checksum (the first 8 bytes of the
+//! line's JSON's SHA-256, in hex) before it:
 //!
 //! ```text
 //! core-server routes journal v1 snapshot 5f0c…
@@ -13,16 +17,18 @@
 //! ```
 //!
 //! Reading it back:
-//! - A line that is cut short (no newline) or fails its checksum at the very end of the file is
-//!   the tail of a write a kill (or power loss) interrupted: it was never acknowledged, and is
-//!   dropped.
-//! - A bad line with more after it is corruption: it is skipped and the others replayed (the
+//! - A last line that is cut short (no newline), or nothing but zero bytes (a file extended
+//!   whose data never reached the disk), is the tail of a write a kill (or power loss)
+//!   interrupted: it was never acknowledged, and is dropped.
+//! - Any other bad line, the last one too (a write cannot end in its newline unless all of
+//!   it was written), is corruption: it is skipped and the others replayed (the
 //!   journal holds changes of port routes alone, each absolute, setting or removing one
 //!   domain's route: a line skipped leaves only its own domain as it was before), and the file
 //!   is set aside by the caller and reported by name.
-//! - A journal naming another snapshot than the one there is stale: written before that
-//!   snapshot replaced the one it continued (a compaction interrupted between its two steps, or
-//!   a version without a journal saving `routes.json` since), and the snapshot holds all of it.
+//! - A journal naming another snapshot than the one there (or found beside a snapshot with no
+//!   journal id) is stale: written before that snapshot replaced the one it continued (a
+//!   compaction interrupted between its two steps, or a version without a journal saving
+//!   `routes.json` since), and the snapshot holds all of it.
 //!
 //! A new journal (header only) replaces the old one atomically; appends then go to its end.
 
@@ -41,9 +47,15 @@ const VERSION: u32 = 1;
 /// No secret is in it (tunnel changes go to the snapshot), but no one else needs it either.
 const MODE: u32 = 0o600;
 
-/// What identifies a snapshot to the journal that continues it: the hash of its bytes.
-pub fn snapshot_id(snapshot: Option<&[u8]>) -> String {
-    snapshot.map_or_else(|| "none".to_owned(), |bytes| hex(&Sha256::digest(bytes)))
+/// A new journal id, for a snapshot and the journal that continues it (see the module comment).
+pub fn new_id() -> io::Result<String> {
+    let mut bytes = [0; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        filled +=
+            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())?;
+    }
+    Ok(hex(&bytes))
 }
 
 /// A journal file as read.
@@ -64,16 +76,17 @@ pub enum Contents {
     },
 }
 
-/// Reads `dir`'s journal, as a continuation of the snapshot `snapshot_id` names.
-pub fn read(dir: &StateDir, snapshot_id: &str) -> io::Result<Contents> {
+/// Reads `dir`'s journal, as a continuation of the snapshot with journal id `snapshot_id`
+/// (`None`: a snapshot without one, or none at all).
+pub fn read(dir: &StateDir, snapshot_id: Option<&str>) -> io::Result<Contents> {
     Ok(match dir.read(FILE_NAME)? {
         None => Contents::Missing,
         Some(bytes) => parse(&bytes, snapshot_id),
     })
 }
 
-/// What `bytes`, a journal, holds as a continuation of the snapshot `snapshot_id` names.
-fn parse(bytes: &[u8], snapshot_id: &str) -> Contents {
+/// What `bytes`, a journal, holds as a continuation of the snapshot with journal id `snapshot_id`.
+fn parse(bytes: &[u8], snapshot_id: Option<&str>) -> Contents {
     let corrupt = |why: String| Contents::Changes {
         changes: Vec::new(),
         torn: 0,
@@ -92,7 +105,7 @@ fn parse(bytes: &[u8], snapshot_id: &str) -> Contents {
     if version > VERSION {
         return Contents::Newer(version);
     }
-    if continues != snapshot_id {
+    if Some(continues) != snapshot_id {
         return Contents::Stale;
     }
     let mut changes = Vec::new();
@@ -110,8 +123,8 @@ fn parse(bytes: &[u8], snapshot_id: &str) -> Contents {
         let (line, after) = (&rest[..end], &rest[end + 1..]);
         match decode(line) {
             Ok(change) => changes.push(change),
-            // Garbled, with nothing after it: the last write too (power lost mid-way).
-            Err(_) if after.is_empty() => torn = rest.len(),
+            // Zeros, with nothing after them: the last write too (power lost mid-way).
+            Err(_) if after.is_empty() && line.iter().all(|&b| b == 0) => torn = rest.len(),
             Err(why) => bad.push(format!("line {line_number}: {why}")),
         }
         rest = after;
@@ -161,7 +174,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Removes `dir`'s journal, if there is one (a small table needs none). Not made durable:
-/// should it come back after a crash, it is stale (it names a snapshot no longer there).
+/// should it come back after a crash, it is stale (the snapshot written before has no journal id).
 pub fn remove(dir: &StateDir) -> io::Result<()> {
     match rustix::fs::unlinkat(dir.fd(), FILE_NAME, rustix::fs::AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
@@ -178,7 +191,8 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Replaces `dir`'s journal with an empty one continuing the snapshot `snapshot_id` names.
+    /// Replaces `dir`'s journal with an empty one continuing the snapshot with journal id
+    /// `snapshot_id`.
     pub fn start(dir: &StateDir, snapshot_id: &str) -> io::Result<Journal> {
         let header = format!("{MAGIC}{VERSION} snapshot {snapshot_id}\n");
         dir.replace(FILE_NAME, header.as_bytes(), MODE)?;
@@ -278,7 +292,7 @@ mod tests {
     fn what_is_appended_is_read_back_in_order_and_the_file_is_private() {
         use std::os::unix::fs::PermissionsExt;
         let (tmp, dir, bytes) = written();
-        assert_eq!(read(&dir, "s1").unwrap(), whole(changes()));
+        assert_eq!(read(&dir, Some("s1")).unwrap(), whole(changes()));
         let text = String::from_utf8(bytes).unwrap();
         assert!(text.starts_with("core-server routes journal v1 snapshot s1\n"));
         assert!(text.contains(" {\"Set\":{\"domain\":\"b.example\",\"port\":2}}\n"));
@@ -293,7 +307,7 @@ mod tests {
         again.append(&[set("c.example", 3)]).unwrap();
         let mut expected = changes();
         expected.push(set("c.example", 3));
-        assert_eq!(read(&dir, "s1").unwrap(), whole(expected));
+        assert_eq!(read(&dir, Some("s1")).unwrap(), whole(expected));
     }
 
     #[test]
@@ -311,30 +325,42 @@ mod tests {
                 torn: cut - last_end,
                 corrupt: None,
             };
-            assert_eq!(parse(&bytes[..cut], "s1"), expected, "cut at {cut}");
+            assert_eq!(parse(&bytes[..cut], Some("s1")), expected, "cut at {cut}");
         }
-        // A last line that is whole but garbled (power lost mid-write): torn as well.
+        // Zeros where the tail should be (a file extended, its data never written), with or
+        // without a newline after them.
+        for (zero_bytes, newline) in [(100, &b""[..]), (99, b"\n")] {
+            let mut zeros = bytes[..line_ends[3]].to_vec();
+            zeros.extend(vec![0; zero_bytes]);
+            zeros.extend(newline);
+            assert_eq!(
+                parse(&zeros, Some("s1")),
+                Contents::Changes {
+                    changes: changes()[..3].to_vec(),
+                    torn: 100,
+                    corrupt: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_last_line_that_fails_its_checksum_is_corruption_not_a_torn_tail() {
+        // A kill cannot leave a line's newline written without the line before it.
+        let (_tmp, _dir, bytes) = written();
+        let last_line = bytes[..bytes.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap()
+            + 1;
         let mut garbled = bytes.clone();
-        let at = line_ends[line_ends.len() - 2] + 3;
-        garbled[at] ^= 1;
-        let Contents::Changes {
-            changes: c,
-            torn,
-            corrupt: None,
-        } = parse(&garbled, "s1")
-        else {
-            panic!("a garbled last line is a torn tail");
-        };
-        assert_eq!((c.len(), torn), (4, bytes.len() - line_ends[4]));
-        // Zeros where the tail should be (a file extended, its data never written).
-        let mut zeros = bytes[..line_ends[3]].to_vec();
-        zeros.extend([0; 100]);
+        garbled[last_line + 3] ^= 1;
         assert_eq!(
-            parse(&zeros, "s1"),
+            parse(&garbled, Some("s1")),
             Contents::Changes {
-                changes: changes()[..3].to_vec(),
-                torn: 100,
-                corrupt: None
+                changes: changes()[..4].to_vec(),
+                torn: 0,
+                corrupt: Some("line 6: checksum mismatch".to_owned()),
             }
         );
     }
@@ -359,7 +385,7 @@ mod tests {
                 changes: c,
                 torn: 0,
                 corrupt: Some(corrupt),
-            } = parse(&bad, "s1")
+            } = parse(&bad, Some("s1"))
             else {
                 panic!("a bad line in the middle is corruption");
             };
@@ -378,7 +404,7 @@ mod tests {
             changes: c,
             corrupt: Some(corrupt),
             ..
-        } = parse(&many, "s1")
+        } = parse(&many, Some("s1"))
         else {
             panic!("bad lines are corruption");
         };
@@ -397,7 +423,7 @@ mod tests {
             bad.extend(&bytes[second_line..]);
             assert!(
                 matches!(
-                    parse(&bad, "s1"),
+                    parse(&bad, Some("s1")),
                     Contents::Changes {
                         corrupt: Some(_),
                         ..
@@ -412,15 +438,19 @@ mod tests {
     #[test]
     fn another_snapshot_makes_it_stale_and_a_newer_version_is_told_apart() {
         let (_tmp, dir, bytes) = written();
-        assert_eq!(read(&dir, "s2").unwrap(), Contents::Stale);
+        assert_eq!(read(&dir, Some("s2")).unwrap(), Contents::Stale);
         let newer = String::from_utf8(bytes)
             .unwrap()
             .replacen(" v1 ", " v2 ", 1);
-        assert_eq!(parse(newer.as_bytes(), "s1"), Contents::Newer(2));
+        assert_eq!(parse(newer.as_bytes(), Some("s1")), Contents::Newer(2));
         let empty = tempfile::tempdir().unwrap();
         let empty = StateDir::open(empty.path()).unwrap();
-        assert_eq!(read(&empty, "s1").unwrap(), Contents::Missing);
-        assert_ne!(snapshot_id(Some(b"{}")), snapshot_id(Some(b"{} ")));
-        assert_eq!(snapshot_id(None), "none");
+        assert_eq!(read(&empty, Some("s1")).unwrap(), Contents::Missing);
+        // A snapshot without a journal id: every journal beside it is stale.
+        assert_eq!(read(&dir, None).unwrap(), Contents::Stale);
+        let (a, b) = (new_id().unwrap(), new_id().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32, "{a}");
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
     }
 }

@@ -230,27 +230,26 @@ impl StateDir {
     /// Renames `from` to `to`, or to `to-2`, `to-3`... if taken: never over an existing name.
     /// The name given.
     pub fn rename_to_new(&self, from: &str, to: &str) -> io::Result<String> {
-        for n in 1..=1000 {
-            let candidate = match n {
-                1 => to.to_owned(),
-                n => format!("{to}-{n}"),
-            };
-            match rustix::fs::renameat_with(
+        to_new(to, |candidate| {
+            rustix::fs::renameat_with(
                 self.fd(),
                 from,
                 self.fd(),
-                &*candidate,
+                candidate,
                 RenameFlags::NOREPLACE,
-            ) {
-                Ok(()) => return Ok(candidate),
-                Err(Errno::EXIST) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{to} and 999 numbered names after it are all taken"),
-        ))
+            )
+        })
+    }
+
+    /// Gives file `from` a second name, `to` (or `to-2`, `to-3`... if taken: never over an
+    /// existing name), durably (the directory is fsync'd): `from` can then be replaced with
+    /// its contents kept under the new name whatever happens. The name given.
+    pub fn link_to_new(&self, from: &str, to: &str) -> io::Result<String> {
+        let name = to_new(to, |candidate| {
+            rustix::fs::linkat(self.fd(), from, self.fd(), candidate, AtFlags::empty())
+        })?;
+        rustix::fs::fsync(self.fd())?;
+        Ok(name)
     }
 
     /// Opens file `name` without following a link, and checks it is a regular file that only
@@ -279,6 +278,26 @@ impl StateDir {
             None => Ok(fd),
         }
     }
+}
+
+/// Tries `make` with `to`, then `to-2`, `to-3`... while it finds the name taken; the name it
+/// made.
+fn to_new(to: &str, mut make: impl FnMut(&str) -> Result<(), Errno>) -> io::Result<String> {
+    for n in 1..=1000 {
+        let candidate = match n {
+            1 => to.to_owned(),
+            n => format!("{to}-{n}"),
+        };
+        match make(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{to} and 999 numbered names after it are all taken"),
+    ))
 }
 
 /// Refuses a directory as [`refusal`] says.
@@ -387,6 +406,23 @@ mod tests {
             ("f.aside-2", "two"),
             ("f.aside-3", "three"),
         ] {
+            assert_eq!(
+                std::fs::read_to_string(tmp.path().join(name)).unwrap(),
+                content
+            );
+        }
+    }
+
+    #[test]
+    fn linking_to_a_new_name_keeps_the_file_and_never_replaces_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        std::fs::write(tmp.path().join("f.aside"), "earlier").unwrap();
+        std::fs::write(tmp.path().join("f"), "one").unwrap();
+        assert_eq!(dir.link_to_new("f", "f.aside").unwrap(), "f.aside-2");
+        // Replacing `f` leaves what the new name holds as it was.
+        dir.replace("f", b"two", 0o600).unwrap();
+        for (name, content) in [("f", "two"), ("f.aside", "earlier"), ("f.aside-2", "one")] {
             assert_eq!(
                 std::fs::read_to_string(tmp.path().join(name)).unwrap(),
                 content

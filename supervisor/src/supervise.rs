@@ -126,6 +126,8 @@ impl Supervisor {
                         match self.restart(delay, &mut backoff, &mut signals).await {
                             Some(new) => worker = new,
                             None => {
+                                // A stop like any other: every route left in the snapshot.
+                                self.routes.compact_for_stop();
                                 helper.shut_down().await;
                                 return Ok(());
                             }

@@ -6,7 +6,9 @@
 //!   now and then), the server is killed mid-stream, several times over, and after each
 //!   restart every change answered `ok` is in force;
 //! - a corrupt journal is reported by name and kept aside, and its changes that are whole are
-//!   served.
+//!   served;
+//! - a stop while the worker waits to be restarted leaves every route in `routes.json`, as any
+//!   clean stop does.
 
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
@@ -237,4 +239,54 @@ async fn a_corrupt_journal_is_reported_and_kept_aside_and_its_whole_changes_serv
     ] {
         assert_eq!(get(&url, domain).await.status, status, "{domain}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_while_the_worker_waits_to_be_restarted_leaves_every_route_in_the_snapshot() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let mut server = CoreServer::start();
+    let backend = Backend::echo().await;
+    // Past the size written whole: what follows goes to the journal.
+    add_many(server.udp_port, 0..3000, backend.port);
+    for name in ["first", "second", "third"] {
+        server.add(&format!("{name}.example"), backend.port);
+    }
+    // Workers that die at once are restarted after ever longer waits: 50 ms, 100 ms... 3.2 s
+    // after the seventh, long enough to stop the server in.
+    for kills in 1..=7 {
+        let worker = server.worker_pid();
+        kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+        if kills == 7 {
+            break;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.worker_pid() == worker {
+            assert!(
+                Instant::now() < deadline,
+                "no new worker:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // "starting a new one in 3.2s", or "trying again in 3.2s" if it died starting.
+    while !server.log().contains(" in 3.2s") {
+        assert!(
+            Instant::now() < deadline,
+            "no restart wait:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(20)).success());
+
+    let snapshot = std::fs::read_to_string(server.dir.join("routes.json")).unwrap();
+    for name in ["bulk0", "bulk2999", "first", "second", "third"] {
+        assert!(snapshot.contains(&format!("\"{name}.example\"")), "{name}");
+    }
+    let journal = std::fs::metadata(server.dir.join("routes.log")).unwrap();
+    assert!(journal.len() < 200, "compacted: {} bytes", journal.len());
 }
