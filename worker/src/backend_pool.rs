@@ -347,28 +347,37 @@ impl Pooled {
 #[cfg(test)]
 mod tests {
     //! The pool between a front (hyper's HTTP/1.1 server, its service sending each request on
-    //! as the proxy does) and an app (hyper's server on a loopback port).
+    //! as the proxy does) and an app on a loopback port: hyper's server, or a raw one where the
+    //! test needs bytes hyper would not send.
 
     use super::*;
 
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
+    use http::StatusCode;
     use http_body_util::{BodyExt, Full};
+    use hyper::body::Frame;
     use hyper::service::service_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
 
     use crate::proxy::Upstream;
     use crate::response_body::{Holding, ResponseBody};
-    use crate::tunnel_forward::tests::{http1, text, Client};
+    use crate::tunnel_forward::tests::{http1, text, Client, Frames};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long a test waits for what should come at once.
+    const PROMPT: Duration = Duration::from_secs(5);
 
-    /// An app answering each request with its body's length after `delay`, counting the
-    /// connections it accepted; it says `Connection: close` on the answer to a request with
-    /// `x-last`.
-    async fn app(delay: Duration) -> (u16, Arc<AtomicUsize>) {
+    /// An app on a loopback port, each connection handed to `serve` in a task of its own: the
+    /// port, and how many connections it accepted.
+    async fn listen<F, Fut>(serve: F) -> (u16, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -376,26 +385,84 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                let service = service_fn(move |request: Request<Incoming>| async move {
-                    tokio::time::sleep(delay).await;
-                    let last = request.headers().contains_key("x-last");
-                    let length = request.into_body().collect().await?.to_bytes().len();
-                    let mut response = Response::new(Full::new(Bytes::from(length.to_string())));
-                    if last {
-                        let close = http::HeaderValue::from_static("close");
-                        response
-                            .headers_mut()
-                            .insert(http::header::CONNECTION, close);
-                    }
-                    Ok::<_, hyper::Error>(response)
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                tokio::spawn(serve(stream));
             }
         });
         (port, accepted)
+    }
+
+    /// An app served by hyper, answering with `answer`.
+    async fn hyper_app<F, Fut>(answer: F) -> (u16, Arc<AtomicUsize>)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        listen(move |stream| {
+            let answer = answer.clone();
+            async move {
+                let service = service_fn(move |request| {
+                    let response = answer(request);
+                    async move { Ok::<_, hyper::Error>(response.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        })
+        .await
+    }
+
+    /// An app answering each request with its body's length after `delay`; it says
+    /// `Connection: close` on the answer to a request with `x-last`.
+    async fn app(delay: Duration) -> (u16, Arc<AtomicUsize>) {
+        hyper_app(move |request: Request<Incoming>| async move {
+            tokio::time::sleep(delay).await;
+            let last = request.headers().contains_key("x-last");
+            let length = request
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .len();
+            let mut response = Response::new(Full::new(Bytes::from(length.to_string())));
+            if last {
+                let close = http::HeaderValue::from_static("close");
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, close);
+            }
+            response
+        })
+        .await
+    }
+
+    /// Reads from `stream` into `buffer` until it holds `at_least` bytes; `false` at its end.
+    async fn read_into(stream: &mut TcpStream, buffer: &mut Vec<u8>, at_least: usize) -> bool {
+        while buffer.len() < at_least {
+            let mut chunk = [0; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    }
+
+    /// The next request head from `stream` (lowercased), taken out of `buffer`; `None` at its
+    /// end.
+    async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<String> {
+        loop {
+            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buffer[..at + 4]).to_lowercase();
+                buffer.drain(..at + 4);
+                return Some(head);
+            }
+            let wanted = buffer.len() + 1;
+            if !read_into(stream, buffer, wanted).await {
+                return None;
+            }
+        }
     }
 
     /// A front sending every request to the app on `port` through `pool`.
@@ -420,15 +487,41 @@ mod tests {
         .await
     }
 
+    /// `request` through `client`: the response, within [`PROMPT`].
+    async fn send(client: &mut Client, request: Request<ClientBody>) -> Response<Incoming> {
+        client.ready().await.unwrap();
+        let response = tokio::time::timeout(PROMPT, client.send_request(request));
+        response.await.expect("no response head").unwrap()
+    }
+
+    type ClientBody = crate::tunnel_forward::tests::ClientBody;
+
+    fn get(method: &str, path: &str) -> Request<ClientBody> {
+        let request = Request::builder().method(method).uri(path);
+        let body = Full::new(Bytes::new()).boxed();
+        request.header("host", "a").body(body).unwrap()
+    }
+
+    /// A request whose body the test sends piece by piece (`length` bytes in all, if known).
+    fn streamed(
+        path: &str,
+        length: Option<usize>,
+    ) -> (Request<ClientBody>, mpsc::Sender<Frame<Bytes>>) {
+        let (pieces, body) = mpsc::channel(1);
+        let mut request = Request::post(path).header("host", "a");
+        if let Some(length) = length {
+            request = request.header("content-length", length);
+        }
+        (request.body(Frames(body).boxed()).unwrap(), pieces)
+    }
+
     async fn post(client: &mut Client, body: &'static str, last: bool) -> String {
         let mut request = Request::post("/").header("host", "app.example");
         if last {
             request = request.header("x-last", "1");
         }
         let request = request.body(Full::new(Bytes::from(body)).boxed()).unwrap();
-        client.ready().await.unwrap();
-        let response = client.send_request(request).await.unwrap();
-        text(response.into_body()).await
+        text(send(client, request).await.into_body()).await
     }
 
     #[tokio::test]
@@ -453,29 +546,20 @@ mod tests {
     async fn a_connection_the_app_closed_while_idle_is_not_used_and_the_sweep_drops_it() {
         // An app that answers one request per connection with keep-alive, then closes it
         // without saying so (as an app whose own idle timeout ran out).
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let mut head = [0; 1024];
-                let _ = stream.read(&mut head).await;
+        let (port, accepted) = listen(|mut stream| async move {
+            if read_head(&mut stream, &mut Vec::new()).await.is_some() {
                 let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                 let _ = stream.write_all(answer).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        });
+        })
+        .await;
         let pool = BackendPool::new(TIMEOUT);
         let mut client = front(pool.clone(), port).await;
         assert_eq!(post(&mut client, "", false).await, "ok");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(
-            pool.idle_count(port),
-            1,
-            "kept: nobody has looked at it yet"
-        );
+        let kept = pool.idle_count(port);
+        assert_eq!(kept, 1, "kept: nobody has looked at it yet");
 
         assert_eq!(post(&mut client, "", false).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -501,172 +585,99 @@ mod tests {
         assert_eq!(pool.idle_count(port), MAX_IDLE_PER_BACKEND);
     }
 
-    /// A raw app: per connection, serves requests in order. `/early`: answers 413 at once,
-    /// then reads (and discards) the request body, slowly. Else reads the body and answers its length.
-    async fn raw_app() -> (u16, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        // read a head
-                        let end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            let n = stream.read(&mut chunk).await.unwrap_or(0);
-                            if n == 0 {
-                                return;
-                            }
-                            buf.extend_from_slice(&chunk[..n]);
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                        buf.drain(..end);
-                        let early = head.starts_with("post /early");
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map(|v| v.trim().parse().unwrap())
-                            .unwrap_or(0);
-                        if early {
-                            stream.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig").await.unwrap();
-                        }
-                        while buf.len() < length {
-                            let mut chunk = [0u8; 4096];
-                            let n = stream.read(&mut chunk).await.unwrap_or(0);
-                            if n == 0 {
-                                return;
-                            }
-                            buf.extend_from_slice(&chunk[..n]);
-                        }
-                        buf.drain(..length);
-                        if !early {
-                            let body = length.to_string();
-                            let answer = format!(
-                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}",
-                                body.len(),
-                                body
-                            );
-                            stream.write_all(answer.as_bytes()).await.unwrap();
-                        }
-                    }
-                });
-            }
-        });
-        (port, accepted)
-    }
-
     #[tokio::test]
     async fn an_early_answer_lets_the_upload_finish_and_the_connection_serves_the_next_request_right(
     ) {
-        use crate::tunnel_forward::tests::Frames;
-        let (port, accepted) = raw_app().await;
+        // Requests in order on each connection: `/early` is answered 413 at once, before its
+        // body is read (then read and dropped); any other with its body's length.
+        let (port, accepted) = listen(|mut stream| async move {
+            let mut buffer = Vec::new();
+            while let Some(head) = read_head(&mut stream, &mut buffer).await {
+                let early = head.starts_with("post /early");
+                let length: usize = (head.lines())
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if early {
+                    let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig";
+                    stream.write_all(answer).await.unwrap();
+                }
+                if !read_into(&mut stream, &mut buffer, length).await {
+                    return;
+                }
+                buffer.drain(..length);
+                if !early {
+                    let body = length.to_string();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                }
+            }
+        })
+        .await;
         let pool = BackendPool::new(TIMEOUT);
         let mut client = front(pool.clone(), port).await;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let request = Request::post("/early")
-            .header("host", "a")
-            .header("content-length", "10")
-            .body(Frames(rx).boxed())
-            .unwrap();
+        let (request, pieces) = streamed("/early", Some(10));
         client.ready().await.unwrap();
         let response = client.send_request(request);
-        tx.send(hyper::body::Frame::data(Bytes::from_static(b"12345")))
+        pieces
+            .send(Frame::data(Bytes::from_static(b"12345")))
             .await
             .unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(5), response)
+        let response = tokio::time::timeout(PROMPT, response)
             .await
             .expect("head")
             .unwrap();
-        assert_eq!(response.status(), 413);
-        let body = tokio::time::timeout(Duration::from_secs(5), text(response.into_body()))
-            .await
-            .expect("body");
-        assert_eq!(body, "big");
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(text(response.into_body()).await, "big");
+
         tokio::time::sleep(Duration::from_millis(200)).await;
-        tx.send(hyper::body::Frame::data(Bytes::from_static(b"67890")))
+        pieces
+            .send(Frame::data(Bytes::from_static(b"67890")))
             .await
             .unwrap();
-        drop(tx);
+        drop(pieces);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        // the client's connection to the front: the next request
-        let mut client2 = front(pool.clone(), port).await;
-        let answer = tokio::time::timeout(Duration::from_secs(5), post(&mut client2, "abc", false))
-            .await
-            .expect("second");
-        assert_eq!(answer, "3");
+        let mut other = front(pool.clone(), port).await;
+        assert_eq!(post(&mut other, "abc", false).await, "3");
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             1,
-            "reused the connection after the upload finished"
+            "reused once the upload ended"
         );
-        let answer = tokio::time::timeout(Duration::from_secs(5), post(&mut client, "abcd", false))
-            .await
-            .expect("third on first client");
-        assert_eq!(answer, "4");
+        assert_eq!(post(&mut client, "abcd", false).await, "4");
     }
 
     #[tokio::test]
     async fn connections_come_back_after_head_204_and_304() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let service = service_fn(move |request: Request<Incoming>| async move {
-                    let mut response = Response::new(Full::new(Bytes::from_static(b"hello")));
-                    if request.uri().path() == "/204" {
-                        *response.status_mut() = http::StatusCode::NO_CONTENT;
-                        *response.body_mut() = Full::new(Bytes::new());
-                    }
-                    if request.uri().path() == "/304" {
-                        *response.status_mut() = http::StatusCode::NOT_MODIFIED;
-                        *response.body_mut() = Full::new(Bytes::new());
-                    }
-                    Ok::<_, hyper::Error>(response)
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
+        let (port, accepted) = hyper_app(|request: Request<Incoming>| async move {
+            let (status, body) = match request.uri().path() {
+                "/204" => (StatusCode::NO_CONTENT, ""),
+                "/304" => (StatusCode::NOT_MODIFIED, ""),
+                _ => (StatusCode::OK, "hello"),
+            };
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response
+        })
+        .await;
         let pool = BackendPool::new(TIMEOUT);
         let mut client = front(pool.clone(), port).await;
-        for (method, path) in [
-            ("HEAD", "/"),
-            ("GET", "/204"),
-            ("GET", "/304"),
-            ("GET", "/"),
-            ("HEAD", "/"),
-        ] {
-            let request = Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "a")
-                .body(Full::new(Bytes::new()).boxed())
-                .unwrap();
-            client.ready().await.unwrap();
-            let response =
-                tokio::time::timeout(Duration::from_secs(5), client.send_request(request))
-                    .await
-                    .expect("head")
-                    .unwrap();
-            let body = text(response.into_body()).await;
-            let expected = if method == "GET" && path == "/" {
-                "hello"
-            } else {
-                ""
-            };
-            assert_eq!(body, expected, "{method} {path}");
+        let exchanges = [
+            ("HEAD", "/", ""),
+            ("GET", "/204", ""),
+            ("GET", "/304", ""),
+            ("GET", "/", "hello"),
+            ("HEAD", "/", ""),
+        ];
+        for (method, path, expected) in exchanges {
+            let response = send(&mut client, get(method, path)).await;
+            assert_eq!(
+                text(response.into_body()).await,
+                expected,
+                "{method} {path}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
             assert_eq!(
                 pool.idle_count(port),
@@ -679,287 +690,191 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_comes_back_after_a_response_with_trailers() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                buf.drain(..i + 4);
-                                break;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            let n = stream.read(&mut chunk).await.unwrap_or(0);
-                            if n == 0 {
-                                return;
-                            }
-                            buf.extend_from_slice(&chunk[..n]);
-                        }
-                        stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-t\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n").await.unwrap();
-                    }
-                });
+        let (port, accepted) = listen(|mut stream| async move {
+            let mut buffer = Vec::new();
+            while read_head(&mut stream, &mut buffer).await.is_some() {
+                let answer =
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-t\r\n\r\n\
+                    3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n";
+                stream.write_all(answer).await.unwrap();
             }
-        });
+        })
+        .await;
         let pool = BackendPool::new(TIMEOUT);
         let mut client = front(pool.clone(), port).await;
         for _ in 0..3 {
-            let request = Request::get("/")
-                .header("host", "a")
-                .header("te", "trailers")
-                .body(Full::new(Bytes::new()).boxed())
-                .unwrap();
-            client.ready().await.unwrap();
-            let response = client.send_request(request).await.unwrap();
-            let collected = response.into_body().collect().await.unwrap();
-            eprintln!("trailers: {:?}", collected.trailers());
+            let mut request = get("GET", "/");
+            let te = http::HeaderValue::from_static("trailers");
+            request.headers_mut().insert(http::header::TE, te);
+            let answer = send(&mut client, request).await.into_body().collect().await;
+            let answer = answer.unwrap();
+            assert_eq!(answer.trailers().and_then(|t| t.get("x-t")).unwrap(), "1");
+            assert_eq!(answer.to_bytes(), "abc");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        eprintln!(
-            "accepted with trailers: {}",
-            accepted.load(Ordering::SeqCst)
-        );
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "reused after a response with trailers"
-        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused after trailers");
     }
 
     #[tokio::test]
     async fn a_client_gone_mid_response_closes_its_connection_and_the_next_request_is_answered_right(
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let service = service_fn(move |request: Request<Incoming>| async move {
-                    let big = request.uri().path() == "/big";
-                    let body = if big {
-                        Bytes::from(vec![b'x'; 4 << 20])
-                    } else {
-                        Bytes::from_static(b"small")
-                    };
-                    Ok::<_, hyper::Error>(Response::new(Full::new(body)))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
+        let (port, accepted) = hyper_app(|request: Request<Incoming>| async move {
+            let body = match request.uri().path() {
+                "/big" => Bytes::from(vec![b'x'; 4 << 20]),
+                _ => Bytes::from_static(b"small"),
+            };
+            Response::new(Full::new(body))
+        })
+        .await;
         let pool = BackendPool::new(TIMEOUT);
         {
             let mut client = front(pool.clone(), port).await;
-            let request = Request::get("/big")
-                .header("host", "a")
-                .body(Full::new(Bytes::new()).boxed())
-                .unwrap();
-            client.ready().await.unwrap();
-            let mut response = client.send_request(request).await.unwrap();
+            let mut response = send(&mut client, get("GET", "/big")).await;
             let _ = response.body_mut().frame().await;
-            // client gone
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut client = front(pool.clone(), port).await;
         for _ in 0..3 {
-            let request = Request::get("/small")
-                .header("host", "a")
-                .body(Full::new(Bytes::new()).boxed())
-                .unwrap();
-            client.ready().await.unwrap();
-            let response =
-                tokio::time::timeout(Duration::from_secs(5), client.send_request(request))
-                    .await
-                    .unwrap()
-                    .unwrap();
+            let response = send(&mut client, get("GET", "/small")).await;
             assert_eq!(text(response.into_body()).await, "small");
         }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the cut one closed, then one"
+        );
     }
 
     #[tokio::test]
-    async fn a_full_duplex_echo_streams_both_ways() {
-        use crate::tunnel_forward::tests::Frames;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let service = service_fn(move |request: Request<Incoming>| async move {
-                    Ok::<_, hyper::Error>(Response::new(request.into_body()))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
+    async fn a_full_duplex_echo_streams_both_ways_and_its_connection_is_reused() {
+        let (port, accepted) = listen(|stream| async move {
+            let service = service_fn(|request: Request<Incoming>| async move {
+                Ok::<_, hyper::Error>(Response::new(request.into_body()))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await;
         let pool = BackendPool::new(TIMEOUT);
         let mut client = front(pool.clone(), port).await;
-        for round in 0..2 {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let request = Request::post("/")
-                .header("host", "a")
-                .body(Frames(rx).boxed())
-                .unwrap();
+        for _ in 0..2 {
+            let (request, pieces) = streamed("/", None);
             client.ready().await.unwrap();
             let response = client.send_request(request);
-            tx.send(hyper::body::Frame::data(Bytes::from_static(b"a")))
+            pieces
+                .send(Frame::data(Bytes::from_static(b"a")))
                 .await
                 .unwrap();
-            let mut response = tokio::time::timeout(Duration::from_secs(5), response)
+            let mut response = tokio::time::timeout(PROMPT, response)
                 .await
-                .expect("head")
+                .unwrap()
                 .unwrap();
-            for i in 0..5u8 {
-                let frame =
-                    tokio::time::timeout(Duration::from_secs(5), response.body_mut().frame())
-                        .await
-                        .expect("echo")
-                        .unwrap()
-                        .unwrap();
-                eprintln!("round {round} echo {i}: {:?}", frame.data_ref());
-                tx.send(hyper::body::Frame::data(Bytes::from(vec![b'b' + i])))
-                    .await
+            // Each piece comes back before the next is sent.
+            for piece in [b"a", b"b", b"c"] {
+                let echoed = tokio::time::timeout(PROMPT, response.body_mut().frame()).await;
+                let echoed = echoed
+                    .expect("no echo")
+                    .unwrap()
+                    .unwrap()
+                    .into_data()
                     .unwrap();
+                assert_eq!(echoed, &piece[..]);
+                if piece != b"c" {
+                    let next = [piece[0] + 1];
+                    pieces
+                        .send(Frame::data(Bytes::copy_from_slice(&next)))
+                        .await
+                        .unwrap();
+                }
             }
-            drop(tx);
-            let rest = tokio::time::timeout(Duration::from_secs(5), text(response.into_body()))
-                .await
-                .expect("end");
-            eprintln!("round {round} rest {rest:?}");
+            drop(pieces);
+            assert_eq!(text(response.into_body()).await, "");
             tokio::time::sleep(Duration::from_millis(20)).await;
-            eprintln!("idle {}", pool.idle_count(port));
         }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
-    async fn a_head_before_a_slow_upload_then_the_body() {
-        use crate::tunnel_forward::tests::Frames;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        let n = stream.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                    };
-                    buf.drain(..end);
-                    stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                        .await
-                        .unwrap();
-                    while buf.len() < 30 {
-                        let mut chunk = [0u8; 4096];
-                        let n = stream.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                    }
-                    stream.write_all(b"5\r\nhello\r\n0\r\n\r\n").await.unwrap();
-                    let _ = stream.read(&mut [0u8; 16]).await;
-                });
+    async fn a_response_head_before_a_slow_upload_then_its_body_after_it() {
+        let (port, _) = listen(|mut stream| async move {
+            let mut buffer = Vec::new();
+            if read_head(&mut stream, &mut buffer).await.is_none() {
+                return;
             }
-        });
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            stream.write_all(head).await.unwrap();
+            if read_into(&mut stream, &mut buffer, 30).await {
+                stream.write_all(b"5\r\nhello\r\n0\r\n\r\n").await.unwrap();
+                let _ = stream.read(&mut [0; 16]).await;
+            }
+        })
+        .await;
         let pool = BackendPool::new(TIMEOUT);
         let mut client = front(pool.clone(), port).await;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let request = Request::post("/")
-            .header("host", "a")
-            .header("content-length", "30")
-            .body(Frames(rx).boxed())
-            .unwrap();
+        let (request, pieces) = streamed("/", Some(30));
         client.ready().await.unwrap();
         let response = client.send_request(request);
-        let sender = tokio::spawn(async move {
+        let uploading = tokio::spawn(async move {
             for _ in 0..3 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                tx.send(hyper::body::Frame::data(Bytes::from_static(b"0123456789")))
-                    .await
-                    .unwrap();
+                let piece = Frame::data(Bytes::from_static(b"0123456789"));
+                pieces.send(piece).await.unwrap();
             }
         });
-        let response = tokio::time::timeout(Duration::from_secs(5), response)
+        let response = tokio::time::timeout(PROMPT, response)
             .await
             .expect("head")
             .unwrap();
-        let body = tokio::time::timeout(Duration::from_secs(5), text(response.into_body()))
-            .await
-            .expect("body");
-        assert_eq!(body, "hello");
-        sender.await.unwrap();
+        let body = tokio::time::timeout(PROMPT, text(response.into_body())).await;
+        assert_eq!(body.expect("no body"), "hello");
+        uploading.await.unwrap();
     }
 
-    /// A backend that streams a big response at once while it reads the upload; a client that
+    /// An app that streams a big response at once while it reads the upload; a client that
     /// reads the response only after it has sent its whole body (each larger than the buffers
     /// between them): the upload must go on while nobody reads the response.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_big_early_answer_does_not_stop_the_upload_of_a_client_that_reads_later() {
-        use crate::tunnel_forward::tests::Frames;
         const UP: usize = 16 << 20;
         const DOWN: usize = 16 << 20;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (mut r, mut w) = stream.into_split();
+        const PIECE: usize = 64 << 10;
+        let (port, _) = listen(|stream| async move {
+            let (mut from, mut to) = stream.into_split();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while r.read(&mut buf).await.unwrap_or(0) > 0 {}
+                let mut buffer = vec![0; PIECE];
+                while from.read(&mut buffer).await.unwrap_or(0) > 0 {}
             });
             let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {DOWN}\r\n\r\n");
-            w.write_all(head.as_bytes()).await.unwrap();
-            let chunk = vec![b'x'; 65536];
-            for _ in 0..DOWN / 65536 {
-                if w.write_all(&chunk).await.is_err() {
+            to.write_all(head.as_bytes()).await.unwrap();
+            for _ in 0..DOWN / PIECE {
+                if to.write_all(&[b'x'; PIECE]).await.is_err() {
                     return;
                 }
             }
             std::future::pending::<()>().await;
-        });
+        })
+        .await;
         let pool = BackendPool::new(Duration::from_secs(60));
         let mut client = front(pool.clone(), port).await;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let request = Request::post("/")
-            .header("host", "a")
-            .header("content-length", UP.to_string())
-            .body(Frames(rx).boxed())
-            .unwrap();
+        let (request, pieces) = streamed("/", Some(UP));
         client.ready().await.unwrap();
         let response = tokio::spawn(client.send_request(request));
-        let chunk = Bytes::from(vec![b'u'; 65536]);
-        for i in 0..UP / 65536 {
-            let sent = tokio::time::timeout(
-                Duration::from_secs(10),
-                tx.send(hyper::body::Frame::data(chunk.clone())),
-            );
+        let piece = Bytes::from(vec![b'u'; PIECE]);
+        for i in 0..UP / PIECE {
+            let sent = tokio::time::timeout(TIMEOUT, pieces.send(Frame::data(piece.clone())));
             assert!(
                 sent.await.is_ok(),
                 "the upload stopped after {} KiB",
                 i * 64
             );
         }
-        drop(tx);
-        let response = response.await.unwrap().unwrap();
-        let mut body = response.into_body();
+        drop(pieces);
+        let mut body = response.await.unwrap().unwrap().into_body();
         let mut got = 0;
-        while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        while let Some(frame) = tokio::time::timeout(TIMEOUT, body.frame())
             .await
-            .expect("the download stopped")
+            .expect("stopped")
         {
             got += frame.unwrap().data_ref().map_or(0, |d| d.len());
         }
