@@ -16,11 +16,13 @@
 //! task until the upload has ended (or the backend stops taking it for the backend timeout),
 //! then goes back into the pool if it is idle.
 //!
-//! What hyper-util's client did that this does too, each tested in `tests`:
+//! What hyper-util's client did that this does too (tested in `tests`, but for the resend,
+//! whose moment cannot be chosen from outside):
 //! - keep-alive connections per backend port, the most recently used first, at most
-//!   [`MAX_IDLE_PER_BACKEND`] idle ones, each closed after [`IDLE_TIMEOUT`] unused, and closed
-//!   as soon as the app closes it (checked every [`SWEEP_EVERY`]: an idle connection is not
-//!   polled by anyone, so an app's close is only seen when it is looked at);
+//!   [`MAX_IDLE_PER_BACKEND`] idle ones, each closed after [`IDLE_TIMEOUT`] unused, or once the
+//!   app has closed it: an idle connection is polled by no one, so that is seen when it is
+//!   next taken or at the sweep every [`SWEEP_EVERY`] (hyper-util, a task per connection, saw
+//!   it at once);
 //! - a request that found its pooled connection closed by the app just then (hyper hands it
 //!   back unsent) goes again on another connection, its body untouched;
 //! - a connect timeout, and `TCP_NODELAY`.
