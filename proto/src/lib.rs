@@ -14,6 +14,7 @@
 //! - [`dumpable`]: what each child does first, so that no other process of its user reads it.
 //! - [`seccomp`]: the syscall deny-list the worker and the ACME helper confine themselves with.
 //! - [`logging`]: the one tracing set-up every binary uses.
+//! - [`random`]: randomness from the kernel, and the hex form ids and hashes are written in.
 
 pub mod acme_ipc;
 pub mod atomic_file;
@@ -25,6 +26,7 @@ pub mod dumpable;
 pub mod hop_by_hop;
 pub mod ipc;
 pub mod logging;
+pub mod random;
 pub mod routes;
 pub mod seccomp;
 pub mod tunnel;

@@ -69,13 +69,7 @@ impl Token {
     /// A fresh token from the kernel's random source.
     pub fn generate() -> io::Result<Token> {
         let mut bytes = [0u8; TOKEN_BYTES];
-        let mut filled = 0;
-        while filled < bytes.len() {
-            filled += rustix::rand::getrandom(
-                &mut bytes[filled..],
-                rustix::rand::GetRandomFlags::empty(),
-            )?;
-        }
+        crate::random::fill(&mut bytes)?;
         Ok(Token(format!(
             "{TOKEN_PREFIX}{}",
             URL_SAFE_NO_PAD.encode(bytes)
@@ -118,7 +112,7 @@ impl TokenHash {
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::random::hex(&self.0)
     }
 
     /// 64 hex digits, either case; `None` for anything else.

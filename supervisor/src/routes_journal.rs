@@ -35,6 +35,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 
+use core_server_proto::random;
 use core_server_proto::routes::RouteChange;
 use sha2::{Digest, Sha256};
 
@@ -49,13 +50,7 @@ const MODE: u32 = 0o600;
 
 /// A new journal id, for a snapshot and the journal that continues it (see the module comment).
 pub fn new_id() -> io::Result<String> {
-    let mut bytes = [0; 16];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        filled +=
-            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())?;
-    }
-    Ok(hex(&bytes))
+    random::hex_id()
 }
 
 /// A journal file as read.
@@ -166,20 +161,13 @@ fn decode(line: &[u8]) -> Result<RouteChange, String> {
 }
 
 fn checksum(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes)[..8])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    random::hex(&Sha256::digest(bytes)[..8])
 }
 
 /// Removes `dir`'s journal, if there is one (a small table needs none). Not made durable:
 /// should it come back after a crash, it is stale (the snapshot written before has no journal id).
 pub fn remove(dir: &StateDir) -> io::Result<()> {
-    match rustix::fs::unlinkat(dir.fd(), FILE_NAME, rustix::fs::AtFlags::empty()) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    dir.remove(FILE_NAME)
 }
 
 /// An open journal, appended to.

@@ -216,6 +216,15 @@ impl StateDir {
         atomic_file::remove_leftovers(self.fd(), name)
     }
 
+    /// Removes file `name`, if it is there (a link is removed, never followed). Not durable:
+    /// the directory is not fsync'd.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match rustix::fs::unlinkat(self.fd(), name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// File `name` opened for appending, created with `mode` if missing.
     pub fn append(&self, name: &str, mode: u32) -> io::Result<File> {
         self.open_file(name, OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE, mode)

@@ -118,7 +118,7 @@ impl TunnelEndpoint {
                 return response;
             }
         };
-        let nonce = match nonce() {
+        let nonce = match core_server_proto::random::hex_id() {
             Ok(nonce) => nonce,
             Err(e) => {
                 warn!("{domain}: tunnel request from {source} refused: no random nonce: {e}");
@@ -191,15 +191,4 @@ fn label(headers: &HeaderMap) -> String {
         "" => "unnamed".to_owned(),
         label => label.to_owned(),
     }
-}
-
-/// 128 random bits in hex.
-fn nonce() -> std::io::Result<String> {
-    let mut bytes = [0u8; 16];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        filled +=
-            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())?;
-    }
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
