@@ -28,15 +28,28 @@ async def connect(port):
         return None
 
 
-async def idle(port, hold):
+async def answered(port, request):
+    """A new connection that sent `request` and read its answer's head: (reader, writer, head),
+    or None (the connection closed) if any step failed or took over 10 s."""
     conn = await connect(port)
     if conn is None:
         return None
     reader, writer = conn
     try:
-        writer.write(HEAD)
+        writer.write(request)
         await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return reader, writer, await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        writer.close()
+        return None
+
+
+async def idle(port, hold):
+    got = await answered(port, HEAD)
+    if got is None:
+        return None
+    reader, writer, head = got
+    try:
         length = next(
             (int(line.split(b":")[1]) for line in head.split(b"\r\n")
              if line.lower().startswith(b"content-length:")), 0)
@@ -49,21 +62,14 @@ async def idle(port, hold):
 
 
 async def websocket(port, hold):
-    conn = await connect(port)
-    if conn is None:
+    got = await answered(port, UPGRADE)
+    if got is None:
         return None
-    reader, writer = conn
-    try:
-        writer.write(UPGRADE)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-        writer.close()
-        return None
+    reader, writer, head = got
     if not head.startswith(b"HTTP/1.1 101"):
         writer.close()
         return None
-    hold.append(conn)
+    hold.append((reader, writer))
     return writer
 
 
