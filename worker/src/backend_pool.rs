@@ -473,7 +473,7 @@ mod tests {
             let pool = pool.clone();
             async move {
                 let (parts, body) = request.into_parts();
-                let (body, upload) = RequestBody::new(body, TIMEOUT);
+                let (body, upload) = RequestBody::new(Some(body), TIMEOUT);
                 let request = Request::from_parts(parts, body);
                 let sent = pool.send(port, request, upload.as_ref()).await;
                 let (mut response, connection) = sent.unwrap();

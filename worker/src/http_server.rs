@@ -41,7 +41,8 @@ use crate::accept_errors::AcceptErrors;
 use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
-use crate::proxy::{Proxy, ProxyBody};
+use crate::http1_fast_path::{self, HandedOver, Limits, WaitReadable};
+use crate::proxy::{ClientRequest, Proxy, ProxyBody};
 use crate::tls_acceptor::TlsAcceptor;
 
 /// Concurrent streams a client may open on one HTTP/2 connection (nginx's
@@ -71,8 +72,7 @@ pub enum Transport {
 pub struct HttpServer {
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
-    header_timeout: Duration,
-    idle_timeout: Duration,
+    limits: Limits,
     transport: Transport,
     limit: Arc<ConnectionLimit>,
 }
@@ -98,8 +98,10 @@ impl HttpServer {
         HttpServer {
             proxy,
             builder,
-            header_timeout: settings.header_timeout,
-            idle_timeout: settings.idle_timeout,
+            limits: Limits {
+                header_timeout: settings.header_timeout,
+                idle_timeout: settings.idle_timeout,
+            },
             transport,
             limit,
         }
@@ -172,7 +174,8 @@ impl HttpServer {
         stop: CancellationToken,
     ) {
         let activity = slot.connected();
-        self.serve_http(stream, client, &activity, stop).await
+        self.serve_http(stream, client, false, &activity, stop)
+            .await
     }
 
     /// An HTTPS connection's task; it holds `slot` until the connection ends.
@@ -199,7 +202,7 @@ impl HttpServer {
                     return;
                 }
                 Err(_) => {
-                    debug!("TLS handshake with {client} not done within {:?}: closing", self.header_timeout);
+                    debug!("TLS handshake with {client} not done within {:?}: closing", self.limits.header_timeout);
                     return;
                 }
             },
@@ -216,24 +219,59 @@ impl HttpServer {
             let _ = tokio::time::timeout_at(by, stream.shutdown()).await;
             return;
         }
-        self.serve_http(stream, client, &activity, stop).await
+        let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.serve_http(stream, client, http2, &activity, stop)
+            .await
     }
 
-    /// Serves HTTP on `stream` (plain, or TLS after its handshake) until it closes.
+    /// Serves HTTP on `stream` (plain, or TLS after its handshake, `http2` if its ALPN chose
+    /// HTTP/2) until it closes: HTTP/1.1 requests without a body on the fast path (see
+    /// `http1_fast_path`), everything from the first other request on with hyper.
     async fn serve_http<S>(
         &self,
         stream: S,
         client: SocketAddr,
+        http2: bool,
+        activity: &Arc<Activity>,
+        stop: CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
+    {
+        let (scheme, redirect) = match &self.transport {
+            Transport::Http(redirect) => ("http", redirect.clone()),
+            Transport::Https(_) => ("https", None),
+        };
+        let responder = Responder {
+            proxy: self.proxy.clone(),
+            redirect,
+            client,
+            scheme,
+        };
+        let stream = if http2 {
+            HandedOver::whole(stream)
+        } else {
+            let respond = |request| responder.respond(request);
+            let served = http1_fast_path::serve(stream, &self.limits, activity, &stop, respond);
+            match served.await {
+                Some(stream) => stream,
+                None => return,
+            }
+        };
+        // Boxed: hyper's connection is large, and most connections never need it.
+        Box::pin(self.serve_with_hyper(stream, responder, activity, stop)).await
+    }
+
+    /// Serves HTTP/1 or HTTP/2 on `stream` with hyper, until it closes.
+    async fn serve_with_hyper<S>(
+        &self,
+        stream: HandedOver<S>,
+        responder: Responder,
         activity: &Arc<Activity>,
         stop: CancellationToken,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let proxy = self.proxy.clone();
-        let (scheme, redirect) = match &self.transport {
-            Transport::Http(redirect) => ("http", redirect.clone()),
-            Transport::Https(_) => ("https", None),
-        };
+        let client = responder.client;
         let service = {
             let (activity, stop) = (activity.clone(), stop.clone());
             service_fn(move |request: Request<Incoming>| {
@@ -241,13 +279,9 @@ impl HttpServer {
                 if request.version() == Version::HTTP_2 {
                     activity.saw_http2();
                 }
-                let (proxy, stop, redirect) = (proxy.clone(), stop.clone(), redirect.clone());
+                let (responder, stop) = (responder.clone(), stop.clone());
                 async move {
-                    let answered = redirect.as_ref().and_then(|r| r.answer(&request));
-                    let mut response = match answered {
-                        Some(response) => response,
-                        None => proxy.handle(request, client, scheme).await,
-                    };
+                    let mut response = responder.respond(request.map(Some)).await;
                     if stop.is_cancelled() {
                         ask_to_close(&mut response);
                     }
@@ -291,7 +325,7 @@ impl HttpServer {
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
                     if !activity.started_a_request() && now >= self.first_request_by(activity) {
-                        debug!("connection from {client} sent no request within {:?}: closing", self.header_timeout);
+                        debug!("connection from {client} sent no request within {:?}: closing", self.limits.header_timeout);
                         return;
                     }
                     match (activity.idle_since(), told) {
@@ -299,8 +333,8 @@ impl HttpServer {
                             debug!("connection from {client} did not close when asked: dropping");
                             return;
                         }
-                        (Some(since), None) if now >= since + self.idle_timeout => {
-                            debug!("connection from {client} idle for {:?}: closing", self.idle_timeout);
+                        (Some(since), None) if now >= since + self.limits.idle_timeout => {
+                            debug!("connection from {client} idle for {:?}: closing", self.limits.idle_timeout);
                             told = Some(now);
                             connection.as_mut().graceful_shutdown();
                         }
@@ -319,8 +353,8 @@ impl HttpServer {
         let now = Instant::now();
         let mut wake = match (activity.idle_since(), told) {
             // In flight: whenever it ends, nothing is due before this.
-            (None, _) => now + self.idle_timeout,
-            (Some(since), None) => since + self.idle_timeout,
+            (None, _) => now + self.limits.idle_timeout,
+            (Some(since), None) => since + self.limits.idle_timeout,
             (Some(since), Some(told)) => self.drop_at(since, told),
         };
         if !activity.started_a_request() {
@@ -330,14 +364,33 @@ impl HttpServer {
     }
 
     fn first_request_by(&self, activity: &Activity) -> Instant {
-        activity.accepted_at() + self.header_timeout
+        activity.accepted_at() + self.limits.header_timeout
     }
 
     /// When a connection told to close, idle since `idle_since`, is dropped if still open:
     /// [`CLOSE_GRACE`] after it was told, but not before the client had `--header-timeout` to
     /// read the end of its last response (which hyper may still be writing).
     fn drop_at(&self, idle_since: Instant, told: Instant) -> Instant {
-        (told + CLOSE_GRACE).max(idle_since + self.header_timeout)
+        (told + CLOSE_GRACE).max(idle_since + self.limits.header_timeout)
+    }
+}
+
+/// What a connection answers requests with: in release mode's plain HTTP, a challenge's answer
+/// or a redirect to HTTPS; else the proxy's answer.
+#[derive(Clone)]
+struct Responder {
+    proxy: Arc<Proxy>,
+    redirect: Option<Arc<RedirectToHttps>>,
+    client: SocketAddr,
+    scheme: &'static str,
+}
+
+impl Responder {
+    async fn respond(&self, request: ClientRequest) -> Response<ProxyBody> {
+        match self.redirect.as_ref().and_then(|r| r.answer(&request)) {
+            Some(response) => response,
+            None => self.proxy.handle(request, self.client, self.scheme).await,
+        }
     }
 }
 

@@ -24,6 +24,8 @@ mod certificates;
 mod connection_limit;
 mod failed_attempts;
 mod forwarding;
+mod http1_fast_path;
+mod http1_response;
 mod http_server;
 mod https;
 mod last_moment;

@@ -58,6 +58,10 @@ use crate::tunnel_endpoint::TunnelEndpoint;
 use crate::tunnels::{NoAgent, Tunnels};
 use crate::{tunnel_forward, tunnel_upgrade, upgrade};
 
+/// A client's request as the proxy takes it: its body is `None` when it came without one (see
+/// `http1_fast_path`).
+pub type ClientRequest = Request<Option<Incoming>>;
+
 /// What the client gets: the backend's streamed body, or a short error page.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
@@ -125,7 +129,7 @@ impl Proxy {
     /// Answers one request from `client`, received over `scheme` (`"http"` or `"https"`).
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: ClientRequest,
         client: SocketAddr,
         scheme: &'static str,
     ) -> Response<ProxyBody> {
@@ -200,7 +204,7 @@ impl Proxy {
     /// core-server knows (see `forwarding`).
     fn prepare(
         &self,
-        request: Request<Incoming>,
+        request: ClientRequest,
         client: SocketAddr,
         host: &HeaderValue,
         scheme: &'static str,
@@ -538,7 +542,7 @@ mod tests {
             let proxy = proxy.clone();
             async move {
                 proxy
-                    .handle(request, "192.0.2.7:4000".parse().unwrap(), "http")
+                    .handle(request.map(Some), "192.0.2.7:4000".parse().unwrap(), "http")
                     .await
             }
         })

@@ -43,7 +43,8 @@ pub enum ClientBodyError {
 
 /// A client's request body as sent to a backend.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None` for a request that came without a body (see `http1_fast_path`).
+    inner: Option<Incoming>,
     /// `None` for a body that was empty from the start (most requests): nothing to watch.
     watch: Option<(Arc<Shared>, ReadDeadline)>,
 }
@@ -65,8 +66,8 @@ struct Shared {
 impl RequestBody {
     /// Wraps `inner`, failing it once the client sends no byte for `stall_timeout`; the
     /// [`Upload`] to watch, unless the body is already complete.
-    pub fn new(inner: Incoming, stall_timeout: Duration) -> (Self, Option<Upload>) {
-        if inner.is_end_stream() {
+    pub fn new(inner: Option<Incoming>, stall_timeout: Duration) -> (Self, Option<Upload>) {
+        if inner.as_ref().is_none_or(Body::is_end_stream) {
             return (RequestBody { inner, watch: None }, None);
         }
         let shared = Arc::new(Shared {
@@ -90,7 +91,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = &mut *self;
-        let poll = Pin::new(&mut this.inner)
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let poll = Pin::new(&mut *inner)
             .poll_frame(cx)
             .map_ok(without_client_claims);
         let Some((shared, deadline)) = &mut this.watch else {
@@ -108,7 +112,7 @@ impl Body for RequestBody {
                 deadline.moved();
                 shared.moved();
                 // hyper's client stops polling once `is_end_stream` says so.
-                if frame.is_trailers() || this.inner.is_end_stream() {
+                if frame.is_trailers() || inner.is_end_stream() {
                     shared.end(Ok(()));
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -122,11 +126,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        (self.inner.as_ref()).map_or(SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -213,7 +217,8 @@ mod tests {
         let service = service_fn(move |request: Request<Incoming>| {
             let received = received.clone();
             async move {
-                let (body, _upload) = RequestBody::new(request.into_body(), Duration::from_secs(5));
+                let (body, _upload) =
+                    RequestBody::new(Some(request.into_body()), Duration::from_secs(5));
                 let collected = body.collect().await.unwrap();
                 let _ = received.send(collected.trailers().cloned());
                 Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))

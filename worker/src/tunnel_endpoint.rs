@@ -27,11 +27,10 @@ use core_server_proto::tunnel::{
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::failed_attempts::{FailedAttempts, Source, ALLOWED_FAILURES};
-use crate::proxy::{error_page, request_host, ProxyBody};
+use crate::proxy::{error_page, request_host, ClientRequest, ProxyBody};
 use crate::tunnel_connection::{self, Agent};
 use crate::tunnels::{Refusal, Tunnels};
 
@@ -51,7 +50,7 @@ impl TunnelEndpoint {
 
     /// Whether `request` asks to become a tunnel (an HTTP/1.1 `Upgrade:
     /// core-server-tunnel/1` on `TUNNEL_PATH`); other requests to that path go to the app.
-    pub fn wants(request: &Request<Incoming>) -> bool {
+    pub fn wants<B>(request: &Request<B>) -> bool {
         let headers = request.headers();
         request.version() == Version::HTTP_11
             && request.uri().path() == TUNNEL_PATH
@@ -62,7 +61,7 @@ impl TunnelEndpoint {
     /// Answers a request that [`TunnelEndpoint::wants`]: 101 and a new tunnel, 401, 429 or 503.
     pub async fn handle(
         &self,
-        mut request: Request<Incoming>,
+        mut request: ClientRequest,
         client: SocketAddr,
     ) -> Response<ProxyBody> {
         let source = client.ip().to_canonical();

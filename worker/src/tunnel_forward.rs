@@ -302,7 +302,7 @@ pub(crate) mod tests {
         let host = request.headers()[header::HOST].clone();
         let domain = Domain::from_host(host.to_str().unwrap()).unwrap();
         let (parts, body) = request.into_parts();
-        let (body, _upload) = RequestBody::new(body, TIMEOUT);
+        let (body, _upload) = RequestBody::new(Some(body), TIMEOUT);
         let mut request = Request::from_parts(parts, body);
         forwarding::remove_hop_by_hop(request.headers_mut());
         let client = "192.0.2.7".parse().unwrap();

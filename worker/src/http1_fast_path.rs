@@ -1,0 +1,593 @@
+//! HTTP/1.1 served by core-server itself for the requests most traffic is made of: a head and
+//! no body (`GET`, `HEAD`, a `DELETE` ...), no upgrade, no `Expect`. Everything else is handed
+//! to hyper, with the bytes already read, and hyper serves the connection from there on: the
+//! fast path only ever serves a connection's first requests, and never guesses.
+//!
+//! Why not hyper for these too: its HTTP/1 connection keeps an 8 KiB read buffer and an 8 KiB
+//! write buffer for as long as the connection lives, idle or not (nginx frees its buffers while
+//! a keep-alive connection waits), and its dispatcher, header-timer and service plumbing cost
+//! more CPU per request than the proxying itself. Here an idle connection holds no buffer: it
+//! waits for readability, then reads into a 4 KiB buffer that goes once the head is parsed.
+//!
+//! What the fast path does that hyper's server did (and that it must keep doing):
+//! - parse with `httparse` (hyper's own parser); anything it cannot parse, or a head not whole
+//!   within [`MAX_HEAD`] bytes, goes to hyper, which answers it;
+//! - bound the wait for a head by `--header-timeout`, from the accept or from the end of the
+//!   previous response (so idle keep-alive connections close), and by `--idle-timeout`;
+//! - close after a response when the client asked (`Connection: close`), when the worker is
+//!   stopping or the connection was evicted (the response then says `Connection: close`), or
+//!   when the response's body broke off (the client must see it cut short);
+//! - count each request in flight on the connection's [`Activity`] until its response is
+//!   written, for the idle timeout, the connection limit and a draining worker;
+//! - frame responses as hyper would (see `http1_response`), pipelined requests included.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use hyper::body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::activity::Activity;
+use crate::http1_response::{self, Written};
+use crate::proxy::ClientRequest;
+
+/// How much of a head the fast path reads before it gives up on it: a head not whole by then
+/// (big cookies) goes to hyper, which takes up to about 400 KiB.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// What a read asks for at least: most heads fit in one read of this.
+const READ_SIZE: usize = 4096;
+
+/// Header fields the fast path takes in one head; more go to hyper (which takes 100).
+const MAX_HEADERS: usize = 64;
+
+/// How long the fast path waits for a head, and what it tells [`Activity`].
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// A stream whose readability can be awaited without a buffer, so a connection that waits for
+/// its next request holds none.
+pub trait WaitReadable {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl WaitReadable for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+}
+
+impl WaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
+    /// At once if TLS holds decrypted bytes already.
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        let (tcp, tls) = self.get_ref();
+        let wait = tls.wants_read();
+        async move {
+            if wait {
+                tcp.readable().await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Serves requests on `stream` with `respond` until the connection ends (`None`) or a request
+/// comes that the fast path leaves to hyper: the stream then, with what was read of it.
+pub async fn serve<S, F, Fut, B>(
+    mut stream: S,
+    limits: &Limits,
+    activity: &Arc<Activity>,
+    stop: &CancellationToken,
+    respond: F,
+) -> Option<HandedOver<S>>
+where
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin,
+    F: Fn(ClientRequest) -> Fut,
+    Fut: std::future::Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut buffer = BytesMut::new();
+    // Since when no request has been in flight: the accept, then the end of each response.
+    let mut idle_from = activity.accepted_at();
+    let wait = limits.header_timeout.min(limits.idle_timeout);
+    let deadline = tokio::time::sleep_until(idle_from + wait);
+    tokio::pin!(deadline);
+    loop {
+        let (request, asked_to_close) = match parse(&mut buffer) {
+            Ok(Some(request)) => request,
+            Err(ForHyper) => return Some(HandedOver::new(stream, buffer.freeze())),
+            Ok(None) if buffer.len() >= MAX_HEAD => {
+                return Some(HandedOver::new(stream, buffer.freeze()))
+            }
+            Ok(None) => {
+                if activity.was_evicted() {
+                    return None;
+                }
+                if deadline.deadline() != idle_from + wait {
+                    deadline.as_mut().reset(idle_from + wait);
+                }
+                tokio::select! {
+                    biased;
+                    read = read_more(&mut stream, &mut buffer) => match read {
+                        Ok(0) | Err(_) => return None,
+                        Ok(_) => continue,
+                    },
+                    () = activity.evicted() => {
+                        debug!("an HTTP/1 connection closed to make room");
+                        return None;
+                    }
+                    () = &mut deadline => {
+                        debug!("an HTTP/1 connection sent no request within {wait:?}: closing");
+                        return None;
+                    }
+                }
+            }
+        };
+        let in_flight = activity.request_started();
+        let to_head = request.method() == Method::HEAD;
+        // Boxed: the proxy's future and the response being written are the largest states of
+        // a connection, and only a request in flight needs room for them; a connection waiting
+        // for its next request stays small.
+        let written = Box::pin(async {
+            let response = respond(request).await;
+            let close = asked_to_close || stop.is_cancelled() || activity.was_evicted();
+            http1_response::write(&mut stream, response, to_head, close).await
+        });
+        let written = written.await;
+        drop(in_flight);
+        match written {
+            Ok(Written::KeepAlive) => {}
+            Ok(Written::Close) => {
+                let _ = tokio::time::timeout(limits.header_timeout, stream.shutdown()).await;
+                return None;
+            }
+            Err(e) => {
+                debug!("an HTTP/1 response was not written whole: {e}");
+                return None;
+            }
+        }
+        idle_from = Instant::now();
+        if buffer.is_empty() {
+            buffer = BytesMut::new(); // nothing pipelined: hold no memory while waiting
+        }
+    }
+}
+
+/// Reads what `stream` has into `buffer`; waits for readability first when the buffer holds
+/// no memory, so that a connection with nothing to read holds none either.
+async fn read_more<S>(stream: &mut S, buffer: &mut BytesMut) -> io::Result<usize>
+where
+    S: AsyncRead + WaitReadable + Unpin,
+{
+    if buffer.capacity() == 0 {
+        stream.readable().await?;
+    }
+    if buffer.capacity() - buffer.len() < READ_SIZE / 2 {
+        buffer.reserve(READ_SIZE);
+    }
+    stream.read_buf(buffer).await
+}
+
+/// A request the fast path leaves to hyper: a body, an upgrade, HTTP/1.0 or HTTP/2, a
+/// malformed head ...
+struct ForHyper;
+
+/// Takes the first request's head out of `buffer` if it is whole (`None`: not yet), with
+/// whether the client asked to close after it.
+fn parse(buffer: &mut BytesMut) -> Result<Option<(ClientRequest, bool)>, ForHyper> {
+    if buffer.is_empty() {
+        return Ok(None);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let length = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        // hyper answers what it makes of it (400, 431, HTTP/2's preface ...).
+        Err(_) => return Err(ForHyper),
+    };
+    let head = Head::of(&parsed, buffer, length).ok_or(ForHyper)?;
+    let bytes = buffer.split_to(length).freeze();
+    match head.request(&bytes) {
+        Some(request) => Ok(Some((request, head.close))),
+        None => {
+            // Not what `http` takes as valid: hyper gets it all back, and answers.
+            let mut whole = BytesMut::from(&bytes[..]);
+            whole.extend_from_slice(buffer);
+            *buffer = whole;
+            Err(ForHyper)
+        }
+    }
+}
+
+/// A parsed head that the fast path serves, as offsets into the bytes it was read from (so
+/// the request's URI and header values share those bytes instead of copying them).
+struct Head {
+    method: Method,
+    path: (usize, usize),
+    fields: [Field; MAX_HEADERS],
+    count: usize,
+    close: bool,
+}
+
+/// A header field: the offsets of its name and of its value.
+#[derive(Clone, Copy, Default)]
+struct Field {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+impl Head {
+    /// `parsed` (read from `buffer`) if the fast path serves it.
+    fn of(parsed: &httparse::Request<'_, '_>, buffer: &[u8], length: usize) -> Option<Head> {
+        let at = |part: &[u8]| {
+            let from = part.as_ptr() as usize - buffer.as_ptr() as usize;
+            debug_assert!(from + part.len() <= length);
+            (from, from + part.len())
+        };
+        if parsed.version != Some(1) {
+            return None; // HTTP/1.0: hyper knows its keep-alive rules
+        }
+        let path = parsed.path?;
+        // An absolute-form or asterisk-form target, or CONNECT: rare, and hyper's.
+        if !path.starts_with('/') {
+            return None;
+        }
+        let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+        if method == Method::CONNECT {
+            return None;
+        }
+        let mut head = Head {
+            method,
+            path: at(path.as_bytes()),
+            fields: [Field::default(); MAX_HEADERS],
+            count: parsed.headers.len(),
+            close: false,
+        };
+        for (field, header) in head.fields.iter_mut().zip(parsed.headers.iter()) {
+            let name = header.name.as_bytes();
+            let is = |wanted: &str| name.eq_ignore_ascii_case(wanted.as_bytes());
+            if is("content-length") {
+                if header.value != b"0" {
+                    return None; // a body
+                }
+            } else if is("transfer-encoding")
+                || is("expect")
+                || is("upgrade")
+                || is("te")
+                || is("http2-settings")
+            {
+                return None;
+            } else if is("connection") {
+                for token in header.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        head.close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return None;
+                    }
+                }
+            }
+            *field = Field {
+                name: at(name),
+                value: at(header.value),
+            };
+        }
+        Some(head)
+    }
+
+    /// The request, its URI and header values sharing `bytes`; `None` if `http` refuses a part.
+    fn request(&self, bytes: &Bytes) -> Option<ClientRequest> {
+        let slice = |(from, to): (usize, usize)| bytes.slice(from..to);
+        let mut headers = HeaderMap::with_capacity(self.count);
+        for field in &self.fields[..self.count] {
+            let name = HeaderName::from_bytes(&bytes[field.name.0..field.name.1]).ok()?;
+            let value = HeaderValue::from_maybe_shared(slice(field.value)).ok()?;
+            headers.append(name, value);
+        }
+        let mut request = Request::new(None);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = Uri::from_maybe_shared(slice(self.path)).ok()?;
+        *request.headers_mut() = headers;
+        Some(request)
+    }
+}
+
+/// A stream handed to hyper, which reads first what the fast path had read of it.
+pub struct HandedOver<S> {
+    read: Bytes,
+    stream: S,
+}
+
+impl<S> HandedOver<S> {
+    /// `stream`, with nothing read of it yet.
+    pub fn whole(stream: S) -> Self {
+        Self::new(stream, Bytes::new())
+    }
+
+    fn new(stream: S, read: Bytes) -> Self {
+        HandedOver { read, stream }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for HandedOver<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let n = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read[..n]);
+        self.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HandedOver<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use http_body_util::channel::{Channel, Sender};
+    use http_body_util::{Either, Full};
+    use tokio::net::TcpListener;
+
+    use crate::connection_limit::ConnectionLimit;
+
+    const PROMPT: Duration = Duration::from_secs(5);
+
+    type TestBody = Either<Full<Bytes>, Channel<Bytes, io::Error>>;
+
+    /// A connection served by the fast path, answering `"<method> <path>"` with a body of known
+    /// length, or `/stream` with the body the test sends (see [`connection`]).
+    struct Served {
+        client: TcpStream,
+        activity: Arc<Activity>,
+        stop: CancellationToken,
+        served: tokio::task::JoinHandle<Option<HandedOver<TcpStream>>>,
+    }
+
+    /// A connection with `header_timeout`, and the sender of its `/stream` body.
+    async fn connection(header_timeout: Duration) -> (Served, Sender<Bytes, io::Error>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let activity = Activity::new(ConnectionLimit::new(16));
+        let stop = CancellationToken::new();
+        let (sender, body) = Channel::new(1);
+        let streamed = std::sync::Mutex::new(Some(body));
+        let (served_activity, served_stop) = (activity.clone(), stop.clone());
+        let served = tokio::spawn(async move {
+            let limits = Limits {
+                header_timeout,
+                idle_timeout: Duration::from_secs(60),
+            };
+            let respond = |request: ClientRequest| {
+                let body = match request.uri().path() {
+                    "/stream" => Either::Right(streamed.lock().unwrap().take().unwrap()),
+                    path => Either::Left(Full::from(format!("{} {path}", request.method()))),
+                };
+                async move {
+                    let mut response: Response<TestBody> = Response::new(body);
+                    // As an app's answer to HEAD says how long the GET's body would be.
+                    let length = HeaderValue::from(response.body().size_hint().lower());
+                    response.headers_mut().insert("content-length", length);
+                    response
+                }
+            };
+            serve(server, &limits, &served_activity, &served_stop, respond).await
+        });
+        let served = Served {
+            client,
+            activity,
+            stop,
+            served,
+        };
+        (served, sender)
+    }
+
+    impl Served {
+        async fn send(&mut self, bytes: &str) {
+            self.client.write_all(bytes.as_bytes()).await.unwrap();
+        }
+
+        /// Exactly `expected.len()` bytes, as text, with the `Date` value blanked.
+        async fn read(&mut self, expected: &str) -> String {
+            let mut got = vec![0; expected.len()];
+            let read = tokio::time::timeout(PROMPT, self.client.read_exact(&mut got));
+            read.await.expect("no answer").unwrap();
+            without_date(&String::from_utf8(got).unwrap())
+        }
+
+        /// Whether the connection was closed (read returns 0) within [`PROMPT`].
+        async fn closed(&mut self) -> bool {
+            let mut byte = [0];
+            let read = tokio::time::timeout(PROMPT, self.client.read(&mut byte));
+            matches!(read.await, Ok(Ok(0)))
+        }
+
+        async fn handed_over(self) -> Option<HandedOver<TcpStream>> {
+            tokio::time::timeout(PROMPT, self.served)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    }
+
+    /// `text` with each `date:` value replaced by `D`.
+    fn without_date(text: &str) -> String {
+        let value = |text: &str| {
+            let from = text.find("date: ")? + "date: ".len();
+            Some((from, from + text[from..].find("\r\n")?))
+        };
+        match value(text) {
+            Some((from, to)) => format!("{}D{}", &text[..from], without_date(&text[to..])),
+            None => text.to_owned(),
+        }
+    }
+
+    const DATE: &str = "Thu, 26 Nov 2026 04:00:00 GMT";
+
+    fn answer(head: &str, body: &str) -> String {
+        format!("HTTP/1.1 200 OK\r\n{head}date: {DATE}\r\n\r\n{body}")
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_framed_as_hyper_would() {
+        let (mut served, _) = connection(PROMPT).await;
+        served
+            .send(
+                "GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+                 HEAD /b HTTP/1.1\r\nHost: x\r\n\r\n\
+                 DELETE /c HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\nConnection: keep-alive, close\r\n\r\n",
+            )
+            .await;
+        let expected = [
+            answer("content-length: 6\r\n", "GET /a"),
+            // HEAD: the app's length, no body.
+            answer("content-length: 7\r\n", ""),
+            answer("content-length: 9\r\nconnection: close\r\n", "DELETE /c"),
+        ];
+        for expected in expected {
+            assert_eq!(served.read(&expected).await, without_date(&expected));
+        }
+        assert!(served.closed().await);
+        assert!(served.handed_over().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_comes_later_is_chunked_with_its_head_sent_at_once() {
+        let (mut served, mut body) = connection(PROMPT).await;
+        served.send("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = answer("transfer-encoding: chunked\r\n", "");
+        assert_eq!(served.read(&head).await, without_date(&head));
+        body.send_data(Bytes::from("hello")).await.unwrap();
+        assert_eq!(served.read("5\r\nhello\r\n").await, "5\r\nhello\r\n");
+        drop(body);
+        assert_eq!(served.read("0\r\n\r\n").await, "0\r\n\r\n");
+        // The connection goes on.
+        served.send("GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let next = answer("content-length: 9\r\n", "GET /next");
+        assert_eq!(served.read(&next).await, without_date(&next));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_ends_the_connection_without_its_last_chunk() {
+        let (mut served, mut body) = connection(PROMPT).await;
+        served.send("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = answer("transfer-encoding: chunked\r\n", "");
+        served.read(&head).await;
+        body.send_data(Bytes::from("abc")).await.unwrap();
+        assert_eq!(served.read("3\r\nabc\r\n").await, "3\r\nabc\r\n");
+        body.abort(io::Error::other("the app went away"));
+        assert!(
+            served.closed().await,
+            "the client must see the body cut short"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_the_fast_path_does_not_serve_goes_to_hyper_with_every_byte() {
+        // Still not whole at MAX_HEAD.
+        let big = format!("GET / HTTP/1.1\r\nCookie: {}", "c".repeat(MAX_HEAD));
+        let leftovers = [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 00\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+            "GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            &big,
+        ];
+        for leftover in leftovers {
+            let (mut served, _) = connection(PROMPT).await;
+            // A request the fast path serves first: hyper gets what follows it.
+            served.send("GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            served.send(leftover).await;
+            let first = answer("content-length: 10\r\n", "GET /first");
+            served.read(&first).await;
+            let mut stream = served.handed_over().await.expect("handed over");
+            let mut got = vec![0; leftover.len()];
+            stream.read_exact(&mut got).await.unwrap();
+            assert_eq!(String::from_utf8(got).unwrap(), leftover);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_closes_at_the_header_timeout_when_evicted_or_told_to_stop() {
+        // The header timeout, counted from the end of the last response.
+        let (mut served, _) = connection(Duration::from_millis(300)).await;
+        served.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        served.read(&answer("content-length: 5\r\n", "GET /")).await;
+        let asked = Instant::now();
+        assert!(served.closed().await);
+        assert!(asked.elapsed() >= Duration::from_millis(250));
+
+        // Evicted while waiting: closed.
+        let (mut served, _) = connection(PROMPT).await;
+        served.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        served.read(&answer("content-length: 5\r\n", "GET /")).await;
+        served.activity.evict();
+        assert!(served.closed().await);
+
+        // Stopping: the next request is answered, as the connection's last.
+        let (mut served, _) = connection(PROMPT).await;
+        served.stop.cancel();
+        served.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let last = answer("content-length: 5\r\nconnection: close\r\n", "GET /");
+        assert_eq!(served.read(&last).await, without_date(&last));
+        assert!(served.closed().await);
+    }
+}

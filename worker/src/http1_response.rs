@@ -1,0 +1,267 @@
+//! Writing a response to an HTTP/1.1 client ourselves, for `http1_fast_path`: the status line
+//! and headers in one buffer, the body framed as hyper's server would frame it, and the first
+//! piece of the body in the same `writev` as the head when it is already there (most responses:
+//! one system call).
+//!
+//! Framing, as hyper's server (RFC 9112 §6): no body after a `HEAD` request or for 1xx, 204
+//! and 304 (a `HEAD`'s and a 304's `Content-Length` describe the body a `GET` would get: the
+//! app's passes through); a body of known length gets `Content-Length`; any other is chunked. Trailers are
+//! not sent: the fast path only serves requests without `TE: trailers`, which hyper would not
+//! send them to either. A `Date` is added when the app gave none.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice};
+use std::pin::pin;
+use std::task::Poll;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Body;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::proxy::describe;
+
+/// What a written response leaves the connection fit for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The response went out whole and framed: the connection can carry the next request.
+    KeepAlive,
+    /// The response went out whole, marked `Connection: close`: the connection is to end.
+    Close,
+}
+
+/// Why a response could not be written whole; the connection is to be dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("writing to the client: {0}")]
+    Client(#[from] io::Error),
+    #[error("the response body broke off: {0}")]
+    Body(String),
+    #[error("the response body ended after {sent} of its {length} bytes")]
+    Short { sent: u64, length: u64 },
+}
+
+/// How the body is framed on the wire.
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `response` to `stream`, the answer to a request that was a `HEAD` if `to_head`;
+/// marked as the connection's last if `close` or if it says so itself.
+pub async fn write<S, B>(
+    stream: &mut S,
+    response: Response<B>,
+    to_head: bool,
+    close: bool,
+) -> Result<Written, WriteError>
+where
+    S: AsyncWrite + Unpin,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut parts, body) = response.into_parts();
+    let status = parts.status;
+    let bodiless = to_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        if status.is_informational() || status == StatusCode::NO_CONTENT {
+            parts.headers.remove(header::CONTENT_LENGTH); // RFC 9110 §8.6: MUST NOT
+        } else if to_head && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            // As hyper: a HEAD answer says how long the GET's body would be, when known.
+            if let Some(length) = body.size_hint().exact() {
+                parts.headers.insert(header::CONTENT_LENGTH, length.into());
+            }
+        }
+        Framing::None
+    } else {
+        // Ours replaces the app's: the body at hand is what gets framed.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        match body.size_hint().exact() {
+            Some(length) => Framing::Length(length),
+            None => Framing::Chunked,
+        }
+    };
+    // A switch of protocols (or another 1xx) the client did not ask for ends the connection,
+    // as hyper does: what follows is no longer HTTP/1.1 requests.
+    let close = close || status.is_informational() || asks_to_close(&parts.headers);
+    let head = encode_head(status, &parts.headers, &framing, close);
+    let written = if close {
+        Written::Close
+    } else {
+        Written::KeepAlive
+    };
+    let mut body = pin!(body);
+    if let Framing::None = framing {
+        write_all(stream, &mut [IoSlice::new(&head)]).await?;
+        stream.flush().await?;
+        return Ok(written);
+    }
+
+    // The head goes with the first piece of the body if that is already here, else alone at
+    // once: a response whose body comes later (server-sent events) must not wait for it.
+    let mut head = Some(head);
+    let mut sent = 0;
+    loop {
+        let frame = match head {
+            Some(_) => std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await,
+            None => Poll::Ready(body.frame().await),
+        };
+        let data = match frame {
+            Poll::Pending => {
+                if let Some(head) = head.take() {
+                    write_all(stream, &mut [IoSlice::new(&head)]).await?;
+                    stream.flush().await?;
+                }
+                continue;
+            }
+            Poll::Ready(None) => break,
+            // Whatever was sent stays cut short: the client must not take it as whole.
+            Poll::Ready(Some(Err(e))) => return Err(WriteError::Body(describe(&*e.into()))),
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue, // trailers (see the module's comment), or nothing
+            },
+        };
+        sent += data.len() as u64;
+        if let Framing::Length(length) = framing {
+            if sent > length {
+                return Err(WriteError::Body(format!(
+                    "the body is longer than its {length} bytes"
+                )));
+            }
+        }
+        write_piece(stream, head.take().as_deref(), &data, &framing).await?;
+        stream.flush().await?;
+    }
+    match framing {
+        Framing::Length(length) if sent < length => return Err(WriteError::Short { sent, length }),
+        Framing::Chunked => write_piece(stream, head.as_deref(), b"", &framing).await?,
+        _ => {
+            if let Some(head) = head {
+                write_all(stream, &mut [IoSlice::new(&head)]).await?;
+            }
+        }
+    }
+    stream.flush().await?;
+    Ok(written)
+}
+
+/// Writes `head` (unless already sent) and `data` in `framing`; with chunked framing, empty
+/// `data` is the last chunk.
+async fn write_piece<S>(
+    stream: &mut S,
+    head: Option<&[u8]>,
+    data: &[u8],
+    framing: &Framing,
+) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let head = head.unwrap_or_default();
+    match framing {
+        Framing::Chunked if data.is_empty() => {
+            write_all(
+                stream,
+                &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")],
+            )
+            .await
+        }
+        Framing::Chunked => {
+            let size = format!("{:x}\r\n", data.len());
+            let pieces = [head, size.as_bytes(), data, b"\r\n"];
+            write_all(stream, &mut pieces.map(IoSlice::new)).await
+        }
+        _ => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(data)]).await,
+    }
+}
+
+/// Writes all of `slices`, in as few system calls as the stream allows.
+async fn write_all<S>(stream: &mut S, mut slices: &mut [IoSlice<'_>]) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let n = stream.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Whether `headers` carry `Connection: close` (an error page after a bad request does).
+fn asks_to_close(headers: &HeaderMap) -> bool {
+    let values = headers.get_all(header::CONNECTION).iter();
+    values
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+/// The status line and headers, with the framing's header, a `Date` unless given, and
+/// `Connection: close` if `close` and not already said.
+fn encode_head(status: StatusCode, headers: &HeaderMap, framing: &Framing, close: bool) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::None => {}
+        Framing::Length(length) => {
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(itoa::Buffer::new().format(*length).as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if close && !asks_to_close(headers) {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        head.extend_from_slice(b"date: ");
+        DATE.with(|date| head.extend_from_slice(date.borrow_mut().now()));
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+thread_local! {
+    static DATE: RefCell<CachedDate> = const { RefCell::new(CachedDate { second: 0, text: Vec::new() }) };
+}
+
+/// The `Date` value, formatted once a second per thread (as hyper does).
+struct CachedDate {
+    second: u64,
+    text: Vec<u8>,
+}
+
+impl CachedDate {
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second || self.text.is_empty() {
+            self.second = second;
+            self.text = httpdate::fmt_http_date(now).into_bytes();
+        }
+        &self.text
+    }
+}
