@@ -11,7 +11,7 @@
 use std::fmt::Write;
 use std::net::IpAddr;
 
-pub use core_server_proto::hop_by_hop::remove_hop_by_hop;
+pub use core_server_proto::hop_by_hop::{lists, remove_hop_by_hop};
 use core_server_proto::tunnel;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 

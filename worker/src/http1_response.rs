@@ -22,6 +22,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::forwarding::lists;
 use crate::proxy::describe;
 
 /// What a written response leaves the connection fit for.
@@ -201,11 +202,7 @@ where
 
 /// Whether `headers` carry `Connection: close` (an error page after a bad request does).
 fn asks_to_close(headers: &HeaderMap) -> bool {
-    let values = headers.get_all(header::CONNECTION).iter();
-    values
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+    lists(headers, header::CONNECTION, "close")
 }
 
 /// The status line and headers, with the framing's header, a `Date` unless given, and

@@ -25,11 +25,12 @@ use core_server_proto::tunnel::{
     AGENT_LABEL_HEADER, MAX_LABEL_LEN, NONCE_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL,
 };
 use http::header::{self, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use tracing::{info, warn};
 
 use crate::failed_attempts::{FailedAttempts, Source, ALLOWED_FAILURES};
+use crate::forwarding::lists;
 use crate::proxy::{error_page, request_host, ClientRequest, ProxyBody};
 use crate::tunnel_connection::{self, Agent};
 use crate::tunnels::{Refusal, Tunnels};
@@ -50,7 +51,7 @@ impl TunnelEndpoint {
 
     /// Whether `request` asks to become a tunnel (an HTTP/1.1 `Upgrade:
     /// core-server-tunnel/1` on `TUNNEL_PATH`); other requests to that path go to the app.
-    pub fn wants<B>(request: &Request<B>) -> bool {
+    pub fn wants(request: &ClientRequest) -> bool {
         let headers = request.headers();
         request.version() == Version::HTTP_11
             && request.uri().path() == TUNNEL_PATH
@@ -157,17 +158,6 @@ fn refusal(status: StatusCode, why: &str) -> Response<ProxyBody> {
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
-
-/// Whether the comma-separated `name` headers list `token` (case-insensitively).
-fn lists(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|listed| listed.trim().eq_ignore_ascii_case(token))
-}
-
 /// The token of `Authorization: Bearer <token>`.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;

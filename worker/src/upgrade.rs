@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::forwarding::lists;
 use crate::proxy::BackendError;
 use crate::quiet_splice;
 use crate::request_body::RequestBody;
@@ -34,13 +35,7 @@ use crate::request_body::RequestBody;
 /// nothing (then the request is an ordinary one, its `Upgrade` header removed with the other
 /// hop-by-hop headers).
 pub fn requested_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
-    let connection_says_upgrade = request
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let connection_says_upgrade = lists(request.headers(), header::CONNECTION, "upgrade");
     if request.version() != Version::HTTP_11 || !connection_says_upgrade {
         return None;
     }
