@@ -100,24 +100,21 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut buffer = BytesMut::new();
-    // Since when no request has been in flight: the accept, then the end of each response.
-    let mut idle_from = activity.accepted_at();
     let wait = limits.header_timeout.min(limits.idle_timeout);
-    let deadline = tokio::time::sleep_until(idle_from + wait);
+    let deadline = tokio::time::sleep_until(activity.accepted_at() + wait);
     tokio::pin!(deadline);
     loop {
         let (request, asked_to_close) = match parse(&mut buffer) {
             Ok(Some(request)) => request,
             Err(ForHyper) => return Some(HandedOver::new(stream, buffer.freeze())),
-            Ok(None) if buffer.len() >= MAX_HEAD => {
-                return Some(HandedOver::new(stream, buffer.freeze()))
-            }
             Ok(None) => {
                 if activity.was_evicted() {
                     return None;
                 }
-                if deadline.deadline() != idle_from + wait {
-                    deadline.as_mut().reset(idle_from + wait);
+                // Counted from the accept, then from the end of each response.
+                let idle_since = activity.idle_since().unwrap_or_else(Instant::now);
+                if deadline.deadline() != idle_since + wait {
+                    deadline.as_mut().reset(idle_since + wait);
                 }
                 tokio::select! {
                     biased;
@@ -145,8 +142,8 @@ where
             let response = respond(request).await;
             let close = asked_to_close || stop.is_cancelled() || activity.was_evicted();
             http1_response::write(&mut stream, response, to_head, close).await
-        });
-        let written = written.await;
+        })
+        .await;
         drop(in_flight);
         match written {
             Ok(Written::KeepAlive) => {}
@@ -159,7 +156,6 @@ where
                 return None;
             }
         }
-        idle_from = Instant::now();
         if buffer.is_empty() {
             buffer = BytesMut::new(); // nothing pipelined: hold no memory while waiting
         }
@@ -186,7 +182,8 @@ where
 struct ForHyper;
 
 /// Takes the first request's head out of `buffer` if it is whole (`None`: not yet), with
-/// whether the client asked to close after it.
+/// whether the client asked to close after it; hyper's if it is not whole within
+/// [`MAX_HEAD`].
 fn parse(buffer: &mut BytesMut) -> Result<Option<(ClientRequest, bool)>, ForHyper> {
     if buffer.is_empty() {
         return Ok(None);
@@ -195,6 +192,7 @@ fn parse(buffer: &mut BytesMut) -> Result<Option<(ClientRequest, bool)>, ForHype
     let mut parsed = httparse::Request::new(&mut headers);
     let length = match parsed.parse(buffer) {
         Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buffer.len() >= MAX_HEAD => return Err(ForHyper),
         Ok(httparse::Status::Partial) => return Ok(None),
         // hyper answers what it makes of it (400, 431, HTTP/2's preface ...).
         Err(_) => return Err(ForHyper),
