@@ -19,6 +19,7 @@
 //!   when the response's body broke off (the client must see it cut short);
 //! - count each request in flight on the connection's [`Activity`] until its response is
 //!   written, for the idle timeout, the connection limit and a draining worker;
+//! - drop a request whose client closed the connection before its response came;
 //! - frame responses as hyper would (see `http1_response`), pipelined requests included.
 
 use std::io;
@@ -139,20 +140,28 @@ where
         // a connection, and only a request in flight needs room for them; a connection waiting
         // for its next request stays small.
         let written = Box::pin(async {
-            let response = respond(request).await;
+            let response = tokio::select! {
+                biased;
+                response = respond(request) => response,
+                () = client_gone(&mut stream, &mut buffer) => return None,
+            };
             let close = asked_to_close || stop.is_cancelled() || activity.was_evicted();
-            http1_response::write(&mut stream, response, to_head, close).await
+            Some(http1_response::write(&mut stream, response, to_head, close).await)
         })
         .await;
         drop(in_flight);
         match written {
-            Ok(Written::KeepAlive) => {}
-            Ok(Written::Close) => {
+            Some(Ok(Written::KeepAlive)) => {}
+            Some(Ok(Written::Close)) => {
                 let _ = tokio::time::timeout(limits.header_timeout, stream.shutdown()).await;
                 return None;
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 debug!("an HTTP/1 response was not written whole: {e}");
+                return None;
+            }
+            None => {
+                debug!("an HTTP/1 client went away before its response: request dropped");
                 return None;
             }
         }
@@ -160,6 +169,23 @@ where
             buffer = BytesMut::new(); // nothing pipelined: hold no memory while waiting
         }
     }
+}
+
+/// Resolves once the client has closed its connection (or it failed), reading what it sends
+/// meanwhile (pipelined requests) into `buffer`, up to [`MAX_HEAD`]. As hyper's server does
+/// while a request is in flight, so that a client gone from a long poll ends its request at
+/// the backend instead of leaving it open until the backend answers.
+async fn client_gone<S>(stream: &mut S, buffer: &mut BytesMut)
+where
+    S: AsyncRead + WaitReadable + Unpin,
+{
+    while buffer.len() < MAX_HEAD {
+        match read_more(stream, buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
 }
 
 /// Reads what `stream` has into `buffer`; waits for readability first when the buffer holds
@@ -374,6 +400,7 @@ mod tests {
     use http_body_util::channel::{Channel, Sender};
     use http_body_util::{Either, Full};
     use tokio::net::TcpListener;
+    use tokio::sync::Notify;
 
     use crate::connection_limit::ConnectionLimit;
 
@@ -381,10 +408,16 @@ mod tests {
 
     type TestBody = Either<Full<Bytes>, Channel<Bytes, io::Error>>;
 
+    /// How long `/slow` takes to answer.
+    const SLOW: Duration = Duration::from_millis(300);
+
     /// A connection served by the fast path, answering `"<method> <path>"` with a body of known
-    /// length, or `/stream` with the body the test sends (see [`connection`]).
+    /// length (`/slow` after [`SLOW`]), `/stream` with the body the test sends (see
+    /// [`connection`]), and `/hang` never.
     struct Served {
         client: TcpStream,
+        /// Told when a `/hang` request is dropped.
+        abandoned: Arc<Notify>,
         activity: Arc<Activity>,
         stop: CancellationToken,
         served: tokio::task::JoinHandle<Option<HandedOver<TcpStream>>>,
@@ -401,18 +434,28 @@ mod tests {
         let stop = CancellationToken::new();
         let (sender, body) = Channel::new(1);
         let streamed = std::sync::Mutex::new(Some(body));
+        let abandoned = Arc::new(Notify::new());
         let (served_activity, served_stop) = (activity.clone(), stop.clone());
+        let told = abandoned.clone();
         let served = tokio::spawn(async move {
             let limits = Limits {
                 header_timeout,
                 idle_timeout: Duration::from_secs(60),
             };
             let respond = |request: ClientRequest| {
+                let hang = (request.uri().path() == "/hang").then(|| Abandoned(told.clone()));
+                let slow = request.uri().path() == "/slow";
                 let body = match request.uri().path() {
                     "/stream" => Either::Right(streamed.lock().unwrap().take().unwrap()),
                     path => Either::Left(Full::from(format!("{} {path}", request.method()))),
                 };
                 async move {
+                    if let Some(_abandoned) = hang {
+                        std::future::pending::<()>().await;
+                    }
+                    if slow {
+                        tokio::time::sleep(SLOW).await;
+                    }
                     let mut response: Response<TestBody> = Response::new(body);
                     // As an app's answer to HEAD says how long the GET's body would be.
                     let length = HeaderValue::from(response.body().size_hint().lower());
@@ -424,11 +467,21 @@ mod tests {
         });
         let served = Served {
             client,
+            abandoned,
             activity,
             stop,
             served,
         };
         (served, sender)
+    }
+
+    /// Notifies its `Notify` when dropped.
+    struct Abandoned(Arc<Notify>);
+
+    impl Drop for Abandoned {
+        fn drop(&mut self) {
+            self.0.notify_one();
+        }
     }
 
     impl Served {
@@ -561,6 +614,30 @@ mod tests {
             stream.read_exact(&mut got).await.unwrap();
             assert_eq!(String::from_utf8(got).unwrap(), leftover);
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_before_its_response_ends_its_request_and_pipelined_ones_wait() {
+        // Pipelined while the answer before it is awaited: kept, and answered after it.
+        let (mut served, _) = connection(PROMPT).await;
+        served.send("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        tokio::time::sleep(SLOW / 2).await;
+        served.send("GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        for answered in [
+            answer("content-length: 9\r\n", "GET /slow"),
+            answer("content-length: 9\r\n", "GET /next"),
+        ] {
+            assert_eq!(served.read(&answered).await, without_date(&answered));
+        }
+
+        // Gone while its request waits for an answer: the request is dropped at once.
+        let (mut served, _) = connection(PROMPT).await;
+        served.send("GET /hang HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        served.client.shutdown().await.unwrap();
+        let abandoned = served.abandoned.clone();
+        let dropped = tokio::time::timeout(PROMPT, abandoned.notified());
+        dropped.await.expect("the request outlived its client");
+        assert!(served.handed_over().await.is_none());
     }
 
     #[tokio::test]
