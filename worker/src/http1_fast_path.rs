@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::activity::Activity;
-use crate::http1_response::{self, Written};
+use crate::http1_response::{self, WriteError, Written};
 use crate::proxy::ClientRequest;
 
 /// How much of a head the fast path reads before it gives up on it: a head not whole by then
@@ -105,8 +105,20 @@ where
     let deadline = tokio::time::sleep_until(activity.accepted_at() + wait);
     tokio::pin!(deadline);
     loop {
-        let (request, asked_to_close) = match parse(&mut buffer) {
-            Ok(Some(request)) => request,
+        let exchange = match parse(&mut buffer) {
+            // Boxed: the proxy's future and the response being written are the largest states
+            // of a connection, and only a request in flight needs room for them; a connection
+            // waiting for its next request stays small (the request itself has no room here
+            // either: it goes straight from `parse` into the box).
+            Ok(Some((request, close))) => Box::pin(exchange(
+                request,
+                close,
+                &mut stream,
+                &mut buffer,
+                &respond,
+                stop,
+                activity,
+            )),
             Err(ForHyper) => return Some(HandedOver::new(stream, buffer.freeze())),
             Ok(None) => {
                 if activity.was_evicted() {
@@ -135,20 +147,7 @@ where
             }
         };
         let in_flight = activity.request_started();
-        let to_head = request.method() == Method::HEAD;
-        // Boxed: the proxy's future and the response being written are the largest states of
-        // a connection, and only a request in flight needs room for them; a connection waiting
-        // for its next request stays small.
-        let written = Box::pin(async {
-            let response = tokio::select! {
-                biased;
-                response = respond(request) => response,
-                () = client_gone(&mut stream, &mut buffer) => return None,
-            };
-            let close = asked_to_close || stop.is_cancelled() || activity.was_evicted();
-            Some(http1_response::write(&mut stream, response, to_head, close).await)
-        })
-        .await;
+        let written = exchange.await;
         drop(in_flight);
         match written {
             Some(Ok(Written::KeepAlive)) => {}
@@ -169,6 +168,35 @@ where
             buffer = BytesMut::new(); // nothing pipelined: hold no memory while waiting
         }
     }
+}
+
+/// Answers `request` on `stream` with `respond`'s response, marked as the connection's last if
+/// the client `asked_to_close`, the worker is stopping or the connection was evicted; `None` if
+/// the client went away first (see [`client_gone`]).
+async fn exchange<S, F, Fut, B>(
+    request: ClientRequest,
+    asked_to_close: bool,
+    stream: &mut S,
+    buffer: &mut BytesMut,
+    respond: &F,
+    stop: &CancellationToken,
+    activity: &Activity,
+) -> Option<Result<Written, WriteError>>
+where
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin,
+    F: Fn(ClientRequest) -> Fut,
+    Fut: std::future::Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let to_head = request.method() == Method::HEAD;
+    let response = tokio::select! {
+        biased;
+        response = respond(request) => response,
+        () = client_gone(stream, buffer) => return None,
+    };
+    let close = asked_to_close || stop.is_cancelled() || activity.was_evicted();
+    Some(http1_response::write(stream, response, to_head, close).await)
 }
 
 /// Resolves once the client has closed its connection (or it failed), reading what it sends

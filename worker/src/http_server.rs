@@ -251,8 +251,9 @@ impl HttpServer {
             HandedOver::whole(stream)
         } else {
             let respond = |request| responder.respond(request);
-            let served = http1_fast_path::serve(stream, &self.limits, activity, &stop, respond);
-            match served.await {
+            // Awaited where it is made: a future bound to a name first can take its room twice
+            // in this one, and so in every connection's task.
+            match http1_fast_path::serve(stream, &self.limits, activity, &stop, respond).await {
                 Some(stream) => stream,
                 None => return,
             }
