@@ -105,22 +105,45 @@ where
     let deadline = tokio::time::sleep_until(activity.accepted_at() + wait);
     tokio::pin!(deadline);
     loop {
-        let exchange = match parse(&mut buffer) {
-            // Boxed: the proxy's future and the response being written are the largest states
-            // of a connection, and only a request in flight needs room for them; a connection
-            // waiting for its next request stays small (the request itself has no room here
-            // either: it goes straight from `parse` into the box).
-            Ok(Some((request, close))) => Box::pin(exchange(
-                request,
-                close,
-                &mut stream,
-                &mut buffer,
-                &respond,
-                stop,
-                activity,
-            )),
+        // The wait for more bytes comes after this match, not in it: what `parse` returned
+        // then takes no room in this future.
+        let written = match parse(&mut buffer) {
+            Ok(Some((request, close))) => {
+                let in_flight = activity.request_started();
+                // Boxed: the proxy's future and the response being written are the largest
+                // states of a connection, and only a request in flight needs room for them; a
+                // connection waiting for its next request stays small.
+                let written = Box::pin(exchange(
+                    request,
+                    close,
+                    &mut stream,
+                    &mut buffer,
+                    &respond,
+                    stop,
+                    activity,
+                ))
+                .await;
+                drop(in_flight);
+                Some(written)
+            }
             Err(ForHyper) => return Some(HandedOver::new(stream, buffer.freeze())),
-            Ok(None) => {
+            Ok(None) => None,
+        };
+        match written {
+            Some(Some(Ok(Written::KeepAlive))) => {}
+            Some(Some(Ok(Written::Close))) => {
+                let _ = tokio::time::timeout(limits.header_timeout, stream.shutdown()).await;
+                return None;
+            }
+            Some(Some(Err(e))) => {
+                debug!("an HTTP/1 response was not written whole: {e}");
+                return None;
+            }
+            Some(None) => {
+                debug!("an HTTP/1 client went away before its response: request dropped");
+                return None;
+            }
+            None => {
                 if activity.was_evicted() {
                     return None;
                 }
@@ -144,24 +167,6 @@ where
                         return None;
                     }
                 }
-            }
-        };
-        let in_flight = activity.request_started();
-        let written = exchange.await;
-        drop(in_flight);
-        match written {
-            Some(Ok(Written::KeepAlive)) => {}
-            Some(Ok(Written::Close)) => {
-                let _ = tokio::time::timeout(limits.header_timeout, stream.shutdown()).await;
-                return None;
-            }
-            Some(Err(e)) => {
-                debug!("an HTTP/1 response was not written whole: {e}");
-                return None;
-            }
-            None => {
-                debug!("an HTTP/1 client went away before its response: request dropped");
-                return None;
             }
         }
         if buffer.is_empty() {
