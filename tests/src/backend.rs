@@ -9,12 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -23,6 +24,19 @@ pub fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
         .map_err(|never: Infallible| match never {})
         .boxed()
+}
+
+/// A response body that an app writes piece by piece as the test sends them (server-sent
+/// events, a long poll), and what tells the test that the app's request has ended: it
+/// resolves once the body is dropped.
+pub fn watched_stream() -> (mpsc::Sender<Bytes>, oneshot::Receiver<()>, Body) {
+    let (pieces, received) = mpsc::channel(1);
+    let (alive, ended) = oneshot::channel::<()>();
+    let frames = futures_util::stream::unfold((received, alive), |(mut received, alive)| async {
+        let piece = received.recv().await?;
+        Some((Ok(Frame::data(piece)), (received, alive)))
+    });
+    (pieces, ended, StreamBody::new(frames).boxed())
 }
 
 /// An HTTP server on 127.0.0.1; stops when dropped.

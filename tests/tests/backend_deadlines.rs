@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use core_server_tests::backend::{full, Body};
-use core_server_tests::http::{read_until_closed, text};
+use core_server_tests::http::{read_until_closed, send_raw, text};
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use futures_util::stream;
@@ -24,20 +24,11 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const TIMEOUT: &[&str] = &["--backend-timeout", "1s"];
 /// How long the proxy may take to end what the timeout ends (generous: the machine is noisy).
 const WITHIN: Duration = Duration::from_secs(10);
-
-/// A raw connection to the proxy that has sent `request`.
-async fn send_raw(server: &CoreServer, request: &[u8]) -> TcpStream {
-    let mut stream = TcpStream::connect(("127.0.0.1", server.http_port))
-        .await
-        .unwrap();
-    stream.write_all(request).await.unwrap();
-    stream
-}
 
 /// A backend that reads the whole request body, then at once answers how many bytes it had.
 async fn body_counting_backend() -> Backend {

@@ -1,6 +1,7 @@
 //! Requests through a reverse tunnel, end to end: a real `core-agent` dials core-server and
 //! serves its domain from a local backend. A GET (the backend sees the client in
-//! X-Forwarded-For/-Proto), server-sent events arriving as they are sent, a WebSocket echo and
+//! X-Forwarded-For/-Proto), server-sent events arriving as they are sent (and ending at the app
+//! when the client goes), a WebSocket echo and
 //! trailers both ways, over plain HTTP in local mode and over HTTPS (mkcert, `--ca`); and 1 GiB
 //! each way with the worker's and the agent's peak memory flat.
 
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use core_server_tests::agent::Agent;
-use core_server_tests::backend::{check_websocket_echo, describe, full, websocket_echo, Body};
+use core_server_tests::backend::{
+    check_websocket_echo, describe, full, watched_stream, websocket_echo, Body,
+};
 use core_server_tests::big_body::{drain, peak_kib, zeros, GIB, PEAK_LIMIT_KIB};
 use core_server_tests::http::text;
 use core_server_tests::mkcert::MkcertCa;
@@ -18,13 +21,12 @@ use core_server_tests::tls_client::{Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
 use futures_util::stream;
 use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body_util::channel::{Channel, Sender};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 const APP: &str = "app.example";
 const WS: &str = "ws.example";
@@ -114,19 +116,19 @@ fn request(method: &str, path: &str, host: &str, body: Body) -> Request<Body> {
 }
 
 /// The app behind the tunnel: `/events` streams server-sent events the test hands it one by
-/// one (through `events`), `/trailers` answers with what it got (body and the client's
+/// one (through `events`, which also tells when the app's request has ended), `/trailers` answers with what it got (body and the client's
 /// trailer) and a trailer of its own, anything else is echoed as [`describe`] tells it.
-async fn app(events: mpsc::Sender<Sender<Bytes, std::io::Error>>) -> Backend {
+async fn app(events: mpsc::Sender<(mpsc::Sender<Bytes>, oneshot::Receiver<()>)>) -> Backend {
     Backend::start(move |request| {
         let events = events.clone();
         async move {
             match request.uri().path() {
                 "/events" => {
-                    let (sender, body) = Channel::new(1);
-                    events.send(sender).await.unwrap();
+                    let (pieces, ended, body) = watched_stream();
+                    events.send((pieces, ended)).await.unwrap();
                     Response::builder()
                         .header("content-type", "text/event-stream")
-                        .body(body.boxed())
+                        .body(body)
                         .unwrap()
                 }
                 "/trailers" => {
@@ -198,13 +200,13 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         .await;
     assert_eq!(response.status(), 200);
     let mut events = response.into_body();
-    let mut sender = tokio::time::timeout(PATIENCE, events_rx.recv())
+    let (sender, ended) = tokio::time::timeout(PATIENCE, events_rx.recv())
         .await
         .unwrap()
         .unwrap();
     for i in 0..5 {
         let event = format!("data: event {i}\n\n");
-        sender.send_data(Bytes::from(event.clone())).await.unwrap();
+        sender.send(Bytes::from(event.clone())).await.unwrap();
         let mut seen = String::new();
         while seen.len() < event.len() {
             let frame = tokio::time::timeout(PATIENCE, events.frame())
@@ -220,6 +222,12 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         }
         assert_eq!(seen, event);
     }
+    // The client goes away: the app's request ends at once, not at its next write.
+    drop(events);
+    tokio::time::timeout(PATIENCE, ended)
+        .await
+        .expect("the app's request outlived its client, waiting for a write that never came")
+        .unwrap_err();
     drop(sender);
 
     // Trailers both ways.

@@ -19,7 +19,8 @@
 //!   when the response's body broke off (the client must see it cut short);
 //! - count each request in flight on the connection's [`Activity`] until its response is
 //!   written, for the idle timeout, the connection limit and a draining worker;
-//! - drop a request whose client closed the connection before its response came;
+//! - drop a request whose client closed the connection before its response came, or while
+//!   more of its response's body is awaited;
 //! - frame responses as hyper would (see `http1_response`), pipelined requests included.
 
 use std::io;
@@ -94,7 +95,7 @@ pub async fn serve<S, F, Fut, B>(
     respond: F,
 ) -> Option<HandedOver<S>>
 where
-    S: AsyncRead + AsyncWrite + WaitReadable + Unpin,
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
     F: Fn(ClientRequest) -> Fut,
     Fut: std::future::Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
@@ -188,7 +189,7 @@ async fn exchange<S, F, Fut, B>(
     activity: &Activity,
 ) -> Option<Result<Written, WriteError>>
 where
-    S: AsyncRead + AsyncWrite + WaitReadable + Unpin,
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
     F: Fn(ClientRequest) -> Fut,
     Fut: std::future::Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
@@ -201,7 +202,30 @@ where
         () = client_gone(stream, buffer) => return None,
     };
     let close = asked_to_close || stop.is_cancelled() || activity.was_evicted();
-    Some(http1_response::write(stream, response, to_head, close).await)
+    let mut client = Client { stream, buffer };
+    Some(http1_response::write(&mut client, response, to_head, close).await)
+}
+
+/// The client's connection while its response is written: the stream, and the buffer that
+/// what it sends meanwhile (pipelined requests) goes into.
+struct Client<'a, S> {
+    stream: &'a mut S,
+    buffer: &'a mut BytesMut,
+}
+
+impl<S> http1_response::ClientConnection for Client<'_, S>
+where
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
+{
+    type Stream = S;
+
+    fn stream(&mut self) -> &mut S {
+        self.stream
+    }
+
+    fn gone(&mut self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        client_gone(self.stream, self.buffer)
+    }
 }
 
 /// Resolves once the client has closed its connection (or it failed), reading what it sends
@@ -670,6 +694,23 @@ mod tests {
         let abandoned = served.abandoned.clone();
         let dropped = tokio::time::timeout(PROMPT, abandoned.notified());
         dropped.await.expect("the request outlived its client");
+        assert!(served.handed_over().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_while_its_body_is_awaited_ends_the_response() {
+        let (mut served, mut body) = connection(PROMPT).await;
+        served.send("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = answer("transfer-encoding: chunked\r\n", "");
+        served.read(&head).await;
+        body.send_data(Bytes::from("event")).await.unwrap();
+        assert_eq!(served.read("5\r\nevent\r\n").await, "5\r\nevent\r\n");
+        served.client.shutdown().await.unwrap();
+        // The body is dropped (the backend's request with it) without waiting for more of it.
+        let dropped = async { while body.send_data(Bytes::from("more")).await.is_ok() {} };
+        tokio::time::timeout(PROMPT, dropped)
+            .await
+            .expect("the response outlived its client");
         assert!(served.handed_over().await.is_none());
     }
 

@@ -8,8 +8,14 @@
 //! app's passes through); a body of known length gets `Content-Length`; any other is chunked. Trailers are
 //! not sent: the fast path only serves requests without `TE: trailers`, which hyper would not
 //! send them to either. A `Date` is added when the app gave none.
+//!
+//! While it waits for more of a body, it watches the client ([`ClientConnection::gone`]): a
+//! client gone from a long stream (server-sent events, a long poll) ends the response at once,
+//! and with it the backend's request, as hyper's server does, rather than at the backend's next
+//! write.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::pin;
 use std::task::Poll;
@@ -43,6 +49,18 @@ pub enum WriteError {
     Body(String),
     #[error("the response body ended after {sent} of its {length} bytes")]
     Short { sent: u64, length: u64 },
+    #[error("the client went away while the response body was awaited")]
+    ClientGone,
+}
+
+/// The client's connection, as [`write`] needs it: written to, and watched while the body is
+/// awaited.
+pub trait ClientConnection {
+    type Stream: AsyncWrite + Unpin;
+    /// What the response is written to.
+    fn stream(&mut self) -> &mut Self::Stream;
+    /// Resolves once the client has closed its connection (or it failed).
+    fn gone(&mut self) -> impl Future<Output = ()> + Send + '_;
 }
 
 /// How the body is framed on the wire.
@@ -52,16 +70,16 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `response` to `stream`, the answer to a request that was a `HEAD` if `to_head`;
+/// Writes `response` to `client`, the answer to a request that was a `HEAD` if `to_head`;
 /// marked as the connection's last if `close` or if it says so itself.
-pub async fn write<S, B>(
-    stream: &mut S,
+pub async fn write<C, B>(
+    client: &mut C,
     response: Response<B>,
     to_head: bool,
     close: bool,
 ) -> Result<Written, WriteError>
 where
-    S: AsyncWrite + Unpin,
+    C: ClientConnection,
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -101,8 +119,8 @@ where
     };
     let mut body = pin!(body);
     if let Framing::None = framing {
-        write_all(stream, &mut [IoSlice::new(&head)]).await?;
-        stream.flush().await?;
+        write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
+        client.stream().flush().await?;
         return Ok(written);
     }
 
@@ -113,13 +131,17 @@ where
     loop {
         let frame = match head {
             Some(_) => std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await,
-            None => Poll::Ready(body.frame().await),
+            None => tokio::select! {
+                biased;
+                frame = body.frame() => Poll::Ready(frame),
+                () = client.gone() => return Err(WriteError::ClientGone),
+            },
         };
         let data = match frame {
             Poll::Pending => {
                 if let Some(head) = head.take() {
-                    write_all(stream, &mut [IoSlice::new(&head)]).await?;
-                    stream.flush().await?;
+                    write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
+                    client.stream().flush().await?;
                 }
                 continue;
             }
@@ -139,19 +161,19 @@ where
                 )));
             }
         }
-        write_piece(stream, head.take().as_deref(), &data, &framing).await?;
-        stream.flush().await?;
+        write_piece(client.stream(), head.take().as_deref(), &data, &framing).await?;
+        client.stream().flush().await?;
     }
     match framing {
         Framing::Length(length) if sent < length => return Err(WriteError::Short { sent, length }),
-        Framing::Chunked => write_piece(stream, head.as_deref(), b"", &framing).await?,
+        Framing::Chunked => write_piece(client.stream(), head.as_deref(), b"", &framing).await?,
         _ => {
             if let Some(head) = head {
-                write_all(stream, &mut [IoSlice::new(&head)]).await?;
+                write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
             }
         }
     }
-    stream.flush().await?;
+    client.stream().flush().await?;
     Ok(written)
 }
 
