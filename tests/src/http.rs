@@ -82,8 +82,6 @@ pub async fn raw(port: u16, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Reads from `stream` until the server closes it: what arrived, or `Err` with what arrived if
-/// the connection is still open after `within`.
 /// A raw connection to `server`'s HTTP port that has sent `request`.
 pub async fn send_raw(server: &crate::CoreServer, request: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", server.http_port))
@@ -93,6 +91,8 @@ pub async fn send_raw(server: &crate::CoreServer, request: &[u8]) -> TcpStream {
     stream
 }
 
+/// Reads from `stream` until the server closes it: what arrived, or `Err` with what arrived if
+/// the connection is still open after `within`.
 pub async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Result<String, String> {
     let mut out = Vec::new();
     let closed = tokio::time::timeout(within, stream.read_to_end(&mut out)).await;

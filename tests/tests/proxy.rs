@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use core_server_tests::http::{get, h2_connect, raw, send, text};
+use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -329,4 +330,31 @@ async fn idle_connections_close_but_slow_requests_and_streams_do_not() {
         get(&server.url("/"), "trickle.example").await.body,
         "01234567"
     );
+}
+
+/// The status line reaches the client as the app wrote it: its own reason phrase, or the
+/// standard one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apps_reason_phrase_reaches_the_client() {
+    let server = CoreServer::start();
+    for (answer, status_line) in [
+        (
+            &b"HTTP/1.1 299 Custom Thing\r\nContent-Length: 2\r\n\r\nok"[..],
+            "HTTP/1.1 299 Custom Thing\r\n",
+        ),
+        (
+            b"HTTP/1.1 404 Not Here\r\nContent-Length: 2\r\n\r\nno",
+            "HTTP/1.1 404 Not Here\r\n",
+        ),
+        (
+            b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 2\r\n\r\nhi",
+            "HTTP/1.1 418 I'm a teapot\r\n",
+        ),
+    ] {
+        let backend = RawBackend::start(answer).await;
+        server.add("reason.example", backend.port);
+        let request = b"GET / HTTP/1.1\r\nHost: reason.example\r\nConnection: close\r\n\r\n";
+        let response = raw(server.http_port, request).await;
+        assert!(response.starts_with(status_line), "{response}");
+    }
 }

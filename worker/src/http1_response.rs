@@ -26,6 +26,7 @@ use http::header::{self, HeaderMap};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
+use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::forwarding::lists;
@@ -111,7 +112,8 @@ where
     // A switch of protocols (or another 1xx) the client did not ask for ends the connection,
     // as hyper does: what follows is no longer HTTP/1.1 requests.
     let close = close || status.is_informational() || asks_to_close(&parts.headers);
-    let head = encode_head(status, &parts.headers, &framing, close);
+    let reason = parts.extensions.get::<ReasonPhrase>();
+    let head = encode_head(status, reason, &parts.headers, &framing, close);
     let written = if close {
         Written::Close
     } else {
@@ -227,14 +229,25 @@ fn asks_to_close(headers: &HeaderMap) -> bool {
     lists(headers, header::CONNECTION, "close")
 }
 
-/// The status line and headers, with the framing's header, a `Date` unless given, and
-/// `Connection: close` if `close` and not already said.
-fn encode_head(status: StatusCode, headers: &HeaderMap, framing: &Framing, close: bool) -> Vec<u8> {
+/// The status line (with the app's own reason phrase if it had one, as hyper's server writes
+/// it), the headers, the framing's header, a `Date` unless given, and `Connection: close` if
+/// `close` and not already said.
+fn encode_head(
+    status: StatusCode,
+    reason: Option<&ReasonPhrase>,
+    headers: &HeaderMap,
+    framing: &Framing,
+    close: bool,
+) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(b"HTTP/1.1 ");
     head.extend_from_slice(status.as_str().as_bytes());
     head.push(b' ');
-    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    match reason {
+        Some(reason) => head.extend_from_slice(reason.as_bytes()),
+        // As hyper: a reason is always written, for the parsers that expect one.
+        None => head.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+    }
     head.extend_from_slice(b"\r\n");
     for (name, value) in headers {
         head.extend_from_slice(name.as_str().as_bytes());
