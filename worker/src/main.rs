@@ -42,6 +42,7 @@ mod tunnel_connection;
 mod tunnel_control;
 mod tunnel_endpoint;
 mod tunnel_forward;
+mod tunnel_tasks;
 #[cfg(test)]
 mod tunnel_tests;
 mod tunnel_upgrade;

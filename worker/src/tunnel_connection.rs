@@ -23,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
 use crate::tunnel_control::{self, AgentSaid};
+use crate::tunnel_tasks::{self, LocalExecutor};
 use crate::tunnels::{Joining, Reservation, TunnelBody, MAX_IN_ALL, MAX_PER_DOMAIN};
 
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
@@ -90,8 +91,21 @@ fn user_timeout(stream: &TcpStream, agent: &Agent) {
     }
 }
 
-/// The HTTP/2 client on the reversed connection, from its handshake to its end.
+/// Runs the HTTP/2 client on the reversed connection with the tasks it spawns (see
+/// `tunnel_tasks`), until they have all finished or the connection is killed.
 async fn serve<T>(io: T, reservation: Reservation, agent: Agent)
+where
+    T: Read + Write + Unpin + Send + 'static,
+{
+    let (executor, tasks) = tunnel_tasks::new();
+    tokio::select! {
+        () = tasks.run(http2_client(io, &reservation, agent, executor)) => {}
+        () = reservation.killed() => {}
+    }
+}
+
+/// The HTTP/2 client on the reversed connection, from its handshake to its end.
+async fn http2_client<T>(io: T, reservation: &Reservation, agent: Agent, executor: LocalExecutor)
 where
     T: Read + Write + Unpin + Send + 'static,
 {
@@ -101,7 +115,7 @@ where
         address,
         nonce,
     } = agent;
-    let handshake = hyper::client::conn::http2::Builder::new(reservation.executor())
+    let handshake = hyper::client::conn::http2::Builder::new(executor)
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)

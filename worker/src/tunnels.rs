@@ -12,8 +12,8 @@
 //! the connection when the last is gone and its streams have finished. When a domain is closed
 //! (revoked, replaced by a port, removed), every connection of it is killed at once, whether
 //! still waiting for its hello, live, or finishing after leaving softly: each one's kill token
-//! is a child of its domain's, which the closure cancels, and every task of the connection is
-//! spawned through [`TunnelExecutor`], which drops them all.
+//! is a child of its domain's, which the closure cancels; every task of the connection runs
+//! inside the connection's own task (see `tunnel_tasks`), which then drops them all.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -352,15 +352,6 @@ impl Reservation {
         &self.domain
     }
 
-    /// An executor for the connection's tasks: tracked (a stopping worker waits for them) and
-    /// dropped when the connection is killed.
-    pub fn executor(&self) -> TunnelExecutor {
-        TunnelExecutor {
-            tasks: self.tunnels.tasks.clone(),
-            kill: self.kill.clone(),
-        }
-    }
-
     /// Resolves when the connection must leave softly (see the module's comment).
     pub async fn leave(&self) {
         self.leave.cancelled().await
@@ -428,31 +419,6 @@ impl Drop for Reservation {
                 state.domains.remove(&self.domain);
             }
         }
-    }
-}
-
-/// Spawns a tunnel connection's tasks (hyper's HTTP/2 connection, request bodies, upgrades):
-/// tracked, and dropped when the connection is killed, which closes its socket and fails its
-/// streams.
-#[derive(Clone)]
-pub struct TunnelExecutor {
-    tasks: TaskTracker,
-    kill: CancellationToken,
-}
-
-impl<F> hyper::rt::Executor<F> for TunnelExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        let kill = self.kill.clone();
-        self.tasks.spawn(async move {
-            tokio::select! {
-                _ = future => {}
-                () = kill.cancelled() => {}
-            }
-        });
     }
 }
 
