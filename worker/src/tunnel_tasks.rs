@@ -13,6 +13,10 @@
 //! left softly finishes the requests it carries before it closes. Killing a connection drops
 //! them all at once (the caller stops polling [`LocalTasks::run`]), which closes its socket and
 //! fails its streams.
+//!
+//! What sharing one task means: the streams of one tunnel share its thread and tokio's
+//! cooperative budget (those of other tunnels do not), and a panic in any of them ends the
+//! whole tunnel connection, whose agent then reconnects, where it used to end one request.
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -68,7 +72,8 @@ impl LocalTasks {
                 self.running.push(task);
             }
             while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
-            if main_done && self.running.is_empty() {
+            // `is_empty` too: the receive above stops short when the task's budget is spent.
+            if main_done && self.running.is_empty() && self.spawned.is_empty() {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -106,6 +111,28 @@ mod tests {
             .await
             .expect("run ends with its last task")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_task_spawned_by_a_task_runs_too() {
+        let (executor, tasks) = new();
+        let (done_tx, done) = oneshot::channel();
+        let run = tokio::spawn(tasks.run(async move {
+            let inner = executor.clone();
+            executor.execute(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                inner.execute(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    done_tx.send(()).unwrap();
+                });
+            });
+        }));
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("run ends with its last task")
+            .unwrap();
+        done.await
+            .expect("the inner task ran to its end before run ended");
     }
 
     #[tokio::test]
