@@ -532,6 +532,18 @@ mod tests {
         (served, sender)
     }
 
+    /// A connection whose `/stream` response has begun: its head, then `first` as a chunk, read.
+    async fn streaming(first: &str) -> (Served, Sender<Bytes, io::Error>) {
+        let (mut served, mut body) = connection(PROMPT).await;
+        served.send("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = answer("transfer-encoding: chunked\r\n", "");
+        served.read(&head).await;
+        body.send_data(Bytes::from(first.to_owned())).await.unwrap();
+        let chunk = format!("{:x}\r\n{first}\r\n", first.len());
+        assert_eq!(served.read(&chunk).await, chunk);
+        (served, body)
+    }
+
     /// Notifies its `Notify` when dropped.
     struct Abandoned(Arc<Notify>);
 
@@ -628,12 +640,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_breaks_off_ends_the_connection_without_its_last_chunk() {
-        let (mut served, mut body) = connection(PROMPT).await;
-        served.send("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        let head = answer("transfer-encoding: chunked\r\n", "");
-        served.read(&head).await;
-        body.send_data(Bytes::from("abc")).await.unwrap();
-        assert_eq!(served.read("3\r\nabc\r\n").await, "3\r\nabc\r\n");
+        let (mut served, body) = streaming("abc").await;
         body.abort(io::Error::other("the app went away"));
         assert!(
             served.closed().await,
@@ -699,12 +706,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_gone_while_its_body_is_awaited_ends_the_response() {
-        let (mut served, mut body) = connection(PROMPT).await;
-        served.send("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        let head = answer("transfer-encoding: chunked\r\n", "");
-        served.read(&head).await;
-        body.send_data(Bytes::from("event")).await.unwrap();
-        assert_eq!(served.read("5\r\nevent\r\n").await, "5\r\nevent\r\n");
+        let (mut served, mut body) = streaming("event").await;
         served.client.shutdown().await.unwrap();
         // The body is dropped (the backend's request with it) without waiting for more of it.
         let dropped = async { while body.send_data(Bytes::from("more")).await.is_ok() {} };
