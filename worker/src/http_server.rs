@@ -28,7 +28,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,6 +42,7 @@ use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
 use crate::http1_fast_path::{self, HandedOver, Limits, WaitReadable};
+use crate::local_tasks::{self, LocalExecutor};
 use crate::proxy::{ClientRequest, Proxy, ProxyBody};
 use crate::tls_acceptor::TlsAcceptor;
 
@@ -71,7 +72,6 @@ pub enum Transport {
 
 pub struct HttpServer {
     proxy: Arc<Proxy>,
-    builder: auto::Builder<TokioExecutor>,
     limits: Limits,
     transport: Transport,
     limit: Arc<ConnectionLimit>,
@@ -84,20 +84,8 @@ impl HttpServer {
         transport: Transport,
         limit: Arc<ConnectionLimit>,
     ) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_timeout);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(MAX_HEADER_LIST_SIZE)
-            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
         HttpServer {
             proxy,
-            builder,
             limits: Limits {
                 header_timeout: settings.header_timeout,
                 idle_timeout: settings.idle_timeout,
@@ -262,13 +250,46 @@ impl HttpServer {
         Box::pin(self.serve_with_hyper(stream, responder, activity, stop)).await
     }
 
-    /// Serves HTTP/1 or HTTP/2 on `stream` with hyper, until it closes.
+    /// hyper's server for one connection, spawning on `executor`.
+    fn builder(&self, executor: LocalExecutor) -> auto::Builder<LocalExecutor> {
+        let mut builder = auto::Builder::new(executor);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
+        builder
+    }
+
+    /// Serves HTTP/1 or HTTP/2 on `stream` with hyper until it closes, running what hyper
+    /// starts for it (each HTTP/2 stream) in this task (see `local_tasks`).
     async fn serve_with_hyper<S>(
         &self,
         stream: HandedOver<S>,
         responder: Responder,
         activity: &Arc<Activity>,
         stop: CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (executor, tasks) = local_tasks::new();
+        let connection = self.hyper_connection(stream, responder, activity, stop, executor);
+        tasks.run(connection).await
+    }
+
+    /// The connection of [`Self::serve_with_hyper`], from its first byte to its end.
+    async fn hyper_connection<S>(
+        &self,
+        stream: HandedOver<S>,
+        responder: Responder,
+        activity: &Arc<Activity>,
+        stop: CancellationToken,
+        executor: LocalExecutor,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -291,7 +312,8 @@ impl HttpServer {
             })
         };
         let io = TokioIo::new(stream);
-        let connection = self.builder.serve_connection_with_upgrades(io, service);
+        let builder = self.builder(executor);
+        let connection = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
 
         // Runs the connection. Stopping: HTTP/2 gets GOAWAY (its clients retry elsewhere) as

@@ -29,6 +29,7 @@ mod http1_response;
 mod http_server;
 mod https;
 mod last_moment;
+mod local_tasks;
 mod proxy;
 mod quiet_splice;
 mod read_deadline;
@@ -42,7 +43,6 @@ mod tunnel_connection;
 mod tunnel_control;
 mod tunnel_endpoint;
 mod tunnel_forward;
-mod tunnel_tasks;
 #[cfg(test)]
 mod tunnel_tests;
 mod tunnel_upgrade;

@@ -22,8 +22,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
+use crate::local_tasks::{self, LocalExecutor};
 use crate::tunnel_control::{self, AgentSaid};
-use crate::tunnel_tasks::{self, LocalExecutor};
 use crate::tunnels::{Joining, Reservation, TunnelBody, MAX_IN_ALL, MAX_PER_DOMAIN};
 
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
@@ -92,12 +92,12 @@ fn user_timeout(stream: &TcpStream, agent: &Agent) {
 }
 
 /// Runs the HTTP/2 client on the reversed connection with the tasks it spawns (see
-/// `tunnel_tasks`), until they have all finished or the connection is killed.
+/// `local_tasks`), until they have all finished or the connection is killed.
 async fn serve<T>(io: T, reservation: Reservation, agent: Agent)
 where
     T: Read + Write + Unpin + Send + 'static,
 {
-    let (executor, tasks) = tunnel_tasks::new();
+    let (executor, tasks) = local_tasks::new();
     tokio::select! {
         () = tasks.run(http2_client(io, &reservation, agent, executor)) => {}
         () = reservation.killed() => {}

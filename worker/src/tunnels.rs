@@ -13,7 +13,7 @@
 //! (revoked, replaced by a port, removed), every connection of it is killed at once, whether
 //! still waiting for its hello, live, or finishing after leaving softly: each one's kill token
 //! is a child of its domain's, which the closure cancels; every task of the connection runs
-//! inside the connection's own task (see `tunnel_tasks`), which then drops them all.
+//! inside the connection's own task (see `local_tasks`), which then drops them all.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
