@@ -33,6 +33,7 @@ LIMIT=${LIMIT:-60}                # seconds any one load may take before it coun
 VARIANT=${VARIANT:-}
 # Which to measure (a subset, to iterate faster).
 SERVERS=${SERVERS:-"core-server-1t nginx haproxy core-server${VARIANT:+ variant}"}
+METRICS=${METRICS:-"keepalive handshakes resumed multiplexed"}
 
 source bench/lib.sh
 need nginx=nginx haproxy=haproxy wrk=wrk h2load=nghttp2-client mkcert=mkcert curl=curl \
@@ -138,7 +139,6 @@ handshakes() { h2load_run "$1" -n "$HANDSHAKES" -c "$HANDSHAKES" -m 1 --h1; }
 resumed() { h2load_run "$1" -n "$RESUMED" -c "$CONNECTIONS" -m 1 --h1 -H 'Connection: close'; }
 multiplexed() { h2load_run "$1" -n "$H2_REQUESTS" -c "$H2_CLIENTS" -m "$H2_STREAMS"; }
 
-metrics="keepalive handshakes resumed multiplexed"
 heading=([keepalive]="HTTPS keep-alive requests/s (wrk -t1 -c$CONNECTIONS -d${DURATION}s, HTTP/1.1)"
   [handshakes]="new handshakes/s (h2load -n $HANDSHAKES -c $HANDSHAKES -m 1 --h1: one request per connection)"
   [resumed]="resumed handshakes/s (h2load -n $RESUMED -c $CONNECTIONS -m 1 --h1 -H 'Connection: close')"
@@ -150,19 +150,19 @@ target=([keepalive]=">= 1.0, issues 8 and 10" [handshakes]=">= 1.0, issue 8" [re
 
 echo
 print_versions wrk h2load nginx haproxy curl openssl
-print_settings ROUNDS DURATION CONNECTIONS HANDSHAKES RESUMED H2_REQUESTS H2_CLIENTS H2_STREAMS LIMIT SERVERS
+print_settings ROUNDS DURATION CONNECTIONS HANDSHAKES RESUMED H2_REQUESTS H2_CLIENTS H2_STREAMS LIMIT SERVERS METRICS
 print_servers $SERVERS
-run_rounds "$SERVERS" "$metrics"
+run_rounds "$SERVERS" "$METRICS"
 echo
 echo "Medians of $ROUNDS rounds; ECDSA P-256 certificates from one mkcert CA; CPU of the serving"
 echo "processes only (2 cores shared by load generator, proxy and backend: see bench/README.md)."
-print_results "$SERVERS" "$metrics"
+print_results "$SERVERS" "$METRICS"
 
 # variant / core-server, per measurement.
 variant_ratios() {
   local metric
   echo
-  for metric in $metrics; do
+  for metric in $METRICS; do
     printf '%-22s variant / core-server: %.2f\n' "$metric" \
       "$(awk -v a="$(median_of "variant.$metric")" -v b="$(median_of "core-server.$metric")" 'BEGIN {print a / b}')"
   done
