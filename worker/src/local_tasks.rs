@@ -21,10 +21,9 @@
 //! one only, as it ended its task before (the panic hook reports it).
 
 use std::future::{poll_fn, Future};
+use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::task::Poll;
-
-use std::panic::AssertUnwindSafe;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
