@@ -387,7 +387,8 @@ impl Head {
     }
 }
 
-/// A stream handed to hyper, which reads first what the fast path had read of it.
+/// A stream handed to hyper, which reads first what was already read of it (by the fast path,
+/// or by hyper's HTTP/1 connection before an upgrade).
 pub struct HandedOver<S> {
     read: Bytes,
     stream: S,
@@ -399,7 +400,8 @@ impl<S> HandedOver<S> {
         Self::new(stream, Bytes::new())
     }
 
-    fn new(stream: S, read: Bytes) -> Self {
+    /// `stream`, of which `read` was already read.
+    pub fn new(stream: S, read: Bytes) -> Self {
         HandedOver { read, stream }
     }
 }

@@ -9,12 +9,9 @@
 //! [`USER_TIMEOUT`].
 
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::rt::{Read, Write};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::upgrade::downcast;
@@ -22,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
+use crate::http1_fast_path::HandedOver;
 use crate::local_tasks::{self, LocalExecutor};
 use crate::tunnel_control::{self, AgentSaid};
 use crate::tunnels::{Joining, Reservation, TunnelBody, MAX_IN_ALL, MAX_PER_DOMAIN};
@@ -68,14 +66,14 @@ pub async fn run(on_upgrade: OnUpgrade, reservation: Reservation, agent: Agent) 
     match downcast::<TokioIo<TcpStream>>(upgraded) {
         Ok(parts) => {
             user_timeout(parts.io.inner(), &agent);
-            let io = Prefixed::new(parts.read_buf, parts.io);
-            serve(io, reservation, agent).await
+            let io = HandedOver::new(parts.io.into_inner(), parts.read_buf);
+            serve(TokioIo::new(io), reservation, agent).await
         }
         Err(upgraded) => match downcast::<TokioIo<TlsStream<TcpStream>>>(upgraded) {
             Ok(parts) => {
                 user_timeout(parts.io.inner().get_ref().0, &agent);
-                let io = Prefixed::new(parts.read_buf, parts.io);
-                serve(io, reservation, agent).await
+                let io = HandedOver::new(parts.io.into_inner(), parts.read_buf);
+                serve(TokioIo::new(io), reservation, agent).await
             }
             Err(upgraded) => serve::<Upgraded>(upgraded, reservation, agent).await,
         },
@@ -187,65 +185,5 @@ where
             _ = connection.as_mut() => {}
             () = reservation.killed() => {}
         }
-    }
-}
-
-/// A stream and the bytes already read from it (by the HTTP/1 handshake) before it was
-/// handed over: those are read first.
-struct Prefixed<T> {
-    prefix: Bytes,
-    io: T,
-}
-
-impl<T> Prefixed<T> {
-    fn new(prefix: Bytes, io: T) -> Self {
-        Prefixed { prefix, io }
-    }
-}
-
-impl<T: Read + Unpin> Read for Prefixed<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..n]);
-        this.prefix.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: Write + Unpin> Write for Prefixed<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 }
