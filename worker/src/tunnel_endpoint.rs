@@ -158,6 +158,7 @@ fn refusal(status: StatusCode, why: &str) -> Response<ProxyBody> {
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
+
 /// The token of `Authorization: Bearer <token>`.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
