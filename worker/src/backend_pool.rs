@@ -26,6 +26,10 @@
 //! - a request that found its pooled connection closed by the app just then (hyper hands it
 //!   back unsent) goes again on another connection, its body untouched;
 //! - a connect timeout, and `TCP_NODELAY`.
+//!
+//! Requests relayed as bytes (see `http1_relay`) take plain TCP connections from a list of
+//! their own, kept by the same rules; an idle one is known closed by the app when a read
+//! finds its end, which costs no system call while the socket has not become readable.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -66,15 +70,20 @@ const STALE_TRIES: usize = 3;
 
 type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 
+/// Idle connections by backend port.
+type IdleLists<C> = Mutex<HashMap<u16, Vec<Idle<C>>>>;
+
 /// The connections to every backend port.
 pub struct BackendPool {
-    idle: Mutex<HashMap<u16, Vec<Idle>>>,
+    idle: IdleLists<Connection>,
+    /// Connections that requests are relayed on as bytes.
+    raw: IdleLists<TcpStream>,
     /// `backend_timeout`: for connecting, and for an upload the backend stops taking.
     timeout: Duration,
 }
 
-struct Idle {
-    connection: Connection,
+struct Idle<C> {
+    connection: C,
     since: Instant,
 }
 
@@ -137,6 +146,7 @@ impl BackendPool {
     pub fn new(timeout: Duration) -> Arc<Self> {
         let pool = Arc::new(BackendPool {
             idle: Mutex::new(HashMap::new()),
+            raw: Mutex::new(HashMap::new()),
             timeout,
         });
         tokio::spawn(sweep(Arc::downgrade(&pool)));
@@ -157,7 +167,7 @@ impl BackendPool {
             _ => self.pooled(port, connection),
         };
         for _ in 0..STALE_TRIES {
-            let Some(mut connection) = self.take_idle(port) else {
+            let Some(mut connection) = take(&self.idle, port) else {
                 break;
             };
             if !connection.ready().await {
@@ -227,7 +237,39 @@ impl BackendPool {
         }
     }
 
+    /// The most recently used idle connection to `port` for a request relayed as bytes;
+    /// `check`: only one not known to be closed (no system call unless it became readable).
+    pub fn take_raw(&self, port: u16, check: bool) -> Option<TcpStream> {
+        while let Some(stream) = take(&self.raw, port) {
+            if !check || open(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// A new connection to the app on `port`, for a request relayed as bytes.
+    pub async fn connect_raw(&self, port: u16) -> Result<TcpStream, BackendError> {
+        // Boxed: most requests find a connection in the pool, and futures are moved by copying.
+        Box::pin(self.connect_tcp(port)).await
+    }
+
+    /// Keeps `stream`, done with a relayed exchange, for the next one to `port`, if there is
+    /// room.
+    pub fn put_raw(&self, port: u16, stream: TcpStream) {
+        keep(&self.raw, port, stream);
+    }
+
     async fn connect(&self, port: u16) -> Result<Connection, BackendError> {
+        let stream = self.connect_tcp(port).await?;
+        let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
+        Ok(Connection {
+            sender,
+            driver: Some(Box::pin(driver)),
+        })
+    }
+
+    async fn connect_tcp(&self, port: u16) -> Result<TcpStream, BackendError> {
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(address)).await {
             Ok(Ok(stream)) => stream,
@@ -240,52 +282,21 @@ impl BackendPool {
             }
         };
         stream.set_nodelay(true).map_err(BackendError::Connect)?;
-        let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
-        Ok(Connection {
-            sender,
-            driver: Some(Box::pin(driver)),
-        })
-    }
-
-    /// The most recently used idle connection to `port` that has not expired.
-    fn take_idle(&self, port: u16) -> Option<Connection> {
-        let mut idle = self.idle.lock().expect("pool lock");
-        let list = idle.get_mut(&port)?;
-        let now = Instant::now();
-        while let Some(Idle { connection, since }) = list.pop() {
-            if now < since + IDLE_TIMEOUT {
-                return Some(connection);
-            }
-        }
-        None
+        Ok(stream)
     }
 
     /// Keeps `connection` for the next request to `port`, if it is ready for one and there is
     /// room.
     fn put(&self, port: u16, mut connection: Connection) {
-        if !connection.ready_now() {
-            return;
-        }
-        let mut idle = self.idle.lock().expect("pool lock");
-        let list = idle.entry(port).or_default();
-        if list.len() < MAX_IDLE_PER_BACKEND {
-            list.push(Idle {
-                connection,
-                since: Instant::now(),
-            });
+        if connection.ready_now() {
+            keep(&self.idle, port, connection);
         }
     }
 
     /// Closes the idle connections that the app closed or that expired.
     fn sweep(&self) {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().expect("pool lock");
-        idle.retain(|_, list| {
-            list.retain_mut(|Idle { connection, since }| {
-                now < *since + IDLE_TIMEOUT && connection.ready_now()
-            });
-            !list.is_empty()
-        });
+        sweep_lists(&self.idle, Connection::ready_now);
+        sweep_lists(&self.raw, |stream| open(stream));
     }
 
     #[cfg(test)]
@@ -293,6 +304,49 @@ impl BackendPool {
         let idle = self.idle.lock().expect("pool lock");
         idle.get(&port).map_or(0, Vec::len)
     }
+}
+
+/// The most recently used idle connection to `port` in `lists` that has not expired.
+fn take<C>(lists: &IdleLists<C>, port: u16) -> Option<C> {
+    let mut lists = lists.lock().expect("pool lock");
+    let list = lists.get_mut(&port)?;
+    let now = Instant::now();
+    while let Some(Idle { connection, since }) = list.pop() {
+        if now < since + IDLE_TIMEOUT {
+            return Some(connection);
+        }
+    }
+    None
+}
+
+/// Keeps `connection` in `lists` for the next request to `port`, if there is room.
+fn keep<C>(lists: &IdleLists<C>, port: u16, connection: C) {
+    let mut lists = lists.lock().expect("pool lock");
+    let list = lists.entry(port).or_default();
+    if list.len() < MAX_IDLE_PER_BACKEND {
+        list.push(Idle {
+            connection,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// Closes the connections in `lists` that expired or that are no longer `usable`.
+fn sweep_lists<C>(lists: &IdleLists<C>, mut usable: impl FnMut(&mut C) -> bool) {
+    let now = Instant::now();
+    let mut lists = lists.lock().expect("pool lock");
+    lists.retain(|_, list| {
+        list.retain_mut(|Idle { connection, since }| {
+            now < *since + IDLE_TIMEOUT && usable(connection)
+        });
+        !list.is_empty()
+    });
+}
+
+/// Whether an idle plain connection is still open: neither closed by the app nor sent bytes
+/// it should not have sent. No system call unless the socket became readable.
+fn open(stream: &TcpStream) -> bool {
+    matches!(stream.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 async fn sweep(pool: Weak<BackendPool>) {

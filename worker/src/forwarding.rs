@@ -8,7 +8,8 @@
 //! own `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (RFC 7239), replacing rather than
 //! appending, so a backend can trust them (as Caddy does by default).
 
-use std::fmt::Write;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::IpAddr;
 
 pub use core_server_proto::hop_by_hop::{lists, remove_hop_by_hop};
@@ -54,10 +55,38 @@ pub fn set_forwarded(
     let client = client.to_canonical();
     let for_value =
         HeaderValue::try_from(client.to_string()).expect("an IP address is a valid header value");
+    let forwarded = HeaderValue::try_from(forwarded(client, host.as_bytes(), proto))
+        .expect("quoted visible characters make a valid header value");
     headers.insert(X_FORWARDED_FOR, for_value);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     headers.insert(X_FORWARDED_HOST, host.clone());
-    headers.insert(header::FORWARDED, forwarded(client, host, proto));
+    headers.insert(header::FORWARDED, forwarded);
+}
+
+/// The same four headers as [`set_forwarded`], as lines of a head written as bytes (see
+/// `http1_relay`), whose other fields went through [`is_client_claim`].
+pub fn write_forwarded(head: &mut Vec<u8>, client: IpAddr, host: &[u8], proto: &'static str) {
+    let client = client.to_canonical();
+    let _ = write!(
+        head,
+        "x-forwarded-for: {client}\r\nx-forwarded-proto: {proto}\r\n"
+    );
+    head.extend_from_slice(b"x-forwarded-host: ");
+    head.extend_from_slice(host);
+    head.extend_from_slice(b"\r\nforwarded: ");
+    head.extend_from_slice(forwarded(client, host, proto).as_bytes());
+    head.extend_from_slice(b"\r\n");
+}
+
+/// Whether a header named `name` (in any case) is one through which a client claims to be
+/// someone or somewhere else: any `X-Forwarded-*`, or one of [`CLIENT_CLAIMS`].
+pub fn is_client_claim(name: &[u8]) -> bool {
+    let prefix = b"x-forwarded-";
+    name.get(..prefix.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+        || CLIENT_CLAIMS
+            .iter()
+            .any(|claim| name.eq_ignore_ascii_case(claim.as_str().as_bytes()))
 }
 
 /// Removes every header through which a client claims to be someone or somewhere else (every
@@ -67,7 +96,7 @@ pub fn remove_client_claims(headers: &mut HeaderMap) {
     // Most requests carry none: one look at each name, and the map is changed only if needed.
     let claims: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with("x-forwarded-") || CLIENT_CLAIMS.contains(name))
+        .filter(|name| is_client_claim(name.as_str().as_bytes()))
         .cloned()
         .collect();
     for name in &claims {
@@ -78,7 +107,7 @@ pub fn remove_client_claims(headers: &mut HeaderMap) {
 /// `Forwarded: for=192.0.2.1;host=example.com;proto=http` (RFC 7239 §4). An IPv6 address is
 /// bracketed and so quoted (`for="[2001:db8::1]"`, §6); any value that is not a plain token
 /// (a host with a `:port`) is quoted too.
-fn forwarded(client: IpAddr, host: &HeaderValue, proto: &str) -> HeaderValue {
+fn forwarded(client: IpAddr, host: &[u8], proto: &str) -> String {
     let node = match client {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),
@@ -86,10 +115,10 @@ fn forwarded(client: IpAddr, host: &HeaderValue, proto: &str) -> HeaderValue {
     let mut value = String::from("for=");
     push_token_or_quoted(&mut value, node.as_bytes());
     value.push_str(";host=");
-    push_token_or_quoted(&mut value, host.as_bytes());
+    push_token_or_quoted(&mut value, host);
     value.push_str(";proto=");
     push_token_or_quoted(&mut value, proto.as_bytes());
-    HeaderValue::try_from(value).expect("quoted visible characters make a valid header value")
+    value
 }
 
 /// Appends `raw` as an RFC 9110 token if it is one, else as a quoted-string (`"` and `\`
@@ -168,11 +197,9 @@ mod tests {
 
     #[test]
     fn forwarded_quotes_ipv6_and_what_is_not_a_token() {
-        let host = HeaderValue::from_static("example.com");
-        let value = forwarded("2001:db8::1".parse().unwrap(), &host, "https");
+        let value = forwarded("2001:db8::1".parse().unwrap(), b"example.com", "https");
         assert_eq!(value, "for=\"[2001:db8::1]\";host=example.com;proto=https");
-        let odd = HeaderValue::from_static("a\"b\\c d");
-        let value = forwarded("192.0.2.1".parse().unwrap(), &odd, "http");
+        let value = forwarded("192.0.2.1".parse().unwrap(), b"a\"b\\c d", "http");
         assert_eq!(value, "for=192.0.2.1;host=\"a\\\"b\\\\c d\";proto=http");
     }
 }

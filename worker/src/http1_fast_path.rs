@@ -29,9 +29,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::future::Future;
+
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, Uri};
+use http::{Method, Response};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -40,23 +41,84 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::activity::Activity;
-use crate::http1_response::{self, WriteError, Written};
+use crate::http1_response::{self, ClientConnection, WriteError, Written};
 use crate::proxy::ClientRequest;
-
-/// How much of a head the fast path reads before it gives up on it: a head not whole by then
-/// (big cookies) goes to hyper, which takes up to about 400 KiB.
-pub const MAX_HEAD: usize = 16 * 1024;
+use crate::request_head::{ForHyper, RequestHead, MAX_HEAD};
 
 /// What a read asks for at least: most heads fit in one read of this.
 const READ_SIZE: usize = 4096;
-
-/// Header fields the fast path takes in one head; more go to hyper (which takes 100).
-const MAX_HEADERS: usize = 64;
 
 /// How long the fast path waits for a head, and what it tells [`Activity`].
 pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+}
+
+/// What the fast path answers requests with.
+pub trait Answer {
+    type Body: Body<Data = Bytes>;
+    /// Where a request relayed as bytes goes.
+    type Target;
+
+    /// Where `head` goes if it is to be relayed to its app as bytes (see `http1_relay`);
+    /// `None`: it is answered by [`Answer::respond`].
+    fn relay_target(&self, head: &RequestHead) -> Option<Self::Target>;
+
+    /// Relays `head` to `target`, writing the answer to `client` as it comes: `None` if the
+    /// client went away before the response.
+    fn relay<'a, C: ClientConnection + Send>(
+        &'a self,
+        target: Self::Target,
+        head: RequestHead,
+        client: &'a mut C,
+        closing: &'a Closing<'a>,
+    ) -> impl Future<Output = Option<Result<Written, WriteError>>> + Send + 'a;
+
+    /// The response to `request`, for the fast path to write.
+    fn respond(&self, request: ClientRequest) -> impl Future<Output = Response<Self::Body>>;
+}
+
+/// A function from request to response answers every request itself (the tests' servers).
+impl<F, Fut, B> Answer for F
+where
+    F: Fn(ClientRequest) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+{
+    type Body = B;
+    type Target = std::convert::Infallible;
+
+    fn relay_target(&self, _: &RequestHead) -> Option<Self::Target> {
+        None
+    }
+
+    fn relay<'a, C: ClientConnection + Send>(
+        &'a self,
+        _: Self::Target,
+        _: RequestHead,
+        _: &'a mut C,
+        _: &'a Closing<'a>,
+    ) -> impl Future<Output = Option<Result<Written, WriteError>>> + Send + 'a {
+        std::future::pending() // never called: there is no target
+    }
+
+    fn respond(&self, request: ClientRequest) -> impl Future<Output = Response<B>> {
+        self(request)
+    }
+}
+
+/// Whether a response is to be its connection's last: the client asked, the worker is
+/// stopping, or the connection was evicted. Looked at as the response's head is written.
+pub struct Closing<'a> {
+    asked: bool,
+    stop: &'a CancellationToken,
+    activity: &'a Activity,
+}
+
+impl Closing<'_> {
+    pub fn now(&self) -> bool {
+        self.asked || self.stop.is_cancelled() || self.activity.was_evicted()
+    }
 }
 
 /// A stream whose readability can be awaited without a buffer, so a connection that waits for
@@ -85,21 +147,19 @@ impl WaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// Serves requests on `stream` with `respond` until the connection ends (`None`) or a request
+/// Serves requests on `stream` with `answer` until the connection ends (`None`) or a request
 /// comes that the fast path leaves to hyper: the stream then, with what was read of it.
-pub async fn serve<S, F, Fut, B>(
+pub async fn serve<S, A>(
     mut stream: S,
     limits: &Limits,
     activity: &Arc<Activity>,
     stop: &CancellationToken,
-    respond: F,
+    answer: A,
 ) -> Option<HandedOver<S>>
 where
     S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
-    F: Fn(ClientRequest) -> Fut,
-    Fut: std::future::Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    A: Answer,
+    <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut buffer = BytesMut::new();
     let wait = limits.header_timeout.min(limits.idle_timeout);
@@ -108,18 +168,17 @@ where
     loop {
         // The wait for more bytes comes after this match, not in it: what `parse` returned
         // then takes no room in this future.
-        let written = match parse(&mut buffer) {
-            Ok(Some((request, close))) => {
+        let written = match RequestHead::parse(&mut buffer) {
+            Ok(Some(head)) => {
                 let in_flight = activity.request_started();
                 // Boxed: the proxy's future and the response being written are the largest
                 // states of a connection, and only a request in flight needs room for them; a
                 // connection waiting for its next request stays small.
                 let written = Box::pin(exchange(
-                    request,
-                    close,
+                    head,
                     &mut stream,
                     &mut buffer,
-                    &respond,
+                    &answer,
                     stop,
                     activity,
                 ))
@@ -176,34 +235,41 @@ where
     }
 }
 
-/// Answers `request` on `stream` with `respond`'s response, marked as the connection's last if
-/// the client `asked_to_close`, the worker is stopping or the connection was evicted; `None` if
-/// the client went away first (see [`client_gone`]).
-async fn exchange<S, F, Fut, B>(
-    request: ClientRequest,
-    asked_to_close: bool,
+/// Answers `head` on `stream` with `answer`, marked as the connection's last as [`Closing`]
+/// says; `None` if the client went away first (see [`client_gone`]).
+async fn exchange<S, A>(
+    head: RequestHead,
     stream: &mut S,
     buffer: &mut BytesMut,
-    respond: &F,
+    answer: &A,
     stop: &CancellationToken,
     activity: &Activity,
 ) -> Option<Result<Written, WriteError>>
 where
     S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
-    F: Fn(ClientRequest) -> Fut,
-    Fut: std::future::Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    A: Answer,
+    <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let to_head = request.method() == Method::HEAD;
+    let to_head = head.method() == Method::HEAD;
+    let closing = Closing {
+        asked: head.close(),
+        stop,
+        activity,
+    };
+    let mut client = Client { stream, buffer };
+    if let Some(target) = answer.relay_target(&head) {
+        return answer.relay(target, head, &mut client, &closing).await;
+    }
+    let Some(request) = head.into_request() else {
+        debug!("a request head that http refuses: connection closed");
+        return Some(Ok(Written::Close));
+    };
     let response = tokio::select! {
         biased;
-        response = respond(request) => response,
-        () = client_gone(stream, buffer) => return None,
+        response = answer.respond(request) => response,
+        () = client.gone() => return None,
     };
-    let close = asked_to_close || stop.is_cancelled() || activity.was_evicted();
-    let mut client = Client { stream, buffer };
-    Some(http1_response::write(&mut client, response, to_head, close).await)
+    Some(http1_response::write(&mut client, response, to_head, closing.now()).await)
 }
 
 /// The client's connection while its response is written: the stream, and the buffer that
@@ -213,7 +279,7 @@ struct Client<'a, S> {
     buffer: &'a mut BytesMut,
 }
 
-impl<S> http1_response::ClientConnection for Client<'_, S>
+impl<S> ClientConnection for Client<'_, S>
 where
     S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
 {
@@ -258,133 +324,6 @@ where
         buffer.reserve(READ_SIZE);
     }
     stream.read_buf(buffer).await
-}
-
-/// A request the fast path leaves to hyper: a body, an upgrade, HTTP/1.0 or HTTP/2, a
-/// malformed head ...
-struct ForHyper;
-
-/// Takes the first request's head out of `buffer` if it is whole (`None`: not yet), with
-/// whether the client asked to close after it; hyper's if it is not whole within
-/// [`MAX_HEAD`].
-fn parse(buffer: &mut BytesMut) -> Result<Option<(ClientRequest, bool)>, ForHyper> {
-    if buffer.is_empty() {
-        return Ok(None);
-    }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let length = match parsed.parse(buffer) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) if buffer.len() >= MAX_HEAD => return Err(ForHyper),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        // hyper answers what it makes of it (400, 431, HTTP/2's preface ...).
-        Err(_) => return Err(ForHyper),
-    };
-    let head = Head::of(&parsed, buffer, length).ok_or(ForHyper)?;
-    let bytes = buffer.split_to(length).freeze();
-    match head.request(&bytes) {
-        Some(request) => Ok(Some((request, head.close))),
-        None => {
-            // Not what `http` takes as valid: hyper gets it all back, and answers.
-            let mut whole = BytesMut::from(&bytes[..]);
-            whole.extend_from_slice(buffer);
-            *buffer = whole;
-            Err(ForHyper)
-        }
-    }
-}
-
-/// A parsed head that the fast path serves, as offsets into the bytes it was read from (so
-/// the request's URI and header values share those bytes instead of copying them).
-struct Head {
-    method: Method,
-    path: (usize, usize),
-    fields: [Field; MAX_HEADERS],
-    count: usize,
-    close: bool,
-}
-
-/// A header field: the offsets of its name and of its value.
-#[derive(Clone, Copy, Default)]
-struct Field {
-    name: (usize, usize),
-    value: (usize, usize),
-}
-
-impl Head {
-    /// `parsed` (read from `buffer`) if the fast path serves it.
-    fn of(parsed: &httparse::Request<'_, '_>, buffer: &[u8], length: usize) -> Option<Head> {
-        let at = |part: &[u8]| {
-            let from = part.as_ptr() as usize - buffer.as_ptr() as usize;
-            debug_assert!(from + part.len() <= length);
-            (from, from + part.len())
-        };
-        if parsed.version != Some(1) {
-            return None; // HTTP/1.0: hyper knows its keep-alive rules
-        }
-        let path = parsed.path?;
-        // An absolute-form or asterisk-form target, or CONNECT: rare, and hyper's.
-        if !path.starts_with('/') {
-            return None;
-        }
-        let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
-        if method == Method::CONNECT {
-            return None;
-        }
-        let mut head = Head {
-            method,
-            path: at(path.as_bytes()),
-            fields: [Field::default(); MAX_HEADERS],
-            count: parsed.headers.len(),
-            close: false,
-        };
-        for (field, header) in head.fields.iter_mut().zip(parsed.headers.iter()) {
-            let name = header.name.as_bytes();
-            let is = |wanted: &str| name.eq_ignore_ascii_case(wanted.as_bytes());
-            if is("content-length") {
-                if header.value != b"0" {
-                    return None; // a body
-                }
-            } else if is("transfer-encoding")
-                || is("expect")
-                || is("upgrade")
-                || is("te")
-                || is("http2-settings")
-            {
-                return None;
-            } else if is("connection") {
-                for token in header.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        head.close = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade") {
-                        return None;
-                    }
-                }
-            }
-            *field = Field {
-                name: at(name),
-                value: at(header.value),
-            };
-        }
-        Some(head)
-    }
-
-    /// The request, its URI and header values sharing `bytes`; `None` if `http` refuses a part.
-    fn request(&self, bytes: &Bytes) -> Option<ClientRequest> {
-        let slice = |(from, to): (usize, usize)| bytes.slice(from..to);
-        let mut headers = HeaderMap::with_capacity(self.count);
-        for field in &self.fields[..self.count] {
-            let name = HeaderName::from_bytes(&bytes[field.name.0..field.name.1]).ok()?;
-            let value = HeaderValue::from_maybe_shared(slice(field.value)).ok()?;
-            headers.append(name, value);
-        }
-        let mut request = Request::new(None);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = Uri::from_maybe_shared(slice(self.path)).ok()?;
-        *request.headers_mut() = headers;
-        Some(request)
-    }
 }
 
 /// A stream handed to hyper, which reads first what was already read of it (by the fast path,
@@ -456,6 +395,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HandedOver<S> {
 mod tests {
     use super::*;
 
+    use http::HeaderValue;
     use http_body_util::channel::{Channel, Sender};
     use http_body_util::{Either, Full};
     use tokio::net::TcpListener;

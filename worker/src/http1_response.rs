@@ -57,7 +57,7 @@ pub enum WriteError {
 /// The client's connection, as [`write`] needs it: written to, and watched while the body is
 /// awaited.
 pub trait ClientConnection {
-    type Stream: AsyncWrite + Unpin;
+    type Stream: AsyncWrite + Unpin + Send;
     /// What the response is written to.
     fn stream(&mut self) -> &mut Self::Stream;
     /// Resolves once the client has closed its connection (or it failed).
@@ -65,7 +65,7 @@ pub trait ClientConnection {
 }
 
 /// How the body is framed on the wire.
-enum Framing {
+pub enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -181,7 +181,7 @@ where
 
 /// Writes `head` (unless already sent) and `data` in `framing`; with chunked framing, empty
 /// `data` is the last chunk.
-async fn write_piece<S>(
+pub async fn write_piece<S>(
     stream: &mut S,
     head: Option<&[u8]>,
     data: &[u8],
@@ -240,40 +240,61 @@ fn encode_head(
     close: bool,
 ) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(status.as_str().as_bytes());
-    head.push(b' ');
-    match reason {
-        Some(reason) => head.extend_from_slice(reason.as_bytes()),
+    let reason = match reason {
+        Some(reason) => reason.as_bytes(),
         // As hyper: a reason is always written, for the parsers that expect one.
-        None => head.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
-    }
-    head.extend_from_slice(b"\r\n");
+        None => status.canonical_reason().unwrap_or("<none>").as_bytes(),
+    };
+    start_head(&mut head, status.as_str().as_bytes(), reason);
     for (name, value) in headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        push_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
+    let close = close && !asks_to_close(headers);
+    end_head(
+        &mut head,
+        framing,
+        close,
+        !headers.contains_key(header::DATE),
+    );
+    head
+}
+
+/// Starts a response head with its status line: `status`, three digits, and `reason`.
+pub fn start_head(head: &mut Vec<u8>, status: &[u8], reason: &[u8]) {
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status);
+    head.push(b' ');
+    head.extend_from_slice(reason);
+    head.extend_from_slice(b"\r\n");
+}
+
+/// Adds a header field to a head.
+pub fn push_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    head.extend_from_slice(name);
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
+}
+
+/// Ends a response head: the framing's header, `Connection: close` if `close`, a `Date` if
+/// `date`, and the blank line.
+pub fn end_head(head: &mut Vec<u8>, framing: &Framing, close: bool, date: bool) {
     match framing {
         Framing::None => {}
-        Framing::Length(length) => {
-            head.extend_from_slice(b"content-length: ");
-            head.extend_from_slice(itoa::Buffer::new().format(*length).as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Length(length) => push_field(
+            head,
+            b"content-length",
+            itoa::Buffer::new().format(*length).as_bytes(),
+        ),
+        Framing::Chunked => push_field(head, b"transfer-encoding", b"chunked"),
     }
-    if close && !asks_to_close(headers) {
-        head.extend_from_slice(b"connection: close\r\n");
+    if close {
+        push_field(head, b"connection", b"close");
     }
-    if !headers.contains_key(header::DATE) {
-        head.extend_from_slice(b"date: ");
-        DATE.with(|date| head.extend_from_slice(date.borrow_mut().now()));
-        head.extend_from_slice(b"\r\n");
+    if date {
+        DATE.with(|date| push_field(head, b"date", date.borrow_mut().now()));
     }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 thread_local! {

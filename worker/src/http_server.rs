@@ -19,10 +19,12 @@
 //!   a client that never answers the GOAWAY's PING does not keep it.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use core_server_proto::domain::Domain;
 use core_server_proto::ipc::WorkerSettings;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -41,9 +43,11 @@ use crate::accept_errors::AcceptErrors;
 use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
-use crate::http1_fast_path::{self, HandedOver, Limits, WaitReadable};
+use crate::http1_fast_path::{self, Answer, Closing, HandedOver, Limits, WaitReadable};
+use crate::http1_response::{ClientConnection, WriteError, Written};
 use crate::local_tasks::{self, LocalExecutor};
 use crate::proxy::{ClientRequest, Proxy, ProxyBody};
+use crate::request_head::RequestHead;
 use crate::tls_acceptor::TlsAcceptor;
 
 /// Concurrent streams a client may open on one HTTP/2 connection (nginx's
@@ -244,10 +248,9 @@ impl HttpServer {
         let stream = if http2 {
             HandedOver::whole(stream)
         } else {
-            let respond = |request| responder.respond(request);
             // Awaited where it is made: a future bound to a name first can take its room twice
             // in this one, and so in every connection's task.
-            match http1_fast_path::serve(stream, &self.limits, activity, &stop, respond).await {
+            match http1_fast_path::serve(stream, &self.limits, activity, &stop, &responder).await {
                 Some(stream) => stream,
                 None => return,
             }
@@ -424,6 +427,35 @@ impl Responder {
     }
 }
 
+/// On the fast path, a request for an app on a local port is relayed as bytes (but where
+/// plain HTTP redirects to HTTPS); any other is answered as hyper's are.
+impl Answer for &Responder {
+    type Body = ProxyBody;
+    type Target = (Domain, u16);
+
+    fn relay_target(&self, head: &RequestHead) -> Option<(Domain, u16)> {
+        match self.redirect {
+            Some(_) => None,
+            None => self.proxy.relay_target(head),
+        }
+    }
+
+    fn relay<'a, C: ClientConnection + Send>(
+        &'a self,
+        target: (Domain, u16),
+        head: RequestHead,
+        connection: &'a mut C,
+        closing: &'a Closing<'a>,
+    ) -> impl Future<Output = Option<Result<Written, WriteError>>> + Send + 'a {
+        let (client, scheme) = (self.client, self.scheme);
+        (self.proxy).relay(target, head, client, scheme, connection, closing)
+    }
+
+    fn respond(&self, request: ClientRequest) -> impl Future<Output = Response<ProxyBody>> {
+        Responder::respond(self, request)
+    }
+}
+
 /// Marks an HTTP/1 response as the connection's last (HTTP/2 has no such header; a switch of
 /// protocols keeps its `Connection: upgrade`).
 fn ask_to_close(response: &mut Response<ProxyBody>) {
@@ -443,7 +475,6 @@ mod tests {
         AcmeToWorker, CertificateSource, HttpsSettings, Secret, WorkerToAcme,
     };
     use core_server_proto::channel::{socketpair_fds, Channel};
-    use core_server_proto::domain::Domain;
     use rcgen::{CertificateParams, KeyPair};
     use rustls::pki_types::ServerName;
     use tokio::io::AsyncReadExt;

@@ -51,7 +51,11 @@ use tracing::{debug, info, warn};
 
 use crate::backend_pool::BackendPool;
 use crate::forwarding;
+use crate::http1_fast_path::Closing;
+use crate::http1_relay::{self, Relay, RelayError};
+use crate::http1_response::{self, ClientConnection, WriteError, Written};
 use crate::request_body::{ClientBodyError, RequestBody, Upload};
+use crate::request_head::RequestHead;
 use crate::response_body::{Holding, ResponseBody};
 use crate::route_table::RouteTable;
 use crate::tunnel_endpoint::TunnelEndpoint;
@@ -81,6 +85,8 @@ pub enum BackendError {
     NoExtendedConnect,
     #[error("{0} agent connections in a row closed before taking the request")]
     Unsent(usize, #[source] hyper::Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
 }
 
 /// Where a domain's requests go: named in the logs.
@@ -196,6 +202,49 @@ impl Proxy {
                 })
             }
             Err(failure) => self.failure_page(failure, &domain, &upstream, client, client_version),
+        }
+    }
+
+    /// Where `head` goes when it is relayed as bytes (see `http1_relay`): the domain and the
+    /// app's local port, if it has exactly one `Host` and that names a domain on a port.
+    pub fn relay_target(&self, head: &RequestHead) -> Option<(Domain, u16)> {
+        let domain = Domain::from_host(std::str::from_utf8(head.host()?).ok()?)?;
+        match self.routes.target(&domain)? {
+            Target::Port(port) => Some((domain, port)),
+            Target::Tunnel => None,
+        }
+    }
+
+    /// Relays `head`, from `client` over `scheme`, to the app on `port` (see `http1_relay`),
+    /// writing its answer to `connection`, or the error page if it gave none; `None` if the
+    /// client went away before the response.
+    pub async fn relay<C: ClientConnection + Send>(
+        &self,
+        (domain, port): (Domain, u16),
+        head: RequestHead,
+        client: SocketAddr,
+        scheme: &'static str,
+        connection: &mut C,
+        closing: &Closing<'_>,
+    ) -> Option<Result<Written, WriteError>> {
+        let to_head = head.method() == Method::HEAD;
+        let idempotent = head.method().is_idempotent();
+        let host = head.host().unwrap_or_default();
+        let request = http1_relay::request(&head, host, client.ip(), scheme);
+        drop(head);
+        let relay = Relay {
+            pool: &self.backends,
+            port,
+            timeout: self.backend_timeout,
+        };
+        let exchange = relay.exchange(&request, to_head, idempotent, connection, closing);
+        match exchange.await {
+            Ok(relayed) => relayed,
+            Err(failure) => {
+                let upstream = Upstream::Port(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+                let page = self.failure_page(failure, &domain, &upstream, client, Version::HTTP_11);
+                Some(http1_response::write(connection, page, to_head, closing.now()).await)
+            }
         }
     }
 
@@ -402,7 +451,7 @@ impl Proxy {
 }
 
 /// Why an exchange with a backend gave no response, and whose fault it is.
-enum Failure {
+pub enum Failure {
     /// The client's request body was malformed, cut short, or stopped arriving.
     Client(ClientBodyError),
     /// The backend refused, broke off or answered nonsense.

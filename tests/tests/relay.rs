@@ -1,0 +1,224 @@
+//! Requests without a body, relayed to their app as bytes (the worker's `http1_relay`), against
+//! an app that answers in every way HTTP/1.1 allows: interim answers, chunks with extensions
+//! and trailers, a body that ends when the app closes, HTTP/1.0, heads too large or malformed;
+//! and that closes its idle keep-alive connections on its own schedule, as apps do.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use core_server_tests::http::{get, send};
+use core_server_tests::CoreServer;
+use http::Request;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// What the app does with a request, by its path.
+fn answer(path: &str) -> Option<(&'static str, bool)> {
+    // (the answer's bytes, whether the app closes the connection after it)
+    Some(match path {
+        "/interim" => (
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: yes\r\n\r\nok",
+            false,
+        ),
+        "/chunked" => (
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n\
+             3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n",
+            false,
+        ),
+        "/until-close" => ("HTTP/1.1 200 OK\r\n\r\nall of it", true),
+        "/http10" => ("HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nold", true),
+        "/head" => ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", false),
+        "/not-modified" => ("HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n", false),
+        "/reason" => (
+            "HTTP/1.1 200 Fine Thanks\r\nContent-Length: 0\r\n\r\n",
+            false,
+        ),
+        "/garbage" => ("SURPRISE\r\n\r\n", true),
+        "/two-lengths" => (
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+            true,
+        ),
+        "/ok" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        _ => return None, // never answered
+    })
+}
+
+/// An app on raw TCP answering as [`answer`] says, each connection closed `linger` after its
+/// first answer if given (an app's keep-alive timeout); it reports each request line it reads,
+/// and `"closed"` when the worker closes a connection that still waits for an answer.
+async fn app(linger: Option<Duration>) -> (u16, mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (seen, heard) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let task = serve(stream, linger, seen.clone());
+            tokio::spawn(tokio::time::timeout(Duration::from_secs(60), task));
+        }
+    });
+    (port, heard)
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    linger: Option<Duration>,
+    seen: mpsc::UnboundedSender<String>,
+) {
+    let mut buffer = Vec::new();
+    let mut closing_at = None;
+    loop {
+        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let mut chunk = [0; 4096];
+            let read = match closing_at {
+                Some(at) => match tokio::time::timeout_at(at, stream.read(&mut chunk)).await {
+                    Ok(read) => read,
+                    Err(_) => return, // its keep-alive timeout: closed
+                },
+                None => stream.read(&mut chunk).await,
+            };
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+        buffer.drain(..end + 4);
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        let _ = seen.send(line.clone());
+        let path = line.split(' ').nth(1).unwrap_or_default();
+        let Some((bytes, close)) = answer(path) else {
+            // Never answered: wait for the worker to close it.
+            let _ = stream.read(&mut [0; 1]).await;
+            let _ = seen.send("closed".to_owned());
+            return;
+        };
+        if stream.write_all(bytes.as_bytes()).await.is_err() || close {
+            return;
+        }
+        if let Some(linger) = linger {
+            closing_at.get_or_insert(tokio::time::Instant::now() + linger);
+        }
+    }
+}
+
+fn request(server: &CoreServer, method: &str, path: &str) -> Request<Full<Bytes>> {
+    let request = Request::builder().method(method).uri(server.url(path));
+    request
+        .header("host", "app.example")
+        .body(Full::default())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_an_app_frames_any_way_reaches_the_client_whole_and_framed_anew() {
+    let server = CoreServer::start();
+    let (port, _) = app(None).await;
+    server.add("app.example", port);
+
+    let interim = get(&server.url("/interim"), "app.example").await;
+    assert_eq!(
+        (interim.status.as_u16(), interim.body.as_str()),
+        (200, "ok")
+    );
+    assert_eq!(interim.headers["x-app"], "yes");
+    assert!(!interim.headers.contains_key("link"), "{interim:?}");
+
+    // Decoded and chunked anew, without the trailer the client did not ask for.
+    let chunked = get(&server.url("/chunked"), "app.example").await;
+    assert_eq!(
+        (chunked.status.as_u16(), chunked.body.as_str()),
+        (200, "abcde")
+    );
+    assert_eq!(chunked.headers["transfer-encoding"], "chunked");
+
+    // A body that ends when the app closes is chunked, so the client knows it is whole.
+    let until_close = get(&server.url("/until-close"), "app.example").await;
+    assert_eq!(until_close.body, "all of it");
+    assert_eq!(until_close.headers["transfer-encoding"], "chunked");
+
+    let old = get(&server.url("/http10"), "app.example").await;
+    assert_eq!((old.status.as_u16(), old.body.as_str()), (200, "old"));
+
+    // A HEAD's and a 304's Content-Length says what a GET would get; neither has a body.
+    let head = send(request(&server, "HEAD", "/head")).await;
+    assert_eq!((head.status.as_u16(), head.body.as_str()), (200, ""));
+    assert_eq!(head.headers["content-length"], "10");
+    let not_modified = get(&server.url("/not-modified"), "app.example").await;
+    assert_eq!(not_modified.status.as_u16(), 304);
+    assert_eq!(not_modified.headers["etag"], "\"v1\"");
+
+    // The app's words, on a connection the client keeps.
+    let mut client = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /reason HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = [0; 24];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"HTTP/1.1 200 Fine Thanks");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_that_answers_nonsense_is_a_502() {
+    let server = CoreServer::start();
+    let (port, _) = app(None).await;
+    server.add("app.example", port);
+    for path in ["/garbage", "/two-lengths"] {
+        let reply = get(&server.url(path), "app.example").await;
+        assert_eq!(reply.status.as_u16(), 502, "{path}: {reply:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_closing_its_idle_connections_loses_no_request_and_repeats_none() {
+    let server = CoreServer::start();
+    let (port, mut seen) = app(Some(Duration::from_millis(100))).await;
+    server.add("app.example", port);
+    // Each request after the first finds its pooled connection closed by the app meanwhile:
+    // a GET goes again on a new one, a POST is not sent on one known closed.
+    let mut sent = Vec::new();
+    for method in ["GET", "GET", "POST", "DELETE", "GET"] {
+        let mut post = request(&server, method, "/ok");
+        if method == "POST" {
+            post.headers_mut().insert("content-length", 0.into());
+        }
+        let reply = send(post).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.body.as_str()),
+            (200, "ok"),
+            "{method}"
+        );
+        sent.push(format!("{method} /ok HTTP/1.1"));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let mut received = Vec::new();
+    while let Ok(line) = seen.try_recv() {
+        received.push(line);
+    }
+    assert_eq!(received, sent, "each request reaches the app once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_gone_while_the_app_thinks_closes_the_apps_connection() {
+    let server = CoreServer::start();
+    let (port, mut seen) = app(None).await;
+    server.add("app.example", port);
+    let mut client = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /forever HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+    assert_eq!(line.unwrap().unwrap(), "GET /forever HTTP/1.1");
+    drop(client);
+    let closed = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await;
+    assert_eq!(closed.expect("closed within 5 s").unwrap(), "closed");
+}

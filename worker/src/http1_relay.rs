@@ -1,0 +1,773 @@
+//! A request without a body, for an app on a local port, relayed as bytes: the fast path's
+//! answer to most requests (see `http1_fast_path`). The client's head is rewritten straight
+//! into the app's (no `http::Request`, no `HeaderMap`), written to a plain pooled TCP
+//! connection, and the app's response head is parsed with `httparse` and rewritten straight
+//! into the client's, its body passed on as it comes. The proxy's other requests (bodies,
+//! upgrades, tunnels, HTTP/2) go through hyper's client (see `proxy`, `backend_pool`).
+//!
+//! Why: hyper's client costs more CPU per request than the relaying itself (a dispatch channel
+//! and a response oneshot per request, two `HeaderMap`s built and walked, large futures
+//! moved), and a proxy's user time is also the time its peers sleep and must be woken.
+//!
+//! What hyper's client and the proxy did that this does too, and must keep doing:
+//! - the app gets what `proxy` sends through hyper: hop-by-hop headers and the client's
+//!   claims about its origin removed (see `forwarding`), core-server's `X-Forwarded-*` and
+//!   `Forwarded` set, HTTP/1.1, the client's `Host`;
+//! - the app's response is read as RFC 9112 §6.3 says: no body after `HEAD` or for 204 and
+//!   304; `Transfer-Encoding` (chunked, decoded here), else `Content-Length`, else until the
+//!   app closes. Its 1xx interim responses are skipped, as hyper's client does;
+//! - the client gets it framed as `http1_response` frames hyper's answers: hop-by-hop headers
+//!   removed, the app's reason phrase, `Content-Length` when known, else chunked, no
+//!   trailers, a `Date` unless given, `Connection: close` when closing;
+//! - deadlines (`backend_timeout`): to connect and get the response head, and for each stall
+//!   of the body (which is then cut short); errors before the response head give the proxy's
+//!   error pages (502, 504);
+//! - a client gone while the response is awaited ends the exchange and closes the app's
+//!   connection, as hyper drops it;
+//! - connections are reused only after a whole, well-framed response; an idempotent request
+//!   that finds its idle connection closed by the app (nothing came back) goes again once on a
+//!   new one, as nginx does.
+
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use core_server_proto::hop_by_hop::is_hop_by_hop;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::backend_pool::BackendPool;
+use crate::forwarding;
+use crate::http1_fast_path::Closing;
+use crate::http1_response::{self, end_head, push_field, start_head, ClientConnection, Framing};
+use crate::http1_response::{WriteError, Written};
+use crate::proxy::{BackendError, Failure};
+use crate::request_head::RequestHead;
+
+/// The largest response head taken from an app: more is a 502 (nginx's `proxy_buffer_size`
+/// is 4 or 8 KiB; hyper's client took about 400 KiB).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Header fields taken in an app's response head, as hyper's client.
+const MAX_RESPONSE_HEADERS: usize = 100;
+
+/// What a read of a response head asks for at least.
+const HEAD_READ: usize = 8 * 1024;
+
+/// What a read of a response body asks for at least.
+const BODY_READ: usize = 64 * 1024;
+
+/// The longest line of a chunked body (a chunk's size and extensions, or a trailer field).
+const MAX_CHUNK_LINE: usize = 16 * 1024;
+
+/// Why an app's answer could not be relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("sending the request: {0}")]
+    Send(#[source] io::Error),
+    #[error("reading the response: {0}")]
+    Read(#[source] io::Error),
+    #[error("the connection closed before a response")]
+    Closed,
+    #[error("the response head is not HTTP/1.x: {0}")]
+    Malformed(httparse::Error),
+    #[error("the response head is larger than {MAX_RESPONSE_HEAD} bytes")]
+    TooLarge,
+    #[error("the response has a malformed or conflicting Content-Length")]
+    Length,
+    #[error("the response switches protocols, which the request did not ask for")]
+    Switched,
+    #[error("the response has status {0}")]
+    Status(u16),
+}
+
+/// `head` as the app gets it: HTTP/1.1, hop-by-hop headers and the client's claims removed,
+/// core-server's forwarding headers (for `client`, over `scheme`) added.
+pub fn request(head: &RequestHead, host: &[u8], client: IpAddr, scheme: &'static str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(head.method().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path().as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let named = connection_names(head.fields());
+    for (name, value) in head.fields() {
+        if !is_hop_by_hop(name) && !forwarding::is_client_claim(name) && !names(&named, name) {
+            push_field(&mut out, name, value);
+        }
+    }
+    forwarding::write_forwarded(&mut out, client, host, scheme);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// One request's way to the app on a local port.
+pub struct Relay<'a> {
+    pub pool: &'a Arc<BackendPool>,
+    pub port: u16,
+    /// `backend_timeout`.
+    pub timeout: Duration,
+}
+
+impl Relay<'_> {
+    /// Sends `request` (see [`request`]; a `HEAD` if `to_head`; sent again on a new connection
+    /// if `idempotent` and its idle one turns out closed) and relays the answer to `client`.
+    /// `Ok(None)`: the client went away before the response head came. `Err`: the app gave no
+    /// response head, and the client has had nothing yet.
+    pub async fn exchange<C: ClientConnection + Send>(
+        &self,
+        request: &[u8],
+        to_head: bool,
+        idempotent: bool,
+        client: &mut C,
+        closing: &Closing<'_>,
+    ) -> Result<Option<Result<Written, WriteError>>, Failure> {
+        let by = Instant::now() + self.timeout;
+        let answered = tokio::select! {
+            biased;
+            answered = tokio::time::timeout_at(by, self.send(request, to_head, idempotent)) => answered,
+            () = client.gone() => return Ok(None),
+        };
+        let (mut backend, mut buffer, response) = match answered {
+            Ok(answered) => answered.map_err(Failure::Backend)?,
+            Err(_) => return Err(Failure::NoResponse),
+        };
+        let Response {
+            mut head,
+            date,
+            body,
+            keep_alive,
+        } = response;
+        let framing = match body {
+            Body::None => Framing::None,
+            Body::Length(length) => Framing::Length(length),
+            Body::Chunked | Body::UntilClose => Framing::Chunked,
+        };
+        let close = closing.now();
+        end_head(&mut head, &framing, close, !date);
+        let sent = self.relay_body(&mut backend, &mut buffer, body, head, client);
+        let reusable = match sent.await {
+            Ok(reusable) => reusable,
+            Err(e) => return Ok(Some(Err(e))),
+        };
+        if keep_alive && reusable {
+            self.pool.put_raw(self.port, backend);
+        }
+        Ok(Some(Ok(if close {
+            Written::Close
+        } else {
+            Written::KeepAlive
+        })))
+    }
+
+    /// Sends `request` on a connection and reads the response head: the connection, the bytes
+    /// read after the head, and the head.
+    async fn send(
+        &self,
+        request: &[u8],
+        to_head: bool,
+        idempotent: bool,
+    ) -> Result<(TcpStream, BytesMut, Response), BackendError> {
+        // An idempotent request goes again if its idle connection was closed by the app;
+        // another checks first (no system call unless the app sent something, or closed).
+        let idle = self.pool.take_raw(self.port, !idempotent);
+        let reused = idle.is_some();
+        let mut backend = match idle {
+            Some(stream) => stream,
+            None => self.pool.connect_raw(self.port).await?,
+        };
+        let mut buffer = BytesMut::new();
+        match Self::ask(&mut backend, &mut buffer, request, to_head).await {
+            Ok(response) => return Ok((backend, buffer, response)),
+            Err(RelayError::Closed | RelayError::Send(_))
+                if idempotent && reused && buffer.is_empty() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut backend = self.pool.connect_raw(self.port).await?;
+        let mut buffer = BytesMut::new();
+        let response = Self::ask(&mut backend, &mut buffer, request, to_head).await?;
+        Ok((backend, buffer, response))
+    }
+
+    /// Writes `request` to `backend` and reads the response head into `buffer` (what follows
+    /// it stays there).
+    async fn ask(
+        backend: &mut TcpStream,
+        buffer: &mut BytesMut,
+        request: &[u8],
+        to_head: bool,
+    ) -> Result<Response, RelayError> {
+        backend.write_all(request).await.map_err(RelayError::Send)?;
+        loop {
+            if let Some(response) = Response::parse(buffer, to_head)? {
+                return Ok(response);
+            }
+            if buffer.len() >= MAX_RESPONSE_HEAD {
+                return Err(RelayError::TooLarge);
+            }
+            buffer.reserve(HEAD_READ);
+            match backend.read_buf(buffer).await {
+                Ok(0) => return Err(RelayError::Closed),
+                Ok(_) => {}
+                // A reset of an idle connection the app had closed.
+                Err(e) if buffer.is_empty() => return Err(RelayError::Send(e)),
+                Err(e) => return Err(RelayError::Read(e)),
+            }
+        }
+    }
+
+    /// Writes `head` and the body to `client` as it comes from `backend` (what of it was read
+    /// already is in `buffer`); whether the connection can carry another request.
+    async fn relay_body<C: ClientConnection + Send>(
+        &self,
+        backend: &mut TcpStream,
+        buffer: &mut BytesMut,
+        body: Body,
+        head: Vec<u8>,
+        client: &mut C,
+    ) -> Result<bool, WriteError> {
+        let mut head = Some(head);
+        let mut chunks = Chunks::Size;
+        let mut left = match body {
+            Body::Length(length) => length,
+            _ => 0,
+        };
+        loop {
+            let ended = match body {
+                Body::None => true,
+                Body::Length(length) => {
+                    let piece = buffer.split_to(buffer.len().min(left as usize));
+                    left -= piece.len() as u64;
+                    let framing = Framing::Length(length);
+                    if !piece.is_empty() {
+                        write(client, head.take(), &piece, &framing).await?;
+                    }
+                    left == 0
+                }
+                Body::Chunked => loop {
+                    match chunks.next(buffer)? {
+                        Some(Piece::Data(data)) => {
+                            write(client, head.take(), &data, &Framing::Chunked).await?
+                        }
+                        Some(Piece::End) => break true,
+                        None => break false,
+                    }
+                },
+                Body::UntilClose => {
+                    if !buffer.is_empty() {
+                        let data = buffer.split().freeze();
+                        write(client, head.take(), &data, &Framing::Chunked).await?;
+                    }
+                    false
+                }
+            };
+            if ended {
+                let framing = match body {
+                    Body::Chunked => Framing::Chunked, // the last chunk
+                    _ => Framing::None,
+                };
+                if head.is_some() || matches!(framing, Framing::Chunked) {
+                    write(client, head.take(), b"", &framing).await?;
+                }
+                return Ok(buffer.is_empty());
+            }
+            // The head goes at once: a body that comes later (server-sent events) must not
+            // hold it back.
+            if let Some(head) = head.take() {
+                write(client, Some(head), b"", &Framing::None).await?;
+            }
+            match self.read_body(backend, buffer, client).await? {
+                0 => match body {
+                    Body::UntilClose => {
+                        write(client, None, b"", &Framing::Chunked).await?;
+                        return Ok(false);
+                    }
+                    Body::Length(length) => {
+                        let sent = length - left;
+                        return Err(WriteError::Short { sent, length });
+                    }
+                    _ => return Err(WriteError::Body("the app closed mid-chunk".into())),
+                },
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads more of the body into `buffer`, for as long as the app keeps sending within the
+    /// timeout and the client stays.
+    async fn read_body<C: ClientConnection + Send>(
+        &self,
+        backend: &mut TcpStream,
+        buffer: &mut BytesMut,
+        client: &mut C,
+    ) -> Result<usize, WriteError> {
+        if buffer.capacity() - buffer.len() < BODY_READ / 4 {
+            buffer.reserve(BODY_READ);
+        }
+        let read = tokio::select! {
+            biased;
+            read = tokio::time::timeout(self.timeout, backend.read_buf(buffer)) => read,
+            () = client.gone() => return Err(WriteError::ClientGone),
+        };
+        match read {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(WriteError::Body(format!("reading from the app: {e}"))),
+            Err(_) => {
+                let (port, timeout) = (self.port, self.timeout);
+                warn!("backend 127.0.0.1:{port} sent no byte of its response body for {timeout:?}: cutting the response");
+                Err(WriteError::Body(format!(
+                    "the app sent no byte of its response body for {timeout:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// Writes `head` (if not yet sent) and `data` in `framing` to `client`, and flushes.
+async fn write<C: ClientConnection>(
+    client: &mut C,
+    head: Option<Vec<u8>>,
+    data: &[u8],
+    framing: &Framing,
+) -> Result<(), WriteError> {
+    http1_response::write_piece(client.stream(), head.as_deref(), data, framing).await?;
+    client.stream().flush().await?;
+    Ok(())
+}
+
+/// How an app's response body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Body {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// An app's response head, rewritten for the client.
+#[derive(Debug)]
+struct Response {
+    /// The status line and the fields the client gets, not yet ended (see `end_head`).
+    head: Vec<u8>,
+    /// Whether the app gave a `Date`.
+    date: bool,
+    body: Body,
+    /// Whether the app keeps the connection open after this response.
+    keep_alive: bool,
+}
+
+impl Response {
+    /// The first final response's head in `buffer`, taken out of it (1xx before it skipped);
+    /// `None` if not whole yet.
+    fn parse(buffer: &mut BytesMut, to_head: bool) -> Result<Option<Response>, RelayError> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            let mut parsed = httparse::Response::new(&mut headers);
+            let length = match parsed.parse(buffer) {
+                Ok(httparse::Status::Complete(length)) => length,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(RelayError::Malformed(e)),
+            };
+            let code = parsed.code.unwrap_or_default();
+            let status = StatusCode::from_u16(code).map_err(|_| RelayError::Status(code))?;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(RelayError::Switched);
+            }
+            if status.is_informational() {
+                buffer.advance(length); // as hyper's client: interim answers are not passed on
+                continue;
+            }
+            let response = Self::rewritten(&parsed, status, to_head)?;
+            buffer.advance(length);
+            return Ok(Some(response));
+        }
+    }
+
+    fn rewritten(
+        parsed: &httparse::Response<'_, '_>,
+        status: StatusCode,
+        to_head: bool,
+    ) -> Result<Response, RelayError> {
+        let fields = || parsed.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+        let named = connection_names(fields());
+        let mut keep_alive = parsed.version == Some(1) && !names(&named, b"close");
+        let is = |name: &[u8], wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+        let bodiless =
+            to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let mut length = None;
+        let mut chunked = None;
+        for (name, value) in fields() {
+            if is(name, b"content-length") {
+                for listed in value.split(|&b| b == b',') {
+                    let listed = parse_length(listed.trim_ascii()).ok_or(RelayError::Length)?;
+                    if *length.get_or_insert(listed) != listed {
+                        return Err(RelayError::Length);
+                    }
+                }
+            } else if is(name, b"transfer-encoding") {
+                // The last coding of the last field says whether it is chunked.
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+        }
+        let body = match (chunked, length) {
+            _ if bodiless => Body::None,
+            (Some(true), _) => Body::Chunked,
+            (Some(false), _) => Body::UntilClose,
+            (None, Some(length)) => Body::Length(length),
+            (None, None) => Body::UntilClose,
+        };
+        // Both framings given: not to be trusted with another request (RFC 9112 §6.3).
+        if body == Body::UntilClose || (chunked.is_some() && length.is_some()) {
+            keep_alive = false;
+        }
+        let mut head = Vec::with_capacity(256);
+        let code = status.as_str().as_bytes();
+        // The app's reason phrase, whatever it is, as hyper's client and server pass it.
+        start_head(
+            &mut head,
+            code,
+            parsed.reason.unwrap_or_default().as_bytes(),
+        );
+        let mut date = false;
+        for (name, value) in fields() {
+            let passes = if is(name, b"content-length") {
+                // Framed anew, but a HEAD's and a 304's say what a GET would get.
+                bodiless && status != StatusCode::NO_CONTENT
+            } else {
+                !is_hop_by_hop(name) && !names(&named, name)
+            };
+            if passes {
+                date |= is(name, b"date");
+                push_field(&mut head, name, value);
+            }
+        }
+        Ok(Response {
+            head,
+            date,
+            body,
+            keep_alive,
+        })
+    }
+}
+
+/// A `Content-Length` value: digits only.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The header names that the `Connection` fields among `fields` list (hop-by-hop too), and
+/// its other tokens (`close`, `keep-alive`).
+fn connection_names<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<&'a [u8]> {
+    fields
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
+        .flat_map(|(_, value)| value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+        .collect()
+}
+
+/// Whether `named` (see [`connection_names`]) includes `name`.
+fn names(named: &[&[u8]], name: &[u8]) -> bool {
+    named.iter().any(|listed| listed.eq_ignore_ascii_case(name))
+}
+
+/// A piece of a chunked body, decoded.
+#[derive(Debug, PartialEq)]
+enum Piece {
+    Data(Bytes),
+    /// The last chunk and the trailers (dropped, as `http1_response` sends none) are through.
+    End,
+}
+
+/// Where a chunked body's decoder is (RFC 9112 §7.1).
+#[derive(Debug)]
+enum Chunks {
+    /// At a chunk's size line.
+    Size,
+    /// Within a chunk's data, with this much of it left.
+    Data(u64),
+    /// At the line end after a chunk's data.
+    DataEnd,
+    /// After the last chunk, at a trailer field or the blank line that ends the body.
+    Trailers,
+}
+
+impl Chunks {
+    /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
+    /// needed first.
+    fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
+        let broken =
+            |why: &str| WriteError::Body(format!("the app's chunked body is malformed: {why}"));
+        loop {
+            match self {
+                Chunks::Size => {
+                    let Some(line) = take_line(buffer)? else {
+                        return Ok(None);
+                    };
+                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+                    let digits = digits.trim_ascii_end();
+                    if digits.is_empty()
+                        || digits.len() > 15
+                        || !digits.iter().all(u8::is_ascii_hexdigit)
+                    {
+                        return Err(broken("a bad chunk size"));
+                    }
+                    let text =
+                        std::str::from_utf8(digits).map_err(|_| broken("a bad chunk size"))?;
+                    let size =
+                        u64::from_str_radix(text, 16).map_err(|_| broken("a bad chunk size"))?;
+                    *self = if size == 0 {
+                        Chunks::Trailers
+                    } else {
+                        Chunks::Data(size)
+                    };
+                }
+                Chunks::Data(left) => {
+                    if buffer.is_empty() {
+                        return Ok(None);
+                    }
+                    let data = buffer.split_to(buffer.len().min(*left as usize)).freeze();
+                    *left -= data.len() as u64;
+                    if *left == 0 {
+                        *self = Chunks::DataEnd;
+                    }
+                    return Ok(Some(Piece::Data(data)));
+                }
+                Chunks::DataEnd => {
+                    if buffer.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buffer[..2] != b"\r\n" {
+                        return Err(broken("no line end after a chunk"));
+                    }
+                    buffer.advance(2);
+                    *self = Chunks::Size;
+                }
+                Chunks::Trailers => {
+                    let Some(line) = take_line(buffer)? else {
+                        return Ok(None);
+                    };
+                    if line.is_empty() {
+                        return Ok(Some(Piece::End));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The next `\r\n`-ended line of `buffer` (taken out, without its end); `None` if not whole
+/// yet.
+fn take_line(buffer: &mut BytesMut) -> Result<Option<Bytes>, WriteError> {
+    match buffer.windows(2).position(|pair| pair == b"\r\n") {
+        Some(at) => {
+            let line = buffer.split_to(at).freeze();
+            buffer.advance(2);
+            Ok(Some(line))
+        }
+        None if buffer.len() > MAX_CHUNK_LINE => Err(WriteError::Body(format!(
+            "the app's chunked body has a line longer than {MAX_CHUNK_LINE} bytes"
+        ))),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first final response in `bytes`: what the client's head starts with, the body's
+    /// framing, whether the app keeps the connection, and what was left after the head.
+    fn parsed(bytes: &str, to_head: bool) -> (String, Body, bool, String) {
+        let mut buffer = BytesMut::from(bytes);
+        let response = Response::parse(&mut buffer, to_head).unwrap().unwrap();
+        let head = String::from_utf8(response.head).unwrap();
+        let rest = String::from_utf8(buffer.to_vec()).unwrap();
+        (head, response.body, response.keep_alive, rest)
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_hop_by_hop_fields_go() {
+        let (head, body, keep_alive, rest) = parsed(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+             HTTP/1.1 200 Fine\r\nConnection: X-Private, keep-alive\r\nX-Private: 1\r\n\
+             Keep-Alive: timeout=5\r\nContent-Length: 3\r\nX-App: yes\r\nDate: then\r\n\r\nabc",
+            false,
+        );
+        assert_eq!(head, "HTTP/1.1 200 Fine\r\nX-App: yes\r\nDate: then\r\n");
+        assert_eq!(
+            (body, keep_alive, rest.as_str()),
+            (Body::Length(3), true, "abc")
+        );
+    }
+
+    #[test]
+    fn bodies_are_delimited_as_rfc_9112_says() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+                false,
+                Body::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                Body::Chunked,
+                true,
+            ),
+            // Both: chunked wins, and the connection is not trusted again.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                Body::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                false,
+                Body::UntilClose,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", false, Body::UntilClose, false),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Body::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Body::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n",
+                false,
+                Body::None,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                Body::None,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                true,
+                Body::None,
+                true,
+            ),
+        ];
+        for (response, to_head, body, keep_alive) in cases {
+            let parsed = parsed(response, to_head);
+            assert_eq!((parsed.1, parsed.2), (body, keep_alive), "{response}");
+        }
+        // A HEAD's and a 304's length is the GET's, passed on; a 204's goes.
+        let head = parsed("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).0;
+        assert_eq!(head, "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n");
+        let not_modified = parsed(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            false,
+        )
+        .0;
+        assert_eq!(
+            not_modified,
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n"
+        );
+        let no_content = parsed(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n",
+            false,
+        )
+        .0;
+        assert_eq!(no_content, "HTTP/1.1 204 No Content\r\n");
+    }
+
+    #[test]
+    fn a_head_not_whole_waits_and_a_bad_one_is_an_error() {
+        let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Le");
+        assert!(Response::parse(&mut partial, false).unwrap().is_none());
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/1.1 099 Low\r\n\r\n",
+            "SURPRISE\r\n\r\n",
+        ] {
+            let mut buffer = BytesMut::from(bad);
+            assert!(Response::parse(&mut buffer, false).is_err(), "{bad}");
+        }
+    }
+
+    /// `body` fed to a chunked decoder `step` bytes at a time: the data, and whether it ended.
+    fn decoded(body: &str, step: usize) -> Result<(String, bool), String> {
+        let (mut chunks, mut buffer) = (Chunks::Size, BytesMut::new());
+        let mut data = String::new();
+        for piece in body.as_bytes().chunks(step) {
+            buffer.extend_from_slice(piece);
+            loop {
+                match chunks.next(&mut buffer).map_err(|e| e.to_string())? {
+                    Some(Piece::Data(bytes)) => data.push_str(std::str::from_utf8(&bytes).unwrap()),
+                    Some(Piece::End) => return Ok((data, buffer.is_empty())),
+                    None => break,
+                }
+            }
+        }
+        Ok((data, false))
+    }
+
+    #[test]
+    fn chunks_decode_whatever_the_reads_with_extensions_and_trailers() {
+        let body = "3;name=value\r\nabc\r\nA \r\n0123456789\r\n0\r\nX-Sum: 13\r\n\r\n";
+        for step in [1, 2, 5, body.len()] {
+            assert_eq!(
+                decoded(body, step),
+                Ok(("abc0123456789".into(), true)),
+                "step {step}"
+            );
+        }
+        assert_eq!(decoded("3\r\nabc\r\n", 100), Ok(("abc".into(), false)));
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for bad in [
+            "g\r\n",
+            "\r\n",
+            "3\r\nabcX\r\n",
+            "1000000000000000\r\n",
+            &format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE)),
+        ] {
+            assert!(decoded(bad, 7).is_err(), "{bad:.40}");
+        }
+    }
+
+    #[test]
+    fn the_app_gets_no_hop_by_hop_field_nor_claim_and_core_servers_forwarding() {
+        let mut buffer = BytesMut::from(
+            "GET /p?q HTTP/1.1\r\nHost: a.example\r\nConnection: keep-alive, X-Private\r\n\
+             X-Private: s\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nKeep-Alive: 5\r\n\
+             Proxy-Authorization: x\r\nAccept: */*\r\nContent-Length: 0\r\n\r\n",
+        );
+        let head = RequestHead::parse(&mut buffer).ok().unwrap().unwrap();
+        let client = "::ffff:192.0.2.1".parse().unwrap();
+        let sent = request(&head, b"a.example", client, "https");
+        assert_eq!(
+            String::from_utf8(sent).unwrap(),
+            "GET /p?q HTTP/1.1\r\nHost: a.example\r\nAccept: */*\r\nContent-Length: 0\r\n\
+             x-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: a.example\r\nforwarded: for=192.0.2.1;host=a.example;proto=https\r\n\r\n"
+        );
+    }
+}
