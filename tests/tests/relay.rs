@@ -42,6 +42,8 @@ fn answer(path: &str) -> Option<(&'static str, bool)> {
             true,
         ),
         "/ok" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        // A HEAD answered, then a body it must not have (see `serve`).
+        "/late-body" => ("HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", false),
         _ => return None, // never answered
     })
 }
@@ -98,6 +100,11 @@ async fn serve(
         };
         if stream.write_all(bytes.as_bytes()).await.is_err() || close {
             return;
+        }
+        if path == "/late-body" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let forged = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged";
+            let _ = stream.write_all(forged.as_bytes()).await;
         }
         if let Some(linger) = linger {
             closing_at.get_or_insert(tokio::time::Instant::now() + linger);
@@ -221,4 +228,19 @@ async fn a_client_gone_while_the_app_thinks_closes_the_apps_connection() {
     drop(client);
     let closed = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await;
     assert_eq!(closed.expect("closed within 5 s").unwrap(), "closed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_an_app_sends_after_its_answer_never_reach_the_next_client() {
+    let server = CoreServer::start();
+    let (port, _) = app(None).await;
+    server.add("app.example", port);
+    for _ in 0..3 {
+        let head = send(request(&server, "HEAD", "/late-body")).await;
+        assert_eq!(head.status.as_u16(), 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The connection the stray bytes came on is not used again.
+        let next = get(&server.url("/ok"), "app.example").await;
+        assert_eq!((next.status.as_u16(), next.body.as_str()), (200, "ok"));
+    }
 }

@@ -28,8 +28,9 @@
 //! - a connect timeout, and `TCP_NODELAY`.
 //!
 //! Requests relayed as bytes (see `http1_relay`) take plain TCP connections from a list of
-//! their own, kept by the same rules; an idle one is known closed by the app when a read
-//! finds its end, which costs no system call while the socket has not become readable.
+//! their own, kept by the same rules; an idle one is looked at (a peek) when taken, and used
+//! only if the app has neither closed it nor sent anything on it since its last response (a
+//! misbehaving app's stray bytes must not become the next client's response).
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -237,11 +238,11 @@ impl BackendPool {
         }
     }
 
-    /// The most recently used idle connection to `port` for a request relayed as bytes;
-    /// `check`: only one not known to be closed (no system call unless it became readable).
-    pub fn take_raw(&self, port: u16, check: bool) -> Option<TcpStream> {
+    /// The most recently used idle connection to `port` for a request relayed as bytes, if
+    /// one is still open and quiet.
+    pub fn take_raw(&self, port: u16) -> Option<TcpStream> {
         while let Some(stream) = take(&self.raw, port) {
-            if !check || open(&stream) {
+            if quiet(&stream) {
                 return Some(stream);
             }
         }
@@ -296,7 +297,7 @@ impl BackendPool {
     /// Closes the idle connections that the app closed or that expired.
     fn sweep(&self) {
         sweep_lists(&self.idle, Connection::ready_now);
-        sweep_lists(&self.raw, |stream| open(stream));
+        sweep_lists(&self.raw, |stream| quiet(stream));
     }
 
     #[cfg(test)]
@@ -343,10 +344,12 @@ fn sweep_lists<C>(lists: &IdleLists<C>, mut usable: impl FnMut(&mut C) -> bool) 
     });
 }
 
-/// Whether an idle plain connection is still open: neither closed by the app nor sent bytes
-/// it should not have sent. No system call unless the socket became readable.
-fn open(stream: &TcpStream) -> bool {
-    matches!(stream.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+/// Whether an idle plain connection is still open and has nothing to read: neither closed by
+/// the app nor sent bytes after its last response. A peek, not tokio's readiness, which lags
+/// until the runtime has polled the socket's events.
+fn quiet(stream: &TcpStream) -> bool {
+    let peeked = socket2::SockRef::from(stream).peek(&mut [std::mem::MaybeUninit::uninit()]);
+    matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 async fn sweep(pool: Weak<BackendPool>) {

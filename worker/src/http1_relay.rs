@@ -24,9 +24,11 @@
 //!   error pages (502, 504);
 //! - a client gone while the response is awaited ends the exchange and closes the app's
 //!   connection, as hyper drops it;
-//! - connections are reused only after a whole, well-framed response; an idempotent request
-//!   that finds its idle connection closed by the app (nothing came back) goes again once on a
-//!   new one, as nginx does.
+//! - connections are reused only after a whole, well-framed response, and only if the app has
+//!   sent nothing more on them since (see `backend_pool`); an idempotent request that finds
+//!   its idle connection closed by the app (nothing came back) goes again once on a new one,
+//!   as nginx does;
+//! - a connection waiting for the app holds no buffer (a long poll, a quiet event stream).
 
 use std::io;
 use std::net::IpAddr;
@@ -36,7 +38,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use core_server_proto::hop_by_hop::is_hop_by_hop;
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
@@ -74,6 +76,8 @@ pub enum RelayError {
     Read(#[source] io::Error),
     #[error("the connection closed before a response")]
     Closed,
+    #[error("the connection closed within the response head")]
+    Cut,
     #[error("the response head is not HTTP/1.x: {0}")]
     Malformed(httparse::Error),
     #[error("the response head is larger than {MAX_RESPONSE_HEAD} bytes")]
@@ -96,7 +100,9 @@ pub fn request(head: &RequestHead, host: &[u8], client: IpAddr, scheme: &'static
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let named = connection_names(head.fields());
     for (name, value) in head.fields() {
-        if !is_hop_by_hop(name) && !forwarding::is_client_claim(name) && !names(&named, name) {
+        // `Connection: host` cannot take the Host away: the app needs it.
+        let named = names(&named, name) && !name.eq_ignore_ascii_case(b"host");
+        if !is_hop_by_hop(name) && !forwarding::is_client_claim(name) && !named {
             push_field(&mut out, name, value);
         }
     }
@@ -172,9 +178,7 @@ impl Relay<'_> {
         to_head: bool,
         idempotent: bool,
     ) -> Result<(TcpStream, BytesMut, Response), BackendError> {
-        // An idempotent request goes again if its idle connection was closed by the app;
-        // another checks first (no system call unless the app sent something, or closed).
-        let idle = self.pool.take_raw(self.port, !idempotent);
+        let idle = self.pool.take_raw(self.port);
         let reused = idle.is_some();
         let mut backend = match idle {
             Some(stream) => stream,
@@ -183,8 +187,8 @@ impl Relay<'_> {
         let mut buffer = BytesMut::new();
         match Self::ask(&mut backend, &mut buffer, request, to_head).await {
             Ok(response) => return Ok((backend, buffer, response)),
-            Err(RelayError::Closed | RelayError::Send(_))
-                if idempotent && reused && buffer.is_empty() => {}
+            // Closed by the app as it was taken: an idempotent request goes again.
+            Err(RelayError::Closed | RelayError::Send(_)) if idempotent && reused => {}
             Err(e) => return Err(e.into()),
         }
         let mut backend = self.pool.connect_raw(self.port).await?;
@@ -202,6 +206,7 @@ impl Relay<'_> {
         to_head: bool,
     ) -> Result<Response, RelayError> {
         backend.write_all(request).await.map_err(RelayError::Send)?;
+        let mut received = false;
         loop {
             if let Some(response) = Response::parse(buffer, to_head)? {
                 return Ok(response);
@@ -209,12 +214,12 @@ impl Relay<'_> {
             if buffer.len() >= MAX_RESPONSE_HEAD {
                 return Err(RelayError::TooLarge);
             }
-            buffer.reserve(HEAD_READ);
-            match backend.read_buf(buffer).await {
+            match read_some(backend, buffer, HEAD_READ).await {
+                Ok(0) if received => return Err(RelayError::Cut),
                 Ok(0) => return Err(RelayError::Closed),
-                Ok(_) => {}
+                Ok(_) => received = true,
                 // A reset of an idle connection the app had closed.
-                Err(e) if buffer.is_empty() => return Err(RelayError::Send(e)),
+                Err(e) if !received => return Err(RelayError::Send(e)),
                 Err(e) => return Err(RelayError::Read(e)),
             }
         }
@@ -305,12 +310,9 @@ impl Relay<'_> {
         buffer: &mut BytesMut,
         client: &mut C,
     ) -> Result<usize, WriteError> {
-        if buffer.capacity() - buffer.len() < BODY_READ / 4 {
-            buffer.reserve(BODY_READ);
-        }
         let read = tokio::select! {
             biased;
-            read = tokio::time::timeout(self.timeout, backend.read_buf(buffer)) => read,
+            read = tokio::time::timeout(self.timeout, read_some(backend, buffer, BODY_READ)) => read,
             () = client.gone() => return Err(WriteError::ClientGone),
         };
         match read {
@@ -323,6 +325,24 @@ impl Relay<'_> {
                     "the app sent no byte of its response body for {timeout:?}"
                 )))
             }
+        }
+    }
+}
+
+/// Reads what `backend` has into `buffer`, room for `size` more made first; while it waits, a
+/// buffer with nothing in it holds no memory (a long poll, a quiet event stream).
+async fn read_some(backend: &TcpStream, buffer: &mut BytesMut, size: usize) -> io::Result<usize> {
+    loop {
+        if buffer.is_empty() {
+            *buffer = BytesMut::new();
+        }
+        backend.readable().await?;
+        if buffer.capacity() - buffer.len() < size / 4 {
+            buffer.reserve(size);
+        }
+        match backend.try_read_buf(buffer) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            read => return read,
         }
     }
 }
@@ -401,14 +421,15 @@ impl Response {
         let mut length = None;
         let mut chunked = None;
         for (name, value) in fields() {
-            if is(name, b"content-length") {
+            // Without a body, its length is the app's to state, not ours to check (as hyper).
+            if is(name, b"content-length") && !bodiless {
                 for listed in value.split(|&b| b == b',') {
                     let listed = parse_length(listed.trim_ascii()).ok_or(RelayError::Length)?;
                     if *length.get_or_insert(listed) != listed {
                         return Err(RelayError::Length);
                     }
                 }
-            } else if is(name, b"transfer-encoding") {
+            } else if is(name, b"transfer-encoding") && !bodiless {
                 // The last coding of the last field says whether it is chunked.
                 let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
@@ -512,18 +533,14 @@ impl Chunks {
                     let Some(line) = take_line(buffer)? else {
                         return Ok(None);
                     };
-                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-                    let digits = digits.trim_ascii_end();
-                    if digits.is_empty()
-                        || digits.len() > 15
-                        || !digits.iter().all(u8::is_ascii_hexdigit)
-                    {
-                        return Err(broken("a bad chunk size"));
+                    // Extensions are ignored, as by hyper, but must be visible text.
+                    if line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                        return Err(broken("a control byte in a chunk's size line"));
                     }
-                    let text =
-                        std::str::from_utf8(digits).map_err(|_| broken("a bad chunk size"))?;
+                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+                    let digits = digits.trim_ascii_end(); // spaces and tabs, as checked above
                     let size =
-                        u64::from_str_radix(text, 16).map_err(|_| broken("a bad chunk size"))?;
+                        parse_chunk_size(digits).ok_or_else(|| broken("a bad chunk size"))?;
                     *self = if size == 0 {
                         Chunks::Trailers
                     } else {
@@ -561,6 +578,23 @@ impl Chunks {
                 }
             }
         }
+    }
+}
+
+/// A chunk's size: hexadecimal digits, of a value below 2^60.
+fn parse_chunk_size(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let start = digits
+        .iter()
+        .position(|&b| b != b'0')
+        .unwrap_or(digits.len());
+    let significant = std::str::from_utf8(&digits[start..]).ok()?;
+    match significant.len() {
+        0 => Some(0),
+        1..=15 => u64::from_str_radix(significant, 16).ok(),
+        _ => None,
     }
 }
 
@@ -729,7 +763,8 @@ mod tests {
 
     #[test]
     fn chunks_decode_whatever_the_reads_with_extensions_and_trailers() {
-        let body = "3;name=value\r\nabc\r\nA \r\n0123456789\r\n0\r\nX-Sum: 13\r\n\r\n";
+        let body =
+            "3;name=value\r\nabc\r\n00000000000000000A \r\n0123456789\r\n0\r\nX-Sum: 13\r\n\r\n";
         for step in [1, 2, 5, body.len()] {
             assert_eq!(
                 decoded(body, step),
@@ -746,6 +781,8 @@ mod tests {
             "g\r\n",
             "\r\n",
             "3\r\nabcX\r\n",
+            "3\n\r\nabc\r\n",
+            "3;a\x0bb\r\nabc\r\n",
             "1000000000000000\r\n",
             &format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE)),
         ] {
