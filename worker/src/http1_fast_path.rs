@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::activity::Activity;
+use crate::drained_read;
 use crate::http1_response::{self, ClientConnection, WriteError, Written};
 use crate::proxy::ClientRequest;
 use crate::request_head::{ForHyper, RequestHead, MAX_HEAD};
@@ -121,29 +122,35 @@ impl Closing<'_> {
     }
 }
 
-/// A stream whose readability can be awaited without a buffer, so a connection that waits for
-/// its next request holds none.
-pub trait WaitReadable {
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+/// A client's stream, read so that a connection waiting for its next request holds no buffer.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Reads what the client sent into `buffer`; `Ok(0)` at its end.
+    fn read_more(
+        &mut self,
+        buffer: &mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
 }
 
-impl WaitReadable for TcpStream {
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        TcpStream::readable(self)
+impl ClientStream for TcpStream {
+    fn read_more(
+        &mut self,
+        buffer: &mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        drained_read::read(self, buffer, READ_SIZE)
     }
 }
 
-impl WaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
-    /// At once if TLS holds decrypted bytes already.
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
+        // Unless TLS holds decrypted bytes already, the wait is for the socket.
         let (tcp, tls) = self.get_ref();
-        let wait = tls.wants_read();
-        async move {
-            if wait {
-                tcp.readable().await?;
-            }
-            Ok(())
+        if buffer.capacity() == 0 && tls.wants_read() {
+            tcp.readable().await?;
         }
+        if buffer.capacity() - buffer.len() < READ_SIZE / 2 {
+            buffer.reserve(READ_SIZE);
+        }
+        self.read_buf(buffer).await
     }
 }
 
@@ -157,7 +164,7 @@ pub async fn serve<S, A>(
     answer: A,
 ) -> Option<HandedOver<S>>
 where
-    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
+    S: ClientStream,
     A: Answer,
     <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -214,7 +221,7 @@ where
                 }
                 tokio::select! {
                     biased;
-                    read = read_more(&mut stream, &mut buffer) => match read {
+                    read = stream.read_more(&mut buffer) => match read {
                         Ok(0) | Err(_) => return None,
                         Ok(_) => continue,
                     },
@@ -246,7 +253,7 @@ async fn exchange<S, A>(
     activity: &Activity,
 ) -> Option<Result<Written, WriteError>>
 where
-    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
+    S: ClientStream,
     A: Answer,
     <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -281,7 +288,7 @@ struct Client<'a, S> {
 
 impl<S> ClientConnection for Client<'_, S>
 where
-    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
+    S: ClientStream,
 {
     type Stream = S;
 
@@ -300,30 +307,15 @@ where
 /// the backend instead of leaving it open until the backend answers.
 async fn client_gone<S>(stream: &mut S, buffer: &mut BytesMut)
 where
-    S: AsyncRead + WaitReadable + Unpin,
+    S: ClientStream,
 {
     while buffer.len() < MAX_HEAD {
-        match read_more(stream, buffer).await {
+        match stream.read_more(buffer).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
     }
     std::future::pending().await
-}
-
-/// Reads what `stream` has into `buffer`; waits for readability first when the buffer holds
-/// no memory, so that a connection with nothing to read holds none either.
-async fn read_more<S>(stream: &mut S, buffer: &mut BytesMut) -> io::Result<usize>
-where
-    S: AsyncRead + WaitReadable + Unpin,
-{
-    if buffer.capacity() == 0 {
-        stream.readable().await?;
-    }
-    if buffer.capacity() - buffer.len() < READ_SIZE / 2 {
-        buffer.reserve(READ_SIZE);
-    }
-    stream.read_buf(buffer).await
 }
 
 /// A stream handed to hyper, which reads first what was already read of it (by the fast path,

@@ -44,6 +44,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::backend_pool::BackendPool;
+use crate::drained_read;
 use crate::forwarding;
 use crate::http1_fast_path::Closing;
 use crate::http1_response::{self, end_head, push_field, start_head, ClientConnection, Framing};
@@ -214,7 +215,7 @@ impl Relay<'_> {
             if buffer.len() >= MAX_RESPONSE_HEAD {
                 return Err(RelayError::TooLarge);
             }
-            match read_some(backend, buffer, HEAD_READ).await {
+            match drained_read::read(backend, buffer, HEAD_READ).await {
                 Ok(0) if received => return Err(RelayError::Cut),
                 Ok(0) => return Err(RelayError::Closed),
                 Ok(_) => received = true,
@@ -312,7 +313,7 @@ impl Relay<'_> {
     ) -> Result<usize, WriteError> {
         let read = tokio::select! {
             biased;
-            read = tokio::time::timeout(self.timeout, read_some(backend, buffer, BODY_READ)) => read,
+            read = tokio::time::timeout(self.timeout, drained_read::read(backend, buffer, BODY_READ)) => read,
             () = client.gone() => return Err(WriteError::ClientGone),
         };
         match read {
@@ -325,24 +326,6 @@ impl Relay<'_> {
                     "the app sent no byte of its response body for {timeout:?}"
                 )))
             }
-        }
-    }
-}
-
-/// Reads what `backend` has into `buffer`, room for `size` more made first; while it waits, a
-/// buffer with nothing in it holds no memory (a long poll, a quiet event stream).
-async fn read_some(backend: &TcpStream, buffer: &mut BytesMut, size: usize) -> io::Result<usize> {
-    loop {
-        if buffer.is_empty() {
-            *buffer = BytesMut::new();
-        }
-        backend.readable().await?;
-        if buffer.capacity() - buffer.len() < size / 4 {
-            buffer.reserve(size);
-        }
-        match backend.try_read_buf(buffer) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            read => return read,
         }
     }
 }

@@ -22,6 +22,7 @@ mod allocator;
 mod backend_pool;
 mod certificates;
 mod connection_limit;
+mod drained_read;
 mod failed_attempts;
 mod forwarding;
 mod http1_fast_path;
