@@ -28,8 +28,8 @@
 //! - a connect timeout, and `TCP_NODELAY`.
 //!
 //! Requests relayed as bytes (see `http1_relay`) take plain TCP connections from a list of
-//! their own, kept by the same rules; an idle one is looked at when taken, and used only if
-//! the app has neither closed it nor sent anything on it since its last response (a
+//! their own, kept by the same rules; an idle one is looked at (a peek) when taken, and used
+//! only if the app has neither closed it nor sent anything on it since its last response (a
 //! misbehaving app's stray bytes must not become the next client's response).
 
 use std::collections::HashMap;
@@ -345,11 +345,11 @@ fn sweep_lists<C>(lists: &IdleLists<C>, mut usable: impl FnMut(&mut C) -> bool) 
 }
 
 /// Whether an idle plain connection is still open and has nothing to read: neither closed by
-/// the app nor sent bytes after its last response. As nginx and haproxy know it, from the
-/// runtime's events: no system call unless the socket has become readable since its last read
-/// emptied it (see `drained_read`), then a read.
+/// the app nor sent bytes after its last response. A peek, not tokio's readiness, which lags
+/// until the runtime has polled the socket's events.
 fn quiet(stream: &TcpStream) -> bool {
-    matches!(stream.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    let peeked = socket2::SockRef::from(stream).peek(&mut [std::mem::MaybeUninit::uninit()]);
+    matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 async fn sweep(pool: Weak<BackendPool>) {

@@ -41,7 +41,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::activity::Activity;
-use crate::drained_read;
 use crate::http1_response::{self, ClientConnection, WriteError, Written};
 use crate::proxy::ClientRequest;
 use crate::request_head::{ForHyper, RequestHead, MAX_HEAD};
@@ -122,35 +121,29 @@ impl Closing<'_> {
     }
 }
 
-/// A client's stream, read so that a connection waiting for its next request holds no buffer.
-pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
-    /// Reads what the client sent into `buffer`; `Ok(0)` at its end.
-    fn read_more(
-        &mut self,
-        buffer: &mut BytesMut,
-    ) -> impl Future<Output = io::Result<usize>> + Send;
+/// A stream whose readability can be awaited without a buffer, so a connection that waits for
+/// its next request holds none.
+pub trait WaitReadable {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
 }
 
-impl ClientStream for TcpStream {
-    fn read_more(
-        &mut self,
-        buffer: &mut BytesMut,
-    ) -> impl Future<Output = io::Result<usize>> + Send {
-        drained_read::read(self, buffer, READ_SIZE)
+impl WaitReadable for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
     }
 }
 
-impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
-    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
-        // Unless TLS holds decrypted bytes already, the wait is for the socket.
+impl WaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
+    /// At once if TLS holds decrypted bytes already.
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
         let (tcp, tls) = self.get_ref();
-        if buffer.capacity() == 0 && tls.wants_read() {
-            tcp.readable().await?;
+        let wait = tls.wants_read();
+        async move {
+            if wait {
+                tcp.readable().await?;
+            }
+            Ok(())
         }
-        if buffer.capacity() - buffer.len() < READ_SIZE / 2 {
-            buffer.reserve(READ_SIZE);
-        }
-        self.read_buf(buffer).await
     }
 }
 
@@ -164,7 +157,7 @@ pub async fn serve<S, A>(
     answer: A,
 ) -> Option<HandedOver<S>>
 where
-    S: ClientStream,
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
     A: Answer,
     <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -221,7 +214,7 @@ where
                 }
                 tokio::select! {
                     biased;
-                    read = stream.read_more(&mut buffer) => match read {
+                    read = read_more(&mut stream, &mut buffer) => match read {
                         Ok(0) | Err(_) => return None,
                         Ok(_) => continue,
                     },
@@ -253,7 +246,7 @@ async fn exchange<S, A>(
     activity: &Activity,
 ) -> Option<Result<Written, WriteError>>
 where
-    S: ClientStream,
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
     A: Answer,
     <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -288,7 +281,7 @@ struct Client<'a, S> {
 
 impl<S> ClientConnection for Client<'_, S>
 where
-    S: ClientStream,
+    S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
 {
     type Stream = S;
 
@@ -307,15 +300,30 @@ where
 /// the backend instead of leaving it open until the backend answers.
 async fn client_gone<S>(stream: &mut S, buffer: &mut BytesMut)
 where
-    S: ClientStream,
+    S: AsyncRead + WaitReadable + Unpin,
 {
     while buffer.len() < MAX_HEAD {
-        match stream.read_more(buffer).await {
+        match read_more(stream, buffer).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
     }
     std::future::pending().await
+}
+
+/// Reads what `stream` has into `buffer`; waits for readability first when the buffer holds
+/// no memory, so that a connection with nothing to read holds none either.
+async fn read_more<S>(stream: &mut S, buffer: &mut BytesMut) -> io::Result<usize>
+where
+    S: AsyncRead + WaitReadable + Unpin,
+{
+    if buffer.capacity() == 0 {
+        stream.readable().await?;
+    }
+    if buffer.capacity() - buffer.len() < READ_SIZE / 2 {
+        buffer.reserve(READ_SIZE);
+    }
+    stream.read_buf(buffer).await
 }
 
 /// A stream handed to hyper, which reads first what was already read of it (by the fast path,

@@ -37,14 +37,14 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use core_server_proto::hop_by_hop::is_hop_by_hop;
+use futures_util::FutureExt;
 use http::StatusCode;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
 
 use crate::backend_pool::BackendPool;
-use crate::drained_read;
 use crate::forwarding;
 use crate::http1_fast_path::Closing;
 use crate::http1_response::{self, end_head, push_field, start_head, ClientConnection, Framing};
@@ -215,7 +215,7 @@ impl Relay<'_> {
             if buffer.len() >= MAX_RESPONSE_HEAD {
                 return Err(RelayError::TooLarge);
             }
-            match drained_read::read(backend, buffer, HEAD_READ).await {
+            match read_some(backend, buffer, HEAD_READ).await {
                 Ok(0) if received => return Err(RelayError::Cut),
                 Ok(0) => return Err(RelayError::Closed),
                 Ok(_) => received = true,
@@ -313,7 +313,7 @@ impl Relay<'_> {
     ) -> Result<usize, WriteError> {
         let read = tokio::select! {
             biased;
-            read = tokio::time::timeout(self.timeout, drained_read::read(backend, buffer, BODY_READ)) => read,
+            read = tokio::time::timeout(self.timeout, read_some(backend, buffer, BODY_READ)) => read,
             () = client.gone() => return Err(WriteError::ClientGone),
         };
         match read {
@@ -328,6 +328,24 @@ impl Relay<'_> {
             }
         }
     }
+}
+
+/// Reads what `backend` has into `buffer`, with room for `size` more made first; `Ok(0)` at
+/// its end. A buffer with nothing in it is let go of while the read waits (a long poll, a
+/// quiet event stream), but kept when bytes are there already (a download).
+async fn read_some(
+    backend: &mut TcpStream,
+    buffer: &mut BytesMut,
+    size: usize,
+) -> io::Result<usize> {
+    if buffer.is_empty() && backend.readable().now_or_never().is_none() {
+        *buffer = BytesMut::new();
+        backend.readable().await?;
+    }
+    if buffer.capacity() - buffer.len() < size / 4 {
+        buffer.reserve(size);
+    }
+    backend.read_buf(buffer).await
 }
 
 /// Writes `head` (if not yet sent) and `data` in `framing` to `client`, and flushes.
@@ -402,21 +420,27 @@ impl Response {
         let bodiless =
             to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let mut length = None;
+        let mut bad_length = false;
         let mut chunked = None;
         for (name, value) in fields() {
-            // Without a body, its length is the app's to state, not ours to check (as hyper).
-            if is(name, b"content-length") && !bodiless {
-                for listed in value.split(|&b| b == b',') {
-                    let listed = parse_length(listed.trim_ascii()).ok_or(RelayError::Length)?;
-                    if *length.get_or_insert(listed) != listed {
-                        return Err(RelayError::Length);
+            if is(name, b"content-length") {
+                match content_length(value) {
+                    Some(listed) if length.is_none_or(|known| known == listed) => {
+                        length = Some(listed)
                     }
+                    _ => bad_length = true,
                 }
             } else if is(name, b"transfer-encoding") && !bodiless {
                 // The last coding of the last field says whether it is chunked.
                 let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             }
+        }
+        if bad_length {
+            if !bodiless {
+                return Err(RelayError::Length);
+            }
+            length = None; // without a body, the client is told no length rather than a bad one
         }
         let body = match (chunked, length) {
             _ if bodiless => Body::None,
@@ -439,16 +463,15 @@ impl Response {
         );
         let mut date = false;
         for (name, value) in fields() {
-            let passes = if is(name, b"content-length") {
-                // Framed anew, but a HEAD's and a 304's say what a GET would get.
-                bodiless && status != StatusCode::NO_CONTENT
-            } else {
-                !is_hop_by_hop(name) && !names(&named, name)
-            };
-            if passes {
+            if !is(name, b"content-length") && !is_hop_by_hop(name) && !names(&named, name) {
                 date |= is(name, b"date");
                 push_field(&mut head, name, value);
             }
+        }
+        // Framed anew (see `end_head`), but a HEAD's and a 304's say what a GET would get.
+        if let (Some(length), true) = (length, bodiless && status != StatusCode::NO_CONTENT) {
+            let length = itoa::Buffer::new().format(length).as_bytes().to_vec();
+            push_field(&mut head, b"content-length", &length);
         }
         Ok(Response {
             head,
@@ -459,7 +482,19 @@ impl Response {
     }
 }
 
-/// A `Content-Length` value: digits only.
+/// A `Content-Length` field's value: a number, or a list of the same number (RFC 9110 §8.6).
+fn content_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for listed in value.split(|&b| b == b',') {
+        let listed = parse_length(listed.trim_ascii())?;
+        if *length.get_or_insert(listed) != listed {
+            return None;
+        }
+    }
+    length
+}
+
+/// A number of `Content-Length`: digits only.
 fn parse_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return None;
@@ -692,7 +727,10 @@ mod tests {
         }
         // A HEAD's and a 304's length is the GET's, passed on; a 204's goes.
         let head = parsed("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).0;
-        assert_eq!(head, "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n");
+        assert_eq!(head, "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n");
+        // A bad one is not passed on, nor an error without a body.
+        let bad = "HTTP/1.1 200 OK\r\nContent-Length: 9\r\nContent-Length: 8\r\nX: y\r\n\r\n";
+        assert_eq!(parsed(bad, true).0, "HTTP/1.1 200 OK\r\nX: y\r\n");
         let not_modified = parsed(
             "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
             false,
@@ -700,7 +738,7 @@ mod tests {
         .0;
         assert_eq!(
             not_modified,
-            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n"
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n"
         );
         let no_content = parsed(
             "HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n",

@@ -43,7 +43,7 @@ use crate::accept_errors::AcceptErrors;
 use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
-use crate::http1_fast_path::{self, Answer, ClientStream, Closing, HandedOver, Limits};
+use crate::http1_fast_path::{self, Answer, Closing, HandedOver, Limits, WaitReadable};
 use crate::http1_response::{ClientConnection, WriteError, Written};
 use crate::local_tasks::{self, LocalExecutor};
 use crate::proxy::{ClientRequest, Proxy, ProxyBody};
@@ -233,7 +233,7 @@ impl HttpServer {
         activity: &Arc<Activity>,
         stop: CancellationToken,
     ) where
-        S: ClientStream + 'static,
+        S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
     {
         let (scheme, redirect) = match &self.transport {
             Transport::Http(redirect) => ("http", redirect.clone()),

@@ -22,7 +22,6 @@ mod allocator;
 mod backend_pool;
 mod certificates;
 mod connection_limit;
-mod drained_read;
 mod failed_attempts;
 mod forwarding;
 mod http1_fast_path;
