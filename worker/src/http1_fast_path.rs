@@ -166,28 +166,32 @@ where
     let deadline = tokio::time::sleep_until(activity.accepted_at() + wait);
     tokio::pin!(deadline);
     loop {
-        // The wait for more bytes comes after this match, not in it: what `parse` returned
-        // then takes no room in this future.
-        let written = match RequestHead::parse(&mut buffer) {
-            Ok(Some(head)) => {
-                let in_flight = activity.request_started();
-                // Boxed: the proxy's future and the response being written are the largest
-                // states of a connection, and only a request in flight needs room for them; a
-                // connection waiting for its next request stays small.
-                let written = Box::pin(exchange(
+        // Boxed: the proxy's future and the response being written are the largest states of
+        // a connection, and only a request in flight needs room for them; a connection waiting
+        // for its next request stays small. The head goes into it before any wait, so it takes
+        // no room in this future either (nor does the wait for more bytes, after this block).
+        let written = {
+            let exchange = match RequestHead::parse(&mut buffer) {
+                Ok(Some(head)) => Some(Box::pin(exchange(
                     head,
                     &mut stream,
                     &mut buffer,
                     &answer,
                     stop,
                     activity,
-                ))
-                .await;
-                drop(in_flight);
-                Some(written)
+                ))),
+                Ok(None) => None,
+                Err(ForHyper) => return Some(HandedOver::new(stream, buffer.freeze())),
+            };
+            match exchange {
+                Some(exchange) => {
+                    let in_flight = activity.request_started();
+                    let written = exchange.await;
+                    drop(in_flight);
+                    Some(written)
+                }
+                None => None,
             }
-            Err(ForHyper) => return Some(HandedOver::new(stream, buffer.freeze())),
-            Ok(None) => None,
         };
         match written {
             Some(Some(Ok(Written::KeepAlive))) => {}
