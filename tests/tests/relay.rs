@@ -3,10 +3,12 @@
 //! and trailers, a body that ends when the app closes, HTTP/1.0, heads too large or malformed;
 //! and that closes its idle keep-alive connections on its own schedule, as apps do.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use core_server_tests::http::{get, send};
+use core_server_tests::http::{get, read_until_closed, send, send_raw};
 use core_server_tests::CoreServer;
 use http::Request;
 use http_body_util::Full;
@@ -41,7 +43,7 @@ fn answer(path: &str) -> Option<(&'static str, bool)> {
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
             true,
         ),
-        "/ok" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        "/ok" | "/first-only" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
         // A HEAD answered, then a body it must not have (see `serve`).
         "/late-body" => ("HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", false),
         _ => return None, // never answered
@@ -49,19 +51,48 @@ fn answer(path: &str) -> Option<(&'static str, bool)> {
 }
 
 /// An app on raw TCP answering as [`answer`] says, each connection closed `linger` after its
-/// first answer if given (an app's keep-alive timeout); it reports each request line it reads,
-/// and `"closed"` when the worker closes a connection that still waits for an answer.
-async fn app(linger: Option<Duration>) -> (u16, mpsc::UnboundedReceiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (seen, heard) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let task = serve(stream, linger, seen.clone());
-            tokio::spawn(tokio::time::timeout(Duration::from_secs(60), task));
+/// first answer if given (an app's keep-alive timeout); `/first-only` is answered only as a
+/// connection's first request, later ones close it unanswered. It reports each request line it
+/// reads, and `"closed"` when the worker closes a connection that still waits for an answer.
+struct App {
+    port: u16,
+    seen: mpsc::UnboundedReceiver<String>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl App {
+    async fn start(linger: Option<Duration>) -> App {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, heard) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let task = serve(stream, linger, seen.clone());
+                tokio::spawn(tokio::time::timeout(Duration::from_secs(60), task));
+            }
+        });
+        App {
+            port,
+            seen: heard,
+            accepted,
         }
-    });
-    (port, heard)
+    }
+
+    /// The request lines it has read so far.
+    fn lines(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.seen.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
 }
 
 async fn serve(
@@ -71,6 +102,7 @@ async fn serve(
 ) {
     let mut buffer = Vec::new();
     let mut closing_at = None;
+    let mut served = 0;
     loop {
         let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
             let mut chunk = [0; 4096];
@@ -92,6 +124,10 @@ async fn serve(
         let line = head.lines().next().unwrap_or_default().to_owned();
         let _ = seen.send(line.clone());
         let path = line.split(' ').nth(1).unwrap_or_default();
+        if path == "/first-only" && served > 0 {
+            return;
+        }
+        served += 1;
         let Some((bytes, close)) = answer(path) else {
             // Never answered: wait for the worker to close it.
             let _ = stream.read(&mut [0; 1]).await;
@@ -123,8 +159,8 @@ fn request(server: &CoreServer, method: &str, path: &str) -> Request<Full<Bytes>
 #[tokio::test(flavor = "multi_thread")]
 async fn what_an_app_frames_any_way_reaches_the_client_whole_and_framed_anew() {
     let server = CoreServer::start();
-    let (port, _) = app(None).await;
-    server.add("app.example", port);
+    let app = App::start(None).await;
+    server.add("app.example", app.port);
 
     let interim = get(&server.url("/interim"), "app.example").await;
     assert_eq!(
@@ -174,8 +210,8 @@ async fn what_an_app_frames_any_way_reaches_the_client_whole_and_framed_anew() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_app_that_answers_nonsense_is_a_502() {
     let server = CoreServer::start();
-    let (port, _) = app(None).await;
-    server.add("app.example", port);
+    let app = App::start(None).await;
+    server.add("app.example", app.port);
     for path in ["/garbage", "/two-lengths"] {
         let reply = get(&server.url(path), "app.example").await;
         assert_eq!(reply.status.as_u16(), 502, "{path}: {reply:?}");
@@ -185,10 +221,10 @@ async fn an_app_that_answers_nonsense_is_a_502() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_app_closing_its_idle_connections_loses_no_request_and_repeats_none() {
     let server = CoreServer::start();
-    let (port, mut seen) = app(Some(Duration::from_millis(100))).await;
-    server.add("app.example", port);
-    // Each request after the first finds its pooled connection closed by the app meanwhile:
-    // a GET goes again on a new one, a POST is not sent on one known closed.
+    let mut app = App::start(Some(Duration::from_millis(100))).await;
+    server.add("app.example", app.port);
+    // Each request after the first finds its pooled connection closed by the app meanwhile,
+    // and goes on a new one.
     let mut sent = Vec::new();
     for method in ["GET", "GET", "POST", "DELETE", "GET"] {
         let mut post = request(&server, method, "/ok");
@@ -204,18 +240,73 @@ async fn an_app_closing_its_idle_connections_loses_no_request_and_repeats_none()
         sent.push(format!("{method} /ok HTTP/1.1"));
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    let mut received = Vec::new();
-    while let Ok(line) = seen.try_recv() {
-        received.push(line);
+    assert_eq!(app.lines(), sent, "each request reaches the app once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_its_reused_connection_drops_unanswered_goes_again_only_if_idempotent() {
+    let server = CoreServer::start();
+    let mut app = App::start(None).await;
+    server.add("app.example", app.port);
+    let first = get(&server.url("/first-only"), "app.example").await;
+    assert_eq!((first.status.as_u16(), first.body.as_str()), (200, "ok"));
+    assert_eq!(app.connections(), 1);
+    // The app closes the reused connection on reading it: nothing came back, so the GET goes
+    // again on a new connection.
+    let again = get(&server.url("/first-only"), "app.example").await;
+    assert_eq!((again.status.as_u16(), again.body.as_str()), (200, "ok"));
+    assert_eq!(app.connections(), 2);
+    // The app may have acted on a POST it dropped: not sent twice, the client is told.
+    let mut post = request(&server, "POST", "/first-only");
+    post.headers_mut().insert("content-length", 0.into());
+    assert_eq!(send(post).await.status.as_u16(), 502);
+    let line = |method| format!("{method} /first-only HTTP/1.1");
+    let expected = [line("GET"), line("GET"), line("GET"), line("POST")];
+    assert_eq!(app.lines(), expected);
+    assert_eq!(
+        app.connections(),
+        2,
+        "the POST went on the pooled connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_are_relayed_in_order_on_one_client_connection() {
+    let server = CoreServer::start();
+    let app = App::start(None).await;
+    server.add("app.example", app.port);
+    let requests = ["/ok", "/until-close", "/chunked", "/ok"]
+        .map(|path| format!("GET {path} HTTP/1.1\r\nHost: app.example\r\n\r\n"))
+        .concat();
+    let last = "GET /reason HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n";
+    let mut client = send_raw(&server, format!("{requests}{last}").as_bytes()).await;
+    let answers = read_until_closed(&mut client, Duration::from_secs(10))
+        .await
+        .expect("closed after the last");
+    let bodies = [
+        "\r\n\r\nok",
+        "\r\n\r\n9\r\nall of it\r\n0\r\n\r\n",
+        "\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        "\r\n\r\nok",
+        "HTTP/1.1 200 Fine Thanks",
+    ];
+    let mut from = 0;
+    for body in bodies {
+        let at = answers[from..].find(body);
+        from += at.unwrap_or_else(|| panic!("{body:?} not next in:\n{answers}")) + body.len();
     }
-    assert_eq!(received, sent, "each request reaches the app once");
+    assert!(
+        !answers.contains("x-sum: 5"),
+        "no trailer the client did not ask for"
+    );
+    assert_eq!(answers.matches("HTTP/1.1 ").count(), 5, "{answers}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_gone_while_the_app_thinks_closes_the_apps_connection() {
     let server = CoreServer::start();
-    let (port, mut seen) = app(None).await;
-    server.add("app.example", port);
+    let mut app = App::start(None).await;
+    server.add("app.example", app.port);
     let mut client = TcpStream::connect(("127.0.0.1", server.http_port))
         .await
         .unwrap();
@@ -223,18 +314,18 @@ async fn a_client_gone_while_the_app_thinks_closes_the_apps_connection() {
         .write_all(b"GET /forever HTTP/1.1\r\nHost: app.example\r\n\r\n")
         .await
         .unwrap();
-    let line = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+    let line = tokio::time::timeout(Duration::from_secs(10), app.seen.recv()).await;
     assert_eq!(line.unwrap().unwrap(), "GET /forever HTTP/1.1");
     drop(client);
-    let closed = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), app.seen.recv()).await;
     assert_eq!(closed.expect("closed within 5 s").unwrap(), "closed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bytes_an_app_sends_after_its_answer_never_reach_the_next_client() {
     let server = CoreServer::start();
-    let (port, _) = app(None).await;
-    server.add("app.example", port);
+    let app = App::start(None).await;
+    server.add("app.example", app.port);
     for _ in 0..3 {
         let head = send(request(&server, "HEAD", "/late-body")).await;
         assert_eq!(head.status.as_u16(), 200);

@@ -19,10 +19,11 @@
 //! What hyper-util's client did that this does too (tested in `tests`, but for the resend,
 //! whose moment cannot be chosen from outside):
 //! - keep-alive connections per backend port, the most recently used first, at most
-//!   [`MAX_IDLE_PER_BACKEND`] idle ones, each closed after [`IDLE_TIMEOUT`] unused, or once the
-//!   app has closed it: an idle connection is polled by no one, so that is seen when it is
-//!   next taken or at the sweep every [`SWEEP_EVERY`] (hyper-util, a task per connection, saw
-//!   it at once);
+//!   [`MAX_IDLE_PER_BACKEND`] idle ones (of each kind: those hyper drives, and the plain ones
+//!   below; a port's traffic mostly uses one), each closed after [`IDLE_TIMEOUT`] unused, or
+//!   once the app has closed it: an idle connection is polled by no one, so that is seen when
+//!   it is next taken or at the sweep every [`SWEEP_EVERY`] (hyper-util, a task per
+//!   connection, saw it at once);
 //! - a request that found its pooled connection closed by the app just then (hyper hands it
 //!   back unsent) goes again on another connection, its body untouched;
 //! - a connect timeout, and `TCP_NODELAY`.
@@ -30,7 +31,9 @@
 //! Requests relayed as bytes (see `http1_relay`) take plain TCP connections from a list of
 //! their own, kept by the same rules; an idle one is looked at (a peek) when taken, and used
 //! only if the app has neither closed it nor sent anything on it since its last response (a
-//! misbehaving app's stray bytes must not become the next client's response).
+//! misbehaving app's stray bytes must not become the next client's response; bytes it sends
+//! after the peek, once the next request is on its way, cannot be told apart from the answer,
+//! by any HTTP/1.1 proxy).
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};

@@ -22,14 +22,18 @@
 //! - drop a request whose client closed the connection before its response came, or while
 //!   more of its response's body is awaited;
 //! - frame responses as hyper would (see `http1_response`), pipelined requests included.
+//!
+//! Who answers is the [`Answer`]'s choice: a request for an app on a local port is relayed to
+//! it as bytes ([`Answer::relay_target`], see `http1_relay`); any other (a tunnel, an error
+//! page, a redirect to HTTPS) is built into a request for the proxy, whose response is written
+//! here.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use std::future::Future;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response};
@@ -116,6 +120,7 @@ pub struct Closing<'a> {
 }
 
 impl Closing<'_> {
+    /// Whether the response now being written is to be the last.
     pub fn now(&self) -> bool {
         self.asked || self.stop.is_cancelled() || self.activity.was_evicted()
     }
@@ -124,18 +129,18 @@ impl Closing<'_> {
 /// A stream whose readability can be awaited without a buffer, so a connection that waits for
 /// its next request holds none.
 pub trait WaitReadable {
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 impl WaitReadable for TcpStream {
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
         TcpStream::readable(self)
     }
 }
 
 impl WaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
     /// At once if TLS holds decrypted bytes already.
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
         let (tcp, tls) = self.get_ref();
         let wait = tls.wants_read();
         async move {
@@ -293,7 +298,7 @@ where
         self.stream
     }
 
-    fn gone(&mut self) -> impl std::future::Future<Output = ()> + Send + '_ {
+    fn gone(&mut self) -> impl Future<Output = ()> + Send + '_ {
         client_gone(self.stream, self.buffer)
     }
 }

@@ -35,7 +35,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use core_server_proto::hop_by_hop::is_hop_by_hop;
 use futures_util::FutureExt;
 use http::StatusCode;
@@ -46,8 +46,9 @@ use tracing::warn;
 
 use crate::backend_pool::BackendPool;
 use crate::forwarding;
+use crate::http1_body::{Body, Decoder, Piece};
 use crate::http1_fast_path::Closing;
-use crate::http1_response::{self, end_head, push_field, start_head, ClientConnection, Framing};
+use crate::http1_response::{end_head, push_field, start_head, ClientConnection, Outgoing};
 use crate::http1_response::{WriteError, Written};
 use crate::proxy::{BackendError, Failure};
 use crate::request_head::RequestHead;
@@ -65,15 +66,14 @@ const HEAD_READ: usize = 8 * 1024;
 /// What a read of a response body asks for at least.
 const BODY_READ: usize = 64 * 1024;
 
-/// The longest line of a chunked body (a chunk's size and extensions, or a trailer field).
-const MAX_CHUNK_LINE: usize = 16 * 1024;
-
 /// Why an app's answer could not be relayed.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("sending the request: {0}")]
+    #[error("sending the request")]
     Send(#[source] io::Error),
-    #[error("reading the response: {0}")]
+    #[error("the connection failed before a response")]
+    Unanswered(#[source] io::Error),
+    #[error("reading the response")]
     Read(#[source] io::Error),
     #[error("the connection closed before a response")]
     Closed,
@@ -127,7 +127,7 @@ impl Relay<'_> {
     /// response head, and the client has had nothing yet.
     pub async fn exchange<C: ClientConnection + Send>(
         &self,
-        request: &[u8],
+        request: Vec<u8>,
         to_head: bool,
         idempotent: bool,
         client: &mut C,
@@ -136,9 +136,10 @@ impl Relay<'_> {
         let by = Instant::now() + self.timeout;
         let answered = tokio::select! {
             biased;
-            answered = tokio::time::timeout_at(by, self.send(request, to_head, idempotent)) => answered,
+            answered = tokio::time::timeout_at(by, self.send(&request, to_head, idempotent)) => answered,
             () = client.gone() => return Ok(None),
         };
+        drop(request); // not held for as long as the body takes (an event stream)
         let (mut backend, mut buffer, response) = match answered {
             Ok(answered) => answered.map_err(Failure::Backend)?,
             Err(_) => return Err(Failure::NoResponse),
@@ -149,13 +150,8 @@ impl Relay<'_> {
             body,
             keep_alive,
         } = response;
-        let framing = match body {
-            Body::None => Framing::None,
-            Body::Length(length) => Framing::Length(length),
-            Body::Chunked | Body::UntilClose => Framing::Chunked,
-        };
         let close = closing.now();
-        end_head(&mut head, &framing, close, !date);
+        end_head(&mut head, &body.framing(), close, !date);
         let sent = self.relay_body(&mut backend, &mut buffer, body, head, client);
         let reusable = match sent.await {
             Ok(reusable) => reusable,
@@ -189,7 +185,8 @@ impl Relay<'_> {
         match Self::ask(&mut backend, &mut buffer, request, to_head).await {
             Ok(response) => return Ok((backend, buffer, response)),
             // Closed by the app as it was taken: an idempotent request goes again.
-            Err(RelayError::Closed | RelayError::Send(_)) if idempotent && reused => {}
+            Err(RelayError::Closed | RelayError::Send(_) | RelayError::Unanswered(_))
+                if idempotent && reused => {}
             Err(e) => return Err(e.into()),
         }
         let mut backend = self.pool.connect_raw(self.port).await?;
@@ -220,7 +217,7 @@ impl Relay<'_> {
                 Ok(0) => return Err(RelayError::Closed),
                 Ok(_) => received = true,
                 // A reset of an idle connection the app had closed.
-                Err(e) if !received => return Err(RelayError::Send(e)),
+                Err(e) if !received => return Err(RelayError::Unanswered(e)),
                 Err(e) => return Err(RelayError::Read(e)),
             }
         }
@@ -236,69 +233,24 @@ impl Relay<'_> {
         head: Vec<u8>,
         client: &mut C,
     ) -> Result<bool, WriteError> {
-        let mut head = Some(head);
-        let mut chunks = Chunks::Size;
-        let mut left = match body {
-            Body::Length(length) => length,
-            _ => 0,
-        };
+        let mut outgoing = Outgoing::new(head, body.framing());
+        let mut decoder = Decoder::new(body);
         loop {
-            let ended = match body {
-                Body::None => true,
-                Body::Length(length) => {
-                    let piece = buffer.split_to(buffer.len().min(left as usize));
-                    left -= piece.len() as u64;
-                    let framing = Framing::Length(length);
-                    if !piece.is_empty() {
-                        write(client, head.take(), &piece, &framing).await?;
-                    }
-                    left == 0
+            match decoder.next(buffer)? {
+                Some(Piece::Data(data)) => outgoing.piece(client, &data).await?,
+                Some(Piece::End) => {
+                    outgoing.end(client).await?;
+                    // Bytes after the body: the app is not to be trusted with another request.
+                    return Ok(buffer.is_empty());
                 }
-                Body::Chunked => loop {
-                    match chunks.next(buffer)? {
-                        Some(Piece::Data(data)) => {
-                            write(client, head.take(), &data, &Framing::Chunked).await?
-                        }
-                        Some(Piece::End) => break true,
-                        None => break false,
-                    }
-                },
-                Body::UntilClose => {
-                    if !buffer.is_empty() {
-                        let data = buffer.split().freeze();
-                        write(client, head.take(), &data, &Framing::Chunked).await?;
-                    }
-                    false
-                }
-            };
-            if ended {
-                let framing = match body {
-                    Body::Chunked => Framing::Chunked, // the last chunk
-                    _ => Framing::None,
-                };
-                if head.is_some() || matches!(framing, Framing::Chunked) {
-                    write(client, head.take(), b"", &framing).await?;
-                }
-                return Ok(buffer.is_empty());
-            }
-            // The head goes at once: a body that comes later (server-sent events) must not
-            // hold it back.
-            if let Some(head) = head.take() {
-                write(client, Some(head), b"", &Framing::None).await?;
-            }
-            match self.read_body(backend, buffer, client).await? {
-                0 => match body {
-                    Body::UntilClose => {
-                        write(client, None, b"", &Framing::Chunked).await?;
+                None => {
+                    outgoing.head_now(client).await?;
+                    if self.read_body(backend, buffer, client).await? == 0 {
+                        decoder.closed()?;
+                        outgoing.end(client).await?;
                         return Ok(false);
                     }
-                    Body::Length(length) => {
-                        let sent = length - left;
-                        return Err(WriteError::Short { sent, length });
-                    }
-                    _ => return Err(WriteError::Body("the app closed mid-chunk".into())),
-                },
-                _ => continue,
+                }
             }
         }
     }
@@ -346,27 +298,6 @@ async fn read_some(
         buffer.reserve(size);
     }
     backend.read_buf(buffer).await
-}
-
-/// Writes `head` (if not yet sent) and `data` in `framing` to `client`, and flushes.
-async fn write<C: ClientConnection>(
-    client: &mut C,
-    head: Option<Vec<u8>>,
-    data: &[u8],
-    framing: &Framing,
-) -> Result<(), WriteError> {
-    http1_response::write_piece(client.stream(), head.as_deref(), data, framing).await?;
-    client.stream().flush().await?;
-    Ok(())
-}
-
-/// How an app's response body is delimited (RFC 9112 §6.3).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Body {
-    None,
-    Length(u64),
-    Chunked,
-    UntilClose,
 }
 
 /// An app's response head, rewritten for the client.
@@ -518,120 +449,6 @@ fn names(named: &[&[u8]], name: &[u8]) -> bool {
     named.iter().any(|listed| listed.eq_ignore_ascii_case(name))
 }
 
-/// A piece of a chunked body, decoded.
-#[derive(Debug, PartialEq)]
-enum Piece {
-    Data(Bytes),
-    /// The last chunk and the trailers (dropped, as `http1_response` sends none) are through.
-    End,
-}
-
-/// Where a chunked body's decoder is (RFC 9112 §7.1).
-#[derive(Debug)]
-enum Chunks {
-    /// At a chunk's size line.
-    Size,
-    /// Within a chunk's data, with this much of it left.
-    Data(u64),
-    /// At the line end after a chunk's data.
-    DataEnd,
-    /// After the last chunk, at a trailer field or the blank line that ends the body.
-    Trailers,
-}
-
-impl Chunks {
-    /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
-    /// needed first.
-    fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
-        let broken =
-            |why: &str| WriteError::Body(format!("the app's chunked body is malformed: {why}"));
-        loop {
-            match self {
-                Chunks::Size => {
-                    let Some(line) = take_line(buffer)? else {
-                        return Ok(None);
-                    };
-                    // Extensions are ignored, as by hyper, but must be visible text.
-                    if line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
-                        return Err(broken("a control byte in a chunk's size line"));
-                    }
-                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-                    let digits = digits.trim_ascii_end(); // spaces and tabs, as checked above
-                    let size =
-                        parse_chunk_size(digits).ok_or_else(|| broken("a bad chunk size"))?;
-                    *self = if size == 0 {
-                        Chunks::Trailers
-                    } else {
-                        Chunks::Data(size)
-                    };
-                }
-                Chunks::Data(left) => {
-                    if buffer.is_empty() {
-                        return Ok(None);
-                    }
-                    let data = buffer.split_to(buffer.len().min(*left as usize)).freeze();
-                    *left -= data.len() as u64;
-                    if *left == 0 {
-                        *self = Chunks::DataEnd;
-                    }
-                    return Ok(Some(Piece::Data(data)));
-                }
-                Chunks::DataEnd => {
-                    if buffer.len() < 2 {
-                        return Ok(None);
-                    }
-                    if &buffer[..2] != b"\r\n" {
-                        return Err(broken("no line end after a chunk"));
-                    }
-                    buffer.advance(2);
-                    *self = Chunks::Size;
-                }
-                Chunks::Trailers => {
-                    let Some(line) = take_line(buffer)? else {
-                        return Ok(None);
-                    };
-                    if line.is_empty() {
-                        return Ok(Some(Piece::End));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A chunk's size: hexadecimal digits, of a value below 2^60.
-fn parse_chunk_size(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return None;
-    }
-    let start = digits
-        .iter()
-        .position(|&b| b != b'0')
-        .unwrap_or(digits.len());
-    let significant = std::str::from_utf8(&digits[start..]).ok()?;
-    match significant.len() {
-        0 => Some(0),
-        1..=15 => u64::from_str_radix(significant, 16).ok(),
-        _ => None,
-    }
-}
-
-/// The next `\r\n`-ended line of `buffer` (taken out, without its end); `None` if not whole
-/// yet.
-fn take_line(buffer: &mut BytesMut) -> Result<Option<Bytes>, WriteError> {
-    match buffer.windows(2).position(|pair| pair == b"\r\n") {
-        Some(at) => {
-            let line = buffer.split_to(at).freeze();
-            buffer.advance(2);
-            Ok(Some(line))
-        }
-        None if buffer.len() > MAX_CHUNK_LINE => Err(WriteError::Body(format!(
-            "the app's chunked body has a line longer than {MAX_CHUNK_LINE} bytes"
-        ))),
-        None => Ok(None),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -765,56 +582,10 @@ mod tests {
         }
     }
 
-    /// `body` fed to a chunked decoder `step` bytes at a time: the data, and whether it ended.
-    fn decoded(body: &str, step: usize) -> Result<(String, bool), String> {
-        let (mut chunks, mut buffer) = (Chunks::Size, BytesMut::new());
-        let mut data = String::new();
-        for piece in body.as_bytes().chunks(step) {
-            buffer.extend_from_slice(piece);
-            loop {
-                match chunks.next(&mut buffer).map_err(|e| e.to_string())? {
-                    Some(Piece::Data(bytes)) => data.push_str(std::str::from_utf8(&bytes).unwrap()),
-                    Some(Piece::End) => return Ok((data, buffer.is_empty())),
-                    None => break,
-                }
-            }
-        }
-        Ok((data, false))
-    }
-
-    #[test]
-    fn chunks_decode_whatever_the_reads_with_extensions_and_trailers() {
-        let body =
-            "3;name=value\r\nabc\r\n00000000000000000A \r\n0123456789\r\n0\r\nX-Sum: 13\r\n\r\n";
-        for step in [1, 2, 5, body.len()] {
-            assert_eq!(
-                decoded(body, step),
-                Ok(("abc0123456789".into(), true)),
-                "step {step}"
-            );
-        }
-        assert_eq!(decoded("3\r\nabc\r\n", 100), Ok(("abc".into(), false)));
-    }
-
-    #[test]
-    fn malformed_chunks_are_errors() {
-        for bad in [
-            "g\r\n",
-            "\r\n",
-            "3\r\nabcX\r\n",
-            "3\n\r\nabc\r\n",
-            "3;a\x0bb\r\nabc\r\n",
-            "1000000000000000\r\n",
-            &format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE)),
-        ] {
-            assert!(decoded(bad, 7).is_err(), "{bad:.40}");
-        }
-    }
-
     #[test]
     fn the_app_gets_no_hop_by_hop_field_nor_claim_and_core_servers_forwarding() {
         let mut buffer = BytesMut::from(
-            "GET /p?q HTTP/1.1\r\nHost: a.example\r\nConnection: keep-alive, X-Private\r\n\
+            "GET /p?q HTTP/1.1\r\nHost: a.example\r\nConnection: keep-alive, X-Private, host\r\n\
              X-Private: s\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nKeep-Alive: 5\r\n\
              Proxy-Authorization: x\r\nAccept: */*\r\nContent-Length: 0\r\n\r\n",
         );

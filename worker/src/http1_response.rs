@@ -1,4 +1,5 @@
-//! Writing a response to an HTTP/1.1 client ourselves, for `http1_fast_path`: the status line
+//! Writing a response to an HTTP/1.1 client ourselves, for `http1_fast_path` (and the pieces
+//! of a head for `http1_relay`, which writes the app's answer as it comes): the status line
 //! and headers in one buffer, the body framed as hyper's server would frame it, and the first
 //! piece of the body in the same `writev` as the head when it is already there (most responses:
 //! one system call).
@@ -119,69 +120,120 @@ where
     } else {
         Written::KeepAlive
     };
-    let mut body = pin!(body);
     if let Framing::None = framing {
-        write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
-        client.stream().flush().await?;
+        Outgoing::new(head, framing).end(client).await?; // the body is not read
         return Ok(written);
     }
-
-    // The head goes with the first piece of the body if that is already here, else alone at
-    // once: a response whose body comes later (server-sent events) must not wait for it.
-    let mut head = Some(head);
-    let mut sent = 0;
+    let mut body = pin!(body);
+    let mut outgoing = Outgoing::new(head, framing);
     loop {
-        let frame = match head {
-            Some(_) => std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await,
-            None => tokio::select! {
+        let frame = if outgoing.head_sent() {
+            tokio::select! {
                 biased;
                 frame = body.frame() => Poll::Ready(frame),
                 () = client.gone() => return Err(WriteError::ClientGone),
-            },
-        };
-        let data = match frame {
-            Poll::Pending => {
-                if let Some(head) = head.take() {
-                    write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
-                    client.stream().flush().await?;
-                }
-                continue;
             }
+        } else {
+            std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await
+        };
+        match frame {
+            Poll::Pending => outgoing.head_now(client).await?,
             Poll::Ready(None) => break,
             // Whatever was sent stays cut short: the client must not take it as whole.
             Poll::Ready(Some(Err(e))) => return Err(WriteError::Body(describe(&*e.into()))),
-            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) if !data.is_empty() => data,
-                _ => continue, // trailers (see the module's comment), or nothing
-            },
-        };
-        sent += data.len() as u64;
-        if let Framing::Length(length) = framing {
-            if sent > length {
+            Poll::Ready(Some(Ok(frame))) => {
+                // Trailers are not sent (see the module's comment).
+                if let Ok(data) = frame.into_data() {
+                    outgoing.piece(client, &data).await?;
+                }
+            }
+        }
+    }
+    outgoing.end(client).await?;
+    Ok(written)
+}
+
+/// A response on its way to the client, its head made: the head waits for the body's first
+/// piece, to go out with it (most responses: one system call), or goes alone at once when the
+/// body is late (a response whose body comes later, server-sent events, must not wait for it);
+/// the body goes in its framing.
+pub struct Outgoing {
+    head: Option<Vec<u8>>,
+    framing: Framing,
+    sent: u64,
+}
+
+impl Outgoing {
+    pub fn new(head: Vec<u8>, framing: Framing) -> Self {
+        Outgoing {
+            head: Some(head),
+            framing,
+            sent: 0,
+        }
+    }
+
+    pub fn head_sent(&self) -> bool {
+        self.head.is_none()
+    }
+
+    /// Writes `data`, the body's next piece, with the head if it has not gone yet; nothing
+    /// of a response that has no body (to a `HEAD`, a 204 or a 304).
+    pub async fn piece<C: ClientConnection>(
+        &mut self,
+        client: &mut C,
+        data: &[u8],
+    ) -> Result<(), WriteError> {
+        if data.is_empty() || matches!(self.framing, Framing::None) {
+            return Ok(());
+        }
+        self.sent += data.len() as u64;
+        if let Framing::Length(length) = self.framing {
+            if self.sent > length {
                 return Err(WriteError::Body(format!(
                     "the body is longer than its {length} bytes"
                 )));
             }
         }
-        write_piece(client.stream(), head.take().as_deref(), &data, &framing).await?;
+        let head = self.head.take();
+        write_piece(client.stream(), head.as_deref(), data, &self.framing).await?;
         client.stream().flush().await?;
+        Ok(())
     }
-    match framing {
-        Framing::Length(length) if sent < length => return Err(WriteError::Short { sent, length }),
-        Framing::Chunked => write_piece(client.stream(), head.as_deref(), b"", &framing).await?,
-        _ => {
-            if let Some(head) = head {
-                write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
-            }
+
+    /// Writes the head now if it has not gone yet: the body is late.
+    pub async fn head_now<C: ClientConnection>(
+        &mut self,
+        client: &mut C,
+    ) -> Result<(), WriteError> {
+        if let Some(head) = self.head.take() {
+            write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
+            client.stream().flush().await?;
         }
+        Ok(())
     }
-    client.stream().flush().await?;
-    Ok(written)
+
+    /// Ends the response: the last chunk, or the head if there was no body; an error if a body
+    /// of known length came short.
+    pub async fn end<C: ClientConnection>(self, client: &mut C) -> Result<(), WriteError> {
+        let head = self.head.as_deref();
+        match self.framing {
+            Framing::Length(length) if self.sent < length => {
+                return Err(WriteError::Short {
+                    sent: self.sent,
+                    length,
+                })
+            }
+            Framing::Chunked => write_piece(client.stream(), head, b"", &self.framing).await?,
+            _ => write_piece(client.stream(), head, b"", &Framing::None).await?,
+        }
+        client.stream().flush().await?;
+        Ok(())
+    }
 }
 
 /// Writes `head` (unless already sent) and `data` in `framing`; with chunked framing, empty
 /// `data` is the last chunk.
-pub async fn write_piece<S>(
+async fn write_piece<S>(
     stream: &mut S,
     head: Option<&[u8]>,
     data: &[u8],

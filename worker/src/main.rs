@@ -24,6 +24,7 @@ mod certificates;
 mod connection_limit;
 mod failed_attempts;
 mod forwarding;
+mod http1_body;
 mod http1_fast_path;
 mod http1_relay;
 mod http1_response;

@@ -19,6 +19,12 @@
 //! same request (hop-by-hop headers removed, `X-Forwarded-*` set), deadlines and error pages;
 //! in the table, "backend" is either.
 //!
+//! Most requests do not come through [`Proxy::handle`]: a bodiless HTTP/1.1 request on the
+//! fast path for an app on a local port goes `http1_fast_path` → [`Proxy::relay`] →
+//! `http1_relay`, which rewrites it as bytes, with the same rules, deadlines and error pages
+//! (a rule added to `handle` that such a request must obey belongs in [`Proxy::relay_target`]
+//! or `request_head` as well).
+//!
 //! One timeout, `backend_timeout` (60 s by default, as nginx's `proxy_read_timeout`,
 //! `proxy_send_timeout` and `client_body_timeout`), bounds every wait of an exchange:
 //! connecting, each stall of the upload (whichever side stalls), the response head counted
@@ -27,8 +33,9 @@
 //! Errors are logged against whoever caused them: the client's at `info`, the backend's at
 //! `warn`.
 //!
-//! Bodies stream both ways with backpressure: nothing is buffered beyond hyper's read buffers,
-//! so a 1 GiB upload or download costs the worker no more memory than a small one.
+//! Bodies stream both ways with backpressure: nothing is buffered beyond a read buffer (hyper's,
+//! or the relay's 64 KiB), so a 1 GiB upload or download costs the worker no more memory than a
+//! small one.
 
 use std::fmt;
 use std::future::Future;
@@ -231,13 +238,13 @@ impl Proxy {
         let idempotent = head.method().is_idempotent();
         let host = head.host().unwrap_or_default();
         let request = http1_relay::request(&head, host, client.ip(), scheme);
-        drop(head);
+        drop(head); // and with it, its share of the bytes the client sent
         let relay = Relay {
             pool: &self.backends,
             port,
             timeout: self.backend_timeout,
         };
-        let exchange = relay.exchange(&request, to_head, idempotent, connection, closing);
+        let exchange = relay.exchange(request, to_head, idempotent, connection, closing);
         match exchange.await {
             Ok(relayed) => relayed,
             Err(failure) => {

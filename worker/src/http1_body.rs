@@ -1,0 +1,273 @@
+//! An app's HTTP/1.1 response body, taken out of the bytes read from its connection as they
+//! come, for `http1_relay`: delimited by its length, chunked (decoded: chunk extensions and
+//! trailers are dropped, as `http1_response` sends no trailers), or by the end of the
+//! connection (RFC 9112 §6.3, §7.1).
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::http1_response::{Framing, WriteError};
+
+/// The longest line of a chunked body (a chunk's size and extensions, or a trailer field).
+const MAX_CHUNK_LINE: usize = 16 * 1024;
+
+/// How an app's response body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Body {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+impl Body {
+    /// How the client gets a body delimited so: a length is passed on, anything else is
+    /// chunked (the client must be able to tell a whole body from a cut one).
+    pub fn framing(self) -> Framing {
+        match self {
+            Body::None => Framing::None,
+            Body::Length(length) => Framing::Length(length),
+            Body::Chunked | Body::UntilClose => Framing::Chunked,
+        }
+    }
+}
+
+/// Takes a body's pieces out of what is read of the app's connection.
+pub struct Decoder {
+    body: Body,
+    /// Of a body of known length, what has not come yet.
+    left: u64,
+    chunks: Chunks,
+}
+
+impl Decoder {
+    pub fn new(body: Body) -> Self {
+        let left = match body {
+            Body::Length(length) => length,
+            _ => 0,
+        };
+        Decoder {
+            body,
+            left,
+            chunks: Chunks::Size,
+        }
+    }
+
+    /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
+    /// needed first (or, for a body that ends with the connection, that end).
+    pub fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
+        match self.body {
+            Body::None => Ok(Some(Piece::End)),
+            Body::Length(_) if self.left == 0 => Ok(Some(Piece::End)),
+            Body::Length(_) | Body::UntilClose if buffer.is_empty() => Ok(None),
+            Body::Length(_) => {
+                let data = buffer
+                    .split_to(buffer.len().min(self.left as usize))
+                    .freeze();
+                self.left -= data.len() as u64;
+                Ok(Some(Piece::Data(data)))
+            }
+            Body::UntilClose => Ok(Some(Piece::Data(buffer.split().freeze()))),
+            Body::Chunked => self.chunks.next(buffer),
+        }
+    }
+
+    /// The app closed its connection before the body's end: whether that is its end (a body
+    /// delimited by it), or an error (the client must see the body cut short).
+    pub fn closed(&self) -> Result<(), WriteError> {
+        match self.body {
+            Body::None | Body::UntilClose => Ok(()),
+            Body::Length(length) => Err(WriteError::Short {
+                sent: length - self.left,
+                length,
+            }),
+            Body::Chunked => Err(WriteError::Body("the app closed mid-chunk".into())),
+        }
+    }
+}
+
+/// A piece of a chunked body, decoded.
+#[derive(Debug, PartialEq)]
+pub enum Piece {
+    Data(Bytes),
+    /// The last chunk and the trailers (dropped, as `http1_response` sends none) are through.
+    End,
+}
+
+/// Where a chunked body's decoder is (RFC 9112 §7.1).
+#[derive(Debug)]
+enum Chunks {
+    /// At a chunk's size line.
+    Size,
+    /// Within a chunk's data, with this much of it left.
+    Data(u64),
+    /// At the line end after a chunk's data.
+    DataEnd,
+    /// After the last chunk, at a trailer field or the blank line that ends the body.
+    Trailers,
+}
+
+impl Chunks {
+    /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
+    /// needed first.
+    fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
+        let broken =
+            |why: &str| WriteError::Body(format!("the app's chunked body is malformed: {why}"));
+        loop {
+            match self {
+                Chunks::Size => {
+                    let Some(line) = take_line(buffer)? else {
+                        return Ok(None);
+                    };
+                    // Extensions are ignored, as by hyper, but must be visible text.
+                    if line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                        return Err(broken("a control byte in a chunk's size line"));
+                    }
+                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+                    let digits = digits.trim_ascii_end(); // spaces and tabs, as checked above
+                    let size =
+                        parse_chunk_size(digits).ok_or_else(|| broken("a bad chunk size"))?;
+                    *self = if size == 0 {
+                        Chunks::Trailers
+                    } else {
+                        Chunks::Data(size)
+                    };
+                }
+                Chunks::Data(left) => {
+                    if buffer.is_empty() {
+                        return Ok(None);
+                    }
+                    let data = buffer.split_to(buffer.len().min(*left as usize)).freeze();
+                    *left -= data.len() as u64;
+                    if *left == 0 {
+                        *self = Chunks::DataEnd;
+                    }
+                    return Ok(Some(Piece::Data(data)));
+                }
+                Chunks::DataEnd => {
+                    if buffer.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buffer[..2] != b"\r\n" {
+                        return Err(broken("no line end after a chunk"));
+                    }
+                    buffer.advance(2);
+                    *self = Chunks::Size;
+                }
+                Chunks::Trailers => {
+                    let Some(line) = take_line(buffer)? else {
+                        return Ok(None);
+                    };
+                    if line.is_empty() {
+                        return Ok(Some(Piece::End));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A chunk's size: hexadecimal digits, of a value below 2^60.
+fn parse_chunk_size(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let start = digits
+        .iter()
+        .position(|&b| b != b'0')
+        .unwrap_or(digits.len());
+    let significant = std::str::from_utf8(&digits[start..]).ok()?;
+    match significant.len() {
+        0 => Some(0),
+        1..=15 => u64::from_str_radix(significant, 16).ok(),
+        _ => None,
+    }
+}
+
+/// The next `\r\n`-ended line of `buffer` (taken out, without its end); `None` if not whole
+/// yet.
+fn take_line(buffer: &mut BytesMut) -> Result<Option<Bytes>, WriteError> {
+    match buffer.windows(2).position(|pair| pair == b"\r\n") {
+        Some(at) => {
+            let line = buffer.split_to(at).freeze();
+            buffer.advance(2);
+            Ok(Some(line))
+        }
+        None if buffer.len() > MAX_CHUNK_LINE => Err(WriteError::Body(format!(
+            "the app's chunked body has a line longer than {MAX_CHUNK_LINE} bytes"
+        ))),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `body` fed to a chunked decoder `step` bytes at a time: the data, and whether it ended.
+    fn decoded(body: &str, step: usize) -> Result<(String, bool), String> {
+        let (mut chunks, mut buffer) = (Chunks::Size, BytesMut::new());
+        let mut data = String::new();
+        for piece in body.as_bytes().chunks(step) {
+            buffer.extend_from_slice(piece);
+            loop {
+                match chunks.next(&mut buffer).map_err(|e| e.to_string())? {
+                    Some(Piece::Data(bytes)) => data.push_str(std::str::from_utf8(&bytes).unwrap()),
+                    Some(Piece::End) => return Ok((data, buffer.is_empty())),
+                    None => break,
+                }
+            }
+        }
+        Ok((data, false))
+    }
+
+    #[test]
+    fn chunks_decode_whatever_the_reads_with_extensions_and_trailers() {
+        let body =
+            "3;name=value\r\nabc\r\n00000000000000000A \r\n0123456789\r\n0\r\nX-Sum: 13\r\n\r\n";
+        for step in [1, 2, 5, body.len()] {
+            assert_eq!(
+                decoded(body, step),
+                Ok(("abc0123456789".into(), true)),
+                "step {step}"
+            );
+        }
+        assert_eq!(decoded("3\r\nabc\r\n", 100), Ok(("abc".into(), false)));
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for bad in [
+            "g\r\n",
+            "\r\n",
+            "3\r\nabcX\r\n",
+            "3\n\r\nabc\r\n",
+            "3;a\x0bb\r\nabc\r\n",
+            "1000000000000000\r\n",
+            &format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE)),
+        ] {
+            assert!(decoded(bad, 7).is_err(), "{bad:.40}");
+        }
+    }
+
+    #[test]
+    fn a_body_of_known_length_ends_at_it_and_leaves_what_follows() {
+        let mut decoder = Decoder::new(Body::Length(5));
+        let mut buffer = BytesMut::from("abc");
+        assert_eq!(
+            decoder.next(&mut buffer).unwrap(),
+            Some(Piece::Data("abc".into()))
+        );
+        assert_eq!(decoder.next(&mut buffer).unwrap(), None);
+        assert!(matches!(
+            decoder.closed(),
+            Err(WriteError::Short { sent: 3, length: 5 })
+        ));
+        buffer.extend_from_slice(b"deXTRA");
+        assert_eq!(
+            decoder.next(&mut buffer).unwrap(),
+            Some(Piece::Data("de".into()))
+        );
+        assert_eq!(decoder.next(&mut buffer).unwrap(), Some(Piece::End));
+        assert_eq!(buffer, "XTRA");
+    }
+}
