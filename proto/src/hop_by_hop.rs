@@ -59,6 +59,14 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     is(&header::TE) || HOP_BY_HOP.iter().any(is)
 }
 
+/// The tokens of a comma-separated list such as a `Connection` header's value, trimmed, empty
+/// ones left out: for a head handled as bytes.
+pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    (value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
 /// Whether the comma-separated lists in the `name` headers of `headers` include `token`
 /// (case-insensitively, as `Connection: Keep-Alive, Upgrade`).
 pub fn lists(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {

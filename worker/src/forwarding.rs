@@ -9,7 +9,6 @@
 //! appending, so a backend can trust them (as Caddy does by default).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::IpAddr;
 
 pub use core_server_proto::hop_by_hop::{lists, remove_hop_by_hop};
@@ -67,15 +66,19 @@ pub fn set_forwarded(
 /// `http1_relay`), whose other fields went through [`is_client_claim`].
 pub fn write_forwarded(head: &mut Vec<u8>, client: IpAddr, host: &[u8], proto: &'static str) {
     let client = client.to_canonical();
-    let _ = write!(
-        head,
-        "x-forwarded-for: {client}\r\nx-forwarded-proto: {proto}\r\n"
-    );
-    head.extend_from_slice(b"x-forwarded-host: ");
-    head.extend_from_slice(host);
-    head.extend_from_slice(b"\r\nforwarded: ");
-    head.extend_from_slice(forwarded(client, host, proto).as_bytes());
-    head.extend_from_slice(b"\r\n");
+    let (address, forwarded) = (client.to_string(), forwarded(client, host, proto));
+    let fields: [(&HeaderName, &[u8]); 4] = [
+        (&X_FORWARDED_FOR, address.as_bytes()),
+        (&X_FORWARDED_PROTO, proto.as_bytes()),
+        (&X_FORWARDED_HOST, host),
+        (&header::FORWARDED, forwarded.as_bytes()),
+    ];
+    for (name, value) in fields {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Whether a header named `name` (in any case) is one through which a client claims to be
@@ -193,6 +196,19 @@ mod tests {
                 "x-kept: yes",
             ]
         );
+    }
+
+    #[test]
+    fn the_head_written_as_bytes_gets_the_same_fields() {
+        let (client, host) = ("::ffff:10.1.2.3".parse().unwrap(), "Example.com:8080");
+        let mut map = HeaderMap::new();
+        set_forwarded(&mut map, client, &HeaderValue::from_static(host), "https");
+        let mut bytes = Vec::new();
+        write_forwarded(&mut bytes, client, host.as_bytes(), "https");
+        let text = String::from_utf8(bytes).unwrap();
+        let mut written: Vec<_> = text.lines().map(String::from).collect();
+        written.sort();
+        assert_eq!(written, sorted(&map));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::http1_response::{Framing, WriteError};
+use crate::request_head::is_field_text;
 
 /// The longest line of a chunked body (a chunk's size and extensions, or a trailer field).
 const MAX_CHUNK_LINE: usize = 16 * 1024;
@@ -119,7 +120,7 @@ impl Chunks {
                         return Ok(None);
                     };
                     // Extensions are ignored, as by hyper, but must be visible text.
-                    if line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                    if !is_field_text(&line) {
                         return Err(broken("a control byte in a chunk's size line"));
                     }
                     let digits = line.split(|&b| b == b';').next().unwrap_or_default();

@@ -615,6 +615,8 @@ mod tests {
             "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
             "GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            // A path httparse takes and `http` does not (`<`, `>` and a backtick).
+            "GET /a<b HTTP/1.1\r\nHost: x\r\n\r\n",
             &big,
         ];
         for leftover in leftovers {

@@ -27,7 +27,8 @@
 //! - connections are reused only after a whole, well-framed response, and only if the app has
 //!   sent nothing more on them since (see `backend_pool`); an idempotent request that finds
 //!   its idle connection closed by the app (nothing came back) goes again once on a new one,
-//!   as nginx does;
+//!   as nginx does (hyper resent any request it had not written yet; here another is not sent
+//!   twice, and the peek has already set aside most connections the app closed);
 //! - a connection waiting for the app holds no buffer (a long poll, a quiet event stream).
 
 use std::io;
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use core_server_proto::hop_by_hop::is_hop_by_hop;
+use core_server_proto::hop_by_hop::{self, is_hop_by_hop};
 use futures_util::FutureExt;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,7 +49,8 @@ use crate::backend_pool::BackendPool;
 use crate::forwarding;
 use crate::http1_body::{Body, Decoder, Piece};
 use crate::http1_fast_path::Closing;
-use crate::http1_response::{end_head, push_field, start_head, ClientConnection, Outgoing};
+use crate::http1_response::{bodiless, end_head, push_field, start_head};
+use crate::http1_response::{ClientConnection, Outgoing};
 use crate::http1_response::{WriteError, Written};
 use crate::proxy::{BackendError, Failure};
 use crate::request_head::RequestHead;
@@ -348,8 +350,7 @@ impl Response {
         let named = connection_names(fields());
         let mut keep_alive = parsed.version == Some(1) && !names(&named, b"close");
         let is = |name: &[u8], wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
-        let bodiless =
-            to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let bodiless = bodiless(status, to_head);
         let mut length = None;
         let mut bad_length = false;
         let mut chunked = None;
@@ -438,9 +439,7 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 fn connection_names<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<&'a [u8]> {
     fields
         .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
-        .flat_map(|(_, value)| value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|token| !token.is_empty())
+        .flat_map(|(_, value)| hop_by_hop::tokens(value))
         .collect()
 }
 

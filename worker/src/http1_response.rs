@@ -87,11 +87,7 @@ where
 {
     let (mut parts, body) = response.into_parts();
     let status = parts.status;
-    let bodiless = to_head
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let framing = if bodiless {
+    let framing = if bodiless(status, to_head) {
         if status.is_informational() || status == StatusCode::NO_CONTENT {
             parts.headers.remove(header::CONTENT_LENGTH); // RFC 9110 §8.6: MUST NOT
         } else if to_head && !parts.headers.contains_key(header::CONTENT_LENGTH) {
@@ -151,6 +147,15 @@ where
     }
     outgoing.end(client).await?;
     Ok(written)
+}
+
+/// Whether a response with `status` has no body, whatever its headers say (RFC 9112 §6.3): an
+/// answer to a `HEAD` (`to_head`), a 1xx, a 204 or a 304.
+pub fn bodiless(status: StatusCode, to_head: bool) -> bool {
+    to_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }
 
 /// A response on its way to the client, its head made: the head waits for the body's first

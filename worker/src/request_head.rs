@@ -8,6 +8,7 @@
 //! [`ForHyper`]: hyper serves the connection from there on, and answers it.
 
 use bytes::{Bytes, BytesMut};
+use core_server_proto::hop_by_hop;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri};
@@ -20,6 +21,12 @@ pub const MAX_HEAD: usize = 16 * 1024;
 
 /// Header fields the fast path takes in one head; more go to hyper (which takes 100).
 const MAX_HEADERS: usize = 64;
+
+/// Whether `bytes` are what `http` takes in a header value: no control byte but tab (httparse
+/// lets DEL through).
+pub fn is_field_text(bytes: &[u8]) -> bool {
+    !bytes.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+}
 
 /// A request the fast path leaves to hyper: a body, an upgrade, HTTP/1.0 or HTTP/2, a
 /// malformed head ...
@@ -134,8 +141,7 @@ impl RequestHead {
             {
                 return None;
             } else if is("connection") {
-                for token in header.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
+                for token in hop_by_hop::tokens(header.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {
@@ -143,12 +149,7 @@ impl RequestHead {
                     }
                 }
             }
-            // What `http` refuses in a header value (httparse lets DEL through).
-            if header
-                .value
-                .iter()
-                .any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
-            {
+            if !is_field_text(header.value) {
                 return None;
             }
             *field = Field {
