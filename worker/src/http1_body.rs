@@ -86,11 +86,12 @@ impl Decoder {
     }
 }
 
-/// A piece of a chunked body, decoded.
+/// A piece of a body, decoded.
 #[derive(Debug, PartialEq)]
 pub enum Piece {
     Data(Bytes),
-    /// The last chunk and the trailers (dropped, as `http1_response` sends none) are through.
+    /// The body is whole (of a chunked one, the last chunk and the trailers, which are
+    /// dropped, are through).
     End,
 }
 

@@ -1,14 +1,14 @@
-//! Writing a response to an HTTP/1.1 client ourselves, for `http1_fast_path` (and the pieces
-//! of a head for `http1_relay`, which writes the app's answer as it comes): the status line
-//! and headers in one buffer, the body framed as hyper's server would frame it, and the first
-//! piece of the body in the same `writev` as the head when it is already there (most responses:
-//! one system call).
+//! Writing a response to an HTTP/1.1 client ourselves, for `http1_fast_path` (and, for
+//! `http1_relay`, which writes the app's answer as it comes, the pieces of a head and the
+//! [`Outgoing`] body writer): the status line and headers in one buffer, the body framed as
+//! hyper's server would frame it, and the first piece of the body in the same `writev` as the
+//! head when it is already there (most responses: one system call).
 //!
 //! Framing, as hyper's server (RFC 9112 §6): no body after a `HEAD` request or for 1xx, 204
 //! and 304 (a `HEAD`'s and a 304's `Content-Length` describe the body a `GET` would get: the
-//! app's passes through); a body of known length gets `Content-Length`; any other is chunked. Trailers are
-//! not sent: the fast path only serves requests without `TE: trailers`, which hyper would not
-//! send them to either. A `Date` is added when the app gave none.
+//! app's passes through); a body of known length gets `Content-Length`; any other is chunked.
+//! Trailers are not sent: the fast path only serves requests without `TE: trailers`, which
+//! hyper would not send them to either. A `Date` is added when the app gave none.
 //!
 //! While it waits for more of a body, it watches the client ([`ClientConnection::gone`]): a
 //! client gone from a long stream (server-sent events, a long poll) ends the response at once,
