@@ -177,24 +177,23 @@ impl Relay<'_> {
         to_head: bool,
         idempotent: bool,
     ) -> Result<(TcpStream, BytesMut, Response), BackendError> {
-        let idle = self.pool.take_raw(self.port);
-        let reused = idle.is_some();
-        let mut backend = match idle {
-            Some(stream) => stream,
-            None => self.pool.connect_raw(self.port).await?,
-        };
-        let mut buffer = BytesMut::new();
-        match Self::ask(&mut backend, &mut buffer, request, to_head).await {
-            Ok(response) => return Ok((backend, buffer, response)),
-            // Closed by the app as it was taken: an idempotent request goes again.
-            Err(RelayError::Closed | RelayError::Send(_) | RelayError::Unanswered(_))
-                if idempotent && reused => {}
-            Err(e) => return Err(e.into()),
+        let mut idle = self.pool.take_raw(self.port);
+        loop {
+            let reused = idle.is_some();
+            let mut backend = match idle.take() {
+                Some(stream) => stream,
+                None => self.pool.connect_raw(self.port).await?,
+            };
+            let mut buffer = BytesMut::new();
+            match Self::ask(&mut backend, &mut buffer, request, to_head).await {
+                Ok(response) => return Ok((backend, buffer, response)),
+                // Closed by the app as it was taken: an idempotent request goes again, once,
+                // on a new connection.
+                Err(RelayError::Closed | RelayError::Send(_) | RelayError::Unanswered(_))
+                    if idempotent && reused => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        let mut backend = self.pool.connect_raw(self.port).await?;
-        let mut buffer = BytesMut::new();
-        let response = Self::ask(&mut backend, &mut buffer, request, to_head).await?;
-        Ok((backend, buffer, response))
     }
 
     /// Writes `request` to `backend` and reads the response head into `buffer` (what follows
@@ -402,8 +401,12 @@ impl Response {
         }
         // Framed anew (see `end_head`), but a HEAD's and a 304's say what a GET would get.
         if let (Some(length), true) = (length, bodiless && status != StatusCode::NO_CONTENT) {
-            let length = itoa::Buffer::new().format(length).as_bytes().to_vec();
-            push_field(&mut head, b"content-length", &length);
+            let mut digits = itoa::Buffer::new();
+            push_field(
+                &mut head,
+                b"content-length",
+                digits.format(length).as_bytes(),
+            );
         }
         Ok(Response {
             head,
