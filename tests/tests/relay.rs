@@ -1,17 +1,18 @@
-//! Requests without a body, relayed to their app as bytes (the worker's `http1_relay`), against
-//! an app that answers in every way HTTP/1.1 allows: interim answers, chunks with extensions
-//! and trailers, a body that ends when the app closes, HTTP/1.0, heads too large or malformed;
-//! and that closes its idle keep-alive connections on its own schedule, as apps do.
+//! Requests without a body, relayed to their app as bytes (the worker's `http1_relay`, and
+//! `relayed_response` for HTTP/2 clients), against an app that answers in every way HTTP/1.1
+//! allows: interim answers, chunks with extensions and trailers, a body that ends when the app
+//! closes, HTTP/1.0, heads too large or malformed; and that closes its idle keep-alive
+//! connections on its own schedule, as apps do.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use core_server_tests::http::{get, read_until_closed, send, send_raw};
+use core_server_tests::http::{get, h2_connect, read_until_closed, send, send_raw};
 use core_server_tests::CoreServer;
-use http::Request;
-use http_body_util::Full;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -334,4 +335,96 @@ async fn bytes_an_app_sends_after_its_answer_never_reach_the_next_client() {
         let next = get(&server.url("/ok"), "app.example").await;
         assert_eq!((next.status.as_u16(), next.body.as_str()), (200, "ok"));
     }
+}
+
+/// What an HTTP/2 client gets for `METHOD path` on `sender`: the status, the headers, the body
+/// and the trailers.
+async fn h2_send(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+) -> (u16, HeaderMap, String, Option<HeaderMap>) {
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("http://app.example{path}"))
+        .body(Full::default())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+        .await
+        .expect("a response within 30 s")
+        .expect("a response");
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.expect("a whole body");
+    let trailers = collected.trailers().cloned();
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    (parts.status.as_u16(), parts.headers, body, trailers)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_gets_what_an_app_frames_any_way_trailers_included() {
+    let server = CoreServer::start();
+    let app = App::start(None).await;
+    server.add("app.example", app.port);
+    let (mut sender, _connection) = h2_connect(server.http_port).await;
+
+    let (status, headers, body, _) = h2_send(&mut sender, "GET", "/interim").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(headers["x-app"], "yes");
+    assert!(!headers.contains_key("link"), "{headers:?}");
+
+    let (status, _, body, trailers) = h2_send(&mut sender, "GET", "/chunked").await;
+    assert_eq!((status, body.as_str()), (200, "abcde"));
+    assert_eq!(trailers.expect("the app's trailers")["x-sum"], "5");
+
+    let (_, _, body, _) = h2_send(&mut sender, "GET", "/until-close").await;
+    assert_eq!(body, "all of it");
+    let (_, _, body, _) = h2_send(&mut sender, "GET", "/http10").await;
+    assert_eq!(body, "old");
+
+    let (status, headers, body, _) = h2_send(&mut sender, "HEAD", "/head").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(headers["content-length"], "10");
+    let (status, headers, _, _) = h2_send(&mut sender, "GET", "/not-modified").await;
+    assert_eq!(status, 304);
+    assert_eq!(headers["etag"], "\"v1\"");
+
+    for path in ["/garbage", "/two-lengths"] {
+        let (status, ..) = h2_send(&mut sender, "GET", path).await;
+        assert_eq!(status, 502, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_clients_requests_reuse_the_apps_connection_only_when_it_is_clean() {
+    let server = CoreServer::start();
+    let mut app = App::start(None).await;
+    server.add("app.example", app.port);
+    let (mut sender, _connection) = h2_connect(server.http_port).await;
+    for path in ["/ok", "/chunked", "/ok"] {
+        assert_eq!(h2_send(&mut sender, "GET", path).await.0, 200, "{path}");
+    }
+    assert_eq!(
+        app.connections(),
+        1,
+        "one connection, back in the pool after each answer"
+    );
+
+    // Bytes after a HEAD's answer: that connection is not used again.
+    for _ in 0..3 {
+        assert_eq!(h2_send(&mut sender, "HEAD", "/late-body").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, _, body, _) = h2_send(&mut sender, "GET", "/ok").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+
+    // Pooled connections the app drops unanswered: a GET goes again, a POST does not.
+    app.lines();
+    for _ in 0..2 {
+        assert_eq!(h2_send(&mut sender, "GET", "/first-only").await.0, 200);
+    }
+    assert_eq!(h2_send(&mut sender, "POST", "/first-only").await.0, 502);
+    let lines = app.lines();
+    let sent = |method: &str| lines.iter().filter(|l| l.starts_with(method)).count();
+    assert_eq!(sent("GET "), 4, "each GET sent twice: {lines:?}");
+    assert_eq!(sent("POST "), 1, "{lines:?}");
 }

@@ -1,15 +1,20 @@
 //! An app's HTTP/1.1 response body, taken out of the bytes read from its connection as they
-//! come, for `http1_relay`: delimited by its length, chunked (decoded: chunk extensions and
-//! trailers are dropped, as `http1_response` sends no trailers), or by the end of the
-//! connection (RFC 9112 §6.3, §7.1).
+//! come, for `http1_relay` and `relayed_response`: delimited by its length, chunked (decoded:
+//! chunk extensions are dropped, and trailers too unless kept for a client that takes them),
+//! or by the end of the connection (RFC 9112 §6.3, §7.1).
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
 
 use crate::http1_response::{Framing, WriteError};
 use crate::request_head::is_field_text;
 
 /// The longest line of a chunked body (a chunk's size and extensions, or a trailer field).
 const MAX_CHUNK_LINE: usize = 16 * 1024;
+
+/// The most bytes of trailer fields kept, names and values (hyper's client keeps as many).
+const MAX_TRAILERS: usize = 16 * 1024;
 
 /// How an app's response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,9 +43,13 @@ pub struct Decoder {
     /// Of a body of known length, what has not come yet.
     left: u64,
     chunks: Chunks,
+    /// A chunked body's trailer fields so far, if they are kept.
+    trailers: Option<HeaderMap>,
+    ended: bool,
 }
 
 impl Decoder {
+    /// A decoder that drops a chunked body's trailers.
     pub fn new(body: Body) -> Self {
         let left = match body {
             Body::Length(length) => length,
@@ -50,12 +59,42 @@ impl Decoder {
             body,
             left,
             chunks: Chunks::Size,
+            trailers: None,
+            ended: false,
         }
+    }
+
+    /// A decoder that passes a chunked body's trailers on ([`Piece::Trailers`]).
+    pub fn keeping_trailers(body: Body) -> Self {
+        Decoder {
+            trailers: Some(HeaderMap::new()),
+            ..Decoder::new(body)
+        }
+    }
+
+    /// Whether the body has ended: [`Piece::End`] or [`Piece::Trailers`] was taken, or there
+    /// was no body.
+    pub fn ended(&self) -> bool {
+        self.ended
+            || self.body == Body::None
+            || (matches!(self.body, Body::Length(_)) && self.left == 0)
+    }
+
+    /// Of a body of known length, what has not come yet.
+    pub fn left(&self) -> Option<u64> {
+        matches!(self.body, Body::Length(_) | Body::None).then_some(self.left)
     }
 
     /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
     /// needed first (or, for a body that ends with the connection, that end).
     pub fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
+        let piece = self.piece(buffer);
+        // Trailers are the last piece: a reader may stop at them, as hyper does.
+        self.ended |= matches!(piece, Ok(Some(Piece::End | Piece::Trailers(_))));
+        piece
+    }
+
+    fn piece(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
         match self.body {
             Body::None => Ok(Some(Piece::End)),
             Body::Length(_) if self.left == 0 => Ok(Some(Piece::End)),
@@ -68,7 +107,7 @@ impl Decoder {
                 Ok(Some(Piece::Data(data)))
             }
             Body::UntilClose => Ok(Some(Piece::Data(buffer.split().freeze()))),
-            Body::Chunked => self.chunks.next(buffer),
+            Body::Chunked => self.chunks.next(buffer, &mut self.trailers),
         }
     }
 
@@ -90,8 +129,9 @@ impl Decoder {
 #[derive(Debug, PartialEq)]
 pub enum Piece {
     Data(Bytes),
-    /// The body is whole (of a chunked one, the last chunk and the trailers, which are
-    /// dropped, are through).
+    /// A chunked body's trailer fields, if kept and any came: the last piece before its end.
+    Trailers(HeaderMap),
+    /// The body is whole (of a chunked one, the last chunk and the trailers are through).
     End,
 }
 
@@ -104,14 +144,21 @@ enum Chunks {
     Data(u64),
     /// At the line end after a chunk's data.
     DataEnd,
-    /// After the last chunk, at a trailer field or the blank line that ends the body.
-    Trailers,
+    /// After the last chunk, at a trailer field or the blank line that ends the body, with
+    /// this many bytes of trailer fields kept so far.
+    Trailers(usize),
+    /// After the trailers, passed on.
+    Done,
 }
 
 impl Chunks {
     /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
-    /// needed first.
-    fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
+    /// needed first. Trailer fields go into `trailers` if kept.
+    fn next(
+        &mut self,
+        buffer: &mut BytesMut,
+        trailers: &mut Option<HeaderMap>,
+    ) -> Result<Option<Piece>, WriteError> {
         let broken =
             |why: &str| WriteError::Body(format!("the app's chunked body is malformed: {why}"));
         loop {
@@ -129,7 +176,7 @@ impl Chunks {
                     let size =
                         parse_chunk_size(digits).ok_or_else(|| broken("a bad chunk size"))?;
                     *self = if size == 0 {
-                        Chunks::Trailers
+                        Chunks::Trailers(0)
                     } else {
                         Chunks::Data(size)
                     };
@@ -155,17 +202,41 @@ impl Chunks {
                     buffer.advance(2);
                     *self = Chunks::Size;
                 }
-                Chunks::Trailers => {
+                Chunks::Trailers(kept) => {
                     let Some(line) = take_line(buffer)? else {
                         return Ok(None);
                     };
                     if line.is_empty() {
-                        return Ok(Some(Piece::End));
+                        return Ok(Some(match trailers.take().filter(|t| !t.is_empty()) {
+                            Some(fields) => {
+                                *self = Chunks::Done;
+                                Piece::Trailers(fields)
+                            }
+                            None => Piece::End,
+                        }));
+                    }
+                    if let Some(fields) = trailers {
+                        *kept += line.len();
+                        if *kept > MAX_TRAILERS {
+                            return Err(broken("trailer fields larger than 16 KiB"));
+                        }
+                        let (name, value) = trailer_field(&line)
+                            .ok_or_else(|| broken("a malformed trailer field"))?;
+                        fields.append(name, value);
                     }
                 }
+                Chunks::Done => return Ok(Some(Piece::End)),
             }
         }
     }
+}
+
+/// A trailer field's line, `name: value` (RFC 9112 §5, §7.1.2).
+fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+    let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
+    Some((name, value))
 }
 
 /// A chunk's size: hexadecimal digits, of a value below 2^60.
@@ -212,9 +283,13 @@ mod tests {
         for piece in body.as_bytes().chunks(step) {
             buffer.extend_from_slice(piece);
             loop {
-                match chunks.next(&mut buffer).map_err(|e| e.to_string())? {
+                match chunks
+                    .next(&mut buffer, &mut None)
+                    .map_err(|e| e.to_string())?
+                {
                     Some(Piece::Data(bytes)) => data.push_str(std::str::from_utf8(&bytes).unwrap()),
                     Some(Piece::End) => return Ok((data, buffer.is_empty())),
+                    Some(Piece::Trailers(_)) => unreachable!("trailers are not kept here"),
                     None => break,
                 }
             }
@@ -249,6 +324,37 @@ mod tests {
         ] {
             assert!(decoded(bad, 7).is_err(), "{bad:.40}");
         }
+    }
+
+    #[test]
+    fn trailers_kept_come_as_the_last_piece_and_malformed_ones_are_errors() {
+        let pieces = |body: &str| {
+            let mut decoder = Decoder::keeping_trailers(Body::Chunked);
+            let mut buffer = BytesMut::from(body);
+            let mut pieces = Vec::new();
+            while !decoder.ended() {
+                match decoder.next(&mut buffer) {
+                    Ok(Some(piece)) => pieces.push(piece),
+                    Ok(None) => return Err("more bytes wanted".to_owned()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Ok(pieces)
+        };
+        let mut fields = HeaderMap::new();
+        fields.insert("x-sum", HeaderValue::from_static("3"));
+        fields.append("x-sum", HeaderValue::from_static("4"));
+        assert_eq!(
+            pieces("3\r\nabc\r\n0\r\nX-Sum: 3\r\nx-sum:4 \r\n\r\n"),
+            Ok(vec![Piece::Data("abc".into()), Piece::Trailers(fields)]),
+            "the body has ended with its trailers"
+        );
+        assert_eq!(pieces("0\r\n\r\n"), Ok(vec![Piece::End]), "none came");
+        for bad in ["no colon", "bad name: v", "x: a\x01b"] {
+            assert!(pieces(&format!("0\r\n{bad}\r\n\r\n")).is_err(), "{bad}");
+        }
+        let many = format!("x: {}\r\n", "v".repeat(1000)).repeat(17);
+        assert!(pieces(&format!("0\r\n{many}\r\n")).is_err(), "over 16 KiB");
     }
 
     #[test]

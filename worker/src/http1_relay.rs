@@ -2,8 +2,10 @@
 //! answer to most requests (see `http1_fast_path`). The client's head is rewritten straight
 //! into the app's (no `http::Request`, no `HeaderMap`), written to a plain pooled TCP
 //! connection, and the app's response head is parsed with `httparse` and rewritten straight
-//! into the client's, its body passed on as it comes. The proxy's other requests (bodies,
-//! upgrades, tunnels, HTTP/2) go through hyper's client (see `proxy`, `backend_pool`).
+//! into the client's, its body passed on as it comes. A bodiless request hyper's server took
+//! (HTTP/2) is relayed by the same exchange, its answer read into an `http::Response` (see
+//! `relayed_response`); the proxy's other requests (bodies, upgrades, tunnels) go through
+//! hyper's client (see `proxy`, `backend_pool`).
 //!
 //! Why: hyper's client costs more CPU per request than the relaying itself (a dispatch channel
 //! and a response oneshot per request, two `HeaderMap`s built and walked, large futures
@@ -66,7 +68,7 @@ const MAX_RESPONSE_HEADERS: usize = 100;
 const HEAD_READ: usize = 8 * 1024;
 
 /// What a read of a response body asks for at least.
-const BODY_READ: usize = 64 * 1024;
+pub const BODY_READ: usize = 64 * 1024;
 
 /// Why an app's answer could not be relayed.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,8 @@ pub enum RelayError {
     Switched,
     #[error("the response has status {0}")]
     Status(u16),
+    #[error("the response has a header field that HTTP/2 cannot carry: {0}")]
+    Field(String),
 }
 
 /// `head` as the app gets it: HTTP/1.1, hop-by-hop headers and the client's claims removed,
@@ -138,7 +142,7 @@ impl Relay<'_> {
         let by = Instant::now() + self.timeout;
         let answered = tokio::select! {
             biased;
-            answered = tokio::time::timeout_at(by, self.send(&request, to_head, idempotent)) => answered,
+            answered = tokio::time::timeout_at(by, self.send::<Vec<u8>>(&request, to_head, idempotent)) => answered,
             () = client.gone() => return Ok(None),
         };
         drop(request); // not held for as long as the body takes (an event stream)
@@ -171,12 +175,12 @@ impl Relay<'_> {
 
     /// Sends `request` on a connection and reads the response head: the connection, the bytes
     /// read after the head, and the head.
-    async fn send(
+    pub async fn send<H: ResponseHead>(
         &self,
         request: &[u8],
         to_head: bool,
         idempotent: bool,
-    ) -> Result<(TcpStream, BytesMut, Response), BackendError> {
+    ) -> Result<(TcpStream, BytesMut, Response<H>), BackendError> {
         let mut idle = self.pool.take_raw(self.port);
         loop {
             let reused = idle.is_some();
@@ -198,12 +202,12 @@ impl Relay<'_> {
 
     /// Writes `request` to `backend` and reads the response head into `buffer` (what follows
     /// it stays there).
-    async fn ask(
+    async fn ask<H: ResponseHead>(
         backend: &mut TcpStream,
         buffer: &mut BytesMut,
         request: &[u8],
         to_head: bool,
-    ) -> Result<Response, RelayError> {
+    ) -> Result<Response<H>, RelayError> {
         backend.write_all(request).await.map_err(RelayError::Send)?;
         let mut received = false;
         loop {
@@ -239,6 +243,8 @@ impl Relay<'_> {
         loop {
             match decoder.next(buffer)? {
                 Some(Piece::Data(data)) => outgoing.piece(client, &data).await?,
+                // An HTTP/1.1 client that did not ask for trailers gets none (nor asks here).
+                Some(Piece::Trailers(_)) => {}
                 Some(Piece::End) => {
                     outgoing.end(client).await?;
                     // Bytes after the body: the app is not to be trusted with another request.
@@ -301,22 +307,45 @@ async fn read_some(
     backend.read_buf(buffer).await
 }
 
-/// An app's response head, rewritten for the client.
-#[derive(Debug)]
-struct Response {
-    /// The status line and the fields the client gets, not yet ended (see `end_head`).
-    head: Vec<u8>,
-    /// Whether the app gave a `Date`.
-    date: bool,
-    body: Body,
-    /// Whether the app keeps the connection open after this response.
-    keep_alive: bool,
+/// Where the client's copy of an app's response head is written: the bytes of an HTTP/1.1
+/// head for the fast path (the status line and fields, not yet ended: see `end_head`), or an
+/// `http::Response` for hyper's server (see `relayed_response`).
+pub trait ResponseHead: Sized {
+    /// A head with `status`, and the app's `reason` phrase.
+    fn start(status: StatusCode, reason: &[u8]) -> Self;
+    /// Adds a field the client gets.
+    fn push(&mut self, name: &[u8], value: &[u8]) -> Result<(), RelayError>;
 }
 
-impl Response {
+impl ResponseHead for Vec<u8> {
+    fn start(status: StatusCode, reason: &[u8]) -> Self {
+        let mut head = Vec::with_capacity(256);
+        start_head(&mut head, status.as_str().as_bytes(), reason);
+        head
+    }
+
+    fn push(&mut self, name: &[u8], value: &[u8]) -> Result<(), RelayError> {
+        push_field(self, name, value);
+        Ok(())
+    }
+}
+
+/// An app's response head, rewritten for the client.
+#[derive(Debug)]
+pub struct Response<H> {
+    /// The status line and the fields the client gets.
+    pub head: H,
+    /// Whether the app gave a `Date`.
+    pub date: bool,
+    pub body: Body,
+    /// Whether the app keeps the connection open after this response.
+    pub keep_alive: bool,
+}
+
+impl<H: ResponseHead> Response<H> {
     /// The first final response's head in `buffer`, taken out of it (1xx before it skipped);
     /// `None` if not whole yet.
-    fn parse(buffer: &mut BytesMut, to_head: bool) -> Result<Option<Response>, RelayError> {
+    fn parse(buffer: &mut BytesMut, to_head: bool) -> Result<Option<Self>, RelayError> {
         loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
             let mut parsed = httparse::Response::new(&mut headers);
@@ -344,7 +373,7 @@ impl Response {
         parsed: &httparse::Response<'_, '_>,
         status: StatusCode,
         to_head: bool,
-    ) -> Result<Response, RelayError> {
+    ) -> Result<Self, RelayError> {
         let fields = || parsed.headers.iter().map(|h| (h.name.as_bytes(), h.value));
         let named = connection_names(fields());
         let mut keep_alive = parsed.version == Some(1) && !names(&named, b"close");
@@ -384,29 +413,20 @@ impl Response {
         if body == Body::UntilClose || (chunked.is_some() && length.is_some()) {
             keep_alive = false;
         }
-        let mut head = Vec::with_capacity(256);
-        let code = status.as_str().as_bytes();
         // The app's reason phrase, whatever it is, as hyper's client and server pass it.
-        start_head(
-            &mut head,
-            code,
-            parsed.reason.unwrap_or_default().as_bytes(),
-        );
+        let mut head = H::start(status, parsed.reason.unwrap_or_default().as_bytes());
         let mut date = false;
         for (name, value) in fields() {
             if !is(name, b"content-length") && !is_hop_by_hop(name) && !names(&named, name) {
                 date |= is(name, b"date");
-                push_field(&mut head, name, value);
+                head.push(name, value)?;
             }
         }
-        // Framed anew (see `end_head`), but a HEAD's and a 304's say what a GET would get.
+        // Framed anew (see `end_head`; hyper's server frames by the body's length), but a
+        // HEAD's and a 304's say what a GET would get.
         if let (Some(length), true) = (length, bodiless && status != StatusCode::NO_CONTENT) {
             let mut digits = itoa::Buffer::new();
-            push_field(
-                &mut head,
-                b"content-length",
-                digits.format(length).as_bytes(),
-            );
+            head.push(b"content-length", digits.format(length).as_bytes())?;
         }
         Ok(Response {
             head,
@@ -459,7 +479,9 @@ mod tests {
     /// framing, whether the app keeps the connection, and what was left after the head.
     fn parsed(bytes: &str, to_head: bool) -> (String, Body, bool, String) {
         let mut buffer = BytesMut::from(bytes);
-        let response = Response::parse(&mut buffer, to_head).unwrap().unwrap();
+        let response = Response::<Vec<u8>>::parse(&mut buffer, to_head)
+            .unwrap()
+            .unwrap();
         let head = String::from_utf8(response.head).unwrap();
         let rest = String::from_utf8(buffer.to_vec()).unwrap();
         (head, response.body, response.keep_alive, rest)
@@ -570,7 +592,9 @@ mod tests {
     #[test]
     fn a_head_not_whole_waits_and_a_bad_one_is_an_error() {
         let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Le");
-        assert!(Response::parse(&mut partial, false).unwrap().is_none());
+        assert!(Response::<Vec<u8>>::parse(&mut partial, false)
+            .unwrap()
+            .is_none());
         for bad in [
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
@@ -580,7 +604,10 @@ mod tests {
             "SURPRISE\r\n\r\n",
         ] {
             let mut buffer = BytesMut::from(bad);
-            assert!(Response::parse(&mut buffer, false).is_err(), "{bad}");
+            assert!(
+                Response::<Vec<u8>>::parse(&mut buffer, false).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -35,6 +35,7 @@ mod local_tasks;
 mod proxy;
 mod quiet_splice;
 mod read_deadline;
+mod relayed_response;
 mod request_body;
 mod request_head;
 mod response_body;

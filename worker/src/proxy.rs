@@ -23,7 +23,10 @@
 //! fast path for an app on a local port goes `http1_fast_path` → [`Proxy::relay`] →
 //! `http1_relay`, which rewrites it as bytes, with the same rules, deadlines and error pages
 //! (a rule added to `handle` that such a request must obey belongs in [`Proxy::relay_target`]
-//! or `request_head` as well).
+//! or `request_head` as well). A bodiless request that does come through `handle` (HTTP/2,
+//! or a connection hyper serves) for an app on a local port is relayed as bytes too, once
+//! prepared here (see `relayed_response`); hyper's client carries the rest: bodies, upgrades,
+//! tunnels.
 //!
 //! One timeout, `backend_timeout` (60 s by default, as nginx's `proxy_read_timeout`,
 //! `proxy_send_timeout` and `client_body_timeout`), bounds every wait of an exchange:
@@ -61,9 +64,10 @@ use crate::forwarding;
 use crate::http1_fast_path::Closing;
 use crate::http1_relay::{self, Relay, RelayError};
 use crate::http1_response::{self, ClientConnection, WriteError, Written};
+use crate::relayed_response;
 use crate::request_body::{ClientBodyError, RequestBody, Upload};
 use crate::request_head::RequestHead;
-use crate::response_body::{Holding, ResponseBody};
+use crate::response_body::{BackendBody, Holding, ResponseBody};
 use crate::route_table::RouteTable;
 use crate::tunnel_endpoint::TunnelEndpoint;
 use crate::tunnels::{NoAgent, Tunnels};
@@ -281,7 +285,7 @@ impl Proxy {
         backend: SocketAddr,
         host: HeaderValue,
         upload: Option<Upload>,
-    ) -> Result<(Response<Incoming>, Option<Holding>), Failure> {
+    ) -> Result<(Response<BackendBody>, Option<Holding>), Failure> {
         request.headers_mut().insert(header::HOST, host);
         *request.version_mut() = Version::HTTP_11;
         *request.uri_mut() = origin_form(request.uri());
@@ -293,9 +297,26 @@ impl Proxy {
                     let (tasks, timeout) = (&self.tasks, self.backend_timeout);
                     let response =
                         upgrade::proxy(request, protocol, backend, tasks, timeout).await?;
-                    Ok((response, None))
+                    Ok((response.map(BackendBody::Hyper), None))
                 });
                 self.exchange(send.as_mut(), upload).await
+            }
+            // No body: relayed as bytes (see `relayed_response`).
+            None if upload.is_none() => {
+                let relay = Relay {
+                    pool: &self.backends,
+                    port: backend.port(),
+                    timeout: self.backend_timeout,
+                };
+                let to_head = request.method() == Method::HEAD;
+                let idempotent = request.method().is_idempotent();
+                let head = relayed_response::request_head(&request);
+                drop(request);
+                let send = pin!(async {
+                    let response = relay.fetch(head, to_head, idempotent).await?;
+                    Ok((response.map(BackendBody::Relayed), None))
+                });
+                self.exchange(send, None).await
             }
             None => {
                 let sending = upload.clone();
@@ -304,7 +325,10 @@ impl Proxy {
                         .backends
                         .send(backend.port(), request, sending.as_ref())
                         .await?;
-                    Ok((response, Some(Holding::Connection(connection))))
+                    Ok((
+                        response.map(BackendBody::Hyper),
+                        Some(Holding::Connection(connection)),
+                    ))
                 });
                 self.exchange(send, upload).await
             }
@@ -321,7 +345,7 @@ impl Proxy {
         host: &HeaderValue,
         scheme: &'static str,
         upload: Option<Upload>,
-    ) -> Result<(Response<Incoming>, Option<Holding>), Failure> {
+    ) -> Result<(Response<BackendBody>, Option<Holding>), Failure> {
         tunnel_forward::address(&mut request, scheme, host, domain);
         let pick = || self.tunnels.pick(domain);
         match upgrade_to {
@@ -331,7 +355,7 @@ impl Proxy {
                     let timeout = self.backend_timeout;
                     let (response, lease) =
                         tunnel_upgrade::proxy(request, protocol, pick, tasks, timeout).await?;
-                    Ok((response, lease.map(Holding::Lease)))
+                    Ok((response.map(BackendBody::Hyper), lease.map(Holding::Lease)))
                 });
                 self.exchange(send, upload).await
             }
@@ -339,7 +363,10 @@ impl Proxy {
                 let send = pin!(async {
                     let (response, lease) =
                         tunnel_forward::send(request.map(Either::Left), pick).await?;
-                    Ok((response, Some(Holding::Lease(lease))))
+                    Ok((
+                        response.map(BackendBody::Hyper),
+                        Some(Holding::Lease(lease)),
+                    ))
                 });
                 self.exchange(send, upload).await
             }

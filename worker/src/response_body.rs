@@ -7,7 +7,8 @@
 //! The body also holds what it comes on until it has ended: from an app on a local port, the
 //! backend connection, which it drives (see `backend_pool`) and then gives back to the pool; through
 //! a tunnel, the lease on the agent connection, which counts the request in flight (for the
-//! balancing).
+//! balancing). A body relayed from the app's connection (see `relayed_response`) holds its
+//! connection itself.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -18,9 +19,53 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tracing::warn;
 
 use crate::backend_pool::Pooled;
+use crate::http1_response::WriteError;
 use crate::proxy::Upstream;
 use crate::read_deadline::ReadDeadline;
+use crate::relayed_response::RelayedBody;
 use crate::tunnels::Lease;
+
+/// A backend's body as it comes: through hyper's client, or read from the app's connection
+/// (see `relayed_response`).
+pub enum BackendBody {
+    Hyper(Incoming),
+    Relayed(RelayedBody),
+}
+
+impl From<Incoming> for BackendBody {
+    fn from(body: Incoming) -> Self {
+        BackendBody::Hyper(body)
+    }
+}
+
+impl Body for BackendBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        match self.get_mut() {
+            BackendBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            BackendBody::Relayed(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            BackendBody::Hyper(body) => body.is_end_stream(),
+            BackendBody::Relayed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            BackendBody::Hyper(body) => body.size_hint(),
+            BackendBody::Relayed(body) => body.size_hint(),
+        }
+    }
+}
 
 /// What a response body comes on, held until it has ended.
 pub enum Holding {
@@ -35,13 +80,15 @@ pub enum Holding {
 pub enum ResponseBodyError {
     #[error(transparent)]
     Backend(#[from] hyper::Error),
+    #[error(transparent)]
+    Relayed(#[from] WriteError),
     #[error("the backend sent no byte of its response body for {0:?}")]
     Stalled(Duration),
 }
 
 /// A backend's response body, failing once no byte arrives for `read_timeout`.
 pub struct ResponseBody {
-    inner: Incoming,
+    inner: BackendBody,
     deadline: ReadDeadline,
     /// For the log line when it stalls.
     upstream: Upstream,
@@ -50,9 +97,9 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn new(inner: Incoming, read_timeout: Duration, upstream: Upstream) -> Self {
+    pub fn new(inner: impl Into<BackendBody>, read_timeout: Duration, upstream: Upstream) -> Self {
         ResponseBody {
-            inner,
+            inner: inner.into(),
             deadline: ReadDeadline::new(read_timeout),
             upstream,
             holding: None,
@@ -108,7 +155,7 @@ impl Body for ResponseBody {
                 Some(Ok(_)) | None => this.release(true),
                 Some(Err(_)) => this.release(false),
             }
-            return Poll::Ready(frame.map(|f| f.map_err(ResponseBodyError::Backend)));
+            return Poll::Ready(frame);
         }
         if !this.deadline.poll_expired(cx) {
             return Poll::Pending;
