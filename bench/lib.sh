@@ -331,7 +331,8 @@ wrk_figures() {
 }
 
 # nginx_peer_conf BACKEND LISTEN [DIRECTIVES]: $work/nginx.conf, nginx as a reverse proxy beside
-# core-server: one worker, pooled keep-alive connections to 127.0.0.1:BACKEND, the forwarding
+# core-server: one worker, pooled keep-alive connections to 127.0.0.1:BACKEND (as many idle as
+# core-server keeps, 512: HTTP/2 clients' streams need that many at once), the forwarding
 # headers core-server sets, bodies streamed both ways as core-server and haproxy stream them (no
 # request buffering, no response spilled to a temporary file on disk). LISTEN: the arguments
 # of its listen directive; DIRECTIVES: more for its server block (certificates).
@@ -340,7 +341,7 @@ nginx_peer_conf() {
 worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err;
 events { worker_connections 8192; }
 http { access_log off; keepalive_requests 1000000;
-  upstream app { server 127.0.0.1:$1; keepalive 128; }
+  upstream app { server 127.0.0.1:$1; keepalive 512; }
   server { listen $2; client_max_body_size 0; ${3:-}
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$remote_addr;

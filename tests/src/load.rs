@@ -264,3 +264,15 @@ where
     tokio::spawn(connection);
     Ok(Sender::Http1(sender))
 }
+
+/// Raises this process's open-file soft limit to the hard one (children started after this
+/// inherit it), and checks that `needed` descriptors fit.
+pub fn raise_open_file_limit(needed: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(
+        hard >= needed,
+        "this test holds {needed} sockets; the hard open-file limit is {hard}"
+    );
+}

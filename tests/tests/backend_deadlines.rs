@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use core_server_tests::backend::{full, Body};
 use core_server_tests::http::{read_until_closed, send_raw, text};
+use core_server_tests::load::raise_open_file_limit;
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use futures_util::stream;
@@ -213,9 +214,11 @@ async fn counting_backend(delay: Duration) -> (u16, Arc<AtomicUsize>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_pooled_connections_to_a_backend_are_capped() {
-    /// The cap core-server documents (proxy.rs, `POOL_MAX_IDLE_PER_BACKEND`).
-    const CAP: usize = 128;
+    /// The cap core-server documents (backend_pool.rs, `MAX_IDLE_PER_BACKEND`).
+    const CAP: usize = 512;
     const REQUESTS: usize = CAP + 72;
+    // A client socket, and the proxy's and the backend's ends of a backend connection each.
+    raise_open_file_limit(3 * REQUESTS as u64 + 100);
     let server = CoreServer::start();
     let (port, open) = counting_backend(Duration::from_millis(500)).await;
     server.add("busy.example", port);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use core_server_tests::http::get;
+use core_server_tests::load::raise_open_file_limit;
 use core_server_tests::{Backend, CoreServer};
 use futures_util::stream::{self, StreamExt};
 use http::Request;
@@ -21,18 +22,6 @@ use tokio::net::TcpStream;
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Raises this process's open-file soft limit to the hard one (children started after this
-/// inherit it), and checks that `needed` descriptors fit.
-fn raise_open_file_limit(needed: u64) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    assert!(
-        hard >= needed,
-        "this test holds {needed} sockets; the hard open-file limit is {hard}"
-    );
-}
 
 /// Opens `count` TCP connections to `port` that send nothing, 256 connecting at a time.
 async fn open_idle(port: u16, count: usize) -> Vec<TcpStream> {

@@ -45,6 +45,8 @@ fn answer(path: &str) -> Option<(&'static str, bool)> {
             true,
         ),
         "/ok" | "/first-only" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        // Part of a body, the rest never comes (see `serve`).
+        "/part" => ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", false),
         // A HEAD answered, then a body it must not have (see `serve`).
         "/late-body" => ("HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", false),
         _ => return None, // never answered
@@ -136,6 +138,12 @@ async fn serve(
             return;
         };
         if stream.write_all(bytes.as_bytes()).await.is_err() || close {
+            return;
+        }
+        if path == "/part" {
+            // Until the worker closes the connection.
+            let _ = stream.read(&mut [0; 1]).await;
+            let _ = seen.send("closed".to_owned());
             return;
         }
         if path == "/late-body" {
@@ -417,7 +425,28 @@ async fn an_http2_clients_requests_reuse_the_apps_connection_only_when_it_is_cle
         assert_eq!((status, body.as_str()), (200, "ok"));
     }
 
+    // A client that resets its stream mid-body: that connection is closed, not kept.
+    app.lines();
+    let part = Request::get("http://app.example/part")
+        .body(Full::default())
+        .unwrap();
+    let mut body = sender.send_request(part).await.unwrap().into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    assert_eq!(first.into_data().unwrap(), "abc");
+    drop(body);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while app.seen.recv().await.as_deref() != Some("closed") {}
+    });
+    closed
+        .await
+        .expect("the app's connection closed within 5 s");
+
     // Pooled connections the app drops unanswered: a GET goes again, a POST does not.
+    assert_eq!(
+        h2_send(&mut sender, "GET", "/ok").await.0,
+        200,
+        "one in the pool"
+    );
     app.lines();
     for _ in 0..2 {
         assert_eq!(h2_send(&mut sender, "GET", "/first-only").await.0, 200);
@@ -427,4 +456,29 @@ async fn an_http2_clients_requests_reuse_the_apps_connection_only_when_it_is_cle
     let sent = |method: &str| lines.iter().filter(|l| l.starts_with(method)).count();
     assert_eq!(sent("GET "), 4, "each GET sent twice: {lines:?}");
     assert_eq!(sent("POST "), 1, "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_hyper_serves_gets_relayed_answers_framed_by_hyper() {
+    let server = CoreServer::start();
+    let app = App::start(None).await;
+    server.add("app.example", app.port);
+    // The fast path leaves a request with `TE` to hyper, which serves the connection from
+    // there on: trailers for the request that asked for them, none for the one that did not.
+    let requests = [
+        "GET /chunked HTTP/1.1\r\nHost: app.example\r\nTE: trailers\r\n\r\n",
+        "HEAD /head HTTP/1.1\r\nHost: app.example\r\n\r\n",
+        "GET /chunked HTTP/1.1\r\nHost: app.example\r\n\r\n",
+        "GET /reason HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+    ]
+    .concat();
+    let mut client = send_raw(&server, requests.as_bytes()).await;
+    let answers = read_until_closed(&mut client, Duration::from_secs(10))
+        .await
+        .expect("closed after the last");
+    assert_eq!(answers.matches("HTTP/1.1 ").count(), 4, "{answers}");
+    assert_eq!(answers.matches("x-sum: 5").count(), 1, "{answers}");
+    assert_eq!(answers.matches("3\r\nabc\r\n2\r\nde\r\n0\r\n").count(), 2);
+    assert!(answers.contains("content-length: 10\r\n"), "{answers}");
+    assert!(answers.contains("HTTP/1.1 200 Fine Thanks"), "{answers}");
 }

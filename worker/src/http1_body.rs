@@ -4,6 +4,7 @@
 //! or by the end of the connection (RFC 9112 §6.3, §7.1).
 
 use bytes::{Buf, Bytes, BytesMut};
+use core_server_proto::hop_by_hop::is_hop_by_hop;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
@@ -13,8 +14,10 @@ use crate::request_head::is_field_text;
 /// The longest line of a chunked body (a chunk's size and extensions, or a trailer field).
 const MAX_CHUNK_LINE: usize = 16 * 1024;
 
-/// The most bytes of trailer fields kept, names and values (hyper's client keeps as many).
+/// The most bytes of trailer field lines kept, and the most fields (hyper's client takes as
+/// many of each).
 const MAX_TRAILERS: usize = 16 * 1024;
+const MAX_TRAILER_FIELDS: usize = 100;
 
 /// How an app's response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -207,22 +210,23 @@ impl Chunks {
                         return Ok(None);
                     };
                     if line.is_empty() {
+                        *self = Chunks::Done;
                         return Ok(Some(match trailers.take().filter(|t| !t.is_empty()) {
-                            Some(fields) => {
-                                *self = Chunks::Done;
-                                Piece::Trailers(fields)
-                            }
+                            Some(fields) => Piece::Trailers(fields),
                             None => Piece::End,
                         }));
                     }
                     if let Some(fields) = trailers {
                         *kept += line.len();
-                        if *kept > MAX_TRAILERS {
-                            return Err(broken("trailer fields larger than 16 KiB"));
+                        if *kept > MAX_TRAILERS || fields.len() >= MAX_TRAILER_FIELDS {
+                            return Err(broken("more trailer fields than 100 or 16 KiB"));
                         }
                         let (name, value) = trailer_field(&line)
                             .ok_or_else(|| broken("a malformed trailer field"))?;
-                        fields.append(name, value);
+                        // A hop's own fields are not passed on (HTTP/2 refuses them).
+                        if !is_hop_by_hop(name.as_str().as_bytes()) {
+                            fields.append(name, value);
+                        }
                     }
                 }
                 Chunks::Done => return Ok(Some(Piece::End)),
@@ -345,9 +349,9 @@ mod tests {
         fields.insert("x-sum", HeaderValue::from_static("3"));
         fields.append("x-sum", HeaderValue::from_static("4"));
         assert_eq!(
-            pieces("3\r\nabc\r\n0\r\nX-Sum: 3\r\nx-sum:4 \r\n\r\n"),
+            pieces("3\r\nabc\r\n0\r\nX-Sum: 3\r\nConnection: close\r\nx-sum:4 \r\n\r\n"),
             Ok(vec![Piece::Data("abc".into()), Piece::Trailers(fields)]),
-            "the body has ended with its trailers"
+            "the body has ended with its trailers, a hop's own left out"
         );
         assert_eq!(pieces("0\r\n\r\n"), Ok(vec![Piece::End]), "none came");
         for bad in ["no colon", "bad name: v", "x: a\x01b"] {

@@ -3,7 +3,7 @@
 //! into the app's (no `http::Request`, no `HeaderMap`), written to a plain pooled TCP
 //! connection, and the app's response head is parsed with `httparse` and rewritten straight
 //! into the client's, its body passed on as it comes. A bodiless request hyper's server took
-//! (HTTP/2) is relayed by the same exchange, its answer read into an `http::Response` (see
+//! (HTTP/2, and HTTP/1.1 connections the fast path handed over) is relayed by the same exchange, its answer read into an `http::Response` (see
 //! `relayed_response`); the proxy's other requests (bodies, upgrades, tunnels) go through
 //! hyper's client (see `proxy`, `backend_pool`).
 //!
@@ -36,13 +36,13 @@
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use core_server_proto::hop_by_hop::{self, is_hop_by_hop};
-use futures_util::FutureExt;
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
@@ -93,7 +93,7 @@ pub enum RelayError {
     Switched,
     #[error("the response has status {0}")]
     Status(u16),
-    #[error("the response has a header field that HTTP/2 cannot carry: {0}")]
+    #[error("the response has a header field that http refuses: {0}")]
     Field(String),
 }
 
@@ -150,7 +150,7 @@ impl Relay<'_> {
             Ok(answered) => answered.map_err(Failure::Backend)?,
             Err(_) => return Err(Failure::NoResponse),
         };
-        let Response {
+        let AppResponse {
             mut head,
             date,
             body,
@@ -180,7 +180,7 @@ impl Relay<'_> {
         request: &[u8],
         to_head: bool,
         idempotent: bool,
-    ) -> Result<(TcpStream, BytesMut, Response<H>), BackendError> {
+    ) -> Result<(TcpStream, BytesMut, AppResponse<H>), BackendError> {
         let mut idle = self.pool.take_raw(self.port);
         loop {
             let reused = idle.is_some();
@@ -207,11 +207,11 @@ impl Relay<'_> {
         buffer: &mut BytesMut,
         request: &[u8],
         to_head: bool,
-    ) -> Result<Response<H>, RelayError> {
+    ) -> Result<AppResponse<H>, RelayError> {
         backend.write_all(request).await.map_err(RelayError::Send)?;
         let mut received = false;
         loop {
-            if let Some(response) = Response::parse(buffer, to_head)? {
+            if let Some(response) = AppResponse::parse(buffer, to_head)? {
                 return Ok(response);
             }
             if buffer.len() >= MAX_RESPONSE_HEAD {
@@ -243,7 +243,7 @@ impl Relay<'_> {
         loop {
             match decoder.next(buffer)? {
                 Some(Piece::Data(data)) => outgoing.piece(client, &data).await?,
-                // An HTTP/1.1 client that did not ask for trailers gets none (nor asks here).
+                // None come: `Decoder::new` drops them (the fast path's client asked for none).
                 Some(Piece::Trailers(_)) => {}
                 Some(Piece::End) => {
                     outgoing.end(client).await?;
@@ -290,21 +290,35 @@ impl Relay<'_> {
 }
 
 /// Reads what `backend` has into `buffer`, with room for `size` more made first; `Ok(0)` at
-/// its end. A buffer with nothing in it is let go of while the read waits (a long poll, a
-/// quiet event stream), but kept when bytes are there already (a download).
-async fn read_some(
-    backend: &mut TcpStream,
+/// its end.
+async fn read_some(backend: &TcpStream, buffer: &mut BytesMut, size: usize) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_some(backend, buffer, size, cx)).await
+}
+
+/// [`read_some`], polled. A buffer with nothing in it is let go of while the read waits (a
+/// long poll, a quiet event stream), but kept when bytes are there already (a download).
+pub fn poll_read_some(
+    backend: &TcpStream,
     buffer: &mut BytesMut,
     size: usize,
-) -> io::Result<usize> {
-    if buffer.is_empty() && backend.readable().now_or_never().is_none() {
-        *buffer = BytesMut::new();
-        backend.readable().await?;
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        if backend.poll_read_ready(cx)?.is_pending() {
+            if buffer.is_empty() {
+                *buffer = BytesMut::new();
+            }
+            return Poll::Pending;
+        }
+        if buffer.capacity() - buffer.len() < size / 4 {
+            buffer.reserve(size);
+        }
+        match backend.try_read_buf(buffer) {
+            // Readiness cleared: the next turn waits for more.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            read => return Poll::Ready(read),
+        }
     }
-    if buffer.capacity() - buffer.len() < size / 4 {
-        buffer.reserve(size);
-    }
-    backend.read_buf(buffer).await
 }
 
 /// Where the client's copy of an app's response head is written: the bytes of an HTTP/1.1
@@ -332,7 +346,7 @@ impl ResponseHead for Vec<u8> {
 
 /// An app's response head, rewritten for the client.
 #[derive(Debug)]
-pub struct Response<H> {
+pub struct AppResponse<H> {
     /// The status line and the fields the client gets.
     pub head: H,
     /// Whether the app gave a `Date`.
@@ -342,7 +356,7 @@ pub struct Response<H> {
     pub keep_alive: bool,
 }
 
-impl<H: ResponseHead> Response<H> {
+impl<H: ResponseHead> AppResponse<H> {
     /// The first final response's head in `buffer`, taken out of it (1xx before it skipped);
     /// `None` if not whole yet.
     fn parse(buffer: &mut BytesMut, to_head: bool) -> Result<Option<Self>, RelayError> {
@@ -428,7 +442,7 @@ impl<H: ResponseHead> Response<H> {
             let mut digits = itoa::Buffer::new();
             head.push(b"content-length", digits.format(length).as_bytes())?;
         }
-        Ok(Response {
+        Ok(AppResponse {
             head,
             date,
             body,
@@ -479,7 +493,7 @@ mod tests {
     /// framing, whether the app keeps the connection, and what was left after the head.
     fn parsed(bytes: &str, to_head: bool) -> (String, Body, bool, String) {
         let mut buffer = BytesMut::from(bytes);
-        let response = Response::<Vec<u8>>::parse(&mut buffer, to_head)
+        let response = AppResponse::<Vec<u8>>::parse(&mut buffer, to_head)
             .unwrap()
             .unwrap();
         let head = String::from_utf8(response.head).unwrap();
@@ -592,7 +606,7 @@ mod tests {
     #[test]
     fn a_head_not_whole_waits_and_a_bad_one_is_an_error() {
         let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Le");
-        assert!(Response::<Vec<u8>>::parse(&mut partial, false)
+        assert!(AppResponse::<Vec<u8>>::parse(&mut partial, false)
             .unwrap()
             .is_none());
         for bad in [
@@ -605,7 +619,7 @@ mod tests {
         ] {
             let mut buffer = BytesMut::from(bad);
             assert!(
-                Response::<Vec<u8>>::parse(&mut buffer, false).is_err(),
+                AppResponse::<Vec<u8>>::parse(&mut buffer, false).is_err(),
                 "{bad}"
             );
         }

@@ -15,25 +15,29 @@
 //!   §6.3 says, 502 for nonsense), with the app's reason phrase for an HTTP/1.1 client;
 //! - a chunked body's trailers are passed on (HTTP/2 carries them);
 //! - the connection goes back to the pool only after a whole, well-framed response with
-//!   nothing after it, and an idempotent request is sent once more as `http1_relay` says;
+//!   nothing after it, and an idempotent request is sent once more as `http1_relay` says
+//!   (hyper sent any request again that it had not written yet: a bodiless `POST` whose idle
+//!   connection the app closed just then is now a 502, unless the peek saw it closed first);
+//! - an empty body of known length keeps its `Content-Length: 0` (hyper's server adds none to
+//!   a body that has ended from the start);
 //! - a body that stalls is cut by `response_body`, which wraps this one as it wrapped hyper's;
 //! - a body that waits for the app holds no buffer.
 
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
 use tokio::net::TcpStream;
 
 use crate::backend_pool::BackendPool;
+use crate::http1_body::Body as Framing;
 use crate::http1_body::{Decoder, Piece};
-use crate::http1_relay::{Relay, RelayError, ResponseHead, BODY_READ};
+use crate::http1_relay::{poll_read_some, Relay, RelayError, ResponseHead, BODY_READ};
 use crate::http1_response::{push_field, WriteError};
 use crate::proxy::BackendError;
 
@@ -63,9 +67,13 @@ impl Relay<'_> {
         to_head: bool,
         idempotent: bool,
     ) -> Result<Response<RelayedBody>, BackendError> {
-        let (backend, buffer, response) = self
+        let (backend, buffer, mut response) = self
             .send::<Response<()>>(&request, to_head, idempotent)
             .await?;
+        if response.body == Framing::Length(0) {
+            let length = HeaderValue::from_static("0");
+            response.head.headers_mut().insert(CONTENT_LENGTH, length);
+        }
         let body = RelayedBody {
             backend: Some(backend),
             buffer,
@@ -167,7 +175,7 @@ impl Body for RelayedBody {
             let Some(backend) = &this.backend else {
                 return Poll::Ready(None); // polled again after it failed
             };
-            match ready!(poll_read(backend, &mut this.buffer, cx)) {
+            match ready!(poll_read_some(backend, &mut this.buffer, BODY_READ, cx)) {
                 Ok(0) => {
                     this.backend = None;
                     return match this.decoder.closed() {
@@ -191,30 +199,6 @@ impl Body for RelayedBody {
         match self.decoder.left() {
             Some(left) => SizeHint::with_exact(left),
             None => SizeHint::default(),
-        }
-    }
-}
-
-/// Reads what `backend` has into `buffer`; `Ok(0)` at its end. While the app is quiet (a long
-/// poll, an event stream), an empty buffer is let go of.
-fn poll_read(
-    backend: &TcpStream,
-    buffer: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    loop {
-        if backend.poll_read_ready(cx)?.is_pending() {
-            if buffer.is_empty() {
-                *buffer = BytesMut::new();
-            }
-            return Poll::Pending;
-        }
-        if buffer.capacity() - buffer.len() < BODY_READ / 4 {
-            buffer.reserve(BODY_READ);
-        }
-        match backend.try_read_buf(buffer) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            read => return Poll::Ready(read),
         }
     }
 }
