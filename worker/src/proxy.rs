@@ -318,9 +318,10 @@ impl Proxy {
                 });
                 self.exchange(send, None).await
             }
+            // Boxed, as the upgrade path is: a request with a body is the rarer kind.
             None => {
                 let sending = upload.clone();
-                let send = pin!(async {
+                let mut send = Box::pin(async {
                     let (response, connection) = self
                         .backends
                         .send(backend.port(), request, sending.as_ref())
@@ -330,7 +331,7 @@ impl Proxy {
                         Some(Holding::Connection(connection)),
                     ))
                 });
-                self.exchange(send, upload).await
+                self.exchange(send.as_mut(), upload).await
             }
         }
     }
