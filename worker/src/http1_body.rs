@@ -46,8 +46,10 @@ pub struct Decoder {
     /// Of a body of known length, what has not come yet.
     left: u64,
     chunks: Chunks,
-    /// A chunked body's trailer fields so far, if they are kept.
-    trailers: Option<HeaderMap>,
+    /// Whether a chunked body's trailer fields are kept, and those so far (boxed: most
+    /// bodies have none, and a body's size is in every future that holds one).
+    keep_trailers: bool,
+    trailers: Option<Box<HeaderMap>>,
     ended: bool,
 }
 
@@ -62,6 +64,7 @@ impl Decoder {
             body,
             left,
             chunks: Chunks::Size,
+            keep_trailers: false,
             trailers: None,
             ended: false,
         }
@@ -70,7 +73,7 @@ impl Decoder {
     /// A decoder that passes a chunked body's trailers on ([`Piece::Trailers`]).
     pub fn keeping_trailers(body: Body) -> Self {
         Decoder {
-            trailers: Some(HeaderMap::new()),
+            keep_trailers: true,
             ..Decoder::new(body)
         }
     }
@@ -110,7 +113,10 @@ impl Decoder {
                 Ok(Some(Piece::Data(data)))
             }
             Body::UntilClose => Ok(Some(Piece::Data(buffer.split().freeze()))),
-            Body::Chunked => self.chunks.next(buffer, &mut self.trailers),
+            Body::Chunked => {
+                let trailers = self.keep_trailers.then_some(&mut self.trailers);
+                self.chunks.next(buffer, trailers)
+            }
         }
     }
 
@@ -156,11 +162,11 @@ enum Chunks {
 
 impl Chunks {
     /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
-    /// needed first. Trailer fields go into `trailers` if kept.
+    /// needed first. Trailer fields go into `trailers` if they are kept.
     fn next(
         &mut self,
         buffer: &mut BytesMut,
-        trailers: &mut Option<HeaderMap>,
+        mut trailers: Option<&mut Option<Box<HeaderMap>>>,
     ) -> Result<Option<Piece>, WriteError> {
         let broken =
             |why: &str| WriteError::Body(format!("the app's chunked body is malformed: {why}"));
@@ -211,12 +217,14 @@ impl Chunks {
                     };
                     if line.is_empty() {
                         *self = Chunks::Done;
-                        return Ok(Some(match trailers.take().filter(|t| !t.is_empty()) {
-                            Some(fields) => Piece::Trailers(fields),
+                        let fields = trailers.and_then(Option::take).filter(|t| !t.is_empty());
+                        return Ok(Some(match fields {
+                            Some(fields) => Piece::Trailers(*fields),
                             None => Piece::End,
                         }));
                     }
-                    if let Some(fields) = trailers {
+                    if let Some(fields) = trailers.as_mut() {
+                        let fields = fields.get_or_insert_with(Box::default);
                         *kept += line.len();
                         if *kept > MAX_TRAILERS || fields.len() >= MAX_TRAILER_FIELDS {
                             return Err(broken("more trailer fields than 100 or 16 KiB"));
@@ -287,10 +295,7 @@ mod tests {
         for piece in body.as_bytes().chunks(step) {
             buffer.extend_from_slice(piece);
             loop {
-                match chunks
-                    .next(&mut buffer, &mut None)
-                    .map_err(|e| e.to_string())?
-                {
+                match chunks.next(&mut buffer, None).map_err(|e| e.to_string())? {
                     Some(Piece::Data(bytes)) => data.push_str(std::str::from_utf8(&bytes).unwrap()),
                     Some(Piece::End) => return Ok((data, buffer.is_empty())),
                     Some(Piece::Trailers(_)) => unreachable!("trailers are not kept here"),
@@ -354,6 +359,8 @@ mod tests {
             "the body has ended with its trailers, a hop's own left out"
         );
         assert_eq!(pieces("0\r\n\r\n"), Ok(vec![Piece::End]), "none came");
+        let hop = pieces("0\r\nConnection: x\r\n\r\n");
+        assert_eq!(hop, Ok(vec![Piece::End]), "none kept");
         for bad in ["no colon", "bad name: v", "x: a\x01b"] {
             assert!(pieces(&format!("0\r\n{bad}\r\n\r\n")).is_err(), "{bad}");
         }

@@ -350,15 +350,16 @@ impl Proxy {
         tunnel_forward::address(&mut request, scheme, host, domain);
         let pick = || self.tunnels.pick(domain);
         match upgrade_to {
+            // Boxed: the rare upgrade path would otherwise make every request's future larger.
             Some(protocol) => {
-                let send = pin!(async {
+                let mut send = Box::pin(async {
                     let tasks = &self.tasks;
                     let timeout = self.backend_timeout;
                     let (response, lease) =
                         tunnel_upgrade::proxy(request, protocol, pick, tasks, timeout).await?;
                     Ok((response.map(BackendBody::Hyper), lease.map(Holding::Lease)))
                 });
-                self.exchange(send, upload).await
+                self.exchange(send.as_mut(), upload).await
             }
             None => {
                 let send = pin!(async {
