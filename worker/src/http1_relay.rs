@@ -35,6 +35,7 @@
 
 use std::io;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,6 +46,7 @@ use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
 use tracing::warn;
 
 use crate::backend_pool::BackendPool;
@@ -291,34 +293,32 @@ impl Relay<'_> {
 
 /// Reads what `backend` has into `buffer`, with room for `size` more made first; `Ok(0)` at
 /// its end.
-async fn read_some(backend: &TcpStream, buffer: &mut BytesMut, size: usize) -> io::Result<usize> {
+async fn read_some(
+    backend: &mut TcpStream,
+    buffer: &mut BytesMut,
+    size: usize,
+) -> io::Result<usize> {
     std::future::poll_fn(|cx| poll_read_some(backend, buffer, size, cx)).await
 }
 
 /// [`read_some`], polled. A buffer with nothing in it is let go of while the read waits (a
 /// long poll, a quiet event stream), but kept when bytes are there already (a download).
+/// Read through `AsyncRead`, which takes a short read as the socket drained (no read more
+/// that would only say `EWOULDBLOCK`).
 pub fn poll_read_some(
-    backend: &TcpStream,
+    backend: &mut TcpStream,
     buffer: &mut BytesMut,
     size: usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    loop {
-        if backend.poll_read_ready(cx)?.is_pending() {
-            if buffer.is_empty() {
-                *buffer = BytesMut::new();
-            }
-            return Poll::Pending;
-        }
-        if buffer.capacity() - buffer.len() < size / 4 {
-            buffer.reserve(size);
-        }
-        match backend.try_read_buf(buffer) {
-            // Readiness cleared: the next turn waits for more.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            read => return Poll::Ready(read),
-        }
+    if buffer.is_empty() && backend.poll_read_ready(cx)?.is_pending() {
+        *buffer = BytesMut::new();
+        return Poll::Pending;
     }
+    if buffer.capacity() - buffer.len() < size / 4 {
+        buffer.reserve(size);
+    }
+    poll_read_buf(Pin::new(backend), cx, buffer)
 }
 
 /// Where the client's copy of an app's response head is written: the bytes of an HTTP/1.1

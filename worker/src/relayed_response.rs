@@ -172,7 +172,7 @@ impl Body for RelayedBody {
                 Ok(None) => {}
                 Err(e) => return this.failed(e),
             }
-            let Some(backend) = &this.backend else {
+            let Some(backend) = &mut this.backend else {
                 return Poll::Ready(None); // polled again after it failed
             };
             match ready!(poll_read_some(backend, &mut this.buffer, BODY_READ, cx)) {
