@@ -54,7 +54,7 @@ worker_processes 1; worker_rlimit_nofile $(ulimit -n); daemon off; pid $work/ngi
 error_log $work/nginx.err;
 events { worker_connections $MAX_CONNECTIONS; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-  upstream app { server 127.0.0.1:$backend; keepalive 128; }
+  upstream app { server 127.0.0.1:$backend; keepalive 512; }
   server { listen 127.0.0.1:$proxy_port backlog=4096;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; }

@@ -60,12 +60,13 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How many unused connections to one backend are kept; more are closed once their request is
 /// done. nginx keeps as many as its `keepalive` says per worker process (its docs show 16 to
-/// 32, with several workers); core-server is one process for all cores, and bench/proxy.sh
-/// gives nginx 128. Enough for a busy app to reuse connections under load: four HTTP/2
+/// 32, with several workers); core-server is one process for all cores, and the benches give
+/// nginx as many. Enough for a busy app to reuse connections under load: four HTTP/2
 /// clients with all their streams open (`http_server`'s 128 each) ask for 512 at once, and
 /// with fewer kept, each burst of answers closes the surplus and the next burst connects
 /// again (a third of the requests, measured with h2load at 16 x 32 streams). Few enough that
-/// a burst leaves no thousands of idle sockets on either side.
+/// a burst leaves no thousands of idle sockets on either side; and should the worker run out
+/// of file descriptors, they are the first to go ([`BackendPool::close_idle`]).
 pub const MAX_IDLE_PER_BACKEND: usize = 512;
 
 /// How often idle connections are looked at, to close those the app closed or that expired.
@@ -278,7 +279,13 @@ impl BackendPool {
 
     async fn connect_tcp(&self, port: u16) -> Result<TcpStream, BackendError> {
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(address)).await {
+        let connect = || tokio::time::timeout(self.timeout, TcpStream::connect(address));
+        let mut connected = connect().await;
+        if matches!(&connected, Ok(Err(e)) if out_of_descriptors(e)) {
+            self.close_idle();
+            connected = connect().await;
+        }
+        let stream = match connected {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Err(BackendError::Connect(e)),
             Err(_) => {
@@ -290,6 +297,13 @@ impl BackendPool {
         };
         stream.set_nodelay(true).map_err(BackendError::Connect)?;
         Ok(stream)
+    }
+
+    /// Closes every idle connection, to every app: the worker is out of file descriptors, and
+    /// these are only a cache.
+    pub fn close_idle(&self) {
+        self.idle.lock().expect("pool lock").clear();
+        self.raw.lock().expect("pool lock").clear();
     }
 
     /// Keeps `connection` for the next request to `port`, if it is ready for one and there is
@@ -348,6 +362,15 @@ fn sweep_lists<C>(lists: &IdleLists<C>, mut usable: impl FnMut(&mut C) -> bool) 
         });
         !list.is_empty()
     });
+}
+
+/// Whether `e` says the process (or the system) has no file descriptor left.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE)
+    )
 }
 
 /// Whether an idle plain connection is still open and has nothing to read: neither closed by

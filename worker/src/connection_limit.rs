@@ -25,7 +25,9 @@ use crate::activity::Activity;
 /// Descriptors the worker keeps apart from client connections and the backend connections
 /// they use: stdio, the IPC socket, the listeners and the UDP socket, the runtime's epoll and
 /// wake-up descriptors (about 16 in all), and headroom for idle pooled backend connections that
-/// outlive the client connection that opened them, and for WebSocket splices.
+/// outlive the client connection that opened them, and for WebSocket splices. HTTP/2 clients
+/// can leave more idle ones than that (a stream each); out of descriptors, the worker closes
+/// them first (`BackendPool::close_idle`).
 const RESERVED_FDS: u64 = 256;
 
 /// How many idle connections one scan closes at most (nginx frees 32 at a time too): enough

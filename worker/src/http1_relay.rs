@@ -3,9 +3,10 @@
 //! into the app's (no `http::Request`, no `HeaderMap`), written to a plain pooled TCP
 //! connection, and the app's response head is parsed with `httparse` and rewritten straight
 //! into the client's, its body passed on as it comes. A bodiless request hyper's server took
-//! (HTTP/2, and HTTP/1.1 connections the fast path handed over) is relayed by the same exchange, its answer read into an `http::Response` (see
-//! `relayed_response`); the proxy's other requests (bodies, upgrades, tunnels) go through
-//! hyper's client (see `proxy`, `backend_pool`).
+//! (HTTP/2, and HTTP/1.1 connections the fast path handed over) is relayed by the same
+//! exchange, its answer read into an `http::Response` (see `relayed_response`); the proxy's
+//! other requests (bodies, upgrades, tunnels) go through hyper's client (see `proxy`,
+//! `backend_pool`).
 //!
 //! Why: hyper's client costs more CPU per request than the relaying itself (a dispatch channel
 //! and a response oneshot per request, two `HeaderMap`s built and walked, large futures
@@ -318,7 +319,11 @@ pub fn poll_read_some(
     if buffer.capacity() - buffer.len() < size / 4 {
         buffer.reserve(size);
     }
-    poll_read_buf(Pin::new(backend), cx, buffer)
+    let read = poll_read_buf(Pin::new(backend), cx, buffer);
+    if read.is_pending() && buffer.is_empty() {
+        *buffer = BytesMut::new(); // its readiness was stale
+    }
+    read
 }
 
 /// Where the client's copy of an app's response head is written: the bytes of an HTTP/1.1

@@ -134,6 +134,7 @@ impl HttpServer {
                     if let Some(pause) = errors.failed(&e) {
                         // Out of descriptors: idle connections give theirs back.
                         server.limit.evict_idle();
+                        server.proxy.close_idle_backends();
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
                             _ = stop.cancelled() => return,
@@ -213,9 +214,7 @@ impl HttpServer {
             return;
         }
         let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        self.clone()
-            .serve_http(stream, client, http2, activity.clone(), stop)
-            .await
+        self.serve_http(stream, client, http2, activity, stop).await
     }
 
     /// Serves HTTP on `stream` (plain, or TLS after its handshake, `http2` if its ALPN chose

@@ -216,6 +216,11 @@ impl Proxy {
         }
     }
 
+    /// Closes the idle pooled connections to apps: the worker is out of file descriptors.
+    pub fn close_idle_backends(&self) {
+        self.backends.close_idle();
+    }
+
     /// Where `head` goes when it is relayed as bytes (see `http1_relay`): the domain and the
     /// app's local port, if it has exactly one `Host` and that names a domain on a port.
     pub fn relay_target(&self, head: &RequestHead) -> Option<(Domain, u16)> {
