@@ -1,7 +1,8 @@
 //! Connection floods and slow clients (issue 7, items 1 and 2): thousands of idle or
 //! trickling connections do not keep a normal request from being answered within 1 s, every
 //! connection meets a deadline from its accept on, HTTP/2 PINGs do not count as activity, and
-//! HTTP/2 streams per connection are capped.
+//! HTTP/2 streams per connection are capped; out of descriptors, the idle pooled connections
+//! to apps are closed first.
 //!
 //! The tests here hold thousands of sockets and share two cores: they take turns ([`HEAVY`]).
 
@@ -163,6 +164,66 @@ async fn out_of_descriptors_accept_pauses_and_logs_rarely() {
         tail(&log)
     );
     drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_descriptors_idle_connections_to_apps_close_first() {
+    let _turn = HEAVY.lock().await;
+    raise_open_file_limit(2_500);
+    // 1024 descriptors: the default cap is 384 clients, each with a connection to its app.
+    let install = install_with_1024_open_files("");
+    let server = CoreServer::start_installed(install.path());
+    let slow = || {
+        Backend::start(|_| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            http::Response::new(core_server_tests::backend::full("ok"))
+        })
+    };
+    let (a, b) = (slow().await, slow().await);
+    server.add("a.example", a.port);
+    server.add("b.example", b.port);
+
+    // Three HTTP/2 clients with 128 streams each: 384 connections to app A at once, all idle
+    // in the pool afterwards.
+    let mut streams = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (sender, connection) = core_server_tests::http::h2_connect(server.http_port).await;
+        for _ in 0..128 {
+            let mut sender = sender.clone();
+            let request = Request::get("http://a.example/")
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            streams.push(tokio::spawn(async move {
+                sender.send_request(request).await.map(|r| r.status())
+            }));
+        }
+        clients.push(connection);
+    }
+    for stream in streams {
+        assert_eq!(stream.await.unwrap().unwrap(), 200);
+    }
+    // 384 clients of app B at once: their connections to B need the descriptors A's idle
+    // ones hold, which go first; no client is refused or failed.
+    let requests = (0..384).map(|_| {
+        let url = server.url("/");
+        tokio::spawn(async move {
+            let reply = get(&url, "b.example");
+            tokio::time::timeout(Duration::from_secs(30), reply).await
+        })
+    });
+    let replies = futures_util::future::join_all(requests).await;
+    let failed = replies
+        .into_iter()
+        .filter(|reply| !matches!(reply, Ok(Ok(reply)) if reply.status == 200))
+        .count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of 384 failed:\n{}",
+        tail(&server.log())
+    );
+    drop(clients);
 }
 
 /// The worker's open-file soft limit.
