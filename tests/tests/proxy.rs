@@ -242,15 +242,25 @@ async fn http2_prior_knowledge_clients() {
 
     let (mut sender, _connection) = h2_connect(server.http_port).await;
     let request = Request::get("http://h2.example/over-h2")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
+        .header("x-custom", "kept")
         .body(Full::<Bytes>::default())
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);
     let seen = text(response.into_body()).await;
-    // The backend speaks HTTP/1.1 and gets the Host from :authority.
+    // The backend speaks HTTP/1.1 and gets the Host from :authority, core-server's forwarding
+    // headers instead of the client's claims.
     assert!(seen.starts_with("GET /over-h2 HTTP/1.1\n"), "{seen}");
     assert!(seen.contains("host: h2.example\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("x-custom: kept\n"), "{seen}");
+    for gone in ["6.6.6.6", "x-real-ip"] {
+        assert!(!seen.contains(gone), "{gone}: {seen}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
