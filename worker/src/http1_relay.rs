@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use core_server_proto::hop_by_hop::{self, is_hop_by_hop};
-use http::StatusCode;
+use http::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -103,11 +103,7 @@ pub enum RelayError {
 /// `head` as the app gets it: HTTP/1.1, hop-by-hop headers and the client's claims removed,
 /// core-server's forwarding headers (for `client`, over `scheme`) added.
 pub fn request(head: &RequestHead, host: &[u8], client: IpAddr, scheme: &'static str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(head.method().as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.path().as_str().as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut out = start_request(head.method(), head.path().as_str());
     let named = connection_names(head.fields());
     for (name, value) in head.fields() {
         // `Connection: host` cannot take the Host away: the app needs it.
@@ -118,6 +114,17 @@ pub fn request(head: &RequestHead, host: &[u8], client: IpAddr, scheme: &'static
     }
     forwarding::write_forwarded(&mut out, client, host, scheme);
     out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A request head as the app gets it, begun: its line, `METHOD path HTTP/1.1`; its fields
+/// follow (see `push_field`).
+pub fn start_request(method: &Method, path: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     out
 }
 

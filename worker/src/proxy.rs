@@ -248,11 +248,7 @@ impl Proxy {
         let host = head.host().unwrap_or_default();
         let request = http1_relay::request(&head, host, client.ip(), scheme);
         drop(head); // and with it, its share of the bytes the client sent
-        let relay = Relay {
-            pool: &self.backends,
-            port,
-            timeout: self.backend_timeout,
-        };
+        let relay = self.relay_to(port);
         let exchange = relay.exchange(request, to_head, idempotent, connection, closing);
         match exchange.await {
             Ok(relayed) => relayed,
@@ -261,6 +257,15 @@ impl Proxy {
                 let page = self.failure_page(failure, &domain, &upstream, client, Version::HTTP_11);
                 Some(http1_response::write(connection, page, to_head, closing.now()).await)
             }
+        }
+    }
+
+    /// The way to the app on `port` for a request relayed as bytes.
+    fn relay_to(&self, port: u16) -> Relay<'_> {
+        Relay {
+            pool: &self.backends,
+            port,
+            timeout: self.backend_timeout,
         }
     }
 
@@ -308,11 +313,7 @@ impl Proxy {
             }
             // No body: relayed as bytes (see `relayed_response`).
             None if upload.is_none() => {
-                let relay = Relay {
-                    pool: &self.backends,
-                    port: backend.port(),
-                    timeout: self.backend_timeout,
-                };
+                let relay = self.relay_to(backend.port());
                 let to_head = request.method() == Method::HEAD;
                 let idempotent = request.method().is_idempotent();
                 let head = relayed_response::request_head(&request);

@@ -37,19 +37,17 @@ use tokio::net::TcpStream;
 use crate::backend_pool::BackendPool;
 use crate::http1_body::Body as Framing;
 use crate::http1_body::{Decoder, Piece};
-use crate::http1_relay::{poll_read_some, Relay, RelayError, ResponseHead, BODY_READ};
+use crate::http1_relay::{
+    poll_read_some, start_request, Relay, RelayError, ResponseHead, BODY_READ,
+};
 use crate::http1_response::{push_field, WriteError};
 use crate::proxy::BackendError;
 
 /// `request`'s head as the app gets it: `proxy` has prepared its fields and made its URI the
 /// origin form.
 pub fn request_head<B>(request: &Request<B>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(request.method().as_str().as_bytes());
-    out.push(b' ');
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut out = start_request(request.method(), path);
     for (name, value) in request.headers() {
         push_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
