@@ -203,9 +203,11 @@ async fn out_of_descriptors_idle_connections_to_apps_close_first() {
     for stream in streams {
         assert_eq!(stream.await.unwrap().unwrap(), 200);
     }
-    // 384 clients of app B at once: their connections to B need the descriptors A's idle
-    // ones hold, which go first; no client is refused or failed.
-    let requests = (0..384).map(|_| {
+    // 340 clients of app B at once, each with a connection to B: more descriptors than A's
+    // idle ones leave, fewer clients than the cap (at the cap, idle clients would be asked to
+    // make room, a client whose request is not read yet counting as idle). A's idle
+    // connections go first; no client is refused or failed.
+    let requests = (0..340).map(|_| {
         let url = server.url("/");
         tokio::spawn(async move {
             let reply = get(&url, "b.example");
@@ -220,7 +222,7 @@ async fn out_of_descriptors_idle_connections_to_apps_close_first() {
     assert_eq!(
         failed,
         0,
-        "{failed} of 384 failed:\n{}",
+        "{failed} of 340 failed:\n{}",
         tail(&server.log())
     );
     drop(clients);
@@ -555,6 +557,46 @@ async fn at_the_cap_idle_keep_alive_and_http2_connections_make_room() {
         tokio::time::timeout(Duration::from_secs(10), connection)
             .await
             .unwrap_or_else(|_| panic!("idle connection {i} still open:\n{}", server.log()))
+            .unwrap()
+            .ok();
+    }
+}
+
+/// The same for HTTP/1.1 keep-alive connections quiet long enough to have been parked (see
+/// `parked_connections`): no task of their own hears the eviction, their set does. (Requests
+/// in origin form, which core-server serves itself; hyper serves the absolute form.)
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_cap_parked_keep_alive_connections_make_room() {
+    let _turn = HEAVY.lock().await;
+    let server = CoreServer::start_with(&["--max-connections", "4"]);
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        let request = Request::get("/")
+            .header("host", "app.example")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        idle.push((sender_keeper(sender), connection));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    answered_within_a_second(&server, "app.example").await;
+    for (i, (_sender, connection)) in idle.into_iter().enumerate() {
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .unwrap_or_else(|_| panic!("parked connection {i} still open:\n{}", server.log()))
             .unwrap()
             .ok();
     }

@@ -368,3 +368,78 @@ async fn the_apps_reason_phrase_reaches_the_client() {
         assert!(response.starts_with(status_line), "{response}");
     }
 }
+
+/// Keep-alive connections that go quiet between requests (parked by the worker, see
+/// `parked_connections`) are served again when their clients send, as the same clients, and
+/// still close at the idle timeout. Two hundred of them, all sending at once: more than one
+/// batch of the worker's readiness events.
+#[tokio::test(flavor = "multi_thread")]
+async fn quiet_keep_alive_connections_are_served_again_then_close_when_idle() {
+    const CLIENTS: usize = 200;
+    let server = CoreServer::start_with(&["--idle-timeout", "2s"]);
+    let echo = Backend::echo().await;
+    server.add("quiet.example", echo.port);
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+            .await
+            .unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        clients.push((sender, tokio::spawn(connection)));
+    }
+    let ask = |sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>, round: usize| {
+        let request = Request::get(format!("/round/{round}"))
+            .header("host", "quiet.example")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request);
+        async move {
+            let response = response.await.expect("the connection is still open");
+            assert_eq!(response.status(), 200);
+            let answer = text(response.into_body()).await;
+            (answer, Instant::now())
+        }
+    };
+    let mut answered = Vec::new();
+    for round in 0..3 {
+        // Quiet for longer than it takes the worker to park them.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let answers = futures_util::future::join_all(
+            clients.iter_mut().map(|(sender, _)| ask(sender, round)),
+        );
+        let answers = tokio::time::timeout(Duration::from_secs(20), answers)
+            .await
+            .expect("every client answered");
+        answered.clear();
+        for (answer, at) in answers {
+            assert!(
+                answer.starts_with(&format!("GET /round/{round} ")),
+                "{answer}"
+            );
+            assert!(answer.contains("x-forwarded-for: 127.0.0.1\n"), "{answer}");
+            answered.push(at);
+        }
+    }
+    // Each closed at the idle timeout after its last answer.
+    let closed = clients
+        .into_iter()
+        .zip(answered)
+        .map(|((sender, connection), at)| async move {
+            let _open = sender; // a dropped sender would close the connection itself
+            connection.await.unwrap().ok();
+            at.elapsed()
+        });
+    let closed = tokio::time::timeout(
+        Duration::from_secs(12),
+        futures_util::future::join_all(closed),
+    )
+    .await
+    .expect("every connection closed by 10 s after the idle timeout");
+    let first = closed.iter().min().unwrap();
+    assert!(
+        *first >= Duration::from_millis(1900),
+        "one closed {first:?} after its last answer, the idle timeout is 2 s"
+    );
+}

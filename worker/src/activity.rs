@@ -28,9 +28,10 @@ pub struct Activity {
     changed: LastMoment,
     started_a_request: AtomicBool,
     http2: AtomicBool,
-    http2_seen: Notify,
     evicted: AtomicBool,
-    eviction: Notify,
+    /// Told when `http2` or `evicted` turns true: one `Notify` for both keeps this in a
+    /// smaller class of the allocator's (it lives as long as the connection, idle or not).
+    news: Notify,
     limit: Arc<ConnectionLimit>,
 }
 
@@ -41,9 +42,8 @@ impl Activity {
             changed: LastMoment::new(),
             started_a_request: AtomicBool::new(false),
             http2: AtomicBool::new(false),
-            http2_seen: Notify::new(),
             evicted: AtomicBool::new(false),
-            eviction: Notify::new(),
+            news: Notify::new(),
             limit,
         })
     }
@@ -76,20 +76,21 @@ impl Activity {
 
     pub fn saw_http2(&self) {
         if !self.http2.swap(true, Ordering::Relaxed) {
-            self.http2_seen.notify_one(); // kept as a permit if nobody waits yet
+            self.news.notify_waiters();
         }
     }
 
     /// Resolves once the connection has carried an HTTP/2 request (at once if it already has).
     pub async fn speaks_http2(&self) {
-        self.http2_seen.notified().await
+        self.until(|activity| activity.http2.load(Ordering::Relaxed))
+            .await
     }
 
     /// Asks the connection to close to make room; false if it was asked already.
     pub fn evict(&self) -> bool {
         let first = !self.evicted.swap(true, Ordering::Relaxed);
         if first {
-            self.eviction.notify_one();
+            self.news.notify_waiters();
         }
         first
     }
@@ -98,9 +99,23 @@ impl Activity {
         self.evicted.load(Ordering::Relaxed)
     }
 
-    /// Resolves once the connection limit asked this connection to close.
+    /// Resolves once the connection limit asked this connection to close (at once if it has).
     pub async fn evicted(&self) {
-        self.eviction.notified().await
+        self.until(Self::was_evicted).await
+    }
+
+    /// Resolves once `done` holds, looking again at each news.
+    async fn until(&self, done: impl Fn(&Self) -> bool) {
+        loop {
+            // Listening before looking: news told in between is not missed.
+            let news = self.news.notified();
+            tokio::pin!(news);
+            news.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            news.await;
+        }
     }
 }
 

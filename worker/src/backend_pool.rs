@@ -300,10 +300,13 @@ impl BackendPool {
     }
 
     /// Closes every idle connection, to every app: the worker is out of file descriptors, and
-    /// these are only a cache.
-    pub fn close_idle(&self) {
-        self.idle.lock().expect("pool lock").clear();
-        self.raw.lock().expect("pool lock").clear();
+    /// these are only a cache. How many there were.
+    pub fn close_idle(&self) -> usize {
+        fn close_all<C>(lists: &IdleLists<C>) -> usize {
+            let mut lists = lists.lock().expect("pool lock");
+            lists.drain().map(|(_, list)| list.len()).sum()
+        }
+        close_all(&self.idle) + close_all(&self.raw)
     }
 
     /// Keeps `connection` for the next request to `port`, if it is ready for one and there is

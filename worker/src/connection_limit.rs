@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slab::Slab;
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::warn;
@@ -55,6 +56,9 @@ pub struct ConnectionLimit {
     waiting: AtomicBool,
     /// A connection closed, or turned idle while `waiting`.
     changed: Notify,
+    /// Idle connections were asked to close: parked ones (see `parked_connections`) have no
+    /// task of their own to hear it.
+    evicted_some: Notify,
     warned_at: Mutex<Option<Instant>>,
 }
 
@@ -66,6 +70,7 @@ impl ConnectionLimit {
             closing: AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
             changed: Notify::new(),
+            evicted_some: Notify::new(),
             warned_at: Mutex::new(None),
         })
     }
@@ -152,7 +157,16 @@ impl ConnectionLimit {
                 asked += 1;
             }
         }
+        if asked > 0 {
+            self.evicted_some.notify_waiters();
+        }
         asked
+    }
+
+    /// Resolves once [`Self::evict_idle`] has asked connections to close (after the call, if
+    /// the future was not enabled before).
+    pub fn evictions(&self) -> Notified<'_> {
+        self.evicted_some.notified()
     }
 
     /// Called by a connection whose last request in flight just ended.
@@ -178,6 +192,11 @@ impl Slot {
             Some(activity.clone());
         self.activity = Some(activity.clone());
         activity
+    }
+
+    /// The connection's [`Activity`], once [`Self::connected`].
+    pub fn activity(&self) -> Option<&Arc<Activity>> {
+        self.activity.as_ref()
     }
 }
 

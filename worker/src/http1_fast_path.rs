@@ -56,6 +56,20 @@ const READ_SIZE: usize = 4096;
 pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// After how long a connection waiting for its next request, with nothing of it read, is
+    /// given back as [`Served::Idle`] (see `parked_connections`); `None`: it waits here.
+    pub park_after: Option<Duration>,
+}
+
+/// How [`serve`] let go of a connection.
+pub enum Served<S> {
+    /// It ended (closed by either side, timed out, evicted, or its response broke off).
+    Ended,
+    /// A request came that hyper is to serve: the stream, with what was read of it.
+    ToHyper(HandedOver<S>),
+    /// It waited for its next request [`Limits::park_after`], with nothing read of it; it is
+    /// to be closed at `close_at` if no request comes by then.
+    Idle { stream: S, close_at: Instant },
 }
 
 /// What the fast path answers requests with.
@@ -152,21 +166,26 @@ impl WaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// Serves requests on `stream` with `answer` until the connection ends (`None`) or a request
-/// comes that the fast path leaves to hyper: the stream then, with what was read of it.
+/// Serves requests on `stream` with `answer` until the connection ends, a request comes that
+/// the fast path leaves to hyper, or it idles long enough to be parked (see [`Served`]).
+/// Stopping, it is not parked: it waits here, and its next request is its last.
 pub async fn serve<S, A>(
     mut stream: S,
     limits: &Limits,
     activity: &Arc<Activity>,
     stop: &CancellationToken,
     answer: A,
-) -> Option<HandedOver<S>>
+) -> Served<S>
 where
     S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
     A: Answer,
     <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut buffer = BytesMut::new();
+    // Parked no sooner than `park_after` from here: a connection back from being parked
+    // waits in its task for the request that woke it (tokio hears of its readiness only at
+    // its reactor's next turn; parked again at once, it would never be served).
+    let served_from = Instant::now();
     let wait = limits.header_timeout.min(limits.idle_timeout);
     let deadline = tokio::time::sleep_until(activity.accepted_at() + wait);
     tokio::pin!(deadline);
@@ -186,7 +205,7 @@ where
                     activity,
                 ))),
                 Ok(None) => None,
-                Err(ForHyper) => return Some(HandedOver::new(stream, buffer.freeze())),
+                Err(ForHyper) => return Served::ToHyper(HandedOver::new(stream, buffer.freeze())),
             };
             match exchange {
                 Some(exchange) => {
@@ -202,38 +221,48 @@ where
             Some(Some(Ok(Written::KeepAlive))) => {}
             Some(Some(Ok(Written::Close))) => {
                 let _ = tokio::time::timeout(limits.header_timeout, stream.shutdown()).await;
-                return None;
+                return Served::Ended;
             }
             Some(Some(Err(e))) => {
                 debug!("an HTTP/1 response was not written whole: {e}");
-                return None;
+                return Served::Ended;
             }
             Some(None) => {
                 debug!("an HTTP/1 client went away before its response: request dropped");
-                return None;
+                return Served::Ended;
             }
             None => {
                 if activity.was_evicted() {
-                    return None;
+                    return Served::Ended;
                 }
                 // Counted from the accept, then from the end of each response.
                 let idle_since = activity.idle_since().unwrap_or_else(Instant::now);
-                if deadline.deadline() != idle_since + wait {
-                    deadline.as_mut().reset(idle_since + wait);
+                let close_at = idle_since + wait;
+                // Parked only between requests: a head begun is awaited here.
+                let park_at = limits
+                    .park_after
+                    .filter(|_| buffer.is_empty() && !stop.is_cancelled())
+                    .map(|after| idle_since.max(served_from) + after);
+                let wake_at = park_at.map_or(close_at, |park_at| park_at.min(close_at));
+                if deadline.deadline() != wake_at {
+                    deadline.as_mut().reset(wake_at);
                 }
                 tokio::select! {
                     biased;
                     read = read_more(&mut stream, &mut buffer) => match read {
-                        Ok(0) | Err(_) => return None,
+                        Ok(0) | Err(_) => return Served::Ended,
                         Ok(_) => continue,
                     },
                     () = activity.evicted() => {
                         debug!("an HTTP/1 connection closed to make room");
-                        return None;
+                        return Served::Ended;
                     }
                     () = &mut deadline => {
+                        if Instant::now() < close_at {
+                            return Served::Idle { stream, close_at };
+                        }
                         debug!("an HTTP/1 connection sent no request within {wait:?}: closing");
-                        return None;
+                        return Served::Ended;
                     }
                 }
             }
@@ -422,17 +451,17 @@ mod tests {
     /// A connection served by the fast path, answering `"<method> <path>"` with a body of known
     /// length (`/slow` after [`SLOW`]), `/stream` with the body the test sends (see
     /// [`connection`]), and `/hang` never.
-    struct Served {
+    struct Open {
         client: TcpStream,
         /// Told when a `/hang` request is dropped.
         abandoned: Arc<Notify>,
         activity: Arc<Activity>,
         stop: CancellationToken,
-        served: tokio::task::JoinHandle<Option<HandedOver<TcpStream>>>,
+        served: tokio::task::JoinHandle<Served<TcpStream>>,
     }
 
     /// A connection with `header_timeout`, and the sender of its `/stream` body.
-    async fn connection(header_timeout: Duration) -> (Served, Sender<Bytes, io::Error>) {
+    async fn connection(header_timeout: Duration) -> (Open, Sender<Bytes, io::Error>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -449,6 +478,7 @@ mod tests {
             let limits = Limits {
                 header_timeout,
                 idle_timeout: Duration::from_secs(60),
+                park_after: None,
             };
             let respond = |request: ClientRequest| {
                 let hang = (request.uri().path() == "/hang").then(|| Abandoned(told.clone()));
@@ -473,7 +503,7 @@ mod tests {
             };
             serve(server, &limits, &served_activity, &served_stop, respond).await
         });
-        let served = Served {
+        let served = Open {
             client,
             abandoned,
             activity,
@@ -484,7 +514,7 @@ mod tests {
     }
 
     /// A connection whose `/stream` response has begun: its head, then `first` as a chunk, read.
-    async fn streaming(first: &str) -> (Served, Sender<Bytes, io::Error>) {
+    async fn streaming(first: &str) -> (Open, Sender<Bytes, io::Error>) {
         let (mut served, mut body) = connection(PROMPT).await;
         served.send("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
         let head = answer("transfer-encoding: chunked\r\n", "");
@@ -504,7 +534,7 @@ mod tests {
         }
     }
 
-    impl Served {
+    impl Open {
         async fn send(&mut self, bytes: &str) {
             self.client.write_all(bytes.as_bytes()).await.unwrap();
         }
@@ -525,10 +555,12 @@ mod tests {
         }
 
         async fn handed_over(self) -> Option<HandedOver<TcpStream>> {
-            tokio::time::timeout(PROMPT, self.served)
-                .await
-                .unwrap()
-                .unwrap()
+            let served = tokio::time::timeout(PROMPT, self.served).await.unwrap();
+            match served.unwrap() {
+                Served::ToHyper(stream) => Some(stream),
+                Served::Ended => None,
+                Served::Idle { .. } => panic!("parked, with no park_after"),
+            }
         }
     }
 
@@ -693,5 +725,68 @@ mod tests {
         let last = answer("content-length: 5\r\nconnection: close\r\n", "GET /");
         assert_eq!(served.read(&last).await, without_date(&last));
         assert!(served.closed().await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_park_after_is_given_back_and_then_served_when_it_sends() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let activity = Activity::new(ConnectionLimit::new(16));
+        let stop = CancellationToken::new();
+        let park_after = Duration::from_millis(100);
+        let limits = Limits {
+            header_timeout: PROMPT,
+            idle_timeout: PROMPT,
+            park_after: Some(park_after),
+        };
+        let answer = |request: ClientRequest| async move {
+            Response::new(Full::<Bytes>::from(request.uri().path().to_owned()))
+        };
+
+        // Quiet: given back after `park_after`, to be closed at the header timeout.
+        let Served::Idle { stream, close_at } =
+            serve(server, &limits, &activity, &stop, answer).await
+        else {
+            panic!("an idle connection was not given back");
+        };
+        assert!(activity.accepted_at().elapsed() >= park_after);
+        assert_eq!(close_at, activity.accepted_at() + PROMPT);
+
+        // Out of tokio's reactor, as when parked, while the client sends; back in it well past
+        // its time to be parked again: the request that woke it is answered first.
+        let parked = stream.into_std().unwrap();
+        client
+            .write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(2 * park_after).await;
+        let stream = TcpStream::from_std(parked).unwrap();
+        let answered = async {
+            let mut got = vec![0; 512];
+            let read = tokio::time::timeout(PROMPT, client.read(&mut got)).await;
+            let read = read.expect("no answer").unwrap();
+            String::from_utf8_lossy(&got[..read]).into_owned()
+        };
+        let (served, answered) =
+            tokio::join!(serve(stream, &limits, &activity, &stop, answer), answered);
+        assert!(answered.starts_with("HTTP/1.1 200 OK\r\n"), "{answered}");
+        assert!(answered.ends_with("\r\n\r\n/again"), "{answered}");
+        let Served::Idle { stream, .. } = served else {
+            panic!("not given back once quiet again");
+        };
+
+        // A head begun is waited for here, up to the header timeout: never given back.
+        client.write_all(b"GET / HT").await.unwrap();
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            ..limits
+        };
+        assert!(matches!(
+            serve(stream, &limits, &activity, &stop, answer).await,
+            Served::Ended
+        ));
     }
 }

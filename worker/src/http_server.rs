@@ -38,15 +38,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::accept_errors::AcceptErrors;
 use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::connection_limit::{ConnectionLimit, Slot};
-use crate::http1_fast_path::{self, Answer, Closing, HandedOver, Limits, WaitReadable};
+use crate::http1_fast_path::{self, Answer, Closing, HandedOver, Limits, Served, WaitReadable};
 use crate::http1_response::{ClientConnection, WriteError, Written};
 use crate::local_tasks::{self, LocalExecutor};
+use crate::parked_connections::{ParkedConnections, PARK_AFTER};
 use crate::proxy::{ClientRequest, Proxy, ProxyBody};
 use crate::request_head::RequestHead;
 use crate::tls_acceptor::TlsAcceptor;
@@ -86,6 +87,8 @@ pub struct HttpServer {
     limits: Limits,
     transport: Transport,
     limit: Arc<ConnectionLimit>,
+    /// Where idle plain-HTTP/1 connections wait (none for HTTPS).
+    parked: Option<ParkedConnections>,
 }
 
 impl HttpServer {
@@ -95,20 +98,33 @@ impl HttpServer {
         transport: Transport,
         limit: Arc<ConnectionLimit>,
     ) -> Self {
+        let parked = match &transport {
+            Transport::Http(_) => ParkedConnections::new()
+                .inspect_err(|e| {
+                    warn!("idle connections cannot be parked ({e}): each keeps its task")
+                })
+                .ok(),
+            Transport::Https(_) => None,
+        };
         HttpServer {
             proxy,
             limits: Limits {
                 header_timeout: settings.header_timeout,
                 idle_timeout: settings.idle_timeout,
+                park_after: parked.as_ref().map(|_| PARK_AFTER),
             },
             transport,
             limit,
+            parked,
         }
     }
 
     /// Accepts until `stop`, serving each connection in a task of `tasks`.
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
         let server = Arc::new(self);
+        if server.parked.is_some() {
+            tasks.spawn(server.clone().run_parked(stop.clone(), tasks.clone()));
+        }
         let mut errors = AcceptErrors::default();
         loop {
             let accepted = tokio::select! {
@@ -132,9 +148,12 @@ impl HttpServer {
                 }
                 Err(e) => {
                     if let Some(pause) = errors.failed(&e) {
-                        // Out of descriptors: idle connections give theirs back.
-                        server.limit.evict_idle();
-                        server.proxy.close_idle_backends();
+                        // Out of descriptors: idle connections give theirs back, those to apps
+                        // first (only a cache), clients' only when there were none (a client
+                        // whose request is not read yet counts as idle).
+                        if server.proxy.close_idle_backends() == 0 {
+                            server.limit.evict_idle();
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
                             _ = stop.cancelled() => return,
@@ -158,18 +177,55 @@ impl HttpServer {
         stop: CancellationToken,
     ) {
         let _ = stream.set_nodelay(true);
-        let server = self.clone();
         match &self.transport {
-            // The slot beside `serve_http`'s future, not in an async fn around it: an async
-            // fn keeps its arguments twice, and this task is what an idle connection costs
-            // (1,152 -> 1,024 bytes, a smaller class of the allocator's).
             Transport::Http(_) => {
                 let activity = slot.connected();
-                let serve = server.serve_http(stream, client, false, activity, stop);
-                tasks.spawn(serve.map(move |()| drop(slot)))
+                self.spawn_plain(tasks, stream, client, slot, activity, stop);
             }
-            Transport::Https(_) => tasks.spawn(server.serve_tls(stream, client, slot, stop)),
+            Transport::Https(_) => {
+                tasks.spawn(self.clone().serve_tls(stream, client, slot, stop));
+            }
         };
+    }
+
+    /// A plain connection's task, new or back from being parked. The slot rides beside
+    /// `serve_http`'s future, not in an async fn around it: an async fn keeps its arguments
+    /// twice, and this task is what a connection waiting for its next request costs until it
+    /// is parked (1,152 -> 1,024 bytes, a smaller class of the allocator's).
+    fn spawn_plain(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        stream: TcpStream,
+        client: SocketAddr,
+        slot: Slot,
+        activity: Arc<Activity>,
+        stop: CancellationToken,
+    ) {
+        let server = self.clone();
+        let (again, tasks_again, stop_again) = (self.clone(), tasks.clone(), stop.clone());
+        let serve = server.serve_http(stream, client, false, activity, stop);
+        tasks.spawn(serve.map(move |idle| {
+            let Some((stream, close_at)) = idle else {
+                return drop(slot);
+            };
+            let parked = again.parked.as_ref().expect("only parked if it can be");
+            if let Err((stream, slot)) = parked.park(stream, client, slot, close_at) {
+                // Stopping: it goes on waiting in a task, and is not parked again.
+                let activity = slot.activity().expect("connected").clone();
+                again.spawn_plain(&tasks_again, stream, client, slot, activity, stop_again);
+            }
+        }));
+    }
+
+    /// Serves parked connections again as their clients send, until `stop` and none is left.
+    async fn run_parked(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker) {
+        let parked = self.parked.as_ref().expect("only run if parking");
+        parked
+            .run(&self.limit, &stop, |stream, client, slot| {
+                let activity = slot.activity().expect("connected").clone();
+                self.spawn_plain(&tasks, stream, client, slot, activity, stop.clone());
+            })
+            .await
     }
 
     /// An HTTPS connection's task; it holds `slot` until the connection ends.
@@ -214,12 +270,14 @@ impl HttpServer {
             return;
         }
         let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        self.serve_http(stream, client, http2, activity, stop).await
+        // Never parked: the limits of an HTTPS server have no `park_after`.
+        self.serve_http(stream, client, http2, activity, stop).await;
     }
 
     /// Serves HTTP on `stream` (plain, or TLS after its handshake, `http2` if its ALPN chose
     /// HTTP/2) until it closes: HTTP/1.1 requests without a body on the fast path (see
-    /// `http1_fast_path`), everything from the first other request on with hyper.
+    /// `http1_fast_path`), everything from the first other request on with hyper. Or until
+    /// it idles long enough to be parked: then the stream, and when it is to be closed.
     async fn serve_http<S>(
         self: Arc<Self>,
         stream: S,
@@ -227,7 +285,8 @@ impl HttpServer {
         http2: bool,
         activity: Arc<Activity>,
         stop: CancellationToken,
-    ) where
+    ) -> Option<(S, Instant)>
+    where
         S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
     {
         let (scheme, redirect) = match &self.transport {
@@ -246,12 +305,14 @@ impl HttpServer {
             // Awaited where it is made: a future bound to a name first can take its room twice
             // in this one, and so in every connection's task.
             match http1_fast_path::serve(stream, &self.limits, &activity, &stop, &responder).await {
-                Some(stream) => stream,
-                None => return,
+                Served::ToHyper(stream) => stream,
+                Served::Ended => return None,
+                Served::Idle { stream, close_at } => return Some((stream, close_at)),
             }
         };
         // Boxed: hyper's connection is large, and most connections never need it.
-        Box::pin(self.serve_with_hyper(stream, responder, &activity, stop)).await
+        Box::pin(self.serve_with_hyper(stream, responder, &activity, stop)).await;
+        None
     }
 
     /// hyper's server for one connection, spawning on `executor`.

@@ -32,6 +32,7 @@ mod http_server;
 mod https;
 mod last_moment;
 mod local_tasks;
+mod parked_connections;
 mod proxy;
 mod quiet_splice;
 mod read_deadline;

@@ -217,8 +217,8 @@ impl Proxy {
     }
 
     /// Closes the idle pooled connections to apps: the worker is out of file descriptors.
-    pub fn close_idle_backends(&self) {
-        self.backends.close_idle();
+    pub fn close_idle_backends(&self) -> usize {
+        self.backends.close_idle()
     }
 
     /// Where `head` goes when it is relayed as bytes (see `http1_relay`): the domain and the
