@@ -437,9 +437,54 @@ async fn quiet_keep_alive_connections_are_served_again_then_close_when_idle() {
     )
     .await
     .expect("every connection closed by 10 s after the idle timeout");
-    let first = closed.iter().min().unwrap();
+    let (first, last) = (closed.iter().min().unwrap(), closed.iter().max().unwrap());
     assert!(
         *first >= Duration::from_millis(1900),
         "one closed {first:?} after its last answer, the idle timeout is 2 s"
     );
+    assert!(
+        *last < Duration::from_secs(4),
+        "one closed {last:?} after its last answer, the idle timeout is 2 s"
+    );
+}
+
+/// A client that connects ahead and is quiet before its first request (a pre-connecting
+/// pool, a browser's speculative connection) is served when it speaks, HTTP/1.1 or HTTP/2.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_quiet_before_their_first_request_are_served_http1_or_http2() {
+    let server = CoreServer::start();
+    let echo = Backend::echo().await;
+    server.add("early.example", echo.port);
+    let http1 = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let http2 = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(http1))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/one")
+        .header("host", "early.example")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert!(text(response.into_body()).await.starts_with("GET /one "));
+
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(http2),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("http://early.example/two")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert!(text(response.into_body()).await.starts_with("GET /two "));
 }

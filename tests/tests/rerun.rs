@@ -320,6 +320,25 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     let response = h1.send_request(request()).await.unwrap();
     assert!(response.headers().get("connection").is_none());
     response.into_body().collect().await.unwrap();
+    // Another, whose request core-server serves itself (origin form; the absolute form above
+    // goes to hyper): idle, it is parked (see `parked_connections`) during the drain.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let (mut parked, parked_connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+    let parked_connection = tokio::spawn(parked_connection);
+    let origin_request = || {
+        Request::get("/")
+            .header("host", "app.example")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let response = parked.send_request(origin_request()).await.unwrap();
+    assert!(response.headers().get("connection").is_none());
+    response.into_body().collect().await.unwrap();
     // An HTTP/2 connection, used once; another not used yet.
     let (mut h2, h2_connection) = core_server_tests::http::h2_connect(server.http_port).await;
     assert_eq!(h2.send_request(request()).await.unwrap().status(), 200);
@@ -360,6 +379,22 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     assert_eq!(response.headers()["connection"], "close");
     response.into_body().collect().await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), h1_connection)
+        .await
+        .expect("then closed")
+        .unwrap()
+        .ok();
+    parked
+        .ready()
+        .await
+        .expect("the parked connection was not cut");
+    let response = parked
+        .send_request(origin_request())
+        .await
+        .expect("answered during the drain");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["connection"], "close");
+    response.into_body().collect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), parked_connection)
         .await
         .expect("then closed")
         .unwrap()

@@ -33,7 +33,7 @@ const RESERVED_FDS: u64 = 256;
 
 /// How many idle connections one scan closes at most (nginx frees 32 at a time too): enough
 /// that a flood of new clients does not rescan the registry for each one.
-const EVICTION_BATCH: usize = 32;
+pub const EVICTION_BATCH: usize = 32;
 
 /// At most one "full, none idle" warning this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -157,6 +157,7 @@ impl ConnectionLimit {
                 asked += 1;
             }
         }
+        drop(open); // the parked set, woken next, closes connections: `Slot::drop` locks it
         if asked > 0 {
             self.evicted_some.notify_waiters();
         }

@@ -21,6 +21,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -40,6 +41,19 @@ const EVENTS: usize = 64;
 
 /// Below this many entries the set's tables are not shrunk.
 const SMALL: usize = 1024;
+
+/// Connections closed at most in one go, between which other tasks run.
+const CLOSE_PER_PASS: usize = 256;
+
+/// What [`ParkedConnections::park`] did with a connection.
+pub enum Parking {
+    Parked,
+    /// Closed instead: evicted just before, or an error (logged).
+    Closed,
+    /// Given back: [`ParkedConnections::run`] has ended (the worker is stopping). The caller
+    /// serves it on.
+    Refused(TcpStream, Slot),
+}
 
 /// The parked connections of one listener.
 pub struct ParkedConnections {
@@ -93,25 +107,29 @@ impl ParkedConnections {
     }
 
     /// Parks `stream`, idle and with nothing of it read, until its client sends, `close_at`,
-    /// or an eviction (see the module's comment); if it cannot be (an error, logged), closes
-    /// it. Gives it back if [`Self::run`] has ended (the worker is stopping): the caller
-    /// serves it on.
+    /// or an eviction (see the module's comment).
     pub fn park(
         &self,
         stream: TcpStream,
         client: SocketAddr,
         slot: Slot,
         close_at: Instant,
-    ) -> Result<(), (TcpStream, Slot)> {
+    ) -> Parking {
         let mut state = self.lock();
         if state.closed {
-            return Err((stream, slot));
+            return Parking::Refused(stream, slot);
+        }
+        // Evicted since its task last looked: `close_evicted` may have run already, and would
+        // not look again.
+        if slot.activity().is_some_and(|a| a.was_evicted()) {
+            debug!("an HTTP/1 connection closed to make room");
+            return Parking::Closed;
         }
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(e) => {
                 warn!("cannot park an idle connection from {client} ({e}): closed");
-                return Ok(());
+                return Parking::Closed;
             }
         };
         let id = state.next_id;
@@ -119,19 +137,20 @@ impl ParkedConnections {
         let event = EpollEvent::new(EpollFlags::EPOLLIN, id);
         if let Err(e) = self.epoll.get_ref().0.add(&stream, event) {
             warn!("cannot park an idle connection from {client} ({e}): closed");
-            return Ok(());
+            return Parking::Closed;
         }
         if state.next_deadline().is_none_or(|next| close_at < next) {
             self.sooner.notify_one(); // kept for `run` if it is not waiting just now
         }
         state.deadlines.push(Reverse((close_at, id)));
         state.parked.insert(id, Parked { stream, slot });
-        Ok(())
+        Parking::Parked
     }
 
     /// Hands each parked connection whose client sent something (or closed) to `resume`,
     /// closes those past their deadline or evicted by `limit`, and parks no more once `stop`
-    /// is cancelled and none is left.
+    /// is cancelled and none is left (or if the set can no longer be watched: then it closes
+    /// them all).
     pub async fn run(
         &self,
         limit: &ConnectionLimit,
@@ -139,22 +158,28 @@ impl ParkedConnections {
         mut resume: impl FnMut(TcpStream, SocketAddr, Slot),
     ) {
         let mut events = [EpollEvent::empty(); EVENTS];
-        let mut ready = Vec::new();
+        // Connections leaving the set: served again or closed outside its lock.
+        let mut leaving = Vec::new();
         let evictions = limit.evictions();
         tokio::pin!(evictions);
         evictions.as_mut().enable();
         let mut stopping = false;
         loop {
-            let wake = {
+            let (wake, more) = {
                 let mut state = self.lock();
-                state.close_expired(Instant::now());
+                let more = state.close_expired(Instant::now(), &mut leaving);
                 if stopping && state.parked.is_empty() {
                     state.closed = true;
                     return;
                 }
                 state.tidy();
-                state.next_deadline()
+                (state.next_deadline(), more)
             };
+            leaving.clear(); // closes them
+            if more {
+                tokio::task::yield_now().await; // a crowd expired: let others run meanwhile
+                continue;
+            }
             let deadline = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -163,26 +188,30 @@ impl ParkedConnections {
             };
             tokio::select! {
                 guard = self.epoll.readable() => {
-                    let mut guard = match guard {
-                        Ok(guard) => guard,
+                    let taken = match guard {
+                        Ok(mut guard) => match self.epoll.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
+                            Ok(taken) => {
+                                if taken < events.len() {
+                                    guard.clear_ready(); // drained; tokio hears of any event since
+                                }
+                                Ok(taken)
+                            }
+                            Err(Errno::EINTR) => Ok(0), // still ready: looked at again
+                            Err(e) => Err(io::Error::from(e)),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    match taken {
+                        Ok(taken) => self.take(&events[..taken], &mut leaving),
                         Err(e) => {
                             warn!("parked connections can no longer be watched ({e}): closing them");
-                            self.lock().closed = true;
+                            let mut state = self.lock();
+                            state.closed = true;
+                            drop(std::mem::take(&mut state.parked));
                             return;
                         }
-                    };
-                    let taken = match self.epoll.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
-                        Ok(taken) => taken,
-                        Err(e) => {
-                            warn!("waiting on parked connections: {e}");
-                            continue;
-                        }
-                    };
-                    if taken < events.len() {
-                        guard.clear_ready(); // drained; tokio hears of any event since
                     }
-                    self.take(&events[..taken], &mut ready);
-                    for parked in ready.drain(..) {
+                    for parked in leaving.drain(..) {
                         // A client gone meanwhile has no address any more: closed.
                         let client = match parked.stream.peer_addr() {
                             Ok(client) => client,
@@ -200,7 +229,8 @@ impl ParkedConnections {
                 () = &mut evictions => {
                     evictions.set(limit.evictions());
                     evictions.as_mut().enable();
-                    self.lock().close_evicted();
+                    self.lock().close_evicted(&mut leaving);
+                    leaving.clear();
                 }
                 () = deadline => {}
                 () = self.sooner.notified() => {}
@@ -230,27 +260,39 @@ impl ParkedConnections {
 }
 
 impl State {
-    /// Closes the connections whose deadline is past (dropping a descriptor takes it out of
-    /// the epoll set too), and forgets the deadlines of connections no longer parked.
-    fn close_expired(&mut self, now: Instant) {
+    /// Moves the connections whose deadline is past into `closing` (dropping a descriptor
+    /// takes it out of the epoll set too), at most [`CLOSE_PER_PASS`], and forgets the
+    /// deadlines of connections no longer parked; whether more are due.
+    fn close_expired(&mut self, now: Instant, closing: &mut Vec<Parked>) -> bool {
         while let Some(&Reverse((at, id))) = self.deadlines.peek() {
             if at > now && self.parked.contains_key(&id) {
                 break;
             }
+            if closing.len() == CLOSE_PER_PASS {
+                return true;
+            }
             self.deadlines.pop();
-            if self.parked.remove(&id).is_some() {
-                debug!("a parked HTTP/1 connection sent no request in time: closed");
+            if let Some(parked) = self.parked.remove(&id) {
+                debug!("a parked HTTP/1 connection sent no request in time: closing");
+                closing.push(parked);
             }
         }
+        false
     }
 
-    fn close_evicted(&mut self) {
-        let before = self.parked.len();
-        self.parked
-            .retain(|_, parked| !parked.slot.activity().is_some_and(|a| a.was_evicted()));
-        let closed = before - self.parked.len();
-        if closed > 0 {
-            debug!("{closed} parked HTTP/1 connections closed to make room");
+    /// Moves the connections the connection limit asked to close into `closing`.
+    fn close_evicted(&mut self, closing: &mut Vec<Parked>) {
+        let evicted = self
+            .parked
+            .iter()
+            .filter(|(_, parked)| parked.slot.activity().is_some_and(|a| a.was_evicted()));
+        let evicted: Vec<u64> = evicted.map(|(&id, _)| id).collect();
+        closing.extend(evicted.iter().filter_map(|id| self.parked.remove(id)));
+        if !closing.is_empty() {
+            debug!(
+                "{} parked HTTP/1 connections closed to make room",
+                closing.len()
+            );
         }
     }
 
@@ -270,5 +312,182 @@ impl State {
         if self.parked.capacity() > 4 * live + SMALL {
             self.parked.shrink_to(2 * live);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+
+    const PROMPT: Duration = Duration::from_secs(5);
+
+    type Resumed = mpsc::UnboundedReceiver<(TcpStream, SocketAddr, Slot)>;
+
+    /// A connection: the client's end, and the server's with its slot under `limit`.
+    async fn connection(limit: &Arc<ConnectionLimit>) -> (TcpStream, TcpStream, Slot) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut slot = limit.admit().await;
+        slot.connected();
+        (client, server, slot)
+    }
+
+    /// A set and its `run`, which sends each connection it serves again on the channel.
+    fn running(
+        limit: &Arc<ConnectionLimit>,
+        stop: &CancellationToken,
+    ) -> (Arc<ParkedConnections>, Resumed, JoinHandle<()>) {
+        let parked = Arc::new(ParkedConnections::new().unwrap());
+        let (sender, resumed) = mpsc::unbounded_channel();
+        let run = tokio::spawn({
+            let (parked, limit, stop) = (parked.clone(), limit.clone(), stop.clone());
+            async move {
+                let resume = |stream, client, slot| sender.send((stream, client, slot)).unwrap();
+                parked.run(&limit, &stop, resume).await
+            }
+        });
+        (parked, resumed, run)
+    }
+
+    fn park(parked: &ParkedConnections, server: TcpStream, slot: Slot, close_at: Instant) {
+        let client = server.peer_addr().unwrap();
+        assert!(matches!(
+            parked.park(server, client, slot, close_at),
+            Parking::Parked
+        ));
+    }
+
+    /// Whether the server closed `client` within `within`.
+    async fn closed_within(client: &mut TcpStream, within: Duration) -> bool {
+        let mut byte = [0];
+        let read = tokio::time::timeout(within, client.read(&mut byte)).await;
+        matches!(read, Ok(Ok(0)))
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_is_served_again_when_its_client_sends_or_closes() {
+        let limit = ConnectionLimit::new(8);
+        let stop = CancellationToken::new();
+        let (parked, mut resumed, _run) = running(&limit, &stop);
+        let later = Instant::now() + PROMPT;
+        let (mut sending, server, slot) = connection(&limit).await;
+        park(&parked, server, slot, later);
+        let (mut closing, server, slot) = connection(&limit).await;
+        park(&parked, server, slot, later);
+
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            resumed.try_recv().is_err(),
+            "served again with nothing sent"
+        );
+        sending.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let (mut stream, client, _slot) = resumed.recv().await.unwrap();
+        assert_eq!(client, sending.local_addr().unwrap());
+        let mut got = [0; 16];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+
+        closing.shutdown().await.unwrap();
+        let (mut stream, client, _slot) = resumed.recv().await.unwrap();
+        assert_eq!(client, closing.local_addr().unwrap());
+        assert_eq!(stream.read(&mut got).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_closes_at_its_deadline_and_gives_its_slot_back() {
+        let limit = ConnectionLimit::new(2);
+        let stop = CancellationToken::new();
+        let (parked, _resumed, _run) = running(&limit, &stop);
+        let (mut late, server, slot) = connection(&limit).await;
+        park(&parked, server, slot, Instant::now() + PROMPT);
+        // Parked after one with a later deadline, while `run` sleeps until that one's.
+        let (mut soon, server, slot) = connection(&limit).await;
+        let parked_at = Instant::now();
+        park(
+            &parked,
+            server,
+            slot,
+            parked_at + Duration::from_millis(300),
+        );
+
+        assert!(!closed_within(&mut soon, Duration::from_millis(200)).await);
+        assert!(closed_within(&mut soon, PROMPT).await, "still open");
+        let after = parked_at.elapsed();
+        assert!(
+            after >= Duration::from_millis(300),
+            "closed after {after:?}"
+        );
+        tokio::time::timeout(PROMPT, limit.admit())
+            .await
+            .expect("its slot was given back");
+        assert!(!closed_within(&mut late, Duration::from_millis(100)).await);
+    }
+
+    #[tokio::test]
+    async fn evicted_connections_close_parked_or_on_their_way_to_it() {
+        let limit = ConnectionLimit::new(2);
+        let stop = CancellationToken::new();
+        let (parked, _resumed, _run) = running(&limit, &stop);
+        let later = Instant::now() + PROMPT;
+        let (mut first, server, slot) = connection(&limit).await;
+        park(&parked, server, slot, later);
+        let (mut second, second_server, second_slot) = connection(&limit).await;
+
+        // At the cap, both idle: both asked to close, the second before it is parked.
+        let admit = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.admit().await }
+        });
+        assert!(
+            closed_within(&mut first, PROMPT).await,
+            "parked, still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let client = second_server.peer_addr().unwrap();
+        assert!(matches!(
+            parked.park(second_server, client, second_slot, later),
+            Parking::Closed
+        ));
+        assert!(closed_within(&mut second, PROMPT).await, "still open");
+        tokio::time::timeout(PROMPT, admit)
+            .await
+            .expect("room made")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn stopping_it_serves_those_parked_then_parks_no_more() {
+        let limit = ConnectionLimit::new(8);
+        let stop = CancellationToken::new();
+        let (parked, mut resumed, run) = running(&limit, &stop);
+        let (mut client, server, slot) = connection(&limit).await;
+        park(&parked, server, slot, Instant::now() + PROMPT);
+
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!run.is_finished(), "a connection is still parked");
+        client.write_all(b"GET").await.unwrap();
+        let (_stream, _, _slot) = resumed.recv().await.unwrap();
+        tokio::time::timeout(PROMPT, run)
+            .await
+            .expect("ended once none was parked")
+            .unwrap();
+        let (_client, server, slot) = connection(&limit).await;
+        let client = server.peer_addr().unwrap();
+        let later = Instant::now() + PROMPT;
+        assert!(matches!(
+            parked.park(server, client, slot, later),
+            Parking::Refused(..)
+        ));
     }
 }
