@@ -29,11 +29,12 @@
 //! - a connect timeout, and `TCP_NODELAY`.
 //!
 //! Requests relayed as bytes (see `http1_relay`) take plain TCP connections from a list of
-//! their own, kept by the same rules; an idle one is looked at (a peek) when taken, and used
-//! only if the app has neither closed it nor sent anything on it since its last response (a
-//! misbehaving app's stray bytes must not become the next client's response; bytes it sends
-//! after the peek, once the next request is on its way, cannot be told apart from the answer,
-//! by any HTTP/1.1 proxy).
+//! their own, kept by the same rules; an idle one is used only if the app has neither closed
+//! it nor sent anything on it since its last response (a misbehaving app's stray bytes must
+//! not become the next client's response): as tokio's readiness says if it was in use moments
+//! ago ([`READINESS_TRUSTED_FOR`]), else as a peek says. Bytes the app sends in the instants
+//! before the next request (before tokio or the peek can see them), or after it, cannot be told
+//! apart from the answer, by any HTTP/1.1 proxy.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -68,6 +69,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// a burst leaves no thousands of idle sockets on either side; and should the worker run out
 /// of file descriptors, they are the first to go ([`BackendPool::close_idle`]).
 pub const MAX_IDLE_PER_BACKEND: usize = 512;
+
+/// How soon after its last response a plain idle connection is taken on tokio's word that the
+/// app has neither closed it nor sent on it since, without a peek (a system call per request,
+/// 5% of the worker's CPU at keep-alive load; nginx and haproxy look at neither): in that time
+/// tokio has seen anything the app sent before the last instants, and apps close idle
+/// connections after seconds (a request that finds one closed just then goes again, if
+/// idempotent). Longer idle, a connection is peeked at.
+pub const READINESS_TRUSTED_FOR: Duration = Duration::from_millis(100);
 
 /// How often idle connections are looked at, to close those the app closed or that expired.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -175,7 +184,7 @@ impl BackendPool {
             _ => self.pooled(port, connection),
         };
         for _ in 0..STALE_TRIES {
-            let Some(mut connection) = take(&self.idle, port) else {
+            let Some(Idle { mut connection, .. }) = take(&self.idle, port) else {
                 break;
             };
             if !connection.ready().await {
@@ -246,11 +255,13 @@ impl BackendPool {
     }
 
     /// The most recently used idle connection to `port` for a request relayed as bytes, if
-    /// one is still open and quiet.
+    /// one is still open and quiet: peeked at, unless it was in use moments ago and tokio has
+    /// seen nothing come on it since (see [`READINESS_TRUSTED_FOR`]).
     pub fn take_raw(&self, port: u16) -> Option<TcpStream> {
-        while let Some(stream) = take(&self.raw, port) {
-            if quiet(&stream) {
-                return Some(stream);
+        while let Some(Idle { connection, since }) = take(&self.raw, port) {
+            let recent = since.elapsed() < READINESS_TRUSTED_FOR;
+            if (recent && !readiness_seen(&connection)) || quiet(&connection) {
+                return Some(connection);
             }
         }
         None
@@ -331,13 +342,13 @@ impl BackendPool {
 }
 
 /// The most recently used idle connection to `port` in `lists` that has not expired.
-fn take<C>(lists: &IdleLists<C>, port: u16) -> Option<C> {
+fn take<C>(lists: &IdleLists<C>, port: u16) -> Option<Idle<C>> {
     let mut lists = lists.lock().expect("pool lock");
     let list = lists.get_mut(&port)?;
     let now = Instant::now();
-    while let Some(Idle { connection, since }) = list.pop() {
-        if now < since + IDLE_TIMEOUT {
-            return Some(connection);
+    while let Some(idle) = list.pop() {
+        if now < idle.since + IDLE_TIMEOUT {
+            return Some(idle);
         }
     }
     None
@@ -376,9 +387,17 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether tokio has seen `stream` turn readable (the app sent bytes or closed it) since a
+/// read last took all it had. It learns of it when the runtime next polls its events: a lag of
+/// microseconds on an idle runtime, up to a few hundred under load.
+fn readiness_seen(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    stream.poll_read_ready(&mut cx).is_ready()
+}
+
 /// Whether an idle plain connection is still open and has nothing to read: neither closed by
-/// the app nor sent bytes after its last response. A peek, not tokio's readiness, which lags
-/// until the runtime has polled the socket's events.
+/// the app nor sent bytes after its last response. A peek, which sees what tokio's readiness
+/// has not caught up with yet.
 fn quiet(stream: &TcpStream) -> bool {
     let peeked = socket2::SockRef::from(stream).peek(&mut [std::mem::MaybeUninit::uninit()]);
     matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
