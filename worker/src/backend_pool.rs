@@ -32,9 +32,9 @@
 //! their own, kept by the same rules; an idle one is used only if the app has neither closed
 //! it nor sent anything on it since its last response (a misbehaving app's stray bytes must
 //! not become the next client's response): as tokio's readiness says if it was in use moments
-//! ago ([`READINESS_TRUSTED_FOR`]), else as a peek says. Bytes the app sends in the instants
-//! before the next request (before tokio or the peek can see them), or after it, cannot be told
-//! apart from the answer, by any HTTP/1.1 proxy.
+//! ago ([`READINESS_TRUSTED_FOR`]: bytes the runtime has not heard of yet slip through), else as
+//! a peek says. Bytes the app sends after the next request is on its way cannot be told apart
+//! from the answer, by any HTTP/1.1 proxy.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -72,10 +72,12 @@ pub const MAX_IDLE_PER_BACKEND: usize = 512;
 
 /// How soon after its last response a plain idle connection is taken on tokio's word that the
 /// app has neither closed it nor sent on it since, without a peek (a system call per request,
-/// 5% of the worker's CPU at keep-alive load; nginx and haproxy look at neither): in that time
-/// tokio has seen anything the app sent before the last instants, and apps close idle
-/// connections after seconds (a request that finds one closed just then goes again, if
-/// idempotent). Longer idle, a connection is peeked at.
+/// 5% of the worker's CPU at keep-alive load). What slips through: what the app sent or closed
+/// since the runtime last polled its events, as in nginx and haproxy, which learn of it from
+/// their event loops too (neither peeks when it takes a connection). A heuristic on apps, not
+/// a bound on that: they close idle connections after seconds, not within 100 ms of answering
+/// (a bodiless request that finds one closed just then goes again if idempotent, else is a
+/// 502). Longer idle, a connection is peeked at.
 pub const READINESS_TRUSTED_FOR: Duration = Duration::from_millis(100);
 
 /// How often idle connections are looked at, to close those the app closed or that expired.
@@ -388,11 +390,13 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 }
 
 /// Whether tokio has seen `stream` turn readable (the app sent bytes or closed it) since a
-/// read last took all it had. It learns of it when the runtime next polls its events: a lag of
-/// microseconds on an idle runtime, up to a few hundred under load.
+/// read last came back short. It learns of it when the runtime next polls its events (when a
+/// runtime thread has nothing to run, and between every 61 tasks it runs). Asked outside the
+/// task's budget: a task out of it would be told "not ready" whatever tokio saw.
 fn readiness_seen(stream: &TcpStream) -> bool {
+    let readiness = tokio::task::unconstrained(poll_fn(|cx| stream.poll_read_ready(cx)));
     let mut cx = Context::from_waker(Waker::noop());
-    stream.poll_read_ready(&mut cx).is_ready()
+    pin!(readiness).poll(&mut cx).is_ready()
 }
 
 /// Whether an idle plain connection is still open and has nothing to read: neither closed by
@@ -573,6 +577,32 @@ mod tests {
                 return None;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_app_sent_on_is_not_taken_even_by_a_task_out_of_budget() {
+        let pool = BackendPool::new(TIMEOUT);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let backend = pool.connect_raw(port).await.unwrap();
+        let (mut app, _) = listener.accept().await.unwrap();
+        pool.put_raw(port, backend);
+        // Sent right after its answer (taken well within READINESS_TRUSTED_FOR, by when tokio
+        // has heard of it).
+        app.write_all(b"stray").await.unwrap();
+        // Another socket with bytes waiting, for a task to use its budget up on.
+        let busy = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (mut busy_app, _) = listener.accept().await.unwrap();
+        busy_app.write_all(b"x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        let taken = poll_fn(|cx| {
+            // Ready until the budget is used up; then tokio says "not ready" to this task.
+            while busy.poll_read_ready(cx).is_ready() {}
+            Poll::Ready(pool.take_raw(port))
+        })
+        .await;
+        assert!(taken.is_none(), "the stray bytes would be the next answer");
     }
 
     /// A front sending every request to the app on `port` through `pool`.

@@ -31,7 +31,7 @@
 //!   sent nothing more on them since (see `backend_pool`); an idempotent request that finds
 //!   its idle connection closed by the app (nothing came back) goes again once on a new one,
 //!   as nginx does (hyper resent any request it had not written yet; here another is not sent
-//!   twice, and the peek has already set aside most connections the app closed);
+//!   twice, and the pool has already set aside most connections the app closed);
 //! - a connection waiting for the app holds no buffer (a long poll, a quiet event stream).
 
 use std::io;

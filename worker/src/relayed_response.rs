@@ -17,7 +17,7 @@
 //! - the connection goes back to the pool only after a whole, well-framed response with
 //!   nothing after it, and an idempotent request is sent once more as `http1_relay` says
 //!   (hyper sent any request again that it had not written yet: a bodiless `POST` whose idle
-//!   connection the app closed just then is now a 502, unless the peek saw it closed first);
+//!   connection the app closed just then is now a 502, unless the pool saw it closed first);
 //! - an empty body of known length keeps its `Content-Length: 0` (hyper's server adds none to
 //!   a body that has ended from the start);
 //! - a body that stalls is cut by `response_body`, which wraps this one as it wrapped hyper's;
