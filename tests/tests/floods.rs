@@ -528,18 +528,7 @@ async fn at_the_cap_idle_keep_alive_and_http2_connections_make_room() {
     // Four connections, each used once and left idle: two HTTP/1.1 keep-alive, two HTTP/2.
     let mut idle = Vec::new();
     for _ in 0..2 {
-        let stream = TcpStream::connect(("127.0.0.1", server.http_port))
-            .await
-            .unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let connection = tokio::spawn(connection);
-        let response = sender.send_request(request()).await.unwrap();
-        http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .unwrap();
-        idle.push((sender_keeper(sender), connection));
+        idle.push(used_once(&server, "http://app.example/").await);
     }
     for _ in 0..2 {
         let (mut sender, connection) = core_server_tests::http::h2_connect(server.http_port).await;
@@ -573,22 +562,7 @@ async fn at_the_cap_parked_keep_alive_connections_make_room() {
     server.add("app.example", backend.port);
     let mut idle = Vec::new();
     for _ in 0..4 {
-        let stream = TcpStream::connect(("127.0.0.1", server.http_port))
-            .await
-            .unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let connection = tokio::spawn(connection);
-        let request = Request::get("/")
-            .header("host", "app.example")
-            .body(Full::<Bytes>::default())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .unwrap();
-        idle.push((sender_keeper(sender), connection));
+        idle.push(used_once(&server, "/").await);
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
 
@@ -600,6 +574,31 @@ async fn at_the_cap_parked_keep_alive_connections_make_room() {
             .unwrap()
             .ok();
     }
+}
+
+/// An HTTP/1.1 keep-alive connection that has asked for `uri` (Host `app.example`) once and
+/// read the answer: what keeps it open, and the task driving it (it ends when the server
+/// closes the connection).
+async fn used_once(
+    server: &CoreServer,
+    uri: &str,
+) -> (Box<dyn Send>, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = Request::get(uri)
+        .header("host", "app.example")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
+    (sender_keeper(sender), connection)
 }
 
 /// Keeps a request sender alive (a dropped sender would close its connection itself).
