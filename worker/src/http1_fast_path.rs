@@ -258,7 +258,7 @@ where
                         return Served::Ended;
                     }
                     () = &mut deadline => {
-                        if Instant::now() < close_at {
+                        if park_at.is_some() && Instant::now() < close_at {
                             return Served::Idle { stream, close_at };
                         }
                         debug!("an HTTP/1 connection sent no request within {wait:?}: closing");

@@ -222,7 +222,8 @@ impl HttpServer {
             };
             let parked = again.parked.as_ref().expect("only parked if it can be");
             if let Parking::Refused(stream, slot) = parked.park(stream, client, slot, close_at) {
-                // Stopping: it goes on waiting in a task, and is not parked again.
+                // The set has ended (stopping: the fast path parks no more): it goes on
+                // waiting in a task.
                 let activity = slot.activity().expect("connected").clone();
                 again.spawn_plain(&tasks_again, stream, client, slot, activity, stop_again);
             }

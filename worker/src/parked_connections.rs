@@ -5,8 +5,9 @@
 //! - its idle deadline passes (`--header-timeout` or `--idle-timeout`, as in its task): closed;
 //! - the connection limit asks idle connections to make room: closed, as in its task.
 //!
-//! Why: an idle keep-alive connection cost its task (1 KiB: a connection's future is as large
-//! as its largest state, a request in flight) and tokio's registration of its socket (256 B);
+//! Why: an idle keep-alive connection cost its task (over 1 KiB: a connection's future is as
+//! large as its largest state, a request in flight) and tokio's registration of its socket
+//! (256 B);
 //! nginx's costs its descriptor and a small struct (bench/connections.sh). A connection is
 //! parked once per idle spell longer than [`PARK_AFTER`] (two `epoll_ctl`s out, two back and a
 //! new task), never between requests that follow each other closely. TLS connections are not
@@ -50,8 +51,8 @@ pub enum Parking {
     Parked,
     /// Closed instead: evicted just before, or an error (logged).
     Closed,
-    /// Given back: [`ParkedConnections::run`] has ended (the worker is stopping). The caller
-    /// serves it on.
+    /// Given back: [`ParkedConnections::run`] has ended (the worker is stopping, or the set
+    /// could no longer be watched). The caller serves it on.
     Refused(TcpStream, Slot),
 }
 
