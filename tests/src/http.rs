@@ -55,6 +55,22 @@ pub async fn get(url: &str, host: &str) -> Reply {
     .await
 }
 
+/// An HTTP/1.1 connection to `127.0.0.1:port`: the request sender, and the task driving the
+/// connection (it ends when the server closes it).
+pub async fn http1_connect(
+    port: u16,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
 /// An HTTP/2 (prior knowledge) connection to `127.0.0.1:port`: the request sender, and the
 /// task driving the connection (it ends when the server closes it).
 pub async fn h2_connect(

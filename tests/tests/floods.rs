@@ -583,13 +583,7 @@ async fn used_once(
     server: &CoreServer,
     uri: &str,
 ) -> (Box<dyn Send>, tokio::task::JoinHandle<hyper::Result<()>>) {
-    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = core_server_tests::http::http1_connect(server.http_port).await;
     let request = Request::get(uri)
         .header("host", "app.example")
         .body(Full::<Bytes>::default())

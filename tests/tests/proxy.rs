@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use core_server_tests::http::{get, h2_connect, raw, send, text};
+use core_server_tests::http::{get, h2_connect, http1_connect, raw, send, text};
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use http::Request;
@@ -381,13 +381,7 @@ async fn quiet_keep_alive_connections_are_served_again_then_close_when_idle() {
     server.add("quiet.example", echo.port);
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        let stream = TcpStream::connect(("127.0.0.1", server.http_port))
-            .await
-            .unwrap();
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        clients.push((sender, tokio::spawn(connection)));
+        clients.push(http1_connect(server.http_port).await);
     }
     let ask = |sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>, round: usize| {
         let request = Request::get(format!("/round/{round}"))

@@ -322,14 +322,8 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     response.into_body().collect().await.unwrap();
     // Another, whose request core-server serves itself (origin form; the absolute form above
     // goes to hyper): idle, it is parked (see `parked_connections`) during the drain.
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.http_port))
-        .await
-        .unwrap();
     let (mut parked, parked_connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-    let parked_connection = tokio::spawn(parked_connection);
+        core_server_tests::http::http1_connect(server.http_port).await;
     let origin_request = || {
         Request::get("/")
             .header("host", "app.example")
