@@ -186,7 +186,7 @@ impl BackendPool {
             _ => self.pooled(port, connection),
         };
         for _ in 0..STALE_TRIES {
-            let Some(Idle { mut connection, .. }) = take(&self.idle, port) else {
+            let Some(Idle { mut connection, .. }) = take(&self.idle, port, Instant::now()) else {
                 break;
             };
             if !connection.ready().await {
@@ -260,8 +260,9 @@ impl BackendPool {
     /// one is still open and quiet: peeked at, unless it was in use moments ago and tokio has
     /// seen nothing come on it since (see [`READINESS_TRUSTED_FOR`]).
     pub fn take_raw(&self, port: u16) -> Option<TcpStream> {
-        while let Some(Idle { connection, since }) = take(&self.raw, port) {
-            let recent = since.elapsed() < READINESS_TRUSTED_FOR;
+        let now = Instant::now();
+        while let Some(Idle { connection, since }) = take(&self.raw, port, now) {
+            let recent = now < since + READINESS_TRUSTED_FOR;
             if (recent && !readiness_seen(&connection)) || quiet(&connection) {
                 return Some(connection);
             }
@@ -343,11 +344,10 @@ impl BackendPool {
     }
 }
 
-/// The most recently used idle connection to `port` in `lists` that has not expired.
-fn take<C>(lists: &IdleLists<C>, port: u16) -> Option<Idle<C>> {
+/// The most recently used idle connection to `port` in `lists` that has not expired by `now`.
+fn take<C>(lists: &IdleLists<C>, port: u16, now: Instant) -> Option<Idle<C>> {
     let mut lists = lists.lock().expect("pool lock");
     let list = lists.get_mut(&port)?;
-    let now = Instant::now();
     while let Some(idle) = list.pop() {
         if now < idle.since + IDLE_TIMEOUT {
             return Some(idle);

@@ -206,9 +206,12 @@ impl ParkedConnections {
                         Ok(taken) => self.take(&events[..taken], &mut leaving),
                         Err(e) => {
                             warn!("parked connections can no longer be watched ({e}): closing them");
-                            let mut state = self.lock();
-                            state.closed = true;
-                            drop(std::mem::take(&mut state.parked));
+                            let parked = {
+                                let mut state = self.lock();
+                                state.closed = true;
+                                std::mem::take(&mut state.parked)
+                            };
+                            drop(parked); // closes them, outside the lock as elsewhere
                             return;
                         }
                     }
