@@ -47,7 +47,9 @@ pub fn default_max(nofile: u64) -> usize {
 }
 
 pub struct ConnectionLimit {
-    max: usize,
+    /// `--max-connections`, lowered to what the descriptor table holds if it runs out
+    /// ([`Self::out_of_descriptors`]).
+    max: AtomicUsize,
     /// One entry a slot: empty until the connection's task starts.
     open: Mutex<Slab<Option<Arc<Activity>>>>,
     /// Evicted connections not closed yet: no new batch is chosen while some are.
@@ -65,7 +67,7 @@ pub struct ConnectionLimit {
 impl ConnectionLimit {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(ConnectionLimit {
-            max,
+            max: AtomicUsize::new(max),
             open: Mutex::new(Slab::new()),
             closing: AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
@@ -96,7 +98,7 @@ impl ConnectionLimit {
 
     fn try_admit(self: &Arc<Self>) -> Option<Slot> {
         let open = self.open.lock().expect("connection registry lock");
-        if open.len() >= self.max {
+        if open.len() >= self.max.load(Ordering::Relaxed) {
             return None;
         }
         Some(self.insert(open))
@@ -126,14 +128,14 @@ impl ConnectionLimit {
             warn!(
                 "{} client connections open, none idle: not accepting until one closes \
                  (--max-connections)",
-                self.max
+                self.max.load(Ordering::Relaxed)
             );
         }
     }
 
     /// Asks up to [`EVICTION_BATCH`] idle connections, the longest idle first, to close; how
     /// many were asked. Also used when the descriptor table is full (EMFILE).
-    pub fn evict_idle(&self) -> usize {
+    fn evict_idle(&self) -> usize {
         let open = self.open.lock().expect("connection registry lock");
         // The longest idle, kept in a small max-heap (the most recently idle on top, pushed
         // out by older ones): no allocation as large as the registry.
@@ -162,6 +164,26 @@ impl ConnectionLimit {
             self.evicted_some.notify_waiters();
         }
         asked
+    }
+
+    /// Accepting failed for want of a descriptor, and closing idle connections to apps freed
+    /// few: the cap (`--max-connections`, more than the open-file limit holds) becomes the
+    /// clients open now less a batch, and a batch of idle ones is asked to close. From then
+    /// on new clients wait for room under the cap, as at any cap, and the descriptors kept
+    /// free serve requests' connections to their apps: had the accept loop taken every
+    /// descriptor freed, a request would find none to reach its app with.
+    pub fn out_of_descriptors(&self) {
+        let open = self.open.lock().expect("connection registry lock").len();
+        let fits = open.saturating_sub(EVICTION_BATCH).max(1);
+        let before = self.max.fetch_min(fits, Ordering::Relaxed);
+        if fits < before {
+            warn!(
+                "out of file descriptors with {open} client connections open: at most {fits} \
+                 from now on, not {before} (raise the open-file limit, or lower \
+                 --max-connections)"
+            );
+        }
+        self.evict_idle();
     }
 
     /// Resolves once [`Self::evict_idle`] has asked connections to close (after the call, if
@@ -271,5 +293,28 @@ mod tests {
             .await
             .expect("admitted")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn out_of_descriptors_the_cap_comes_down_to_what_fits_less_a_batch() {
+        let limit = ConnectionLimit::new(1000);
+        let mut open = Vec::new();
+        for _ in 0..40 {
+            let mut slot = limit.admit().await;
+            let activity = slot.connected();
+            open.push((slot, activity));
+        }
+        limit.out_of_descriptors();
+        let asked = open.iter().filter(|(_, a)| a.was_evicted()).count();
+        assert_eq!(
+            asked, EVICTION_BATCH,
+            "a batch of idle ones is asked to close"
+        );
+        open.retain(|(_, a)| !a.was_evicted());
+        assert!(limit.try_admit().is_none(), "8 open: the cap is 40 - 32");
+        open.pop();
+        assert!(limit.try_admit().is_some(), "7 open: room again");
+        limit.out_of_descriptors();
+        assert_eq!(limit.max.load(Ordering::Relaxed), 1, "never below one");
     }
 }

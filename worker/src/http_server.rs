@@ -164,9 +164,10 @@ impl HttpServer {
                     if let Some(pause) = errors.failed(&e) {
                         // Out of descriptors: idle connections give theirs back, those to apps
                         // first (only a cache), clients' only when those were few (a client
-                        // whose request is not read yet counts as idle).
+                        // whose request is not read yet counts as idle), and then the cap
+                        // comes down to what fits.
                         if server.proxy.close_idle_backends() < EVICTION_BATCH {
-                            server.limit.evict_idle();
+                            server.limit.out_of_descriptors();
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}

@@ -259,7 +259,8 @@ fn connection_limit(settings: &WorkerSettings) -> anyhow::Result<Arc<ConnectionL
     if max > connection_limit::default_max(nofile) {
         warn!(
             "--max-connections {max} is more than the open-file limit ({nofile}) leaves room \
-             for; accepts will fail (and be retried) when descriptors run out"
+             for; when descriptors run out, accepts fail (and are retried) and the cap comes down to \
+             what fits"
         );
     }
     info!("at most {max} client connections (open-file limit {nofile})");
