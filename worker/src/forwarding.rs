@@ -51,11 +51,10 @@ pub fn set_forwarded(
     proto: &'static str,
 ) {
     remove_client_claims(headers);
-    let client = client.to_canonical();
-    let for_value =
-        HeaderValue::try_from(client.to_string()).expect("an IP address is a valid header value");
-    let forwarded = HeaderValue::try_from(forwarded(client, host.as_bytes(), proto))
+    let address = client.to_canonical().to_string();
+    let forwarded = HeaderValue::try_from(forwarded(&address, host.as_bytes(), proto))
         .expect("quoted visible characters make a valid header value");
+    let for_value = HeaderValue::try_from(address).expect("an IP address is a valid header value");
     headers.insert(X_FORWARDED_FOR, for_value);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     headers.insert(X_FORWARDED_HOST, host.clone());
@@ -65,8 +64,8 @@ pub fn set_forwarded(
 /// The same four headers as [`set_forwarded`], as lines of a head written as bytes (see
 /// `http1_relay`), whose other fields went through [`is_client_claim`].
 pub fn write_forwarded(head: &mut Vec<u8>, client: IpAddr, host: &[u8], proto: &'static str) {
-    let client = client.to_canonical();
-    let (address, forwarded) = (client.to_string(), forwarded(client, host, proto));
+    let address = client.to_canonical().to_string();
+    let forwarded = forwarded(&address, host, proto);
     let fields: [(&HeaderName, &[u8]); 4] = [
         (&X_FORWARDED_FOR, address.as_bytes()),
         (&X_FORWARDED_PROTO, proto.as_bytes()),
@@ -107,16 +106,17 @@ pub fn remove_client_claims(headers: &mut HeaderMap) {
     }
 }
 
-/// `Forwarded: for=192.0.2.1;host=example.com;proto=http` (RFC 7239 §4). An IPv6 address is
-/// bracketed and so quoted (`for="[2001:db8::1]"`, §6); any value that is not a plain token
-/// (a host with a `:port`) is quoted too.
-fn forwarded(client: IpAddr, host: &[u8], proto: &str) -> String {
-    let node = match client {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    };
+/// `Forwarded: for=192.0.2.1;host=example.com;proto=http` (RFC 7239 §4), for the client at
+/// `address` (an IP address as text, formatted once for this and `X-Forwarded-For`). An IPv6
+/// address (the only kind with a colon) is bracketed and so quoted (`for="[2001:db8::1]"`,
+/// §6); any value that is not a plain token (a host with a `:port`) is quoted too.
+fn forwarded(address: &str, host: &[u8], proto: &str) -> String {
     let mut value = String::from("for=");
-    push_token_or_quoted(&mut value, node.as_bytes());
+    if address.contains(':') {
+        push_token_or_quoted(&mut value, format!("[{address}]").as_bytes());
+    } else {
+        push_token_or_quoted(&mut value, address.as_bytes());
+    }
     value.push_str(";host=");
     push_token_or_quoted(&mut value, host);
     value.push_str(";proto=");
@@ -213,9 +213,9 @@ mod tests {
 
     #[test]
     fn forwarded_quotes_ipv6_and_what_is_not_a_token() {
-        let value = forwarded("2001:db8::1".parse().unwrap(), b"example.com", "https");
+        let value = forwarded("2001:db8::1", b"example.com", "https");
         assert_eq!(value, "for=\"[2001:db8::1]\";host=example.com;proto=https");
-        let value = forwarded("192.0.2.1".parse().unwrap(), b"a\"b\\c d", "http");
+        let value = forwarded("192.0.2.1", b"a\"b\\c d", "http");
         assert_eq!(value, "for=192.0.2.1;host=\"a\\\"b\\\\c d\";proto=http");
     }
 }
