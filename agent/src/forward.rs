@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
@@ -48,7 +49,12 @@ pub fn forward_to(app: SocketAddr) -> ForwardService {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(connector);
-    ForwardService { client, app }
+    let authority = Authority::try_from(app.to_string()).expect("an address is an authority");
+    ForwardService {
+        client,
+        app,
+        authority,
+    }
 }
 
 /// See [`forward_to`].
@@ -56,6 +62,8 @@ pub fn forward_to(app: SocketAddr) -> ForwardService {
 pub struct ForwardService {
     client: Client<HttpConnector, Incoming>,
     app: SocketAddr,
+    /// `app` as a URI's authority, made once.
+    authority: Authority,
 }
 
 type ForwardFuture =
@@ -93,7 +101,7 @@ impl ForwardService {
         if let Some(host) = host(&parts.uri)? {
             parts.headers.insert(header::HOST, host);
         }
-        parts.uri = app_uri(self.app, &parts.uri)?;
+        parts.uri = app_uri(&self.authority, &parts.uri)?;
         parts.version = Version::HTTP_11;
         // HTTP/1.1 carries trailers only in a chunked body (hyper would send a body of known
         // length with `Content-Length`), and hyper sends only those `Trailer` declares.
@@ -123,10 +131,10 @@ fn host(uri: &Uri) -> Result<Option<HeaderValue>, http::Error> {
 }
 
 /// `http://APP/path?query`, for `uri` as it arrived (`https://domain/path?query` on HTTP/2).
-fn app_uri(app: SocketAddr, uri: &Uri) -> Result<Uri, http::Error> {
+fn app_uri(app: &Authority, uri: &Uri) -> Result<Uri, http::Error> {
     Uri::builder()
-        .scheme("http")
-        .authority(app.to_string())
+        .scheme(Scheme::HTTP)
+        .authority(app.clone())
         .path_and_query(path(uri))
         .build()
 }
