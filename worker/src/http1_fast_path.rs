@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::activity::Activity;
+use crate::client_stream::WATCH_AFTER;
 use crate::http1_response::{self, ClientConnection, WriteError, Written};
 use crate::proxy::ClientRequest;
 use crate::request_head::{ForHyper, RequestHead, MAX_HEAD};
@@ -144,6 +145,12 @@ impl Closing<'_> {
 /// its next request holds none.
 pub trait WaitReadable {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Whether watching the stream for its client going away costs nothing but the watch;
+    /// not for a stream outside tokio's reactor (see `client_stream`).
+    fn watched_cheaply(&self) -> bool {
+        true
+    }
 }
 
 impl WaitReadable for TcpStream {
@@ -335,11 +342,16 @@ where
 /// Resolves once the client has closed its connection (or it failed), reading what it sends
 /// meanwhile (pipelined requests) into `buffer`, up to [`MAX_HEAD`]. As hyper's server does
 /// while a request is in flight, so that a client gone from a long poll ends its request at
-/// the backend instead of leaving it open until the backend answers.
+/// the backend instead of leaving it open until the backend answers. A stream outside the
+/// reactor is watched only after [`WATCH_AFTER`]: most requests are answered sooner, and
+/// closed without the stream ever being registered.
 async fn client_gone<S>(stream: &mut S, buffer: &mut BytesMut)
 where
     S: AsyncRead + WaitReadable + Unpin,
 {
+    if !stream.watched_cheaply() {
+        tokio::time::sleep(WATCH_AFTER).await;
+    }
     while buffer.len() < MAX_HEAD {
         match read_more(stream, buffer).await {
             Ok(0) | Err(_) => return,
@@ -380,6 +392,10 @@ impl<S> HandedOver<S> {
     /// `stream`, of which `read` was already read.
     pub fn new(stream: S, read: Bytes) -> Self {
         HandedOver { read, stream }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
     }
 }
 

@@ -34,7 +34,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,6 +43,7 @@ use tracing::{debug, warn};
 use crate::accept_errors::AcceptErrors;
 use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
+use crate::client_stream::{ClientStream, Listener};
 use crate::connection_limit::{ConnectionLimit, Slot, EVICTION_BATCH};
 use crate::http1_fast_path::{self, Answer, Closing, HandedOver, Limits, Served, WaitReadable};
 use crate::http1_response::{ClientConnection, WriteError, Written};
@@ -120,19 +121,20 @@ impl HttpServer {
     }
 
     /// Accepts until `stop`, serving each connection in a task of `tasks`.
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
+    pub async fn serve(self, listener: Listener, stop: CancellationToken, tasks: TaskTracker) {
         let server = Arc::new(self);
         // Connections inherit TCP_NODELAY from their listener (Linux): one system call here
         // instead of one per connection.
-        let nodelay_inherited = match socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(
+        let nodelay_inherited =
+            match socket2::SockRef::from(listener.get_ref()).set_tcp_nodelay(true) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(
                     "cannot set TCP_NODELAY on the listener ({e}): setting it on each connection"
                 );
-                false
-            }
-        };
+                    false
+                }
+            };
         if server.parked.is_some() {
             tasks.spawn(server.clone().run_parked(stop.clone(), tasks.clone()));
         }
@@ -146,7 +148,7 @@ impl HttpServer {
                 Ok((stream, client)) => {
                     errors.accepted();
                     if !nodelay_inherited {
-                        let _ = stream.set_nodelay(true);
+                        let _ = stream.socket().and_then(|s| s.set_tcp_nodelay(true));
                     }
                     // At the cap, idle connections are asked to make room for this client, or
                     // it waits for one to close; the clients after it wait in the kernel's
@@ -186,7 +188,7 @@ impl HttpServer {
     fn spawn_connection(
         self: &Arc<Self>,
         tasks: &TaskTracker,
-        stream: TcpStream,
+        stream: ClientStream,
         client: SocketAddr,
         mut slot: Slot,
         stop: CancellationToken,
@@ -196,9 +198,12 @@ impl HttpServer {
                 let activity = slot.connected();
                 self.spawn_plain(tasks, stream, client, slot, activity, stop);
             }
-            Transport::Https(_) => {
-                tasks.spawn(self.clone().serve_tls(stream, client, slot, stop));
-            }
+            Transport::Https(_) => match stream.into_tokio() {
+                Ok(stream) => {
+                    tasks.spawn(self.clone().serve_tls(stream, client, slot, stop));
+                }
+                Err(e) => warn!("cannot serve the connection from {client}: {e}"),
+            },
         };
     }
 
@@ -208,7 +213,7 @@ impl HttpServer {
     fn spawn_plain(
         self: &Arc<Self>,
         tasks: &TaskTracker,
-        stream: TcpStream,
+        stream: ClientStream,
         client: SocketAddr,
         slot: Slot,
         activity: Arc<Activity>,
@@ -588,8 +593,9 @@ mod tests {
             TunnelEndpoint::new(tunnels),
         ));
         let server = HttpServer::new(proxy, &settings, transport, ConnectionLimit::new(16));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let listener = Listener::new(listener).unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(server.serve(listener, stop.clone(), tasks));
 

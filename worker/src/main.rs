@@ -21,6 +21,7 @@ mod activity;
 mod allocator;
 mod backend_pool;
 mod certificates;
+mod client_stream;
 mod connection_limit;
 mod failed_attempts;
 mod forwarding;
@@ -67,6 +68,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::client_stream::Listener;
 use crate::connection_limit::ConnectionLimit;
 use crate::http_server::HttpServer;
 use crate::https::Https;
@@ -232,7 +234,7 @@ async fn run() -> anyhow::Result<()> {
 /// Accepts clients on `listener` from when our instance owns the routes until `stop`.
 async fn serve_once_owner(
     server: HttpServer,
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     mut owned: watch::Receiver<bool>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -267,10 +269,8 @@ fn connection_limit(settings: &WorkerSettings) -> anyhow::Result<Arc<ConnectionL
     Ok(ConnectionLimit::new(max))
 }
 
-fn tcp_listener(fd: OwnedFd) -> anyhow::Result<tokio::net::TcpListener> {
-    let listener = std::net::TcpListener::from(fd);
-    listener.set_nonblocking(true)?;
-    Ok(tokio::net::TcpListener::from_std(listener)?)
+fn tcp_listener(fd: OwnedFd) -> anyhow::Result<Listener> {
+    Ok(Listener::new(std::net::TcpListener::from(fd))?)
 }
 
 fn udp_socket(fd: OwnedFd) -> anyhow::Result<tokio::net::UdpSocket> {

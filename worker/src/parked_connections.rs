@@ -26,12 +26,12 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::client_stream::ClientStream;
 use crate::connection_limit::{ConnectionLimit, Slot};
 
 /// How long a connection waits for its next request in its own task before it is parked.
@@ -53,7 +53,7 @@ pub enum Parking {
     Closed,
     /// Given back: [`ParkedConnections::run`] has ended (the worker is stopping, or the set
     /// could no longer be watched). The caller serves it on.
-    Refused(TcpStream, Slot),
+    Refused(ClientStream, Slot),
 }
 
 /// The parked connections of one listener.
@@ -111,7 +111,7 @@ impl ParkedConnections {
     /// or an eviction (see the module's comment).
     pub fn park(
         &self,
-        stream: TcpStream,
+        stream: ClientStream,
         client: SocketAddr,
         slot: Slot,
         close_at: Instant,
@@ -156,7 +156,7 @@ impl ParkedConnections {
         &self,
         limit: &ConnectionLimit,
         stop: &CancellationToken,
-        mut resume: impl FnMut(TcpStream, SocketAddr, Slot),
+        mut resume: impl FnMut(ClientStream, SocketAddr, Slot),
     ) {
         let mut events = [EpollEvent::empty(); EVENTS];
         // Connections leaving the set: served again or closed outside its lock.
@@ -224,10 +224,8 @@ impl ParkedConnections {
                                 continue;
                             }
                         };
-                        match TcpStream::from_std(parked.stream) {
-                            Ok(stream) => resume(stream, client, parked.slot),
-                            Err(e) => warn!("cannot serve the parked connection from {client} again ({e}): closed"),
-                        }
+                        // Its client sent: read at once, outside the reactor.
+                        resume(ClientStream::direct(parked.stream), client, parked.slot);
                     }
                 }
                 () = &mut evictions => {
@@ -326,13 +324,13 @@ mod tests {
     use std::sync::Arc;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::mpsc;
     use tokio::task::JoinHandle;
 
     const PROMPT: Duration = Duration::from_secs(5);
 
-    type Resumed = mpsc::UnboundedReceiver<(TcpStream, SocketAddr, Slot)>;
+    type Resumed = mpsc::UnboundedReceiver<(ClientStream, SocketAddr, Slot)>;
 
     /// A connection: the client's end, and the server's with its slot under `limit`.
     async fn connection(limit: &Arc<ConnectionLimit>) -> (TcpStream, TcpStream, Slot) {
@@ -364,11 +362,17 @@ mod tests {
     }
 
     fn park(parked: &ParkedConnections, server: TcpStream, slot: Slot, close_at: Instant) {
-        let client = server.peer_addr().unwrap();
+        let (server, client) = direct(server);
         assert!(matches!(
             parked.park(server, client, slot, close_at),
             Parking::Parked
         ));
+    }
+
+    /// The server's end as the worker serves it, with its client's address.
+    fn direct(server: TcpStream) -> (ClientStream, SocketAddr) {
+        let client = server.peer_addr().unwrap();
+        (ClientStream::direct(server.into_std().unwrap()), client)
     }
 
     /// Whether the server closed `client` within `within`.
@@ -457,7 +461,7 @@ mod tests {
             "parked, still open"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let client = second_server.peer_addr().unwrap();
+        let (second_server, client) = direct(second_server);
         assert!(matches!(
             parked.park(second_server, client, second_slot, later),
             Parking::Closed
@@ -487,7 +491,7 @@ mod tests {
             .expect("ended once none was parked")
             .unwrap();
         let (_client, server, slot) = connection(&limit).await;
-        let client = server.peer_addr().unwrap();
+        let (server, client) = direct(server);
         let later = Instant::now() + PROMPT;
         assert!(matches!(
             parked.park(server, client, slot, later),

@@ -15,10 +15,12 @@ use hyper::rt::{Read, Write};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::upgrade::downcast;
+use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
+use crate::client_stream::ClientStream;
 use crate::http1_fast_path::HandedOver;
 use crate::local_tasks::{self, LocalExecutor};
 use crate::tunnel_control::{self, AgentSaid};
@@ -61,27 +63,35 @@ pub async fn run(on_upgrade: OnUpgrade, reservation: Reservation, agent: Agent) 
             return;
         }
     };
-    // The socket itself, when it can be had: no dynamic dispatch per read and write, and
-    // TCP_USER_TIMEOUT can be set.
-    match downcast::<TokioIo<TcpStream>>(upgraded) {
+    // The stream itself, as `http_server` gave it to hyper, when it can be had: no dynamic
+    // dispatch per read and write, and TCP_USER_TIMEOUT can be set on its socket.
+    match downcast::<TokioIo<HandedOver<ClientStream>>>(upgraded) {
         Ok(parts) => {
-            user_timeout(parts.io.inner(), &agent);
+            let socket = parts.io.inner().get_ref().socket();
+            user_timeout(socket, &agent);
             let io = HandedOver::new(parts.io.into_inner(), parts.read_buf);
             serve(TokioIo::new(io), reservation, agent).await
         }
-        Err(upgraded) => match downcast::<TokioIo<TlsStream<TcpStream>>>(upgraded) {
+        Err(upgraded) => match downcast::<TokioIo<HandedOver<TlsStream<TcpStream>>>>(upgraded) {
             Ok(parts) => {
-                user_timeout(parts.io.inner().get_ref().0, &agent);
+                let socket = SockRef::from(parts.io.inner().get_ref().get_ref().0);
+                user_timeout(Ok(socket), &agent);
                 let io = HandedOver::new(parts.io.into_inner(), parts.read_buf);
                 serve(TokioIo::new(io), reservation, agent).await
             }
-            Err(upgraded) => serve::<Upgraded>(upgraded, reservation, agent).await,
+            Err(upgraded) => {
+                debug!(
+                    "tunnel from {}: served without TCP_USER_TIMEOUT",
+                    agent.address
+                );
+                serve::<Upgraded>(upgraded, reservation, agent).await
+            }
         },
     }
 }
 
-fn user_timeout(stream: &TcpStream, agent: &Agent) {
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+fn user_timeout(socket: std::io::Result<SockRef<'_>>, agent: &Agent) {
+    if let Err(e) = socket.and_then(|s| s.set_tcp_user_timeout(Some(USER_TIMEOUT))) {
         debug!(
             "tunnel from {}: cannot set TCP_USER_TIMEOUT: {e}",
             agent.address

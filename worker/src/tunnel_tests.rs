@@ -25,13 +25,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::client_stream::Listener;
 use crate::connection_limit::ConnectionLimit;
 use crate::failed_attempts::ALLOWED_FAILURES;
 use crate::http_server::{HttpServer, Transport};
@@ -98,8 +99,9 @@ impl Worker {
             Transport::Http(None),
             ConnectionLimit::new(2),
         );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let listener = Listener::new(listener).unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(server.serve(listener, stop.clone(), tasks));
         Worker {
