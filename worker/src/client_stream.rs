@@ -7,8 +7,8 @@
 //! the request is there when the connection is accepted, the response fits in the socket's
 //! send buffer, and the connection closes. As haproxy does, a [`ClientStream`] reads and
 //! writes its socket directly for as long as it can, and joins the reactor the first time a
-//! read or a write would block. Waiting for readability ([`WaitReadable`]) does not register
-//! it either: it says "readable" at once, and the read that follows finds out.
+//! read or a write would block (the fast path reads such a stream before it waits for it:
+//! `http1_fast_path::read_more`).
 //!
 //! What a connection outside the reactor is not told of: its client closing while its request
 //! is with the app. The fast path watches for that after [`WATCH_AFTER`] only (see
@@ -16,10 +16,10 @@
 //! beside it.
 
 use std::future::Future;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use rustix::net::SocketFlags;
@@ -132,21 +132,28 @@ impl ClientStream {
     }
 
     /// `io` on the socket if it is outside the reactor and `io` does not block; else `None`,
-    /// and the stream is registered for the caller to wait on.
+    /// and the stream is registered for the caller to wait on. Direct I/O spends the task's
+    /// cooperative budget as tokio's own does: a client that never makes a read or a write
+    /// block still lets the runtime thread go now and then.
     fn direct_or_register<T>(
         &mut self,
+        cx: &mut Context<'_>,
         io: impl FnOnce(&std::net::TcpStream) -> io::Result<T>,
-    ) -> Option<io::Result<T>> {
+    ) -> Poll<Option<io::Result<T>>> {
         if let State::Direct(direct) = &self.0 {
+            let budget = ready!(tokio::task::coop::poll_proceed(cx));
             match io(direct) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                done => return Some(done),
+                done => {
+                    budget.made_progress();
+                    return Poll::Ready(Some(done));
+                }
             }
         }
-        self.register().err().map(Err)
+        Poll::Ready(self.register().err().map(Err))
     }
 
-    /// The registered stream, after [`Self::direct_or_register`] returned `None`.
+    /// The registered stream, after [`Self::direct_or_register`] said `None`.
     fn registered(&mut self) -> &mut TcpStream {
         match &mut self.0 {
             State::Registered(stream) => stream,
@@ -162,6 +169,19 @@ fn failed() -> io::Error {
     )
 }
 
+/// Reads what `socket` has into `buf`'s unfilled part, left uninitialised as tokio's own
+/// streams leave it (hyper's buffers are large: zeroing them per read would cost more than
+/// the read).
+fn read(socket: &std::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
+    // SAFETY: `recv` only writes into the slice, and no byte of it is de-initialised.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    let n = SockRef::from(socket).recv(unfilled)?;
+    // SAFETY: the kernel wrote the first `n` bytes of the unfilled part.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
+}
+
 impl AsyncRead for ClientStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -169,13 +189,8 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let read = this.direct_or_register(|mut direct| direct.read(buf.initialize_unfilled()));
-        match read {
-            Some(Ok(n)) => {
-                buf.advance(n);
-                Poll::Ready(Ok(()))
-            }
-            Some(Err(e)) => Poll::Ready(Err(e)),
+        match ready!(this.direct_or_register(cx, |direct| read(direct, buf))) {
+            Some(read) => Poll::Ready(read),
             None => Pin::new(this.registered()).poll_read(cx, buf),
         }
     }
@@ -188,7 +203,7 @@ impl AsyncWrite for ClientStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match this.direct_or_register(|mut direct| direct.write(buf)) {
+        match ready!(this.direct_or_register(cx, |mut direct| direct.write(buf))) {
             Some(written) => Poll::Ready(written),
             None => Pin::new(this.registered()).poll_write(cx, buf),
         }
@@ -200,7 +215,7 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match this.direct_or_register(|mut direct| direct.write_vectored(bufs)) {
+        match ready!(this.direct_or_register(cx, |mut direct| direct.write_vectored(bufs))) {
             Some(written) => Poll::Ready(written),
             None => Pin::new(this.registered()).poll_write_vectored(cx, bufs),
         }
@@ -237,7 +252,66 @@ impl WaitReadable for ClientStream {
         }
     }
 
-    fn watched_cheaply(&self) -> bool {
+    fn in_reactor(&self) -> bool {
         !matches!(self.0, State::Direct(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const PROMPT: Duration = Duration::from_secs(5);
+
+    /// A listener, a client connected to it, and the connection as accepted.
+    async fn connected() -> (TcpStream, ClientStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let listener = Listener::new(listener).unwrap();
+        let client = TcpStream::connect(address).await.unwrap();
+        let (server, from) = listener.accept().await.unwrap();
+        assert_eq!(from, client.local_addr().unwrap());
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn a_read_reads_at_once_or_waits_for_the_client() {
+        let (mut client, mut server) = connected().await;
+        client.write_all(b"GET").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut got = [0; 3];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET");
+        assert!(!server.in_reactor(), "read without waiting");
+
+        let mut more = [0; 4];
+        let read = tokio::spawn(async move { server.read_exact(&mut more).await.map(|_| more) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!read.is_finished(), "read with nothing sent");
+        client.write_all(b" / H").await.unwrap();
+        let more = tokio::time::timeout(PROMPT, read).await.expect("woken");
+        assert_eq!(&more.unwrap().unwrap(), b" / H");
+    }
+
+    #[tokio::test]
+    async fn a_write_larger_than_the_socket_buffers_ends_as_the_client_reads() {
+        let (mut client, mut server) = connected().await;
+        let sent = vec![7; 16 << 20];
+        let write = tokio::spawn(async move {
+            server.write_all(&sent).await.unwrap();
+            server.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(PROMPT, client.read_to_end(&mut got))
+            .await
+            .expect("all of it within the time")
+            .unwrap();
+        assert_eq!(got.len(), 16 << 20);
+        assert!(got.iter().all(|&b| b == 7));
+        write.await.unwrap();
     }
 }

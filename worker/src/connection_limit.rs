@@ -48,8 +48,9 @@ pub fn default_max(nofile: u64) -> usize {
 
 pub struct ConnectionLimit {
     /// `--max-connections`, lowered to what the descriptor table holds if it runs out
-    /// ([`Self::out_of_descriptors`]).
+    /// ([`Self::out_of_descriptors`]), never below `floor`.
     max: AtomicUsize,
+    floor: usize,
     /// One entry a slot: empty until the connection's task starts.
     open: Mutex<Slab<Option<Arc<Activity>>>>,
     /// Evicted connections not closed yet: no new batch is chosen while some are.
@@ -65,9 +66,17 @@ pub struct ConnectionLimit {
 }
 
 impl ConnectionLimit {
+    /// A cap of `max` that stays where it is.
+    #[cfg(test)]
     pub fn new(max: usize) -> Arc<Self> {
+        Self::with_floor(max, max)
+    }
+
+    /// A cap of `max` that running out of descriptors may lower down to `floor`.
+    pub fn with_floor(max: usize, floor: usize) -> Arc<Self> {
         Arc::new(ConnectionLimit {
             max: AtomicUsize::new(max),
+            floor: floor.min(max),
             open: Mutex::new(Slab::new()),
             closing: AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
@@ -126,8 +135,8 @@ impl ConnectionLimit {
         if warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
             *warned_at = Some(Instant::now());
             warn!(
-                "{} client connections open, none idle: not accepting until one closes \
-                 (--max-connections)",
+                "at the cap of {} client connections, none idle: not accepting until one \
+                 closes (--max-connections)",
                 self.max.load(Ordering::Relaxed)
             );
         }
@@ -135,7 +144,7 @@ impl ConnectionLimit {
 
     /// Asks up to [`EVICTION_BATCH`] idle connections, the longest idle first, to close; how
     /// many were asked. Also used when the descriptor table is full (EMFILE).
-    fn evict_idle(&self) -> usize {
+    pub fn evict_idle(&self) -> usize {
         let open = self.open.lock().expect("connection registry lock");
         // The longest idle, kept in a small max-heap (the most recently idle on top, pushed
         // out by older ones): no allocation as large as the registry.
@@ -166,15 +175,16 @@ impl ConnectionLimit {
         asked
     }
 
-    /// Accepting failed for want of a descriptor, and closing idle connections to apps freed
-    /// few: the cap (`--max-connections`, more than the open-file limit holds) becomes the
-    /// clients open now less a batch, and a batch of idle ones is asked to close. From then
-    /// on new clients wait for room under the cap, as at any cap, and the descriptors kept
-    /// free serve requests' connections to their apps: had the accept loop taken every
-    /// descriptor freed, a request would find none to reach its app with.
+    /// Accepting failed with EMFILE, and closing idle connections to apps freed few: the cap
+    /// (`--max-connections`, more than the open-file limit holds) becomes the clients open now
+    /// less a batch, never below its floor (what the limit holds with a connection to an app
+    /// per client), and a batch of idle ones is asked to close. From then on new clients wait
+    /// for room under the cap, as at any cap, and the descriptors kept free serve requests'
+    /// connections to their apps: had the accept loop taken every descriptor freed, a request
+    /// would find none to reach its app with.
     pub fn out_of_descriptors(&self) {
         let open = self.open.lock().expect("connection registry lock").len();
-        let fits = open.saturating_sub(EVICTION_BATCH).max(1);
+        let fits = open.saturating_sub(EVICTION_BATCH).max(self.floor);
         let before = self.max.fetch_min(fits, Ordering::Relaxed);
         if fits < before {
             warn!(
@@ -297,7 +307,7 @@ mod tests {
 
     #[tokio::test]
     async fn out_of_descriptors_the_cap_comes_down_to_what_fits_less_a_batch() {
-        let limit = ConnectionLimit::new(1000);
+        let limit = ConnectionLimit::with_floor(1000, 4);
         let mut open = Vec::new();
         for _ in 0..40 {
             let mut slot = limit.admit().await;
@@ -315,6 +325,10 @@ mod tests {
         open.pop();
         assert!(limit.try_admit().is_some(), "7 open: room again");
         limit.out_of_descriptors();
-        assert_eq!(limit.max.load(Ordering::Relaxed), 1, "never below one");
+        assert_eq!(
+            limit.max.load(Ordering::Relaxed),
+            4,
+            "never below its floor"
+        );
     }
 }

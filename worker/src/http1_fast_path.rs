@@ -28,7 +28,7 @@
 //! page, a redirect to HTTPS) is built into a request for the proxy, whose response is written
 //! here.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,6 +41,7 @@ use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -146,9 +147,9 @@ impl Closing<'_> {
 pub trait WaitReadable {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
 
-    /// Whether watching the stream for its client going away costs nothing but the watch;
-    /// not for a stream outside tokio's reactor (see `client_stream`).
-    fn watched_cheaply(&self) -> bool {
+    /// Whether the stream is in tokio's reactor: not yet for one that has never had to wait
+    /// (see `client_stream`), whose first wait costs registering it.
+    fn in_reactor(&self) -> bool {
         true
     }
 }
@@ -349,7 +350,7 @@ async fn client_gone<S>(stream: &mut S, buffer: &mut BytesMut)
 where
     S: AsyncRead + WaitReadable + Unpin,
 {
-    if !stream.watched_cheaply() {
+    if !stream.in_reactor() {
         tokio::time::sleep(WATCH_AFTER).await;
     }
     while buffer.len() < MAX_HEAD {
@@ -362,12 +363,22 @@ where
 }
 
 /// Reads what `stream` has into `buffer`; waits for readability first when the buffer holds
-/// no memory, so that a connection with nothing to read holds none either.
+/// no memory, so that a connection with nothing to read holds none either. A stream outside
+/// the reactor is read at once instead: if its client has sent nothing yet, that read has
+/// registered it, and the wait holds no buffer either.
 async fn read_more<S>(stream: &mut S, buffer: &mut BytesMut) -> io::Result<usize>
 where
     S: AsyncRead + WaitReadable + Unpin,
 {
     if buffer.capacity() == 0 {
+        if !stream.in_reactor() {
+            buffer.reserve(READ_SIZE);
+            let read = poll_fn(|cx| Poll::Ready(poll_read_buf(Pin::new(&mut *stream), cx, buffer)));
+            match read.await {
+                Poll::Ready(read) => return read,
+                Poll::Pending => *buffer = BytesMut::new(),
+            }
+        }
         stream.readable().await?;
     }
     if buffer.capacity() - buffer.len() < READ_SIZE / 2 {

@@ -166,10 +166,15 @@ impl HttpServer {
                     if let Some(pause) = errors.failed(&e) {
                         // Out of descriptors: idle connections give theirs back, those to apps
                         // first (only a cache), clients' only when those were few (a client
-                        // whose request is not read yet counts as idle), and then the cap
+                        // whose request is not read yet counts as idle). Out of this
+                        // process's descriptors (not the system's, nor memory), the cap
                         // comes down to what fits.
                         if server.proxy.close_idle_backends() < EVICTION_BATCH {
-                            server.limit.out_of_descriptors();
+                            if e.raw_os_error() == Some(nix::libc::EMFILE) {
+                                server.limit.out_of_descriptors();
+                            } else {
+                                server.limit.evict_idle();
+                            }
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}

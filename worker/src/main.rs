@@ -266,7 +266,8 @@ fn connection_limit(settings: &WorkerSettings) -> anyhow::Result<Arc<ConnectionL
         );
     }
     info!("at most {max} client connections (open-file limit {nofile})");
-    Ok(ConnectionLimit::new(max))
+    let floor = connection_limit::default_max(nofile);
+    Ok(ConnectionLimit::with_floor(max, floor))
 }
 
 fn tcp_listener(fd: OwnedFd) -> anyhow::Result<Listener> {
