@@ -4,6 +4,7 @@ use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -75,20 +76,40 @@ pub fn install_copy() -> tempfile::TempDir {
 
 /// A TCP port free on every address right now.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("[::]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port(|port| TcpListener::bind(("::", port)).is_ok())
 }
 
 /// A UDP port free on every address right now.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("[::]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port(|port| UdpSocket::bind(("::", port)).is_ok())
+}
+
+/// A port that `free` says is free, below the kernel's ephemeral range. A port that
+/// `bind(0)` finds free is from that range, from which the kernel also picks the local port
+/// of every connection opened: one opened by a test running meanwhile could take it before
+/// the server under test binds it ("Address already in use"). Each test process starts at
+/// its own place in the range, and takes ports in turn.
+fn free_port(free: impl Fn(u16) -> bool) -> u16 {
+    static TAKEN: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(FIRST);
+    assert!(
+        span >= 1_000,
+        "the ephemeral port range starts at {ephemeral}: no room below it for test ports"
+    );
+    let start = std::process::id().wrapping_mul(997);
+    for _ in 0..span {
+        let port = FIRST + start.wrapping_add(TAKEN.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {ephemeral}");
 }
 
 /// A running core-server (supervisor and worker) with its own ports and state directory.
