@@ -3,12 +3,13 @@
 //!
 //! tokio registers every socket it accepts with its epoll (`epoll_ctl` ADD) and takes it out
 //! again when it is dropped (DEL): two system calls per connection, about 4% of the worker's
-//! CPU when every request comes on a connection of its own. Most such connections never wait:
+//! CPU when every request comes on a connection of its own. Some such connections never wait:
 //! the request is there when the connection is accepted, the response fits in the socket's
 //! send buffer, and the connection closes. As haproxy does, a [`ClientStream`] reads and
 //! writes its socket directly for as long as it can, and joins the reactor the first time a
 //! read or a write would block (the fast path reads such a stream before it waits for it:
-//! `http1_fast_path::read_more`).
+//! `http1_fast_path::read_more`). Measured with wrk and `Connection: close`: 1.43 `epoll_ctl`
+//! per connection instead of 2 (the others were accepted before their request arrived).
 //!
 //! What a connection outside the reactor is not told of: its client closing while its request
 //! is with the app. The fast path watches for that after [`WATCH_AFTER`] only (see
