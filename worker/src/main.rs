@@ -258,15 +258,15 @@ fn connection_limit(settings: &WorkerSettings) -> anyhow::Result<Arc<ConnectionL
         Some(max) => max as usize,
         None => connection_limit::default_max(nofile),
     };
-    if max > connection_limit::default_max(nofile) {
+    let floor = connection_limit::default_max(nofile);
+    if max > floor {
         warn!(
             "--max-connections {max} is more than the open-file limit ({nofile}) leaves room \
-             for; when descriptors run out, accepts fail (and are retried) and the cap comes down to \
-             what fits"
+             for; when descriptors run out, accepts fail (and are retried) and the cap comes \
+             down to what fits, not below {floor}"
         );
     }
     info!("at most {max} client connections (open-file limit {nofile})");
-    let floor = connection_limit::default_max(nofile);
     Ok(ConnectionLimit::with_floor(max, floor))
 }
 
