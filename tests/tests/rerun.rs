@@ -297,7 +297,6 @@ async fn status_and_stop() {
 async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     use http::Request;
     use http_body_util::Full;
-    use hyper_util::rt::TokioIo;
 
     let mut server = CoreServer::start();
     let backend = Backend::echo().await;
@@ -310,13 +309,7 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
     };
 
     // An HTTP/1.1 keep-alive connection, used once and left idle.
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.http_port))
-        .await
-        .unwrap();
-    let (mut h1, h1_connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    let h1_connection = tokio::spawn(h1_connection);
+    let (mut h1, h1_connection) = core_server_tests::http::http1_connect(server.http_port).await;
     let response = h1.send_request(request()).await.unwrap();
     assert!(response.headers().get("connection").is_none());
     response.into_body().collect().await.unwrap();
@@ -363,36 +356,16 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
         .unwrap()
         .ok();
 
-    // A request on the idle HTTP/1 connection is answered, as its last.
-    h1.ready().await.expect("the idle connection was not cut");
-    let response = h1
-        .send_request(request())
-        .await
-        .expect("answered during the drain");
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["connection"], "close");
-    response.into_body().collect().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), h1_connection)
-        .await
-        .expect("then closed")
-        .unwrap()
-        .ok();
-    parked
-        .ready()
-        .await
-        .expect("the parked connection was not cut");
-    let response = parked
-        .send_request(origin_request())
-        .await
-        .expect("answered during the drain");
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["connection"], "close");
-    response.into_body().collect().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), parked_connection)
-        .await
-        .expect("then closed")
-        .unwrap()
-        .ok();
+    // A request on the idle HTTP/1 connection is answered, as its last; on the parked one too.
+    answered_as_last(
+        h1,
+        request(),
+        h1_connection,
+        "the idle connection was not cut",
+    )
+    .await;
+    let not_cut = "the parked connection was not cut";
+    answered_as_last(parked, origin_request(), parked_connection, not_cut).await;
 
     // With its last connection gone, the old instance exits at once.
     let (server, status) = tokio::time::timeout(Duration::from_secs(10), rerun)
@@ -401,6 +374,29 @@ async fn drain_answers_idle_keep_alive_clients_and_sends_goaway_to_http2() {
         .unwrap();
     assert!(status.success());
     assert_eq!(get(&server.url("/"), "app.example").await.status, 200);
+}
+
+/// Sends `request` on `sender`, an idle HTTP/1.1 connection of a draining worker: it is
+/// answered as the connection's last (`Connection: close`), and `connection` then ends.
+async fn answered_as_last(
+    mut sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    request: http::Request<http_body_util::Full<Bytes>>,
+    connection: tokio::task::JoinHandle<hyper::Result<()>>,
+    not_cut: &str,
+) {
+    sender.ready().await.expect(not_cut);
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("answered during the drain");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["connection"], "close");
+    response.into_body().collect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("then closed")
+        .unwrap()
+        .ok();
 }
 
 /// What a `Type=notify` unit with `NotifyAccess=main` hears: ready with the main pid; on a
