@@ -254,11 +254,8 @@ fn connection_limit(settings: &WorkerSettings) -> anyhow::Result<Arc<ConnectionL
     use nix::sys::resource::{getrlimit, Resource};
     let (nofile, _) =
         getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-file limit")?;
-    let max = match settings.max_connections {
-        Some(max) => max as usize,
-        None => connection_limit::default_max(nofile),
-    };
     let floor = connection_limit::default_max(nofile);
+    let max = settings.max_connections.map_or(floor, |max| max as usize);
     if max > floor {
         warn!(
             "--max-connections {max} is more than the open-file limit ({nofile}) leaves room \
