@@ -11,6 +11,13 @@
 //! `http1_fast_path::read_more`). Measured with wrk and `Connection: close`: 1.43 `epoll_ctl`
 //! per connection instead of 2 (the others were accepted before their request arrived).
 //!
+//! So that more are accepted with their request there, the kernel hands a connection over
+//! only once its client has sent, or after [`DEFER_ACCEPT`] ([`Listener::defer_accept`]), as
+//! nginx's `deferred` and haproxy's `defer-accept` do: 0 `epoll_ctl` per connection instead
+//! of 1 to 1.7, and 8% more requests/s. A client that connects and sends nothing reaches the
+//! worker that much later, and holds neither a task nor a slot under `--max-connections`
+//! meanwhile (the header timeout starts when it does).
+//!
 //! What a connection outside the reactor is not told of: its client closing while its request
 //! is with the app. The fast path watches for that after [`WATCH_AFTER`] only (see
 //! `http1_fast_path::client_gone`), when the app is slow enough for registering to be cheap
@@ -35,6 +42,11 @@ use crate::http1_fast_path::WaitReadable;
 /// registered, to be told if its client goes away meanwhile.
 pub const WATCH_AFTER: Duration = Duration::from_millis(20);
 
+/// How long the kernel keeps a connection whose client has sent nothing before it hands it
+/// over anyway ([`Listener::defer_accept`]): it resends its SYN-ACK then, and accepts the
+/// connection on the client's answer. nginx and haproxy set the same.
+pub const DEFER_ACCEPT: Duration = Duration::from_secs(1);
+
 /// A listening socket whose connections are accepted as [`ClientStream`]s.
 pub struct Listener {
     listener: AsyncFd<std::net::TcpListener>,
@@ -52,6 +64,31 @@ impl Listener {
 
     pub fn get_ref(&self) -> &std::net::TcpListener {
         self.listener.get_ref()
+    }
+
+    /// Has the kernel hand over each new connection once its client has sent something, or
+    /// after [`DEFER_ACCEPT`] (`TCP_DEFER_ACCEPT`; no safe wrapper for it exists in std, nix,
+    /// rustix or socket2).
+    pub fn defer_accept(&self) -> io::Result<()> {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        let seconds = DEFER_ACCEPT.as_secs() as libc::c_int;
+        // SAFETY: the kernel reads one `c_int` from `&seconds`, which lives through the call,
+        // and the length passed is that of a `c_int`; the descriptor is the listener's own.
+        let set = unsafe {
+            libc::setsockopt(
+                self.get_ref().as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&seconds as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// The next connection, with its client's address.

@@ -135,6 +135,9 @@ impl HttpServer {
                     false
                 }
             };
+        if let Err(e) = listener.defer_accept() {
+            warn!("cannot defer accepting connections until their clients send ({e}): accepting them as they open");
+        }
         if server.parked.is_some() {
             tasks.spawn(server.clone().run_parked(stop.clone(), tasks.clone()));
         }
