@@ -55,7 +55,7 @@ error_log $work/nginx.err;
 events { worker_connections $MAX_CONNECTIONS; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   upstream app { server 127.0.0.1:$backend; keepalive 512; }
-  server { listen 127.0.0.1:$proxy_port backlog=4096;
+  server { listen 127.0.0.1:$proxy_port backlog=4096 deferred;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; }
     location /ws { proxy_pass http://127.0.0.1:$ws_backend; proxy_http_version 1.1;
@@ -81,7 +81,7 @@ defaults
   timeout tunnel 300s
   timeout http-keep-alive 300s
 frontend web
-  bind 127.0.0.1:$proxy_port
+  bind 127.0.0.1:$proxy_port defer-accept
   use_backend ws if { path_beg /ws }
   default_backend app
 backend app

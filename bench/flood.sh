@@ -43,7 +43,7 @@ error_log $work/nginx.err;
 events { worker_connections $MAX_CONNECTIONS; }
 http { access_log off; keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$backend; keepalive 512; }
-  server { listen 127.0.0.1:$nginx_proxy backlog=4096;
+  server { listen 127.0.0.1:$nginx_proxy backlog=4096 deferred;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; } } }
 CONF

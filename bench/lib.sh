@@ -334,7 +334,8 @@ wrk_figures() {
 # core-server: one worker, pooled keep-alive connections to 127.0.0.1:BACKEND (as many idle as
 # core-server keeps, 512: HTTP/2 clients' streams need that many at once), the forwarding
 # headers core-server sets, bodies streamed both ways as core-server and haproxy stream them (no
-# request buffering, no response spilled to a temporary file on disk). LISTEN: the arguments
+# request buffering, no response spilled to a temporary file on disk), connections accepted
+# once their client has sent (`deferred`, as core-server's listeners). LISTEN: the arguments
 # of its listen directive; DIRECTIVES: more for its server block (certificates).
 nginx_peer_conf() {
   cat > "$work/nginx.conf" <<CONF
@@ -342,7 +343,7 @@ worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err;
 events { worker_connections 8192; }
 http { access_log off; keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$1; keepalive 512; }
-  server { listen $2; client_max_body_size 0; ${3:-}
+  server { listen $2 deferred; client_max_body_size 0; ${3:-}
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$remote_addr;
                  proxy_set_header X-Forwarded-Proto \$scheme;
@@ -352,7 +353,8 @@ CONF
 }
 
 # haproxy_peer_conf BACKEND BIND [FRONTEND-LINE]: $work/haproxy.cfg, haproxy as a reverse proxy
-# beside core-server: one thread, X-Forwarded-For, connections to 127.0.0.1:BACKEND reused.
+# beside core-server: one thread, X-Forwarded-For, connections to 127.0.0.1:BACKEND reused,
+# connections accepted once their client has sent (`defer-accept`, as core-server's).
 # BIND: the arguments of its bind line; FRONTEND-LINE: one more line for its frontend.
 haproxy_peer_conf() {
   cat > "$work/haproxy.cfg" <<CONF
@@ -366,7 +368,7 @@ defaults
   timeout server 60s
   option forwardfor
 frontend web
-  bind $2
+  bind $2 defer-accept
   ${3:-}
   default_backend app
 backend app

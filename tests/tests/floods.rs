@@ -24,9 +24,10 @@ static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Opens `count` TCP connections to `port` that send nothing, 256 connecting at a time.
+/// Opens `count` TCP connections to `port` that send nothing, 256 connecting at a time, and
+/// waits until the kernel has handed them to the worker.
 async fn open_idle(port: u16, count: usize) -> Vec<TcpStream> {
-    stream::iter(0..count)
+    let idle = stream::iter(0..count)
         .map(|_| async move {
             tokio::time::timeout(
                 Duration::from_secs(30),
@@ -38,7 +39,11 @@ async fn open_idle(port: u16, count: usize) -> Vec<TcpStream> {
         })
         .buffer_unordered(256)
         .collect()
-        .await
+        .await;
+    // The kernel hands a silent connection to the worker only after about 1 s, when it resends
+    // its SYN-ACK (TCP_DEFER_ACCEPT): until then the worker does not hold them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    idle
 }
 
 /// A request to a routed app, which must be answered (200) within 1 s.
@@ -315,6 +320,7 @@ async fn connections_without_a_request_close_at_the_header_timeout() {
         stream.write_all(bytes).await.unwrap();
         let closed = closed_within(&mut stream, connected, b"", Duration::from_secs(15)).await;
         let closed = closed.unwrap_or_else(|| panic!("{what}: still open after 15s"));
+        assert!(!server.log().contains("cannot defer"), "{}", server.log());
         assert!(
             closed >= at_least && closed < Duration::from_secs(10),
             "{what}: closed after {closed:?}, the header timeout is 2s (expected at least \

@@ -12,11 +12,11 @@
 //! per connection instead of 2 (the others were accepted before their request arrived).
 //!
 //! So that more are accepted with their request there, the kernel hands a connection over
-//! only once its client has sent, or after [`DEFER_ACCEPT`] ([`Listener::defer_accept`]), as
-//! nginx's `deferred` and haproxy's `defer-accept` do: 0 `epoll_ctl` per connection instead
-//! of 1 to 1.7, and 8% more requests/s. A client that connects and sends nothing reaches the
-//! worker that much later, and holds neither a task nor a slot under `--max-connections`
-//! meanwhile (the header timeout starts when it does).
+//! only once its client has sent, or after [`DEFER_ACCEPT_SECONDS`] ([`Listener::defer_accept`]),
+//! as nginx's `deferred` and haproxy's `defer-accept` do: measured as above, almost no
+//! `epoll_ctl` instead of 1 to 1.7 per connection, and 8% more requests/s. A client that
+//! connects and sends nothing reaches the worker that much later, and holds neither a task
+//! nor a slot under `--max-connections` meanwhile (its header timeout starts when it does).
 //!
 //! What a connection outside the reactor is not told of: its client closing while its request
 //! is with the app. The fast path watches for that after [`WATCH_AFTER`] only (see
@@ -43,9 +43,11 @@ use crate::http1_fast_path::WaitReadable;
 pub const WATCH_AFTER: Duration = Duration::from_millis(20);
 
 /// How long the kernel keeps a connection whose client has sent nothing before it hands it
-/// over anyway ([`Listener::defer_accept`]): it resends its SYN-ACK then, and accepts the
-/// connection on the client's answer. nginx and haproxy set the same.
-pub const DEFER_ACCEPT: Duration = Duration::from_secs(1);
+/// over anyway ([`Listener::defer_accept`]), in seconds: it resends its SYN-ACK then, and
+/// accepts the connection on the client's answer (should that be lost, on an answer to a
+/// later resend). nginx and haproxy set the same. Connections completed by SYN cookies (a
+/// SYN flood) are not deferred.
+const DEFER_ACCEPT_SECONDS: nix::libc::c_int = 1;
 
 /// A listening socket whose connections are accepted as [`ClientStream`]s.
 pub struct Listener {
@@ -67,12 +69,13 @@ impl Listener {
     }
 
     /// Has the kernel hand over each new connection once its client has sent something, or
-    /// after [`DEFER_ACCEPT`] (`TCP_DEFER_ACCEPT`; no safe wrapper for it exists in std, nix,
-    /// rustix or socket2).
+    /// after [`DEFER_ACCEPT_SECONDS`] (`TCP_DEFER_ACCEPT`: std has it unstable only, socket2
+    /// and rustix not at all, nix as a macro that expands to this same call). The option stays
+    /// on the listening socket, which the supervisor keeps across workers and reruns.
     pub fn defer_accept(&self) -> io::Result<()> {
         use nix::libc;
         use std::os::fd::AsRawFd;
-        let seconds = DEFER_ACCEPT.as_secs() as libc::c_int;
+        let seconds = DEFER_ACCEPT_SECONDS;
         // SAFETY: the kernel reads one `c_int` from `&seconds`, which lives through the call,
         // and the length passed is that of a `c_int`; the descriptor is the listener's own.
         let set = unsafe {
