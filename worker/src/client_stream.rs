@@ -77,7 +77,8 @@ impl Listener {
         use std::os::fd::AsRawFd;
         let seconds = DEFER_ACCEPT_SECONDS;
         // SAFETY: the kernel reads one `c_int` from `&seconds`, which lives through the call,
-        // and the length passed is that of a `c_int`; the descriptor is the listener's own.
+        // and the length passed is that of a `c_int`; the descriptor, the listening socket's,
+        // stays open through the call (borrowed from `self`).
         let set = unsafe {
             libc::setsockopt(
                 self.get_ref().as_raw_fd(),
