@@ -6,7 +6,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `Trailer` is not among them: it names the trailer fields to come, end to end (RFC 9110
 /// §6.6.2), and hyper's HTTP/1 encoder sends only the trailer fields it declares.
-const HOP_BY_HOP: [HeaderName; 8] = [
+///
+/// A `static`: a `const` array would be built and dropped wherever it is used, per header.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

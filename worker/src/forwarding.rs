@@ -27,8 +27,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// CDN or load balancer in front; none of those sits in front of core-server, so a client that
 /// sends one is lying. Headers that rewrite the path (`X-Original-URL`) are not forwarding
 /// claims and pass, as through nginx. Last, the tunnel nonce: an agent takes the request that
-/// carries it for the worker's control stream, never a client's.
-const CLIENT_CLAIMS: [HeaderName; 11] = [
+/// carries it for the worker's control stream, never a client's. (A `static`, as
+/// `hop_by_hop`'s list: a `const` array would be built and dropped at each use.)
+static CLIENT_CLAIMS: [HeaderName; 11] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("x-client-ip"),

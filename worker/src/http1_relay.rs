@@ -35,6 +35,7 @@
 //! - a connection waiting for the app holds no buffer (a long poll, a quiet event stream).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -373,9 +374,15 @@ impl<H: ResponseHead> AppResponse<H> {
     /// `None` if not whole yet.
     fn parse(buffer: &mut BytesMut, to_head: bool) -> Result<Option<Self>, RelayError> {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-            let mut parsed = httparse::Response::new(&mut headers);
-            let length = match parsed.parse(buffer) {
+            // Left uninitialised, as for requests (see `request_head`).
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let config = httparse::ParserConfig::default();
+            let length = match config.parse_response_with_uninit_headers(
+                &mut parsed,
+                buffer,
+                &mut headers,
+            ) {
                 Ok(httparse::Status::Complete(length)) => length,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(e) => return Err(RelayError::Malformed(e)),
