@@ -1,7 +1,8 @@
 //! The `core-agent` binary's service: every request from the tunnel goes to the local app at
-//! `--to` over pooled HTTP/1.1 connections, streaming both ways, trailers included. The worker
-//! already set `X-Forwarded-For`/`-Proto`/`-Host`; they pass through untouched, and `Host` is
-//! the tunnel domain (the request's `:authority`).
+//! `--to` over pooled HTTP/1.1 connections, streaming both ways, trailers included: a request
+//! without a body over a connection its own task drives (see `app_pool`), one with a body
+//! through hyper-util's client. The worker already set `X-Forwarded-For`/`-Proto`/`-Host`; they
+//! pass through untouched, and `Host` is the tunnel domain (the request's `:authority`).
 //!
 //! A WebSocket (or any `Upgrade`) arrives as an RFC 8441 extended CONNECT carrying the protocol
 //! in `:protocol`: it goes to the app as the HTTP/1.1 `GET` with `Upgrade` it was in the browser,
@@ -13,14 +14,15 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::ext::Protocol;
 use hyper::service::Service;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -31,13 +33,14 @@ use tracing::{debug, warn};
 
 use core_server_proto::hop_by_hop::remove_hop_by_hop;
 
+use crate::app_pool::{AppBody, AppPool, IDLE_TIMEOUT};
 use crate::connection::BoxError;
 
 /// How long connecting to the app may take (for requests and WebSockets alike).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of a response from [`forward_to`]'s service: the app's, or the agent's own text.
-pub type ForwardBody = Either<Incoming, Full<Bytes>>;
+pub type ForwardBody = Either<AppBody, Full<Bytes>>;
 
 /// A service that forwards every request to the HTTP/1.1 app at `app` (what `core-agent --to`
 /// runs).
@@ -47,11 +50,12 @@ pub fn forward_to(app: SocketAddr) -> ForwardService {
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .build(connector);
     let authority = Authority::try_from(app.to_string()).expect("an address is an authority");
     ForwardService {
         client,
+        pool: AppPool::new(app, CONNECT_TIMEOUT),
         app,
         authority,
     }
@@ -60,7 +64,10 @@ pub fn forward_to(app: SocketAddr) -> ForwardService {
 /// See [`forward_to`].
 #[derive(Clone)]
 pub struct ForwardService {
+    /// For requests with a body.
     client: Client<HttpConnector, Incoming>,
+    /// For requests without one.
+    pool: Arc<AppPool>,
     app: SocketAddr,
     /// `app` as a URI's authority, made once.
     authority: Authority,
@@ -100,22 +107,33 @@ impl ForwardService {
         let (mut parts, body) = request.into_parts();
         if let Some(host) = host(&parts.uri)? {
             parts.headers.insert(header::HOST, host);
+        } else if !parts.headers.contains_key(header::HOST) {
+            // The app's address, as hyper-util's client would send.
+            let app = HeaderValue::from_str(self.authority.as_str())?;
+            parts.headers.insert(header::HOST, app);
         }
-        parts.uri = app_uri(&self.authority, &parts.uri)?;
         parts.version = Version::HTTP_11;
-        // HTTP/1.1 carries trailers only in a chunked body (hyper would send a body of known
-        // length with `Content-Length`), and hyper sends only those `Trailer` declares.
-        if parts.headers.contains_key(header::TRAILER) {
-            parts.headers.remove(header::CONTENT_LENGTH);
-            parts.headers.insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        let response = self
-            .client
-            .request(Request::from_parts(parts, body))
-            .await?;
+        let response = if body.is_end_stream() {
+            // hyper's connection sends the URI as it is given: the path, as the app expects it.
+            let path = parts.uri.path_and_query().cloned();
+            parts.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+            let request = Request::from_parts(parts, Empty::new());
+            self.pool.send(request).await?
+        } else {
+            // hyper-util's client takes the app's address from the URI.
+            parts.uri = app_uri(&self.authority, &parts.uri)?;
+            // HTTP/1.1 carries trailers only in a chunked body (hyper would send a body of
+            // known length with `Content-Length`), and hyper sends only those `Trailer` declares.
+            if parts.headers.contains_key(header::TRAILER) {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                parts.headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
+            let response = self.client.request(Request::from_parts(parts, body));
+            response.await?.map(AppBody::driven_elsewhere)
+        };
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Either::Left(body)))
@@ -178,6 +196,7 @@ async fn upgrade(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        let body = AppBody::driven_elsewhere(body);
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     let app_side = hyper::upgrade::on(&mut response);

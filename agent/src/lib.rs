@@ -28,6 +28,7 @@
 //! [`AgentConfig::connections`] connections up, reconnecting forever with backoff, and when
 //! `shutdown` resolves it drains them: no request in flight fails.
 
+mod app_pool;
 mod backoff;
 mod config;
 mod connection;
@@ -45,6 +46,7 @@ use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use tracing::{info, warn};
 
+pub use app_pool::AppBody;
 pub use config::{read_token, AgentConfig, ConfigError, Tls, TOKEN_ENV};
 pub use core_server_proto::tunnel::Token;
 pub use forward::{forward_to, ForwardBody, ForwardService};
