@@ -69,7 +69,8 @@ impl RequestHead {
         if buffer.is_empty() {
             return Ok(None);
         }
-        // Left uninitialised: filling 64 empty headers per request costs more than parsing.
+        // Left uninitialised, as hyper leaves them: filling 64 slots per request cost about as
+        // much as the parsing (measured with perf).
         let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut []);
         let length = match parsed.parse_with_uninit_headers(buffer, &mut headers) {
