@@ -6,13 +6,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http2;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -33,9 +34,45 @@ where
     B: Body + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_frame(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
-        .map_err(Into::into)
-        .boxed_unsync()
+    IntoBytes { body }.boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    /// A body whose chunks are made `Bytes`, as http-body-util's `map_frame` would, but whose
+    /// size hint is kept (`map_frame` drops it): hyper's HTTP/2 server sets `Content-Length`
+    /// from it, and without one the worker sends an HTTP/1.1 client the body chunked.
+    struct IntoBytes<B> {
+        #[pin]
+        body: B,
+    }
+}
+
+impl<B> Body for IntoBytes<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(self.project().body.poll_frame(cx));
+        Poll::Ready(frame.map(|frame| match frame {
+            Ok(frame) => Ok(frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))),
+            Err(e) => Err(e.into()),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The HTTP/2 server settings of a tunnel connection. Windows and frames are far above hyper's

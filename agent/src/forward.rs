@@ -1,7 +1,7 @@
 //! The `core-agent` binary's service: every request from the tunnel goes to the local app at
 //! `--to` over pooled HTTP/1.1 connections, streaming both ways, trailers included: a request
-//! without a body over a connection its own task drives (see `app_pool`), one with a body
-//! through hyper-util's client. The worker already set `X-Forwarded-For`/`-Proto`/`-Host`; they
+//! without a body relayed as bytes by its own task (see `app_pool`), one with a body through
+//! hyper-util's client. The worker already set `X-Forwarded-For`/`-Proto`/`-Host`; they
 //! pass through untouched, and `Host` is the tunnel domain (the request's `:authority`).
 //!
 //! A WebSocket (or any `Upgrade`) arrives as an RFC 8441 extended CONNECT carrying the protocol
@@ -14,12 +14,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Incoming};
@@ -28,10 +27,12 @@ use hyper::service::Service;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use core_server_proto::app_exchange::AppConnections;
 use core_server_proto::hop_by_hop::remove_hop_by_hop;
+use core_server_proto::logging::describe;
+use core_server_proto::relayed_body;
 
 use crate::app_pool::{AppBody, AppPool, IDLE_TIMEOUT};
 use crate::connection::BoxError;
@@ -67,7 +68,7 @@ pub struct ForwardService {
     /// For requests with a body.
     client: Client<HttpConnector, Incoming>,
     /// For requests without one.
-    pool: Arc<AppPool>,
+    pool: AppPool,
     app: SocketAddr,
     /// `app` as a URI's authority, made once.
     authority: Authority,
@@ -87,11 +88,12 @@ impl Service<Request<Incoming>> for ForwardService {
             let app = this.app;
             let result = match request.extensions().get::<Protocol>().cloned() {
                 Some(protocol) if request.method() == Method::CONNECT => {
-                    upgrade(request, protocol, app).await
+                    upgrade(request, protocol, &this.pool, app).await
                 }
                 _ => this.forward(request).await,
             };
             Ok(result.unwrap_or_else(|e| {
+                let e = describe(&*e);
                 warn!("the app at {app}: {e}");
                 text(
                     StatusCode::BAD_GATEWAY,
@@ -114,11 +116,11 @@ impl ForwardService {
         }
         parts.version = Version::HTTP_11;
         let response = if body.is_end_stream() {
-            // hyper's connection sends the URI as it is given: the path, as the app expects it.
-            let path = parts.uri.path_and_query().cloned();
-            parts.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
-            let request = Request::from_parts(parts, Empty::new());
-            self.pool.send(request).await?
+            let to_head = parts.method == Method::HEAD;
+            let idempotent = parts.method.is_idempotent();
+            let head = relayed_body::request_head(&Request::from_parts(parts, ()));
+            let response = relayed_body::fetch(self.pool.clone(), &head, to_head, idempotent);
+            response.await?.map(AppBody::relayed)
         } else {
             // hyper-util's client takes the app's address from the URI.
             parts.uri = app_uri(&self.authority, &parts.uri)?;
@@ -132,7 +134,7 @@ impl ForwardService {
                 );
             }
             let response = self.client.request(Request::from_parts(parts, body));
-            response.await?.map(AppBody::driven_elsewhere)
+            response.await?.map(AppBody::hyper)
         };
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
@@ -165,6 +167,7 @@ fn path(uri: &Uri) -> &str {
 async fn upgrade(
     mut request: Request<Incoming>,
     protocol: Protocol,
+    pool: &AppPool,
     app: SocketAddr,
 ) -> Result<Response<ForwardBody>, BoxError> {
     let tunnel_side = hyper::upgrade::on(&mut request);
@@ -181,10 +184,7 @@ async fn upgrade(
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_str(protocol.as_str())?);
 
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(app))
-        .await
-        .map_err(|_| format!("connecting to {app} took over {CONNECT_TIMEOUT:?}"))??;
-    let _ = stream.set_nodelay(true);
+    let stream = pool.connect().await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
@@ -196,7 +196,7 @@ async fn upgrade(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
-        let body = AppBody::driven_elsewhere(body);
+        let body = AppBody::hyper(body);
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     let app_side = hyper::upgrade::on(&mut response);

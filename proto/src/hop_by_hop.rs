@@ -54,8 +54,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Whether a header named `name` (in any case) is hop-by-hop by its name alone, `TE`
-/// included: for a head handled as bytes (the worker's `http1_relay`), whose `Connection`
-/// header names the rest.
+/// included: for a head handled as bytes (`app_exchange`, the worker's `http1_relay`), whose
+/// `Connection` header names the rest.
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
     let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
     is(&header::TE) || HOP_BY_HOP.iter().any(is)

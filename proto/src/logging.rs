@@ -42,3 +42,15 @@ where
         .with_ansi(ansi)
         .init();
 }
+
+/// `e` and its causes, `: `-separated, as one log line.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,6 +1,6 @@
 //! Requests without a body, relayed to their app as bytes (the worker's `http1_relay`, and
-//! `relayed_response` for HTTP/2 clients), against an app that answers in every way HTTP/1.1
-//! allows: interim answers, chunks with extensions and trailers, a body that ends when the app
+//! `core_server_proto::relayed_body` for HTTP/2 clients), against an app that answers in every
+//! way HTTP/1.1 allows: interim answers, chunks with extensions and trailers, a body that ends when the app
 //! closes, HTTP/1.0, heads too large or malformed; and that closes its idle keep-alive
 //! connections on its own schedule, as apps do.
 

@@ -50,9 +50,13 @@ async fn the_in_process_example_serves_a_request() {
     let reply = get(&server.url("/"), APP).await;
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
     let _ = child.wait();
+    let length = reply
+        .headers
+        .get("content-length")
+        .map(|v| v.to_str().unwrap());
     assert_eq!(
-        (reply.status.as_u16(), &*reply.body),
-        (200, "hello from in-process\n"),
+        (reply.status.as_u16(), &*reply.body, length),
+        (200, "hello from in-process\n", Some("22")),
         "{}",
         std::fs::read_to_string(log.path()).unwrap_or_default()
     );

@@ -185,8 +185,11 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         .send(APP, request("GET", "/path?q=1", APP, full("")))
         .await;
     assert_eq!(response.status(), 200);
+    let length = response.headers().get("content-length").cloned();
     let body = text(response.into_body()).await;
     assert!(body.starts_with("GET /path?q=1 HTTP/1.1\n"), "{body}");
+    // Its length, as the app gave it: not chunked by the way.
+    assert_eq!(length, Some(body.len().into()), "{body}");
     assert!(body.contains(&format!("\nhost: {APP}\n")), "{body}");
     assert!(body.contains("\nx-forwarded-for: 127.0.0.1\n"), "{body}");
     assert!(

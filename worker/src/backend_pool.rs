@@ -29,21 +29,20 @@
 //! - a connect timeout, and `TCP_NODELAY`.
 //!
 //! Requests relayed as bytes (see `http1_relay`) take plain TCP connections from a list of
-//! their own, kept by the same rules; an idle one is used only if the app has neither closed
-//! it nor sent anything on it since its last response (a misbehaving app's stray bytes must
-//! not become the next client's response): as tokio's readiness says if it was in use moments
-//! ago ([`READINESS_TRUSTED_FOR`]: bytes the runtime has not heard of yet slip through), else as
-//! a peek says. Bytes the app sends after the next request is on its way cannot be told apart
-//! from the answer, by any HTTP/1.1 proxy.
+//! their own, kept by the same rules, and used again only while the app has neither closed
+//! them nor sent anything on them (see `core_server_proto::idle_connections`).
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Deref;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use core_server_proto::app_exchange::AppConnections;
+use core_server_proto::idle_connections::{first_quiet, quiet, IdleList};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -70,16 +69,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// of file descriptors, they are the first to go ([`BackendPool::close_idle`]).
 pub const MAX_IDLE_PER_BACKEND: usize = 512;
 
-/// How soon after its last response a plain idle connection is taken on tokio's word that the
-/// app has neither closed it nor sent on it since, without a peek (a system call per request,
-/// 5% of the worker's CPU at keep-alive load). What slips through: what the app sent or closed
-/// since the runtime last polled its events, as in nginx and haproxy, which learn of it from
-/// their event loops too (neither peeks when it takes a connection). A heuristic on apps, not
-/// a bound on that: they close idle connections after seconds, not within 100 ms of answering
-/// (a bodiless request that finds one closed just then goes again if idempotent, else is a
-/// 502). Longer idle, a connection is peeked at.
-pub const READINESS_TRUSTED_FOR: Duration = Duration::from_millis(100);
-
 /// How often idle connections are looked at, to close those the app closed or that expired.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -90,7 +79,7 @@ const STALE_TRIES: usize = 3;
 type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 
 /// Idle connections by backend port.
-type IdleLists<C> = Mutex<HashMap<u16, Vec<Idle<C>>>>;
+type IdleLists<C> = Mutex<HashMap<u16, IdleList<C>>>;
 
 /// The connections to every backend port.
 pub struct BackendPool {
@@ -99,11 +88,6 @@ pub struct BackendPool {
     raw: IdleLists<TcpStream>,
     /// `backend_timeout`: for connecting, and for an upload the backend stops taking.
     timeout: Duration,
-}
-
-struct Idle<C> {
-    connection: C,
-    since: Instant,
 }
 
 /// One HTTP/1.1 connection to a backend: the handle requests go through, and the future that
@@ -186,7 +170,7 @@ impl BackendPool {
             _ => self.pooled(port, connection),
         };
         for _ in 0..STALE_TRIES {
-            let Some(Idle { mut connection, .. }) = take(&self.idle, port, Instant::now()) else {
+            let Some((mut connection, _)) = take(&self.idle, port, Instant::now()) else {
                 break;
             };
             if !connection.ready().await {
@@ -258,16 +242,9 @@ impl BackendPool {
 
     /// The most recently used idle connection to `port` for a request relayed as bytes, if
     /// one is still open and quiet: peeked at, unless it was in use moments ago and tokio has
-    /// seen nothing come on it since (see [`READINESS_TRUSTED_FOR`]).
+    /// seen nothing come on it since (see `core_server_proto::idle_connections`).
     pub fn take_raw(&self, port: u16) -> Option<TcpStream> {
-        let now = Instant::now();
-        while let Some(Idle { connection, since }) = take(&self.raw, port, now) {
-            let recent = now < since + READINESS_TRUSTED_FOR;
-            if (recent && !readiness_seen(&connection)) || quiet(&connection) {
-                return Some(connection);
-            }
-        }
-        None
+        first_quiet(|now| take(&self.raw, port, now))
     }
 
     /// A new connection to the app on `port`, for a request relayed as bytes.
@@ -340,42 +317,29 @@ impl BackendPool {
     #[cfg(test)]
     fn idle_count(&self, port: u16) -> usize {
         let idle = self.idle.lock().expect("pool lock");
-        idle.get(&port).map_or(0, Vec::len)
+        idle.get(&port).map_or(0, IdleList::len)
     }
 }
 
-/// The most recently used idle connection to `port` in `lists` that has not expired by `now`.
-fn take<C>(lists: &IdleLists<C>, port: u16, now: Instant) -> Option<Idle<C>> {
+/// The most recently used idle connection to `port` in `lists` that has not expired by `now`,
+/// and since when it has been idle.
+fn take<C>(lists: &IdleLists<C>, port: u16, now: Instant) -> Option<(C, Instant)> {
     let mut lists = lists.lock().expect("pool lock");
-    let list = lists.get_mut(&port)?;
-    while let Some(idle) = list.pop() {
-        if now < idle.since + IDLE_TIMEOUT {
-            return Some(idle);
-        }
-    }
-    None
+    lists.get_mut(&port)?.take(now, IDLE_TIMEOUT)
 }
 
 /// Keeps `connection` in `lists` for the next request to `port`, if there is room.
 fn keep<C>(lists: &IdleLists<C>, port: u16, connection: C) {
     let mut lists = lists.lock().expect("pool lock");
     let list = lists.entry(port).or_default();
-    if list.len() < MAX_IDLE_PER_BACKEND {
-        list.push(Idle {
-            connection,
-            since: Instant::now(),
-        });
-    }
+    list.keep(connection, MAX_IDLE_PER_BACKEND);
 }
 
 /// Closes the connections in `lists` that expired or that are no longer `usable`.
 fn sweep_lists<C>(lists: &IdleLists<C>, mut usable: impl FnMut(&mut C) -> bool) {
-    let now = Instant::now();
     let mut lists = lists.lock().expect("pool lock");
     lists.retain(|_, list| {
-        list.retain_mut(|Idle { connection, since }| {
-            now < *since + IDLE_TIMEOUT && usable(connection)
-        });
+        list.sweep(IDLE_TIMEOUT, &mut usable);
         !list.is_empty()
     });
 }
@@ -389,24 +353,6 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
     )
 }
 
-/// Whether tokio has seen `stream` turn readable (the app sent bytes or closed it) since a
-/// read last came back short. It learns of it when the runtime next polls its events (when a
-/// runtime thread has nothing to run, and between every 61 tasks it runs). Asked outside the
-/// task's budget: a task out of it would be told "not ready" whatever tokio saw.
-fn readiness_seen(stream: &TcpStream) -> bool {
-    let readiness = tokio::task::unconstrained(poll_fn(|cx| stream.poll_read_ready(cx)));
-    let mut cx = Context::from_waker(Waker::noop());
-    pin!(readiness).poll(&mut cx).is_ready()
-}
-
-/// Whether an idle plain connection is still open and has nothing to read: neither closed by
-/// the app nor sent bytes after its last response. A peek, which sees what tokio's readiness
-/// has not caught up with yet.
-fn quiet(stream: &TcpStream) -> bool {
-    let peeked = socket2::SockRef::from(stream).peek(&mut [std::mem::MaybeUninit::uninit()]);
-    matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
 async fn sweep(pool: Weak<BackendPool>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -417,6 +363,30 @@ async fn sweep(pool: Weak<BackendPool>) {
             Some(pool) => pool.sweep(),
             None => return,
         }
+    }
+}
+
+/// The plain connections to the app on one port, for requests relayed as bytes (see
+/// `app_exchange`): `P` is the pool, borrowed by the fast path's exchange, or held by the body
+/// of a response that outlives it (see `relayed_body`).
+pub struct PortConnections<P> {
+    pub pool: P,
+    pub port: u16,
+}
+
+impl<P: Deref<Target = BackendPool> + Sync> AppConnections for PortConnections<P> {
+    type Error = BackendError;
+
+    fn take(&self) -> Option<TcpStream> {
+        self.pool.take_raw(self.port)
+    }
+
+    fn connect(&self) -> impl Future<Output = Result<TcpStream, BackendError>> + Send {
+        self.pool.connect_raw(self.port)
+    }
+
+    fn put(&self, stream: TcpStream) {
+        self.pool.put_raw(self.port, stream);
     }
 }
 

@@ -23,6 +23,8 @@ use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use core_server_proto::app_exchange::{bodiless, push_field, start_head};
+use core_server_proto::http1_body::{Body as Delimited, BodyError};
 use http::header::{self, HeaderMap};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
@@ -53,6 +55,25 @@ pub enum WriteError {
     Short { sent: u64, length: u64 },
     #[error("the client went away while the response body was awaited")]
     ClientGone,
+}
+
+impl From<BodyError> for WriteError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::Short { sent, length } => WriteError::Short { sent, length },
+            BodyError::Broken(why) => WriteError::Body(why),
+        }
+    }
+}
+
+/// How the client gets a body the app delimited as `body`: a length is passed on, anything
+/// else is chunked (the client must be able to tell a whole body from a cut one).
+pub fn framing(body: Delimited) -> Framing {
+    match body {
+        Delimited::None => Framing::None,
+        Delimited::Length(length) => Framing::Length(length),
+        Delimited::Chunked | Delimited::UntilClose => Framing::Chunked,
+    }
 }
 
 /// The client's connection, as [`write`] needs it: written to, and watched while the body is
@@ -147,15 +168,6 @@ where
     }
     outgoing.end(client).await?;
     Ok(written)
-}
-
-/// Whether a response with `status` has no body, whatever its headers say (RFC 9112 §6.3): an
-/// answer to a `HEAD` (`to_head`), a 1xx, a 204 or a 304.
-pub fn bodiless(status: StatusCode, to_head: bool) -> bool {
-    to_head
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
 }
 
 /// A response on its way to the client, its head made: the head waits for the body's first
@@ -314,23 +326,6 @@ fn encode_head(
         !headers.contains_key(header::DATE),
     );
     head
-}
-
-/// Starts a response head with its status line: `status`, three digits, and `reason`.
-pub fn start_head(head: &mut Vec<u8>, status: &[u8], reason: &[u8]) {
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(status);
-    head.push(b' ');
-    head.extend_from_slice(reason);
-    head.extend_from_slice(b"\r\n");
-}
-
-/// Adds a header field to a head.
-pub fn push_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    head.extend_from_slice(name);
-    head.extend_from_slice(b": ");
-    head.extend_from_slice(value);
-    head.extend_from_slice(b"\r\n");
 }
 
 /// Ends a response head: the framing's header, `Connection: close` if `close`, a `Date` if

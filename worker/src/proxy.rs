@@ -25,8 +25,8 @@
 //! (a rule added to `handle` that such a request must obey belongs in [`Proxy::relay_target`]
 //! or `request_head` as well). A bodiless request that does come through `handle` (HTTP/2,
 //! or a connection hyper serves) for an app on a local port is relayed as bytes too, once
-//! prepared here (see `relayed_response`); hyper's client carries the rest: bodies, upgrades,
-//! tunnels.
+//! prepared here (see `core_server_proto::relayed_body`); hyper's client carries the rest:
+//! bodies, upgrades, tunnels.
 //!
 //! One timeout, `backend_timeout` (60 s by default, as nginx's `proxy_read_timeout`,
 //! `proxy_send_timeout` and `client_body_timeout`), bounds every wait of an exchange:
@@ -62,9 +62,8 @@ use tracing::{debug, info, warn};
 use crate::backend_pool::BackendPool;
 use crate::forwarding;
 use crate::http1_fast_path::Closing;
-use crate::http1_relay::{self, Relay, RelayError};
+use crate::http1_relay::{self, Relay};
 use crate::http1_response::{self, ClientConnection, WriteError, Written};
-use crate::relayed_response;
 use crate::request_body::{ClientBodyError, RequestBody, Upload};
 use crate::request_head::RequestHead;
 use crate::response_body::{BackendBody, Holding, ResponseBody};
@@ -72,6 +71,9 @@ use crate::route_table::RouteTable;
 use crate::tunnel_endpoint::TunnelEndpoint;
 use crate::tunnels::{NoAgent, Tunnels};
 use crate::{tunnel_forward, tunnel_upgrade, upgrade};
+use core_server_proto::app_exchange::RelayError;
+pub use core_server_proto::logging::describe;
+use core_server_proto::relayed_body;
 
 /// A client's request as the proxy takes it: its body is `None` when it came without one (see
 /// `http1_fast_path`).
@@ -311,15 +313,15 @@ impl Proxy {
                 });
                 self.exchange(send.as_mut(), upload).await
             }
-            // No body: relayed as bytes (see `relayed_response`).
+            // No body: relayed as bytes (see `core_server_proto::relayed_body`).
             None if upload.is_none() => {
                 let relay = self.relay_to(backend.port());
                 let to_head = request.method() == Method::HEAD;
                 let idempotent = request.method().is_idempotent();
-                let head = relayed_response::request_head(&request);
+                let head = relayed_body::request_head(&request);
                 drop(request);
                 let send = pin!(async {
-                    let response = relay.fetch(head, to_head, idempotent).await?;
+                    let response = relay.fetch(&head, to_head, idempotent).await?;
                     Ok((response.map(BackendBody::Relayed), None))
                 });
                 self.exchange(send, None).await
@@ -543,18 +545,6 @@ fn origin_form(uri: &Uri) -> Uri {
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     Uri::from(path)
-}
-
-/// `e` and its causes, `: `-separated, as one log line.
-pub fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A short plain-text page; errors from core-server itself are told apart from the app's.

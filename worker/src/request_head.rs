@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 use core_server_proto::hop_by_hop;
+use core_server_proto::http1_body::is_field_text;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri};
@@ -23,12 +24,6 @@ pub const MAX_HEAD: usize = 16 * 1024;
 
 /// Header fields the fast path takes in one head; more go to hyper (which takes 100).
 const MAX_HEADERS: usize = 64;
-
-/// Whether `bytes` are what `http` takes in a header value: no control byte but tab (httparse
-/// lets DEL through).
-pub fn is_field_text(bytes: &[u8]) -> bool {
-    !bytes.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
-}
 
 /// A request the fast path leaves to hyper: a body, an upgrade, HTTP/1.0 or HTTP/2, a
 /// malformed head ...

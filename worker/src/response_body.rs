@@ -7,10 +7,11 @@
 //! The body also holds what it comes on until it has ended: from an app on a local port, the
 //! backend connection, which it drives (see `backend_pool`) and then gives back to the pool; through
 //! a tunnel, the lease on the agent connection, which counts the request in flight (for the
-//! balancing). A body relayed from the app's connection (see `relayed_response`) holds its
-//! connection itself.
+//! balancing). A body relayed from the app's connection (see `core_server_proto::relayed_body`)
+//! holds its connection itself.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,18 +19,19 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tracing::warn;
 
-use crate::backend_pool::Pooled;
-use crate::http1_response::WriteError;
+use core_server_proto::http1_body::BodyError;
+use core_server_proto::relayed_body::RelayedBody;
+
+use crate::backend_pool::{BackendPool, Pooled, PortConnections};
 use crate::proxy::Upstream;
 use crate::read_deadline::ReadDeadline;
-use crate::relayed_response::RelayedBody;
 use crate::tunnels::Lease;
 
 /// A backend's body as it comes: through hyper's client, or read from the app's connection
-/// (see `relayed_response`).
+/// (see `core_server_proto::relayed_body`).
 pub enum BackendBody {
     Hyper(Incoming),
-    Relayed(RelayedBody),
+    Relayed(RelayedBody<PortConnections<Arc<BackendPool>>>),
 }
 
 impl From<Incoming> for BackendBody {
@@ -81,7 +83,7 @@ pub enum ResponseBodyError {
     #[error(transparent)]
     Backend(#[from] hyper::Error),
     #[error(transparent)]
-    Relayed(#[from] WriteError),
+    Relayed(#[from] BodyError),
     #[error("the backend sent no byte of its response body for {0:?}")]
     Stalled(Duration),
 }

@@ -1,30 +1,26 @@
-//! A request without a body, for an app on a local port, relayed as bytes (see `http1_relay`)
-//! for a client hyper serves: every HTTP/2 client, and the HTTP/1.1 connections the fast path
-//! handed over. The app's response comes back as an `http::Response` whose body reads the app's
-//! connection itself; hyper's server frames it for the client.
-//!
-//! Why: hyper's client costs more CPU per request than the relaying itself (a task per backend
-//! connection, a dispatch channel and a response oneshot per request, its own parse and
-//! encode), and an HTTP/2 client's requests are mostly bodiless `GET`s. Requests with a body,
-//! and upgrades, still go through hyper's client (see `proxy`, `backend_pool`).
+//! A request without a body, relayed to an app as bytes (see `app_exchange`) for a client that
+//! hyper serves: the app's response comes back as an `http::Response` whose body reads the
+//! app's connection itself, and hyper's server frames it for the client. The worker relays
+//! every HTTP/2 client's bodiless requests so, and `core-agent` those from its tunnel.
 //!
 //! What hyper's client did that this does too, and must keep doing:
-//! - the app gets the request as `proxy` prepared it (hop-by-hop headers removed,
-//!   `X-Forwarded-*` and `Forwarded` set, its `Host`), as HTTP/1.1 in origin form;
-//! - the response head is read as `http1_relay` reads it (1xx skipped, framing as RFC 9112
-//!   §6.3 says, 502 for nonsense), with the app's reason phrase for an HTTP/1.1 client;
+//! - the app gets the request as the caller prepared it, as HTTP/1.1 in origin form;
+//! - the response head is read as `app_exchange` reads it, with the app's reason phrase for an
+//!   HTTP/1.1 client;
 //! - a chunked body's trailers are passed on (HTTP/2 carries them);
 //! - the connection goes back to the pool only after a whole, well-framed response with
-//!   nothing after it, and an idempotent request is sent once more as `http1_relay` says
+//!   nothing after it, and an idempotent request is sent once more as `app_exchange` says
 //!   (hyper sent any request again that it had not written yet: a bodiless `POST` whose idle
 //!   connection the app closed just then is now a 502, unless the pool saw it closed first);
 //! - an empty body of known length keeps its `Content-Length: 0` (hyper's server adds none to
 //!   a body that has ended from the start);
-//! - a body that stalls is cut by `response_body`, which wraps this one as it wrapped hyper's;
 //! - a body that waits for the app holds no buffer.
+//!
+//! Not here: deadlines. The worker cuts a body that stalls (its `response_body`); the agent
+//! has none of its own (as hyper's client had none): an exchange ends when the worker resets
+//! its stream.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -34,17 +30,13 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
 use tokio::net::TcpStream;
 
-use crate::backend_pool::BackendPool;
+use crate::app_exchange::{self, poll_read_some, push_field, start_request};
+use crate::app_exchange::{AppConnections, RelayError, ResponseHead, BODY_READ};
 use crate::http1_body::Body as Framing;
-use crate::http1_body::{Decoder, Piece};
-use crate::http1_relay::{
-    poll_read_some, start_request, Relay, RelayError, ResponseHead, BODY_READ,
-};
-use crate::http1_response::{push_field, WriteError};
-use crate::proxy::BackendError;
+use crate::http1_body::{BodyError, Decoder, Piece};
 
-/// `request`'s head as the app gets it: `proxy` has prepared its fields and made its URI the
-/// origin form.
+/// `request`'s head as the app gets it: the caller has prepared its fields (a `Host` among
+/// them), and its URI's path and query are the request target.
 pub fn request_head<B>(request: &Request<B>) -> Vec<u8> {
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut out = start_request(request.method(), path);
@@ -55,33 +47,30 @@ pub fn request_head<B>(request: &Request<B>) -> Vec<u8> {
     out
 }
 
-impl Relay<'_> {
-    /// Sends `request` (see [`request_head`]; a `HEAD` if `to_head`; sent again on a new
-    /// connection if `idempotent` and its idle one turns out closed) and returns the app's
-    /// response head, with a body that reads the rest.
-    pub async fn fetch(
-        &self,
-        request: Vec<u8>,
-        to_head: bool,
-        idempotent: bool,
-    ) -> Result<Response<RelayedBody>, BackendError> {
-        let (backend, buffer, mut response) = self
-            .send::<Response<()>>(&request, to_head, idempotent)
-            .await?;
-        if response.body == Framing::Length(0) {
-            let length = HeaderValue::from_static("0");
-            response.head.headers_mut().insert(CONTENT_LENGTH, length);
-        }
-        let body = RelayedBody {
-            backend: Some(backend),
-            buffer,
-            decoder: Decoder::keeping_trailers(response.body),
-            keep_alive: response.keep_alive,
-            pool: self.pool.clone(),
-            port: self.port,
-        };
-        Ok(response.head.map(|()| body))
+/// Sends `request` (see [`request_head`]; a `HEAD` if `to_head`; sent again on a new
+/// connection if `idempotent` and its idle one turns out closed) on a connection from
+/// `connections`, and returns the app's response head, with a body that reads the rest and
+/// gives the connection back to `connections` once it has ended whole.
+pub async fn fetch<C: AppConnections>(
+    connections: C,
+    request: &[u8],
+    to_head: bool,
+    idempotent: bool,
+) -> Result<Response<RelayedBody<C>>, C::Error> {
+    let (backend, buffer, mut response) =
+        app_exchange::send::<Response<()>, C>(&connections, request, to_head, idempotent).await?;
+    if response.body == Framing::Length(0) {
+        let length = HeaderValue::from_static("0");
+        response.head.headers_mut().insert(CONTENT_LENGTH, length);
     }
+    let body = RelayedBody {
+        backend: Some(backend),
+        buffer,
+        decoder: Decoder::keeping_trailers(response.body),
+        keep_alive: response.keep_alive,
+        connections,
+    };
+    Ok(response.head.map(|()| body))
 }
 
 impl ResponseHead for Response<()> {
@@ -109,8 +98,8 @@ impl ResponseHead for Response<()> {
 }
 
 /// An app's response body, read from its connection as the client takes it; the connection
-/// goes back to the pool once the body has ended whole.
-pub struct RelayedBody {
+/// goes back to where it came from once the body has ended whole.
+pub struct RelayedBody<C: AppConnections> {
     /// Until the body has ended or failed.
     backend: Option<TcpStream>,
     /// What was read of the app's connection and not passed on yet.
@@ -118,44 +107,43 @@ pub struct RelayedBody {
     decoder: Decoder,
     /// Whether the app keeps the connection after this response.
     keep_alive: bool,
-    pool: Arc<BackendPool>,
-    port: u16,
+    connections: C,
 }
 
-impl RelayedBody {
-    /// Gives the connection back to the pool if the body has ended whole and nothing came
-    /// after it (the app is not to be trusted with another request otherwise); drops it if not.
+impl<C: AppConnections> RelayedBody<C> {
+    /// Gives the connection back if the body has ended whole and nothing came after it (the
+    /// app is not to be trusted with another request otherwise); drops it if not.
     fn let_go(&mut self) {
         let backend = self.backend.take();
         if let Some(backend) = backend {
             if self.keep_alive && self.decoder.ended() && self.buffer.is_empty() {
-                self.pool.put_raw(self.port, backend);
+                self.connections.put(backend);
             }
         }
     }
 
     /// The body failed: its connection is not used again.
-    fn failed(&mut self, e: WriteError) -> Poll<Option<Result<Frame<Bytes>, WriteError>>> {
+    fn failed(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.backend = None;
         Poll::Ready(Some(Err(e)))
     }
 }
 
-impl Drop for RelayedBody {
+impl<C: AppConnections> Drop for RelayedBody<C> {
     fn drop(&mut self) {
         // hyper polls no body that has ended from the start (HEAD, 204, 304, a length of 0).
         self.let_go();
     }
 }
 
-impl Body for RelayedBody {
+impl<C: AppConnections + Unpin> Body for RelayedBody<C> {
     type Data = Bytes;
-    type Error = WriteError;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, WriteError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         loop {
             match this.decoder.next(&mut this.buffer) {
@@ -183,7 +171,7 @@ impl Body for RelayedBody {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    return this.failed(WriteError::Body(format!("reading from the app: {e}")))
+                    return this.failed(BodyError::Broken(format!("reading from the app: {e}")))
                 }
             }
         }

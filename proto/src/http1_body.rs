@@ -1,15 +1,13 @@
 //! An app's HTTP/1.1 response body, taken out of the bytes read from its connection as they
-//! come, for `http1_relay` and `relayed_response`: delimited by its length, chunked (decoded:
-//! chunk extensions are dropped, and trailers too unless kept for a client that takes them),
-//! or by the end of the connection (RFC 9112 §6.3, §7.1).
+//! come (see `app_exchange`): delimited by its length, chunked (decoded: chunk extensions are
+//! dropped, and trailers too unless kept for a client that takes them), or by the end of the
+//! connection (RFC 9112 §6.3, §7.1).
 
 use bytes::{Buf, Bytes, BytesMut};
-use core_server_proto::hop_by_hop::is_hop_by_hop;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
-use crate::http1_response::{Framing, WriteError};
-use crate::request_head::is_field_text;
+use crate::hop_by_hop::is_hop_by_hop;
 
 /// The longest line of a chunked body (a chunk's size and extensions, or a trailer field).
 const MAX_CHUNK_LINE: usize = 16 * 1024;
@@ -28,16 +26,19 @@ pub enum Body {
     UntilClose,
 }
 
-impl Body {
-    /// How the client gets a body delimited so: a length is passed on, anything else is
-    /// chunked (the client must be able to tell a whole body from a cut one).
-    pub fn framing(self) -> Framing {
-        match self {
-            Body::None => Framing::None,
-            Body::Length(length) => Framing::Length(length),
-            Body::Chunked | Body::UntilClose => Framing::Chunked,
-        }
-    }
+/// Why a body could not be taken whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the response body ended after {sent} of its {length} bytes")]
+    Short { sent: u64, length: u64 },
+    #[error("the response body broke off: {0}")]
+    Broken(String),
+}
+
+/// Whether `bytes` are what `http` takes in a header value: no control byte but tab (httparse
+/// lets DEL through).
+pub fn is_field_text(bytes: &[u8]) -> bool {
+    !bytes.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
 }
 
 /// Takes a body's pieces out of what is read of the app's connection.
@@ -93,14 +94,14 @@ impl Decoder {
 
     /// The next piece of the body from `buffer` (taken out of it); `None` if more bytes are
     /// needed first (or, for a body that ends with the connection, that end).
-    pub fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
+    pub fn next(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, BodyError> {
         let piece = self.piece(buffer);
         // Trailers are the last piece: a reader may stop at them, as hyper does.
         self.ended |= matches!(piece, Ok(Some(Piece::End | Piece::Trailers(_))));
         piece
     }
 
-    fn piece(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, WriteError> {
+    fn piece(&mut self, buffer: &mut BytesMut) -> Result<Option<Piece>, BodyError> {
         match self.body {
             Body::None => Ok(Some(Piece::End)),
             Body::Length(_) if self.left == 0 => Ok(Some(Piece::End)),
@@ -122,14 +123,14 @@ impl Decoder {
 
     /// The app closed its connection before the body's end: whether that is its end (a body
     /// delimited by it), or an error (the client must see the body cut short).
-    pub fn closed(&self) -> Result<(), WriteError> {
+    pub fn closed(&self) -> Result<(), BodyError> {
         match self.body {
             Body::None | Body::UntilClose => Ok(()),
-            Body::Length(length) => Err(WriteError::Short {
+            Body::Length(length) => Err(BodyError::Short {
                 sent: length - self.left,
                 length,
             }),
-            Body::Chunked => Err(WriteError::Body("the app closed mid-chunk".into())),
+            Body::Chunked => Err(BodyError::Broken("the app closed mid-chunk".into())),
         }
     }
 }
@@ -167,9 +168,9 @@ impl Chunks {
         &mut self,
         buffer: &mut BytesMut,
         mut trailers: Option<&mut Option<Box<HeaderMap>>>,
-    ) -> Result<Option<Piece>, WriteError> {
+    ) -> Result<Option<Piece>, BodyError> {
         let broken =
-            |why: &str| WriteError::Body(format!("the app's chunked body is malformed: {why}"));
+            |why: &str| BodyError::Broken(format!("the app's chunked body is malformed: {why}"));
         loop {
             match self {
                 Chunks::Size => {
@@ -270,14 +271,14 @@ fn parse_chunk_size(digits: &[u8]) -> Option<u64> {
 
 /// The next `\r\n`-ended line of `buffer` (taken out, without its end); `None` if not whole
 /// yet.
-fn take_line(buffer: &mut BytesMut) -> Result<Option<Bytes>, WriteError> {
+fn take_line(buffer: &mut BytesMut) -> Result<Option<Bytes>, BodyError> {
     match buffer.windows(2).position(|pair| pair == b"\r\n") {
         Some(at) => {
             let line = buffer.split_to(at).freeze();
             buffer.advance(2);
             Ok(Some(line))
         }
-        None if buffer.len() > MAX_CHUNK_LINE => Err(WriteError::Body(format!(
+        None if buffer.len() > MAX_CHUNK_LINE => Err(BodyError::Broken(format!(
             "the app's chunked body has a line longer than {MAX_CHUNK_LINE} bytes"
         ))),
         None => Ok(None),
@@ -379,7 +380,7 @@ mod tests {
         assert_eq!(decoder.next(&mut buffer).unwrap(), None);
         assert!(matches!(
             decoder.closed(),
-            Err(WriteError::Short { sent: 3, length: 5 })
+            Err(BodyError::Short { sent: 3, length: 5 })
         ));
         buffer.extend_from_slice(b"deXTRA");
         assert_eq!(
