@@ -35,6 +35,12 @@ use crate::app_exchange::{AppConnections, RelayError, ResponseHead, BODY_READ};
 use crate::http1_body::Body as Framing;
 use crate::http1_body::{BodyError, Decoder, Piece};
 
+/// The most a read of a body asks for, once reads fill what they asked for: a download goes to
+/// the client in fewer, larger pieces (HTTP/2 `DATA` frames, each with its own costs on both
+/// sides). Measured through a tunnel (100 MB downloads, 2 cores): 64 KiB reads made 530 MB/s
+/// where hyper's client, reading up to about 400 KiB, made 930; 512 KiB made 1,000.
+const MAX_BODY_READ: usize = 512 * 1024;
+
 /// `request`'s head as the app gets it: the caller has prepared its fields (a `Host` among
 /// them), and its URI's path and query are the request target.
 pub fn request_head<B>(request: &Request<B>) -> Vec<u8> {
@@ -68,6 +74,7 @@ pub async fn fetch<C: AppConnections>(
         buffer,
         decoder: Decoder::keeping_trailers(response.body),
         keep_alive: response.keep_alive,
+        read_size: BODY_READ,
         connections,
     };
     Ok(response.head.map(|()| body))
@@ -107,6 +114,8 @@ pub struct RelayedBody<C: AppConnections> {
     decoder: Decoder,
     /// Whether the app keeps the connection after this response.
     keep_alive: bool,
+    /// What the next read asks for: doubled, up to [`MAX_BODY_READ`], each time a read fills it.
+    read_size: usize,
     connections: C,
 }
 
@@ -161,7 +170,8 @@ impl<C: AppConnections + Unpin> Body for RelayedBody<C> {
             let Some(backend) = &mut this.backend else {
                 return Poll::Ready(None); // polled again after it failed
             };
-            match ready!(poll_read_some(backend, &mut this.buffer, BODY_READ, cx)) {
+            let read = poll_read_some(backend, &mut this.buffer, this.read_size, cx);
+            match ready!(read) {
                 Ok(0) => {
                     this.backend = None;
                     return match this.decoder.closed() {
@@ -169,7 +179,11 @@ impl<C: AppConnections + Unpin> Body for RelayedBody<C> {
                         Err(e) => Poll::Ready(Some(Err(e))),
                     };
                 }
-                Ok(_) => {}
+                Ok(read) => {
+                    if read >= this.read_size {
+                        this.read_size = (this.read_size * 2).min(MAX_BODY_READ);
+                    }
+                }
                 Err(e) => {
                     return this.failed(BodyError::Broken(format!("reading from the app: {e}")))
                 }
