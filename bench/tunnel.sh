@@ -113,8 +113,8 @@ mbps() {  # path -> the MB/s of each of DOWNLOADS 100 MB downloads (one cut shor
 }
 
 # ROUNDS rounds, every path in turn within a round (a drift in the machine's load hits all
-# alike); the medians count.
-declare -A runs_rps runs_mbps RPS MBPS
+# alike); the medians count, printed with their spread (min-max).
+declare -A runs_rps runs_mbps RPS MBPS SPREAD_RPS SPREAD_MBPS
 for round in $(seq "$ROUNDS"); do
   for path in "${paths[@]}"; do
     runs_rps[$path]+="$(rps "$path") "
@@ -122,19 +122,22 @@ for round in $(seq "$ROUNDS"); do
   done
   echo "round $round of $ROUNDS done"
 done
-median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 for path in "${paths[@]}"; do
-  RPS[$path]=$(median <<<"${runs_rps[$path]}")
-  MBPS[$path]=$(median <<<"${runs_mbps[$path]}")
+  whole='{printf "%.0f %.0f %.0f", $1, $2, $3}'
+  read -r RPS[$path] low high <<<"$(stats <<<"${runs_rps[$path]}" | awk "$whole")"
+  SPREAD_RPS[$path]="$low-$high"
+  read -r MBPS[$path] low high <<<"$(stats <<<"${runs_mbps[$path]}")"
+  SPREAD_MBPS[$path]="$low-$high"
 done
 finished=1
 
 echo
 echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; core-agent options: --connections 2 ${AGENT_OPTIONS}"
 echo "medians of $ROUNDS rounds of wrk -t1 -c$CONNECTIONS -d${DURATION}s and of $DOWNLOADS x 100 MB curl downloads"
-printf '%-26s %12s %12s\n' "" "requests/s" "MB/s"
+printf '%-26s %12s %18s %10s %16s\n' "" "requests/s" "spread (min-max)" "MB/s" "spread (min-max)"
 for path in "${paths[@]}"; do
-  printf '%-26s %12s %12s\n' "${label[$path]}" "${RPS[$path]}" "${MBPS[$path]}"
+  printf '%-26s %12s %18s %10s %16s\n' "${label[$path]}" "${RPS[$path]}" "${SPREAD_RPS[$path]}" \
+    "${MBPS[$path]}" "${SPREAD_MBPS[$path]}"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
 echo
