@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::WorkerSettings;
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -394,14 +395,17 @@ impl HttpServer {
                 if request.version() == Version::HTTP_2 {
                     activity.saw_http2();
                 }
-                let (responder, stop) = (responder.clone(), stop.clone());
-                async move {
-                    let mut response = responder.respond(request.map(Some)).await;
-                    if stop.is_cancelled() {
-                        ask_to_close(&mut response);
-                    }
-                    Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, in_flight)))
-                }
+                let stop = stop.clone();
+                // A combinator, not an `async` block: that would hold the request, or the
+                // response's future, twice (as captured, and as awaited).
+                responder
+                    .respond(request.map(Some))
+                    .map(move |mut response| {
+                        if stop.is_cancelled() {
+                            ask_to_close(&mut response);
+                        }
+                        Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, in_flight)))
+                    })
             })
         };
         let io = TokioIo::new(stream);
@@ -502,10 +506,17 @@ struct Responder {
 }
 
 impl Responder {
-    async fn respond(&self, request: ClientRequest) -> Response<ProxyBody> {
+    /// The response to `request`: a future of its own (it borrows nothing), holding the
+    /// request once (see `Proxy::handle`). A redirect to HTTPS is made at once, when hyper calls
+    /// the service, outside the stream's `catch_unwind`: it builds fixed headers and cannot
+    /// panic.
+    fn respond(
+        &self,
+        request: ClientRequest,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         match self.redirect.as_ref().and_then(|r| r.answer(&request)) {
-            Some(response) => response,
-            None => self.proxy.handle(request, self.client, self.scheme).await,
+            Some(response) => Either::Left(std::future::ready(response)),
+            None => Either::Right(self.proxy.handle(request, self.client, self.scheme)),
         }
     }
 }
