@@ -258,8 +258,16 @@ async fn two_thousand_idle_connections_with_max_connections_500() {
     let idle = open_idle(server.http_port, 2_000).await;
     answered_within_a_second(&server, "app.example").await;
     // Idle connections were closed to make room: the worker holds no more than its cap (and
-    // its listeners, UDP and IPC sockets, and a pooled backend connection).
-    let held = open_sockets(server.worker_pid());
+    // its listeners, UDP and IPC sockets, and a pooled backend connection). Evicted
+    // connections close in their own tasks, a moment later: a count taken before may be over.
+    let mut held = open_sockets(server.worker_pid());
+    for _ in 0..20 {
+        if held <= 500 + 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held = open_sockets(server.worker_pid());
+    }
     assert!(held <= 500 + 8, "the worker holds {held} sockets");
     drop(idle);
 }

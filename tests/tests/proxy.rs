@@ -245,6 +245,8 @@ async fn http2_prior_knowledge_clients() {
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-real-ip", "6.6.6.6")
         .header("x-custom", "kept")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
         .body(Full::<Bytes>::default())
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
@@ -258,6 +260,8 @@ async fn http2_prior_knowledge_clients() {
     assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
     assert!(seen.contains("x-custom: kept\n"), "{seen}");
+    // Cookies, one field per pair on HTTP/2, reach the app in one (RFC 9113 §8.2.3).
+    assert!(seen.contains("cookie: a=1; b=2\n"), "{seen}");
     for gone in ["6.6.6.6", "x-real-ip"] {
         assert!(!seen.contains(gone), "{gone}: {seen}");
     }

@@ -7,6 +7,10 @@
 //! port or path prefix is removed from requests (see [`CLIENT_CLAIMS`]), and core-server sets its
 //! own `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (RFC 7239), replacing rather than
 //! appending, so a backend can trust them (as Caddy does by default).
+//!
+//! An HTTP/2 client may send its cookies in one `Cookie` field per pair (RFC 9113 §8.2.3);
+//! the app, which speaks HTTP/1.1, gets them in one field, as that section asks (and nginx
+//! does): many servers read only the first `Cookie` line.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -42,6 +46,18 @@ static CLIENT_CLAIMS: [HeaderName; 11] = [
     HeaderName::from_static("x-url-scheme"),
     HeaderName::from_static(tunnel::NONCE_HEADER),
 ];
+
+/// Joins the `Cookie` fields of `headers`, if more than one, into one, `; `-separated.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let cookies = headers.get_all(header::COOKIE);
+    if cookies.iter().nth(1).is_none() {
+        return;
+    }
+    let pairs: Vec<&[u8]> = cookies.iter().map(HeaderValue::as_bytes).collect();
+    let joined = HeaderValue::from_bytes(&pairs.join(&b"; "[..]))
+        .expect("header values joined by `; ` are a header value");
+    headers.insert(header::COOKIE, joined);
+}
 
 /// Replaces whatever the client said about where its request came from with what core-server
 /// knows: a request from `client` for `host` over `proto` (`"http"` or `"https"`).
@@ -165,6 +181,17 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut split = headers(&[("cookie", "a=1"), ("x", "y"), ("cookie", "b=2; c=3")]);
+        join_cookies(&mut split);
+        let cookies: Vec<_> = split.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        let mut one = headers(&[("cookie", "a=1")]);
+        join_cookies(&mut one);
+        assert_eq!(one, headers(&[("cookie", "a=1")]));
     }
 
     #[test]

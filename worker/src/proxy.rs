@@ -296,6 +296,7 @@ impl Proxy {
         let (body, upload) = RequestBody::new(body, self.backend_timeout);
         let mut request = Request::from_parts(parts, body);
         forwarding::remove_hop_by_hop(request.headers_mut());
+        forwarding::join_cookies(request.headers_mut());
         forwarding::set_forwarded(request.headers_mut(), client.ip(), host, scheme);
         (request, upload)
     }
