@@ -29,10 +29,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-
 use core_server_proto::app_exchange::AppConnections;
 use core_server_proto::idle_connections::{first_quiet, quiet, IdleList};
 use core_server_proto::relayed_body::RelayedBody;
+use http_body_util::Either;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::net::TcpStream;
 
@@ -119,20 +119,15 @@ async fn sweep(pool: Weak<Pool>) {
 
 /// The body of an app's response: read from a pooled connection by the task of the stream
 /// that carries it (a request without a body), or hyper's (one with a body, an upgrade).
-pub struct AppBody(Source);
-
-enum Source {
-    Pooled(RelayedBody<AppPool>),
-    Hyper(Incoming),
-}
+pub struct AppBody(Either<RelayedBody<AppPool>, Incoming>);
 
 impl AppBody {
     pub(crate) fn relayed(body: RelayedBody<AppPool>) -> AppBody {
-        AppBody(Source::Pooled(body))
+        AppBody(Either::Left(body))
     }
 
     pub(crate) fn hyper(body: Incoming) -> AppBody {
-        AppBody(Source::Hyper(body))
+        AppBody(Either::Right(body))
     }
 }
 
@@ -144,24 +139,15 @@ impl Body for AppBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().0 {
-            Source::Pooled(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Source::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
+        Pin::new(&mut self.get_mut().0).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            Source::Pooled(body) => body.is_end_stream(),
-            Source::Hyper(body) => body.is_end_stream(),
-        }
+        self.0.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            Source::Pooled(body) => body.size_hint(),
-            Source::Hyper(body) => body.size_hint(),
-        }
+        self.0.size_hint()
     }
 }
 
