@@ -75,13 +75,22 @@ pub enum RelayError {
     Field(String),
 }
 
-/// A request head as the app gets it, begun: its line, `METHOD path HTTP/1.1`; its fields
-/// follow (see `push_field`).
-pub fn start_request(method: &Method, path: &str) -> Vec<u8> {
+/// A request head as the app gets it, begun: its line, `METHOD path?query HTTP/1.1` (origin
+/// form); its fields follow (see `push_field`).
+pub fn start_request(method: &Method, path: &str, query: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    // An absolute-form target with no path (`http://a.example?x`) has the path `/` here.
+    out.extend_from_slice(if path.is_empty() {
+        b"/"
+    } else {
+        path.as_bytes()
+    });
+    if let Some(query) = query {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     out
 }
@@ -291,8 +300,8 @@ impl<H: ResponseHead> AppResponse<H> {
         to_head: bool,
     ) -> Result<Self, RelayError> {
         let fields = || parsed.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-        let named = connection_names(fields());
-        let mut keep_alive = parsed.version == Some(1) && !names(&named, b"close");
+        let named = ConnectionTokens::of(fields());
+        let mut keep_alive = parsed.version == Some(1) && !named.close();
         let is = |name: &[u8], wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
         let bodiless = bodiless(status, to_head);
         let mut length = None;
@@ -333,7 +342,7 @@ impl<H: ResponseHead> AppResponse<H> {
         let mut head = H::start(status, parsed.reason.unwrap_or_default().as_bytes());
         let mut date = false;
         for (name, value) in fields() {
-            if !is(name, b"content-length") && !is_hop_by_hop(name) && !names(&named, name) {
+            if !is(name, b"content-length") && !is_hop_by_hop(name) && !named.lists(name) {
                 date |= is(name, b"date");
                 head.push(name, value)?;
             }
@@ -373,18 +382,47 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// The header names that the `Connection` fields among `fields` list (hop-by-hop too), and
-/// its other tokens (`close`, `keep-alive`).
-pub fn connection_names<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<&'a [u8]> {
-    fields
-        .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
-        .flat_map(|(_, value)| hop_by_hop::tokens(value))
-        .collect()
+/// The tokens of a head's `Connection` fields: the header names they list (hop-by-hop too),
+/// and the options `close` and `keep-alive`. Those two are kept apart: most heads list nothing
+/// else, and then no allocation is made.
+#[derive(Default)]
+pub struct ConnectionTokens<'a> {
+    close: bool,
+    keep_alive: bool,
+    others: Vec<&'a [u8]>,
 }
 
-/// Whether `named` (see [`connection_names`]) includes `name`.
-pub fn names(named: &[&[u8]], name: &[u8]) -> bool {
-    named.iter().any(|listed| listed.eq_ignore_ascii_case(name))
+impl<'a> ConnectionTokens<'a> {
+    /// The tokens of the `Connection` fields among `fields`.
+    pub fn of(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
+        let mut tokens = ConnectionTokens::default();
+        let values = fields.filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"));
+        for token in values.flat_map(|(_, value)| hop_by_hop::tokens(value)) {
+            if token.eq_ignore_ascii_case(b"close") {
+                tokens.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                tokens.keep_alive = true;
+            } else {
+                tokens.others.push(token);
+            }
+        }
+        tokens
+    }
+
+    /// Whether they include `close`.
+    pub fn close(&self) -> bool {
+        self.close
+    }
+
+    /// Whether they include `name` (in any case), which is then hop-by-hop.
+    pub fn lists(&self, name: &[u8]) -> bool {
+        (self.close && name.eq_ignore_ascii_case(b"close"))
+            || (self.keep_alive && name.eq_ignore_ascii_case(b"keep-alive"))
+            || self
+                .others
+                .iter()
+                .any(|listed| listed.eq_ignore_ascii_case(name))
+    }
 }
 
 #[cfg(test)]

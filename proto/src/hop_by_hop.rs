@@ -30,23 +30,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = (headers.get_all(header::CONNECTION).iter())
+        .flat_map(|value| tokens(value.as_bytes()))
+        .filter_map(|name| HeaderName::from_bytes(name).ok())
         .collect();
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+    let te_trailers = (headers.get_all(header::TE).iter())
+        .flat_map(|value| tokens(value.as_bytes()))
+        .any(|token| token.eq_ignore_ascii_case(b"trailers"));
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));

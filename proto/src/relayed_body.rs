@@ -1,10 +1,12 @@
 //! A request without a body, relayed to an app as bytes (see `app_exchange`) for a client that
 //! hyper serves: the app's response comes back as an `http::Response` whose body reads the
 //! app's connection itself, and hyper's server frames it for the client. The worker relays
-//! every HTTP/2 client's bodiless requests so, and `core-agent` those from its tunnel.
+//! so the bodiless requests hyper's server took (HTTP/2 clients', and those of HTTP/1.1
+//! connections the fast path handed over), and `core-agent` those from its tunnel.
 //!
 //! What hyper's client did that this does too, and must keep doing:
-//! - the app gets the request as the caller prepared it, as HTTP/1.1 in origin form;
+//! - the app gets the request head the caller wrote (see [`request_head`] for the agent's), as
+//!   HTTP/1.1 in origin form;
 //! - the response head is read as `app_exchange` reads it, with the app's reason phrase for an
 //!   HTTP/1.1 client;
 //! - a chunked body's trailers are passed on (HTTP/2 carries them);
@@ -12,8 +14,8 @@
 //!   nothing after it, and an idempotent request is sent once more as `app_exchange` says
 //!   (hyper sent any request again that it had not written yet: a bodiless `POST` whose idle
 //!   connection the app closed just then is now a 502, unless the pool saw it closed first);
-//! - an empty body of known length keeps its `Content-Length: 0` (hyper's server adds none to
-//!   a body that has ended from the start);
+//! - a body of known length keeps its `Content-Length`, an empty one too (hyper's HTTP/2
+//!   server adds none to a body that has ended from the start);
 //! - a body that waits for the app holds no buffer.
 //!
 //! Not here: deadlines. The worker cuts a body that stalls (its `response_body`); the agent
@@ -44,8 +46,8 @@ const MAX_BODY_READ: usize = 512 * 1024;
 /// `request`'s head as the app gets it: the caller has prepared its fields (a `Host` among
 /// them), and its URI's path and query are the request target.
 pub fn request_head<B>(request: &Request<B>) -> Vec<u8> {
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut out = start_request(request.method(), path);
+    let (path, query) = (request.uri().path(), request.uri().query());
+    let mut out = start_request(request.method(), path, query);
     for (name, value) in request.headers() {
         push_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -65,8 +67,13 @@ pub async fn fetch<C: AppConnections>(
 ) -> Result<Response<RelayedBody<C>>, C::Error> {
     let (backend, buffer, mut response) =
         app_exchange::send::<Response<()>, C>(&connections, request, to_head, idempotent).await?;
-    if response.body == Framing::Length(0) {
-        let length = HeaderValue::from_static("0");
+    if let Framing::Length(length) = response.body {
+        // Set here, though hyper's server would set it from the body's size: its HTTP/2 server
+        // sets none for a body that has ended from the start (a length of 0), and its own
+        // costs two allocations to this one.
+        let mut digits = itoa::Buffer::new();
+        let length = HeaderValue::from_bytes(digits.format(length).as_bytes())
+            .expect("digits are a header value");
         response.head.headers_mut().insert(CONTENT_LENGTH, length);
     }
     let body = RelayedBody {

@@ -82,6 +82,40 @@ async fn spoofed_forwarding_headers_are_replaced_by_the_proxys_own() {
     assert!(seen.contains("\nx-forwarded-for: ::1\n"), "{seen}");
 }
 
+/// A bodiless request that hyper's server takes (here an HTTP/1.1 one the fast path hands over:
+/// it has a `TE` field and an absolute-form target) is written for the app as bytes too, by the
+/// same rules as every other request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_hyper_serves_reaches_the_app_by_the_same_rules() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    let request = "GET http://app.example?x=1 HTTP/1.1\r\n\
+        Host: app.example\r\n\
+        TE: trailers\r\n\
+        Connection: close, X-Private\r\n\
+        X-Private: secret\r\n\
+        X-Forwarded-For: 6.6.6.6\r\n\
+        Cookie: a=1\r\n\
+        X-Custom: kept\r\n\r\n";
+    let seen = echoed(&server, "127.0.0.1", request).await;
+    assert!(seen.contains("\nGET /?x=1 HTTP/1.1\n"), "{seen}");
+    for gone in ["secret", "6.6.6.6", "x-private"] {
+        assert!(!seen.contains(gone), "backend saw {gone:?}:\n{seen}");
+    }
+    for want in [
+        "\nhost: app.example\n",
+        "\nte: trailers\n",
+        "\ncookie: a=1\n",
+        "\nx-custom: kept\n",
+        "\nx-forwarded-for: 127.0.0.1\n",
+        "\nforwarded: for=127.0.0.1;host=app.example;proto=http\n",
+    ] {
+        assert!(seen.contains(want), "backend did not see {want:?}:\n{seen}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrade_reaches_the_backend_in_origin_form() {
     let server = CoreServer::start();

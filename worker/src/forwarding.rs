@@ -12,9 +12,10 @@
 //! the app, which speaks HTTP/1.1, gets them in one field, as that section asks (and nginx
 //! does): many servers read only the first `Cookie` line.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::IpAddr;
 
+use core_server_proto::app_exchange::push_field;
 pub use core_server_proto::hop_by_hop::{lists, remove_hop_by_hop};
 use core_server_proto::tunnel;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -68,10 +69,13 @@ pub fn set_forwarded(
     proto: &'static str,
 ) {
     remove_client_claims(headers);
-    let address = client.to_canonical().to_string();
-    let forwarded = HeaderValue::try_from(forwarded(&address, host.as_bytes(), proto))
+    let client = client.to_canonical();
+    let mut forwarded = Vec::with_capacity(64);
+    push_forwarded(&mut forwarded, client, host.as_bytes(), proto);
+    let forwarded = HeaderValue::try_from(forwarded)
         .expect("quoted visible characters make a valid header value");
-    let for_value = HeaderValue::try_from(address).expect("an IP address is a valid header value");
+    let for_value =
+        HeaderValue::try_from(client.to_string()).expect("an IP address is a valid header value");
     headers.insert(X_FORWARDED_FOR, for_value);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     headers.insert(X_FORWARDED_HOST, host.clone());
@@ -79,22 +83,20 @@ pub fn set_forwarded(
 }
 
 /// The same four headers as [`set_forwarded`], as lines of a head written as bytes (see
-/// `http1_relay`), whose other fields went through [`is_client_claim`].
+/// `http1_relay`), whose other fields went through [`is_client_claim`]. Written in place, with
+/// no value built apart (an allocation per request saved is worth it here).
 pub fn write_forwarded(head: &mut Vec<u8>, client: IpAddr, host: &[u8], proto: &'static str) {
-    let address = client.to_canonical().to_string();
-    let forwarded = forwarded(&address, host, proto);
-    let fields: [(&HeaderName, &[u8]); 4] = [
-        (&X_FORWARDED_FOR, address.as_bytes()),
-        (&X_FORWARDED_PROTO, proto.as_bytes()),
-        (&X_FORWARDED_HOST, host),
-        (&header::FORWARDED, forwarded.as_bytes()),
-    ];
-    for (name, value) in fields {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value);
-        head.extend_from_slice(b"\r\n");
-    }
+    let client = client.to_canonical();
+    let _ = write!(head, "{X_FORWARDED_FOR}: {client}\r\n");
+    push_field(
+        head,
+        X_FORWARDED_PROTO.as_str().as_bytes(),
+        proto.as_bytes(),
+    );
+    push_field(head, X_FORWARDED_HOST.as_str().as_bytes(), host);
+    let _ = write!(head, "{}: ", header::FORWARDED);
+    push_forwarded(head, client, host, proto);
+    head.extend_from_slice(b"\r\n");
 }
 
 /// Whether a header named `name` (in any case) is one through which a client claims to be
@@ -123,43 +125,38 @@ pub fn remove_client_claims(headers: &mut HeaderMap) {
     }
 }
 
-/// `Forwarded: for=192.0.2.1;host=example.com;proto=http` (RFC 7239 §4), for the client at
-/// `address` (an IP address as text, formatted once for this and `X-Forwarded-For`). An IPv6
-/// address (the only kind with a colon) is bracketed and so quoted (`for="[2001:db8::1]"`,
-/// §6); any value that is not a plain token (a host with a `:port`) is quoted too.
-fn forwarded(address: &str, host: &[u8], proto: &str) -> String {
-    let mut value = String::from("for=");
-    if address.contains(':') {
-        push_token_or_quoted(&mut value, format!("[{address}]").as_bytes());
-    } else {
-        push_token_or_quoted(&mut value, address.as_bytes());
-    }
-    value.push_str(";host=");
-    push_token_or_quoted(&mut value, host);
-    value.push_str(";proto=");
-    push_token_or_quoted(&mut value, proto.as_bytes());
-    value
+/// Appends `for=192.0.2.1;host=example.com;proto=http`, `Forwarded`'s value (RFC 7239 §4) for
+/// a request from `client`. An IPv6 address is bracketed and so quoted
+/// (`for="[2001:db8::1]"`, §6); any value that is not a plain token (a host with a `:port`) is
+/// quoted too.
+fn push_forwarded(out: &mut Vec<u8>, client: IpAddr, host: &[u8], proto: &str) {
+    let _ = match client {
+        IpAddr::V4(address) => write!(out, "for={address}"),
+        IpAddr::V6(address) => write!(out, "for=\"[{address}]\""),
+    };
+    out.extend_from_slice(b";host=");
+    push_token_or_quoted(out, host);
+    out.extend_from_slice(b";proto=");
+    push_token_or_quoted(out, proto.as_bytes());
 }
 
 /// Appends `raw` as an RFC 9110 token if it is one, else as a quoted-string (`"` and `\`
 /// escaped; bytes that a quoted-string cannot hold are dropped, though a Host that reached
 /// here has none).
-fn push_token_or_quoted(out: &mut String, raw: &[u8]) {
+fn push_token_or_quoted(out: &mut Vec<u8>, raw: &[u8]) {
     if !raw.is_empty() && raw.iter().all(|&b| is_tchar(b)) {
-        out.extend(raw.iter().map(|&b| b as char));
+        out.extend_from_slice(raw);
         return;
     }
-    out.push('"');
+    out.push(b'"');
     for &b in raw {
         match b {
-            b'"' | b'\\' => {
-                let _ = write!(out, "\\{}", b as char);
-            }
-            b'\t' | b' '..=b'~' => out.push(b as char),
+            b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
+            b'\t' | b' '..=b'~' => out.push(b),
             _ => {}
         }
     }
-    out.push('"');
+    out.push(b'"');
 }
 
 /// RFC 9110 §5.6.2 `tchar`.
@@ -241,6 +238,11 @@ mod tests {
 
     #[test]
     fn forwarded_quotes_ipv6_and_what_is_not_a_token() {
+        let forwarded = |client: &str, host: &[u8], proto| {
+            let mut value = Vec::new();
+            push_forwarded(&mut value, client.parse().unwrap(), host, proto);
+            String::from_utf8(value).unwrap()
+        };
         let value = forwarded("2001:db8::1", b"example.com", "https");
         assert_eq!(value, "for=\"[2001:db8::1]\";host=example.com;proto=https");
         let value = forwarded("192.0.2.1", b"a\"b\\c d", "http");

@@ -16,7 +16,8 @@
 //! `app_exchange` says of the exchange itself):
 //! - the app gets what `proxy` sends through hyper: hop-by-hop headers and the client's
 //!   claims about its origin removed (see `forwarding`), core-server's `X-Forwarded-*` and
-//!   `Forwarded` set, HTTP/1.1, the client's `Host`;
+//!   `Forwarded` set, HTTP/1.1, the `Host` the client named (its `:authority`, else its one
+//!   `Host`);
 //! - the client gets the response framed as `http1_response` frames hyper's answers: hop-by-hop
 //!   headers removed, the app's reason phrase, `Content-Length` when known, else chunked, no
 //!   trailers, a `Date` unless given, `Connection: close` when closing;
@@ -31,12 +32,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use core_server_proto::app_exchange::{self, connection_names, names, push_field, read_some};
+use core_server_proto::app_exchange::{self, push_field, read_some, ConnectionTokens};
 use core_server_proto::app_exchange::{start_request, AppConnections, AppResponse, BODY_READ};
-use core_server_proto::hop_by_hop::is_hop_by_hop;
+use core_server_proto::hop_by_hop::{is_hop_by_hop, tokens};
 use core_server_proto::http1_body::{Body, Decoder, Piece};
 use core_server_proto::relayed_body::{self, RelayedBody};
-use http::Response;
+use http::header::{HeaderName, COOKIE, HOST, TE};
+use http::{Method, Response};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
@@ -47,19 +49,59 @@ use crate::http1_fast_path::Closing;
 use crate::http1_response::{end_head, framing, ClientConnection, Outgoing};
 use crate::http1_response::{WriteError, Written};
 use crate::proxy::{BackendError, Failure};
-use crate::request_head::RequestHead;
 
-/// `head` as the app gets it: HTTP/1.1, hop-by-hop headers and the client's claims removed,
-/// core-server's forwarding headers (for `client`, over `scheme`) added.
-pub fn request(head: &RequestHead, host: &[u8], client: IpAddr, scheme: &'static str) -> Vec<u8> {
-    let mut out = start_request(head.method(), head.path().as_str());
-    let named = connection_names(head.fields());
-    for (name, value) in head.fields() {
-        // `Connection: host` cannot take the Host away: the app needs it.
-        let named = names(&named, name) && !name.eq_ignore_ascii_case(b"host");
-        if !is_hop_by_hop(name) && !forwarding::is_client_claim(name) && !named {
+/// A bodiless request (`method` for `path` and `query`, with the fields `fields` yields, for
+/// `host`, from `client` over `scheme`) as the app gets it, as bytes: HTTP/1.1 in origin form,
+/// `host` as its `Host`, hop-by-hop headers (but `TE: trailers`) and the client's claims
+/// removed, its cookies in one field, core-server's forwarding headers added.
+///
+/// Every bodiless request for an app on a local port comes here, the fast path's heads and
+/// those hyper's server took; `Proxy::prepare` applies the same rules to the `HeaderMap` of the
+/// others (bodies, upgrades, tunnels). A rule added to one belongs in the other (the test
+/// `the_bytes_and_the_header_map_rules_agree` compares them).
+pub fn request<'a, I>(
+    method: &Method,
+    (path, query): (&str, Option<&str>),
+    fields: impl Fn() -> I,
+    host: &[u8],
+    client: IpAddr,
+    scheme: &'static str,
+) -> Vec<u8>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+{
+    let is = |name: &[u8], known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
+    let named = ConnectionTokens::of(fields());
+    let passes = |name: &[u8]| {
+        let dropped = is(name, &HOST) || is_hop_by_hop(name) || named.lists(name);
+        !dropped && !forwarding::is_client_claim(name)
+    };
+    let (mut cookies, mut te_trailers) = (0, false);
+    for (name, value) in fields() {
+        cookies += usize::from(is(name, &COOKIE) && passes(name));
+        te_trailers |= is(name, &TE)
+            && !named.lists(name)
+            && tokens(value).any(|token| token.eq_ignore_ascii_case(b"trailers"));
+    }
+    let mut out = start_request(method, path, query);
+    push_field(&mut out, b"host", host);
+    for (name, value) in fields() {
+        if passes(name) && !(cookies > 1 && is(name, &COOKIE)) {
             push_field(&mut out, name, value);
         }
+    }
+    if te_trailers {
+        push_field(&mut out, b"te", b"trailers");
+    }
+    if cookies > 1 {
+        // RFC 9113 §8.2.3: an HTTP/2 client may split them; the app reads one line.
+        let values = fields().filter(|&(name, _)| is(name, &COOKIE) && passes(name));
+        out.extend_from_slice(b"cookie:");
+        for (i, (_, value)) in values.enumerate() {
+            out.extend_from_slice(if i == 0 { &b" "[..] } else { b"; " });
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(b"\r\n");
     }
     forwarding::write_forwarded(&mut out, client, host, scheme);
     out.extend_from_slice(b"\r\n");
@@ -83,7 +125,7 @@ impl<'a> Relay<'a> {
         }
     }
 
-    /// Sends `request` (see `relayed_body::request_head`; a `HEAD` if `to_head`; sent again on
+    /// Sends `request` (see [`request`]; a `HEAD` if `to_head`; sent again on
     /// a new connection if `idempotent` and its idle one turns out closed) and returns the
     /// app's response head, with a body that reads the rest.
     pub async fn fetch(
@@ -211,6 +253,21 @@ impl<'a> Relay<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request_head::RequestHead;
+
+    /// What the app gets for `GET /p?q` with `fields` (name, value), for `a.example`.
+    fn sent<'a, I: Iterator<Item = (&'a [u8], &'a [u8])>>(fields: impl Fn() -> I) -> String {
+        let client = "::ffff:192.0.2.1".parse().unwrap();
+        let sent = request(
+            &Method::GET,
+            ("/p", Some("q")),
+            fields,
+            b"a.example",
+            client,
+            "https",
+        );
+        String::from_utf8_lossy(&sent).into_owned()
+    }
 
     #[test]
     fn the_app_gets_no_hop_by_hop_field_nor_claim_and_core_servers_forwarding() {
@@ -220,13 +277,72 @@ mod tests {
              Proxy-Authorization: x\r\nAccept: */*\r\nContent-Length: 0\r\n\r\n",
         );
         let head = RequestHead::parse(&mut buffer).ok().unwrap().unwrap();
-        let client = "::ffff:192.0.2.1".parse().unwrap();
-        let sent = request(&head, b"a.example", client, "https");
         assert_eq!(
-            String::from_utf8(sent).unwrap(),
-            "GET /p?q HTTP/1.1\r\nHost: a.example\r\nAccept: */*\r\nContent-Length: 0\r\n\
+            sent(|| head.fields()),
+            "GET /p?q HTTP/1.1\r\nhost: a.example\r\nAccept: */*\r\nContent-Length: 0\r\n\
              x-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: https\r\n\
              x-forwarded-host: a.example\r\nforwarded: for=192.0.2.1;host=a.example;proto=https\r\n\r\n"
         );
+    }
+
+    /// The head written as bytes and a `HeaderMap` under `Proxy::prepare`'s rules (and
+    /// `to_port`'s `Host`) give the app the same fields, in cases that tell rules apart.
+    #[test]
+    fn the_bytes_and_the_header_map_rules_agree() {
+        let cases: [&[(&str, &[u8])]; 7] = [
+            &[
+                ("host", b"A.example:80"),
+                ("connection", b"close, x-gone"),
+                ("x-gone", b"1"),
+                ("te", b"gzip, trailers"),
+                ("cookie", b"a=1"),
+                ("x-kept", b"1"),
+                ("cookie", b"b=2; c=3"),
+                ("forwarded", b"for=6.6.6.6"),
+                ("upgrade", b"h2c"),
+                ("x-forwarded-host", b"evil"),
+            ],
+            &[("connection", b"te"), ("te", b"trailers")],
+            &[
+                ("connection", b"cookie"),
+                ("cookie", b"a=1"),
+                ("cookie", b"b=2"),
+            ],
+            &[("connection", b"host"), ("host", b"a.example")],
+            &[
+                ("connection", b"x-real-ip, keep-alive"),
+                ("x-real-ip", b"1"),
+            ],
+            &[("te", b"gzip"), ("te", b"trailers")],
+            &[
+                ("connection", b"x-a, \xe9"),
+                ("x-a", b"1"),
+                ("x-b", b"\xe9"),
+            ],
+        ];
+        for fields in cases {
+            let sent = sent(|| fields.iter().map(|&(name, value)| (name.as_bytes(), value)));
+            let mut lines: Vec<_> = sent.lines().skip(1).filter(|l| !l.is_empty()).collect();
+            lines.sort();
+
+            let mut map = http::HeaderMap::new();
+            for &(name, value) in fields {
+                let value = http::HeaderValue::from_bytes(value).unwrap();
+                map.append(HeaderName::from_static(name), value);
+            }
+            forwarding::remove_hop_by_hop(&mut map);
+            forwarding::join_cookies(&mut map);
+            let host = http::HeaderValue::from_static("a.example");
+            forwarding::set_forwarded(&mut map, "192.0.2.1".parse().unwrap(), &host, "https");
+            map.insert(HOST, host);
+            let mut expected: Vec<_> = (map.iter())
+                .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+                .collect();
+            expected.sort();
+            assert_eq!(lines, expected, "{fields:?}");
+        }
+        let cookies: [(&[u8], &[u8]); 2] = [(b"cookie", b"a=1"), (b"cookie", b"b=2")];
+        let joined = sent(|| cookies.into_iter());
+        assert!(joined.contains("\r\ncookie: a=1; b=2\r\n"), "{joined}");
     }
 }

@@ -24,9 +24,10 @@
 //! `http1_relay`, which rewrites it as bytes, with the same rules, deadlines and error pages
 //! (a rule added to `handle` that such a request must obey belongs in [`Proxy::relay_target`]
 //! or `request_head` as well). A bodiless request that does come through `handle` (HTTP/2,
-//! or a connection hyper serves) for an app on a local port is relayed as bytes too, once
-//! prepared here (see `core_server_proto::relayed_body`); hyper's client carries the rest:
-//! bodies, upgrades, tunnels.
+//! or a connection hyper serves) for an app on a local port is relayed as bytes too, its head
+//! written by `http1_relay::request` (see `core_server_proto::relayed_body`); hyper's client
+//! carries the rest, prepared by [`Proxy::prepare`]: bodies, upgrades, tunnels. A rule for
+//! what the app gets belongs in both `prepare` and `http1_relay::request`.
 //!
 //! One timeout, `backend_timeout` (60 s by default, as nginx's `proxy_read_timeout`,
 //! `proxy_send_timeout` and `client_body_timeout`), bounds every wait of an exchange:
@@ -64,7 +65,7 @@ use crate::forwarding;
 use crate::http1_fast_path::Closing;
 use crate::http1_relay::{self, Relay};
 use crate::http1_response::{self, ClientConnection, WriteError, Written};
-use crate::request_body::{ClientBodyError, RequestBody, Upload};
+use crate::request_body::{self, ClientBodyError, RequestBody, Upload};
 use crate::request_head::RequestHead;
 use crate::response_body::{BackendBody, Holding, ResponseBody};
 use crate::route_table::RouteTable;
@@ -73,7 +74,6 @@ use crate::tunnels::{NoAgent, Tunnels};
 use crate::{tunnel_forward, tunnel_upgrade, upgrade};
 use core_server_proto::app_exchange::RelayError;
 pub use core_server_proto::logging::describe;
-use core_server_proto::relayed_body;
 
 /// A client's request as the proxy takes it: its body is `None` when it came without one (see
 /// `http1_fast_path`).
@@ -192,16 +192,16 @@ impl Proxy {
                 );
             };
             let upgrade_to = upgrade::requested_protocol(&request);
-            let (request, upload) = this.prepare(request, client, &host, scheme);
             let (response, upstream) = match target {
                 Target::Port(port) => {
                     let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                     let response = this
-                        .to_port(request, upgrade_to, backend, host, upload)
+                        .to_port(request, upgrade_to, backend, host, client, scheme)
                         .await;
                     (response, Upstream::Port(backend))
                 }
                 Target::Tunnel => {
+                    let (request, upload) = this.prepare(request, client, &host, scheme);
                     // Boxed, as `to_port`'s upgrade path is: its state would otherwise make every
                     // request's future larger.
                     let response = Box::pin(
@@ -259,7 +259,10 @@ impl Proxy {
         let to_head = head.method() == Method::HEAD;
         let idempotent = head.method().is_idempotent();
         let host = head.host().unwrap_or_default();
-        let request = http1_relay::request(&head, host, client.ip(), scheme);
+        let target = (head.path().path(), head.path().query());
+        let fields = || head.fields();
+        let request =
+            http1_relay::request(head.method(), target, fields, host, client.ip(), scheme);
         drop(head); // and with it, its share of the bytes the client sent
         let relay = self.relay_to(port);
         let exchange = relay.exchange(request, to_head, idempotent, connection, closing);
@@ -282,9 +285,11 @@ impl Proxy {
         }
     }
 
-    /// `request` as any backend gets it: its body watched (see `request_body`), hop-by-hop
-    /// headers removed, and what the client claims about its origin replaced by what
-    /// core-server knows (see `forwarding`).
+    /// `request` as a backend gets it through hyper's client: its body watched (see
+    /// `request_body`), hop-by-hop headers removed, its cookies in one field, and what the client
+    /// claims about its origin replaced by what core-server knows (see `forwarding`). The same
+    /// rules as `http1_relay::request`, which writes the head of a bodiless request for an app on
+    /// a local port as bytes instead.
     fn prepare(
         &self,
         request: ClientRequest,
@@ -301,22 +306,49 @@ impl Proxy {
         (request, upload)
     }
 
-    /// Sends `request` to the app on `backend`, a local port, over HTTP/1.1. Not an `async fn`,
-    /// for the reason `handle` gives.
+    /// Sends `request`, from `client` over `scheme`, to the app on `backend`, a local port, over
+    /// HTTP/1.1. Not an `async fn`, for the reason `handle` gives.
     #[expect(
         clippy::manual_async_fn,
         reason = "an `async fn` holds its arguments twice"
     )]
     fn to_port(
         &self,
-        mut request: Request<RequestBody>,
+        request: ClientRequest,
         upgrade_to: Option<HeaderValue>,
         backend: SocketAddr,
         host: HeaderValue,
-        upload: Option<Upload>,
+        client: SocketAddr,
+        scheme: &'static str,
     ) -> impl Future<Output = Result<(Response<BackendBody>, Option<Holding>), Failure>> + Send + '_
     {
         async move {
+            if upgrade_to.is_none() && request_body::is_none(request.body()) {
+                // Relayed as bytes (see `core_server_proto::relayed_body`), its head written
+                // straight from the client's, by the rules `prepare` applies.
+                let relay = self.relay_to(backend.port());
+                let method = request.method();
+                let fields = || {
+                    let fields = request.headers().iter();
+                    fields.map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+                };
+                let head = http1_relay::request(
+                    method,
+                    (request.uri().path(), request.uri().query()),
+                    fields,
+                    host.as_bytes(),
+                    client.ip(),
+                    scheme,
+                );
+                let (to_head, idempotent) = (method == Method::HEAD, method.is_idempotent());
+                drop(request);
+                let send = pin!(async {
+                    let response = relay.fetch(&head, to_head, idempotent).await?;
+                    Ok((response.map(BackendBody::Relayed), None))
+                });
+                return self.exchange(send, None).await;
+            }
+            let (mut request, upload) = self.prepare(request, client, &host, scheme);
             request.headers_mut().insert(header::HOST, host);
             *request.version_mut() = Version::HTTP_11;
             *request.uri_mut() = origin_form(request.uri());
@@ -331,19 +363,6 @@ impl Proxy {
                         Ok((response.map(BackendBody::Hyper), None))
                     });
                     self.exchange(send.as_mut(), upload).await
-                }
-                // No body: relayed as bytes (see `core_server_proto::relayed_body`).
-                None if upload.is_none() => {
-                    let relay = self.relay_to(backend.port());
-                    let to_head = request.method() == Method::HEAD;
-                    let idempotent = request.method().is_idempotent();
-                    let head = relayed_body::request_head(&request);
-                    drop(request);
-                    let send = pin!(async {
-                        let response = relay.fetch(&head, to_head, idempotent).await?;
-                        Ok((response.map(BackendBody::Relayed), None))
-                    });
-                    self.exchange(send, None).await
                 }
                 // Boxed, as the upgrade path is: a request with a body is the rarer kind.
                 None => {

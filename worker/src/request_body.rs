@@ -63,11 +63,18 @@ struct Shared {
     ended: Notify,
 }
 
+/// Whether a client's request has no body (`None`: the fast path read it without one), or one
+/// that has ended already (a length of 0, or HTTP/2's `END_STREAM` on the head): then there is
+/// nothing to send, nor an [`Upload`] to watch.
+pub fn is_none(body: &Option<Incoming>) -> bool {
+    body.as_ref().is_none_or(Body::is_end_stream)
+}
+
 impl RequestBody {
     /// Wraps `inner`, failing it once the client sends no byte for `stall_timeout`; the
     /// [`Upload`] to watch, unless the body is already complete.
     pub fn new(inner: Option<Incoming>, stall_timeout: Duration) -> (Self, Option<Upload>) {
-        if inner.as_ref().is_none_or(Body::is_end_stream) {
+        if is_none(&inner) {
             return (RequestBody { inner, watch: None }, None);
         }
         let shared = Arc::new(Shared {

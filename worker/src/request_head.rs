@@ -195,7 +195,8 @@ impl RequestHead {
     /// header name that httparse took (none: see the test below).
     pub fn into_request(self) -> Option<ClientRequest> {
         let slice = |(from, to): (u16, u16)| self.bytes.slice(usize::from(from)..usize::from(to));
-        let mut headers = HeaderMap::with_capacity(self.count);
+        // With room for the four forwarding fields `Proxy::prepare` sets: no second allocation.
+        let mut headers = HeaderMap::with_capacity(self.count + 4);
         for field in &self.fields[..self.count] {
             let name = HeaderName::from_bytes(&slice(field.name)).ok()?;
             let value = HeaderValue::from_maybe_shared(slice(field.value)).ok()?;
