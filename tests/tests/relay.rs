@@ -45,6 +45,11 @@ fn answer(path: &str) -> Option<(&'static str, bool)> {
             true,
         ),
         "/ok" | "/first-only" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        "/fields" => (
+            "HTTP/1.1 200 OK\r\nX-A: one\r\nSet-Cookie: a=1\r\nContent-Length: 2\r\n\
+             Set-Cookie: b=2; Path=/\r\nX-Empty:\r\nX-B: two\r\n\r\nok",
+            false,
+        ),
         // Part of a body, the rest never comes (see `serve`).
         "/part" => ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", false),
         // A HEAD answered, then a body it must not have (see `serve`).
@@ -381,6 +386,18 @@ async fn an_http2_client_gets_what_an_app_frames_any_way_trailers_included() {
     assert_eq!((status, body.as_str()), (200, "ok"));
     assert_eq!(headers["x-app"], "yes");
     assert!(!headers.contains_key("link"), "{headers:?}");
+
+    // Each field its own value, in order, whatever the values share on the way.
+    let (_, headers, body, _) = h2_send(&mut sender, "GET", "/fields").await;
+    assert_eq!(body, "ok");
+    let values = |name| {
+        (headers.get_all(name).iter())
+            .map(|v| v.to_str().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values("set-cookie"), ["a=1", "b=2; Path=/"]);
+    let fields = ["x-a", "x-empty", "x-b", "content-length"].map(|name| values(name).join(","));
+    assert_eq!(fields, ["one", "", "two", "2"]);
 
     let (status, _, body, trailers) = h2_send(&mut sender, "GET", "/chunked").await;
     assert_eq!((status, body.as_str()), (200, "abcde"));
