@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
@@ -66,15 +66,15 @@ pub async fn fetch<C: AppConnections>(
     idempotent: bool,
 ) -> Result<Response<RelayedBody<C>>, C::Error> {
     let (backend, buffer, mut response) =
-        app_exchange::send::<RelayedHead, C>(&connections, request, to_head, idempotent).await?;
+        app_exchange::send::<Response<()>, C>(&connections, request, to_head, idempotent).await?;
     if let Framing::Length(length) = response.body {
         // Set here, though hyper's server would set it from the body's size: its HTTP/2 server
         // sets none for a body that has ended from the start (a length of 0), and its own
-        // costs two allocations where this shares the head's.
+        // costs two allocations to this one.
         let mut digits = itoa::Buffer::new();
-        response
-            .head
-            .push(b"content-length", digits.format(length).as_bytes())?;
+        let length = HeaderValue::from_bytes(digits.format(length).as_bytes())
+            .expect("digits are a header value");
+        response.head.headers_mut().insert(CONTENT_LENGTH, length);
     }
     let body = RelayedBody {
         backend: Some(backend),
@@ -84,20 +84,11 @@ pub async fn fetch<C: AppConnections>(
         read_size: BODY_READ,
         connections,
     };
-    Ok(response.head.response.map(|()| body))
+    Ok(response.head.map(|()| body))
 }
 
-/// An app's response head for hyper's server. Its field values are copied into one buffer,
-/// which they then share: one allocation for them all (and one to share it), where a
-/// `HeaderValue` made of bytes is an allocation of its own.
-struct RelayedHead {
-    response: Response<()>,
-    /// Room for the values still to come.
-    values: BytesMut,
-}
-
-impl ResponseHead for RelayedHead {
-    fn start(status: StatusCode, reason: &[u8], size: usize) -> Self {
+impl ResponseHead for Response<()> {
+    fn start(status: StatusCode, reason: &[u8]) -> Self {
         let mut response = Response::new(());
         *response.status_mut() = status;
         // As hyper's client: an HTTP/1.1 client gets the app's own words (HTTP/2 has none).
@@ -106,9 +97,7 @@ impl ResponseHead for RelayedHead {
                 response.extensions_mut().insert(reason);
             }
         }
-        // The values are fewer bytes than the head, but for a `Content-Length` (20 digits).
-        let values = BytesMut::with_capacity(size + 20);
-        RelayedHead { response, values }
+        response
     }
 
     fn push(&mut self, name: &[u8], value: &[u8]) -> Result<(), RelayError> {
@@ -116,10 +105,8 @@ impl ResponseHead for RelayedHead {
             RelayError::Field(format!("{}: {e}", String::from_utf8_lossy(name)))
         };
         let name = HeaderName::from_bytes(name).map_err(|e| refused(&e))?;
-        self.values.extend_from_slice(value);
-        let value = self.values.split().freeze();
-        let value = HeaderValue::from_maybe_shared(value).map_err(|e| refused(&e))?;
-        self.response.headers_mut().append(name, value);
+        let value = HeaderValue::from_bytes(value).map_err(|e| refused(&e))?;
+        self.headers_mut().append(name, value);
         Ok(())
     }
 }

@@ -396,8 +396,14 @@ async fn an_http2_client_gets_what_an_app_frames_any_way_trailers_included() {
             .collect::<Vec<_>>()
     };
     assert_eq!(values("set-cookie"), ["a=1", "b=2; Path=/"]);
-    let fields = ["x-a", "x-empty", "x-b", "content-length"].map(|name| values(name).join(","));
-    assert_eq!(fields, ["one", "", "two", "2"]);
+    for (name, value) in [
+        ("x-a", "one"),
+        ("x-empty", ""),
+        ("x-b", "two"),
+        ("content-length", "2"),
+    ] {
+        assert_eq!(values(name), [value], "{name}");
+    }
 
     let (status, _, body, trailers) = h2_send(&mut sender, "GET", "/chunked").await;
     assert_eq!((status, body.as_str()), (200, "abcde"));
