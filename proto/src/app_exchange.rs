@@ -230,15 +230,17 @@ pub fn poll_read_some(
 /// head for the worker's fast path (the status line and fields, not yet ended), or an
 /// `http::Response` for hyper's server (see `relayed_body`).
 pub trait ResponseHead: Sized {
-    /// A head with `status`, and the app's `reason` phrase.
-    fn start(status: StatusCode, reason: &[u8]) -> Self;
+    /// A head with `status`, and the app's `reason` phrase; the app's head was `size` bytes.
+    fn start(status: StatusCode, reason: &[u8], size: usize) -> Self;
     /// Adds a field the client gets.
     fn push(&mut self, name: &[u8], value: &[u8]) -> Result<(), RelayError>;
 }
 
 impl ResponseHead for Vec<u8> {
-    fn start(status: StatusCode, reason: &[u8]) -> Self {
-        let mut head = Vec::with_capacity(256);
+    fn start(status: StatusCode, reason: &[u8], size: usize) -> Self {
+        // Room for the app's head and what the worker adds to it (its framing, `Connection:
+        // close` and `Date`: under 100 bytes), so that it is never grown.
+        let mut head = Vec::with_capacity(size + 128);
         start_head(&mut head, status.as_str().as_bytes(), reason);
         head
     }
@@ -288,7 +290,7 @@ impl<H: ResponseHead> AppResponse<H> {
                 buffer.advance(length); // as hyper's client: interim answers are not passed on
                 continue;
             }
-            let response = Self::rewritten(&parsed, status, to_head)?;
+            let response = Self::rewritten(&parsed, length, status, to_head)?;
             buffer.advance(length);
             return Ok(Some(response));
         }
@@ -296,6 +298,7 @@ impl<H: ResponseHead> AppResponse<H> {
 
     fn rewritten(
         parsed: &httparse::Response<'_, '_>,
+        size: usize,
         status: StatusCode,
         to_head: bool,
     ) -> Result<Self, RelayError> {
@@ -339,7 +342,7 @@ impl<H: ResponseHead> AppResponse<H> {
             keep_alive = false;
         }
         // The app's reason phrase, whatever it is, as hyper's client and server pass it.
-        let mut head = H::start(status, parsed.reason.unwrap_or_default().as_bytes());
+        let mut head = H::start(status, parsed.reason.unwrap_or_default().as_bytes(), size);
         let mut date = false;
         for (name, value) in fields() {
             if !is(name, b"content-length") && !is_hop_by_hop(name) && !named.lists(name) {

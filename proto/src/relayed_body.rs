@@ -88,7 +88,7 @@ pub async fn fetch<C: AppConnections>(
 }
 
 impl ResponseHead for Response<()> {
-    fn start(status: StatusCode, reason: &[u8]) -> Self {
+    fn start(status: StatusCode, reason: &[u8], _: usize) -> Self {
         let mut response = Response::new(());
         *response.status_mut() = status;
         // As hyper's client: an HTTP/1.1 client gets the app's own words (HTTP/2 has none).
