@@ -202,8 +202,8 @@ impl Proxy {
                 }
                 Target::Tunnel => {
                     let (request, upload) = this.prepare(request, client, &host, scheme);
-                    // Boxed, as `to_port`'s upgrade path is: its state would otherwise make every
-                    // request's future larger.
+                    // Boxed, as `to_port`'s rarer requests are: its state would otherwise make
+                    // every request's future larger.
                     let response = Box::pin(
                         this.to_tunnel(request, upgrade_to, &domain, &host, scheme, upload),
                     );
@@ -323,62 +323,76 @@ impl Proxy {
     ) -> impl Future<Output = Result<(Response<BackendBody>, Option<Holding>), Failure>> + Send + '_
     {
         async move {
-            if upgrade_to.is_none() && request_body::is_none(request.body()) {
-                // Relayed as bytes (see `core_server_proto::relayed_body`), its head written
-                // straight from the client's, by the rules `prepare` applies.
-                let relay = self.relay_to(backend.port());
-                let method = request.method();
-                let fields = || {
-                    let fields = request.headers().iter();
-                    fields.map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
-                };
-                let head = http1_relay::request(
-                    method,
-                    (request.uri().path(), request.uri().query()),
-                    fields,
-                    host.as_bytes(),
-                    client.ip(),
-                    scheme,
-                );
-                let (to_head, idempotent) = (method == Method::HEAD, method.is_idempotent());
-                drop(request);
-                let send = pin!(async {
-                    let response = relay.fetch(&head, to_head, idempotent).await?;
-                    Ok((response.map(BackendBody::Relayed), None))
-                });
-                return self.exchange(send, None).await;
+            if upgrade_to.is_some() || !request_body::is_none(request.body()) {
+                // Boxed: these rarer requests' state would otherwise make every request's
+                // future larger, and futures are moved by copying.
+                let send = self.through_hyper(request, upgrade_to, backend, host, client, scheme);
+                return Box::pin(send).await;
             }
-            let (mut request, upload) = self.prepare(request, client, &host, scheme);
-            request.headers_mut().insert(header::HOST, host);
-            *request.version_mut() = Version::HTTP_11;
-            *request.uri_mut() = origin_form(request.uri());
-            match upgrade_to {
-                // Boxed: the rare upgrade path would otherwise make every request's future
-                // several times larger, and futures are moved by copying.
-                Some(protocol) => {
-                    let mut send = Box::pin(async {
-                        let (tasks, timeout) = (&self.tasks, self.backend_timeout);
-                        let response =
-                            upgrade::proxy(request, protocol, backend, tasks, timeout).await?;
-                        Ok((response.map(BackendBody::Hyper), None))
-                    });
-                    self.exchange(send.as_mut(), upload).await
-                }
-                // Boxed, as the upgrade path is: a request with a body is the rarer kind.
-                None => {
-                    let sending = upload.clone();
-                    let mut send = Box::pin(async {
-                        let (response, connection) = self
-                            .backends
-                            .send(backend.port(), request, sending.as_ref())
-                            .await?;
-                        Ok((
-                            response.map(BackendBody::Hyper),
-                            Some(Holding::Connection(connection)),
-                        ))
-                    });
-                    self.exchange(send.as_mut(), upload).await
-                }
+            // Relayed as bytes (see `core_server_proto::relayed_body`), its head written
+            // straight from the client's, by the rules `prepare` applies.
+            let relay = self.relay_to(backend.port());
+            let method = request.method();
+            let fields = || {
+                let fields = request.headers().iter();
+                fields.map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+            };
+            let head = http1_relay::request(
+                method,
+                (request.uri().path(), request.uri().query()),
+                fields,
+                host.as_bytes(),
+                client.ip(),
+                scheme,
+            );
+            let (to_head, idempotent) = (method == Method::HEAD, method.is_idempotent());
+            drop(request);
+            let send = pin!(async {
+                let response = relay.fetch(&head, to_head, idempotent).await?;
+                Ok((response.map(BackendBody::Relayed), None))
+            });
+            self.exchange(send, None).await
+        }
+    }
+
+    /// Sends `request` (with a body, or an upgrade), from `client` over `scheme`, to the app on
+    /// `backend` through hyper's client, prepared by [`Proxy::prepare`].
+    async fn through_hyper(
+        &self,
+        request: ClientRequest,
+        upgrade_to: Option<HeaderValue>,
+        backend: SocketAddr,
+        host: HeaderValue,
+        client: SocketAddr,
+        scheme: &'static str,
+    ) -> Result<(Response<BackendBody>, Option<Holding>), Failure> {
+        let (mut request, upload) = self.prepare(request, client, &host, scheme);
+        request.headers_mut().insert(header::HOST, host);
+        *request.version_mut() = Version::HTTP_11;
+        *request.uri_mut() = origin_form(request.uri());
+        match upgrade_to {
+            Some(protocol) => {
+                let send = pin!(async {
+                    let (tasks, timeout) = (&self.tasks, self.backend_timeout);
+                    let response =
+                        upgrade::proxy(request, protocol, backend, tasks, timeout).await?;
+                    Ok((response.map(BackendBody::Hyper), None))
+                });
+                self.exchange(send, upload).await
+            }
+            None => {
+                let sending = upload.clone();
+                let send = pin!(async {
+                    let (response, connection) = self
+                        .backends
+                        .send(backend.port(), request, sending.as_ref())
+                        .await?;
+                    Ok((
+                        response.map(BackendBody::Hyper),
+                        Some(Holding::Connection(connection)),
+                    ))
+                });
+                self.exchange(send, upload).await
             }
         }
     }
