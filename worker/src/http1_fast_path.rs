@@ -282,40 +282,48 @@ where
 }
 
 /// Answers `head` on `stream` with `answer`, marked as the connection's last as [`Closing`]
-/// says; `None` if the client went away first (see [`client_gone`]).
-async fn exchange<S, A>(
+/// says; `None` if the client went away first (see [`client_gone`]). Not an `async fn`: that
+/// would hold the head twice (as passed, and as the body's local), and this future is moved
+/// into its box whole, once per request.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an `async fn` holds its arguments twice"
+)]
+fn exchange<'a, S, A>(
     head: RequestHead,
-    stream: &mut S,
-    buffer: &mut BytesMut,
-    answer: &A,
-    stop: &CancellationToken,
-    activity: &Activity,
-) -> Option<Result<Written, WriteError>>
+    stream: &'a mut S,
+    buffer: &'a mut BytesMut,
+    answer: &'a A,
+    stop: &'a CancellationToken,
+    activity: &'a Activity,
+) -> impl Future<Output = Option<Result<Written, WriteError>>> + 'a
 where
     S: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send,
     A: Answer,
     <A::Body as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let to_head = head.method() == Method::HEAD;
-    let closing = Closing {
-        asked: head.close(),
-        stop,
-        activity,
-    };
-    let mut client = Client { stream, buffer };
-    if let Some(target) = answer.relay_target(&head) {
-        return answer.relay(target, head, &mut client, &closing).await;
+    async move {
+        let to_head = head.method() == Method::HEAD;
+        let closing = Closing {
+            asked: head.close(),
+            stop,
+            activity,
+        };
+        let mut client = Client { stream, buffer };
+        if let Some(target) = answer.relay_target(&head) {
+            return answer.relay(target, head, &mut client, &closing).await;
+        }
+        let Some(request) = head.into_request() else {
+            debug!("a request head that http refuses: connection closed");
+            return Some(Ok(Written::Close));
+        };
+        let response = tokio::select! {
+            biased;
+            response = answer.respond(request) => response,
+            () = client.gone() => return None,
+        };
+        Some(http1_response::write(&mut client, response, to_head, closing.now()).await)
     }
-    let Some(request) = head.into_request() else {
-        debug!("a request head that http refuses: connection closed");
-        return Some(Ok(Written::Close));
-    };
-    let response = tokio::select! {
-        biased;
-        response = answer.respond(request) => response,
-        () = client.gone() => return None,
-    };
-    Some(http1_response::write(&mut client, response, to_head, closing.now()).await)
 }
 
 /// The client's connection while its response is written: the stream, and the buffer that

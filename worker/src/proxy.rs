@@ -246,32 +246,41 @@ impl Proxy {
 
     /// Relays `head`, from `client` over `scheme`, to the app on `port` (see `http1_relay`),
     /// writing its answer to `connection`, or the error page if it gave none; `None` if the
-    /// client went away before the response.
-    pub async fn relay<C: ClientConnection + Send>(
-        &self,
+    /// client went away before the response. Not an `async fn`, for the reason `handle` gives.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` holds its arguments twice"
+    )]
+    pub fn relay<'a, C: ClientConnection + Send>(
+        &'a self,
         (domain, port): (Domain, u16),
         head: RequestHead,
         client: SocketAddr,
         scheme: &'static str,
-        connection: &mut C,
-        closing: &Closing<'_>,
-    ) -> Option<Result<Written, WriteError>> {
-        let to_head = head.method() == Method::HEAD;
-        let idempotent = head.method().is_idempotent();
-        let host = head.host().unwrap_or_default();
-        let target = (head.path().path(), head.path().query());
-        let fields = || head.fields();
-        let request =
-            http1_relay::request(head.method(), target, fields, host, client.ip(), scheme);
-        drop(head); // and with it, its share of the bytes the client sent
-        let relay = self.relay_to(port);
-        let exchange = relay.exchange(request, to_head, idempotent, connection, closing);
-        match exchange.await {
-            Ok(relayed) => relayed,
-            Err(failure) => {
-                let upstream = Upstream::Port(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-                let page = self.failure_page(failure, &domain, &upstream, client, Version::HTTP_11);
-                Some(http1_response::write(connection, page, to_head, closing.now()).await)
+        connection: &'a mut C,
+        closing: &'a Closing<'a>,
+    ) -> impl Future<Output = Option<Result<Written, WriteError>>> + Send + 'a {
+        async move {
+            let to_head = head.method() == Method::HEAD;
+            let idempotent = head.method().is_idempotent();
+            let host = head.host().unwrap_or_default();
+            let target = (head.path().path(), head.path().query());
+            let fields = || head.fields();
+            let request =
+                http1_relay::request(head.method(), target, fields, host, client.ip(), scheme);
+            drop(head); // and with it, its share of the bytes the client sent
+            let relay = self.relay_to(port);
+            let exchange = relay.exchange(request, to_head, idempotent, connection, closing);
+            match exchange.await {
+                Ok(relayed) => relayed,
+                Err(failure) => {
+                    let upstream = Upstream::Port(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+                    let page =
+                        self.failure_page(failure, &domain, &upstream, client, Version::HTTP_11);
+                    // Boxed: rare, and as large as the exchange it would otherwise add to.
+                    let write = http1_response::write(connection, page, to_head, closing.now());
+                    Some(Box::pin(write).await)
+                }
             }
         }
     }
