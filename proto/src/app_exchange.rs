@@ -45,8 +45,46 @@ const MAX_RESPONSE_HEADERS: usize = 100;
 /// What a read of a response head asks for at least.
 const HEAD_READ: usize = 8 * 1024;
 
-/// What a read of a response body asks for at least.
-pub const BODY_READ: usize = 64 * 1024;
+/// What the first read of a response body asks for.
+const BODY_READ: usize = 64 * 1024;
+
+/// The most a read of a response body asks for, once reads fill what they asked for (see
+/// [`BodyReads`]).
+const MAX_BODY_READ: usize = 512 * 1024;
+
+/// What the next read of a response body asks for: [`BODY_READ`] at first, doubled up to
+/// [`MAX_BODY_READ`] each time a read fills it, as hyper's client's reads grow. A download goes to
+/// the client in fewer, larger pieces (fewer writes and wake-ups; through a tunnel, fewer HTTP/2
+/// `DATA` frames, each with its own costs on both sides), while a body the app sends slowly, or a
+/// small one, never asks for more than 64 KiB. As with hyper's client, a response read faster than
+/// its client takes it holds up to 512 KiB while it goes. Measured on 2 cores, 100 MB downloads:
+/// through a tunnel, 64 KiB reads made 530 MB/s where hyper's client, reading up to about 400 KiB,
+/// made 930, and 512 KiB made 1,000; through the plain proxy, medians of 15 downloads 970 MB/s with
+/// 64 KiB reads and 1,233 with 512 KiB.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReads {
+    next: usize,
+}
+
+impl Default for BodyReads {
+    fn default() -> Self {
+        BodyReads { next: BODY_READ }
+    }
+}
+
+impl BodyReads {
+    /// What the next read asks for.
+    pub fn size(&self) -> usize {
+        self.next
+    }
+
+    /// Notes that a read took `read` bytes.
+    pub fn took(&mut self, read: usize) {
+        if read >= self.next {
+            self.next = (self.next * 2).min(MAX_BODY_READ);
+        }
+    }
+}
 
 /// Why an app's answer could not be relayed.
 #[derive(Debug, thiserror::Error)]
@@ -544,6 +582,22 @@ mod tests {
         )
         .0;
         assert_eq!(no_content, "HTTP/1.1 204 No Content\r\n");
+    }
+
+    #[test]
+    fn body_reads_grow_while_they_fill_and_stay_at_the_most() {
+        let mut reads = BodyReads::default();
+        assert_eq!(reads.size(), 64 << 10);
+        reads.took(1000);
+        assert_eq!(reads.size(), 64 << 10, "a short read asks for no more");
+        let mut sizes = Vec::new();
+        for _ in 0..5 {
+            reads.took(reads.size());
+            sizes.push(reads.size() >> 10);
+        }
+        assert_eq!(sizes, [128, 256, 512, 512, 512]);
+        reads.took(0);
+        assert_eq!(reads.size(), 512 << 10, "nor does it shrink");
     }
 
     #[test]

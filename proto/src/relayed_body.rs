@@ -33,15 +33,9 @@ use hyper::ext::ReasonPhrase;
 use tokio::net::TcpStream;
 
 use crate::app_exchange::{self, poll_read_some, push_field, start_request};
-use crate::app_exchange::{AppConnections, RelayError, ResponseHead, BODY_READ};
+use crate::app_exchange::{AppConnections, BodyReads, RelayError, ResponseHead};
 use crate::http1_body::Body as Framing;
 use crate::http1_body::{BodyError, Decoder, Piece};
-
-/// The most a read of a body asks for, once reads fill what they asked for: a download goes to
-/// the client in fewer, larger pieces (HTTP/2 `DATA` frames, each with its own costs on both
-/// sides). Measured through a tunnel (100 MB downloads, 2 cores): 64 KiB reads made 530 MB/s
-/// where hyper's client, reading up to about 400 KiB, made 930; 512 KiB made 1,000.
-const MAX_BODY_READ: usize = 512 * 1024;
 
 /// `request`'s head as the app gets it: the caller has prepared its fields (a `Host` among
 /// them), and its URI's path and query are the request target.
@@ -81,7 +75,7 @@ pub async fn fetch<C: AppConnections>(
         buffer,
         decoder: Decoder::keeping_trailers(response.body),
         keep_alive: response.keep_alive,
-        read_size: BODY_READ,
+        reads: BodyReads::default(),
         connections,
     };
     Ok(response.head.map(|()| body))
@@ -121,8 +115,7 @@ pub struct RelayedBody<C: AppConnections> {
     decoder: Decoder,
     /// Whether the app keeps the connection after this response.
     keep_alive: bool,
-    /// What the next read asks for: doubled, up to [`MAX_BODY_READ`], each time a read fills it.
-    read_size: usize,
+    reads: BodyReads,
     connections: C,
 }
 
@@ -177,7 +170,7 @@ impl<C: AppConnections + Unpin> Body for RelayedBody<C> {
             let Some(backend) = &mut this.backend else {
                 return Poll::Ready(None); // polled again after it failed
             };
-            let read = poll_read_some(backend, &mut this.buffer, this.read_size, cx);
+            let read = poll_read_some(backend, &mut this.buffer, this.reads.size(), cx);
             match ready!(read) {
                 Ok(0) => {
                     this.backend = None;
@@ -186,11 +179,7 @@ impl<C: AppConnections + Unpin> Body for RelayedBody<C> {
                         Err(e) => Poll::Ready(Some(Err(e))),
                     };
                 }
-                Ok(read) => {
-                    if read >= this.read_size {
-                        this.read_size = (this.read_size * 2).min(MAX_BODY_READ);
-                    }
-                }
+                Ok(read) => this.reads.took(read),
                 Err(e) => {
                     return this.failed(BodyError::Broken(format!("reading from the app: {e}")))
                 }

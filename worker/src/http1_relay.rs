@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use core_server_proto::app_exchange::{self, push_field, read_some, ConnectionTokens};
-use core_server_proto::app_exchange::{start_request, AppConnections, AppResponse, BODY_READ};
+use core_server_proto::app_exchange::{start_request, AppConnections, AppResponse, BodyReads};
 use core_server_proto::hop_by_hop::{is_hop_by_hop, tokens};
 use core_server_proto::http1_body::{Body, Decoder, Piece};
 use core_server_proto::relayed_body::{self, RelayedBody};
@@ -201,6 +201,7 @@ impl<'a> Relay<'a> {
     ) -> Result<bool, WriteError> {
         let mut outgoing = Outgoing::new(head, framing(body));
         let mut decoder = Decoder::new(body);
+        let mut reads = BodyReads::default();
         loop {
             match decoder.next(buffer)? {
                 Some(Piece::Data(data)) => outgoing.piece(client, &data).await?,
@@ -213,7 +214,11 @@ impl<'a> Relay<'a> {
                 }
                 None => {
                     outgoing.head_now(client).await?;
-                    if self.read_body(backend, buffer, client).await? == 0 {
+                    let read = self
+                        .read_body(backend, buffer, reads.size(), client)
+                        .await?;
+                    reads.took(read);
+                    if read == 0 {
                         decoder.closed()?;
                         outgoing.end(client).await?;
                         return Ok(false);
@@ -223,17 +228,18 @@ impl<'a> Relay<'a> {
         }
     }
 
-    /// Reads more of the body into `buffer`, for as long as the app keeps sending within the
-    /// timeout and the client stays.
+    /// Reads up to `size` more bytes of the body into `buffer`, for as long as the app keeps
+    /// sending within the timeout and the client stays.
     async fn read_body<C: ClientConnection + Send>(
         &self,
         backend: &mut TcpStream,
         buffer: &mut BytesMut,
+        size: usize,
         client: &mut C,
     ) -> Result<usize, WriteError> {
         let read = tokio::select! {
             biased;
-            read = tokio::time::timeout(self.timeout, read_some(backend, buffer, BODY_READ)) => read,
+            read = tokio::time::timeout(self.timeout, read_some(backend, buffer, size)) => read,
             () = client.gone() => return Err(WriteError::ClientGone),
         };
         match read {
