@@ -115,6 +115,7 @@ pub struct RelayedBody<C: AppConnections> {
     decoder: Decoder,
     /// Whether the app keeps the connection after this response.
     keep_alive: bool,
+    /// What the next read asks for.
     reads: BodyReads,
     connections: C,
 }

@@ -128,7 +128,7 @@ impl ClientAddress {
             // Rarer: `fmt`, into the array (39 bytes: eight groups of four hex digits).
             IpAddr::V6(v6) => {
                 let mut rest = &mut text[..];
-                let _ = write!(rest, "{v6}");
+                write!(rest, "{v6}").expect("an IPv6 address is at most 39 characters");
                 39 - rest.len()
             }
         };
@@ -287,15 +287,17 @@ mod tests {
 
     #[test]
     fn the_head_written_as_bytes_gets_the_same_fields() {
-        let (client, host) = ("::ffff:10.1.2.3".parse().unwrap(), "Example.com:8080");
-        let mut map = HeaderMap::new();
-        set_forwarded(&mut map, client, &HeaderValue::from_static(host), "https");
-        let mut bytes = Vec::new();
-        write_forwarded(&mut bytes, client, host.as_bytes(), "https");
-        let text = String::from_utf8(bytes).unwrap();
-        let mut written: Vec<_> = text.lines().map(String::from).collect();
-        written.sort();
-        assert_eq!(written, sorted(&map));
+        for client in ["::ffff:10.1.2.3", "2001:db8::1"] {
+            let (client, host) = (client.parse().unwrap(), "Example.com:8080");
+            let mut map = HeaderMap::new();
+            set_forwarded(&mut map, client, &HeaderValue::from_static(host), "https");
+            let mut bytes = Vec::new();
+            write_forwarded(&mut bytes, client, host.as_bytes(), "https");
+            let text = String::from_utf8(bytes).unwrap();
+            let mut written: Vec<_> = text.lines().map(String::from).collect();
+            written.sort();
+            assert_eq!(written, sorted(&map));
+        }
     }
 
     #[test]

@@ -38,8 +38,8 @@
 //! `warn`.
 //!
 //! Bodies stream both ways with backpressure: nothing is buffered beyond a read buffer (hyper's,
-//! or the relay's 64 KiB), so a 1 GiB upload or download costs the worker no more memory than a
-//! small one.
+//! or the relay's, at most 512 KiB: see `BodyReads`), so a 1 GiB upload or download costs the
+//! worker no more memory than a small one.
 
 use std::fmt;
 use std::future::Future;
@@ -246,7 +246,8 @@ impl Proxy {
 
     /// Relays `head`, from `client` over `scheme`, to the app on `port` (see `http1_relay`),
     /// writing its answer to `connection`, or the error page if it gave none; `None` if the
-    /// client went away before the response. Not an `async fn`, for the reason `handle` gives.
+    /// client went away before the response. Not an `async fn`: that would hold the head twice
+    /// (as passed, and as the body's local) in the future the fast path boxes per request.
     #[expect(
         clippy::manual_async_fn,
         reason = "an `async fn` holds its arguments twice"
