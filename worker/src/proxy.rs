@@ -38,7 +38,7 @@
 //! `warn`.
 //!
 //! Bodies stream both ways with backpressure: nothing is buffered beyond a read buffer (hyper's,
-//! or the relay's, at most 512 KiB: see `BodyReads`), so a 1 GiB upload or download costs the
+//! or the relay's, about 512 KiB: see `BodyReads`), so a 1 GiB upload or download costs the
 //! worker no more memory than a small one.
 
 use std::fmt;
