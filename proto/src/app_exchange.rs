@@ -42,7 +42,7 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Header fields taken in an app's response head, as hyper's client.
 const MAX_RESPONSE_HEADERS: usize = 100;
 
-/// What a read of a response head asks for at least.
+/// What a read of a response head asks for; a larger head takes several reads.
 const HEAD_READ: usize = 8 * 1024;
 
 /// What the first read of a response body asks for.
