@@ -222,10 +222,13 @@ async fn ask<H: ResponseHead>(
         if let Some(response) = AppResponse::parse(buffer, to_head)? {
             return Ok(response);
         }
-        if buffer.len() >= MAX_RESPONSE_HEAD {
+        // Reads take no more than the limit leaves: a head that fills it and is not whole is
+        // too large, whatever follows.
+        let room = MAX_RESPONSE_HEAD.saturating_sub(buffer.len());
+        if room == 0 {
             return Err(RelayError::TooLarge);
         }
-        match read_some(backend, buffer, HEAD_READ).await {
+        match read_some(backend, buffer, HEAD_READ.min(room)).await {
             Ok(0) if received => return Err(RelayError::Cut),
             Ok(0) => return Err(RelayError::Closed),
             Ok(_) => received = true,
@@ -684,6 +687,41 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(60), downloads)
             .await
             .expect("the downloads took over a minute");
+    }
+
+    /// The answer to a request on a real socket from an app that sends `head` and then waits.
+    async fn asked(head: String) -> Result<AppResponse<Vec<u8>>, RelayError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut backend = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut app, _) = listener.accept().await.unwrap();
+        let answer = tokio::spawn(async move {
+            app.write_all(head.as_bytes()).await.unwrap();
+            std::future::pending::<()>().await
+        });
+        let mut buffer = BytesMut::new();
+        let asked = ask(&mut backend, &mut buffer, b"GET / HTTP/1.1\r\n\r\n", false).await;
+        answer.abort();
+        asked
+    }
+
+    #[tokio::test]
+    async fn a_response_head_of_the_limit_is_taken_and_one_byte_more_is_not() {
+        // One field padded so that the whole head is `size` bytes. An interim answer before
+        // it, which does not count, leaves the reads that follow unaligned on the limit.
+        let head = |size: usize| {
+            let frame = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX: \r\n\r\n".len();
+            let padding = "p".repeat(size - frame);
+            format!(
+                "HTTP/1.1 100 Continue\r\n\r\n\
+                 HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX: {padding}\r\n\r\n"
+            )
+        };
+        let taken = asked(head(MAX_RESPONSE_HEAD)).await.unwrap();
+        assert_eq!(taken.body, Body::Length(0));
+        let refused = asked(head(MAX_RESPONSE_HEAD + 1)).await.unwrap_err();
+        assert!(matches!(refused, RelayError::TooLarge), "{refused:?}");
     }
 
     #[test]

@@ -215,6 +215,44 @@ async fn connect_is_405() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_asterisk_form_is_for_options_alone() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+
+    // `GET *`, over HTTP/1.1 and over HTTP/2 (curl, prior knowledge), is refused: no app sees it.
+    let answer = raw(
+        server.http_port,
+        b"GET * HTTP/1.1\r\nHost: app.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), Some("400"), "{answer}");
+    let output = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .args(["--http2-prior-knowledge", "--request-target", "*"])
+        .args(["-H", "Host: app.example", &server.url("/")])
+        .output()
+        .expect("curl is installed");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "2 400");
+    assert_eq!(backend.connections(), 0);
+
+    // `OPTIONS *`, a question to the server as a whole, reaches the app as it was asked.
+    let seen = echoed(
+        &server,
+        "127.0.0.1",
+        "OPTIONS * HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(seen.contains("\r\n\r\nOPTIONS * HTTP/1.1\n"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_h2c_upgrade_is_never_forwarded() {
     let server = CoreServer::start();
     let backend = Backend::echo().await;

@@ -4,6 +4,7 @@
 //! |-------------------------------------------------------|----------------------------|
 //! | no Host (and no `:authority`), or two Host headers    | 400, connection closed     |
 //! | `CONNECT`                                             | 405, connection closed     |
+//! | target `*` (asterisk-form) on a method but `OPTIONS`  | 400, connection closed     |
 //! | Host with no route                                    | 404                        |
 //! | malformed or cut request body (a bad chunk size)      | 400, connection closed     |
 //! | request body stops arriving for the timeout           | 408, connection closed     |
@@ -181,6 +182,12 @@ impl Proxy {
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
                 return last_response(response, client_version);
+            }
+            if request.uri().path() == "*" && request.method() != Method::OPTIONS {
+                // RFC 9112, section 3.2.4: `*` names the server, for OPTIONS alone; an app
+                // would take `GET *` for a path.
+                let why = "a request target of * is only for OPTIONS";
+                return last_response(error_page(StatusCode::BAD_REQUEST, why), client_version);
             }
             let Some(domain) = host.to_str().ok().and_then(Domain::from_host) else {
                 return error_page(StatusCode::NOT_FOUND, "no app is registered for this host");
