@@ -8,12 +8,15 @@
 #   rathole 0.5.0 on its default TCP transport, nodelay.
 # Clients always speak plain HTTP/1.1 to the front; only the agent's link differs.
 # Prints the figures and the ratios tunnel / rathole (target >= 1.5, both) and tunnel / plain
-# proxy requests/s (target >= 0.6). Only loopback traffic; every load is bounded by DURATION
-# or LIMIT. Stops only the processes it started.
+# proxy requests/s (target >= 0.6), with what each path's forwarding processes spent (CPU
+# microseconds per request and seconds per GB, user + system, from /proc/<pid>/stat): the
+# worker for the plain proxy; the worker and the agent for a tunnel; rathole's server and
+# client. Only loopback traffic; every load is bounded by DURATION or LIMIT. Stops only the
+# processes it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}       # seconds of wrk load per path and round
 CONNECTIONS=${CONNECTIONS:-64}
 DOWNLOADS=${DOWNLOADS:-3}     # 100 MB downloads per path and round
@@ -40,6 +43,7 @@ make_cert unused unused.bench   # mkcert makes the CA with its first certificate
 env CAROOT="$work/caroot" RUST_LOG=warn "$work/core-server" --mode local --http-port "$http" \
   --https-port "$https" --udp-port "$udp" --dir "$work/state" 2>>"$work/core.err" &
 pids+=($!)
+core_pid=$!
 wait_port "$http"
 add_route "$udp" plain.bench "$backend"
 
@@ -49,12 +53,14 @@ allow() {
     { echo "core-server tunnel allow $1 failed" >&2; exit 1; }
 }
 # agent DOMAIN OPTIONS...: a core-agent serving DOMAIN from the backend.
+declare -A agent_pid
 agent() {
   local domain=$1 token; shift
   token=$(allow "$domain")
   CORE_AGENT_TOKEN=$token RUST_LOG=warn "$work/core-agent" "$domain" \
     --to "127.0.0.1:$backend" --connections 2 $AGENT_OPTIONS "$@" 2>>"$work/agent-$domain.err" &
   pids+=($!)
+  agent_pid[$domain]=$!
 }
 agent tunnel.bench --insecure-plaintext --connect "127.0.0.1:$http"
 agent tls.bench --connect "127.0.0.1:$https" --ca "$work/caroot/rootCA.pem"
@@ -77,7 +83,9 @@ local_addr = "127.0.0.1:$backend"
 nodelay = true
 CONF
 rathole --server "$work/server.toml" >"$work/rathole-server.err" 2>&1 & pids+=($!)
+rathole_pids=$!
 rathole --client "$work/client.toml" >"$work/rathole-client.err" 2>&1 & pids+=($!)
+rathole_pids+=" $!"
 wait_port "$visitor"
 
 # Before measuring: every path answers with the backend's page (a tunnel's agent may still be
@@ -97,12 +105,12 @@ for path in "${paths[@]}"; do
   [ "$body" = "hello from the backend" ] || { echo "${label[$path]}: '$body'" >&2; exit 1; }
 done
 
-rps() {  # path -> requests/s (a run with socket errors or non-2xx answers stops the script)
+rps() {  # path -> "<requests/s> <requests>" (socket errors or non-2xx answers stop the script)
   local out
   out=$(timeout $((DURATION + LIMIT)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
     -H "Host: ${host[$1]}" "http://127.0.0.1:${port[$1]}/")
   if grep -qE 'Socket errors|Non-2xx' <<<"$out"; then echo "${label[$1]}: $out" >&2; exit 1; fi
-  awk '/Requests\/sec/ {print $2}' <<<"$out"
+  awk '/requests in/ {n = $1} /Requests\/sec/ {r = $2} END {print r, n}' <<<"$out"
 }
 mbps() {  # path -> the MB/s of each of DOWNLOADS 100 MB downloads (one cut short stops the script)
   for _ in $(seq "$DOWNLOADS"); do
@@ -112,15 +120,43 @@ mbps() {  # path -> the MB/s of each of DOWNLOADS 100 MB downloads (one cut shor
               {printf "%.1f ", $2 / 1e6}'
 }
 
+# forwarders PATH: the processes that carry PATH's requests between client and backend,
+# whose CPU counts (none for the backend reached directly).
+forwarders() {
+  case $1 in
+    plain) core_worker "$core_pid" ;;
+    tunnel | tls) echo "$(core_worker "$core_pid") ${agent_pid[${host[$1]}]}" ;;
+    rathole) echo "$rathole_pids" ;;
+  esac
+}
+# cpu_per BEFORE AFTER UNITS SCALE: user + system CPU between two `cpu_ticks` readings per unit
+# (a request, with SCALE 1e6: microseconds; a byte, with 1e9: seconds per GB).
+cpu_per() {
+  awk -v b="$1" -v a="$2" -v n="$3" -v s="$4" -v hz="$clock_ticks" \
+    'BEGIN {split(b, x); split(a, y); printf "%.2f", (y[1] + y[2] - x[1] - x[2]) / hz * s / n}'
+}
+
 # ROUNDS rounds, every path in turn within a round (a drift in the machine's load hits all
-# alike); the medians count, printed with their spread (min-max).
-declare -A runs_rps runs_mbps RPS MBPS SPREAD_RPS SPREAD_MBPS
+# alike), the order rotated by one each round (no path always runs first or after the same
+# other); the medians count, printed with their spread (min-max).
+declare -A runs_rps runs_mbps cpu_rps cpu_mbps RPS MBPS SPREAD_RPS SPREAD_MBPS CPU_RPS CPU_MBPS
+order=("${paths[@]}")
 for round in $(seq "$ROUNDS"); do
-  for path in "${paths[@]}"; do
-    runs_rps[$path]+="$(rps "$path") "
+  for path in "${order[@]}"; do
+    serving=$(forwarders "$path")
+    before=$(cpu_ticks $serving)
+    out=$(rps "$path")
+    read -r rate requests <<<"$out"
+    runs_rps[$path]+="$rate "
+    cpu_rps[$path]+="$(cpu_per "$before" "$(cpu_ticks $serving)" "$requests" 1e6) "
+    before=$(cpu_ticks $serving)
     runs_mbps[$path]+="$(mbps "$path")"
+    cpu_mbps[$path]+="$(cpu_per "$before" "$(cpu_ticks $serving)" $((DOWNLOADS * 100000000)) 1e9) "
+    [ "$(forwarders "$path")" = "$serving" ] ||
+      { echo "${label[$path]}: its processes changed during round $round" >&2; exit 1; }
   done
-  echo "round $round of $ROUNDS done"
+  echo "round $round of $ROUNDS done (order: ${order[*]})"
+  order=("${order[@]:1}" "${order[0]}")
 done
 for path in "${paths[@]}"; do
   whole='{printf "%.0f %.0f %.0f", $1, $2, $3}'
@@ -128,16 +164,25 @@ for path in "${paths[@]}"; do
   SPREAD_RPS[$path]="$low-$high"
   read -r MBPS[$path] low high <<<"$(stats <<<"${runs_mbps[$path]}")"
   SPREAD_MBPS[$path]="$low-$high"
+  CPU_RPS[$path]=-
+  CPU_MBPS[$path]=-
+  if [ -n "$(forwarders "$path")" ]; then
+    CPU_RPS[$path]=$(stats <<<"${cpu_rps[$path]}" | cut -d' ' -f1)
+    CPU_MBPS[$path]=$(stats <<<"${cpu_mbps[$path]}" | cut -d' ' -f1)
+  fi
 done
 finished=1
 
 echo
 echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; core-agent options: --connections 2 ${AGENT_OPTIONS}"
 echo "medians of $ROUNDS rounds of wrk -t1 -c$CONNECTIONS -d${DURATION}s and of $DOWNLOADS x 100 MB curl downloads"
-printf '%-26s %12s %18s %10s %16s\n' "" "requests/s" "spread (min-max)" "MB/s" "spread (min-max)"
+echo "CPU: user + system of the forwarding processes (worker; worker + agent; rathole's two)"
+printf '%-26s %12s %18s %8s %10s %16s %8s\n' "" "requests/s" "spread (min-max)" "us/req" "MB/s" \
+  "spread (min-max)" "s/GB"
 for path in "${paths[@]}"; do
-  printf '%-26s %12s %18s %10s %16s\n' "${label[$path]}" "${RPS[$path]}" "${SPREAD_RPS[$path]}" \
-    "${MBPS[$path]}" "${SPREAD_MBPS[$path]}"
+  printf '%-26s %12s %18s %8s %10s %16s %8s\n' "${label[$path]}" "${RPS[$path]}" \
+    "${SPREAD_RPS[$path]}" "${CPU_RPS[$path]}" "${MBPS[$path]}" "${SPREAD_MBPS[$path]}" \
+    "${CPU_MBPS[$path]}"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
 echo
