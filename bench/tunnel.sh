@@ -20,6 +20,7 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}       # seconds of wrk load per path and round
 CONNECTIONS=${CONNECTIONS:-64}
 DOWNLOADS=${DOWNLOADS:-3}     # 100 MB downloads per path and round
+[ "$DOWNLOADS" -ge 1 ] || { echo "DOWNLOADS must be 1 or more" >&2; exit 1; }
 LIMIT=${LIMIT:-60}            # seconds any one download may take
 AGENT_OPTIONS=${AGENT_OPTIONS:-}  # more core-agent options, for both agents (e.g. "--threads 2")
 
@@ -108,9 +109,11 @@ done
 rps() {  # path -> "<requests/s> <requests>" (socket errors or non-2xx answers stop the script)
   local out
   out=$(timeout $((DURATION + LIMIT)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
-    -H "Host: ${host[$1]}" "http://127.0.0.1:${port[$1]}/")
+    -H "Host: ${host[$1]}" "http://127.0.0.1:${port[$1]}/") ||
+    { echo "${label[$1]}: wrk failed or timed out: $out" >&2; exit 1; }
   if grep -qE 'Socket errors|Non-2xx' <<<"$out"; then echo "${label[$1]}: $out" >&2; exit 1; fi
-  awk '/requests in/ {n = $1} /Requests\/sec/ {r = $2} END {print r, n}' <<<"$out"
+  awk '/requests in/ {n = $1} /Requests\/sec/ {r = $2}
+       END {if (n > 0) print r, n; else {print "no request done" > "/dev/stderr"; exit 1}}' <<<"$out"
 }
 mbps() {  # path -> the MB/s of each of DOWNLOADS 100 MB downloads (one cut short stops the script)
   for _ in $(seq "$DOWNLOADS"); do
@@ -137,8 +140,8 @@ cpu_per() {
 }
 
 # ROUNDS rounds, every path in turn within a round (a drift in the machine's load hits all
-# alike), the order rotated by one each round (no path always runs first or after the same
-# other); the medians count, printed with their spread (min-max).
+# alike), the order rotated by one each round (each path runs first in one round of every
+# five); the medians count, printed with their spread (min-max).
 declare -A runs_rps runs_mbps cpu_rps cpu_mbps RPS MBPS SPREAD_RPS SPREAD_MBPS CPU_RPS CPU_MBPS
 order=("${paths[@]}")
 for round in $(seq "$ROUNDS"); do

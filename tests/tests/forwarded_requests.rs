@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use core_server_tests::backend::full;
-use core_server_tests::http::{raw, read_until_closed};
+use core_server_tests::http::{raw, read_until_closed, send_raw};
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use http::Response;
@@ -220,29 +220,33 @@ async fn the_asterisk_form_is_for_options_alone() {
     let backend = Backend::echo().await;
     server.add("app.example", backend.port);
 
-    // `GET *`, over HTTP/1.1 and over HTTP/2 (curl, prior knowledge), is refused: no app sees it.
-    let answer = raw(
-        server.http_port,
-        b"GET * HTTP/1.1\r\nHost: app.example\r\n\r\n",
-    )
-    .await;
+    // `GET *` over HTTP/1.1: refused, saying why, and the connection closed; no app sees it.
+    let mut stream = send_raw(&server, b"GET * HTTP/1.1\r\nHost: app.example\r\n\r\n").await;
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the connection closed after the answer");
     assert_eq!(status(&answer), Some("400"), "{answer}");
-    let output = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version} %{http_code}",
-        ])
-        .args(["--http2-prior-knowledge", "--request-target", "*"])
-        .args(["-H", "Host: app.example", &server.url("/")])
-        .output()
-        .expect("curl is installed");
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "2 400");
-    assert_eq!(backend.connections(), 0);
+    assert!(answer.contains("only for OPTIONS"), "{answer}");
 
-    // `OPTIONS *`, a question to the server as a whole, reaches the app as it was asked.
+    // Over HTTP/2 (curl, prior knowledge): `GET *` refused, `OPTIONS *` passed on.
+    let curl = |method: &str| {
+        let output = std::process::Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_version} %{http_code}", "-X", method])
+            .args(["--http2-prior-knowledge", "--request-target", "*"])
+            .args(["-H", "Host: app.example", &server.url("/")])
+            .output()
+            .expect("curl is installed");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
+    };
+    let (answer, stderr) = curl("GET");
+    assert!(answer.ends_with("\n2 400"), "{answer} {stderr}");
+    assert_eq!(backend.connections(), 0);
+    let (answer, stderr) = curl("OPTIONS");
+    assert!(answer.ends_with("\n2 200"), "{answer} {stderr}");
+    assert!(answer.starts_with("OPTIONS * HTTP/1.1\n"), "{answer}");
+
+    // And over HTTP/1.1, `OPTIONS *` reaches the app as it was asked.
     let seen = echoed(
         &server,
         "127.0.0.1",

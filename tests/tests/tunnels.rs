@@ -1,6 +1,6 @@
 //! Requests through a reverse tunnel, end to end: a real `core-agent` dials core-server and
 //! serves its domain from a local backend. A GET (the backend sees the client in
-//! X-Forwarded-For/-Proto), server-sent events arriving as they are sent (and ending at the app
+//! X-Forwarded-For/-Proto), an `OPTIONS *`, server-sent events arriving as they are sent (and ending at the app
 //! when the client goes), a WebSocket echo and
 //! trailers both ways, over plain HTTP in local mode and over HTTPS (mkcert, `--ca`); and 1 GiB
 //! each way with the worker's and the agent's peak memory flat.
@@ -196,6 +196,12 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         body.contains(&format!("\nx-forwarded-proto: {}\n", via.scheme())),
         "{body}"
     );
+
+    // `OPTIONS *`, a question to the server as a whole, reaches the app as it was asked.
+    let response = via.send(APP, request("OPTIONS", "*", APP, full(""))).await;
+    assert_eq!(response.status(), 200);
+    let body = text(response.into_body()).await;
+    assert!(body.starts_with("OPTIONS * HTTP/1.1\n"), "{body}");
 
     // Server-sent events: each one reaches the client before the next is even written.
     let response = via

@@ -226,6 +226,11 @@ impl RedirectToHttps {
                 None => error_page(StatusCode::NOT_FOUND, "no such ACME challenge"),
             });
         }
+        // No URL says `*` (`https://app.example*` is another host): the proxy's own rules
+        // answer it, `OPTIONS *` going to the app and any other method a 400.
+        if path == "*" {
+            return None;
+        }
         self.routes.is_routed(&domain).then_some(())?;
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let location = HeaderValue::try_from(format!("https://{domain}{path_and_query}")).ok()?;
@@ -291,6 +296,11 @@ mod tests {
         assert!(port80
             .answer(&request(Method::GET, "127.0.0.1", "/"))
             .is_none());
+        for method in [Method::OPTIONS, Method::GET] {
+            assert!(port80
+                .answer(&request(method, "app.example", "*"))
+                .is_none());
+        }
     }
 
     #[tokio::test]
