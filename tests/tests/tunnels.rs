@@ -1,9 +1,9 @@
 //! Requests through a reverse tunnel, end to end: a real `core-agent` dials core-server and
 //! serves its domain from a local backend. A GET (the backend sees the client in
-//! X-Forwarded-For/-Proto), an `OPTIONS *`, server-sent events arriving as they are sent (and ending at the app
-//! when the client goes), a WebSocket echo and
-//! trailers both ways, over plain HTTP in local mode and over HTTPS (mkcert, `--ca`); and 1 GiB
-//! each way with the worker's and the agent's peak memory flat.
+//! X-Forwarded-For/-Proto), an `OPTIONS *`, server-sent events arriving as they are sent (and
+//! ending at the app when the client goes), a WebSocket echo and trailers both ways, over plain
+//! HTTP in local mode and over HTTPS (mkcert, `--ca`); and 1 GiB each way with the worker's
+//! and the agent's peak memory flat.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
