@@ -640,15 +640,21 @@ mod tests {
         );
     }
 
+    /// A connection over loopback: the proxy's end, and the app's.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (app, _) = listener.accept().await.unwrap();
+        (proxy, app)
+    }
+
     /// A download read as the fast path reads it, each piece split off and let go before the
     /// next read (`keep`: bytes the decoder leaves, a chunk's framing): no read takes more
     /// than it asked for, and the buffer never grows past the largest read and what it kept.
     async fn download(keep: usize) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut backend, _) = listener.accept().await.unwrap();
+        let (mut backend, mut app) = connected().await;
         const SENT: usize = 32 << 20;
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 1 << 20];
@@ -691,11 +697,7 @@ mod tests {
 
     /// The answer to a request on a real socket from an app that sends `head` and then waits.
     async fn asked(head: String) -> Result<AppResponse<Vec<u8>>, RelayError> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut backend = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut app, _) = listener.accept().await.unwrap();
+        let (mut backend, mut app) = connected().await;
         let answer = tokio::spawn(async move {
             app.write_all(head.as_bytes()).await.unwrap();
             std::future::pending::<()>().await
