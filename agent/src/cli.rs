@@ -44,7 +44,7 @@ struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// Requests in flight at once per connection.
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     max_streams: u32,
     /// Threads serving the connections. One suits an agent sharing a small machine with its
     /// app: its work per request is small, and threads waking each other cost more than they

@@ -77,16 +77,19 @@ where
 
 /// The HTTP/2 server settings of a tunnel connection. Windows and frames are far above hyper's
 /// server defaults (1 MiB windows, 16 KiB frames) for throughput over one TCP connection that
-/// carries many streams; streams are capped by `max_streams`, not hyper's default of 200. The
-/// PINGs notice a proxy that went silent (no FIN) within 3 + 5 s.
+/// carries many streams. The connection's window is no bound (1 GiB): the streams' windows
+/// bound what an upload the app reads slowly holds, and a bound shared by them all would let
+/// a few such uploads stall every other stream. Streams are capped by `max_streams` requests,
+/// not hyper's default of 200, and one more: the worker's control stream, open for as long as
+/// the connection. The PINGs notice a proxy that went silent (no FIN) within 3 + 5 s.
 pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_concurrent_streams(max_streams)
+        .max_concurrent_streams(max_streams.saturating_add(1))
         .enable_connect_protocol()
         .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(32 << 20)
+        .initial_connection_window_size(1 << 30)
         .max_frame_size(256 << 10)
         .max_send_buf_size(4 << 20)
         .max_header_list_size(64 << 10)

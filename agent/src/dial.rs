@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -39,14 +40,18 @@ pub(crate) enum DialError {
     Tls(std::io::Error),
     #[error("HTTP handshake: {0}")]
     Http(#[from] hyper::Error),
-    #[error("the token was refused (revoked or wrong)")]
+    #[error("the token was refused (revoked, wrong, or the domain is no longer a tunnel)")]
     Refused,
     #[error("rate limited after too many refused tokens from this address{}", retry_after.map(|d| format!("; retrying after {d:?}")).unwrap_or_default())]
     RateLimited { retry_after: Option<Duration> },
     #[error("redirected to {0}: this port is not served in plaintext (core-server in release mode): drop --insecure-plaintext")]
     Redirected(String),
-    #[error("answered {0} instead of switching to a tunnel (is this core-server, and a version with tunnels?)")]
-    Unexpected(StatusCode),
+    #[error("answered {status} instead of switching to a tunnel: {}", said.as_deref().unwrap_or("is this core-server, and a version with tunnels?"))]
+    Unexpected {
+        status: StatusCode,
+        /// The first line of the answer's body.
+        said: Option<String>,
+    },
     #[error("the 101 carries no {NONCE_HEADER}")]
     NoNonce,
 }
@@ -130,7 +135,10 @@ where
                 .unwrap_or("HTTPS");
             return Err(DialError::Redirected(location.to_owned()));
         }
-        status => return Err(DialError::Unexpected(status)),
+        status => {
+            let said = first_line(response.into_body()).await;
+            return Err(DialError::Unexpected { status, said });
+        }
     }
     let nonce = response
         .headers()
@@ -140,4 +148,12 @@ where
         .ok_or(DialError::NoNonce)?;
     let io = hyper::upgrade::on(response).await?;
     Ok((io, nonce))
+}
+
+/// The first line of what the proxy said with a refusal (core-server says why: "this domain has
+/// 64 agent connections already"), if it said so in a few lines of text.
+async fn first_line(body: Incoming) -> Option<String> {
+    let said = Limited::new(body, 4096).collect().await.ok()?.to_bytes();
+    let line = std::str::from_utf8(&said).ok()?.lines().next()?.trim();
+    (!line.is_empty()).then(|| line.to_owned())
 }

@@ -30,9 +30,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, warn};
 
 use core_server_proto::app_exchange::AppConnections;
-use core_server_proto::hop_by_hop::remove_hop_by_hop;
+use core_server_proto::hop_by_hop::{frame_request_body, remove_hop_by_hop};
 use core_server_proto::logging::describe;
 use core_server_proto::relayed_body;
+use core_server_proto::tunnel::APP_STATUS_HEADER;
 
 use crate::app_pool::{AppBody, AppPool, IDLE_TIMEOUT};
 use crate::connection::BoxError;
@@ -93,12 +94,10 @@ impl Service<Request<Incoming>> for ForwardService {
                 _ => this.forward(request).await,
             };
             Ok(result.unwrap_or_else(|e| {
-                let e = describe(&*e);
-                warn!("the app at {app}: {e}");
-                text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("core-agent: the app at {app} did not answer: {e}\n"),
-                )
+                // The why, with the app's address, is for the agent's log: the client is told
+                // what the worker tells of an app on a local port.
+                warn!("the app at {app} did not answer: {}", describe(&*e));
+                bad_gateway()
             }))
         })
     }
@@ -124,15 +123,9 @@ impl ForwardService {
         } else {
             // hyper-util's client takes the app's address from the URI.
             parts.uri = app_uri(&self.authority, &parts.uri)?;
-            // HTTP/1.1 carries trailers only in a chunked body (hyper would send a body of
-            // known length with `Content-Length`), and hyper sends only those `Trailer` declares.
-            if parts.headers.contains_key(header::TRAILER) {
-                parts.headers.remove(header::CONTENT_LENGTH);
-                parts.headers.insert(
-                    header::TRANSFER_ENCODING,
-                    HeaderValue::from_static("chunked"),
-                );
-            }
+            // Chunked when its length is unknown or it has trailers (hyper sends those only
+            // that `Trailer` declares).
+            frame_request_body(&mut parts.headers, body.size_hint().exact());
             let response = self.client.request(Request::from_parts(parts, body));
             response.await?.map(AppBody::hyper)
         };
@@ -196,6 +189,13 @@ async fn upgrade(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(APP_STATUS_HEADER);
+        if parts.status.is_success() {
+            // Not the tunnel a 2xx would open: the worker gives the client this status back.
+            let status = HeaderValue::from(parts.status.as_u16());
+            parts.headers.insert(APP_STATUS_HEADER, status);
+            parts.status = StatusCode::BAD_GATEWAY;
+        }
         let body = AppBody::hyper(body);
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
@@ -215,12 +215,15 @@ async fn upgrade(
     Ok(accepted)
 }
 
-fn text(status: StatusCode, body: String) -> Response<ForwardBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+/// The agent's answer when its app gave none, as the worker's error pages: plain text, not
+/// to be cached.
+fn bad_gateway() -> Response<ForwardBody> {
+    let body = Bytes::from_static(b"502 Bad Gateway: the app is not answering\n");
+    let mut response = Response::new(Either::Right(Full::new(body)));
+    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    let headers = response.headers_mut();
+    let plain = HeaderValue::from_static("text/plain; charset=utf-8");
+    headers.insert(header::CONTENT_TYPE, plain);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

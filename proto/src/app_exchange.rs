@@ -37,10 +37,10 @@ use crate::http1_body::Body;
 
 /// The largest response head taken from an app: more is a 502 (nginx's `proxy_buffer_size`
 /// is 4 or 8 KiB; hyper's client took about 400 KiB).
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Header fields taken in an app's response head, as hyper's client.
-const MAX_RESPONSE_HEADERS: usize = 100;
+pub const MAX_RESPONSE_HEADERS: usize = 100;
 
 /// What a read of a response head asks for; a larger head takes several reads.
 const HEAD_READ: usize = 8 * 1024;

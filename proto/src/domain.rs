@@ -95,6 +95,37 @@ impl Domain {
     }
 }
 
+/// Whether `host`, a `Host` field (or an `:authority`), is what one may be (RFC 9110 §7.2):
+/// a host, a name or an address (an IPv6 one in brackets), and an optional port. Stricter
+/// than RFC 3986's `reg-name`, as nginx is: a name is made of letters, digits and `-._~`, no
+/// `%`-escape nor sub-delimiter, so a list (`a.example, b.example`), a user (`u@a.example`) or
+/// a path (`a.example/x`) is refused, not read as a domain nobody registered.
+pub fn is_host_field(host: &[u8]) -> bool {
+    let (name, port) = match host.strip_prefix(b"[") {
+        Some(literal) => match literal.iter().position(|&b| b == b']') {
+            Some(end) if end > 0 => {
+                let address = &literal[..end];
+                let ip = |&b: &u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+                if !address.iter().all(ip) {
+                    return false;
+                }
+                (&b"ip"[..], &literal[end + 1..])
+            }
+            _ => return false,
+        },
+        None => match host.iter().position(|&b| b == b':') {
+            Some(colon) => (&host[..colon], &host[colon..]),
+            None => (host, &b""[..]),
+        },
+    };
+    let name_byte = |&b: &u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    let port_ok = match port.strip_prefix(b":") {
+        Some(digits) => digits.iter().all(u8::is_ascii_digit),
+        None => port.is_empty(),
+    };
+    !name.is_empty() && name.iter().all(name_byte) && port_ok
+}
+
 /// The WHATWG URL standard's "ends in a number" check (the trailing dot already dropped): the
 /// last label is decimal digits, or `0x` and hex digits, which the host parser reads as an IPv4
 /// address (the other number forms, octal included, are all digits).
@@ -216,6 +247,41 @@ mod tests {
             "exa mple.com",
         ] {
             assert_eq!(Domain::from_host(host), None, "{host}");
+        }
+    }
+
+    #[test]
+    fn a_host_field_is_a_name_or_address_and_an_optional_port() {
+        for host in [
+            "example.com",
+            "Example.COM.:8080",
+            "example.com:",
+            "a_b~c.example",
+            "127.0.0.1:80",
+            "[::1]",
+            "[2001:db8::1]:443",
+            "[::ffff:192.0.2.1]",
+        ] {
+            assert!(is_host_field(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "",
+            ":80",
+            "a.example, b.example",
+            "u@a.example",
+            "u:p@a.example",
+            "a.example/x",
+            "a .example",
+            "a.example:abc",
+            "a.example:80:81",
+            "a%2eexample",
+            "[]",
+            "[::1",
+            "[::1]x",
+            "[::1]:x",
+            "[v1.x]",
+        ] {
+            assert!(!is_host_field(host.as_bytes()), "{host}");
         }
     }
 

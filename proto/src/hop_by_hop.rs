@@ -46,6 +46,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Frames a request body for the next hop, an HTTP/1.1 app that hyper's client sends it to
+/// (the client's own framing went with the hop-by-hop headers): chunked when its `length` is
+/// unknown, for hyper would send none at all of a `GET`'s or a `HEAD`'s (it takes them for
+/// bodiless: "if you must send a body, set the headers explicitly"), or when `Trailer`
+/// declares trailers, which HTTP/1.1 carries in a chunked body only. Else hyper frames it.
+pub fn frame_request_body(headers: &mut HeaderMap, length: Option<u64>) {
+    if length.is_none() || headers.contains_key(header::TRAILER) {
+        headers.remove(header::CONTENT_LENGTH);
+        let chunked = HeaderValue::from_static("chunked");
+        headers.insert(header::TRANSFER_ENCODING, chunked);
+    }
+}
+
 /// Whether a header named `name` (in any case) is hop-by-hop by its name alone, `TE`
 /// included: for a head handled as bytes (`app_exchange`, the worker's `http1_relay`), whose
 /// `Connection` header names the rest.
@@ -103,5 +116,30 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["te: trailers", "trailer: x-checksum", "x-kept: yes"]);
+    }
+
+    #[test]
+    fn a_body_of_unknown_length_or_with_trailers_goes_chunked() {
+        let framed = |pairs: &[(&'static str, &'static str)], length| {
+            let mut h = HeaderMap::new();
+            for &(name, value) in pairs {
+                h.append(name, HeaderValue::from_static(value));
+            }
+            frame_request_body(&mut h, length);
+            let mut fields: Vec<_> = (h.iter())
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+                .collect();
+            fields.sort();
+            fields
+        };
+        assert_eq!(framed(&[], None), ["transfer-encoding: chunked"]);
+        assert_eq!(
+            framed(&[("content-length", "3")], Some(3)),
+            ["content-length: 3"]
+        );
+        assert_eq!(
+            framed(&[("content-length", "3"), ("trailer", "x-sum")], Some(3)),
+            ["trailer: x-sum", "transfer-encoding: chunked"]
+        );
     }
 }

@@ -36,6 +36,11 @@ pub const AGENT_LABEL_HEADER: &str = "core-agent";
 /// the control stream from a client's request to the same path (the worker strips this header
 /// from clients' requests).
 pub const NONCE_HEADER: &str = "core-server-tunnel-nonce";
+/// Agent to worker, with its answer to a WebSocket's extended CONNECT: the status of an app
+/// that answered the upgrade with a 2xx other than `101`, an ordinary response (a page where
+/// no WebSocket is served). A 2xx to `CONNECT` opens the tunnel (RFC 8441 §5), so the agent
+/// answers `502` and this, and the worker gives the client the app's status back.
+pub const APP_STATUS_HEADER: &str = "core-server-app-status";
 /// Worker to agent, on the control stream: this worker is stopping (a rerun); dial a
 /// replacement now, and keep serving this connection's requests until it closes.
 pub const RECONNECT: &[u8] = b"reconnect\n";

@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use core_server_tests::backend::full;
-use core_server_tests::http::{raw, read_until_closed, send_raw};
+use core_server_tests::http::{h2_connect, raw, read_until_closed, send_raw};
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use http::Response;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -48,6 +48,9 @@ async fn spoofed_forwarding_headers_are_replaced_by_the_proxys_own() {
         X-Real-IP: 6.6.6.6\r\n\
         True-Client-IP: 6.6.6.6\r\n\
         X-Client-IP: 6.6.6.6\r\n\
+        X_Forwarded_For: 6.6.6.6\r\n\
+        X-Forwarded_Proto: https\r\n\
+        X_Real_IP: 6.6.6.6\r\n\
         X-Custom: kept\r\n\
         Connection: close\r\n\r\n";
     let seen = echoed(&server, "127.0.0.1", spoofed).await;
@@ -97,6 +100,7 @@ async fn a_request_hyper_serves_reaches_the_app_by_the_same_rules() {
         Connection: close, X-Private\r\n\
         X-Private: secret\r\n\
         X-Forwarded-For: 6.6.6.6\r\n\
+        X_Forwarded_For: 6.6.6.6\r\n\
         Cookie: a=1\r\n\
         X-Custom: kept\r\n\r\n";
     let seen = echoed(&server, "127.0.0.1", request).await;
@@ -114,6 +118,29 @@ async fn a_request_hyper_serves_reaches_the_app_by_the_same_rules() {
     ] {
         assert!(seen.contains(want), "backend did not see {want:?}:\n{seen}");
     }
+}
+
+/// A `GET` with a body of unknown length (chunked; Elasticsearch's `_search` sends one): the app
+/// gets it whole, chunked. hyper's client, left to frame it, would send none of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_with_a_chunked_body_reaches_the_app_whole() {
+    let server = CoreServer::start();
+    let backend = Backend::start(|request| async move {
+        let framing = request.headers().get("transfer-encoding").cloned();
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        Response::new(full(format!("{framing:?} {body}")))
+    })
+    .await;
+    server.add("app.example", backend.port);
+
+    let request = "GET /_search HTTP/1.1\r\n\
+        Host: app.example\r\n\
+        Transfer-Encoding: chunked\r\n\
+        Connection: close\r\n\r\n\
+        7\r\na query\r\n0\r\n\r\n";
+    let answer = echoed(&server, "127.0.0.1", request).await;
+    assert!(answer.ends_with("Some(\"chunked\") a query"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -193,6 +220,54 @@ async fn two_host_headers_are_400() {
     .await;
     assert_eq!(status(&answer), Some("400"), "{answer}");
     assert_eq!(backend.connections(), 0);
+}
+
+/// A Host that is not a host and optional port (RFC 9112 §3.2: "a server MUST respond with a 400
+/// to ... a Host header field with an invalid field value"), a target in authority form on a
+/// method but `CONNECT`, and an HTTP/2 `Host` that names another than the `:authority`: 400,
+/// and the app never hears of them, though each names a routed domain somewhere in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_that_is_not_one_is_400() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("app.example", backend.port);
+    server.add("other.example", backend.port);
+
+    for host in [
+        "app.example, other.example",
+        "evil@app.example",
+        "app.example/x",
+        "app .example",
+        "app.example:abc",
+    ] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let answer = raw(server.http_port, request.as_bytes()).await;
+        assert_eq!(status(&answer), Some("400"), "{host}: {answer}");
+        assert!(answer.contains("not a name or address"), "{host}: {answer}");
+    }
+    let absolute = b"GET http://u:p@app.example/ HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    let answer = raw(server.http_port, absolute).await;
+    assert_eq!(status(&answer), Some("400"), "{answer}");
+
+    let authority_form = b"GET app.example HTTP/1.1\r\nHost: other.example\r\n\r\n";
+    let answer = raw(server.http_port, authority_form).await;
+    assert_eq!(status(&answer), Some("400"), "{answer}");
+    assert!(answer.contains("only for CONNECT"), "{answer}");
+
+    let (mut h2, _connection) = h2_connect(server.http_port).await;
+    let mismatched = http::Request::get("http://app.example/")
+        .header("host", "other.example")
+        .body(Full::default())
+        .unwrap();
+    let response = h2.send_request(mismatched).await.unwrap();
+    assert_eq!(response.status(), 400);
+    let matching = http::Request::get("http://app.example/")
+        .header("host", "App.Example")
+        .body(Full::default())
+        .unwrap();
+    let response = h2.send_request(matching).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(backend.connections(), 1, "only the last reached the app");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::AlertDescription;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const APP: &str = "app.example";
@@ -222,6 +222,26 @@ async fn a_registered_domain_is_served_over_https_with_http1_and_http2() {
         "{}",
         plain.body
     );
+}
+
+/// Over TLS, HTTP/2 is spoken only if ALPN chose it (RFC 9113 §3.3): a client that chose
+/// `http/1.1` and sends HTTP/2's preface has its connection closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_over_tls_only_by_alpn() {
+    if !tools("http2_over_tls_only_by_alpn") {
+        return;
+    }
+    let local = Local::start().await;
+    let client = local.client().alpn(&["http/1.1"]);
+    let mut tls = client.connect(local.port(), &Sni::name(APP)).await.unwrap();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    tls.write_all(preface).await.unwrap();
+    let mut answer = Vec::new();
+    // Closed without TLS's close_notify, as hyper's HTTP/1 server does: an error, or the end.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
+        .await
+        .expect("closed within 10 s");
+    assert_eq!(answer, b"", "no HTTP/2 SETTINGS: the connection closed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

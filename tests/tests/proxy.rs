@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use core_server_tests::http::{get, h2_connect, http1_connect, raw, send, text};
+use core_server_tests::http::{get, h2_connect, http1_connect, raw, read_until_closed, send, text};
 use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use http::Request;
@@ -265,6 +265,102 @@ async fn http2_prior_knowledge_clients() {
     for gone in ["6.6.6.6", "x-real-ip"] {
         assert!(!seen.contains(gone), "{gone}: {seen}");
     }
+}
+
+/// An HTTP/1.0 client that asks to keep its connection (`Connection: keep-alive`, as `ab -k`
+/// does) keeps it, told so in each response; one that does not ask has it closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn http10_clients_keep_their_connection_when_they_ask() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("old.example", backend.port);
+
+    let mut stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    for path in ["/one", "/two", "/three"] {
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: old.example\r\nConnection: keep-alive\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains("\r\nconnection: keep-alive\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains(&format!("GET {path} HTTP/1.1\n")),
+            "{answer}"
+        );
+    }
+    let last = b"GET /last HTTP/1.0\r\nHost: old.example\r\n\r\n";
+    stream.write_all(last).await.unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("closed after its answer");
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(!answer.contains("keep-alive"), "{answer}");
+    assert_eq!(backend.connections(), 1, "one pooled connection to the app");
+}
+
+/// One HTTP/1.x answer with a `content-length`, read whole from `stream`.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buffer = [0; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .expect("a content-length")
+                .parse::<usize>()
+                .unwrap();
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer));
+        let n = read.await.expect("an answer within 10 s").unwrap();
+        assert!(n > 0, "closed mid-answer: {text}");
+        answer.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// HTTP/2 begins with its preface, as a connection's first bytes (RFC 9113 §3.4): sent after an
+/// HTTP/1.1 request, it ends the connection instead of switching it to HTTP/2.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_only_from_a_connections_first_byte() {
+    let server = CoreServer::start();
+    let backend = Backend::echo().await;
+    server.add("h2.example", backend.port);
+
+    let mut stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: h2.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &answer[..n]
+    );
+    // The preface, and an empty SETTINGS frame.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    stream.write_all(preface).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed within 10 s")
+        .unwrap();
+    assert_eq!(rest, b"", "no HTTP/2 SETTINGS: the connection closed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -187,7 +187,7 @@ async fn only_hashes_are_kept_across_restarts_and_a_port_route_makes_it_version_
     agent.wait_connected(&server, 2);
     assert_eq!(get(&server.url("/"), APP).await.body, "from the agent");
 
-    // A UDP `add` replaces the tunnel route (and closes its agents); the file is version 1,
+    // A UDP `add` replaces the tunnel route (its agents disconnect); the file is version 1,
     // readable by all, as before tunnels existed.
     server.add(APP, direct_backend.port);
     agent.wait_connected(&server, 0);
@@ -208,4 +208,25 @@ async fn only_hashes_are_kept_across_restarts_and_a_port_route_makes_it_version_
     assert!(json["routes"].get(APP).is_none(), "{text}");
     let status = server.status();
     assert!(!status.contains(APP), "{status}");
+}
+
+/// An agent refused for another reason than its token (here: its domain has all the agent
+/// connections it may have) is told why, in its log.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_refused_for_lack_of_room_is_told_why() {
+    let server = server();
+    let backend = saying("from the agent").await;
+    let token = server.tunnel_allow(APP);
+    let to = format!("127.0.0.1:{}", backend.port);
+    let first = Agent::start(&server, APP, &token, &to, &["--connections", "64"]);
+    first.wait_connected(&server, 64);
+    let second = Agent::start(&server, APP, &token, &to, &["--connections", "1"]);
+    let reason = "this domain has 64 agent connections already";
+    for _ in 0..100 {
+        if second.log().contains(reason) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("not told why within 10 s:\n{}", second.log());
 }

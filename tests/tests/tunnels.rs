@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -151,6 +151,11 @@ async fn app(events: mpsc::Sender<(mpsc::Sender<Bytes>, oneshot::Receiver<()>)>)
                         .body(BodyExt::boxed(StreamBody::new(frames)))
                         .unwrap()
                 }
+                // A head of 40 KiB (a long Content-Security-Policy, many cookies).
+                "/large-head" => Response::builder()
+                    .header("x-large", "x".repeat(40 << 10))
+                    .body(full("large head"))
+                    .unwrap(),
                 _ => Response::new(full(describe(&request))),
             }
         }
@@ -196,6 +201,14 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         body.contains(&format!("\nx-forwarded-proto: {}\n", via.scheme())),
         "{body}"
     );
+
+    // A response head larger than HTTP/2's usual 16 KiB, as an app on a local port may send.
+    let response = via
+        .send(APP, request("GET", "/large-head", APP, full("")))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-large"].len(), 40 << 10);
+    assert_eq!(text(response.into_body()).await, "large head");
 
     // `OPTIONS *`, a question to the server as a whole, reaches the app as it was asked.
     let response = via.send(APP, request("OPTIONS", "*", APP, full(""))).await;
@@ -272,6 +285,39 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         "the backend's trailer reaches the client: {trailers:?}"
     );
 
+    // A GET with a body of unknown length (chunked; Elasticsearch's `_search` sends one): the
+    // app gets it whole, though hyper's clients, left to frame it, would send none of it.
+    let frames = stream::iter([Ok(Frame::data(Bytes::from_static(b"a query")))]);
+    let mut get = request(
+        "GET",
+        "/trailers",
+        APP,
+        BodyExt::boxed(StreamBody::new(frames)),
+    );
+    get.headers_mut()
+        .insert("transfer-encoding", HeaderValue::from_static("chunked"));
+    let response = via.send(APP, get).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(text(response.into_body()).await, "a query / None");
+
+    // An upgrade the app answers with an ordinary response (it serves no WebSocket there):
+    // the client gets that response.
+    let mut upgrade = request("GET", "/no-socket-here", APP, full(""));
+    for (name, value) in [
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-version", "13"),
+    ] {
+        upgrade
+            .headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
+    let response = via.send(APP, upgrade).await;
+    assert_eq!(response.status(), 200);
+    let body = text(response.into_body()).await;
+    assert!(body.starts_with("GET /no-socket-here HTTP/1.1\n"), "{body}");
+
     via.websocket_echo(WS).await;
 }
 
@@ -303,6 +349,79 @@ async fn exchanges_over_https() {
         Agent::start_https(&server, &ca.root_pem(), domain, token, to, &[])
     })
     .await;
+}
+
+/// Clients that stop reading their downloads hold what they were sent (a stream's window), not
+/// the agent connection: others' requests on it are answered at once (HTTP/2's connection
+/// window, shared by its streams, was filled by four such downloads and stalled every stream).
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_nobody_reads_stall_no_other_request() {
+    let server = CoreServer::start();
+    let backend = Backend::start(|request| async move {
+        match request.uri().path() {
+            "/big" => Response::new(zeros(256 << 20)),
+            _ => Response::new(full("quick")),
+        }
+    })
+    .await;
+    let token = server.tunnel_allow(APP);
+    let to = format!("127.0.0.1:{}", backend.port);
+    let agent = Agent::start(&server, APP, &token, &to, &["--connections", "1"]);
+    agent.wait_connected(&server, 1);
+
+    // Sixteen downloads whose clients read nothing, on one agent connection.
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let mut client = TcpStream::connect(("127.0.0.1", server.http_port))
+            .await
+            .unwrap();
+        let get = format!("GET /big HTTP/1.1\r\nHost: {APP}\r\n\r\n");
+        client.write_all(get.as_bytes()).await.unwrap();
+        stalled.push(client);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // their windows and sockets fill
+    let via = Via::Http(server.http_port);
+    for _ in 0..3 {
+        let quick = via.send(APP, request("GET", "/quick", APP, full("")));
+        let response = tokio::time::timeout(Duration::from_secs(5), quick)
+            .await
+            .expect("answered while the downloads stall");
+        let body = tokio::time::timeout(Duration::from_secs(5), text(response.into_body()));
+        assert_eq!(body.await.expect("its body too"), "quick");
+    }
+    drop(stalled);
+}
+
+/// `core-agent --max-streams N` takes N requests at once on a connection: the worker's control
+/// stream, open as long as the connection, is not one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_streams_counts_requests_alone() {
+    let server = CoreServer::start();
+    // Answers once both requests are in.
+    let both = Arc::new(tokio::sync::Barrier::new(2));
+    let backend = Backend::start(move |_| {
+        let both = both.clone();
+        async move {
+            both.wait().await;
+            Response::new(full("together"))
+        }
+    })
+    .await;
+    let token = server.tunnel_allow(APP);
+    let to = format!("127.0.0.1:{}", backend.port);
+    let options = ["--connections", "1", "--max-streams", "2"];
+    let agent = Agent::start(&server, APP, &token, &to, &options);
+    agent.wait_connected(&server, 1);
+
+    let via = Via::Http(server.http_port);
+    let two = futures_util::future::join(
+        via.send(APP, request("GET", "/a", APP, full(""))),
+        via.send(APP, request("GET", "/b", APP, full(""))),
+    );
+    let (a, b) = tokio::time::timeout(Duration::from_secs(10), two)
+        .await
+        .expect("both requests at the app at once");
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -16,7 +16,7 @@ use std::io::Write as _;
 use std::net::IpAddr;
 
 use core_server_proto::app_exchange::push_field;
-pub use core_server_proto::hop_by_hop::{lists, remove_hop_by_hop};
+pub use core_server_proto::hop_by_hop::{frame_request_body, lists, remove_hop_by_hop};
 use core_server_proto::tunnel;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -154,15 +154,25 @@ fn write_decimal(out: &mut [u8], n: u8) -> usize {
     3 - skip
 }
 
-/// Whether a header named `name` (in any case) is one through which a client claims to be
-/// someone or somewhere else: any `X-Forwarded-*`, or one of [`CLIENT_CLAIMS`].
+/// Whether a header named `name` is one through which a client claims to be someone or
+/// somewhere else: any `X-Forwarded-*`, or one of [`CLIENT_CLAIMS`], in any case and with `_`
+/// for any `-`. CGI and the interfaces made after it (WSGI, Rack, PHP) name a field by its name
+/// with `-` as `_`, so to an app there `X_Forwarded_For` is `X-Forwarded-For`: it would read
+/// the client's claim joined to core-server's (nginx drops every field with a `_` for this).
 pub fn is_client_claim(name: &[u8]) -> bool {
     let prefix = b"x-forwarded-";
     name.get(..prefix.len())
-        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+        .is_some_and(|start| names_alike(start, prefix))
         || CLIENT_CLAIMS
             .iter()
-            .any(|claim| name.eq_ignore_ascii_case(claim.as_str().as_bytes()))
+            .any(|claim| names_alike(name, claim.as_str().as_bytes()))
+}
+
+/// Whether `name` is `known` (lowercase) as a CGI-style app sees it: in any case, `_` for `-`.
+fn names_alike(name: &[u8], known: &[u8]) -> bool {
+    name.len() == known.len()
+        && (name.iter().zip(known))
+            .all(|(&n, &k)| n.to_ascii_lowercase() == k || (n, k) == (b'_', b'-'))
 }
 
 /// Removes every header through which a client claims to be someone or somewhere else (every
@@ -269,7 +279,13 @@ mod tests {
                 "core-server-tunnel-nonce",
                 "0123456789abcdef0123456789abcdef",
             ),
+            // What a CGI-style app reads as the same fields.
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x-forwarded_proto", "https"),
+            ("x_real_ip", "6.6.6.6"),
+            ("true_client-ip", "6.6.6.6"),
             ("x-kept", "yes"),
+            ("x_kept", "yes"),
         ]);
         let host = HeaderValue::from_static("Example.com:8080");
         set_forwarded(&mut h, "::ffff:10.1.2.3".parse().unwrap(), &host, "http");
@@ -281,6 +297,7 @@ mod tests {
                 "x-forwarded-host: Example.com:8080",
                 "x-forwarded-proto: http",
                 "x-kept: yes",
+                "x_kept: yes",
             ]
         );
     }

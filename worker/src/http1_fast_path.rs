@@ -416,6 +416,11 @@ impl<S> HandedOver<S> {
     pub fn get_ref(&self) -> &S {
         &self.stream
     }
+
+    /// What was read of the stream already.
+    pub fn read(&self) -> &[u8] {
+        &self.read
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for HandedOver<S> {

@@ -295,7 +295,7 @@ mod tests {
     /// `to_port`'s `Host`) give the app the same fields, in cases that tell rules apart.
     #[test]
     fn the_bytes_and_the_header_map_rules_agree() {
-        let cases: [&[(&str, &[u8])]; 7] = [
+        let cases: [&[(&str, &[u8])]; 8] = [
             &[
                 ("host", b"A.example:80"),
                 ("connection", b"close, x-gone"),
@@ -324,6 +324,11 @@ mod tests {
                 ("connection", b"x-a, \xe9"),
                 ("x-a", b"1"),
                 ("x-b", b"\xe9"),
+            ],
+            &[
+                ("x_forwarded_for", b"6.6.6.6"),
+                ("x_real_ip", b"6.6.6.6"),
+                ("x_kept", b"1"),
             ],
         ];
         for fields in cases {

@@ -30,7 +30,7 @@ use futures_util::future::Either;
 use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -46,6 +46,7 @@ use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
 use crate::activity::{Activity, CountedBody};
 use crate::client_stream::{ClientStream, Listener};
 use crate::connection_limit::{ConnectionLimit, Slot, EVICTION_BATCH};
+use crate::forwarding::lists;
 use crate::http1_fast_path::{self, Answer, Closing, HandedOver, Limits, Served, WaitReadable};
 use crate::http1_response::{ClientConnection, WriteError, Written};
 use crate::local_tasks::{self, LocalExecutor};
@@ -75,6 +76,10 @@ const MAX_SEND_BUF_SIZE: usize = 64 * 1024;
 /// How long a connection told to close may go on with no request in flight, at least (a GOAWAY
 /// and its PING round trip take far less).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What HTTP/2's connection preface starts with: as much as an HTTP/1 parser reads of it before
+/// it fails on the version (RFC 9113 §3.4).
+const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
 
 /// What a listener speaks.
 pub enum Transport {
@@ -338,6 +343,15 @@ impl HttpServer {
                 Served::Idle { stream, close_at } => return Some((stream, close_at)),
             }
         };
+        // HTTP/2 over TLS only by ALPN (RFC 9113 §3.3), and over plain HTTP only from the
+        // connection's first byte (§3.4: its preface), never after HTTP/1.1 requests. hyper
+        // looks for the preface wherever it starts (told otherwise, it still does, with
+        // upgrades), so it is refused here, by closing, as hyper's HTTP/1 server refuses it.
+        let http1_only = !http2 && (scheme == "https" || activity.started_a_request());
+        if http1_only && stream.read().starts_with(HTTP2_PREFACE_START) {
+            debug!("HTTP/2's preface from {client} on an HTTP/1.1 connection: closed");
+            return None;
+        }
         // Boxed: hyper's connection is large, and most connections never need it.
         Box::pin(self.serve_with_hyper(stream, responder, &activity, stop)).await;
         None
@@ -396,6 +410,8 @@ impl HttpServer {
                     activity.saw_http2();
                 }
                 let stop = stop.clone();
+                let http10_keep_alive = request.version() == Version::HTTP_10
+                    && lists(request.headers(), header::CONNECTION, "keep-alive");
                 // A combinator, not an `async` block: that would hold the request, or the
                 // response's future, twice (as captured, and as awaited).
                 responder
@@ -403,6 +419,8 @@ impl HttpServer {
                     .map(move |mut response| {
                         if stop.is_cancelled() {
                             ask_to_close(&mut response);
+                        } else if http10_keep_alive {
+                            keep_alive_for_http10(&mut response);
                         }
                         Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, in_flight)))
                     })
@@ -558,6 +576,18 @@ fn ask_to_close(response: &mut Response<ProxyBody>) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
+/// Keeps an HTTP/1.0 client's connection open, as it asked (`Connection: keep-alive`), when the
+/// response's length is known (else its end is the connection's): hyper keeps such a connection
+/// only if the response says `keep-alive` itself, and the app's say, hop-by-hop, was removed.
+fn keep_alive_for_http10(response: &mut Response<ProxyBody>) {
+    let known_length = response.body().size_hint().exact().is_some();
+    if known_length && !lists(response.headers(), header::CONNECTION, "close") {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     }
 }
 

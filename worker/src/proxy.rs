@@ -3,6 +3,8 @@
 //! | situation                                             | client sees                |
 //! |-------------------------------------------------------|----------------------------|
 //! | no Host (and no `:authority`), or two Host headers    | 400, connection closed     |
+//! | a Host not a host and port, or not the `:authority`   | 400, connection closed     |
+//! | a target in authority form (`GET a.example`)          | 400, connection closed     |
 //! | `CONNECT`                                             | 405, connection closed     |
 //! | target `*` (asterisk-form) on a method but `OPTIONS`  | 400, connection closed     |
 //! | Host with no route                                    | 404                        |
@@ -50,13 +52,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use core_server_proto::domain::Domain;
+use core_server_proto::domain::{self, Domain};
 use core_server_proto::routes::Target;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -384,6 +386,8 @@ impl Proxy {
         scheme: &'static str,
     ) -> Result<(Response<BackendBody>, Option<Holding>), Failure> {
         let (mut request, upload) = self.prepare(request, client, &host, scheme);
+        let length = request.body().size_hint().exact();
+        forwarding::frame_request_body(request.headers_mut(), length);
         request.headers_mut().insert(header::HOST, host);
         *request.version_mut() = Version::HTTP_11;
         *request.uri_mut() = origin_form(request.uri());
@@ -592,20 +596,38 @@ fn last_response(
 }
 
 /// The Host a request is for: the URI's authority (HTTP/2, or an absolute-form HTTP/1 request,
-/// where RFC 9112 §3.2.2 says it wins), else the Host header. More than one Host header is
-/// refused whatever the URI says (RFC 9112 §3.2): proxies and apps that pick different ones are
-/// how requests get smuggled past rules.
+/// where RFC 9112 §3.2.2 says it wins), else the Host header; refused (RFC 9112 §3.2, RFC 9113
+/// §8.3.1) if it is not a host and optional port (see `domain::is_host_field`), if an HTTP/2
+/// request's Host names another than its `:authority`, and if there is more than one Host
+/// header, whatever the URI says: proxies and apps that pick different ones are how requests
+/// get smuggled past rules. A target in authority form (`GET app.example HTTP/1.1`) is
+/// `CONNECT`'s alone (RFC 9112 §3.2.3): on another method, it would route by other than Host.
 pub fn request_host<B>(request: &Request<B>) -> Result<HeaderValue, &'static str> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err("the request has more than one Host header");
     }
-    match request.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+    let uri = request.uri();
+    let named = match uri.authority() {
+        Some(_) if uri.scheme().is_none() && request.method() != Method::CONNECT => {
+            return Err("a request target of a host alone is only for CONNECT");
+        }
+        Some(authority) => {
+            let authority = authority.as_str().as_bytes();
+            let other = host.is_some_and(|host| !host.as_bytes().eq_ignore_ascii_case(authority));
+            if other && request.version() == Version::HTTP_2 {
+                return Err("the Host header names another host than :authority");
+            }
+            HeaderValue::from_bytes(authority).ok()
+        }
         None => host.cloned(),
     }
-    .ok_or("the request names no host")
+    .ok_or("the request names no host")?;
+    if !domain::is_host_field(named.as_bytes()) {
+        return Err("the host is not a name or address with an optional port");
+    }
+    Ok(named)
 }
 
 /// `/<path and query>`, the form an origin server expects (RFC 9112 §3.2.1).

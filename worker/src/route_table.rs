@@ -11,7 +11,8 @@
 //! A route removed is also announced to whoever watches [`RouteTable::removals`] (the
 //! certificates, which stop serving the name's), and a tunnel closed (revoked, replaced by a
 //! port, or removed) to whoever watches [`RouteTable::tunnel_closures`] (the tunnel registry,
-//! which closes its agents' connections).
+//! which closes its agents' connections: at once if revoked, else once their requests are
+//! done).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,13 +28,24 @@ use tokio::sync::{mpsc, watch};
 
 pub type SupervisorChannel = Channel<FromWorker, ToWorker>;
 
+/// A tunnel closed, and how its agents' connections go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TunnelClosure {
+    /// Its tokens were revoked: its connections close at once, requests in flight cut.
+    Revoked(Domain),
+    /// Its route was replaced by a port, or removed: its connections take no new request and
+    /// close once theirs are done, as the requests to a port route in flight when it changes
+    /// finish.
+    Rerouted(Domain),
+}
+
 pub struct RouteTable {
     routes: RwLock<Routes>,
     supervisor: Arc<SupervisorChannel>,
     last_seq: AtomicU64,
     saved: watch::Sender<Saved>,
     removed: Mutex<Option<mpsc::UnboundedSender<Domain>>>,
-    tunnels_closed: Mutex<Option<mpsc::UnboundedSender<Domain>>>,
+    tunnels_closed: Mutex<Option<mpsc::UnboundedSender<TunnelClosure>>>,
     /// Held from applying a change to reporting it, so that changes from the UDP port and from
     /// the supervisor (tunnel allow and revoke) reach the supervisor in the order applied.
     one_at_a_time: tokio::sync::Mutex<()>,
@@ -144,7 +156,7 @@ impl RouteTable {
 
     /// Every tunnel closed from now on (its tokens revoked, or its route replaced by a port or
     /// removed), in order. There is one watcher (the tunnel registry): a second call panics.
-    pub fn tunnel_closures(&self) -> mpsc::UnboundedReceiver<Domain> {
+    pub fn tunnel_closures(&self) -> mpsc::UnboundedReceiver<TunnelClosure> {
         let mut watcher = self
             .tunnels_closed
             .lock()
@@ -166,23 +178,26 @@ impl RouteTable {
         change: RouteChange,
     ) -> Result<impl Future<Output = Reply>, RouteError> {
         let _one_at_a_time = self.one_at_a_time.lock().await;
-        let closes_a_tunnel = {
+        let closure = {
             let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
             let was_tunnel = matches!(routes.get(change.domain()), Some(Route::Tunnel { .. }));
             routes.apply(&change)?;
+            let domain = change.domain().clone();
             match change {
-                RouteChange::RevokeTunnel { .. } => true,
-                RouteChange::Set { .. } | RouteChange::Remove { .. } => was_tunnel,
-                RouteChange::AllowTunnel { .. } => false,
+                RouteChange::RevokeTunnel { .. } => Some(TunnelClosure::Revoked(domain)),
+                RouteChange::Set { .. } | RouteChange::Remove { .. } if was_tunnel => {
+                    Some(TunnelClosure::Rerouted(domain))
+                }
+                _ => None,
             }
         };
-        if closes_a_tunnel {
+        if let Some(closure) = closure {
             let watcher = self
                 .tunnels_closed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             if let Some(closed) = &*watcher {
-                let _ = closed.send(change.domain().clone());
+                let _ = closed.send(closure);
             }
         }
         if let RouteChange::Remove { domain } = &change {
@@ -308,28 +323,26 @@ mod tests {
         let remove = RouteChange::Remove {
             domain: domain.clone(),
         };
-        // (change, whether it closes the domain's tunnel)
+        let revoked = Some(TunnelClosure::Revoked(domain.clone()));
+        let rerouted = Some(TunnelClosure::Rerouted(domain.clone()));
+        // (change, how it closes the domain's tunnel, if it does)
         let changes = [
-            (set.clone(), false),
-            (allow.clone(), false),
-            (allow.clone(), false),
-            (revoke, true),
-            (allow.clone(), false),
-            (set.clone(), true),
-            (set, false),
-            (allow, false),
-            (remove.clone(), true),
-            (add(), false),
-            (remove, false),
+            (set.clone(), None),
+            (allow.clone(), None),
+            (allow.clone(), None),
+            (revoke, revoked),
+            (allow.clone(), None),
+            (set.clone(), rerouted.clone()),
+            (set, None),
+            (allow, None),
+            (remove.clone(), rerouted),
+            (add(), None),
+            (remove, None),
         ];
         for (change, closes) in changes {
             let text = format!("{change:?}");
             drop(table.change(change).await);
-            let closed = closures.try_recv().ok();
-            assert_eq!(closed.is_some(), closes, "{text}");
-            if let Some(closed) = closed {
-                assert_eq!(closed, domain);
-            }
+            assert_eq!(closures.try_recv().ok(), closes, "{text}");
         }
         assert!(table.tunnels().is_empty());
     }

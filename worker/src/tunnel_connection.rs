@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use core_server_proto::app_exchange::{MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS};
 use hyper::rt::{Read, Write};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,25 +25,28 @@ use crate::client_stream::ClientStream;
 use crate::http1_fast_path::HandedOver;
 use crate::local_tasks::{self, LocalExecutor};
 use crate::tunnel_control::{self, AgentSaid};
-use crate::tunnels::{Joining, Reservation, TunnelBody, MAX_IN_ALL, MAX_PER_DOMAIN};
+use crate::tunnels::{Joining, Reservation, TunnelBody};
 
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
 pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-stream and per-connection receive windows: what an agent may send the worker before it
-/// reads. A stream may have 2 MiB in flight (about 70 MB/s over a 30 ms path), a connection
-/// 8 MiB (4 streams at full speed); hyper's client defaults (2 and 5 MiB) leave less room for
-/// concurrent downloads.
+/// reads. A stream may have 2 MiB in flight (about 70 MB/s over a 30 ms path; hyper's client
+/// default).
 ///
-/// They bound the memory a token holder can pin in the worker by sending responses that are
-/// read slowly (or a slow client's): at most one connection window per connection, so
-/// 8 MiB x 64 connections = 512 MiB per domain, and 8 MiB x 256 connections = 2 GiB in all
-/// (see `tunnels::{MAX_PER_DOMAIN, MAX_IN_ALL}`; checked below).
+/// The stream's window is what a response read slowly (a slow client's) may hold in the
+/// worker; a slow client of the plain proxy holds about as much in its socket's buffers. The
+/// connection's is no bound at all (1 GiB, as Go's HTTP/2 client): every stream's unread bytes
+/// count against it too, so a few responses read slowly would fill a smaller one and stall
+/// every other stream of the connection (with 8 MiB, four slow clients did).
 const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 8 << 20;
-const _: () = assert!(CONNECTION_WINDOW as usize * MAX_PER_DOMAIN <= 512 << 20);
-const _: () = assert!(CONNECTION_WINDOW as usize * MAX_IN_ALL <= 2 << 30);
+const CONNECTION_WINDOW: u32 = 1 << 30;
+/// The largest response head the worker takes from an agent: what it takes from an app on a
+/// local port, and so what an agent takes from its app (`app_exchange`), in HTTP/2's measure
+/// of a header list (RFC 9113 §6.5.2: each field counts 32 bytes more). hyper's default is
+/// 16 KiB: an app's larger head (a long `Content-Security-Policy`, many cookies) failed.
+const MAX_HEADER_LIST_SIZE: u32 = (MAX_RESPONSE_HEAD + 32 * MAX_RESPONSE_HEADERS) as u32;
 /// Large frames: fewer headers and wake-ups per megabyte than the 16 KiB default.
 const MAX_FRAME_SIZE: u32 = 256 << 10;
 const MAX_SEND_BUF_SIZE: usize = 4 << 20;
@@ -131,6 +135,7 @@ where
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buf_size(MAX_SEND_BUF_SIZE)
         .adaptive_window(false)
         .handshake::<_, TunnelBody>(io);

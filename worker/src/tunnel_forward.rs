@@ -37,6 +37,7 @@ pub trait Leased: Send + 'static {
     fn sender(&self) -> SendRequest<TunnelBody>;
     fn extended_connect(&self) -> bool;
     fn retire(&self);
+    fn answered(&self);
 }
 
 impl Leased for Lease {
@@ -50,6 +51,10 @@ impl Leased for Lease {
 
     fn retire(&self) {
         Lease::retire(self)
+    }
+
+    fn answered(&self) {
+        Lease::answered(self)
     }
 }
 
@@ -103,7 +108,10 @@ where
             return Err(BackendError::NoExtendedConnect);
         }
         let mut e = match lease.sender().try_send_request(request).await {
-            Ok(response) => return Ok((response, lease)),
+            Ok(response) => {
+                lease.answered();
+                return Ok((response, lease));
+            }
             Err(e) => e,
         };
         let Some(unsent) = e.take_message() else {
@@ -171,6 +179,7 @@ pub(crate) mod tests {
         fn retire(&self) {
             self.retired.fetch_add(1, Ordering::Relaxed);
         }
+        fn answered(&self) {}
     }
 
     /// An agent serving `service` over a reversed connection.

@@ -388,8 +388,8 @@ async fn the_right_token_gets_a_tunnel_that_requests_are_sent_on() {
     );
     assert!(conn.address.starts_with("127.0.0.1:"), "{}", conn.address);
     drop(lease);
-    let conn = &worker.tunnels.snapshot()[0].connections[0];
-    assert_eq!((conn.in_flight, conn.served), (0, 1));
+    // (What `served` counts: see `served_counts_the_requests_an_agent_answered`.)
+    assert_eq!(worker.tunnels.snapshot()[0].connections[0].in_flight, 0);
 }
 
 #[tokio::test]
@@ -564,6 +564,19 @@ async fn revoking_closes_a_connection_still_waiting_for_its_hello() {
     agent.closed_within(SOON).await;
 }
 
+/// The body of a response that never ends (`LONG_PATH`), on `lease`'s connection, its first
+/// chunk taken.
+async fn long_response(lease: &Lease) -> Incoming {
+    let request = Request::get(format!("http://{DOMAIN}{LONG_PATH}"))
+        .body(http_body_util::Either::Right(Empty::new().boxed()))
+        .unwrap();
+    let response = lease.sender().send_request(request).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first");
+    body
+}
+
 #[tokio::test]
 async fn revoking_cuts_the_streams_of_connections_that_already_left_the_balancer() {
     for draining in [true, false] {
@@ -571,13 +584,7 @@ async fn revoking_cuts_the_streams_of_connections_that_already_left_the_balancer
         let mut agent = worker.dial("leaving").await;
         worker.wait_for(1).await;
         let lease = worker.tunnels.pick(&worker.domain).await.unwrap();
-        let request = Request::get(format!("http://{DOMAIN}{LONG_PATH}"))
-            .body(http_body_util::Either::Right(Empty::new().boxed()))
-            .unwrap();
-        let response = lease.sender().send_request(request).await.unwrap();
-        let mut body = response.into_body();
-        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(first, "first");
+        let mut body = long_response(&lease).await;
         // The agent leaves the balancer softly, its long response still streaming.
         if draining {
             agent.say(DRAINING).await;
@@ -602,18 +609,35 @@ async fn revoking_cuts_the_streams_of_connections_that_already_left_the_balancer
     }
 }
 
+/// A tunnel replaced by a port route, or removed, goes as a port route does: the requests in
+/// flight on its connections finish, and the connections take no new one, then close.
 #[tokio::test]
-async fn a_port_route_replacing_the_tunnel_closes_its_connections() {
-    let worker = Worker::start(SOON).await;
-    let agent = worker.dial("a").await;
-    worker.wait_for(1).await;
-    let set = RouteChange::Set {
-        domain: worker.domain.clone(),
-        port: 8080,
-    };
-    drop(worker.routes.change(set).await.unwrap());
-    agent.closed_within(SOON).await;
-    assert!(worker.tunnels.snapshot().is_empty());
+async fn a_port_route_replacing_the_tunnel_or_its_removal_lets_its_requests_finish() {
+    for port in [Some(8080), None] {
+        let worker = Worker::start(SOON).await;
+        let mut agent = worker.dial("a").await;
+        worker.wait_for(1).await;
+        let lease = worker.tunnels.pick(&worker.domain).await.unwrap();
+        let mut body = long_response(&lease).await;
+
+        let domain = worker.domain.clone();
+        let change = match port {
+            Some(port) => RouteChange::Set { domain, port },
+            None => RouteChange::Remove { domain },
+        };
+        drop(worker.routes.change(change).await.unwrap());
+        assert_eq!(
+            agent.next_heard().await,
+            None,
+            "the agent is told: no new request"
+        );
+        worker.wait_for(0).await;
+        let next = timeout(Duration::from_millis(500), body.frame()).await;
+        assert!(next.is_err(), "the response in flight was cut: {next:?}");
+        drop((body, lease));
+        agent.closed_within(SOON).await;
+        assert!(worker.tunnels.snapshot().is_empty());
+    }
 }
 
 #[tokio::test]
@@ -739,4 +763,27 @@ async fn stopping_asks_agents_to_reconnect_then_closes_once_requests_are_done() 
     drop(lease);
     timeout(SOON, worker.tunnels.closed()).await.unwrap();
     agent.closed_within(SOON).await;
+}
+
+/// `status` counts a request as served once its agent answered it, not one given up on before
+/// (a timeout, a client gone).
+#[tokio::test]
+async fn served_counts_the_requests_an_agent_answered() {
+    let worker = Worker::start(SOON).await;
+    let _agent = worker.dial("a").await;
+    worker.wait_for(1).await;
+    let served = || worker.tunnels.snapshot()[0].connections[0].served;
+
+    drop(worker.tunnels.pick(&worker.domain).await.unwrap());
+    assert_eq!(served(), 0, "a request given up on before its answer");
+
+    let mut lease = Some(worker.tunnels.pick(&worker.domain).await.unwrap());
+    let request = Request::get(format!("http://{DOMAIN}/"))
+        .body(http_body_util::Either::Right(Empty::new().boxed()))
+        .unwrap();
+    let pick = || std::future::ready(lease.take().ok_or(NoAgent::Revoked));
+    let (response, lease) = crate::tunnel_forward::send(request, pick).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(lease);
+    assert_eq!(served(), 1);
 }

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use core_server_proto::tunnel::APP_STATUS_HEADER;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Empty};
@@ -57,6 +58,7 @@ where
 
     let (mut response, lease) = tunnel_forward::send(connect, pick).await?;
     if response.status() != StatusCode::OK {
+        app_status(&mut response);
         return Ok((response, Some(lease)));
     }
     let agent_side = hyper::upgrade::on(&mut response);
@@ -69,6 +71,18 @@ where
     headers.insert(header::UPGRADE, protocol);
     upgrade::splice(client_side, agent_side, tasks, idle_timeout, lease);
     Ok((response, None))
+}
+
+/// Gives `response` back the 2xx its app answered the upgrade with, if the agent says so (see
+/// `APP_STATUS_HEADER`).
+fn app_status(response: &mut Response<Incoming>) {
+    let Some(said) = response.headers_mut().remove(APP_STATUS_HEADER) else {
+        return;
+    };
+    let status = StatusCode::from_bytes(said.as_bytes()).ok();
+    if let Some(status) = status.filter(StatusCode::is_success) {
+        *response.status_mut() = status;
+    }
 }
 
 /// The first of a comma-separated list of protocols.

@@ -6,14 +6,16 @@
 //! live connection of its domain with the fewest requests in flight; with none, it waits (up
 //! to `--tunnel-wait`) for one to (re)connect.
 //!
-//! Leaving comes in two strengths. A connection that leaves softly (its agent drains, or this
-//! worker stops) takes no new request and closes once the requests it carries are done: the
-//! registry drops its `SendRequest`, the leases still out hold the only others, and hyper ends
-//! the connection when the last is gone and its streams have finished. When a domain is closed
-//! (revoked, replaced by a port, removed), every connection of it is killed at once, whether
-//! still waiting for its hello, live, or finishing after leaving softly: each one's kill token
-//! is a child of its domain's, which the closure cancels; every task of the connection runs
-//! inside the connection's own task (see `local_tasks`), which then drops them all.
+//! Leaving comes in two strengths. A connection that leaves softly (its agent drains, this
+//! worker stops, or its domain's tunnel route is replaced by a port or removed) takes no new
+//! request and closes once the requests it carries are done: the registry drops its
+//! `SendRequest`, the leases still out hold the only others, and hyper ends the connection when
+//! the last is gone and its streams have finished. When a domain's tokens are revoked, every
+//! connection of it is killed at once, whether still waiting for its hello, live, or finishing
+//! after leaving softly: each one's kill token is a child of its domain's, which the closure
+//! cancels; every task of the connection runs inside the connection's own task (see
+//! `local_tasks`), which then drops them all. (A connection still waiting for its hello when
+//! its route goes is refused when it would join: see [`Reservation::join`].)
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -38,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::request_body::RequestBody;
-use crate::route_table::RouteTable;
+use crate::route_table::{RouteTable, TunnelClosure};
 
 /// What the worker sends on a reversed connection: a client's request body, or one of its own
 /// (the control stream's lines; nothing, for a WebSocket's extended CONNECT).
@@ -99,6 +101,19 @@ struct AgentConn {
     /// The worker's end of the control stream, until the connection leaves the balancer.
     control: Mutex<Option<http_body_util::channel::Sender<Bytes>>>,
     leave: CancellationToken,
+}
+
+impl DomainTunnels {
+    /// Takes the live connections out of the balancer, each to close once its requests are
+    /// done; how many there were.
+    fn leave_softly(&mut self) -> usize {
+        let live = self.live.len();
+        for conn in self.live.drain(..) {
+            conn.end_control();
+            conn.leave.cancel();
+        }
+        live
+    }
 }
 
 impl AgentConn {
@@ -242,10 +257,7 @@ impl Tunnels {
         self.stopping.cancel();
         let mut state = self.state();
         for tunnels in state.domains.values_mut() {
-            for conn in tunnels.live.drain(..) {
-                conn.end_control();
-                conn.leave.cancel();
-            }
+            tunnels.leave_softly();
         }
     }
 
@@ -265,20 +277,28 @@ impl Tunnels {
         self.tasks.len()
     }
 
-    /// Kills `domain`'s connections at once, whatever their state: its tunnel was revoked,
-    /// replaced or removed.
-    pub fn close_domain(&self, domain: &Domain) {
+    /// Closes a domain's connections as `closure` says: revoked, at once, whatever their
+    /// state; replaced by a port or removed, softly.
+    pub fn close_domain(&self, closure: &TunnelClosure) {
+        let (domain, at_once) = match closure {
+            TunnelClosure::Revoked(domain) => (domain, true),
+            TunnelClosure::Rerouted(domain) => (domain, false),
+        };
         let closed = match self.state().domains.get_mut(domain) {
-            Some(tunnels) => {
+            Some(tunnels) if at_once => {
                 tunnels.live.clear();
                 std::mem::take(&mut tunnels.closed).cancel();
                 tunnels.reserved
             }
+            Some(tunnels) => tunnels.leave_softly(),
             None => 0,
         };
-        if closed > 0 {
+        if closed > 0 && at_once {
+            info!("{domain}: closed its {closed} agent connection(s): the tunnel was revoked");
+        } else if closed > 0 {
             info!(
-                "{domain}: closed its {closed} agent connection(s): the tunnel was revoked, replaced or removed"
+                "{domain}: its {closed} agent connection(s) take no new request and close once \
+                 theirs are done: the tunnel was replaced by a port, or removed"
             );
         }
         self.changed.notify_waiters();
@@ -286,9 +306,12 @@ impl Tunnels {
 
     /// Closes the connections of every domain announced on `closures` (see
     /// `RouteTable::tunnel_closures`), until it ends.
-    pub async fn follow_closures(self: Arc<Self>, mut closures: mpsc::UnboundedReceiver<Domain>) {
-        while let Some(domain) = closures.recv().await {
-            self.close_domain(&domain);
+    pub async fn follow_closures(
+        self: Arc<Self>,
+        mut closures: mpsc::UnboundedReceiver<TunnelClosure>,
+    ) {
+        while let Some(closure) = closures.recv().await {
+            self.close_domain(&closure);
         }
     }
 
@@ -423,7 +446,9 @@ impl Drop for Reservation {
 }
 
 /// One request's claim on an agent connection: counted in flight (for the balancing, and in
-/// `status`) until dropped, then counted as served. Keep it until the response body has ended.
+/// `status`) until dropped; counted as served once the agent answered it ([`Lease::answered`]:
+/// a request that timed out, failed or was given up on was not). Keep it until the response
+/// body has ended.
 pub struct Lease {
     conn: Arc<AgentConn>,
 }
@@ -443,12 +468,16 @@ impl Lease {
     pub fn retire(&self) {
         self.conn.retired.store(true, Ordering::Relaxed);
     }
+
+    /// The agent answered the request (its response head came).
+    pub fn answered(&self) {
+        self.conn.served.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.conn.served.fetch_add(1, Ordering::Relaxed);
     }
 }
 
