@@ -125,7 +125,7 @@ impl ForwardService {
             parts.uri = app_uri(&self.authority, &parts.uri)?;
             // Chunked when its length is unknown or it has trailers (hyper sends those only
             // that `Trailer` declares).
-            frame_request_body(&mut parts.headers, body.size_hint().exact());
+            frame_request_body(&parts.method, &mut parts.headers, body.size_hint().exact());
             let response = self.client.request(Request::from_parts(parts, body));
             response.await?.map(AppBody::hyper)
         };

@@ -81,7 +81,9 @@ impl Domain {
             return None; // an IPv6 literal, `[::1]:80`
         }
         let name = match host.rsplit_once(':') {
-            Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((name, port))
+                if port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok() =>
+            {
                 name
             }
             Some(_) => return None,
@@ -96,10 +98,11 @@ impl Domain {
 }
 
 /// Whether `host`, a `Host` field (or an `:authority`), is what one may be (RFC 9110 §7.2):
-/// a host, a name or an address (an IPv6 one in brackets), and an optional port. Stricter
-/// than RFC 3986's `reg-name`, as nginx is: a name is made of letters, digits and `-._~`, no
-/// `%`-escape nor sub-delimiter, so a list (`a.example, b.example`), a user (`u@a.example`) or
-/// a path (`a.example/x`) is refused, not read as a domain nobody registered.
+/// a host, a name or an address (an IPv6 one in brackets), and an optional port, at most
+/// 65535. Stricter than RFC 3986's `reg-name`, and than nginx: a name is made of letters,
+/// digits and `-._~`, no `%`-escape nor sub-delimiter, so a list (`a.example, b.example`), a
+/// user (`u@a.example`) or a path (`a.example/x`) is refused, not read as a domain nobody
+/// registered.
 pub fn is_host_field(host: &[u8]) -> bool {
     let (name, port) = match host.strip_prefix(b"[") {
         Some(literal) => match literal.iter().position(|&b| b == b']') {
@@ -120,7 +123,12 @@ pub fn is_host_field(host: &[u8]) -> bool {
     };
     let name_byte = |&b: &u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
     let port_ok = match port.strip_prefix(b":") {
-        Some(digits) => digits.iter().all(u8::is_ascii_digit),
+        // Digits alone (`u16`'s parser takes a `+`), or none (RFC 3986's `port` may be empty).
+        Some(digits) if digits.iter().all(u8::is_ascii_digit) => {
+            let number = std::str::from_utf8(digits).map(str::parse::<u16>);
+            digits.is_empty() || matches!(number, Ok(Ok(_)))
+        }
+        Some(_) => false,
         None => port.is_empty(),
     };
     !name.is_empty() && name.iter().all(name_byte) && port_ok
@@ -243,6 +251,7 @@ mod tests {
             "127.0.0.1:80",
             "example.com:http",
             "example.com:",
+            "example.com:65536",
             "",
             "exa mple.com",
         ] {
@@ -258,6 +267,7 @@ mod tests {
             "example.com:",
             "a_b~c.example",
             "127.0.0.1:80",
+            "a.example:65535",
             "[::1]",
             "[2001:db8::1]:443",
             "[::ffff:192.0.2.1]",
@@ -274,6 +284,8 @@ mod tests {
             "a .example",
             "a.example:abc",
             "a.example:80:81",
+            "a.example:65536",
+            "a.example:+80",
             "a%2eexample",
             "[]",
             "[::1",

@@ -3,6 +3,7 @@
 //! and `core-agent` in front of its app) removes them in both directions.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
 
 /// `Trailer` is not among them: it names the trailer fields to come, end to end (RFC 9110
 /// §6.6.2), and hyper's HTTP/1 encoder sends only the trailer fields it declares.
@@ -51,11 +52,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// unknown, for hyper would send none at all of a `GET`'s or a `HEAD`'s (it takes them for
 /// bodiless: "if you must send a body, set the headers explicitly"), or when `Trailer`
 /// declares trailers, which HTTP/1.1 carries in a chunked body only. Else hyper frames it.
-pub fn frame_request_body(headers: &mut HeaderMap, length: Option<u64>) {
+///
+/// A chunked body of a `GET` or a `HEAD`, most often empty (an HTTP/2 client's empty `DATA`),
+/// goes with `Connection: close`: an app that reads no body there would take the chunks for
+/// the start of the next request on a pooled connection.
+pub fn frame_request_body(method: &Method, headers: &mut HeaderMap, length: Option<u64>) {
     if length.is_none() || headers.contains_key(header::TRAILER) {
         headers.remove(header::CONTENT_LENGTH);
         let chunked = HeaderValue::from_static("chunked");
         headers.insert(header::TRANSFER_ENCODING, chunked);
+        if method == Method::GET || method == Method::HEAD {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
     }
 }
 
@@ -120,19 +128,28 @@ mod tests {
 
     #[test]
     fn a_body_of_unknown_length_or_with_trailers_goes_chunked() {
-        let framed = |pairs: &[(&'static str, &'static str)], length| {
+        let framed_for = |method, pairs: &[(&'static str, &'static str)], length| {
             let mut h = HeaderMap::new();
             for &(name, value) in pairs {
                 h.append(name, HeaderValue::from_static(value));
             }
-            frame_request_body(&mut h, length);
+            frame_request_body(&method, &mut h, length);
             let mut fields: Vec<_> = (h.iter())
                 .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
                 .collect();
             fields.sort();
             fields
         };
+        let framed = |pairs, length| framed_for(Method::POST, pairs, length);
         assert_eq!(framed(&[], None), ["transfer-encoding: chunked"]);
+        assert_eq!(
+            framed_for(Method::GET, &[], None),
+            ["connection: close", "transfer-encoding: chunked"]
+        );
+        assert_eq!(
+            framed_for(Method::GET, &[("content-length", "3")], Some(3)),
+            ["content-length: 3"]
+        );
         assert_eq!(
             framed(&[("content-length", "3")], Some(3)),
             ["content-length: 3"]

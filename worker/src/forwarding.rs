@@ -31,10 +31,12 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// common middleware such as `request-ip`, read for the client's address or scheme when set by a
 /// CDN or load balancer in front; none of those sits in front of core-server, so a client that
 /// sends one is lying. Headers that rewrite the path (`X-Original-URL`) are not forwarding
-/// claims and pass, as through nginx. Last, the tunnel nonce: an agent takes the request that
-/// carries it for the worker's control stream, never a client's. (A `static`, as
-/// `hop_by_hop`'s list: a `const` array would be built and dropped at each use.)
-static CLIENT_CLAIMS: [HeaderName; 11] = [
+/// claims and pass, as through nginx. Then `Proxy`, which CGI-style apps read as `HTTP_PROXY`,
+/// the variable their own HTTP clients take a proxy from (httpoxy, CVE-2016-5385). Last, the
+/// tunnel nonce: an agent takes the request that carries it for the worker's control stream,
+/// never a client's. (A `static`, as `hop_by_hop`'s list: a `const` array would be built and
+/// dropped at each use.)
+static CLIENT_CLAIMS: [HeaderName; 12] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("x-client-ip"),
@@ -45,6 +47,7 @@ static CLIENT_CLAIMS: [HeaderName; 11] = [
     HeaderName::from_static("x-cluster-client-ip"),
     HeaderName::from_static("front-end-https"),
     HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("proxy"),
     HeaderName::from_static(tunnel::NONCE_HEADER),
 ];
 
@@ -284,6 +287,7 @@ mod tests {
             ("x-forwarded_proto", "https"),
             ("x_real_ip", "6.6.6.6"),
             ("true_client-ip", "6.6.6.6"),
+            ("proxy", "http://6.6.6.6:8080"),
             ("x-kept", "yes"),
             ("x_kept", "yes"),
         ]);

@@ -418,7 +418,7 @@ impl<S> HandedOver<S> {
     }
 
     /// What was read of the stream already.
-    pub fn read(&self) -> &[u8] {
+    pub fn already_read(&self) -> &[u8] {
         &self.read
     }
 }

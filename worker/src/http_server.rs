@@ -344,11 +344,12 @@ impl HttpServer {
             }
         };
         // HTTP/2 over TLS only by ALPN (RFC 9113 §3.3), and over plain HTTP only from the
-        // connection's first byte (§3.4: its preface), never after HTTP/1.1 requests. hyper
-        // looks for the preface wherever it starts (told otherwise, it still does, with
-        // upgrades), so it is refused here, by closing, as hyper's HTTP/1 server refuses it.
+        // connection's first byte (§3.4: its preface), never after HTTP/1.1 requests.
+        // hyper-util's server looks for the preface in the first bytes it is handed, mid-way
+        // into the connection after the fast path (told to speak HTTP/1 only, it still does,
+        // with upgrades): so it is refused here, by closing, as hyper's HTTP/1 server does.
         let http1_only = !http2 && (scheme == "https" || activity.started_a_request());
-        if http1_only && stream.read().starts_with(HTTP2_PREFACE_START) {
+        if http1_only && stream.already_read().starts_with(HTTP2_PREFACE_START) {
             debug!("HTTP/2's preface from {client} on an HTTP/1.1 connection: closed");
             return None;
         }
@@ -410,8 +411,9 @@ impl HttpServer {
                     activity.saw_http2();
                 }
                 let stop = stop.clone();
-                let http10_keep_alive = request.version() == Version::HTTP_10
-                    && lists(request.headers(), header::CONNECTION, "keep-alive");
+                let asks = |token| lists(request.headers(), header::CONNECTION, token);
+                let http10_keep_alive =
+                    request.version() == Version::HTTP_10 && asks("keep-alive") && !asks("close");
                 // A combinator, not an `async` block: that would hold the request, or the
                 // response's future, twice (as captured, and as awaited).
                 responder

@@ -387,7 +387,8 @@ impl Proxy {
     ) -> Result<(Response<BackendBody>, Option<Holding>), Failure> {
         let (mut request, upload) = self.prepare(request, client, &host, scheme);
         let length = request.body().size_hint().exact();
-        forwarding::frame_request_body(request.headers_mut(), length);
+        let method = request.method().clone();
+        forwarding::frame_request_body(&method, request.headers_mut(), length);
         request.headers_mut().insert(header::HOST, host);
         *request.version_mut() = Version::HTTP_11;
         *request.uri_mut() = origin_form(request.uri());
@@ -596,17 +597,26 @@ fn last_response(
 }
 
 /// The Host a request is for: the URI's authority (HTTP/2, or an absolute-form HTTP/1 request,
-/// where RFC 9112 §3.2.2 says it wins), else the Host header; refused (RFC 9112 §3.2, RFC 9113
-/// §8.3.1) if it is not a host and optional port (see `domain::is_host_field`), if an HTTP/2
-/// request's Host names another than its `:authority`, and if there is more than one Host
-/// header, whatever the URI says: proxies and apps that pick different ones are how requests
-/// get smuggled past rules. A target in authority form (`GET app.example HTTP/1.1`) is
-/// `CONNECT`'s alone (RFC 9112 §3.2.3): on another method, it would route by other than Host.
+/// where RFC 9112 §3.2.2 says it wins), else the Host header. Refused (RFC 9112 §3.2, RFC 9113
+/// §8.3.1), whatever the URI says: more than one Host header (proxies and apps that pick
+/// different ones are how requests get smuggled past rules), none on an HTTP/1.1 request, a
+/// Host or authority that is not a host and optional port (see `domain::is_host_field`), and
+/// an HTTP/2 request's Host naming another than its `:authority`. A target in authority form
+/// (`GET app.example HTTP/1.1`) is `CONNECT`'s alone (RFC 9112 §3.2.3): on another method, it
+/// would route by other than Host.
 pub fn request_host<B>(request: &Request<B>) -> Result<HeaderValue, &'static str> {
+    const NOT_A_HOST: &str = "the host is not a name or address with an optional port";
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err("the request has more than one Host header");
+    }
+    match host {
+        Some(host) if !domain::is_host_field(host.as_bytes()) => return Err(NOT_A_HOST),
+        None if request.version() == Version::HTTP_11 => {
+            return Err("an HTTP/1.1 request must have a Host header")
+        }
+        _ => {}
     }
     let uri = request.uri();
     let named = match uri.authority() {
@@ -625,7 +635,7 @@ pub fn request_host<B>(request: &Request<B>) -> Result<HeaderValue, &'static str
     }
     .ok_or("the request names no host")?;
     if !domain::is_host_field(named.as_bytes()) {
-        return Err("the host is not a name or address with an optional port");
+        return Err(NOT_A_HOST);
     }
     Ok(named)
 }
