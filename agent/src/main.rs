@@ -9,6 +9,8 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // First: reading the configuration may warn (a token file others may read).
+    core_server_proto::logging::init();
     let cli::Parsed {
         config,
         app,
@@ -20,7 +22,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    core_server_proto::logging::init();
     // One thread: everything on the thread that runs `serve`, no wake-ups across threads.
     let runtime = match threads.get() {
         1 => tokio::runtime::Builder::new_current_thread(),

@@ -123,7 +123,7 @@ where
                 why: ended.unwrap_or_else(|e| format!("failed: {e}")),
             },
             _ = running.control.reconnect_asked() => {
-                info!("{name}: the proxy is rerunning: dialing a replacement");
+                info!("{name}: the proxy is stopping (a rerun, or `core-server stop`): dialing a replacement");
                 Ended::Replaced
             }
             _ = self.shutdown.stop.cancelled() => Ended::Stopped,

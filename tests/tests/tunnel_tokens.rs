@@ -230,3 +230,22 @@ async fn an_agent_refused_for_lack_of_room_is_told_why() {
     }
     panic!("not told why within 10 s:\n{}", second.log());
 }
+
+/// A token file others may read is used, with a warning saying so (as ssh warns of keys).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_file_others_may_read_is_warned_of() {
+    let server = server();
+    let backend = saying("from the agent").await;
+    let token = server.tunnel_allow(APP);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let to = format!("127.0.0.1:{}", backend.port);
+    let file = ["--token-file", path.to_str().unwrap(), "--connections", "1"];
+    // The file wins over the environment's token.
+    let agent = Agent::start(&server, APP, "not-the-token", &to, &file);
+    agent.wait_connected(&server, 1);
+    let log = agent.log();
+    assert!(log.contains("is readable by others (mode 644)"), "{log}");
+}
