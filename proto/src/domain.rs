@@ -81,11 +81,7 @@ impl Domain {
             return None; // an IPv6 literal, `[::1]:80`
         }
         let name = match host.rsplit_once(':') {
-            Some((name, port))
-                if port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok() =>
-            {
-                name
-            }
+            Some((name, port)) if is_port(port.as_bytes()) => name,
             Some(_) => return None,
             None => host,
         };
@@ -104,34 +100,28 @@ impl Domain {
 /// user (`u@a.example`) or a path (`a.example/x`) is refused, not read as a domain nobody
 /// registered.
 pub fn is_host_field(host: &[u8]) -> bool {
-    let (name, port) = match host.strip_prefix(b"[") {
-        Some(literal) => match literal.iter().position(|&b| b == b']') {
-            Some(end) if end > 0 => {
-                let address = &literal[..end];
-                let ip = |&b: &u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
-                if !address.iter().all(ip) {
-                    return false;
-                }
-                (&b"ip"[..], &literal[end + 1..])
-            }
-            _ => return false,
-        },
-        None => match host.iter().position(|&b| b == b':') {
-            Some(colon) => (&host[..colon], &host[colon..]),
-            None => (host, &b""[..]),
-        },
-    };
-    let name_byte = |&b: &u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
-    let port_ok = match port.strip_prefix(b":") {
-        // Digits alone (`u16`'s parser takes a `+`), or none (RFC 3986's `port` may be empty).
-        Some(digits) if digits.iter().all(u8::is_ascii_digit) => {
-            let number = std::str::from_utf8(digits).map(str::parse::<u16>);
-            digits.is_empty() || matches!(number, Ok(Ok(_)))
-        }
-        Some(_) => false,
+    // RFC 3986's `port` may be empty.
+    let port_ok = |port: &[u8]| match port.strip_prefix(b":") {
+        Some(digits) => digits.is_empty() || is_port(digits),
         None => port.is_empty(),
     };
-    !name.is_empty() && name.iter().all(name_byte) && port_ok
+    if let Some(literal) = host.strip_prefix(b"[") {
+        let ip = |&b: &u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+        return match literal.iter().position(|&b| b == b']') {
+            Some(end) => end > 0 && literal[..end].iter().all(ip) && port_ok(&literal[end + 1..]),
+            None => false,
+        };
+    }
+    let (name, port) = host.split_at(host.iter().position(|&b| b == b':').unwrap_or(host.len()));
+    let name_byte = |&b: &u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    !name.is_empty() && name.iter().all(name_byte) && port_ok(port)
+}
+
+/// Whether `digits` is a port number: decimal digits alone (`u16`'s parser also takes a `+`),
+/// at most 65535.
+fn is_port(digits: &[u8]) -> bool {
+    digits.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(digits).is_ok_and(|digits| digits.parse::<u16>().is_ok())
 }
 
 /// The WHATWG URL standard's "ends in a number" check (the trailing dot already dropped): the

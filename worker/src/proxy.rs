@@ -625,19 +625,19 @@ pub fn request_host<B>(request: &Request<B>) -> Result<HeaderValue, &'static str
         }
         Some(authority) => {
             let authority = authority.as_str().as_bytes();
+            if !domain::is_host_field(authority) {
+                return Err(NOT_A_HOST);
+            }
             let other = host.is_some_and(|host| !host.as_bytes().eq_ignore_ascii_case(authority));
             if other && request.version() == Version::HTTP_2 {
                 return Err("the Host header names another host than :authority");
             }
             HeaderValue::from_bytes(authority).ok()
         }
+        // Checked above.
         None => host.cloned(),
-    }
-    .ok_or("the request names no host")?;
-    if !domain::is_host_field(named.as_bytes()) {
-        return Err(NOT_A_HOST);
-    }
-    Ok(named)
+    };
+    named.ok_or("the request names no host")
 }
 
 /// `/<path and query>`, the form an origin server expects (RFC 9112 §3.2.1).
