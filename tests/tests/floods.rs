@@ -338,6 +338,43 @@ async fn connections_without_a_request_close_at_the_header_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_http2_connection_without_a_request_is_sent_goaway_at_the_header_timeout() {
+    let _turn = HEAVY.lock().await;
+    let server = CoreServer::start_with(&["--header-timeout", "2s", "--idle-timeout", "60s"]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let connected = Instant::now();
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    stream.write_all(&hello).await.unwrap();
+    // The server's SETTINGS, its acknowledgement of ours and a WINDOW_UPDATE come first.
+    let goaway = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let frame = read_frame(&mut stream).await;
+            if frame.kind == GOAWAY {
+                return frame;
+            }
+        }
+    })
+    .await
+    .expect("a GOAWAY within 10s");
+    let told = connected.elapsed();
+    assert!(
+        told >= Duration::from_millis(1500),
+        "GOAWAY after {told:?}, the header timeout is 2s"
+    );
+    assert_eq!(
+        goaway.payload[4..8],
+        [0; 4],
+        "GOAWAY's error code: NO_ERROR"
+    );
+    // Then closed, whether or not the client answers the PING that follows it.
+    let closed = closed_within(&mut stream, connected, b"", Duration::from_secs(10)).await;
+    assert!(closed.is_some(), "still open 10s after connecting");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn slowloris_connections_close_at_the_header_timeout_while_others_are_served() {
     let _turn = HEAVY.lock().await;
     raise_open_file_limit(2_500);
@@ -443,6 +480,7 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 const SETTINGS: u8 = 0x4;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
+const GOAWAY: u8 = 0x7;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 const REFUSED_STREAM: u32 = 0x7;
 

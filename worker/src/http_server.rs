@@ -11,7 +11,8 @@
 //!   protocol, the TLS handshake included (and with it any wait for a certificate): hyper's
 //!   own header timeout only starts once hyper-util has told HTTP/1 from the HTTP/2 preface,
 //!   and HTTP/2 has none, so a client sending nothing (or a preface, slowly) would otherwise
-//!   live until the idle timeout. Later HTTP/1 heads get hyper's header timeout,
+//!   live until the idle timeout. Past it, an HTTP/2 connection is told to close (GOAWAY),
+//!   as an idle one is, and any other dropped. Later HTTP/1 heads get hyper's header timeout,
 //!   counted from the end of the previous response and not reset by each byte that trickles in;
 //! - a connection with no request in flight for `--idle-timeout` is closed gracefully;
 //! - a connection told to close (idle, evicted, draining HTTP/2) that still has no request in
@@ -349,9 +350,13 @@ impl HttpServer {
         // into the connection after the fast path (told to speak HTTP/1 only, it still does,
         // with upgrades): so it is refused here, by closing, as hyper's HTTP/1 server does.
         let http1_only = !http2 && (scheme == "https" || activity.started_a_request());
-        if http1_only && stream.already_read().starts_with(HTTP2_PREFACE_START) {
+        let preface = stream.already_read().starts_with(HTTP2_PREFACE_START);
+        if http1_only && preface {
             debug!("HTTP/2's preface from {client} on an HTTP/1.1 connection: closed");
             return None;
+        }
+        if http2 || preface {
+            activity.saw_http2();
         }
         // Boxed: hyper's connection is large, and most connections never need it.
         Box::pin(self.serve_with_hyper(stream, responder, &activity, stop)).await;
@@ -464,9 +469,16 @@ impl HttpServer {
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
-                    if !activity.started_a_request() && now >= self.first_request_by(activity) {
+                    if !activity.started_a_request() && told.is_none() && now >= self.first_request_by(activity) {
                         debug!("connection from {client} sent no request within {:?}: closing", self.limits.header_timeout);
-                        return;
+                        if !activity.is_http2() {
+                            return;
+                        }
+                        // GOAWAY first, as for an idle one: a request the client is sending
+                        // just now is known not taken, so it may go again on a new connection.
+                        told = Some(now);
+                        connection.as_mut().graceful_shutdown();
+                        continue;
                     }
                     match (activity.idle_since(), told) {
                         (Some(since), Some(told)) if now >= self.drop_at(since, told) => {
@@ -497,7 +509,7 @@ impl HttpServer {
             (Some(since), None) => since + self.limits.idle_timeout,
             (Some(since), Some(told)) => self.drop_at(since, told),
         };
-        if !activity.started_a_request() {
+        if !activity.started_a_request() && told.is_none() {
             wake = wake.min(self.first_request_by(activity));
         }
         wake.max(now)
