@@ -118,6 +118,12 @@ impl ConnectionLimit {
         self.insert(self.open.lock().expect("connection registry lock"))
     }
 
+    /// A slot for the connection of an upgrade request, should it be upgraded (see
+    /// [`UpgradeSlot`]). Taken beyond the cap: the connection holds one already.
+    pub fn upgrade_slot(self: &Arc<Self>) -> UpgradeSlot {
+        UpgradeSlot(Arc::new(self.admit_beyond_cap()))
+    }
+
     fn insert(
         self: &Arc<Self>,
         mut open: std::sync::MutexGuard<'_, Slab<Option<Arc<Activity>>>>,
@@ -232,6 +238,15 @@ impl Slot {
         self.activity.as_ref()
     }
 }
+
+/// The place under the cap of a client connection that outlives its task: once upgraded (a
+/// WebSocket), hyper lets go of the connection, its task ends and gives its [`Slot`] back,
+/// while the connection lives on, spliced to the app in a task of its own. That task holds
+/// this instead, so an open WebSocket counts against `--max-connections` as any connection
+/// does. It rides in the upgrade request's extensions until then. Never evicted: an upgraded
+/// connection is never idle in the cap's sense (its own idle timeout closes it).
+#[derive(Clone)]
+pub struct UpgradeSlot(#[expect(dead_code, reason = "held for its drop")] Arc<Slot>);
 
 impl Drop for Slot {
     fn drop(&mut self) {

@@ -55,6 +55,7 @@ use crate::parked_connections::{ParkedConnections, Parking, PARK_AFTER};
 use crate::proxy::{ClientRequest, Proxy, ProxyBody};
 use crate::request_head::RequestHead;
 use crate::tls_acceptor::TlsAcceptor;
+use crate::upgrade;
 
 /// Concurrent streams a client may open on one HTTP/2 connection (nginx's
 /// `http2_max_concurrent_streams`); more are refused with `REFUSED_STREAM`, which clients retry.
@@ -409,9 +410,12 @@ impl HttpServer {
     {
         let client = responder.client;
         let service = {
-            let (activity, stop) = (activity.clone(), stop.clone());
-            service_fn(move |request: Request<Incoming>| {
+            let (activity, stop, limit) = (activity.clone(), stop.clone(), self.limit.clone());
+            service_fn(move |mut request: Request<Incoming>| {
                 let in_flight = activity.request_started();
+                if upgrade::requested_protocol(&request).is_some() {
+                    request.extensions_mut().insert(limit.upgrade_slot());
+                }
                 if request.version() == Version::HTTP_2 {
                     activity.saw_http2();
                 }

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::ext::Protocol;
 use tokio_util::task::TaskTracker;
 
+use crate::connection_limit::UpgradeSlot;
 use crate::forwarding;
 use crate::proxy::BackendError;
 use crate::request_body::RequestBody;
@@ -51,6 +52,7 @@ where
     // `:protocol` names one; a browser asks for one (`websocket`) anyway.
     let protocol = first(&protocols);
     let (mut parts, _body) = request.into_parts();
+    let slot = parts.extensions.remove::<UpgradeSlot>();
     parts.method = Method::CONNECT;
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.extensions.insert(Protocol::from(protocol));
@@ -69,7 +71,7 @@ where
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     let protocol = HeaderValue::from_str(protocol).expect("part of a header value is one");
     headers.insert(header::UPGRADE, protocol);
-    upgrade::splice(client_side, agent_side, tasks, idle_timeout, lease);
+    upgrade::splice(client_side, agent_side, tasks, idle_timeout, (lease, slot));
     Ok((response, None))
 }
 
