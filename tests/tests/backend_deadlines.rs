@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use core_server_tests::backend::{full, Body};
+use core_server_tests::big_body::zeros;
 use core_server_tests::http::{read_until_closed, send_raw, text};
 use core_server_tests::load::raise_open_file_limit;
 use core_server_tests::raw_backend::RawBackend;
@@ -119,6 +120,43 @@ async fn a_backend_that_stalls_after_its_head_is_cut_off() {
         .unwrap_or_else(|so_far| panic!("client held for {WITHIN:?}, got {so_far:?}"));
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nhello"), "{answer}");
+}
+
+/// A client that takes no byte of its download for `--backend-timeout` is cut off (it would
+/// hold the app's connection for ever); one that reads slowly but steadily is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_off_but_a_slow_reader_is_not() {
+    const BODY: u64 = 256 << 20;
+    let server = CoreServer::start_with(&["--backend-timeout", "2s"]);
+    let backend = Backend::start(|_| async { Response::new(zeros(BODY)) }).await;
+    server.add("big.example", backend.port);
+    let get = b"GET / HTTP/1.1\r\nHost: big.example\r\n\r\n";
+    let mut stalled = send_raw(&server, get).await;
+    let mut slow = send_raw(&server, get).await;
+
+    let mut buffer = vec![0u8; 1 << 20];
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let read = tokio::time::timeout(WITHIN, slow.read(&mut buffer)).await;
+        let read = read.expect("the slow reader got more").unwrap();
+        assert!(
+            read > 0,
+            "the slow reader was cut off after {:?}",
+            started.elapsed()
+        );
+    }
+    let mut got = 0;
+    let drained = tokio::time::timeout(WITHIN, async {
+        while let Ok(read @ 1..) = stalled.read(&mut buffer).await {
+            got += read as u64;
+        }
+    });
+    drained.await.expect("the stalled client's connection ends");
+    assert!(
+        got < BODY,
+        "the client that stopped reading got the whole body"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

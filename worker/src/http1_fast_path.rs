@@ -58,6 +58,9 @@ const READ_SIZE: usize = 4096;
 pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a write of a response may wait for the client to take a byte
+    /// (`--backend-timeout`, as the other waits of an exchange).
+    pub send_timeout: Duration,
     /// After how long a connection waiting for its next request, with nothing of it read, is
     /// given back as [`Served::Idle`] (see `parked_connections`); `None`: it waits here.
     pub park_after: Option<Duration>,
@@ -206,8 +209,11 @@ where
             let exchange = match RequestHead::parse(&mut buffer) {
                 Ok(Some(head)) => Some(Box::pin(exchange(
                     head,
-                    &mut stream,
-                    &mut buffer,
+                    Client {
+                        stream: &mut stream,
+                        buffer: &mut buffer,
+                        send_timeout: limits.send_timeout,
+                    },
                     &answer,
                     stop,
                     activity,
@@ -291,8 +297,7 @@ where
 )]
 fn exchange<'a, S, A>(
     head: RequestHead,
-    stream: &'a mut S,
-    buffer: &'a mut BytesMut,
+    mut client: Client<'a, S>,
     answer: &'a A,
     stop: &'a CancellationToken,
     activity: &'a Activity,
@@ -309,7 +314,6 @@ where
             stop,
             activity,
         };
-        let mut client = Client { stream, buffer };
         if let Some(target) = answer.relay_target(&head) {
             return answer.relay(target, head, &mut client, &closing).await;
         }
@@ -331,6 +335,7 @@ where
 struct Client<'a, S> {
     stream: &'a mut S,
     buffer: &'a mut BytesMut,
+    send_timeout: Duration,
 }
 
 impl<S> ClientConnection for Client<'_, S>
@@ -345,6 +350,10 @@ where
 
     fn gone(&mut self) -> impl Future<Output = ()> + Send + '_ {
         client_gone(self.stream, self.buffer)
+    }
+
+    fn send_timeout(&self) -> Duration {
+        self.send_timeout
     }
 }
 
@@ -518,6 +527,7 @@ mod tests {
             let limits = Limits {
                 header_timeout,
                 idle_timeout: Duration::from_secs(60),
+                send_timeout: Duration::from_secs(60),
                 park_after: None,
             };
             let respond = |request: ClientRequest| {
@@ -780,6 +790,7 @@ mod tests {
         let limits = Limits {
             header_timeout: PROMPT,
             idle_timeout: PROMPT,
+            send_timeout: PROMPT,
             park_after: Some(park_after),
         };
         let answer = |request: ClientRequest| async move {

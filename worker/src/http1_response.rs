@@ -13,14 +13,16 @@
 //! While it waits for more of a body, it watches the client ([`ClientConnection::gone`]): a
 //! client gone from a long stream (server-sent events, a long poll) ends the response at once,
 //! and with it the backend's request, as hyper's server does, rather than at the backend's next
-//! write.
+//! write. A client still there that takes no byte of its response for
+//! [`ClientConnection::send_timeout`] is given up on (nginx's `send_timeout`), and with it
+//! the response: it would hold the app's connection (or a tunnel stream's window) forever.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::pin;
 use std::task::Poll;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use core_server_proto::app_exchange::{bodiless, push_field, start_head};
@@ -84,6 +86,8 @@ pub trait ClientConnection {
     fn stream(&mut self) -> &mut Self::Stream;
     /// Resolves once the client has closed its connection (or it failed).
     fn gone(&mut self) -> impl Future<Output = ()> + Send + '_;
+    /// How long a write may wait for the client to take a byte.
+    fn send_timeout(&self) -> Duration;
 }
 
 /// How the body is framed on the wire.
@@ -212,8 +216,9 @@ impl Outgoing {
             }
         }
         let head = self.head.take();
-        write_piece(client.stream(), head.as_deref(), data, &self.framing).await?;
-        client.stream().flush().await?;
+        let limit = client.send_timeout();
+        write_piece(client.stream(), head.as_deref(), data, &self.framing, limit).await?;
+        within(limit, client.stream().flush()).await?;
         Ok(())
     }
 
@@ -223,8 +228,9 @@ impl Outgoing {
         client: &mut C,
     ) -> Result<(), WriteError> {
         if let Some(head) = self.head.take() {
-            write_all(client.stream(), &mut [IoSlice::new(&head)]).await?;
-            client.stream().flush().await?;
+            let limit = client.send_timeout();
+            write_all(client.stream(), &mut [IoSlice::new(&head)], limit).await?;
+            within(limit, client.stream().flush()).await?;
         }
         Ok(())
     }
@@ -233,6 +239,7 @@ impl Outgoing {
     /// of known length came short.
     pub async fn end<C: ClientConnection>(self, client: &mut C) -> Result<(), WriteError> {
         let head = self.head.as_deref();
+        let limit = client.send_timeout();
         match self.framing {
             Framing::Length(length) if self.sent < length => {
                 return Err(WriteError::Short {
@@ -240,21 +247,24 @@ impl Outgoing {
                     length,
                 })
             }
-            Framing::Chunked => write_piece(client.stream(), head, b"", &self.framing).await?,
-            _ => write_piece(client.stream(), head, b"", &Framing::None).await?,
+            Framing::Chunked => {
+                write_piece(client.stream(), head, b"", &self.framing, limit).await?
+            }
+            _ => write_piece(client.stream(), head, b"", &Framing::None, limit).await?,
         }
-        client.stream().flush().await?;
+        within(limit, client.stream().flush()).await?;
         Ok(())
     }
 }
 
 /// Writes `head` (unless already sent) and `data` in `framing`; with chunked framing, empty
-/// `data` is the last chunk.
+/// `data` is the last chunk. Each write may wait `limit` for the client.
 async fn write_piece<S>(
     stream: &mut S,
     head: Option<&[u8]>,
     data: &[u8],
     framing: &Framing,
+    limit: Duration,
 ) -> io::Result<()>
 where
     S: AsyncWrite + Unpin,
@@ -265,32 +275,49 @@ where
             write_all(
                 stream,
                 &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")],
+                limit,
             )
             .await
         }
         Framing::Chunked => {
             let size = format!("{:x}\r\n", data.len());
             let pieces = [head, size.as_bytes(), data, b"\r\n"];
-            write_all(stream, &mut pieces.map(IoSlice::new)).await
+            write_all(stream, &mut pieces.map(IoSlice::new), limit).await
         }
-        _ => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(data)]).await,
+        _ => write_all(stream, &mut [IoSlice::new(head), IoSlice::new(data)], limit).await,
     }
 }
 
-/// Writes all of `slices`, in as few system calls as the stream allows.
-async fn write_all<S>(stream: &mut S, mut slices: &mut [IoSlice<'_>]) -> io::Result<()>
+/// Writes all of `slices`, in as few system calls as the stream allows, each waiting at most
+/// `limit` for the client.
+async fn write_all<S>(
+    stream: &mut S,
+    mut slices: &mut [IoSlice<'_>],
+    limit: Duration,
+) -> io::Result<()>
 where
     S: AsyncWrite + Unpin,
 {
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
-        let n = stream.write_vectored(slices).await?;
+        let n = within(limit, stream.write_vectored(slices)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
+}
+
+/// `write` (to the client), unless it has waited `limit`: then an error.
+async fn within<T>(limit: Duration, write: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let waited = || {
+        let why = format!("the client took no byte of its response for {limit:?}");
+        io::Error::new(io::ErrorKind::TimedOut, why)
+    };
+    tokio::time::timeout(limit, write)
+        .await
+        .unwrap_or_else(|_| Err(waited()))
 }
 
 /// Whether `headers` carry `Connection: close` (an error page after a bad request does).

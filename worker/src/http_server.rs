@@ -120,6 +120,7 @@ impl HttpServer {
             limits: Limits {
                 header_timeout: settings.header_timeout,
                 idle_timeout: settings.idle_timeout,
+                send_timeout: settings.backend_timeout,
                 park_after: parked.as_ref().map(|_| PARK_AFTER),
             },
             transport,

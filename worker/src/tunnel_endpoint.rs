@@ -29,7 +29,6 @@ use http::{HeaderMap, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use tracing::{info, warn};
 
-use crate::connection_limit::UpgradeSlot;
 use crate::failed_attempts::{FailedAttempts, Source, ALLOWED_FAILURES};
 use crate::forwarding::lists;
 use crate::proxy::{error_page, request_host, ClientRequest, ProxyBody};
@@ -145,12 +144,8 @@ impl TunnelEndpoint {
             HeaderValue::from_str(&agent.nonce).expect("hex is a valid header value"),
         );
         let on_upgrade = hyper::upgrade::on(&mut request);
-        // The agent's connection counts against `--max-connections` as long as it is open.
-        let slot = request.extensions_mut().remove::<UpgradeSlot>();
-        self.tunnels.spawn(async move {
-            tunnel_connection::run(on_upgrade, reservation, agent).await;
-            drop(slot);
-        });
+        self.tunnels
+            .spawn(tunnel_connection::run(on_upgrade, reservation, agent));
         response
     }
 }
