@@ -80,13 +80,10 @@ impl Activity {
         }
     }
 
-    pub fn is_http2(&self) -> bool {
-        self.http2.load(Ordering::Relaxed)
-    }
-
-    /// Resolves once the connection is known to speak HTTP/2 (at once if it already is).
+    /// Resolves once the connection has carried an HTTP/2 request (at once if it already has).
     pub async fn speaks_http2(&self) {
-        self.until(Self::is_http2).await
+        self.until(|activity| activity.http2.load(Ordering::Relaxed))
+            .await
     }
 
     /// Asks the connection to close to make room; false if it was asked already.

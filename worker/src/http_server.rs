@@ -357,11 +357,9 @@ impl HttpServer {
             debug!("HTTP/2's preface from {client} on an HTTP/1.1 connection: closed");
             return None;
         }
-        if http2 || preface {
-            activity.saw_http2();
-        }
         // Boxed: hyper's connection is large, and most connections never need it.
-        Box::pin(self.serve_with_hyper(stream, responder, &activity, stop)).await;
+        let http2 = http2 || preface;
+        Box::pin(self.serve_with_hyper(stream, http2, responder, &activity, stop)).await;
         None
     }
 
@@ -383,10 +381,12 @@ impl HttpServer {
     }
 
     /// Serves HTTP/1 or HTTP/2 on `stream` with hyper until it closes, running what hyper
-    /// starts for it (each HTTP/2 stream) in this task (see `local_tasks`).
+    /// starts for it (each HTTP/2 stream) in this task (see `local_tasks`); `http2`: it is
+    /// known to speak HTTP/2 from its start (by ALPN, or its preface).
     async fn serve_with_hyper<S>(
         &self,
         stream: HandedOver<S>,
+        http2: bool,
         responder: Responder,
         activity: &Arc<Activity>,
         stop: CancellationToken,
@@ -394,7 +394,7 @@ impl HttpServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (executor, tasks) = local_tasks::new();
-        let connection = self.hyper_connection(stream, responder, activity, stop, executor);
+        let connection = self.hyper_connection(stream, http2, responder, activity, stop, executor);
         tasks.run(connection).await
     }
 
@@ -402,6 +402,7 @@ impl HttpServer {
     async fn hyper_connection<S>(
         &self,
         stream: HandedOver<S>,
+        http2: bool,
         responder: Responder,
         activity: &Arc<Activity>,
         stop: CancellationToken,
@@ -476,7 +477,7 @@ impl HttpServer {
                     let now = Instant::now();
                     if !activity.started_a_request() && told.is_none() && now >= self.first_request_by(activity) {
                         debug!("connection from {client} sent no request within {:?}: closing", self.limits.header_timeout);
-                        if !activity.is_http2() {
+                        if !http2 {
                             return;
                         }
                         // GOAWAY first, as for an idle one: a request the client is sending

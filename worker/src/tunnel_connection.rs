@@ -32,15 +32,15 @@ pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-stream and per-connection receive windows: what an agent may send the worker before it
-/// reads. A stream may have 2 MiB in flight (about 70 MB/s over a 30 ms path; hyper's client
-/// default).
+/// reads. A stream may have 512 KiB in flight: about 17 MB/s over a 30 ms path (HAProxy's
+/// HTTP/2 client has 64 KiB), and on loopback as fast as 2 MiB was (`bench/tunnel.sh`).
 ///
-/// The stream's window is what a response read slowly (a slow client's) may hold in the
-/// worker; a slow client of the plain proxy holds about as much in its socket's buffers. The
-/// connection's is no bound at all (1 GiB, as Go's HTTP/2 client): every stream's unread bytes
-/// count against it too, so a few responses read slowly would fill a smaller one and stall
-/// every other stream of the connection (with 8 MiB, four slow clients did).
-const STREAM_WINDOW: u32 = 2 << 20;
+/// The stream's window is what a response its client does not read holds in the worker: an
+/// outside tester's 1,024 such streams took the worker to 1 GB with 2 MiB. The connection's is
+/// no bound at all (1 GiB, as Go's HTTP/2 client): every stream's unread bytes count against
+/// it too, so a few responses read slowly would fill a smaller one and stall every other
+/// stream of the connection (with 8 MiB, four slow clients did).
+const STREAM_WINDOW: u32 = 512 << 10;
 const CONNECTION_WINDOW: u32 = 1 << 30;
 /// The largest response head the worker takes from an agent: what it takes from an app on a
 /// local port, and so what an agent takes from its app (`app_exchange`), in HTTP/2's measure
@@ -49,7 +49,9 @@ const CONNECTION_WINDOW: u32 = 1 << 30;
 const MAX_HEADER_LIST_SIZE: u32 = (MAX_RESPONSE_HEAD + 32 * MAX_RESPONSE_HEADERS) as u32;
 /// Large frames: fewer headers and wake-ups per megabyte than the 16 KiB default.
 const MAX_FRAME_SIZE: u32 = 256 << 10;
-const MAX_SEND_BUF_SIZE: usize = 4 << 20;
+/// What an upload may have queued for a stream beyond its window (for an app that does not
+/// read it: the client's reads wait meanwhile).
+const MAX_SEND_BUF_SIZE: usize = 512 << 10;
 
 /// Who the agent is, as its handshake told.
 pub struct Agent {
