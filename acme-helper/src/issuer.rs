@@ -7,8 +7,13 @@
 //! `Unavailable` at once, with no traffic to the CA. A new certificate goes to the worker
 //! first and to the disk right after, and each change of a name is reported to the
 //! supervisor as its `Status`.
+//!
+//! In a rerun, the old helper finishes the attempts under way and starts none
+//! ([`Issuer::finish`]), while the new one has its worker, which the CA now reaches, answer
+//! their challenges ([`Issuer::answer_for_the_other_helper`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,8 +59,14 @@ pub const NO_MKCERT: &str =
 /// fails like any other, and the name backs off.
 const ATTEMPT_DEADLINE: Duration = Duration::from_secs(180);
 
+/// Why a helper that is stopping does not start an attempt.
+const STOPPING: &str = "the ACME helper is stopping (core-server is stopped or replaced)";
+
+/// How often the store is looked at for the challenges of a rerun's other helper.
+const OTHER_CHALLENGES_POLL: Duration = Duration::from_millis(10);
+
 pub struct Issuer {
-    pub store: Store,
+    pub store: Arc<Store>,
     link: Arc<WorkerLink>,
     supervisor: Arc<SupervisorLink>,
     pub source: Source,
@@ -67,11 +78,15 @@ pub struct Issuer {
     routed: Mutex<HashSet<Domain>>,
     /// Wakes the renewals when a certificate or a name's state changed.
     pub changed: Notify,
+    /// Told to stop: no attempt starts any more.
+    stopping: AtomicBool,
+    /// Wakes [`Self::finish`] when the last attempt ends.
+    idle: Notify,
 }
 
 impl Issuer {
     pub fn new(
-        store: Store,
+        store: Arc<Store>,
         link: Arc<WorkerLink>,
         supervisor: Arc<SupervisorLink>,
         source: Source,
@@ -84,7 +99,78 @@ impl Issuer {
             in_flight: Mutex::new(HashMap::new()),
             routed: Mutex::new(HashSet::new()),
             changed: Notify::new(),
+            stopping: AtomicBool::new(false),
+            idle: Notify::new(),
         })
+    }
+
+    /// Stops starting attempts, and returns once those under way have ended: a rerun's old
+    /// worker waits for their certificates, and each name's record gets its real outcome
+    /// rather than the failure an unfinished order counts as.
+    pub async fn finish(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight.lock().unwrap().is_empty() {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// From start until the store's lock is ours: a rerun's other helper may be finishing
+    /// orders (holding the lock), whose challenges the CA now validates through our worker,
+    /// so it answers those that helper keeps in the store. Then, what that helper stored is
+    /// reported: our statuses of its names are from before.
+    pub async fn answer_for_the_other_helper(self: Arc<Self>) {
+        let acquire = self.store.lock();
+        tokio::pin!(acquire);
+        let mut answering = HashMap::new();
+        let mut waited = false;
+        let lock = loop {
+            tokio::select! {
+                biased;
+                lock = &mut acquire => break lock,
+                // The other helper holds it: a first look at once, then one per interval.
+                _ = std::future::ready(()), if !waited => waited = true,
+                _ = tokio::time::sleep(OTHER_CHALLENGES_POLL), if waited => {}
+            }
+            let stored = match self.store.challenges() {
+                Ok(stored) => stored,
+                Err(e) => {
+                    warn!("cannot read the other helper's challenges: {e}");
+                    continue;
+                }
+            };
+            // Those it no longer keeps are over.
+            answering.retain(|id, _| stored.iter().any(|(kept, _)| kept == id));
+            for (id, challenge) in stored {
+                if answering.contains_key(&id) {
+                    continue;
+                }
+                if let Some(answered) = self.link.answer_for_other(id, challenge).await {
+                    info!("answering challenge {id} of the other helper's order (a rerun's)");
+                    answering.insert(id, answered);
+                }
+            }
+        };
+        // Over, and their files (left if that helper died) removed; so are those of helpers
+        // killed earlier: under the lock, no other helper orders.
+        drop(answering);
+        let cleaned = lock.and_then(|_lock| {
+            for (id, _) in self.store.challenges()? {
+                if !self.link.answers(id) {
+                    self.store.remove_challenge(id)?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = cleaned {
+            warn!("cannot clean the challenges up: {e}");
+        }
+        if waited {
+            self.report_all().await;
+        }
     }
 
     /// At start, in the background: the ACME account made ready before the first handshake
@@ -207,16 +293,33 @@ impl Issuer {
     /// One attempt for `name` unless one runs (which then answers this request too);
     /// `asked`: a request of the worker waits for it (a renewal is not asked for).
     async fn attempt(&self, name: &Domain, replacing: Option<&Certificate>, asked: bool) {
-        {
+        let stopping = {
             let mut in_flight = self.in_flight.lock().unwrap();
             if let Some(waiting) = in_flight.get_mut(name) {
                 *waiting += usize::from(asked);
                 return;
             }
-            in_flight.insert(name.clone(), usize::from(asked));
+            let stopping = self.stopping.load(Ordering::Relaxed);
+            if !stopping {
+                in_flight.insert(name.clone(), usize::from(asked));
+            }
+            stopping
+        };
+        if stopping {
+            if asked {
+                self.unavailable(name, STOPPING.into()).await;
+            }
+            return;
         }
         let result = self.obtain(name, replacing).await;
-        let waiting = self.in_flight.lock().unwrap().remove(name).unwrap_or(0);
+        let waiting = {
+            let mut in_flight = self.in_flight.lock().unwrap();
+            let waiting = in_flight.remove(name).unwrap_or(0);
+            if in_flight.is_empty() {
+                self.idle.notify_waiters();
+            }
+            waiting
+        };
         match result {
             // The first answer went out as soon as the certificate was there.
             Ok(certificate) => {
@@ -250,7 +353,11 @@ impl Issuer {
             })
         };
         let state = self.store.read_state(name).map_err(|e| e.to_string())?;
-        if let Some(why) = backing_off(&state) {
+        // An unfinished order may be one the other helper of a rerun is finishing: its lock
+        // is released when that order ends (or when it dies: then it failed), and the record
+        // read under the lock tells.
+        let unfinished = state.backoff.last_error.as_deref() == Some(order::UNFINISHED);
+        if let Some(why) = backing_off(&state).filter(|_| !unfinished) {
             return Err(why);
         }
         let lock = self.store.lock().await.map_err(|e| e.to_string())?;
@@ -261,6 +368,12 @@ impl Issuer {
         {
             self.send(name, &certificate).await;
             return Ok(certificate);
+        }
+        // Told to stop while it waited for the lock: no order starts now (the CA would reach
+        // the rerun's worker, whose helper answers our challenges only until it holds the
+        // lock).
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(STOPPING.into());
         }
         let mut state = self.store.read_state(name).map_err(|e| e.to_string())?;
         if let Some(why) = backing_off(&state) {

@@ -23,6 +23,7 @@ mod worker_link;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use core_server_proto::acme_ipc::CertificateSource;
@@ -34,6 +35,12 @@ use crate::issuer::{Issuer, Source};
 use crate::store::Store;
 use crate::supervisor_link::SupervisorLink;
 use crate::worker_link::WorkerLink;
+
+/// How long the orders under way may take to finish once the supervisor says `Shutdown`:
+/// a little more than a handshake waits for its certificate (`--acme-wait`, 10 s), which
+/// is what a rerun's old worker waits for. Past it they are abandoned, and each counts as
+/// failed in its name's backoff.
+const FINISH_WAIT: Duration = Duration::from_secs(15);
 
 fn main() -> ExitCode {
     core_server_proto::logging::init();
@@ -48,7 +55,8 @@ fn main() -> ExitCode {
         })
         .and_then(|runtime| {
             let result = runtime.block_on(run());
-            // `Shutdown` means now: no waiting for a DNS lookup in a blocking thread.
+            // The orders are done or abandoned: no waiting for a DNS lookup in a blocking
+            // thread.
             runtime.shutdown_background();
             result
         });
@@ -73,7 +81,7 @@ async fn run() -> anyhow::Result<()> {
         CertificateSource::Acme => None,
     };
     sandbox::apply(store_dir.as_fd(), mkcert.as_ref()).context("cannot sandbox the helper")?;
-    let store = Store::open(store_dir).context("cannot open the certificate store")?;
+    let store = Arc::new(Store::open(store_dir).context("cannot open the certificate store")?);
 
     let source = match (settings.source, mkcert) {
         (CertificateSource::Mkcert, Some(mkcert)) => {
@@ -94,11 +102,12 @@ async fn run() -> anyhow::Result<()> {
         }
     };
     let (requests, mut incoming) = mpsc::unbounded_channel();
-    let link = WorkerLink::new(requests)?;
+    let link = WorkerLink::new(requests, store.clone())?;
     let issuer = Issuer::new(store, link.clone(), supervisor.clone(), source);
     supervisor.ready().await?;
     issuer.report_all().await;
 
+    tokio::spawn(issuer.clone().answer_for_the_other_helper());
     tokio::spawn(issuer.clone().prepare());
     tokio::spawn(renewal::run(issuer.clone()));
     {
@@ -110,5 +119,11 @@ async fn run() -> anyhow::Result<()> {
         });
     }
     supervisor.follow(|fd| link.replace(fd)).await;
+    if tokio::time::timeout(FINISH_WAIT, issuer.finish())
+        .await
+        .is_err()
+    {
+        warn!("orders still under way after {FINISH_WAIT:?}: abandoned");
+    }
     Ok(())
 }

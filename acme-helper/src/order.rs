@@ -8,8 +8,8 @@
 //! Every failed validation is recorded in the name's [`Backoff`] as it happens, and the
 //! fallback is skipped when it would make a fourth failure within the hour. Before each
 //! order, the backoff is stored with that order counted as failed: a helper killed while it
-//! runs (a rerun says `Shutdown`, which exits at once) has it counted; the end of the
-//! attempt stores the real outcome.
+//! runs (or stopped before it could finish it) has it counted; the end of the attempt stores
+//! the real outcome.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

@@ -8,6 +8,9 @@
 //! certs/<name>.pem   the private key and the chain (leaf first) in ONE file, so a renewal
 //!                    replaces the pair at once (0600)
 //! names/<name>.json  failed attempts (the backoff) and whether the name was forgotten
+//! challenges/<id>.json
+//!                    the challenges being answered (0600): after a rerun the CA reaches the
+//!                    new worker, and the new helper has it answer the old one's
 //! tmp/               scratch directories for mkcert's output
 //! ```
 //!
@@ -20,6 +23,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use core_server_proto::acme_ipc::AcmeToWorker;
 use core_server_proto::atomic_file;
 use core_server_proto::domain::Domain;
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
@@ -32,6 +36,7 @@ const LOCK: &str = "lock";
 const ACCOUNT: &str = "account.json";
 const CERTS: &str = "certs";
 const NAMES: &str = "names";
+const CHALLENGES: &str = "challenges";
 const TMP: &str = "tmp";
 /// No file of the store is anywhere near this; a larger one is not ours.
 const MAX_FILE_LEN: u64 = 1 << 20;
@@ -52,6 +57,7 @@ pub struct Store {
     dir: OwnedFd,
     certs: OwnedFd,
     names: OwnedFd,
+    challenges: OwnedFd,
     tmp: OwnedFd,
     lock: Arc<StoreLock>,
 }
@@ -61,6 +67,7 @@ impl Store {
     pub fn open(dir: OwnedFd) -> io::Result<Store> {
         let certs = subdir(&dir, CERTS)?;
         let names = subdir(&dir, NAMES)?;
+        let challenges = subdir(&dir, CHALLENGES)?;
         let tmp = subdir(&dir, TMP)?;
         let lock = rustix::fs::openat(
             &dir,
@@ -73,6 +80,7 @@ impl Store {
             dir,
             certs,
             names,
+            challenges,
             tmp,
             lock: Arc::new(StoreLock {
                 fd: lock,
@@ -165,6 +173,47 @@ impl Store {
         Ok(names)
     }
 
+    /// Keeps `challenge` (a challenge message for the worker) as `challenges/<id>.json` while
+    /// it is answered. No lock: the file is this challenge's alone, by its random id.
+    pub fn write_challenge(&self, id: u64, challenge: &AcmeToWorker) -> io::Result<()> {
+        let file = format!("{id}.json");
+        let bytes = serde_json::to_vec(challenge).map_err(io::Error::other)?;
+        atomic_file::write(self.challenges.as_fd(), &file, &bytes, 0o600)
+            .map_err(|e| context(e, &format!("{CHALLENGES}/{file}")))
+    }
+
+    pub fn remove_challenge(&self, id: u64) -> io::Result<()> {
+        let file = format!("{id}.json");
+        match rustix::fs::unlinkat(&self.challenges, &*file, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(context(e.into(), &format!("{CHALLENGES}/{file}"))),
+        }
+    }
+
+    /// The challenges kept, by id (a file that does not read as one is skipped).
+    pub fn challenges(&self) -> io::Result<Vec<(u64, AcmeToWorker)>> {
+        let mut challenges = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.challenges)? {
+            let entry = entry?;
+            let Ok(file) = entry.file_name().to_str() else {
+                continue;
+            };
+            // Temp files start with a dot, which no id does.
+            let Some(Ok(id)) = file.strip_suffix(".json").map(str::parse) else {
+                continue;
+            };
+            // Removed meanwhile: over.
+            let Some(bytes) = read(&self.challenges, file)? else {
+                continue;
+            };
+            match serde_json::from_slice(&bytes) {
+                Ok(challenge) => challenges.push((id, challenge)),
+                Err(e) => tracing::debug!("{CHALLENGES}/{file} is not a challenge ({e})"),
+            }
+        }
+        Ok(challenges)
+    }
+
     pub fn read_account(&self) -> io::Result<Option<Vec<u8>>> {
         read(&self.dir, ACCOUNT)
     }
@@ -196,6 +245,7 @@ impl Store {
             (&self.dir, ""),
             (&self.certs, "certs/"),
             (&self.names, "names/"),
+            (&self.challenges, "challenges/"),
         ] {
             for file in atomic_file::remove_all_leftovers(dir.as_fd())? {
                 removed.push(format!("{path}{file}"));
@@ -410,7 +460,7 @@ mod tests {
 
         assert_eq!(store.read_certificate(&name).unwrap().unwrap(), b"second");
         assert_eq!(store.read_state(&name).unwrap(), state);
-        for sub in ["certs", "names", "tmp"] {
+        for sub in ["certs", "names", "challenges", "tmp"] {
             assert_eq!(mode(&dir.path().join(sub)), 0o700, "{sub}");
         }
         assert_eq!(mode(&dir.path().join("certs/a.example.pem")), 0o600);
@@ -541,6 +591,7 @@ mod tests {
             "certs/.a.example.pem.tmp-0123456789abcdef",
             "certs/a.example.pem",
             "names/.a.example.json.tmp-1",
+            "challenges/.7.json.tmp-3",
             ".account.json.tmp-2",
             "account.json",
         ] {
@@ -549,11 +600,32 @@ mod tests {
         let lock = store.lock().await.unwrap();
         let mut removed = store.remove_leftovers(&lock).unwrap();
         removed.sort();
-        assert_eq!(removed.len(), 4, "{removed:?}");
+        assert_eq!(removed.len(), 5, "{removed:?}");
         assert!(!scratch_path.exists());
         assert!(dir.path().join("certs/a.example.pem").exists());
         assert!(dir.path().join("account.json").exists());
         assert!(!dir.path().join(".account.json.tmp-2").exists());
+    }
+
+    #[test]
+    fn challenges_are_kept_until_removed_and_other_files_are_not_challenges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let challenge = |id| AcmeToWorker::HttpChallenge {
+            id,
+            name: Domain::parse("c.example").unwrap(),
+            token: "t".into(),
+            key_authorization: "t.k".into(),
+        };
+        store.write_challenge(7, &challenge(7)).unwrap();
+        for file in [".8.json.tmp-1", "9.json", "notes.txt"] {
+            std::fs::write(dir.path().join("challenges").join(file), b"x").unwrap();
+        }
+        assert_eq!(store.challenges().unwrap(), [(7, challenge(7))]);
+        assert_eq!(mode(&dir.path().join("challenges/7.json")), 0o600);
+        store.remove_challenge(7).unwrap();
+        store.remove_challenge(7).unwrap();
+        assert_eq!(store.challenges().unwrap(), []);
     }
 
     #[tokio::test]

@@ -4,7 +4,9 @@
 //! certificates, `Unavailable`, and the challenges the worker answers for the CA.
 //!
 //! Challenges in progress are sent again to a new worker, so an order outlives a worker
-//! restart; [`Challenge`] says `ChallengeDone` when dropped.
+//! restart; [`Challenge`] says `ChallengeDone` when dropped. They are kept in the store too:
+//! after a rerun the CA reaches the new worker, and the new helper has it answer the old
+//! one's ([`WorkerLink::answer_for_other`]).
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -17,6 +19,8 @@ use core_server_proto::channel::Channel;
 use core_server_proto::domain::Domain;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
+
+use crate::store::Store;
 
 type WorkerChannel = Channel<AcmeToWorker, WorkerToAcme>;
 
@@ -36,11 +40,15 @@ pub struct WorkerLink {
     waiting: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_id: AtomicU64,
     requests: mpsc::UnboundedSender<Request>,
+    store: Arc<Store>,
 }
 
 impl WorkerLink {
     /// A link with no worker yet; the worker's requests go to `requests`.
-    pub fn new(requests: mpsc::UnboundedSender<Request>) -> anyhow::Result<Arc<WorkerLink>> {
+    pub fn new(
+        requests: mpsc::UnboundedSender<Request>,
+        store: Arc<Store>,
+    ) -> anyhow::Result<Arc<WorkerLink>> {
         // Ids start at random, so a worker that still holds an earlier helper's challenge
         // never mistakes one of ours for it.
         let mut seed = [0u8; 8];
@@ -51,6 +59,7 @@ impl WorkerLink {
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(u64::from_ne_bytes(seed) >> 1),
             requests,
+            store,
         }))
     }
 
@@ -163,6 +172,9 @@ impl WorkerLink {
             id,
             link: self.clone(),
         };
+        if let Err(e) = self.store.write_challenge(id, &message) {
+            warn!("cannot keep challenge {id} for a rerun's helper: {e}");
+        }
         send_on(channel, &message).await;
         match tokio::time::timeout(wait, is_ready).await {
             Ok(Ok(())) => Ok(challenge),
@@ -170,6 +182,33 @@ impl WorkerLink {
                 "the worker did not set up the challenge within {wait:?}"
             )),
         }
+    }
+
+    /// Has the worker answer challenge `id` of the other helper of a rerun (kept in the
+    /// store), unless it already does: that helper's worker no longer takes connections.
+    pub async fn answer_for_other(
+        self: &Arc<Self>,
+        id: u64,
+        message: AcmeToWorker,
+    ) -> Option<Challenge> {
+        let channel = {
+            let mut state = self.state.lock().unwrap();
+            if state.challenges.contains_key(&id) {
+                return None;
+            }
+            state.challenges.insert(id, message.clone());
+            state.current.as_ref().map(|(_, channel)| channel.clone())
+        };
+        send_on(channel, &message).await;
+        Some(Challenge {
+            id,
+            link: self.clone(),
+        })
+    }
+
+    /// Whether challenge `id` is being answered (ours, or the other helper's).
+    pub fn answers(&self, id: u64) -> bool {
+        self.state.lock().unwrap().challenges.contains_key(&id)
     }
 }
 
@@ -202,6 +241,9 @@ impl Drop for Challenge {
     fn drop(&mut self) {
         self.link.waiting.lock().unwrap().remove(&self.id);
         self.link.state.lock().unwrap().challenges.remove(&self.id);
+        if let Err(e) = self.link.store.remove_challenge(self.id) {
+            warn!("{e}");
+        }
         let link = self.link.clone();
         let id = self.id;
         tokio::spawn(async move { link.send(&AcmeToWorker::ChallengeDone { id }).await });
@@ -214,6 +256,12 @@ mod tests {
     use core_server_proto::channel::socketpair_fds;
 
     type Worker = Channel<WorkerToAcme, AcmeToWorker>;
+
+    /// A link keeping its challenges in a store in `dir`.
+    fn link(requests: mpsc::UnboundedSender<Request>, dir: &tempfile::TempDir) -> Arc<WorkerLink> {
+        let store = Store::open(std::fs::File::open(dir.path()).unwrap().into()).unwrap();
+        WorkerLink::new(requests, Arc::new(store)).unwrap()
+    }
 
     fn worker(link: &Arc<WorkerLink>) -> Worker {
         let (ours, theirs) = socketpair_fds().unwrap();
@@ -238,7 +286,8 @@ mod tests {
     #[tokio::test]
     async fn requests_come_in_and_challenges_follow_a_new_worker_until_done() {
         let (requests, mut incoming) = mpsc::unbounded_channel();
-        let link = WorkerLink::new(requests).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let link = link(requests, &dir);
         let first = worker(&link);
         let name = Domain::parse("c.example").unwrap();
         first
@@ -267,18 +316,37 @@ mod tests {
             .await
             .unwrap();
         let challenge = pending.await.unwrap().unwrap();
+        // Kept in the store while answered, for a rerun's other helper.
+        assert_eq!(link.store.challenges().unwrap(), [(id, http(id))]);
 
         // A restarted worker is told the challenge again, and when it is over.
         let second = worker(&link);
         assert_eq!(next(&second).await, http(id));
         drop(challenge);
         assert_eq!(next(&second).await, AcmeToWorker::ChallengeDone { id });
+        assert_eq!(link.store.challenges().unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn the_other_helpers_challenge_is_answered_once_until_dropped() {
+        let (requests, _incoming) = mpsc::unbounded_channel();
+        let dir = tempfile::tempdir().unwrap();
+        let link = link(requests, &dir);
+        let worker = worker(&link);
+        let theirs = link.answer_for_other(7, http(7)).await.unwrap();
+        assert_eq!(next(&worker).await, http(7));
+        assert!(link.answers(7));
+        assert!(link.answer_for_other(7, http(7)).await.is_none());
+        drop(theirs);
+        assert_eq!(next(&worker).await, AcmeToWorker::ChallengeDone { id: 7 });
+        assert!(!link.answers(7));
     }
 
     #[tokio::test]
     async fn a_challenge_not_set_up_in_time_is_an_error_and_over() {
         let (requests, _incoming) = mpsc::unbounded_channel();
-        let link = WorkerLink::new(requests).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let link = link(requests, &dir);
         let worker = worker(&link);
         let result = link.challenge(http, Duration::from_millis(50)).await;
         assert!(result.is_err());
@@ -287,5 +355,6 @@ mod tests {
         };
         assert_eq!(next(&worker).await, AcmeToWorker::ChallengeDone { id });
         assert!(link.state.lock().unwrap().challenges.is_empty());
+        assert_eq!(link.store.challenges().unwrap(), []);
     }
 }

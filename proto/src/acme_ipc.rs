@@ -81,7 +81,8 @@ pub enum ToAcme {
     /// One descriptor attached: the helper's end of a new channel to the (new) worker
     /// (`Channel<AcmeToWorker, WorkerToAcme>`); any earlier one is dropped.
     Worker,
-    /// Exit now. Orders in flight are abandoned; what is on disk stays consistent.
+    /// Exit once the orders under way are finished (within a bound, past which they are
+    /// abandoned), starting no other; what is on disk stays consistent.
     Shutdown,
     /// Answer `Pong`: a helper that does not, within a deadline, is stopped or stuck and is
     /// replaced.

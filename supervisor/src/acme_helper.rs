@@ -35,8 +35,10 @@ use crate::worker::Worker;
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a helper told to shut down may take to exit before it is killed.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// How long a helper told to shut down may take to exit before it is killed: it first
+/// finishes the orders under way (15 s at most; at once when there are none), so that a
+/// rerun's old worker gets the certificates its handshakes wait for.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
 
 /// The largest `--acme-ca-root` file: a few roots, not a whole system bundle (it travels in
 /// one message, and the CA's own listener needs only its root).

@@ -161,8 +161,9 @@ impl Supervisor {
             self.stop(worker, ending).await;
             helper.shut_down().await;
         } else {
-            // The worker stops accepting first (`stop` tells it at once); the helper goes
-            // meanwhile, freeing the store's lock that the taker's helper waits for.
+            // The worker stops accepting first (`stop` tells it at once); the helper finishes
+            // its orders meanwhile (handshakes may wait for them) and goes, freeing the
+            // store's lock that the taker's helper waits for.
             tokio::join!(self.stop(worker, ending), helper.shut_down());
         }
         let why = "core-server stopped before the worker answered; check `core-server status`";

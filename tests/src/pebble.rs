@@ -8,12 +8,14 @@
 //!
 //! What the CA saw is read from pebble's log, which names every request it handles: a test
 //! counts new orders (or any request at all) to prove there was one, or none.
+//! [`HeldValidations`] holds the CA's validations until the test lets them through.
 
 use std::io::Read;
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -59,6 +61,75 @@ impl PebbleOptions {
 /// once (connection refused), so the other type is the only one that can succeed.
 pub fn dead_port() -> u16 {
     free_tcp_port()
+}
+
+/// A port for the CA to validate on that holds every connection until [`Self::release`], then
+/// relays it to core-server's port: the order waits meanwhile, and the CA reaches whichever
+/// worker accepts at the moment the test chooses (after a rerun, say).
+pub struct HeldValidations {
+    pub port: u16,
+    /// Whether released, and how many connections came.
+    state: Arc<(Mutex<(bool, usize)>, Condvar)>,
+}
+
+impl HeldValidations {
+    /// Holds the connections to its port, to be relayed to `127.0.0.1:target`.
+    pub fn new(target: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new((Mutex::new((false, 0)), Condvar::new()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let state = shared.clone();
+                std::thread::spawn(move || {
+                    let (lock, changed) = &*state;
+                    let mut held = lock.lock().unwrap();
+                    held.1 += 1;
+                    changed.notify_all();
+                    drop(
+                        changed
+                            .wait_while(held, |(released, _)| !*released)
+                            .unwrap(),
+                    );
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                        return;
+                    };
+                    relay(client, server);
+                });
+            }
+        });
+        HeldValidations { port, state }
+    }
+
+    /// Waits until the CA has connected (it validates), at most `within`.
+    pub fn wait_for_the_ca(&self, within: Duration) -> bool {
+        let (lock, changed) = &*self.state;
+        let held = lock.lock().unwrap();
+        let (held, _) = changed
+            .wait_timeout_while(held, within, |(_, connections)| *connections == 0)
+            .unwrap();
+        held.1 > 0
+    }
+
+    /// Lets the held connections, and those to come, through.
+    pub fn release(&self) {
+        let (lock, changed) = &*self.state;
+        lock.lock().unwrap().0 = true;
+        changed.notify_all();
+    }
+}
+
+/// Copies bytes both ways between `a` and `b` until each side has ended.
+fn relay(a: TcpStream, b: TcpStream) {
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    };
+    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let back = std::thread::spawn(move || copy(b2, a2));
+    copy(a, b);
+    let _ = back.join();
 }
 
 /// A running pebble and its DNS server.

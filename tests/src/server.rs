@@ -293,22 +293,7 @@ impl CoreServer {
     /// new process takes over; this waits until it has, then until the old one has drained and
     /// exited, and returns the old one's exit status.
     pub fn rerun(&mut self) -> ExitStatus {
-        let mut old = self.child.take().expect("running");
-        let old_pid = old.id();
-        self.launch_process();
-        let took_over = format!("took over from core-server pid {old_pid}");
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !self.log().contains(&took_over) {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the rerun exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no takeover within {START_TIMEOUT:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut old = self.rerun_until_taken_over();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = old.try_wait().unwrap() {
@@ -321,6 +306,34 @@ impl CoreServer {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Runs core-server again as [`Self::rerun`] does, but returns as soon as the new process
+    /// has taken over: the old one, draining (the test waits for it, or not).
+    pub fn rerun_until_taken_over(&mut self) -> Child {
+        let old = self.child.take().expect("running");
+        let old_pid = old.id();
+        self.launch_process();
+        let took_over = format!("took over from core-server pid {old_pid}");
+        // Logged on stderr, or in release mode in the log file.
+        let release_log = self.dir.join("logs/core.log");
+        let logged = |server: &Self| {
+            server.log().contains(&took_over)
+                || std::fs::read_to_string(&release_log).is_ok_and(|log| log.contains(&took_over))
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !logged(self) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the rerun exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no takeover within {START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        old
     }
 
     /// Waits until the worker answers a harmless command on the UDP port.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use core_server_tests::backend::{describe, full};
 use core_server_tests::http::get;
-use core_server_tests::pebble::{dead_port, Pebble, PebbleOptions};
+use core_server_tests::pebble::{dead_port, HeldValidations, Pebble, PebbleOptions};
 use core_server_tests::server::{alive, binaries, children_named, proc_status, ACME_HELPER_COMM};
 use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
 use core_server_tests::{have_root, have_tools, Backend, CoreServer};
@@ -547,4 +547,140 @@ async fn a_killed_helper_is_restarted_while_loaded_names_keep_serving() {
     let reply = release.get(&TlsClient::new(&[&root]), OTHER).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", release.logs());
     assert_eq!(release.pebble.orders(), 2, "{}", release.logs());
+}
+
+/// The `[pid]: ` of one of the server's children has logged a line containing `text`.
+fn child_logged(logs: &str, pid: u32, text: &str) -> bool {
+    let tag = format!("[{pid}]: ");
+    logs.lines()
+        .any(|line| line.contains(&tag) && line.contains(text))
+}
+
+/// A [`Release`] whose CA validates (TLS-ALPN-01 only) when the test lets it, and a first
+/// handshake for [`NAME`] (HTTP/1.1), in the background, waiting for the certificate of the
+/// order that is under way: the CA has connected to validate.
+async fn ordering() -> Option<(Release, HeldValidations, OrderWaiter)> {
+    let mut held = None;
+    let release = Release::start(|o| {
+        let validations = HeldValidations::new(o.tls_port);
+        let options = PebbleOptions {
+            tls_port: validations.port,
+            http_port: dead_port(),
+            ..o
+        };
+        held = Some(validations);
+        options
+    })
+    .await?;
+    let held = held.unwrap();
+    // HTTP/1.1: what a draining worker does with a new HTTP/2 connection is rerun.rs's matter.
+    let client = release.client().alpn(&["http/1.1"]);
+    let waiting = release.request(client);
+    let validating = blocking(|| held.wait_for_the_ca(Duration::from_secs(30)));
+    assert!(validating, "the CA validates\n{}", release.logs());
+    Some((release, held, waiting))
+}
+
+type OrderWaiter =
+    tokio::task::JoinHandle<Result<core_server_tests::tls_client::TlsReply, HandshakeError>>;
+
+impl Release {
+    /// `GET /` for [`NAME`] over a new connection of `client`, in the background.
+    fn request(&self, client: TlsClient) -> OrderWaiter {
+        let port = self.server.https_port;
+        tokio::spawn(async move { client.try_get(port, &Sni::name(NAME), NAME, "/").await })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rerun_while_a_certificate_is_ordered_loses_no_request_and_counts_no_failure() {
+    let Some((mut release, held, before)) = ordering().await else {
+        return;
+    };
+    // The old helper finishes the order; the CA now reaches the new worker, which the new
+    // helper has answer the old one's challenge.
+    let mut old = blocking(|| release.server.rerun_until_taken_over());
+    let (helper, worker) = (
+        release.server.acme_helper_pid(),
+        release.server.worker_pid(),
+    );
+    let logged = |pid, text| child_logged(&release.logs(), pid, text);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !logged(helper, "of the other helper's order") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A handshake on the new worker waits for that order too: it has not failed.
+    let after = release.request(release.client());
+    eventually(Duration::from_secs(20), "the new worker asks", || {
+        let asked = logged(worker, "asking the ACME helper");
+        async move { asked.then_some(()) }
+    })
+    .await;
+    held.release();
+    let outcomes = [
+        ("waiting since before the rerun", before),
+        ("made after it", after),
+    ];
+    let mut failed = Vec::new();
+    for (which, outcome) in outcomes {
+        match outcome.await.unwrap() {
+            Ok(reply) if reply.status == StatusCode::OK => {}
+            other => failed.push(format!("the request {which}: {other:?}")),
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}\n{}", release.logs());
+    let exited = blocking(|| old.wait()).unwrap();
+    assert!(exited.success(), "the old instance: {exited}");
+    let reply = release.get(&release.client(), NAME).await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    // One order, which succeeded: no failure counted, none shown.
+    assert_eq!(release.pebble.orders(), 1, "{}", release.logs());
+    let record = release.server.dir.join(format!("acme/names/{NAME}.json"));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(
+        record["backoff"]["failures"],
+        serde_json::json!([]),
+        "{record}"
+    );
+    assert!(record["backoff"]["last_error"].is_null(), "{record}");
+    let line = eventually(Duration::from_secs(10), "the certificate in status", || {
+        let line = release.status_line(NAME);
+        async move { line.filter(|l| l.contains("expires")) }
+    })
+    .await;
+    assert!(!line.contains("last error"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_cut_short_by_a_killed_helper_counts_as_failed() {
+    let Some((release, _held, waiting)) = ordering().await else {
+        return;
+    };
+    let helper = release.server.acme_helper_pid();
+    kill(Pid::from_raw(helper as i32), Signal::SIGKILL).unwrap();
+    // The next helper backs off: an order that kills the helper is not placed over and over.
+    let outcome = waiting.await.unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+    let line = eventually(Duration::from_secs(20), "the failure in status", || {
+        let line = release.status_line(NAME);
+        async move { line.filter(|l| l.contains("last error: ") && l.contains("next try ")) }
+    })
+    .await;
+    assert!(
+        line.contains("an order was under way when the helper stopped"),
+        "{line}"
+    );
+    let port = release.server.https_port;
+    let outcome = release.client().handshake(port, &Sni::name(NAME)).await;
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(release.pebble.orders(), 1, "{}", release.logs());
+    // What it left for a rerun's helper is removed.
+    let challenges = release.server.dir.join("acme/challenges");
+    eventually(Duration::from_secs(10), "its challenge removed", || {
+        let empty = std::fs::read_dir(&challenges).unwrap().next().is_none();
+        async move { empty.then_some(()) }
+    })
+    .await;
 }
