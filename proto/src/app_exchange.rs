@@ -119,6 +119,21 @@ pub enum RelayError {
     Field(String),
 }
 
+impl RelayError {
+    /// Whether the app answered, but with what HTTP/1.1 does not allow (rather than not at all).
+    pub fn is_invalid_answer(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Malformed(_)
+                | RelayError::TooLarge
+                | RelayError::Length
+                | RelayError::Switched
+                | RelayError::Status(_)
+                | RelayError::Field(_)
+        )
+    }
+}
+
 /// A request head as the app gets it, begun: its line, `METHOD path?query HTTP/1.1` (origin
 /// form); its fields follow (see `push_field`).
 pub fn start_request(method: &Method, path: &str, query: Option<&str>) -> Vec<u8> {

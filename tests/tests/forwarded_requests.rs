@@ -178,6 +178,29 @@ async fn websocket_upgrade_reaches_the_backend_in_origin_form() {
     assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
 }
 
+/// Both get 502, but the page says which: an app that answered what may not be passed on (a
+/// switch of protocols nobody asked for), or one that did not answer at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_502_tells_an_invalid_answer_from_none() {
+    let server = CoreServer::start();
+    let odd = RawBackend::start(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n").await;
+    server.add("odd.example", odd.port);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = closed.local_addr().unwrap().port();
+    drop(closed);
+    server.add("gone.example", gone);
+
+    for (host, said) in [
+        ("odd.example", "is not valid HTTP/1.1"),
+        ("gone.example", "is not answering"),
+    ] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = raw(server.http_port, request.as_bytes()).await;
+        assert_eq!(status(&answer), Some("502"), "{answer}");
+        assert!(answer.contains(said), "{host}: {answer}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_request_body_is_400_and_the_clients_fault() {
     let server = CoreServer::start();

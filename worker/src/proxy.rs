@@ -546,9 +546,19 @@ impl Proxy {
             }
             Failure::Backend(e) => {
                 warn!("{domain}: {backend} failed: {}", describe(&e));
+                let invalid = match &e {
+                    BackendError::Relay(e) => e.is_invalid_answer(),
+                    BackendError::Http(e) => e.is_parse(),
+                    _ => false,
+                };
+                let what = if invalid {
+                    "answered with a response that is not valid HTTP/1.1 (see the proxy's log)"
+                } else {
+                    "is not answering"
+                };
                 error_page(
                     StatusCode::BAD_GATEWAY,
-                    &format!("the app for {domain} is not answering"),
+                    &format!("the app for {domain} {what}"),
                 )
             }
             Failure::BackendNotReading => {
