@@ -669,7 +669,15 @@ mod tests {
     /// next read (`keep`: bytes the decoder leaves, a chunk's framing): no read takes more
     /// than it asked for, and the buffer never grows past the largest read and what it kept.
     async fn download(keep: usize) {
-        let (mut backend, mut app) = connected().await;
+        // Room in the socket for the largest read to be there whole (see below).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4 << 20).unwrap();
+        let mut backend = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut app, _) = listener.accept().await.unwrap();
         const SENT: usize = 32 << 20;
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 1 << 20];
@@ -679,8 +687,16 @@ mod tests {
         });
         let (mut buffer, mut reads, mut total, mut largest) =
             (BytesMut::new(), BodyReads::default(), 0, 0);
+        let mut probe = vec![0u8; MAX_BODY_READ];
         while total < SENT {
             let size = reads.size();
+            // What the read asks for is there first, as in a download the app sends faster
+            // than the client takes it: on a busy machine the reads would otherwise often
+            // come first, short, and never grow.
+            let ready = size.min(SENT - total);
+            while backend.peek(&mut probe[..ready]).await.unwrap() < ready {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
             let read = read_some(&mut backend, &mut buffer, size).await.unwrap();
             assert_ne!(read, 0, "the app's connection closed early");
             assert!(read <= size, "a read took {read} bytes for {size} asked");
