@@ -577,3 +577,28 @@ async fn without_mkcert_port_443_refuses_handshakes_at_once() {
     // HTTP is served.
     assert_eq!(get(&server.url("/"), APP).await.status, 200);
 }
+
+/// A mkcert CA directory the helper cannot open (none there, or another user's, as root's
+/// home is to `nobody`) is said plainly at start: local-mode HTTPS cannot work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mkcert_ca_the_helper_cannot_open_is_said_at_start() {
+    if !tools("a_mkcert_ca_the_helper_cannot_open_is_said_at_start") {
+        return;
+    }
+    let caroot = tempfile::tempdir().unwrap();
+    let missing = caroot.path().join("not-there");
+    let server = CoreServer::start_with_env(&[("CAROOT", missing.to_str().unwrap())]);
+    let said = format!(
+        "mkcert's CA directory {} cannot be opened",
+        missing.display()
+    );
+    let started = Instant::now();
+    while !server.log().contains(&said) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not said within 10s: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
