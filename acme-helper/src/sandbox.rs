@@ -94,9 +94,9 @@ fn landlock(store: BorrowedFd<'_>, mkcert: Option<&Mkcert>) -> Result<(), Rulese
             // each handshake's failure).
             Err(e) if mkcert.is_some_and(|m| m.caroot == path) => warn!(
                 "local mode: mkcert's CA directory {} cannot be opened by this process's user \
-                 ({e}): HTTPS handshakes will fail. Start core-server as the user whose mkcert \
-                 CA it is (setcap for ports below 1024), or set CAROOT to a CA directory that \
-                 --user may read and write",
+                 ({e}): HTTPS handshakes will fail. Make the CA with `mkcert -install`, and \
+                 start core-server as the user whose CA it is (setcap for ports below 1024), \
+                 or set CAROOT to a CA directory that --user may read and write",
                 path.display()
             ),
             // A missing path grants nothing; mkcert then fails with a reason of its own.
