@@ -206,8 +206,13 @@ impl Store {
             let Some(bytes) = read(&self.challenges, file)? else {
                 continue;
             };
+            // Only a challenge, and the one its name says, is sent on to the worker.
             match serde_json::from_slice(&bytes) {
-                Ok(challenge) => challenges.push((id, challenge)),
+                Ok(
+                    challenge @ (AcmeToWorker::HttpChallenge { id: said, .. }
+                    | AcmeToWorker::TlsAlpnChallenge { id: said, .. }),
+                ) if said == id => challenges.push((id, challenge)),
+                Ok(_) => tracing::debug!("{CHALLENGES}/{file} is not that challenge"),
                 Err(e) => tracing::debug!("{CHALLENGES}/{file} is not a challenge ({e})"),
             }
         }

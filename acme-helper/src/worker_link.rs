@@ -140,6 +140,11 @@ impl WorkerLink {
         }
     }
 
+    /// Whether a worker is linked (it is gone once its end of the channel closes).
+    pub fn has_worker(&self) -> bool {
+        self.current().is_some()
+    }
+
     fn current(&self) -> Option<Arc<WorkerChannel>> {
         let state = self.state.lock().unwrap();
         state.current.as_ref().map(|(_, channel)| channel.clone())

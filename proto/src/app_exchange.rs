@@ -122,15 +122,19 @@ pub enum RelayError {
 impl RelayError {
     /// Whether the app answered, but with what HTTP/1.1 does not allow (rather than not at all).
     pub fn is_invalid_answer(&self) -> bool {
-        matches!(
-            self,
+        match self {
             RelayError::Malformed(_)
-                | RelayError::TooLarge
-                | RelayError::Length
-                | RelayError::Switched
-                | RelayError::Status(_)
-                | RelayError::Field(_)
-        )
+            | RelayError::TooLarge
+            | RelayError::Length
+            | RelayError::Switched
+            | RelayError::Status(_)
+            | RelayError::Field(_) => true,
+            RelayError::Send(_)
+            | RelayError::Unanswered(_)
+            | RelayError::Read(_)
+            | RelayError::Closed
+            | RelayError::Cut => false,
+        }
     }
 }
 
@@ -669,15 +673,7 @@ mod tests {
     /// next read (`keep`: bytes the decoder leaves, a chunk's framing): no read takes more
     /// than it asked for, and the buffer never grows past the largest read and what it kept.
     async fn download(keep: usize) {
-        // Room in the socket for the largest read to be there whole (see below).
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4 << 20).unwrap();
-        let mut backend = socket
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut app, _) = listener.accept().await.unwrap();
+        let (mut backend, mut app) = connected().await;
         const SENT: usize = 32 << 20;
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 1 << 20];
@@ -690,12 +686,17 @@ mod tests {
         let mut probe = vec![0u8; MAX_BODY_READ];
         while total < SENT {
             let size = reads.size();
-            // What the read asks for is there first, as in a download the app sends faster
-            // than the client takes it: on a busy machine the reads would otherwise often
-            // come first, short, and never grow.
-            let ready = size.min(SENT - total);
-            while backend.peek(&mut probe[..ready]).await.unwrap() < ready {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            // What the read asks for is there first (or all the socket holds), as in a
+            // download the app sends faster than the client takes it: on a busy machine the
+            // reads would otherwise often come first, short, and never grow.
+            let (ready, mut there) = (size.min(SENT - total), 0);
+            loop {
+                let now = backend.peek(&mut probe[..ready]).await.unwrap();
+                if now >= ready || now == there {
+                    break;
+                }
+                there = now;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             let read = read_some(&mut backend, &mut buffer, size).await.unwrap();
             assert_ne!(read, 0, "the app's connection closed early");

@@ -118,10 +118,9 @@ impl ConnectionLimit {
         self.insert(self.open.lock().expect("connection registry lock"))
     }
 
-    /// A slot for the connection of an upgrade request, should it be upgraded (see
-    /// [`UpgradeSlot`]). Taken beyond the cap: the connection holds one already.
-    pub fn upgrade_slot(self: &Arc<Self>) -> UpgradeSlot {
-        UpgradeSlot(Arc::new(self.admit_beyond_cap()))
+    /// What an upgrade request carries to take its connection's place once upgraded.
+    pub fn for_upgrades(self: &Arc<Self>) -> UpgradeCap {
+        UpgradeCap(self.clone())
     }
 
     fn insert(
@@ -243,10 +242,22 @@ impl Slot {
 /// WebSocket), hyper lets go of the connection, its task ends and gives its [`Slot`] back,
 /// while the connection lives on, spliced to the app in a task of its own. That task holds
 /// this instead, so an open WebSocket counts against `--max-connections` as any connection
-/// does. It rides in the upgrade request's extensions until then. Never evicted: an upgraded
-/// connection is never idle in the cap's sense (its own idle timeout closes it).
+/// does. Never evicted: an upgraded connection is never idle in the cap's sense (its own idle
+/// timeout closes it).
+pub struct UpgradeSlot(#[expect(dead_code, reason = "held for its drop")] Slot);
+
+/// Rides in an upgrade request's extensions, for the [`UpgradeSlot`] taken once the app (or
+/// agent) has switched protocols: not before, so that requests that are not upgraded (a 404,
+/// a refusal) touch the registry not at all.
 #[derive(Clone)]
-pub struct UpgradeSlot(#[expect(dead_code, reason = "held for its drop")] Arc<Slot>);
+pub struct UpgradeCap(Arc<ConnectionLimit>);
+
+impl UpgradeCap {
+    /// Taken beyond the cap: the connection holds a slot of its own until hyper lets go.
+    pub fn slot(&self) -> UpgradeSlot {
+        UpgradeSlot(self.0.admit_beyond_cap())
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {

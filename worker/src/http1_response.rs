@@ -309,10 +309,15 @@ where
     Ok(())
 }
 
-/// `write` (to the client), unless it has waited `limit`: then an error.
+/// `write` (to the client), unless it has waited `limit`: then an error. Most writes are
+/// done at once, and start no timer.
 async fn within<T>(limit: Duration, write: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let mut write = pin!(write);
+    if let Poll::Ready(done) = futures_util::poll!(write.as_mut()) {
+        return done;
+    }
     let waited = || {
-        let why = format!("the client took no byte of its response for {limit:?}");
+        let why = format!("the client took none of its response for {limit:?}");
         io::Error::new(io::ErrorKind::TimedOut, why)
     };
     tokio::time::timeout(limit, write)

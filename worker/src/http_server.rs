@@ -416,7 +416,7 @@ impl HttpServer {
             service_fn(move |mut request: Request<Incoming>| {
                 let in_flight = activity.request_started();
                 if upgrade::requested_protocol(&request).is_some() {
-                    request.extensions_mut().insert(limit.upgrade_slot());
+                    request.extensions_mut().insert(limit.for_upgrades());
                 }
                 if request.version() == Version::HTTP_2 {
                     activity.saw_http2();

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper::ext::Protocol;
 use tokio_util::task::TaskTracker;
 
-use crate::connection_limit::UpgradeSlot;
+use crate::connection_limit::UpgradeCap;
 use crate::forwarding;
 use crate::proxy::BackendError;
 use crate::request_body::RequestBody;
@@ -52,7 +52,7 @@ where
     // `:protocol` names one; a browser asks for one (`websocket`) anyway.
     let protocol = first(&protocols);
     let (mut parts, _body) = request.into_parts();
-    let slot = parts.extensions.remove::<UpgradeSlot>();
+    let cap = parts.extensions.remove::<UpgradeCap>();
     parts.method = Method::CONNECT;
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.extensions.insert(Protocol::from(protocol));
@@ -71,6 +71,7 @@ where
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     let protocol = HeaderValue::from_str(protocol).expect("part of a header value is one");
     headers.insert(header::UPGRADE, protocol);
+    let slot = cap.map(|cap| cap.slot());
     upgrade::splice(client_side, agent_side, tasks, idle_timeout, (lease, slot));
     Ok((response, None))
 }

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::connection_limit::UpgradeSlot;
+use crate::connection_limit::UpgradeCap;
 use crate::forwarding::lists;
 use crate::proxy::BackendError;
 use crate::quiet_splice;
@@ -72,7 +72,7 @@ pub async fn proxy(
     idle_timeout: Duration,
 ) -> Result<Response<Incoming>, BackendError> {
     let client_side = hyper::upgrade::on(&mut request);
-    let slot = request.extensions_mut().remove::<UpgradeSlot>();
+    let cap = request.extensions_mut().remove::<UpgradeCap>();
     request
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -93,6 +93,7 @@ pub async fn proxy(
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let backend_side = hyper::upgrade::on(&mut response);
+        let slot = cap.map(|cap| cap.slot());
         splice(client_side, backend_side, tasks, idle_timeout, slot);
     }
     Ok(response)
@@ -100,7 +101,7 @@ pub async fn proxy(
 
 /// Once the client's and the upstream's connections have both switched protocols, splices them
 /// in a task tracked by `tasks`, closed once no byte moves either way for `idle_timeout`.
-/// `hold` (the client connection's [`UpgradeSlot`]; through a tunnel, with the lease on its
+/// `hold` (the client connection's [`UpgradeSlot`](crate::connection_limit::UpgradeSlot); through a tunnel, with the lease on its
 /// agent connection) lives as long as the splice.
 pub fn splice<H: Send + 'static>(
     client_side: OnUpgrade,
