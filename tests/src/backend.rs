@@ -185,6 +185,37 @@ where
     ws.close(None).await.unwrap();
 }
 
+/// With `--max-connections 2` on the server at `port`: two WebSockets open for `url` (a
+/// [`websocket_echo`] behind it) fill the cap, neither idle, so a third client waits in the
+/// kernel's queue until one of them closes; then it is served.
+pub async fn third_websocket_waits_for_a_place(port: u16, url: &str) {
+    use futures_util::StreamExt;
+    use std::time::Duration;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (ws, _) = tokio_tungstenite::client_async(url, connect().await.unwrap())
+            .await
+            .unwrap();
+        open.push(ws);
+    }
+    let (url, stream) = (url.to_owned(), connect().await.unwrap());
+    let third = tokio::spawn(async move { check_websocket_echo(&url, stream, 1).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served at --max-connections 2"
+    );
+    let mut first = open.remove(0);
+    first.close(None).await.unwrap();
+    while first.next().await.is_some() {}
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("served once a WebSocket closed")
+        .unwrap();
+}
+
 /// Answers every request with `text`: which of several backends served a request.
 pub async fn saying(text: &'static str) -> Backend {
     Backend::start(move |_| async move { Response::new(full(text)) }).await

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use core_server_tests::agent::Agent;
 use core_server_tests::backend::{
-    check_websocket_echo, describe, full, watched_stream, websocket_echo, Body,
+    check_websocket_echo, describe, full, third_websocket_waits_for_a_place, watched_stream,
+    websocket_echo, Body,
 };
 use core_server_tests::big_body::{drain, peak_kib, zeros, GIB, PEAK_LIMIT_KIB};
 use core_server_tests::http::text;
@@ -428,39 +429,12 @@ async fn max_streams_counts_requests_alone() {
 /// long as it is open, as any client connection does (the agents' connections take none).
 #[tokio::test(flavor = "multi_thread")]
 async fn websockets_through_a_tunnel_count_against_max_connections() {
-    use futures_util::StreamExt;
     let server = CoreServer::start_with(&["--max-connections", "2"]);
     let token = server.tunnel_allow(APP);
     let to = format!("127.0.0.1:{}", websocket_echo().await);
     let agent = Agent::start(&server, APP, &token, &to, &[]);
     agent.wait_connected(&server, 2);
-    let url = format!("ws://{APP}/");
-    let connect = || TcpStream::connect(("127.0.0.1", server.http_port));
-
-    let mut open = Vec::new();
-    for _ in 0..2 {
-        let (ws, _) = tokio_tungstenite::client_async(&url, connect().await.unwrap())
-            .await
-            .unwrap();
-        open.push(ws);
-    }
-    // Two WebSockets fill the cap, neither idle: another client waits...
-    let stream = connect().await.unwrap();
-    let third = tokio::spawn(async move { check_websocket_echo(&url, stream, 1).await });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        !third.is_finished(),
-        "a third connection was served at --max-connections 2"
-    );
-    // ...until one of them closes.
-    let mut first = open.remove(0);
-    first.close(None).await.unwrap();
-    while first.next().await.is_some() {}
-    drop(first);
-    tokio::time::timeout(Duration::from_secs(10), third)
-        .await
-        .expect("served once a WebSocket closed")
-        .unwrap();
+    third_websocket_waits_for_a_place(server.http_port, &format!("ws://{APP}/")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
