@@ -150,6 +150,7 @@ pub async fn complete(
     freeze_point("handed-over");
     worker.tell(&ToWorker::Own).await;
     tracing::info!("took over from core-server pid {old_pid}");
+    freeze_point("owning");
     // Ours alone from now on: the whole table as a snapshot, with a journal of our own after
     // it. The worker serves meanwhile; no change it reports is acknowledged before this is
     // done (a failure is logged, and the next change's save tries again).

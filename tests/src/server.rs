@@ -494,6 +494,27 @@ pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
     pids
 }
 
+/// Whether `/proc/<path>/stat` says stopped (state `T`).
+fn is_stopped(path: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{path}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, t)| t.trim_start().starts_with('T'))
+    })
+}
+
+/// Whether every thread of `pid` is stopped (`SIGSTOP`).
+pub fn all_threads_stopped(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .all(|task| {
+            is_stopped(&format!(
+                "{pid}/task/{}",
+                task.file_name().to_string_lossy()
+            ))
+        })
+}
+
 /// Whether `pid` still exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use core_server_tests::backend::{describe, full};
 use core_server_tests::http::get;
 use core_server_tests::pebble::{dead_port, HeldValidations, Pebble, PebbleOptions};
-use core_server_tests::server::{alive, binaries, children_named, proc_status, ACME_HELPER_COMM};
+use core_server_tests::server::{
+    alive, all_threads_stopped, binaries, children_named, proc_status, ACME_HELPER_COMM,
+};
 use core_server_tests::tls_client::{HandshakeError, Sni, TlsClient};
 use core_server_tests::{have_root, have_tools, Backend, CoreServer};
 use http::{Response, StatusCode};
@@ -651,6 +653,45 @@ async fn a_rerun_while_a_certificate_is_ordered_loses_no_request_and_counts_no_f
     })
     .await;
     assert!(!line.contains("last error"), "{line}");
+}
+
+/// A rerun's new worker serves before its helper is up and has sent it the old helper's
+/// challenges: a validation reaching it then waits for its challenge instead of failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_validation_reaching_a_rerun_before_its_helper_waits_for_the_challenge() {
+    let Some((mut release, held, before)) = ordering().await else {
+        return;
+    };
+    // The taker stops itself once its worker owns the sockets, before starting its helper.
+    let mut taker = release
+        .server
+        .spawn_rerun(&[("CORE_SERVER_FREEZE_AT", "owning")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !all_threads_stopped(taker.id()) {
+        if let Some(status) = taker.try_wait().unwrap() {
+            panic!("the rerun exited ({status}):\n{}", release.logs());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never frozen\n{}",
+            release.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Only the new worker accepts now: the CA's validation reaches it, with no helper.
+    held.release();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(Pid::from_raw(taker.id() as i32), Signal::SIGCONT).unwrap();
+    let mut old = release.server.adopt(taker);
+
+    let outcome = before.await.unwrap();
+    assert!(
+        matches!(&outcome, Ok(reply) if reply.status == StatusCode::OK),
+        "{outcome:?}\n{}",
+        release.logs()
+    );
+    assert!(blocking(move || old.wait()).unwrap().success());
+    assert_eq!(release.pebble.orders(), 1, "{}", release.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use core_server_tests::adder::Adder;
 use core_server_tests::http::get;
-use core_server_tests::server::{alive, binaries, wait_gone};
+use core_server_tests::server::{alive, all_threads_stopped, binaries, wait_gone};
 use core_server_tests::{Backend, CoreServer};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -127,26 +127,6 @@ async fn a_worker_that_never_confirms_a_pause_voids_the_takeover_and_is_replaced
 const TAKER_TIMEOUT_MS: &str = "3000";
 /// Longer than that, and than a control client may take to send its request (5 s).
 const FREEZE: Duration = Duration::from_secs(8);
-
-/// Whether `/proc/<path>/stat` says stopped (state `T`).
-fn is_stopped(path: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{path}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, t)| t.trim_start().starts_with('T'))
-    })
-}
-
-fn all_threads_stopped(pid: u32) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .all(|task| {
-            is_stopped(&format!(
-                "{pid}/task/{}",
-                task.file_name().to_string_lossy()
-            ))
-        })
-}
 
 /// Reruns with the taker frozen at `step` for [`FREEZE`], adds running throughout; whether the
 /// taker (`true`) or the old instance ends up serving is what the handover protocol decides.

@@ -5,16 +5,24 @@
 //! - HTTP-01 (RFC 8555 §8.3): `GET /.well-known/acme-challenge/<token>` on the HTTP port, for
 //!   the challenge's name, gets the key authorization as `text/plain`.
 //!
+//! The helper sends the challenges under way again on every new link (and a rerun's new helper
+//! sends those of the old one's orders), so a worker just started or relinked may not know yet
+//! the one a validation is for: the CA can come first. A validation for a challenge not known
+//! waits for it while the link is that new ([`FIRST_LINK_WAIT`], [`RELINK_WAIT`]), then fails.
+//!
 //! In release mode (`CertificateSource::Acme`) the HTTP port otherwise answers registered hosts
 //! with `308` to `https://<host><path and query>`, as Caddy and Traefik do; unknown hosts get
 //! the proxy's 404 as before. In local mode the HTTP port proxies as always.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use core_server_proto::acme_ipc::AcmeToWorker;
 use core_server_proto::domain::Domain;
+use futures_util::future;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -23,6 +31,8 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::proxy::{error_page, request_host, ProxyBody};
@@ -33,10 +43,36 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
+/// How long after the worker starts a validation for a challenge not known waits for the
+/// first link to the helper (started after the worker, in a rerun after the handover).
+const FIRST_LINK_WAIT: Duration = Duration::from_secs(5);
+/// How long after a link is made such a validation waits for the helper to send the challenges
+/// under way (at once, when linked).
+const RELINK_WAIT: Duration = Duration::from_secs(1);
+
 /// The challenges pending, by the helper's id.
 pub struct Challenges {
     provider: Arc<CryptoProvider>,
-    pending: Mutex<HashMap<u64, Challenge>>,
+    pending: Mutex<Pending>,
+    /// Woken at each challenge installed and each new link, for validations waiting.
+    changed: Notify,
+    started: Instant,
+}
+
+struct Pending {
+    by_id: HashMap<u64, Challenge>,
+    /// When the helper was last linked; `None`: not yet.
+    linked_at: Option<Instant>,
+}
+
+impl Pending {
+    /// Until when a validation for a challenge not known may wait for it.
+    fn wait_until(&self, started: Instant) -> Instant {
+        match self.linked_at {
+            Some(at) => at + RELINK_WAIT,
+            None => started + FIRST_LINK_WAIT,
+        }
+    }
 }
 
 enum Challenge {
@@ -55,12 +91,42 @@ impl Challenges {
     pub fn new(provider: Arc<CryptoProvider>) -> Self {
         Challenges {
             provider,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending {
+                by_id: HashMap::new(),
+                linked_at: None,
+            }),
+            changed: Notify::new(),
+            started: Instant::now(),
         }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Challenge>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first pending challenge `find` picks; if none, waits for one while the link to the
+    /// helper is new (see the module's doc).
+    async fn find<T>(&self, find: impl Fn(&Challenge) -> Option<T>) -> Option<T> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking: a challenge installed after the look wakes it.
+            changed.as_mut().enable();
+            let deadline = {
+                let pending = self.pending();
+                if let Some(found) = pending.by_id.values().find_map(&find) {
+                    return Some(found);
+                }
+                pending.wait_until(self.started)
+            };
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
     }
 
     /// Starts answering a challenge message; its id once it is answered (to confirm with
@@ -107,19 +173,27 @@ impl Challenges {
             challenge.name()
         );
         let mut pending = self.pending();
-        pending.retain(|_, p| p.kind() != challenge.kind() || p.name() != challenge.name());
-        pending.insert(id, challenge);
+        let by_id = &mut pending.by_id;
+        by_id.retain(|_, p| p.kind() != challenge.kind() || p.name() != challenge.name());
+        by_id.insert(id, challenge);
+        drop(pending);
+        self.changed.notify_waiters();
         Some(id)
     }
 
-    /// Drops every pending challenge: a new link to the helper sends again those still in
-    /// progress, and one whose order died with the old helper would never be `ChallengeDone`.
-    pub fn clear(&self) {
-        self.pending().clear();
+    /// A new link to the helper: every pending challenge is dropped, as the helper sends again
+    /// those still in progress, and one whose order died with the old helper would never be
+    /// `ChallengeDone`.
+    pub fn relinked(&self) {
+        let mut pending = self.pending();
+        pending.by_id.clear();
+        pending.linked_at = Some(Instant::now());
+        drop(pending);
+        self.changed.notify_waiters();
     }
 
     pub fn done(&self, id: u64) {
-        if let Some(challenge) = self.pending().remove(&id) {
+        if let Some(challenge) = self.pending().by_id.remove(&id) {
             info!(
                 "the {} challenge {id} for {} is over",
                 challenge.kind(),
@@ -129,27 +203,25 @@ impl Challenges {
     }
 
     /// The config answering a TLS-ALPN-01 validation handshake for `name`, if one is pending.
-    pub fn tls_alpn(&self, name: &Domain) -> Option<Arc<ServerConfig>> {
-        self.pending()
-            .values()
-            .find_map(|challenge| match challenge {
-                Challenge::TlsAlpn { name: n, config } if n == name => Some(config.clone()),
-                _ => None,
-            })
+    pub async fn tls_alpn(&self, name: &Domain) -> Option<Arc<ServerConfig>> {
+        self.find(|challenge| match challenge {
+            Challenge::TlsAlpn { name: n, config } if n == name => Some(config.clone()),
+            _ => None,
+        })
+        .await
     }
 
     /// The key authorization for `token` under `name`, if an HTTP-01 challenge is pending.
-    fn key_authorization(&self, name: &Domain, token: &str) -> Option<String> {
-        self.pending()
-            .values()
-            .find_map(|challenge| match challenge {
-                Challenge::Http {
-                    name: n,
-                    token: t,
-                    key_authorization,
-                } if n == name && t == token => Some(key_authorization.clone()),
-                _ => None,
-            })
+    async fn key_authorization(&self, name: &Domain, token: &str) -> Option<String> {
+        self.find(|challenge| match challenge {
+            Challenge::Http {
+                name: n,
+                token: t,
+                key_authorization,
+            } if n == name && t == token => Some(key_authorization.clone()),
+            _ => None,
+        })
+        .await
     }
 
     fn validation_config(
@@ -207,31 +279,45 @@ pub struct RedirectToHttps {
 }
 
 impl RedirectToHttps {
-    /// The answer to `request` if it is not for the proxy: a challenge, or a redirect.
-    pub fn answer<B>(&self, request: &Request<B>) -> Option<Response<ProxyBody>> {
+    /// The answer to `request` if it is not for the proxy: a challenge's, or a redirect. A
+    /// future of its own (it borrows nothing): a challenge not known yet may be waited for.
+    pub fn answer<B>(
+        &self,
+        request: &Request<B>,
+    ) -> Option<impl Future<Output = Response<ProxyBody>> + Send + 'static> {
         let domain = request_host(request)
             .ok()
             .and_then(|host| Domain::from_host(host.to_str().ok()?))?;
-        let path = request.uri().path();
-        if let Some(token) = path.strip_prefix(CHALLENGE_PATH) {
-            let key_authorization = matches!(*request.method(), Method::GET | Method::HEAD)
-                .then(|| self.challenges.key_authorization(&domain, token))
-                .flatten();
-            return Some(match key_authorization {
+        let Some(token) = request.uri().path().strip_prefix(CHALLENGE_PATH) else {
+            let redirect = self.redirect(&domain, request)?;
+            return Some(future::Either::Left(std::future::ready(redirect)));
+        };
+        let asked = matches!(*request.method(), Method::GET | Method::HEAD)
+            .then(|| (self.challenges.clone(), token.to_owned()));
+        Some(future::Either::Right(async move {
+            let key_authorization = match asked {
+                Some((challenges, token)) => challenges.key_authorization(&domain, &token).await,
+                None => None,
+            };
+            match key_authorization {
                 Some(key_authorization) => Response::builder()
                     .header(header::CONTENT_TYPE, "text/plain")
                     .header(header::CACHE_CONTROL, "no-store")
                     .body(Either::Right(Full::from(key_authorization)))
                     .expect("static headers make a valid response"),
                 None => error_page(StatusCode::NOT_FOUND, "no such ACME challenge"),
-            });
-        }
+            }
+        }))
+    }
+
+    /// `308` to the same URL over HTTPS, if `domain` is routed.
+    fn redirect<B>(&self, domain: &Domain, request: &Request<B>) -> Option<Response<ProxyBody>> {
         // No URL says `*` (`https://app.example*` is another host): the proxy's own rules
         // answer it, `OPTIONS *` going to the app and any other method a 400.
-        if path == "*" {
+        if request.uri().path() == "*" {
             return None;
         }
-        self.routes.is_routed(&domain).then_some(())?;
+        self.routes.is_routed(domain).then_some(())?;
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let location = HeaderValue::try_from(format!("https://{domain}{path_and_query}")).ok()?;
         Some(
@@ -284,7 +370,8 @@ mod tests {
         let port80 = port80("app.example");
         let response = port80
             .answer(&request(Method::POST, "App.Example:8080", "/a/b?c=d"))
-            .expect("answered");
+            .expect("answered")
+            .await;
         assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
         assert_eq!(
             response.headers()[header::LOCATION],
@@ -303,7 +390,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Paused: each answer that finds no challenge waits out the first link's wait at once.
+    #[tokio::test(start_paused = true)]
     async fn a_pending_http_challenge_is_answered_until_done_and_never_redirected() {
         let port80 = port80("app.example");
         let path = "/.well-known/acme-challenge/tok-1";
@@ -316,7 +404,8 @@ mod tests {
         assert_eq!(port80.challenges.install(challenge), Some(3));
         let response = port80
             .answer(&request(Method::GET, "app.example", path))
-            .unwrap();
+            .unwrap()
+            .await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain");
         assert_eq!(text(response.into_body()).await, "tok-1.thumbprint");
@@ -330,40 +419,81 @@ mod tests {
             ),
             (Method::POST, "app.example", path),
         ] {
-            let response = port80.answer(&request(method, host, path)).unwrap();
+            let response = port80.answer(&request(method, host, path)).unwrap().await;
             assert_eq!(response.status(), StatusCode::NOT_FOUND, "{host} {path}");
         }
         port80.challenges.done(3);
         let response = port80
             .answer(&request(Method::GET, "app.example", path))
-            .unwrap();
+            .unwrap()
+            .await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
     }
 
-    #[test]
-    fn a_new_challenge_replaces_the_pending_one_of_its_kind_for_its_name() {
-        let challenges = Challenges::new(crypto_provider());
-        let http = |id, name: &str, token: &str| AcmeToWorker::HttpChallenge {
+    fn http(id: u64, name: &str, token: &str) -> AcmeToWorker {
+        AcmeToWorker::HttpChallenge {
             id,
             name: Domain::parse(name).unwrap(),
             token: token.into(),
             key_authorization: format!("{token}.thumbprint"),
-        };
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_challenge_replaces_the_pending_one_of_its_kind_for_its_name() {
+        let challenges = Challenges::new(crypto_provider());
         let a = Domain::parse("a.example").unwrap();
         let b = Domain::parse("b.example").unwrap();
         assert_eq!(challenges.install(http(1, "a.example", "old")), Some(1));
         assert_eq!(challenges.install(http(2, "b.example", "other")), Some(2));
         assert_eq!(challenges.install(http(3, "a.example", "new")), Some(3));
-        assert!(challenges.key_authorization(&a, "old").is_none());
-        assert!(challenges.key_authorization(&a, "new").is_some());
-        assert!(challenges.key_authorization(&b, "other").is_some());
-        challenges.clear();
-        assert!(challenges.key_authorization(&a, "new").is_none());
-        assert!(challenges.key_authorization(&b, "other").is_none());
+        assert!(challenges.key_authorization(&a, "old").await.is_none());
+        assert!(challenges.key_authorization(&a, "new").await.is_some());
+        assert!(challenges.key_authorization(&b, "other").await.is_some());
+        challenges.relinked();
+        assert!(challenges.key_authorization(&a, "new").await.is_none());
+        assert!(challenges.key_authorization(&b, "other").await.is_none());
     }
 
-    #[test]
-    fn an_unusable_tls_alpn_certificate_is_not_confirmed() {
+    /// The CA may validate before a new link has brought the challenge (a rerun's new worker
+    /// serves before its helper is up): the validation waits for it, while the link is new.
+    #[tokio::test(start_paused = true)]
+    async fn a_validation_waits_for_its_challenge_while_the_link_is_new() {
+        let challenges = Arc::new(Challenges::new(crypto_provider()));
+        let a = Domain::parse("a.example").unwrap();
+        let start = Instant::now();
+        let waiting = tokio::spawn({
+            let (challenges, a) = (challenges.clone(), a.clone());
+            async move { challenges.key_authorization(&a, "tok").await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        challenges.relinked();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(challenges.install(http(1, "a.example", "tok")), Some(1));
+        let answer = waiting.await.unwrap();
+        assert_eq!(answer.as_deref(), Some("tok.thumbprint"));
+        assert_eq!(start.elapsed(), Duration::from_millis(2500));
+
+        // One never sent fails once the link is no longer new, and from then on at once.
+        let start = Instant::now();
+        assert!(challenges.key_authorization(&a, "other").await.is_none());
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        assert!(challenges.key_authorization(&a, "other").await.is_none());
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
+
+    /// With no link at all, a validation waits for the first one only so long.
+    #[tokio::test(start_paused = true)]
+    async fn a_validation_waits_for_a_first_link_only_so_long() {
+        let challenges = Challenges::new(crypto_provider());
+        let start = Instant::now();
+        let a = Domain::parse("a.example").unwrap();
+        assert!(challenges.tls_alpn(&a).await.is_none());
+        assert_eq!(start.elapsed(), FIRST_LINK_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unusable_tls_alpn_certificate_is_not_confirmed() {
         let challenges = Challenges::new(crypto_provider());
         let challenge = AcmeToWorker::TlsAlpnChallenge {
             id: 1,
@@ -374,6 +504,7 @@ mod tests {
         assert_eq!(challenges.install(challenge), None);
         assert!(challenges
             .tls_alpn(&Domain::parse("app.example").unwrap())
+            .await
             .is_none());
     }
 }

@@ -68,7 +68,7 @@ impl AcmeLink {
         challenges: Arc<Challenges>,
     ) -> std::io::Result<()> {
         let channel = Arc::new(HelperChannel::new(fd)?);
-        challenges.clear();
+        challenges.relinked();
         let (queue, queued) = mpsc::unbounded_channel();
         // Under the certificates' lock, which requests and `Forget`s are sent under too: each
         // goes either to the old link (and is then reflected in what is read here) or after

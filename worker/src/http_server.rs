@@ -545,15 +545,15 @@ struct Responder {
 
 impl Responder {
     /// The response to `request`: a future of its own (it borrows nothing), holding the
-    /// request once (see `Proxy::handle`). A redirect to HTTPS is made at once, when hyper calls
-    /// the service, outside the stream's `catch_unwind`: it builds fixed headers and cannot
-    /// panic.
+    /// request once (see `Proxy::handle`). A redirect to HTTPS or a challenge's answer is
+    /// decided at once, when hyper calls the service, outside the stream's `catch_unwind`: it
+    /// builds fixed headers and cannot panic.
     fn respond(
         &self,
         request: ClientRequest,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         match self.redirect.as_ref().and_then(|r| r.answer(&request)) {
-            Some(response) => Either::Left(std::future::ready(response)),
+            Some(response) => Either::Left(response),
             None => Either::Right(self.proxy.handle(request, self.client, self.scheme)),
         }
     }

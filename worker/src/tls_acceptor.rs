@@ -103,7 +103,7 @@ impl TlsAcceptor {
             }
         };
         let config = if validation {
-            match self.challenges.tls_alpn(&name) {
+            match self.challenges.tls_alpn(&name).await {
                 Some(config) => config,
                 None => {
                     let why = Refused::NoChallenge(name);
