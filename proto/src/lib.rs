@@ -17,8 +17,11 @@
 //! - [`seccomp`]: the syscall deny-list the worker and the ACME helper confine themselves with.
 //! - [`logging`]: the one tracing set-up every binary uses.
 //! - [`random`]: randomness from the kernel, and the hex form ids and hashes are written in.
+//! - `allocator` (feature `allocator`): freed memory given back, for the worker and the agent.
 
 pub mod acme_ipc;
+#[cfg(feature = "allocator")]
+pub mod allocator;
 #[cfg(feature = "http")]
 pub mod app_exchange;
 pub mod atomic_file;

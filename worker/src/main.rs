@@ -14,11 +14,14 @@
 //! connections finish; then the tunnels leave the balancer and close once their last
 //! requests are done.
 
+// Freed memory goes back to the system: see `core_server_proto::allocator`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod accept_errors;
 mod acme_challenges;
 mod acme_link;
 mod activity;
-mod allocator;
 mod backend_pool;
 mod certificates;
 mod client_stream;
@@ -59,6 +62,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use core_server_proto::allocator;
 use core_server_proto::channel::{inherited_fd, Channel};
 use core_server_proto::ipc::{FromWorker, ListenerKind, WorkerSettings};
 use tokio::sync::{mpsc, watch};

@@ -1,5 +1,6 @@
-//! The worker's memory allocator (mimalloc), and how memory freed by closed connections goes
-//! back to the system.
+//! The memory allocator of the worker and the agent (mimalloc, each binary's
+//! `#[global_allocator]`), and how memory freed by closed connections and streams goes back to
+//! the system.
 //!
 //! Requests allocate many small short-lived objects (headers, futures, channels); mimalloc
 //! handles that pattern with less CPU than glibc's malloc (measured with bench/proxy.sh).
@@ -12,7 +13,7 @@
 //! [`give_back_freed_memory`] runs the program-wide purge once a second, and each runtime
 //! thread collects its own pages when it goes idle ([`give_back_when_idle`]).
 //!
-//! Transparent huge pages are off for the worker ([`no_huge_pages`]): mimalloc asks for them
+//! Transparent huge pages are off ([`no_huge_pages`]): mimalloc asks for them
 //! on its arenas, and a 2 MiB page is resident as soon as one byte of it is used, which made
 //! each idle connection cost 32 KB instead of 20 KB (10,000 held by bench/connections.sh), for
 //! a CPU time per request within the bench's noise.
@@ -22,9 +23,6 @@ use std::time::{Duration, Instant};
 
 /// How often freed memory past mimalloc's purge delay goes back to the system.
 const GIVE_BACK_EVERY: Duration = Duration::from_secs(1);
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Turns transparent huge pages off for this process (before it has allocated much).
 pub fn no_huge_pages() -> nix::Result<()> {
