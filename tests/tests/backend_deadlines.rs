@@ -20,13 +20,13 @@ use core_server_tests::raw_backend::RawBackend;
 use core_server_tests::{Backend, CoreServer};
 use futures_util::stream;
 use http::{Request, Response};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 const TIMEOUT: &[&str] = &["--backend-timeout", "1s"];
 /// How long the proxy may take to end what the timeout ends (generous: the machine is noisy).
@@ -155,6 +155,51 @@ async fn a_client_that_stops_reading_is_cut_off_but_a_slow_reader_is_not() {
     drained.await.expect("the stalled client's connection ends");
     assert!(
         got < BODY,
+        "the client that stopped reading got the whole body"
+    );
+}
+
+/// The same for an HTTP/2 stream: one whose client takes nothing of its response (its window
+/// left at 0) is reset, letting go of the app's connection (or a tunnel's stream); a slow but
+/// steady reader on the same connection is served on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_stream_whose_client_stops_reading_is_reset_but_a_slow_one_is_not() {
+    const BODY: u64 = 256 << 20;
+    let server = CoreServer::start_with(&["--backend-timeout", "2s"]);
+    let backend = Backend::start(|_| async { Response::new(zeros(BODY)) }).await;
+    server.add("big.example", backend.port);
+    let stream = TcpStream::connect(("127.0.0.1", server.http_port))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .adaptive_window(false)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut get = || {
+        let request = Request::get("http://big.example/").body(Full::default());
+        sender.send_request(request.unwrap())
+    };
+    let stalled = get().await.unwrap().into_body();
+    let mut slow = get().await.unwrap().into_body();
+
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let frame = tokio::time::timeout(WITHIN, slow.frame()).await;
+        let frame = frame.expect("the slow reader got more");
+        assert!(
+            matches!(frame, Some(Ok(_))),
+            "the slow reader was cut off after {:?}: {frame:?}",
+            started.elapsed()
+        );
+    }
+    let rest = tokio::time::timeout(WITHIN, stalled.collect()).await;
+    let rest = rest.expect("the stalled stream ends");
+    assert!(
+        rest.is_err(),
         "the client that stopped reading got the whole body"
     );
 }

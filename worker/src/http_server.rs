@@ -54,6 +54,7 @@ use crate::local_tasks::{self, LocalExecutor};
 use crate::parked_connections::{ParkedConnections, Parking, PARK_AFTER};
 use crate::proxy::{ClientRequest, Proxy, ProxyBody};
 use crate::request_head::RequestHead;
+use crate::send_deadline::{Deadline, Watched};
 use crate::tls_acceptor::TlsAcceptor;
 use crate::upgrade;
 
@@ -393,7 +394,7 @@ impl HttpServer {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (executor, tasks) = local_tasks::new();
+        let (executor, tasks) = local_tasks::with_send_timeout(self.limits.send_timeout);
         let connection = self.hyper_connection(stream, http2, responder, activity, stop, executor);
         tasks.run(connection).await
     }
@@ -435,13 +436,20 @@ impl HttpServer {
                         } else if http10_keep_alive {
                             keep_alive_for_http10(&mut response);
                         }
-                        Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, in_flight)))
+                        // Here, under the deadline of the stream (HTTP/2) or connection.
+                        let body = |body| Watched::new(CountedBody::new(body, in_flight));
+                        Ok::<_, Infallible>(response.map(body))
                     })
             })
         };
         let io = TokioIo::new(stream);
         let builder = self.builder(executor);
-        let connection = builder.serve_connection_with_upgrades(io, service);
+        // HTTP/1: what hyper writes waits for the client at most the send timeout (HTTP/2
+        // streams have their own, see `local_tasks`).
+        let connection = Deadline::new(
+            builder.serve_connection_with_upgrades(io, service),
+            self.limits.send_timeout,
+        );
         tokio::pin!(connection);
 
         // Runs the connection. Stopping: HTTP/2 gets GOAWAY (its clients retry elsewhere) as
@@ -462,7 +470,7 @@ impl HttpServer {
                 _ = stop.cancelled(), if !stopping => stopping = true,
                 _ = activity.speaks_http2(), if stopping && told.is_none() => {
                     told = Some(Instant::now());
-                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().inner().graceful_shutdown();
                 }
                 _ = activity.evicted(), if !evicted => {
                     evicted = true;
@@ -471,7 +479,7 @@ impl HttpServer {
                         return;
                     }
                     told.get_or_insert_with(Instant::now);
-                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().inner().graceful_shutdown();
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
@@ -483,7 +491,7 @@ impl HttpServer {
                         // GOAWAY first, as for an idle one: a request the client is sending
                         // just now is known not taken, so it may go again on a new connection.
                         told = Some(now);
-                        connection.as_mut().graceful_shutdown();
+                        connection.as_mut().inner().graceful_shutdown();
                         continue;
                     }
                     match (activity.idle_since(), told) {
@@ -494,15 +502,17 @@ impl HttpServer {
                         (Some(since), None) if now >= since + self.limits.idle_timeout => {
                             debug!("connection from {client} idle for {:?}: closing", self.limits.idle_timeout);
                             told = Some(now);
-                            connection.as_mut().graceful_shutdown();
+                            connection.as_mut().inner().graceful_shutdown();
                         }
                         _ => {}
                     }
                 }
             }
         };
-        if let Err(e) = result {
-            debug!("connection from {client}: {e}");
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!("connection from {client}: {e}"),
+            Err(e) => debug!("connection from {client} closed: {e}"),
         }
     }
 

@@ -16,6 +16,9 @@
 //! closes softly finishes the requests it carries first. Dropping [`LocalTasks::run`] drops
 //! them all at once, which closes the connection and fails its streams.
 //!
+//! On an HTTP/2 server connection, each stream runs under a [`Deadline`]: one whose client
+//! takes none of its response for the send timeout is dropped (see `send_deadline`).
+//!
 //! What sharing one task means: the streams of one connection share its thread and tokio's
 //! cooperative budget (those of other connections do not). A panic in one of them ends that
 //! one only, as it ended its task before (the panic hook reports it).
@@ -24,10 +27,14 @@ use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::task::Poll;
+use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::send_deadline::Deadline;
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -35,6 +42,8 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 #[derive(Clone)]
 pub struct LocalExecutor {
     spawn: mpsc::UnboundedSender<Task>,
+    /// For an HTTP/2 server connection: how long a stream may wait for its client.
+    send_timeout: Option<Duration>,
 }
 
 impl<F> hyper::rt::Executor<F> for LocalExecutor
@@ -42,10 +51,20 @@ where
     F: Future + Send + 'static,
 {
     fn execute(&self, future: F) {
+        let task: Task = match self.send_timeout {
+            Some(timeout) => Box::pin(
+                AssertUnwindSafe(Deadline::new(future, timeout))
+                    .catch_unwind()
+                    .map(|ended| {
+                        if let Ok(Err(e)) = ended {
+                            debug!("HTTP/2 stream reset: {e}");
+                        }
+                    }),
+            ),
+            None => Box::pin(AssertUnwindSafe(future).catch_unwind().map(drop)),
+        };
         // Fails only once `LocalTasks` is gone: the connection was dropped.
-        let _ = self
-            .spawn
-            .send(Box::pin(AssertUnwindSafe(future).catch_unwind().map(drop)));
+        let _ = self.spawn.send(task);
     }
 }
 
@@ -57,12 +76,26 @@ pub struct LocalTasks {
 
 /// An executor, and the tasks spawned on it.
 pub fn new() -> (LocalExecutor, LocalTasks) {
+    executor(None)
+}
+
+/// An executor for an HTTP/2 server connection: each stream given up when its client takes
+/// none of its response for `send_timeout`; and the tasks spawned on it.
+pub fn with_send_timeout(send_timeout: Duration) -> (LocalExecutor, LocalTasks) {
+    executor(Some(send_timeout))
+}
+
+fn executor(send_timeout: Option<Duration>) -> (LocalExecutor, LocalTasks) {
     let (spawn, spawned) = mpsc::unbounded_channel();
     let tasks = LocalTasks {
         spawned,
         running: FuturesUnordered::new(),
     };
-    (LocalExecutor { spawn }, tasks)
+    let executor = LocalExecutor {
+        spawn,
+        send_timeout,
+    };
+    (executor, tasks)
 }
 
 impl LocalTasks {

@@ -43,6 +43,7 @@ mod request_body;
 mod request_head;
 mod response_body;
 mod route_table;
+mod send_deadline;
 mod session_tickets;
 mod supervisor_link;
 mod tls_acceptor;
