@@ -37,18 +37,7 @@ impl Certificate {
         let leaf = chain.first().ok_or("no certificate")?;
         let (_, parsed) =
             X509Certificate::from_der(leaf).map_err(|e| format!("unreadable certificate: {e}"))?;
-        let names: Vec<&str> = match parsed.subject_alternative_name() {
-            Ok(Some(san)) => san
-                .value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::DNSName(dns) => Some(*dns),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
+        let names = dns_names(&parsed);
         if !names.iter().any(|n| n.eq_ignore_ascii_case(name.as_str())) {
             return Err(format!("the certificate is for {names:?}, not {name}"));
         }
@@ -128,6 +117,36 @@ impl Certificate {
     /// Whether it came from `source` (or from no source said).
     pub fn is_from(&self, source: &str) -> bool {
         self.source.as_deref().is_none_or(|s| s == source)
+    }
+}
+
+/// The DNS names of the first certificate in `pem` (a store file's leaf); none if it does not
+/// read.
+pub fn leaf_names(pem: &[u8]) -> Vec<String> {
+    let leaf = <(SectionKind, Vec<u8>)>::pem_slice_iter(pem)
+        .map_while(Result::ok)
+        .find_map(|(kind, der)| (kind == SectionKind::Certificate).then_some(der));
+    let Some(leaf) = leaf else {
+        return Vec::new();
+    };
+    match X509Certificate::from_der(&leaf) {
+        Ok((_, parsed)) => dns_names(&parsed).into_iter().map(str::to_owned).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn dns_names<'a>(certificate: &'a X509Certificate) -> Vec<&'a str> {
+    match certificate.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(dns) => Some(*dns),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -253,7 +253,8 @@ impl Issuer {
             Ok(Some(pem)) => match Certificate::from_pem(name, &pem) {
                 Ok(certificate) => Some(certificate),
                 Err(e) => {
-                    warn!("certs/{name}.pem in the store is unusable ({e}); a new one is made");
+                    let file = Store::certificate_path(name);
+                    warn!("{name}: {file} in the store is unusable ({e}); a new one is made");
                     None
                 }
             },
@@ -465,9 +466,10 @@ impl Issuer {
             return;
         };
         if let Err(e) = Certificate::from_pem(name, &pem) {
+            let file = Store::certificate_path(name);
             match self.store.set_aside_certificate(lock, name) {
-                Ok(aside) => warn!("certs/{name}.pem was unusable ({e}); set aside as {aside}"),
-                Err(err) => warn!("certs/{name}.pem is unusable ({e}) and stays: {err}"),
+                Ok(aside) => warn!("{name}: {file} was unusable ({e}); set aside as {aside}"),
+                Err(err) => warn!("{name}: {file} is unusable ({e}) and stays: {err}"),
             }
         }
     }

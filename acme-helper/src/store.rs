@@ -15,6 +15,11 @@
 //! ```
 //!
 //! Reads take no lock: every file is replaced whole, by a rename (`atomic_file::write`).
+//!
+//! A file name too long for that (longer than [`atomic_file::MAX_NAME_LEN`], 233 bytes: for
+//! names of 229 to 253 bytes, which DNS allows) is the SHA-256 of the name instead, in hex:
+//! `certs/<sha256>.pem`, `names/<sha256>.json` (see [`file_name`]). Listing reads the name of
+//! such a file from inside it: the certificate's, or the record's `name`.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -30,6 +35,7 @@ use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
+use crate::certificate;
 use crate::names::checked;
 
 const LOCK: &str = "lock";
@@ -38,6 +44,8 @@ const CERTS: &str = "certs";
 const NAMES: &str = "names";
 const CHALLENGES: &str = "challenges";
 const TMP: &str = "tmp";
+const PEM: &str = ".pem";
+const JSON: &str = ".json";
 /// No file of the store is anywhere near this; a larger one is not ours.
 const MAX_FILE_LEN: u64 = 1 << 20;
 /// How often a helper waiting for the other one's lock tries again.
@@ -90,20 +98,25 @@ impl Store {
         })
     }
 
+    /// Where `name`'s certificate is kept (`certs/<name>.pem`), for messages.
+    pub fn certificate_path(name: &Domain) -> String {
+        format!("{CERTS}/{}", file_name(name.as_str(), PEM))
+    }
+
     /// `certs/<name>.pem`, if there is one.
     pub fn read_certificate(&self, name: &Domain) -> io::Result<Option<Vec<u8>>> {
-        read(&self.certs, &format!("{}.pem", checked(name)?))
+        read(&self.certs, &file_name(checked(name)?, PEM))
     }
 
     pub fn write_certificate(&self, _: &LockGuard, name: &Domain, pem: &[u8]) -> io::Result<()> {
-        let file = format!("{}.pem", checked(name)?);
+        let file = file_name(checked(name)?, PEM);
         atomic_file::write(self.certs.as_fd(), &file, pem, 0o600)
             .map_err(|e| context(e, &format!("{CERTS}/{file}")))
     }
 
     /// Renames `certs/<name>.pem` to `certs/<name>.pem.unusable-<seconds>`; the new name.
     pub fn set_aside_certificate(&self, _: &LockGuard, name: &Domain) -> io::Result<String> {
-        let file = format!("{}.pem", checked(name)?);
+        let file = file_name(checked(name)?, PEM);
         let aside = format!("{file}.unusable-{}", crate::clock::now());
         rustix::fs::renameat(&self.certs, &*file, &self.certs, &*aside)?;
         rustix::fs::fsync(&self.certs)?;
@@ -114,7 +127,7 @@ impl Store {
     /// aside (`.corrupt-<seconds>`, for the operator) and replaced at once by a record that
     /// backs off for an hour: the failures it held are unknown, and must not be forgotten.
     pub fn read_state(&self, name: &Domain) -> io::Result<NameState> {
-        let file = format!("{}.json", checked(name)?);
+        let file = file_name(checked(name)?, JSON);
         let Some(bytes) = read(&self.names, &file)? else {
             return Ok(NameState::default());
         };
@@ -142,8 +155,9 @@ impl Store {
     }
 
     fn write_state_unlocked(&self, name: &Domain, state: &NameState) -> io::Result<()> {
-        let file = format!("{}.json", checked(name)?);
-        let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
+        let file = file_name(checked(name)?, JSON);
+        let record = Record { name, state };
+        let bytes = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
         atomic_file::write(self.names.as_fd(), &file, &bytes, 0o600)
             .map_err(|e| context(e, &format!("{NAMES}/{file}")))
     }
@@ -151,23 +165,28 @@ impl Store {
     /// Every name the store knows: with a certificate or a history.
     pub fn names(&self) -> io::Result<BTreeSet<Domain>> {
         let mut names = BTreeSet::new();
-        for (dir, suffix) in [(&self.certs, ".pem"), (&self.names, ".json")] {
+        let kinds: [(_, _, NamesInside); 2] = [
+            (&self.certs, PEM, certificate::leaf_names),
+            (&self.names, JSON, record_name),
+        ];
+        for (dir, suffix, names_inside) in kinds {
             for entry in rustix::fs::Dir::read_from(dir)? {
                 let entry = entry?;
                 let Ok(file) = entry.file_name().to_str() else {
                     continue;
                 };
                 // Temp files start with a dot, which no domain does.
-                // Only names as we write them: validated and already normalised.
                 let Some(stem) = file.strip_suffix(suffix) else {
                     continue;
                 };
-                match Domain::parse(stem) {
-                    Ok(name) if name.as_str() == stem => {
-                        names.insert(name);
-                    }
-                    _ => {}
-                }
+                // Only names as we write them: validated and already normalised, or hashed
+                // (64 hex digits: one label too long to be a name) with the name inside.
+                let name = match Domain::parse(stem) {
+                    Ok(name) if name.as_str() == stem => Some(name),
+                    Ok(_) => None,
+                    Err(_) => hashed_name(dir, file, stem, names_inside),
+                };
+                names.extend(name);
             }
         }
         Ok(names)
@@ -359,6 +378,62 @@ impl Drop for LockGuard {
     }
 }
 
+/// The file of `name` in `certs/` or `names/` (`ext`: `.pem` or `.json`): `<name><ext>`
+/// where [`atomic_file::write`] can write a name that long, as all stores had it; else, for
+/// names near DNS's 253 bytes, whose temp file's name would not fit in a directory entry,
+/// `<sha256 of name, in hex><ext>`: 64 hex digits, which no domain name is (a label is at
+/// most 63 bytes), so the two kinds never meet.
+fn file_name(name: &str, ext: &str) -> String {
+    let readable = format!("{name}{ext}");
+    if readable.len() <= atomic_file::MAX_NAME_LEN {
+        readable
+    } else {
+        format!("{}{ext}", sha256_hex(name))
+    }
+}
+
+/// The names a store file says it is for: [`certificate::leaf_names`], [`record_name`].
+type NamesInside = fn(&[u8]) -> Vec<String>;
+
+/// The name whose hash names `file` (`stem` without its extension), if one of the names
+/// `names_inside` finds in it has that hash.
+fn hashed_name(dir: &OwnedFd, file: &str, stem: &str, names_inside: NamesInside) -> Option<Domain> {
+    if stem.len() != 64 || !stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    // Removed meanwhile, or unreadable: known by its other file, if at all.
+    let bytes = read(dir, file).ok()??;
+    names_inside(&bytes)
+        .into_iter()
+        .filter_map(|name| Domain::parse(&name).ok())
+        .find(|name| sha256_hex(name.as_str()) == stem)
+}
+
+fn sha256_hex(name: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, name.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A `names/` file as written: the name (so that a hashed file tells whose it is), then the
+/// state.
+#[derive(Serialize)]
+struct Record<'a> {
+    name: &'a Domain,
+    #[serde(flatten)]
+    state: &'a NameState,
+}
+
+/// The name in a `names/` file, if it says one (older ones do not, but none of them is hashed).
+fn record_name(bytes: &[u8]) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        name: String,
+    }
+    serde_json::from_slice::<Named>(bytes)
+        .map(|record| vec![record.name])
+        .unwrap_or_default()
+}
+
 /// `name` in `dir`, made (0700) where missing; one found there must be ours and private,
 /// since the keys are in it.
 fn subdir(dir: &OwnedFd, name: &str) -> io::Result<OwnedFd> {
@@ -479,6 +554,96 @@ mod tests {
             store.names().unwrap().into_iter().collect::<Vec<_>>(),
             [name]
         );
+    }
+
+    /// A name of `len` bytes: labels of 63 bytes, and what remains.
+    fn long_name(len: usize) -> Domain {
+        let full = (len - 1) / 64;
+        let name = format!("{}.", "x".repeat(63)).repeat(full) + &"y".repeat(len - 64 * full);
+        Domain::parse(&name).unwrap()
+    }
+
+    fn files(dir: &Path) -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    }
+
+    /// DNS allows names up to 253 bytes; `<name>.json` with a temp suffix fits in a directory
+    /// entry (255 bytes) up to 228: longer ones are kept under their hash, and listed.
+    #[tokio::test]
+    async fn names_up_to_253_bytes_are_stored_and_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let readable = long_name(228);
+        // A certificate, but no record yet (a kill between the two writes).
+        let certified = long_name(240);
+        let recorded = long_name(253);
+        let lock = store.lock().await.unwrap();
+        let state = NameState {
+            forgotten: true,
+            ..NameState::default()
+        };
+        let pem = |name: &Domain| {
+            let (key, leaf) = crate::certificate::tests::make(&[name.as_str()], 0, 4_000_000_000);
+            crate::certificate::Certificate::new(name, None, key, vec![leaf])
+                .unwrap()
+                .to_pem()
+        };
+        for name in [&readable, &certified] {
+            store.write_certificate(&lock, name, &pem(name)).unwrap();
+        }
+        for name in [&readable, &recorded] {
+            store.write_state(&lock, name, &state).unwrap();
+        }
+        drop(lock);
+
+        for name in [&readable, &certified] {
+            let stored = store.read_certificate(name).unwrap().unwrap();
+            crate::certificate::Certificate::from_pem(name, &stored).unwrap();
+        }
+        assert_eq!(store.read_state(&recorded).unwrap(), state);
+        assert_eq!(store.read_state(&readable).unwrap(), state);
+        assert_eq!(store.read_state(&certified).unwrap(), NameState::default());
+        let hash = |name: &Domain| sha256_hex(name.as_str());
+        assert_eq!(
+            files(&dir.path().join("certs")),
+            BTreeSet::from([
+                format!("{readable}.pem"),
+                format!("{}.pem", hash(&certified))
+            ])
+        );
+        assert_eq!(
+            files(&dir.path().join("names")),
+            BTreeSet::from([
+                format!("{readable}.json"),
+                format!("{}.json", hash(&recorded))
+            ])
+        );
+        assert_eq!(
+            store.names().unwrap(),
+            BTreeSet::from([readable, certified.clone(), recorded.clone()])
+        );
+
+        // A hashed file is listed only as the name whose hash it has.
+        let misplaced = format!("{}.pem", hash(&long_name(250)));
+        std::fs::copy(
+            dir.path()
+                .join("certs")
+                .join(format!("{}.pem", hash(&certified))),
+            dir.path().join("certs").join(misplaced),
+        )
+        .unwrap();
+        assert_eq!(store.names().unwrap().len(), 3);
+
+        // Set aside, a hashed certificate is gone from the listing and its record stays.
+        let lock = store.lock().await.unwrap();
+        let aside = store.set_aside_certificate(&lock, &certified).unwrap();
+        assert!(aside.starts_with(&format!("certs/{}.pem.unusable-", hash(&certified))));
+        assert_eq!(store.read_certificate(&certified).unwrap(), None);
+        assert!(!store.names().unwrap().contains(&certified));
+        assert!(store.names().unwrap().contains(&recorded));
     }
 
     #[test]

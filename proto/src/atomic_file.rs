@@ -13,8 +13,20 @@ use std::os::fd::BorrowedFd;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
+/// The longest file name [`write`] can write: its temp file's name (`.<name>.tmp-` and 16
+/// hex digits) must fit in the 255 bytes a directory entry holds (Linux's `NAME_MAX`).
+pub const MAX_NAME_LEN: usize = 255 - ".".len() - TEMP_MARK.len() - 16;
+
 /// Replaces `name` in `dir` with `bytes`; the file gets `mode` (e.g. 0o600 for secrets).
+/// `name` is at most [`MAX_NAME_LEN`] bytes long.
 pub fn write(dir: BorrowedFd, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    if name.len() > MAX_NAME_LEN {
+        // Said plainly, not as the kernel's "File name too long" of a name that fits.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name}: longer than the {MAX_NAME_LEN} bytes of a file written atomically"),
+        ));
+    }
     let tmp = format!("{}{:016x}", temp_prefix(name), random_u64()?);
     let fd = rustix::fs::openat(
         dir,
@@ -119,6 +131,19 @@ mod tests {
             ["state.json"],
             "no temp file left behind"
         );
+    }
+
+    #[test]
+    fn the_longest_name_is_written_and_a_longer_one_refused_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = open(dir.path());
+        let longest = "x".repeat(super::MAX_NAME_LEN);
+        super::write(fd.as_fd(), &longest, b"fits", 0o600).unwrap();
+        assert_eq!(std::fs::read(dir.path().join(&longest)).unwrap(), b"fits");
+        let longer = format!("{longest}x");
+        let error = super::write(fd.as_fd(), &longer, b"", 0o600).unwrap_err();
+        assert!(error.to_string().contains("written atomically"), "{error}");
+        assert_eq!(names(dir.path()), [longest], "no temp file left behind");
     }
 
     #[test]

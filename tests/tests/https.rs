@@ -560,6 +560,58 @@ async fn the_worker_holds_no_descriptor_of_the_certificate_store() {
     assert!(!under_store(helper[0]).is_empty());
 }
 
+/// A name DNS allows but too long for a file named after it with a temp suffix (240 bytes, in
+/// five labels): its certificate is stored all the same, so after a restart it is served
+/// from the store (the same leaf: mkcert was not run again) and `status` lists it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_240_byte_name_keeps_its_certificate_across_a_restart() {
+    if !tools("a_240_byte_name_keeps_its_certificate_across_a_restart") {
+        return;
+    }
+    let long = format!(
+        "{}.{}.{}.{}.example",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(40)
+    );
+    assert_eq!(long.len(), 240);
+    let mut local = Local::start().await;
+    let backend = Backend::echo().await;
+    local.server.add(&long, backend.port);
+    let (port, sni) = (local.port(), Sni::name(&long));
+    let first = local.client().get(port, &sni, &long, "/").await;
+    assert_eq!(first.status, 200);
+
+    tokio::task::block_in_place(|| {
+        assert!(local.server.stop().success());
+        local.server.launch();
+    });
+    let again = local.client().get(port, &sni, &long, "/").await;
+    assert_eq!(again.status, 200);
+    assert!(
+        again.session.chain[0] == first.session.chain[0],
+        "a new certificate, not the stored one:\n{}",
+        local.server.log()
+    );
+    let started = Instant::now();
+    loop {
+        let status = tokio::task::block_in_place(|| local.server.status());
+        let listed = status
+            .lines()
+            .map(str::trim)
+            .any(|line| line.starts_with(&format!("{long}  issuer ")));
+        if listed {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no certificate for {long} in status:\n{status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn without_mkcert_port_443_refuses_handshakes_at_once() {
     if !tools("without_mkcert_port_443_refuses_handshakes_at_once") {
