@@ -411,7 +411,7 @@ fn hashed_name(dir: &OwnedFd, file: &str, stem: &str, names_inside: NamesInside)
 
 fn sha256_hex(name: &str) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, name.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    core_server_proto::random::hex(digest.as_ref())
 }
 
 /// A `names/` file as written: the name (so that a hashed file tells whose it is), then the
