@@ -10,6 +10,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use core_server_proto::logging::describe;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
@@ -155,7 +156,8 @@ where
         };
         let why = match result {
             Ok(()) => "closed".to_owned(),
-            Err(e) => format!("lost: {e}"),
+            // With its cause: hyper's own text for a missed PING is a bare "http2 error".
+            Err(e) => format!("lost: {}", describe(&e)),
         };
         if stop.is_cancelled() {
             info!("{name} drained ({why})");

@@ -224,6 +224,33 @@ async fn a_registered_domain_is_served_over_https_with_http1_and_http2() {
     );
 }
 
+/// `http://host:443/`, a common slip: a 400 that says so, not a TLS alert that curl or a
+/// browser shows as garbage.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_on_the_https_port_gets_a_400_that_says_so() {
+    if !tools("plain_http_on_the_https_port_gets_a_400_that_says_so") {
+        return;
+    }
+    let local = Local::start().await;
+    let url = format!("http://127.0.0.1:{}/", local.port());
+    let host = format!("Host: {APP}");
+    let output = tokio::task::block_in_place(|| {
+        let curl = ["-sS", "-H", &host, "-w", "\n%{http_code}", &url];
+        Command::new("curl").args(curl).output().unwrap()
+    });
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "This port speaks HTTPS: the request came as plain HTTP.\n\n400"
+    );
+    // And HTTPS on it as before.
+    let reply = local
+        .client()
+        .get(local.port(), &Sni::name(APP), APP, "/")
+        .await;
+    assert_eq!(reply.status, 200);
+}
+
 /// Over TLS, HTTP/2 is spoken only if ALPN chose it (RFC 9113 §3.3): a client that chose
 /// `http/1.1` and sends HTTP/2's preface has its connection closed.
 #[tokio::test(flavor = "multi_thread")]

@@ -11,6 +11,9 @@
 //!
 //! Served: TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`, session tickets that outlive the worker
 //! (see `session_tickets`). The stream then goes to the same `HttpServer` as port 80.
+//!
+//! A plain HTTP request (`http://host:443/`, a common slip) gets a `400` that says so, as nginx
+//! and Caddy answer it, rather than a TLS alert a browser or curl shows as garbage.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +22,7 @@ use core_server_proto::domain::Domain;
 use rustls::crypto::CryptoProvider;
 use rustls::server::Acceptor;
 use rustls::{AlertDescription, ServerConfig};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
@@ -53,7 +56,19 @@ pub enum Refused {
     NoChallenge(Domain),
     #[error("{0}: {1}")]
     NoCertificate(Domain, Missing),
+    #[error("a plain HTTP request on the HTTPS port: answered 400")]
+    PlainHttp,
 }
+
+/// The answer to plain HTTP on the HTTPS port.
+const PLAIN_HTTP_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+    Content-Type: text/plain; charset=utf-8\r\n\
+    Content-Length: 56\r\n\
+    Connection: close\r\n\r\n\
+    This port speaks HTTPS: the request came as plain HTTP.\n";
+/// The most of the plain request read (and dropped) before closing, so that the close sends
+/// no reset that could destroy the answer on its way.
+const PLAIN_HTTP_DRAIN: usize = 64 << 10;
 
 pub struct TlsAcceptor {
     certificates: Arc<Certificates>,
@@ -86,7 +101,11 @@ impl TlsAcceptor {
     }
 
     /// The handshake on a freshly accepted connection (the caller bounds its time).
-    pub async fn accept(&self, stream: TcpStream) -> Result<TlsStream<TcpStream>, Refused> {
+    pub async fn accept(&self, mut stream: TcpStream) -> Result<TlsStream<TcpStream>, Refused> {
+        if speaks_plain_http(&stream).await? {
+            answer_plain_http(&mut stream).await;
+            return Err(Refused::PlainHttp);
+        }
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
         let hello = start.client_hello();
         let validation = hello
@@ -125,6 +144,29 @@ impl TlsAcceptor {
             self.config.clone()
         };
         Ok(start.into_stream(config).await?)
+    }
+}
+
+/// Whether the client's first byte starts an HTTP method (uppercase letters) rather than a TLS
+/// record (its content type, 20 to 24) or an SSL 2 hello (high bit set).
+async fn speaks_plain_http(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8];
+    let read = stream.peek(&mut first).await?;
+    Ok(read == 1 && first[0].is_ascii_uppercase())
+}
+
+/// Answers plain HTTP with [`PLAIN_HTTP_ANSWER`] and closes, reading what came meanwhile.
+async fn answer_plain_http(stream: &mut TcpStream) {
+    if stream.write_all(PLAIN_HTTP_ANSWER).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut drained = 0;
+    let mut buffer = [0u8; 4096];
+    while drained < PLAIN_HTTP_DRAIN {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => drained += read,
+        }
     }
 }
 
