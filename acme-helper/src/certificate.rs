@@ -8,7 +8,7 @@
 
 use core_server_proto::acme_ipc::CertificateStatus;
 use core_server_proto::domain::Domain;
-use rustls_pki_types::pem::{PemObject, SectionKind};
+use rustls_pki_types::pem::{self as pki_pem, PemObject, SectionKind};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 const SOURCE: &str = "# source: ";
@@ -81,7 +81,7 @@ impl Certificate {
             .map(str::to_owned);
         let (mut keys, mut chain) = (Vec::new(), Vec::new());
         for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(pem) {
-            match section.map_err(|e| format!("malformed PEM: {e}"))? {
+            match section.map_err(malformed)? {
                 (SectionKind::PrivateKey, der) => keys.push(der),
                 (SectionKind::Certificate, der) => chain.push(der),
                 (kind, _) => return Err(format!("unexpected {kind:?} in the PEM")),
@@ -117,6 +117,21 @@ impl Certificate {
     /// Whether it came from `source` (or from no source said).
     pub fn is_from(&self, source: &str) -> bool {
         self.source.as_deref().is_none_or(|s| s == source)
+    }
+}
+
+/// What is wrong with a PEM file, in words: the parser's message shows lines as byte values.
+fn malformed(e: pki_pem::Error) -> String {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+    match e {
+        pki_pem::Error::MissingSectionEnd { end_marker } => {
+            let line = format!("-----END {}-----", text(&end_marker));
+            format!("malformed PEM: no {line:?} line (cut short?)")
+        }
+        pki_pem::Error::IllegalSectionStart { line } => {
+            format!("malformed PEM: a bad section start {:?}", text(&line))
+        }
+        other => format!("malformed PEM: {other}"),
     }
 }
 
@@ -261,6 +276,10 @@ pub mod tests {
             .unwrap_err()
             .contains("0 PKCS#8"));
         let truncated = &pem.as_bytes()[..pem.len() - 30];
-        assert!(Certificate::from_pem(&name("a.example"), truncated).is_err());
+        let error = Certificate::from_pem(&name("a.example"), truncated).unwrap_err();
+        assert_eq!(
+            error,
+            "malformed PEM: no \"-----END CERTIFICATE-----\" line (cut short?)"
+        );
     }
 }
