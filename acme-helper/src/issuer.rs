@@ -462,15 +462,19 @@ impl Issuer {
     /// A stored file that does not read as a certificate for `name` is kept, renamed, for
     /// the operator to look at, rather than silently replaced.
     fn set_aside_if_unusable(&self, lock: &LockGuard, name: &Domain) {
-        let Ok(Some(pem)) = self.store.read_certificate(name) else {
-            return;
+        // One that cannot even be read (another owner's, say) too.
+        let e = match self.store.read_certificate(name) {
+            Ok(None) => return,
+            Ok(Some(pem)) => match Certificate::from_pem(name, &pem) {
+                Ok(_) => return,
+                Err(e) => e,
+            },
+            Err(e) => e.to_string(),
         };
-        if let Err(e) = Certificate::from_pem(name, &pem) {
-            let file = Store::certificate_path(name);
-            match self.store.set_aside_certificate(lock, name) {
-                Ok(aside) => warn!("{name}: {file} was unusable ({e}); set aside as {aside}"),
-                Err(err) => warn!("{name}: {file} is unusable ({e}) and stays: {err}"),
-            }
+        let file = Store::certificate_path(name);
+        match self.store.set_aside_certificate(lock, name) {
+            Ok(aside) => warn!("{name}: {file} was unusable ({e}); set aside as {aside}"),
+            Err(err) => warn!("{name}: {file} is unusable ({e}) and stays: {err}"),
         }
     }
 

@@ -5,6 +5,7 @@
 //! client of `tls_client`.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -637,6 +638,35 @@ async fn a_240_byte_name_keeps_its_certificate_across_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A certificate file the helper cannot read (another owner's, a wrong mode) is set aside
+/// for the operator, as a damaged one is, not replaced unseen.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_certificate_file_is_set_aside_not_replaced() {
+    if !tools("an_unreadable_certificate_file_is_set_aside_not_replaced") {
+        return;
+    }
+    let mut local = Local::start().await;
+    let (port, sni) = (local.port(), Sni::name(APP));
+    let first = local.client().get(port, &sni, APP, "/").await;
+    assert_eq!(first.status, 200);
+
+    let certs = local.server.dir.join("acme/certs");
+    let file = certs.join(format!("{APP}.pem"));
+    tokio::task::block_in_place(|| {
+        assert!(local.server.stop().success());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap();
+        local.server.launch();
+    });
+    let again = local.client().get(port, &sni, APP, "/").await;
+    assert_eq!(again.status, 200, "{}", local.server.log());
+    let aside: Vec<_> = std::fs::read_dir(&certs)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&format!("{APP}.pem.unusable-")))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}\n{}", local.server.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]
