@@ -157,7 +157,14 @@ impl<C: AppConnections + Unpin> Body for RelayedBody<C> {
         let this = &mut *self;
         loop {
             match this.decoder.next(&mut this.buffer) {
-                Ok(Some(Piece::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(Piece::Data(data))) => {
+                    // The last: hyper asks no more of a body that says it has ended, and
+                    // the connection is free now, however long the client takes this piece.
+                    if this.decoder.ended() {
+                        this.let_go();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
                 Ok(Some(Piece::Trailers(fields))) => {
                     return Poll::Ready(Some(Ok(Frame::trailers(fields))))
                 }

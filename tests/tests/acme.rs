@@ -692,6 +692,12 @@ async fn a_validation_reaching_a_rerun_before_its_helper_waits_for_the_challenge
     );
     assert!(blocking(move || old.wait()).unwrap().success());
     assert_eq!(release.pebble.orders(), 1, "{}", release.logs());
+    // It was answered by the waiting, not by a second try of the CA's.
+    assert!(
+        release.logs().contains("waited") && release.logs().contains("for its challenge to come"),
+        "{}",
+        release.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -159,31 +159,55 @@ async fn a_client_that_stops_reading_is_cut_off_but_a_slow_reader_is_not() {
     );
 }
 
-/// The same for an HTTP/2 stream: one whose client takes nothing of its response (its window
-/// left at 0) is reset, letting go of the app's connection (or a tunnel's stream); a slow but
-/// steady reader on the same connection is served on.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_http2_stream_whose_client_stops_reading_is_reset_but_a_slow_one_is_not() {
-    const BODY: u64 = 256 << 20;
-    let server = CoreServer::start_with(&["--backend-timeout", "2s"]);
-    let backend = Backend::start(|_| async { Response::new(zeros(BODY)) }).await;
-    server.add("big.example", backend.port);
+/// A backend for the send-timeout tests: a POST gets `ok`, `GET /small` a few bytes, any other
+/// GET 256 MiB.
+async fn big_and_small_backend() -> Backend {
+    Backend::start(|request: Request<hyper::body::Incoming>| async move {
+        match (request.method().as_str(), request.uri().path()) {
+            ("POST", _) => Response::new(full("ok")),
+            (_, "/small") => Response::new(full("small")),
+            _ => Response::new(zeros(256 << 20)),
+        }
+    })
+    .await
+}
+
+/// An HTTP/2 connection to `server` whose streams' windows start at `window`.
+async fn h2_with_window(
+    server: &CoreServer,
+    window: u32,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(("127.0.0.1", server.http_port))
         .await
         .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(65_535)
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(window)
         .adaptive_window(false)
         .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(connection);
-    let mut get = || {
-        let request = Request::get("http://big.example/").body(Full::default());
+    sender
+}
+
+/// The same for an HTTP/2 stream: one whose client takes nothing of its response (its window
+/// left at 0, a small response too) is reset, letting go of the app's connection (or a
+/// tunnel's stream); a slow but steady reader on the same connection is served on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_stream_whose_client_stops_reading_is_reset_but_a_slow_one_is_not() {
+    let server = CoreServer::start_with(&["--backend-timeout", "2s"]);
+    let backend = big_and_small_backend().await;
+    server.add("big.example", backend.port);
+    let get = |sender: &mut hyper::client::conn::http2::SendRequest<_>, path: &str| {
+        let request = Request::get(format!("http://big.example{path}")).body(Full::default());
         sender.send_request(request.unwrap())
     };
-    let stalled = get().await.unwrap().into_body();
-    let mut slow = get().await.unwrap().into_body();
+    let mut sender = h2_with_window(&server, 65_535).await;
+    let stalled = get(&mut sender, "/").await.unwrap().into_body();
+    let mut slow = get(&mut sender, "/").await.unwrap().into_body();
+    // Its whole response is one piece, which the client never lets come.
+    let mut closed = h2_with_window(&server, 0).await;
+    let small = get(&mut closed, "/small").await.unwrap().into_body();
 
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(6) {
@@ -196,10 +220,56 @@ async fn an_http2_stream_whose_client_stops_reading_is_reset_but_a_slow_one_is_n
             started.elapsed()
         );
     }
-    let rest = tokio::time::timeout(WITHIN, stalled.collect()).await;
-    let rest = rest.expect("the stalled stream ends");
+    for (which, body) in [("stopped reading", stalled), ("never let it come", small)] {
+        let rest = tokio::time::timeout(WITHIN, body.collect()).await;
+        let rest = rest.unwrap_or_else(|_| panic!("the stream whose client {which} is not reset"));
+        assert!(rest.is_err(), "the client that {which} got the whole body");
+    }
+}
+
+/// The same for a connection hyper serves (HTTP/1.1 after a request with a body): one that
+/// takes no byte of its response is closed, a slow but steady reader is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http1_client_that_stops_reading_after_an_upload_is_cut_off_but_a_slow_one_is_not() {
+    let server = CoreServer::start_with(&["--backend-timeout", "2s"]);
+    let backend = big_and_small_backend().await;
+    server.add("big.example", backend.port);
+    let post = b"POST /up HTTP/1.1\r\nHost: big.example\r\nContent-Length: 1\r\n\r\nx";
+    let get = b"GET / HTTP/1.1\r\nHost: big.example\r\n\r\n";
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut client = send_raw(&server, post).await;
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let byte = tokio::time::timeout(WITHIN, client.read_u8()).await;
+            answer.push(byte.expect("the POST answered").unwrap());
+        }
+        client.write_all(get).await.unwrap();
+        clients.push(client);
+    }
+    let (mut stalled, mut slow) = (clients.remove(0), clients.remove(0));
+
+    let mut buffer = vec![0u8; 16 << 10];
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let read = tokio::time::timeout(WITHIN, slow.read(&mut buffer)).await;
+        let read = read.expect("the slow reader got more").unwrap();
+        assert!(
+            read > 0,
+            "the slow reader was cut off after {:?}",
+            started.elapsed()
+        );
+    }
+    let mut got = 0u64;
+    let drained = tokio::time::timeout(WITHIN, async {
+        while let Ok(read @ 1..) = stalled.read(&mut buffer).await {
+            got += read as u64;
+        }
+    });
+    drained.await.expect("the stalled client's connection ends");
     assert!(
-        rest.is_err(),
+        got < 256 << 20,
         "the client that stopped reading got the whole body"
     );
 }

@@ -54,7 +54,7 @@ use crate::local_tasks::{self, LocalExecutor};
 use crate::parked_connections::{ParkedConnections, Parking, PARK_AFTER};
 use crate::proxy::{ClientRequest, Proxy, ProxyBody};
 use crate::request_head::RequestHead;
-use crate::send_deadline::{Deadline, Watched};
+use crate::send_deadline::{Deadline, Progress, Watched, WatchedIo};
 use crate::tls_acceptor::TlsAcceptor;
 use crate::upgrade;
 
@@ -436,18 +436,20 @@ impl HttpServer {
                         } else if http10_keep_alive {
                             keep_alive_for_http10(&mut response);
                         }
-                        // Here, under the deadline of the stream (HTTP/2) or connection.
+                        // Here, under the deadline of its stream (HTTP/2).
                         let body = |body| Watched::new(CountedBody::new(body, in_flight));
                         Ok::<_, Infallible>(response.map(body))
                     })
             })
         };
-        let io = TokioIo::new(stream);
+        // What hyper writes waits for the client at most the send timeout (HTTP/2 streams
+        // each have their own too, see `local_tasks`).
+        let progress = Arc::new(Progress::default());
+        let io = TokioIo::new(WatchedIo::new(stream, progress.clone()));
         let builder = self.builder(executor);
-        // HTTP/1: what hyper writes waits for the client at most the send timeout (HTTP/2
-        // streams have their own, see `local_tasks`).
-        let connection = Deadline::new(
+        let connection = Deadline::connection(
             builder.serve_connection_with_upgrades(io, service),
+            progress,
             self.limits.send_timeout,
         );
         tokio::pin!(connection);

@@ -53,7 +53,7 @@ where
     fn execute(&self, future: F) {
         let task: Task = match self.send_timeout {
             Some(timeout) => Box::pin(
-                AssertUnwindSafe(Deadline::new(future, timeout))
+                AssertUnwindSafe(Deadline::stream(future, timeout))
                     .catch_unwind()
                     .map(|ended| {
                         if let Ok(Err(e)) = ended {

@@ -1,25 +1,31 @@
 //! A deadline for a client to take the response hyper writes to it (nginx's `send_timeout`):
-//! each HTTP/2 stream, and HTTP/1 responses hyper writes (the fast path times its own writes:
-//! `http1_response::within`). Without it, a client that stops reading (an HTTP/2 one that
-//! leaves a stream's window at 0, hundreds of streams at once) holds each response's backend
-//! connection or tunnel stream, and the kernel's buffers behind them, for as long as it likes.
+//! on each HTTP/2 stream, and on each connection hyper serves (the fast path times its own
+//! writes: `http1_response::within`). Without it, a client that stops reading (an HTTP/2 one
+//! that leaves a stream's window at 0, hundreds of streams at once) holds each response's
+//! backend connection or tunnel stream, and the kernel's buffers behind them, for as long as
+//! it likes.
 //!
-//! hyper has no hook for it: a stream waiting for the client's window waits inside hyper for
-//! capacity, and polls no body meanwhile. So the deadline is kept in two places that share a
-//! [`Progress`], found through a task-local value:
-//! - [`Watched`], the response body, records each time hyper takes a piece of it, and whether
-//!   hyper holds a piece it has not come back from (sending it, or waiting to);
-//! - [`Deadline`], around what hyper polls the body in (an HTTP/2 stream's future, as the
-//!   connection's executor runs it: `local_tasks`; an HTTP/1 connection), times how long it
-//!   waits while hyper holds a piece. A piece taken restarts the time; when it runs out, the
-//!   future is dropped: hyper resets the HTTP/2 stream (or the HTTP/1 connection closes), and
-//!   the body goes with it, letting go of what it comes on.
+//! A [`Deadline`] runs around a future and gives it up (drops it) once the response it writes
+//! has waited for the client for the timeout with nothing moving; what waits and what moves is
+//! told by a [`Progress`]:
+//! - a connection (HTTP/1, or HTTP/2 as a whole): its IO, through [`WatchedIo`]. A write that
+//!   has to wait starts the time; any byte written or read restarts it (a client still sending
+//!   its upload is not cut for not reading yet). Dropping the connection closes it.
+//! - an HTTP/2 stream (its future, as the connection's executor runs it: `local_tasks`): its
+//!   response body, through [`Watched`]. hyper has no hook for it: a stream waiting for the
+//!   client's window waits inside hyper for capacity and polls no body meanwhile. So the time
+//!   runs while hyper holds a piece of the body it has not been able to send, and restarts
+//!   when it asks for the next; pieces are at most [`PIECE`]. Dropping the stream's future
+//!   resets the stream (`RST_STREAM`), and the body goes with it, letting go of what it comes
+//!   on (the app's connection, the tunnel's stream).
 //!
-//! A timer is set only when such a wait begins, so a response sent at once costs none. The time
-//! is between two pieces of the body (as nginx's is between two writes), pieces of at most
-//! [`PIECE`]: a client that takes less than that per timeout is cut.
+//! A timer is set only when such a wait begins, so a response sent at once costs none. A
+//! client must take something per timeout: a byte of a connection, a piece of a stream (the
+//! streams of one connection share its pace: at 32 KB/s, over a hundred streams each get a
+//! piece a minute).
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,28 +35,120 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
 tokio::task_local! {
     static PROGRESS: Arc<Progress>;
 }
 
-/// How far hyper has come with the response bodies of one stream (or HTTP/1 connection).
+/// The most of a body an HTTP/2 stream gets at once: a client must take this much per timeout
+/// (a backend's read can bring far more, which a slow stream could take minutes over).
+const PIECE: usize = 16 << 10;
+
+/// What a [`Deadline`] goes by.
 #[derive(Default)]
 pub struct Progress {
-    /// Pieces hyper has asked for.
-    asked: AtomicU64,
-    /// hyper holds a piece it has not come back for the next after.
-    holding: AtomicBool,
+    /// Moves whenever the client takes (or sends) something.
+    moved: AtomicU64,
+    /// Whether the response waits for the client.
+    waiting: AtomicBool,
 }
 
-/// The most of a body hyper gets at once: what a client must take within the timeout (a
-/// backend's read can bring far more, which a slow reader could take minutes over).
-const PIECE: usize = 64 << 10;
+impl Progress {
+    fn moved(&self) {
+        self.moved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Relaxed);
+    }
+}
 
 pin_project! {
-    /// A response body that records its [`Progress`] for the [`Deadline`] it is polled under,
-    /// in pieces of at most [`PIECE`].
+    /// A connection's IO, telling its [`Progress`].
+    pub struct WatchedIo<S> {
+        #[pin]
+        io: S,
+        progress: Arc<Progress>,
+    }
+}
+
+impl<S> WatchedIo<S> {
+    pub fn new(io: S, progress: Arc<Progress>) -> Self {
+        WatchedIo { io, progress }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.io
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for WatchedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let read = ready!(this.io.poll_read(cx, buf));
+        if buf.filled().len() > before {
+            this.progress.moved();
+        }
+        Poll::Ready(read)
+    }
+}
+
+impl<S: AsyncWrite> WatchedIo<S> {
+    /// Notes how a write (or flush) went: done, or waiting for the client.
+    fn wrote<T>(progress: &Progress, written: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        progress.waiting(written.is_pending());
+        if written.is_ready() {
+            progress.moved();
+        }
+        written
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for WatchedIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        Self::wrote(this.progress, this.io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        Self::wrote(this.progress, this.io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        Self::wrote(this.progress, this.io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        Self::wrote(this.progress, this.io.poll_shutdown(cx))
+    }
+}
+
+pin_project! {
+    /// An HTTP/2 response body telling the [`Progress`] of the stream it is sent on (see the
+    /// module's doc), given in pieces of at most [`PIECE`].
     pub struct Watched<B> {
         #[pin]
         body: B,
@@ -63,14 +161,15 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Gone (ended, or the stream reset): hyper holds nothing of it any more.
             if let Some(progress) = &this.progress {
-                progress.holding.store(false, Ordering::Relaxed);
+                progress.waiting(false);
             }
         }
     }
 }
 
 impl<B> Watched<B> {
-    /// Watched by the [`Deadline`] of the future this is called in, if any.
+    /// Told to the [`Deadline::stream`] this is called under, if any (on HTTP/1, none: the
+    /// connection's IO tells).
     pub fn new(body: B) -> Self {
         Watched {
             body,
@@ -92,11 +191,11 @@ impl<B: Body<Data = Bytes>> Body for Watched<B> {
         let Some(progress) = this.progress else {
             return this.body.poll_frame(cx);
         };
-        progress.asked.fetch_add(1, Ordering::Relaxed);
+        progress.moved();
         let frame = if this.rest.is_empty() {
             let Poll::Ready(frame) = this.body.as_mut().poll_frame(cx) else {
                 // Waiting for the backend, not the client.
-                progress.holding.store(false, Ordering::Relaxed);
+                progress.waiting(false);
                 return Poll::Pending;
             };
             frame.map(|frame| {
@@ -113,11 +212,10 @@ impl<B: Body<Data = Bytes>> Body for Watched<B> {
             let piece = this.rest.split_to(PIECE.min(this.rest.len()));
             Some(Ok(Frame::data(piece)))
         };
-        // After the last piece hyper asks no more: what it then holds is in its buffers
-        // (bounded, `max_send_buf_size`), and nothing behind it waits.
-        let last = this.rest.is_empty() && this.body.is_end_stream();
-        let holding = matches!(&frame, Some(Ok(_))) && !last;
-        progress.holding.store(holding, Ordering::Relaxed);
+        // Until hyper asks again (or drops the body, after the last piece) it holds this one,
+        // which it may have to wait to send: the last too (hyper keeps it until the client's
+        // window opens).
+        progress.waiting(matches!(&frame, Some(Ok(_))));
         Poll::Ready(frame)
     }
 
@@ -136,29 +234,36 @@ impl<B: Body<Data = Bytes>> Body for Watched<B> {
     }
 }
 
-/// The client took no piece of a response for the send timeout.
+/// The client took nothing of a response for the send timeout.
 #[derive(Debug, thiserror::Error)]
-#[error("the client took no part of the response for {0:?}")]
+#[error("the client took nothing of the response for {0:?}")]
 pub struct TimedOut(pub Duration);
 
 pin_project! {
-    /// A future that hyper polls response bodies in, given up when the client takes nothing
-    /// for `timeout` (see the module's doc).
+    /// A future serving responses, given up when the client takes nothing of them for
+    /// `timeout` (see the module's doc).
     pub struct Deadline<F> {
         #[pin]
         inner: F,
         progress: Arc<Progress>,
         timeout: Duration,
-        // Set while hyper holds a piece, with `asked` then: restarted when that moves on.
+        // Set while the response waits, with `moved` then: restarted when that changes.
         timer: Option<(Pin<Box<Sleep>>, u64)>,
     }
 }
 
 impl<F: Future> Deadline<F> {
-    pub fn new(inner: F, timeout: Duration) -> Self {
+    /// For an HTTP/2 stream's future: its response body (a [`Watched`] made in it) tells.
+    pub fn stream(inner: F, timeout: Duration) -> Deadline<TaskLocalFuture<Arc<Progress>, F>> {
+        let progress = Arc::new(Progress::default());
+        Deadline::connection(PROGRESS.scope(progress.clone(), inner), progress, timeout)
+    }
+
+    /// For a connection's future, whose IO (a [`WatchedIo`]) tells `progress`.
+    pub fn connection(inner: F, progress: Arc<Progress>, timeout: Duration) -> Self {
         Deadline {
             inner,
-            progress: Arc::default(),
+            progress,
             timeout,
             timer: None,
         }
@@ -175,28 +280,27 @@ impl<F: Future> Future for Deadline<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let inner = this.inner;
-        if let Poll::Ready(output) = PROGRESS.sync_scope(this.progress.clone(), || inner.poll(cx)) {
+        if let Poll::Ready(output) = this.inner.poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        if !this.progress.holding.load(Ordering::Relaxed) {
+        if !this.progress.waiting.load(Ordering::Relaxed) {
             return Poll::Pending;
         }
-        let asked = this.progress.asked.load(Ordering::Relaxed);
+        let moved = this.progress.moved.load(Ordering::Relaxed);
         let (timer, since) = match this.timer {
             Some((timer, since)) => {
-                if *since != asked {
+                if *since != moved {
                     timer.as_mut().reset(Instant::now() + *this.timeout);
                 }
                 (timer, since)
             }
             None => {
                 let timer = Box::pin(tokio::time::sleep(*this.timeout));
-                let (timer, since) = this.timer.insert((timer, asked));
+                let (timer, since) = this.timer.insert((timer, moved));
                 (timer, since)
             }
         };
-        *since = asked;
+        *since = moved;
         ready!(timer.as_mut().poll(cx));
         Poll::Ready(Err(TimedOut(*this.timeout)))
     }
@@ -219,11 +323,14 @@ mod tests {
         let mut pieces = Vec::new();
         while let Some(frame) = body.frame().await {
             pieces.push(frame.unwrap().into_data().unwrap().len());
-            let holding = progress.holding.load(Ordering::Relaxed);
-            assert_eq!(holding, !body.is_end_stream(), "after {pieces:?}");
+            // Held until asked for the next, the last too.
+            assert!(progress.waiting.load(Ordering::Relaxed), "after {pieces:?}");
         }
         assert_eq!(pieces, [PIECE, PIECE, 10]);
+        assert!(!progress.waiting.load(Ordering::Relaxed));
         // Three pieces, and the end.
-        assert_eq!(progress.asked.load(Ordering::Relaxed), 4);
+        assert_eq!(progress.moved.load(Ordering::Relaxed), 4);
+        drop(body);
+        assert!(!progress.waiting.load(Ordering::Relaxed));
     }
 }

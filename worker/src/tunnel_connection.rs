@@ -24,6 +24,7 @@ use tracing::{debug, info};
 use crate::client_stream::ClientStream;
 use crate::http1_fast_path::HandedOver;
 use crate::local_tasks::{self, LocalExecutor};
+use crate::send_deadline::WatchedIo;
 use crate::tunnel_control::{self, AgentSaid};
 use crate::tunnels::{Joining, Reservation, TunnelBody};
 
@@ -72,28 +73,30 @@ pub async fn run(on_upgrade: OnUpgrade, reservation: Reservation, agent: Agent) 
     };
     // The stream itself, as `http_server` gave it to hyper, when it can be had: no dynamic
     // dispatch per read and write, and TCP_USER_TIMEOUT can be set on its socket.
-    match downcast::<TokioIo<HandedOver<ClientStream>>>(upgraded) {
+    match downcast::<TokioIo<WatchedIo<HandedOver<ClientStream>>>>(upgraded) {
         Ok(parts) => {
-            let socket = parts.io.inner().get_ref().socket();
-            user_timeout(socket, &agent);
-            let io = HandedOver::new(parts.io.into_inner(), parts.read_buf);
+            let io = parts.io.into_inner().into_inner();
+            user_timeout(io.get_ref().socket(), &agent);
+            let io = HandedOver::new(io, parts.read_buf);
             serve(TokioIo::new(io), reservation, agent).await
         }
-        Err(upgraded) => match downcast::<TokioIo<HandedOver<TlsStream<TcpStream>>>>(upgraded) {
-            Ok(parts) => {
-                let socket = SockRef::from(parts.io.inner().get_ref().get_ref().0);
-                user_timeout(Ok(socket), &agent);
-                let io = HandedOver::new(parts.io.into_inner(), parts.read_buf);
-                serve(TokioIo::new(io), reservation, agent).await
+        Err(upgraded) => {
+            match downcast::<TokioIo<WatchedIo<HandedOver<TlsStream<TcpStream>>>>>(upgraded) {
+                Ok(parts) => {
+                    let io = parts.io.into_inner().into_inner();
+                    user_timeout(Ok(SockRef::from(io.get_ref().get_ref().0)), &agent);
+                    let io = HandedOver::new(io, parts.read_buf);
+                    serve(TokioIo::new(io), reservation, agent).await
+                }
+                Err(upgraded) => {
+                    debug!(
+                        "tunnel from {}: served without TCP_USER_TIMEOUT",
+                        agent.address
+                    );
+                    serve::<Upgraded>(upgraded, reservation, agent).await
+                }
             }
-            Err(upgraded) => {
-                debug!(
-                    "tunnel from {}: served without TCP_USER_TIMEOUT",
-                    agent.address
-                );
-                serve::<Upgraded>(upgraded, reservation, agent).await
-            }
-        },
+        }
     }
 }
 
