@@ -17,7 +17,8 @@
 //! Reads take no lock: every file is replaced whole, by a rename (`atomic_file::write`).
 //!
 //! A file name too long for that (longer than [`atomic_file::MAX_NAME_LEN`], 233 bytes: for
-//! names of 229 to 253 bytes, which DNS allows) is the SHA-256 of the name instead, in hex:
+//! names of 229 bytes and more in `names/`, 230 in `certs/`, up to the 253 DNS allows) is the
+//! SHA-256 of the name instead, in hex:
 //! `certs/<sha256>.pem`, `names/<sha256>.json` (see [`file_name`]). Listing reads the name of
 //! such a file from inside it: the certificate's, or the record's `name`.
 
