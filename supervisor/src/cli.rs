@@ -66,7 +66,9 @@ pub struct ServerOptions {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
     pub max_connections: Option<u32>,
 
-    /// Time a backend has to answer with a response header before the client gets 504
+    /// Time a backend has to answer with a response header before the client gets 504; also
+    /// the longest a backend may pause its body, a client its upload, and a client take
+    /// nothing of its response (then it is cut off)
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub backend_timeout: Duration,
 

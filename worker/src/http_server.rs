@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::accept_errors::AcceptErrors;
 use crate::acme_challenges::{RedirectToHttps, ACME_TLS_ALPN};
@@ -514,7 +514,7 @@ impl HttpServer {
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!("connection from {client}: {e}"),
-            Err(e) => debug!("connection from {client} closed: {e}"),
+            Err(e) => info!("connection from {client} closed: {e}"),
         }
     }
 

@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::info;
 
 use crate::send_deadline::Deadline;
 
@@ -57,7 +57,7 @@ where
                     .catch_unwind()
                     .map(|ended| {
                         if let Ok(Err(e)) = ended {
-                            debug!("HTTP/2 stream reset: {e}");
+                            info!("HTTP/2 stream reset: {e}");
                         }
                     }),
             ),
