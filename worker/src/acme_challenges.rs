@@ -109,6 +109,7 @@ impl Challenges {
     /// helper is new (see the module's doc).
     async fn find<T>(&self, find: impl Fn(&Challenge) -> Option<T>) -> Option<T> {
         let asked = Instant::now();
+        let mut waited = false;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -117,8 +118,8 @@ impl Challenges {
             let deadline = {
                 let pending = self.pending();
                 if let Some(found) = pending.by_id.values().find_map(&find) {
-                    let waited = asked.elapsed();
-                    if !waited.is_zero() {
+                    if waited {
+                        let waited = asked.elapsed();
                         info!("a validation waited {waited:?} for its challenge to come");
                     }
                     return Some(found);
@@ -132,6 +133,7 @@ impl Challenges {
                 _ = changed => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
+            waited = true;
         }
     }
 
