@@ -1,6 +1,7 @@
 //! A deadline for the next piece of a stream, restarted by every piece that arrives: what the
 //! request and response bodies use to end a peer that stalls (nginx's `client_body_timeout`
-//! and `proxy_read_timeout` work the same way: between two reads, not for the whole body).
+//! and `proxy_read_timeout` work the same way: between two reads, not for the whole body),
+//! and the send timeout for a client that takes nothing (`send_deadline`).
 //!
 //! The timer is only armed when a read has to wait, so data that is already there costs none.
 

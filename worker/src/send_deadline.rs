@@ -37,7 +37,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::futures::TaskLocalFuture;
-use tokio::time::{Instant, Sleep};
+
+use crate::read_deadline::ReadDeadline;
 
 tokio::task_local! {
     static PROGRESS: Arc<Progress>;
@@ -246,9 +247,9 @@ pin_project! {
         #[pin]
         inner: F,
         progress: Arc<Progress>,
-        timeout: Duration,
-        // Set while the response waits, with `moved` then: restarted when that changes.
-        timer: Option<(Pin<Box<Sleep>>, u64)>,
+        // Runs while the response waits; restarted when `progress` moves past `seen`.
+        deadline: ReadDeadline,
+        seen: u64,
     }
 }
 
@@ -264,8 +265,8 @@ impl<F: Future> Deadline<F> {
         Deadline {
             inner,
             progress,
-            timeout,
-            timer: None,
+            deadline: ReadDeadline::new(timeout),
+            seen: 0,
         }
     }
 
@@ -287,22 +288,14 @@ impl<F: Future> Future for Deadline<F> {
             return Poll::Pending;
         }
         let moved = this.progress.moved.load(Ordering::Relaxed);
-        let (timer, since) = match this.timer {
-            Some((timer, since)) => {
-                if *since != moved {
-                    timer.as_mut().reset(Instant::now() + *this.timeout);
-                }
-                (timer, since)
-            }
-            None => {
-                let timer = Box::pin(tokio::time::sleep(*this.timeout));
-                let (timer, since) = this.timer.insert((timer, moved));
-                (timer, since)
-            }
-        };
-        *since = moved;
-        ready!(timer.as_mut().poll(cx));
-        Poll::Ready(Err(TimedOut(*this.timeout)))
+        if *this.seen != moved {
+            *this.seen = moved;
+            this.deadline.moved();
+        }
+        if !this.deadline.poll_expired(cx) {
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(TimedOut(this.deadline.timeout())))
     }
 }
 
