@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use core_server_proto::logging::describe;
+use core_server_proto::tunnel;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
@@ -76,11 +77,11 @@ where
     }
 }
 
-/// The HTTP/2 server settings of a tunnel connection. A stream's window and what a response
-/// may queue beyond the worker's window are 512 KiB each (as the worker's): what an upload the
-/// app does not read, or a download whose client does not, holds here (about 1 MiB in all
-/// with the read from the app; 4 MiB each made an outside tester's 1,024 stalled downloads
-/// take 1.8 GB). Frames are large (256 KiB, hyper's default 16 KiB): fewer per megabyte. The
+/// The HTTP/2 server settings of a tunnel connection but its streams' window, which [`start`]
+/// sizes for the connection's round trip (`tunnel::stream_window`, as the worker does). What a
+/// response may queue beyond the worker's window is 512 KiB: what a download whose client does
+/// not read holds here, with the read from the app (4 MiB made an outside tester's 1,024
+/// stalled downloads take 1.8 GB). Frames are large (256 KiB, hyper's default 16 KiB): fewer per megabyte. The
 /// connection's window is no bound (1 GiB): a bound shared by all streams would let a few
 /// stalled uploads stall every other stream. Streams are capped by `max_streams` requests,
 /// not hyper's default of 200, and one more: the worker's control stream, open for as long as
@@ -91,7 +92,6 @@ pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(max_streams.saturating_add(1))
         .enable_connect_protocol()
-        .initial_stream_window_size(512 << 10)
         .initial_connection_window_size(1 << 30)
         .max_frame_size(256 << 10)
         .max_send_buf_size(512 << 10)
@@ -129,6 +129,8 @@ where
         service,
         control: control.clone(),
     };
+    let mut builder = builder.clone();
+    builder.initial_stream_window_size(tunnel::stream_window(tunnel.round_trip));
     let connection = builder.serve_connection(tunnel.io, router);
     let (stop, force) = (shutdown.stop.clone(), shutdown.force.clone());
     let drain_control = control.clone();

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::debug;
 
 use core_server_proto::tunnel::{AGENT_LABEL_HEADER, NONCE_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL};
@@ -27,6 +28,8 @@ pub(crate) struct Tunnel {
     /// The worker's nonce from the `101`: its control stream carries it.
     pub nonce: String,
     pub peer: SocketAddr,
+    /// From the upgrade request to the `101`: the tunnel's round trip.
+    pub round_trip: Duration,
 }
 
 /// Why a dial failed.
@@ -79,7 +82,7 @@ async fn dial_now(settings: &Settings) -> Result<Tunnel, DialError> {
         .map_err(DialError::Connect)?;
     let peer = tcp.peer_addr().map_err(DialError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let (io, nonce) = match &settings.tls {
+    let (io, nonce, round_trip) = match &settings.tls {
         Some((connector, name)) => {
             let tls = connector
                 .connect(name.clone(), tcp)
@@ -89,11 +92,17 @@ async fn dial_now(settings: &Settings) -> Result<Tunnel, DialError> {
         }
         None => upgrade(TokioIo::new(tcp), settings).await?,
     };
-    Ok(Tunnel { io, nonce, peer })
+    Ok(Tunnel {
+        io,
+        nonce,
+        peer,
+        round_trip,
+    })
 }
 
-/// The upgrade request on an HTTP/1.1 connection; the upgraded connection and the nonce.
-async fn upgrade<T>(io: T, settings: &Settings) -> Result<(Upgraded, String), DialError>
+/// The upgrade request on an HTTP/1.1 connection; the upgraded connection, the nonce and the
+/// round trip.
+async fn upgrade<T>(io: T, settings: &Settings) -> Result<(Upgraded, String, Duration), DialError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -114,7 +123,9 @@ where
         .header(AGENT_LABEL_HEADER, settings.label.as_str())
         .body(Empty::<bytes::Bytes>::new())
         .expect("a checked domain and label are valid header values");
+    let sent = Instant::now();
     let response = sender.send_request(request).await?;
+    let round_trip = sent.elapsed();
     match response.status() {
         StatusCode::SWITCHING_PROTOCOLS => {}
         StatusCode::UNAUTHORIZED => return Err(DialError::Refused),
@@ -147,7 +158,7 @@ where
         .map(str::to_owned)
         .ok_or(DialError::NoNonce)?;
     let io = hyper::upgrade::on(response).await?;
-    Ok((io, nonce))
+    Ok((io, nonce, round_trip))
 }
 
 /// The first line of what the proxy said with a refusal (core-server says why: "this domain has

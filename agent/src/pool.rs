@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use core_server_proto::tunnel;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http2;
@@ -67,8 +68,10 @@ where
                         warn!("WARNING: {name} is plaintext: the token and every request cross the network unencrypted");
                     }
                     info!(
-                        "tunnel for {domain} connected to {} (connection {slot} of {connections})",
-                        tunnel.peer
+                        "tunnel for {domain} connected to {} (connection {slot} of {connections}; round trip {:.1?}: a stream's window is {} KiB)",
+                        tunnel.peer,
+                        tunnel.round_trip,
+                        tunnel::stream_window(tunnel.round_trip) >> 10
                     );
                     match self.serve(tunnel, &name).await {
                         Ended::Replaced => {

@@ -16,11 +16,13 @@
 //! - [`mkcert`] is a throwaway mkcert CA (`CAROOT`) for local-mode HTTPS.
 //! - [`pebble`] is a real ACME CA (pebble, with pebble-challtestsrv as its DNS) for release mode.
 //! - [`agent`] runs the real `core-agent`, serving a domain through a reverse tunnel.
+//! - [`delay_link`] is a long network path on loopback: a forwarder delaying each direction.
 
 pub mod adder;
 pub mod agent;
 pub mod backend;
 pub mod big_body;
+pub mod delay_link;
 pub mod http;
 pub mod load;
 pub mod mkcert;

@@ -11,13 +11,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use core_server_proto::app_exchange::{MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS};
+use core_server_proto::tunnel;
 use hyper::rt::{Read, Write};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::upgrade::downcast;
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
@@ -32,17 +36,11 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
 pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Per-stream and per-connection receive windows: what an agent may send the worker before it
-/// reads. A stream may have 512 KiB in flight: about 17 MB/s over a 30 ms path (HAProxy's
-/// HTTP/2 client has 64 KiB), and on loopback within the spread of 2 MiB's (6 interleaved
-/// pairs of 4 x 100 MB tunnel downloads: medians 767 and 798 MB/s).
-///
-/// The stream's window is what a response its client does not read holds in the worker: an
-/// outside tester's 1,024 such streams took the worker to 1 GB with 2 MiB. The connection's is
-/// no bound at all (1 GiB, as Go's HTTP/2 client): every stream's unread bytes count against
-/// it too, so a few responses read slowly would fill a smaller one and stall every other
-/// stream of the connection (with 8 MiB, four slow clients did).
-const STREAM_WINDOW: u32 = 512 << 10;
+/// The connection's receive window: no bound at all (1 GiB, as Go's HTTP/2 client). Every
+/// stream's unread bytes count against it too, so a few responses read slowly would fill a
+/// smaller one and stall every other stream of the connection (with 8 MiB, four slow clients
+/// did). A stream's window is sized for the agent's round trip (`tunnel::stream_window`): it is
+/// what a response its client does not read holds in the worker.
 const CONNECTION_WINDOW: u32 = 1 << 30;
 /// The largest response head the worker takes from an agent: what it takes from an app on a
 /// local port, and so what an agent takes from its app (`app_exchange`), in HTTP/2's measure
@@ -72,31 +70,68 @@ pub async fn run(on_upgrade: OnUpgrade, reservation: Reservation, agent: Agent) 
         }
     };
     // The stream itself, as `http_server` gave it to hyper, when it can be had: no dynamic
-    // dispatch per read and write, and TCP_USER_TIMEOUT can be set on its socket.
+    // dispatch per read and write, TCP_USER_TIMEOUT can be set on its socket, and its round
+    // trip measured.
     match downcast::<TokioIo<WatchedIo<HandedOver<ClientStream>>>>(upgraded) {
         Ok(parts) => {
             let io = parts.io.into_inner().into_inner();
             user_timeout(io.get_ref().socket(), &agent);
-            let io = HandedOver::new(io, parts.read_buf);
-            serve(TokioIo::new(io), reservation, agent).await
+            timed(io, parts.read_buf, reservation, agent).await
         }
         Err(upgraded) => {
             match downcast::<TokioIo<WatchedIo<HandedOver<TlsStream<TcpStream>>>>>(upgraded) {
                 Ok(parts) => {
                     let io = parts.io.into_inner().into_inner();
                     user_timeout(Ok(SockRef::from(io.get_ref().get_ref().0)), &agent);
-                    let io = HandedOver::new(io, parts.read_buf);
-                    serve(TokioIo::new(io), reservation, agent).await
+                    timed(io, parts.read_buf, reservation, agent).await
                 }
                 Err(upgraded) => {
                     debug!(
-                        "tunnel from {}: served without TCP_USER_TIMEOUT",
+                        "tunnel from {}: served without TCP_USER_TIMEOUT, with the smallest windows",
                         agent.address
                     );
-                    serve::<Upgraded>(upgraded, reservation, agent).await
+                    serve::<Upgraded>(upgraded, reservation, agent, None).await
                 }
             }
         }
+    }
+}
+
+/// Serves `io` (of which `read` was read already) once the agent's round trip is known: the
+/// time from the `101` to its first bytes, its HTTP/2 SETTINGS, which it sends as soon as it
+/// reads the `101`. An agent that sends nothing within the time a silent one is found by PINGs
+/// is let go.
+async fn timed<S>(mut io: HandedOver<S>, read: Bytes, reservation: Reservation, agent: Agent)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !read.is_empty() || !io.already_read().is_empty() {
+        // Sent with the upgrade request, before the `101`: no round trip to time.
+        return serve(
+            TokioIo::new(HandedOver::new(io, read)),
+            reservation,
+            agent,
+            None,
+        )
+        .await;
+    }
+    let started = Instant::now();
+    let mut first = BytesMut::with_capacity(16 << 10);
+    let silence = KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT;
+    let result = tokio::select! {
+        result = tokio::time::timeout(silence, io.read_buf(&mut first)) => result,
+        () = reservation.killed() => return,
+    };
+    let address = agent.address;
+    match result {
+        Ok(Ok(n)) if n > 0 => {
+            let round_trip = started.elapsed();
+            let io = HandedOver::new(io, first.freeze());
+            serve(TokioIo::new(io), reservation, agent, Some(round_trip)).await
+        }
+        Ok(Ok(_)) => debug!("tunnel from {address}: closed after its 101"),
+        Ok(Err(e)) => debug!("tunnel from {address}: lost after its 101: {e}"),
+        Err(_) => info!("tunnel from {address}: nothing came within {silence:?} of its 101"),
     }
 }
 
@@ -111,20 +146,25 @@ fn user_timeout(socket: std::io::Result<SockRef<'_>>, agent: &Agent) {
 
 /// Runs the HTTP/2 client on the reversed connection with the tasks it spawns (see
 /// `local_tasks`), until they have all finished or the connection is killed.
-async fn serve<T>(io: T, reservation: Reservation, agent: Agent)
+async fn serve<T>(io: T, reservation: Reservation, agent: Agent, round_trip: Option<Duration>)
 where
     T: Read + Write + Unpin + Send + 'static,
 {
     let (executor, tasks) = local_tasks::new();
     tokio::select! {
-        () = tasks.run(http2_client(io, &reservation, agent, executor)) => {}
+        () = tasks.run(http2_client(io, &reservation, agent, round_trip, executor)) => {}
         () = reservation.killed() => {}
     }
 }
 
 /// The HTTP/2 client on the reversed connection, from its handshake to its end.
-async fn http2_client<T>(io: T, reservation: &Reservation, agent: Agent, executor: LocalExecutor)
-where
+async fn http2_client<T>(
+    io: T,
+    reservation: &Reservation,
+    agent: Agent,
+    round_trip: Option<Duration>,
+    executor: LocalExecutor,
+) where
     T: Read + Write + Unpin + Send + 'static,
 {
     let domain = reservation.domain().clone();
@@ -133,12 +173,13 @@ where
         address,
         nonce,
     } = agent;
+    let stream_window = tunnel::stream_window(round_trip.unwrap_or_default());
     let handshake = hyper::client::conn::http2::Builder::new(executor)
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_stream_window_size(stream_window)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
@@ -181,7 +222,11 @@ where
         debug!("{domain}: agent {label:?} at {address} not taken: {e}");
         return;
     }
-    info!("{domain}: agent {label:?} connected from {address}");
+    let round_trip = round_trip.map_or("unknown".into(), |rtt| format!("{rtt:.1?}"));
+    info!(
+        "{domain}: agent {label:?} connected from {address} (round trip {round_trip}: a stream's window is {} KiB)",
+        stream_window >> 10
+    );
 
     let (why, ended) = tokio::select! {
         result = connection.as_mut() => match result {

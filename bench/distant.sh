@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# A distant agent: a core-server tunnel and rathole, side by side, with the agent (rathole's
+# client) a long round trip away from the proxy (rathole's server), in one run on this machine:
+# 100 MB downloads and uploads, MB/s, with curl.
+#
+# The distance is `delay_link` (tests/src/delay_link.rs): a forwarder on loopback holding each
+# direction RTT_MS/2 milliseconds, with at most 4 MiB in flight each way, as TCP would have
+# (this kernel has no netem). Both the agent's connections and rathole's control and data
+# channels cross it; clients and the backend (nginx) are next to their end.
+# Prints the figures and the ratios tunnel / rathole. Only loopback traffic; every transfer is
+# bounded by LIMIT. Stops only the processes it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+RTT_MS=${RTT_MS:-50}
+TRANSFERS=${TRANSFERS:-2}     # 100 MB downloads and as many uploads per path and round
+LIMIT=${LIMIT:-60}            # seconds any one transfer may take
+
+source bench/lib.sh
+need nginx=nginx curl=curl
+need_rathole
+install_core_server core-agent
+cargo build -q -p core-server-tests --bin delay_link
+cp target/debug/delay_link "$work/"
+
+backend=$(free_port); http=$(free_port); https=$(free_port); udp=$(free_port)
+ctl=$(free_port); visitor=$(free_port)
+head -c 100000000 /dev/zero > "$work/100mb"
+chmod 644 "$work/100mb"
+start_backend "$backend"
+cleanup_hooks+=(show_err_logs_unless_finished)
+
+# delay_link TO: the port of a new path RTT_MS long to 127.0.0.1:TO.
+delay_link() {
+  local out=$work/link-$1
+  "$work/delay_link" "127.0.0.1:$1" $((RTT_MS / 2)) >"$out" 2>>"$work/delay_link.err" & pids+=($!)
+  for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
+  cat "$out"
+}
+
+RUST_LOG=info "$work/core-server" --mode local --http-port "$http" --https-port "$https" \
+  --udp-port "$udp" --dir "$work/state" 2>>"$work/core.err" &
+pids+=($!)
+wait_port "$http"
+token=$("$work/core-server" --udp-port "$udp" tunnel allow tunnel.bench 2>>"$work/allow.err")
+CORE_AGENT_TOKEN=$token RUST_LOG=info "$work/core-agent" tunnel.bench --to "127.0.0.1:$backend" \
+  --insecure-plaintext --connect "127.0.0.1:$(delay_link "$http")" 2>>"$work/agent.err" &
+pids+=($!)
+
+cat > "$work/server.toml" <<CONF
+[server]
+bind_addr = "127.0.0.1:$ctl"
+default_token = "bench"
+[server.services.app]
+bind_addr = "127.0.0.1:$visitor"
+nodelay = true
+CONF
+cat > "$work/client.toml" <<CONF
+[client]
+remote_addr = "127.0.0.1:$(delay_link "$ctl")"
+default_token = "bench"
+[client.services.app]
+local_addr = "127.0.0.1:$backend"
+nodelay = true
+CONF
+rathole --server "$work/server.toml" >"$work/rathole-server.err" 2>&1 & pids+=($!)
+rathole --client "$work/client.toml" >"$work/rathole-client.err" 2>&1 & pids+=($!)
+wait_port "$visitor"
+
+declare -A port=([tunnel]=$http [rathole]=$visitor)
+declare -A label=([tunnel]="core-server tunnel" [rathole]="rathole")
+paths=(tunnel rathole)
+for path in "${paths[@]}"; do
+  for _ in $(seq 100); do
+    body=$(curl -sS --max-time 2 -H "Host: tunnel.bench" "http://127.0.0.1:${port[$path]}/" 2>/dev/null) || true
+    [ "$body" = "hello from the backend" ] && break
+    sleep 0.2
+  done
+  [ "$body" = "hello from the backend" ] || { echo "${label[$path]}: '$body'" >&2; exit 1; }
+done
+
+# transfers PATH download|upload: the MB/s of each of TRANSFERS transfers of 100 MB (one cut
+# short, or an upload the backend did not store whole, stops the script).
+transfers() {
+  local code size speed
+  for _ in $(seq "$TRANSFERS"); do
+    if [ "$2" = download ]; then
+      read -r code size speed < <(curl -sS --max-time "$LIMIT" -o /dev/null -H "Host: tunnel.bench" \
+        -w '%{http_code} %{size_download} %{speed_download}\n' "http://127.0.0.1:${port[$1]}/100mb" || true)
+      [ "$code" = 200 ] && [ "$size" = 100000000 ] ||
+        { echo "${label[$1]}: a download was cut short ($code, $size bytes)" >&2; exit 1; }
+    else
+      rm -f "$sink/upload/body"
+      read -r code size speed < <(curl -sS --max-time "$LIMIT" -o /dev/null -H "Host: tunnel.bench" \
+        -H 'Expect:' -T "$work/100mb" -w '%{http_code} %{size_upload} %{speed_upload}\n' \
+        "http://127.0.0.1:${port[$1]}/upload/body" || true)
+      [[ $code == 20[14] ]] && [ "$(stat -c %s "$sink/upload/body" 2>/dev/null)" = 100000000 ] ||
+        { echo "${label[$1]}: an upload failed ($code, $size bytes)" >&2; exit 1; }
+    fi
+    awk -v s="$speed" 'BEGIN {printf "%.1f ", s / 1e6}'
+  done
+}
+
+declare -A runs_down runs_up
+order=("${paths[@]}")
+for round in $(seq "$ROUNDS"); do
+  for path in "${order[@]}"; do
+    runs_down[$path]+="$(transfers "$path" download)"
+    runs_up[$path]+="$(transfers "$path" upload)"
+  done
+  echo "round $round of $ROUNDS done (order: ${order[*]})"
+  order=("${order[@]:1}" "${order[0]}")
+done
+finished=1
+
+echo
+echo "$(nproc) cores; round trip ${RTT_MS} ms (delay_link, at most 4 MiB in flight each way)"
+echo "medians of $ROUNDS rounds of $TRANSFERS x 100 MB curl downloads and uploads"
+grep -o 'round trip [^)]*' "$work/agent.err" | head -1 | sed 's/^/core-agent: /' || true
+grep -o 'round trip [^)]*' "$work/core.err" | head -1 | sed 's/^/worker:     /' || true
+printf '%-22s %10s %16s %10s %16s\n' "" "download" "spread (min-max)" "upload" "spread (min-max)"
+declare -A DOWN UP
+for path in "${paths[@]}"; do
+  read -r DOWN[$path] low_down high_down <<<"$(stats <<<"${runs_down[$path]}")"
+  read -r UP[$path] low_up high_up <<<"$(stats <<<"${runs_up[$path]}")"
+  printf '%-22s %10s %16s %10s %16s\n' "${label[$path]}" "${DOWN[$path]}" "$low_down-$high_down" \
+    "${UP[$path]}" "$low_up-$high_up"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
+echo
+echo "tunnel / rathole download MB/s: $(ratio "${DOWN[tunnel]}" "${DOWN[rathole]}")"
+echo "tunnel / rathole upload MB/s:   $(ratio "${UP[tunnel]}" "${UP[rathole]}")"
