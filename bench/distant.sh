@@ -5,7 +5,7 @@
 #
 # The distance is `delay_link` (tests/src/delay_link.rs): a forwarder on loopback holding each
 # direction RTT_MS/2 milliseconds, with at most 4 MiB in flight each way, as TCP would have
-# (this kernel has no netem). Both the agent's connections and rathole's control and data
+# (this kernel has no netem; it models no slow start or loss). Both the agent's connections and rathole's control and data
 # channels cross it; clients and the backend (nginx) are next to their end.
 # Prints the figures and the ratios tunnel / rathole. Only loopback traffic; every transfer is
 # bounded by LIMIT. Stops only the processes it started.
@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
-RTT_MS=${RTT_MS:-50}
+RTT_MS=${RTT_MS:-50}         # an even number of milliseconds: half goes each way
+[ $((RTT_MS % 2)) = 0 ] || { echo "RTT_MS must be even" >&2; exit 1; }
 TRANSFERS=${TRANSFERS:-2}     # 100 MB downloads and as many uploads per path and round
 LIMIT=${LIMIT:-60}            # seconds any one transfer may take
 
@@ -21,6 +22,8 @@ source bench/lib.sh
 need nginx=nginx curl=curl
 need_rathole
 install_core_server core-agent
+# A debug build (its dependencies optimised, as for the tests) forwards far more than the
+# link lets through; a release build of the tests' package would rebuild the others' crates.
 cargo build -q -p core-server-tests --bin delay_link
 cp target/debug/delay_link "$work/"
 
@@ -31,12 +34,15 @@ chmod 644 "$work/100mb"
 start_backend "$backend"
 cleanup_hooks+=(show_err_logs_unless_finished)
 
-# delay_link TO: the port of a new path RTT_MS long to 127.0.0.1:TO.
-delay_link() {
-  local out=$work/link-$1
-  "$work/delay_link" "127.0.0.1:$1" $((RTT_MS / 2)) >"$out" 2>>"$work/delay_link.err" & pids+=($!)
-  for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
-  cat "$out"
+# start_link TO: a new path RTT_MS long to 127.0.0.1:TO (its port, once it listens, in
+# $work/link-TO: see link_port).
+start_link() {
+  "$work/delay_link" "127.0.0.1:$1" $((RTT_MS / 2)) >"$work/link-$1" 2>>"$work/delay_link.err" &
+  pids+=($!)
+}
+link_port() {
+  for _ in $(seq 50); do [ -s "$work/link-$1" ] && { cat "$work/link-$1"; return; }; sleep 0.1; done
+  echo "delay_link to port $1 did not start" >&2; exit 1
 }
 
 RUST_LOG=info "$work/core-server" --mode local --http-port "$http" --https-port "$https" \
@@ -44,8 +50,12 @@ RUST_LOG=info "$work/core-server" --mode local --http-port "$http" --https-port 
 pids+=($!)
 wait_port "$http"
 token=$("$work/core-server" --udp-port "$udp" tunnel allow tunnel.bench 2>>"$work/allow.err")
+start_link "$http"
+start_link "$ctl"
+link_http=$(link_port "$http")
+link_ctl=$(link_port "$ctl")
 CORE_AGENT_TOKEN=$token RUST_LOG=info "$work/core-agent" tunnel.bench --to "127.0.0.1:$backend" \
-  --insecure-plaintext --connect "127.0.0.1:$(delay_link "$http")" 2>>"$work/agent.err" &
+  --insecure-plaintext --connect "127.0.0.1:$link_http" 2>>"$work/agent.err" &
 pids+=($!)
 
 cat > "$work/server.toml" <<CONF
@@ -58,7 +68,7 @@ nodelay = true
 CONF
 cat > "$work/client.toml" <<CONF
 [client]
-remote_addr = "127.0.0.1:$(delay_link "$ctl")"
+remote_addr = "127.0.0.1:$link_ctl"
 default_token = "bench"
 [client.services.app]
 local_addr = "127.0.0.1:$backend"
@@ -122,8 +132,8 @@ grep -o 'round trip [^)]*' "$work/core.err" | head -1 | sed 's/^/worker:     /' 
 printf '%-22s %10s %16s %10s %16s\n' "" "download" "spread (min-max)" "upload" "spread (min-max)"
 declare -A DOWN UP
 for path in "${paths[@]}"; do
-  read -r DOWN[$path] low_down high_down <<<"$(stats <<<"${runs_down[$path]}")"
-  read -r UP[$path] low_up high_up <<<"$(stats <<<"${runs_up[$path]}")"
+  read -r "DOWN[$path]" low_down high_down <<<"$(stats <<<"${runs_down[$path]}")"
+  read -r "UP[$path]" low_up high_up <<<"$(stats <<<"${runs_up[$path]}")"
   printf '%-22s %10s %16s %10s %16s\n' "${label[$path]}" "${DOWN[$path]}" "$low_down-$high_down" \
     "${UP[$path]}" "$low_up-$high_up"
 done

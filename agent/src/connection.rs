@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use core_server_proto::logging::describe;
-use core_server_proto::tunnel;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
@@ -78,11 +77,11 @@ where
 }
 
 /// The HTTP/2 server settings of a tunnel connection but its streams' window, which [`start`]
-/// sizes for the connection's round trip (`tunnel::stream_window`, as the worker does). What a
+/// sizes for the connection's round trip (`Tunnel::stream_window`, as the worker does). What a
 /// response may queue beyond the worker's window is 512 KiB: what a download whose client does
 /// not read holds here, with the read from the app (4 MiB made an outside tester's 1,024
-/// stalled downloads take 1.8 GB). Frames are large (256 KiB, hyper's default 16 KiB): fewer per megabyte. The
-/// connection's window is no bound (1 GiB): a bound shared by all streams would let a few
+/// stalled downloads take 1.8 GB). Frames are large (256 KiB, hyper's default 16 KiB): fewer
+/// per megabyte. The connection's window is no bound (1 GiB): a bound shared by all streams would let a few
 /// stalled uploads stall every other stream. Streams are capped by `max_streams` requests,
 /// not hyper's default of 200, and one more: the worker's control stream, open for as long as
 /// the connection. The PINGs notice a proxy that went silent (no FIN) within 3 + 5 s.
@@ -124,13 +123,13 @@ where
     B: Body + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let mut builder = builder.clone();
+    builder.initial_stream_window_size(tunnel.stream_window());
     let control = Control::new(tunnel.nonce, shutdown.tasks.clone());
     let router = Router {
         service,
         control: control.clone(),
     };
-    let mut builder = builder.clone();
-    builder.initial_stream_window_size(tunnel::stream_window(tunnel.round_trip));
     let connection = builder.serve_connection(tunnel.io, router);
     let (stop, force) = (shutdown.stop.clone(), shutdown.force.clone());
     let drain_control = control.clone();

@@ -32,6 +32,13 @@ pub(crate) struct Tunnel {
     pub round_trip: Duration,
 }
 
+impl Tunnel {
+    /// The receive window of its streams, sized for its round trip.
+    pub fn stream_window(&self) -> u32 {
+        core_server_proto::tunnel::stream_window(self.round_trip)
+    }
+}
+
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DialError {

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use core_server_proto::tunnel;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http2;
@@ -71,7 +70,7 @@ where
                         "tunnel for {domain} connected to {} (connection {slot} of {connections}; round trip {:.1?}: a stream's window is {} KiB)",
                         tunnel.peer,
                         tunnel.round_trip,
-                        tunnel::stream_window(tunnel.round_trip) >> 10
+                        tunnel.stream_window() >> 10
                     );
                     match self.serve(tunnel, &name).await {
                         Ended::Replaced => {

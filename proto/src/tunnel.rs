@@ -15,7 +15,11 @@
 //! A hash of a random secret needs no salt or slow KDF: nothing can be guessed from it.
 //!
 //! Each end sizes the receive window of the tunnel's streams for the round trip it measured
-//! while the tunnel was set up ([`stream_window`]): an agent may be next door or a continent away.
+//! while the tunnel was set up ([`stream_window`]): an agent may be next door or a continent
+//! away. The agent times its upgrade request to the `101`; the worker, the `101` to the agent's
+//! first bytes, so it sends its HTTP/2 preface only once they came: the agent's HTTP/2 server
+//! must speak first (as h2's does: a server sends its SETTINGS without waiting for the client's
+//! preface). Setting up a tunnel takes one round trip more for it.
 
 use std::fmt;
 use std::io;
@@ -197,24 +201,25 @@ pub struct AgentConnection {
 /// The rate one stream's receive window is sized for: a fast download from a distant agent.
 const STREAM_RATE: f64 = 100e6;
 /// The window of a stream over a short path (a LAN, the same host): on loopback as fast as 2
-/// MiB (6 interleaved pairs of 4 x 100 MB downloads: medians 767 and 798 MB/s), and what a
-/// response its client does not read may hold at each end (an outside tester's 1,024 such
-/// streams took the worker to 1 GB with 2 MiB).
+/// MiB (6 interleaved pairs of 4 x 100 MB downloads: medians 767 and 798 MB/s).
 const MIN_STREAM_WINDOW: u32 = 512 << 10;
-/// The most: what one TCP connection keeps in flight with Linux's default largest send buffer
-/// (`net.ipv4.tcp_wmem`, 4 MiB), twice over (see [`stream_window`]).
-const MAX_STREAM_WINDOW: u32 = 8 << 20;
+/// The most: Go's HTTP/2 client's window, and about what one TCP connection keeps in flight
+/// with Linux's default largest send buffer (`net.ipv4.tcp_wmem`, 4 MiB). 8 MiB moved a
+/// download from an agent 50 ms away a seventh faster (77 MB/s against 68, `bench/distant.sh`)
+/// but would let one client's 128 streams hold 1 GiB in the worker.
+const MAX_STREAM_WINDOW: u32 = 4 << 20;
 
 /// The receive window (HTTP/2's `SETTINGS_INITIAL_WINDOW_SIZE`) for the streams of a tunnel
 /// whose round trip is `rtt`: twice what [`STREAM_RATE`] keeps in flight over it, as the
 /// receiver gives a window back only once half of it is used; at least 512 KiB (up to about
-/// 2.6 ms) and at most 8 MiB (from about 42 ms).
+/// 2.6 ms) and at most 4 MiB (from about 21 ms).
 ///
-/// A stream moves at most one window per round trip: with 512 KiB, a download from an agent
-/// 50 ms away ran at 9.8 MB/s, against rathole's 78 on the same path; with 4 MiB, 68; with 8,
-/// 77 (`bench/distant.sh`). The price is what a response whose client does not read holds in
-/// the worker (and an upload its app does not read, in the agent) until the send timeout: up
-/// to a window.
+/// A stream moves at most one window per round trip: with 512 KiB alone, a download from an
+/// agent 50 ms away ran at 9.8 MB/s, with 4 MiB at 68 (`bench/distant.sh`). The price is what
+/// a stream whose reader stalls holds: a response whose client does not read, in the worker,
+/// for as long as the client takes a piece per send timeout (an outside tester's 1,024 such
+/// streams from a near agent took the worker to 1 GB with 2 MiB); an upload its app does not
+/// read, in the agent, for as long as the upload lasts. Up to a window each.
 pub fn stream_window(rtt: Duration) -> u32 {
     // `as` saturates: an absurd round trip gives the largest window, not a wrapped one.
     ((2.0 * rtt.as_secs_f64() * STREAM_RATE) as u32).clamp(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW)
@@ -270,7 +275,7 @@ mod tests {
         assert_eq!(window(0.05), 512 << 10, "loopback");
         assert_eq!(window(2.5), 512 << 10);
         assert_eq!(window(10.0), 2_000_000);
-        assert_eq!(window(50.0), 8 << 20);
-        assert_eq!(stream_window(Duration::MAX), 8 << 20);
+        assert_eq!(window(50.0), 4 << 20);
+        assert_eq!(stream_window(Duration::MAX), 4 << 20);
     }
 }

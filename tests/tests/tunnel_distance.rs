@@ -69,37 +69,62 @@ async fn a_distant_agent_gets_windows_for_its_round_trip_larger_than_a_near_ones
     );
     far.wait_connected(&server, 1);
 
-    // It carries 8 MiB each way whole.
+    // 8 MiB each way, whole; each end let the other send more than 512 KiB ahead (HTTP/2 flow
+    // control holds a stream's bytes in flight to its window: the link saw the windows used).
     let body: String = (0..8 << 20)
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
-    for _ in 0..2 {
-        let request = Request::post(format!("http://127.0.0.1:{}/echo", server.http_port))
-            .header("host", APP)
-            .body(Full::new(Bytes::from(body.clone())))
-            .unwrap();
-        let reply = send(request).await;
-        assert_eq!(reply.status, 200);
-        assert!(reply.body == body, "{} bytes came back", reply.body.len());
+    let request = Request::post(format!("http://127.0.0.1:{}/echo", server.http_port))
+        .header("host", APP)
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let reply = send(request).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body == body, "{} bytes came back", reply.body.len());
+    let (responses, requests) = link.peaks();
+    for (way, peak) in [
+        ("agent to worker", responses),
+        ("worker to agent", requests),
+    ] {
+        assert!(peak > 1 << 20, "{way}: at most {peak} bytes in flight");
     }
 
     let near = Agent::start(&server, APP, &token, &to, &["--connections", "1"]);
     near.wait_connected(&server, 1);
+    // Each end sized the far agent's windows for 100 ms, the near one's for less.
+    let far_label = format!("{:?}", far.label);
     for (log, who) in [
-        (server.log(), format!("{:?}", far.label)),
+        (server_log(&server, &far_label), far_label),
         (far.log(), APP.into()),
     ] {
         let (rtt, window) = measured(&log, &who);
-        assert!(rtt >= 2 * ONE_WAY, "{who}: {rtt:?}");
-        assert_eq!(window, 8192, "{who}: 8 MiB from a 42 ms round trip on");
+        assert!(rtt > ONE_WAY, "{who}: {rtt:?}");
+        assert_eq!(window, 4096, "{who}: 4 MiB from a 21 ms round trip on");
     }
+    let near_label = format!("{:?}", near.label);
     for (log, who) in [
-        (server.log(), format!("{:?}", near.label)),
+        (server_log(&server, &near_label), near_label),
         (near.log(), APP.into()),
     ] {
         let (rtt, window) = measured(&log, &who);
         assert!(rtt < 2 * ONE_WAY, "{who}: {rtt:?}");
-        // 512 KiB on an idle machine; a busy one can take a few milliseconds to answer.
-        assert!((512..8192).contains(&window), "{who}: {window} KiB");
+        // 512 KiB on an idle machine; a busy one can take some milliseconds to answer.
+        assert!(window < 4096, "{who}: {window} KiB");
     }
+}
+
+/// The server's log once it holds the worker's line for the agent labelled `who` (written just
+/// after the agent shows in `status`), within 10 s.
+fn server_log(server: &CoreServer, who: &str) -> String {
+    for _ in 0..100 {
+        let log = server.log();
+        if log
+            .lines()
+            .any(|l| l.contains(who) && l.contains("round trip"))
+        {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.log()
 }

@@ -76,14 +76,14 @@ pub async fn run(on_upgrade: OnUpgrade, reservation: Reservation, agent: Agent) 
         Ok(parts) => {
             let io = parts.io.into_inner().into_inner();
             user_timeout(io.get_ref().socket(), &agent);
-            timed(io, parts.read_buf, reservation, agent).await
+            measure_then_serve(io, parts.read_buf, reservation, agent).await
         }
         Err(upgraded) => {
             match downcast::<TokioIo<WatchedIo<HandedOver<TlsStream<TcpStream>>>>>(upgraded) {
                 Ok(parts) => {
                     let io = parts.io.into_inner().into_inner();
                     user_timeout(Ok(SockRef::from(io.get_ref().get_ref().0)), &agent);
-                    timed(io, parts.read_buf, reservation, agent).await
+                    measure_then_serve(io, parts.read_buf, reservation, agent).await
                 }
                 Err(upgraded) => {
                     debug!(
@@ -101,8 +101,12 @@ pub async fn run(on_upgrade: OnUpgrade, reservation: Reservation, agent: Agent) 
 /// time from the `101` to its first bytes, its HTTP/2 SETTINGS, which it sends as soon as it
 /// reads the `101`. An agent that sends nothing within the time a silent one is found by PINGs
 /// is let go.
-async fn timed<S>(mut io: HandedOver<S>, read: Bytes, reservation: Reservation, agent: Agent)
-where
+async fn measure_then_serve<S>(
+    mut io: HandedOver<S>,
+    read: Bytes,
+    reservation: Reservation,
+    agent: Agent,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if !read.is_empty() || !io.already_read().is_empty() {
@@ -121,6 +125,7 @@ where
     let result = tokio::select! {
         result = tokio::time::timeout(silence, io.read_buf(&mut first)) => result,
         () = reservation.killed() => return,
+        () = reservation.leave() => return,
     };
     let address = agent.address;
     match result {
