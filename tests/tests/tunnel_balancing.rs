@@ -1,6 +1,6 @@
 //! Several agents serve one tunnel domain: both get traffic; under load, a SIGKILLed agent
-//! fails at most the requests it had in flight and none after the worker noticed; a SIGTERMed
-//! agent drains and fails none at all. One agent connection carries more requests at once than
+//! fails no GET (those it had in flight go to the other agent); a SIGTERMed agent drains and
+//! fails none at all. One agent connection carries more requests at once than
 //! hyper's default cap of 200 streams.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,25 +87,19 @@ async fn both_agents_get_traffic() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_sigkilled_agent_fails_only_what_it_had_in_flight() {
+async fn a_sigkilled_agent_fails_no_get_those_in_flight_go_to_the_other() {
     let two = two_agents(Duration::from_millis(20)).await;
     let load = two.load();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(two.counts()[0] > 0, "agent a serves before it is killed");
     two.agents[0].signal(Signal::SIGKILL);
     let detected = two.agents[0].wait_connected(&two.server, 0);
-    let during = load.finish().await;
-    eprintln!("detected after {detected:?}; {during:?}");
-    assert!(
-        during.failures() <= (KEEP_ALIVE + FRESH) as u64,
-        "more failures than requests in flight: {during:?}"
-    );
-
-    let after = two.load();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = after.finish().await;
-    assert!(after.ok > 0, "{after:?}");
-    assert_eq!(after.failures(), 0, "after detection: {after:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = load.finish().await;
+    let [a, b] = two.counts();
+    eprintln!("detected after {detected:?}; {counts:?}; agent a served {a}, agent b {b}");
+    assert!(counts.ok > 0, "{counts:?}");
+    assert_eq!(counts.failures(), 0, "{counts:?}\n{}", two.server.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]

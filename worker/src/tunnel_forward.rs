@@ -8,16 +8,23 @@
 //!
 //! An agent connection that is closing (its agent draining, or gone) hands back the requests it
 //! has not sent: hyper's `try_send_request` returns them, and each goes to a fresh pick, its body
-//! untouched, at most [`TRIES`] times in all. An error after a request has left is the agent's
-//! (the proxy answers 502, and the exchange's deadlines apply, as for a local backend); no agent
-//! within the wait is a 503.
+//! untouched. A request the connection took and then failed before an answer (the agent killed,
+//! its machine gone silent) goes to a fresh pick too if it may be sent again: idempotent and
+//! without a body (RFC 9110 §9.2.2; nginx's `proxy_next_upstream error timeout` does so), or
+//! unprocessed (a GOAWAY's last stream came before it, or RST_STREAM with REFUSED_STREAM, RFC
+//! 9113 §8.7). A killed agent's other connections may take it and fail it too before the worker
+//! notices. Either way a request goes out at most [`TRIES`] times in all. Any other error after
+//! a request has left is the agent's (the proxy answers 502, and the exchange's deadlines apply,
+//! as for a local backend); no agent within the wait is a 503.
 
 use std::future::Future;
 
 use core_server_proto::domain::Domain;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{request, Request, Response, Uri, Version};
+use http_body_util::{BodyExt, Either, Empty};
+use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::ext::Protocol;
@@ -27,8 +34,9 @@ use crate::proxy::BackendError;
 use crate::tunnels::{Lease, NoAgent, TunnelBody};
 
 /// How many agent connections one request may be offered to: a connection hands a request back
-/// only when it is closing, and the registry picks no closing one twice, so a third refusal
-/// means the domain's agents are all going away.
+/// only when it is closing or fails it, and the registry picks no such one twice, so a third
+/// means the domain's agents are all going away (an agent's two connections, by default, die
+/// together).
 pub const TRIES: usize = 3;
 
 /// What the forwarding needs of its claim on an agent connection: a [`Lease`] from the registry
@@ -88,7 +96,8 @@ pub fn address<B>(
 
 /// Sends `request` (addressed by [`address`]) on an agent connection from `pick`, and returns
 /// the response head with the lease it came on (to hold until the body ends). A connection
-/// that hands the request back unsent is retired, and the request offered to the next pick.
+/// that hands the request back unsent, or fails it when it may be sent again, is retired, and
+/// the request offered to the next pick.
 pub async fn send<L, P, F>(
     mut request: Request<TunnelBody>,
     mut pick: P,
@@ -99,6 +108,15 @@ where
     F: Future<Output = Result<L, NoAgent>>,
 {
     let extended_connect = request.extensions().get::<Protocol>().is_some();
+    // What sends the request again, if it may be and its connection fails.
+    let again = if extended_connect || !request.body().is_end_stream() {
+        None
+    } else {
+        let (head, body) = request.into_parts();
+        let again = head.clone();
+        request = Request::from_parts(head, body);
+        Some(again)
+    };
     let mut tries = 0;
     loop {
         tries += 1;
@@ -115,7 +133,15 @@ where
             Err(e) => e,
         };
         let Some(unsent) = e.take_message() else {
-            return Err(BackendError::Http(e.into_error()));
+            let error = e.into_error();
+            let resend = again.as_ref().filter(|head| may_resend(head, &error));
+            let Some(head) = resend.filter(|_| tries < TRIES).cloned() else {
+                return Err(BackendError::Http(error));
+            };
+            lease.retire();
+            debug!("an agent connection failed before answering ({error}): sending it again");
+            request = Request::from_parts(head, Either::Right(Empty::new().boxed()));
+            continue;
         };
         lease.retire();
         if tries == TRIES {
@@ -123,6 +149,20 @@ where
         }
         debug!("an agent connection handed a request back unsent (it is closing): retrying");
         request = unsent;
+    }
+}
+
+/// Whether a bodiless request that failed with `error` before its answer may be sent again:
+/// the agent refused it unprocessed, or its connection failed (rather than the agent resetting
+/// this one stream) and it is idempotent.
+fn may_resend(head: &request::Parts, error: &hyper::Error) -> bool {
+    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
+    match h2 {
+        // Not processed: a GOAWAY's last stream came before it, or the agent refused it.
+        Some(e) if e.is_go_away() && e.is_remote() => true,
+        Some(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => true,
+        Some(e) if e.is_reset() && e.is_remote() => false,
+        _ => head.method.is_idempotent(),
     }
 }
 
@@ -583,8 +623,8 @@ pub(crate) mod tests {
         assert!(page.contains("closed before taking the request"), "{page}");
     }
 
-    #[tokio::test]
-    async fn an_agent_dying_before_its_answer_is_a_bad_gateway() {
+    /// An agent that never answers; `arrived` has a message once a request reached it.
+    async fn silent_agent() -> (TestAgent, mpsc::Receiver<()>) {
         let (arrived_tx, arrived) = mpsc::channel::<()>(1);
         let agent = agent(
             move |_| {
@@ -597,14 +637,34 @@ pub(crate) mod tests {
             true,
         )
         .await;
-        let mut client = front(vec![agent.lease.clone()]).await;
-        let response = tokio::spawn(client.send_request(get("/")));
-        let mut arrived = arrived;
-        arrived.recv().await.unwrap();
-        agent.server.abort();
-        let response = response.await.unwrap().unwrap();
-        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(agent.lease.retired.load(Ordering::Relaxed), 0);
+        (agent, arrived)
+    }
+
+    #[tokio::test]
+    async fn a_get_whose_agent_dies_before_answering_goes_to_the_next_a_post_is_a_bad_gateway() {
+        let arrived_live = Arc::new(AtomicUsize::new(0));
+        let live = named_agent("the live agent", arrived_live.clone()).await;
+        let post = Request::post("/")
+            .header("host", "app.example.com")
+            .body(Full::new(Bytes::from("an order")).boxed())
+            .unwrap();
+        for (request, status, served) in [
+            (get("/"), StatusCode::OK, 1),
+            (post, StatusCode::BAD_GATEWAY, 1),
+        ] {
+            let (dying, mut arrived) = silent_agent().await;
+            let mut client = front(vec![dying.lease.clone(), live.lease.clone()]).await;
+            let method = request.method().clone();
+            let response = tokio::spawn(client.send_request(request));
+            arrived.recv().await.unwrap();
+            dying.server.abort();
+            let response = response.await.unwrap().unwrap();
+            assert_eq!(response.status(), status, "{method}");
+            assert_eq!(arrived_live.load(Ordering::Relaxed), served, "{method}");
+            if status == StatusCode::OK {
+                assert_eq!(text(response.into_body()).await, "from the live agent");
+            }
+        }
     }
 
     #[tokio::test]
