@@ -37,6 +37,7 @@ use std::future::{poll_fn, Future};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Deref;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -88,6 +89,8 @@ pub struct BackendPool {
     raw: IdleLists<TcpStream>,
     /// `backend_timeout`: for connecting, and for an upload the backend stops taking.
     timeout: Duration,
+    /// Idle connections [`Self::close_idle`] has closed so far, whoever asked.
+    closed_idle: AtomicUsize,
 }
 
 /// One HTTP/1.1 connection to a backend: the handle requests go through, and the future that
@@ -151,6 +154,7 @@ impl BackendPool {
             idle: Mutex::new(HashMap::new()),
             raw: Mutex::new(HashMap::new()),
             timeout,
+            closed_idle: AtomicUsize::new(0),
         });
         tokio::spawn(sweep(Arc::downgrade(&pool)));
         pool
@@ -291,13 +295,20 @@ impl BackendPool {
     }
 
     /// Closes every idle connection, to every app: the worker is out of file descriptors, and
-    /// these are only a cache. How many there were.
+    /// these are only a cache. How many it has closed so far in all, whoever asked: a request
+    /// that found no descriptor to connect with may have closed them all just before the accept
+    /// loop, out of descriptors at the same moment, asks and finds none.
     pub fn close_idle(&self) -> usize {
-        fn close_all<C>(lists: &IdleLists<C>) -> usize {
+        fn close_all<C>(lists: &IdleLists<C>, closed: &AtomicUsize) {
             let mut lists = lists.lock().expect("pool lock");
-            lists.drain().map(|(_, list)| list.len()).sum()
+            let count = lists.drain().map(|(_, list)| list.len()).sum();
+            // Counted before the lock is let go: whoever takes it next and finds none left
+            // counts them.
+            closed.fetch_add(count, Ordering::Relaxed);
         }
-        close_all(&self.idle) + close_all(&self.raw)
+        close_all(&self.idle, &self.closed_idle);
+        close_all(&self.raw, &self.closed_idle);
+        self.closed_idle.load(Ordering::Relaxed)
     }
 
     /// Keeps `connection` for the next request to `port`, if it is ready for one and there is

@@ -152,6 +152,8 @@ impl HttpServer {
             tasks.spawn(server.clone().run_parked(stop.clone(), tasks.clone()));
         }
         let mut errors = AcceptErrors::default();
+        // `close_idle_backends`' count as of the last failed accept.
+        let mut backends_closed = 0;
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -179,10 +181,15 @@ impl HttpServer {
                     if let Some(pause) = errors.failed(&e) {
                         // Out of descriptors: idle connections give theirs back, those to apps
                         // first (only a cache), clients' only when those were few (a client
-                        // whose request is not read yet counts as idle). Out of this
-                        // process's descriptors (not the system's, nor memory), the cap
-                        // comes down to what fits.
-                        if server.proxy.close_idle_backends() < EVICTION_BATCH {
+                        // whose request is not read yet counts as idle). Few counts those
+                        // closed since the last failed accept by anyone: a request out of
+                        // descriptors to connect with at the same moment may have just closed
+                        // them all, and taken for few, they would have cost clients whose
+                        // requests were on their way. Out of this process's descriptors (not
+                        // the system's, nor memory), the cap comes down to what fits.
+                        let closed = server.proxy.close_idle_backends();
+                        let freed = closed - std::mem::replace(&mut backends_closed, closed);
+                        if freed < EVICTION_BATCH {
                             if e.raw_os_error() == Some(nix::libc::EMFILE) {
                                 server.limit.out_of_descriptors();
                             } else {

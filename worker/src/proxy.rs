@@ -238,7 +238,8 @@ impl Proxy {
         }
     }
 
-    /// Closes the idle pooled connections to apps: the worker is out of file descriptors.
+    /// Closes the idle pooled connections to apps: the worker is out of file descriptors. How
+    /// many were closed so far in all, for anyone (see `BackendPool::close_idle`).
     pub fn close_idle_backends(&self) -> usize {
         self.backends.close_idle()
     }
