@@ -7,15 +7,17 @@
 //! its own `X-Forwarded-*`, as for a local backend; trailers pass both ways (HTTP/2 carries them).
 //!
 //! An agent connection that is closing (its agent draining, or gone) hands back the requests it
-//! has not sent: hyper's `try_send_request` returns them, and each goes to a fresh pick, its body
-//! untouched. A request the connection took and then failed before an answer (the agent killed,
-//! its machine gone silent) goes to a fresh pick too if it may be sent again: idempotent and
-//! without a body (RFC 9110 §9.2.2; nginx's `proxy_next_upstream error timeout` does so), or
-//! unprocessed (a GOAWAY's last stream came before it, or RST_STREAM with REFUSED_STREAM, RFC
-//! 9113 §8.7). A killed agent's other connections may take it and fail it too before the worker
-//! notices. Either way a request goes out at most [`TRIES`] times in all. Any other error after
-//! a request has left is the agent's (the proxy answers 502, and the exchange's deadlines apply,
-//! as for a local backend); no agent within the wait is a 503.
+//! has not sent yet: hyper's `try_send_request` returns them, and each goes to a fresh pick, its
+//! body untouched. A request without a body that a connection took and then failed before an
+//! answer is sent again, to a fresh pick, when that is safe: the agent did not process it (a
+//! GOAWAY's last stream came before it, or RST_STREAM with REFUSED_STREAM, RFC 9113 §8.7), or
+//! its connection failed (the agent killed, its machine gone silent) and it is idempotent (RFC
+//! 9110 §9.2.2; nginx's `proxy_next_upstream error timeout` does so too). A request with a body
+//! is not: its body went as it came, not kept. A killed agent's other connections may take a
+//! request and fail it too before the worker notices; a request goes out at most [`TRIES`]
+//! times in all. Any other error after a request has left is the agent's (the proxy answers
+//! 502, and the exchange's deadlines apply, as for a local backend: all tries share them); no
+//! agent within the wait is a 503.
 
 use std::future::Future;
 
@@ -28,7 +30,7 @@ use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::ext::Protocol;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::proxy::BackendError;
 use crate::tunnels::{Lease, NoAgent, TunnelBody};
@@ -134,12 +136,21 @@ where
         };
         let Some(unsent) = e.take_message() else {
             let error = e.into_error();
-            let resend = again.as_ref().filter(|head| may_resend(head, &error));
-            let Some(head) = resend.filter(|_| tries < TRIES).cloned() else {
+            let resend = match &again {
+                Some(head) if tries < TRIES => resend(head, &error),
+                _ => Resend::No,
+            };
+            let (Resend::Again { retire }, Some(head)) = (resend, again.clone()) else {
                 return Err(BackendError::Http(error));
             };
-            lease.retire();
-            debug!("an agent connection failed before answering ({error}): sending it again");
+            if retire {
+                lease.retire();
+            }
+            let host = head.uri.authority().map_or("", |a| a.as_str());
+            info!(
+                "{host}: an agent connection failed a {} before answering ({error}): sending it again",
+                head.method
+            );
             request = Request::from_parts(head, Either::Right(Empty::new().boxed()));
             continue;
         };
@@ -152,17 +163,42 @@ where
     }
 }
 
+/// What may follow a bodiless request's failure before its answer.
+enum Resend {
+    No,
+    /// To another connection; `retire`: this one is failing (the registry picks it no more).
+    Again {
+        retire: bool,
+    },
+}
+
 /// Whether a bodiless request that failed with `error` before its answer may be sent again:
-/// the agent refused it unprocessed, or its connection failed (rather than the agent resetting
-/// this one stream) and it is idempotent.
-fn may_resend(head: &request::Parts, error: &hyper::Error) -> bool {
-    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
-    match h2 {
-        // Not processed: a GOAWAY's last stream came before it, or the agent refused it.
-        Some(e) if e.is_go_away() && e.is_remote() => true,
-        Some(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => true,
-        Some(e) if e.is_reset() && e.is_remote() => false,
-        _ => head.method.is_idempotent(),
+/// the agent did not process it, or its connection failed (not this one exchange) and it is
+/// idempotent.
+fn resend(head: &request::Parts, error: &hyper::Error) -> Resend {
+    let source = std::error::Error::source(error);
+    if let Some(e) = source.and_then(|e| e.downcast_ref::<h2::Error>()) {
+        return if e.is_go_away() && e.is_remote() {
+            // It came after the last stream the agent's GOAWAY says it processed.
+            Resend::Again { retire: true }
+        } else if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            // Refused unprocessed (RFC 9113 §8.7); the connection goes on.
+            Resend::Again { retire: false }
+        } else {
+            // This stream reset, a malformed answer, a local limit: about this exchange (the
+            // agent may have answered), not the connection.
+            Resend::No
+        };
+    }
+    // hyper turns h2's IO errors into its own: the connection broke, closed, or went silent.
+    let connection_failed = source.is_some_and(|e| e.is::<std::io::Error>())
+        || error.is_timeout()
+        || error.is_closed()
+        || error.is_canceled();
+    if connection_failed && head.method.is_idempotent() {
+        Resend::Again { retire: true }
+    } else {
+        Resend::No
     }
 }
 
@@ -277,21 +313,39 @@ pub(crate) mod tests {
             }
             let _ = connection.await;
         });
+        TestAgent {
+            lease: lease_on(worker_io, extended_connect).await,
+            server,
+            goaway: Some(goaway),
+        }
+    }
+
+    /// The worker's HTTP/2 client on its end of a test agent's pipe.
+    async fn lease_on(worker_io: tokio::io::DuplexStream, extended_connect: bool) -> TestLease {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake::<_, TunnelBody>(TokioIo::new(worker_io))
             .await
             .expect("HTTP/2 handshake with the test agent");
         tokio::spawn(connection);
-        TestAgent {
-            lease: TestLease {
-                sender,
-                extended_connect,
-                retired: Arc::default(),
-            },
-            server,
-            goaway: Some(goaway),
+        TestLease {
+            sender,
+            extended_connect,
+            retired: Arc::default(),
         }
+    }
+
+    /// An agent resetting every stream with `reason` (RST_STREAM), which hyper's server never
+    /// does on purpose: h2's own server.
+    async fn resetting_agent(reason: h2::Reason) -> TestLease {
+        let (worker_io, agent_io) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(agent_io).await.unwrap();
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                respond.send_reset(reason);
+            }
+        });
+        lease_on(worker_io, false).await
     }
 
     pub fn full(body: impl Into<Bytes>) -> AgentBody {
@@ -665,6 +719,31 @@ pub(crate) mod tests {
                 assert_eq!(text(response.into_body()).await, "from the live agent");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_an_agent_refused_unprocessed_goes_to_the_next_one_it_reset_does_not() {
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let live = named_agent("the live agent", arrived.clone()).await;
+        // REFUSED_STREAM: not processed, so even a POST goes on; the connection stays.
+        let refusing = resetting_agent(h2::Reason::REFUSED_STREAM).await;
+        let mut client = front(vec![refusing.clone(), live.lease.clone()]).await;
+        let post = Request::post("/")
+            .header("host", "app.example.com")
+            .body(empty())
+            .unwrap();
+        let response = client.send_request(post).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(text(response.into_body()).await, "from the live agent");
+        assert_eq!(refusing.retired.load(Ordering::Relaxed), 0);
+        // Any other reset is about the exchange, which the agent may have acted on: not even a
+        // GET goes again, and the connection stays.
+        let cancelling = resetting_agent(h2::Reason::CANCEL).await;
+        let mut client = front(vec![cancelling.clone(), live.lease.clone()]).await;
+        let response = client.send_request(get("/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(arrived.load(Ordering::Relaxed), 1);
+        assert_eq!(cancelling.retired.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
