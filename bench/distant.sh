@@ -58,36 +58,13 @@ CORE_AGENT_TOKEN=$token RUST_LOG=info "$work/core-agent" tunnel.bench --to "127.
   --insecure-plaintext --connect "127.0.0.1:$link_http" 2>>"$work/agent.err" &
 pids+=($!)
 
-cat > "$work/server.toml" <<CONF
-[server]
-bind_addr = "127.0.0.1:$ctl"
-default_token = "bench"
-[server.services.app]
-bind_addr = "127.0.0.1:$visitor"
-nodelay = true
-CONF
-cat > "$work/client.toml" <<CONF
-[client]
-remote_addr = "127.0.0.1:$link_ctl"
-default_token = "bench"
-[client.services.app]
-local_addr = "127.0.0.1:$backend"
-nodelay = true
-CONF
-rathole --server "$work/server.toml" >"$work/rathole-server.err" 2>&1 & pids+=($!)
-rathole --client "$work/client.toml" >"$work/rathole-client.err" 2>&1 & pids+=($!)
-wait_port "$visitor"
+start_rathole "$ctl" "$visitor" "$link_ctl" "$backend"
 
 declare -A port=([tunnel]=$http [rathole]=$visitor)
 declare -A label=([tunnel]="core-server tunnel" [rathole]="rathole")
 paths=(tunnel rathole)
 for path in "${paths[@]}"; do
-  for _ in $(seq 100); do
-    body=$(curl -sS --max-time 2 -H "Host: tunnel.bench" "http://127.0.0.1:${port[$path]}/" 2>/dev/null) || true
-    [ "$body" = "hello from the backend" ] && break
-    sleep 0.2
-  done
-  [ "$body" = "hello from the backend" ] || { echo "${label[$path]}: '$body'" >&2; exit 1; }
+  wait_answering "${label[$path]}" "${port[$path]}" tunnel.bench
 done
 
 # transfers PATH download|upload: the MB/s of each of TRANSFERS transfers of 100 MB (one cut

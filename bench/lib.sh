@@ -101,6 +101,47 @@ need_rathole() {
   command -v rathole >/dev/null || cargo install rathole
 }
 
+# start_rathole CONTROL VISITOR REMOTE BACKEND: rathole 0.5.0 on its default TCP transport,
+# nodelay: a server on 127.0.0.1:CONTROL taking visitors on 127.0.0.1:VISITOR, and a client
+# dialing 127.0.0.1:REMOTE (CONTROL, or a path to it) and forwarding to 127.0.0.1:BACKEND.
+# Their pids in rathole_pids; returns once visitors are taken.
+start_rathole() {
+  cat > "$work/server.toml" <<CONF
+[server]
+bind_addr = "127.0.0.1:$1"
+default_token = "bench"
+[server.services.app]
+bind_addr = "127.0.0.1:$2"
+nodelay = true
+CONF
+  cat > "$work/client.toml" <<CONF
+[client]
+remote_addr = "127.0.0.1:$3"
+default_token = "bench"
+[client.services.app]
+local_addr = "127.0.0.1:$4"
+nodelay = true
+CONF
+  rathole --server "$work/server.toml" >"$work/rathole-server.err" 2>&1 & pids+=($!)
+  rathole_pids=$!
+  rathole --client "$work/client.toml" >"$work/rathole-client.err" 2>&1 & pids+=($!)
+  rathole_pids+=" $!"
+  wait_port "$2"
+}
+
+# wait_answering LABEL PORT HOST: until 127.0.0.1:PORT answers for HOST with the backend's page
+# (a tunnel's agent may still be connecting, a TLS one waiting for its certificate: 20 s at
+# most); stops the script if it never does.
+wait_answering() {
+  local body
+  for _ in $(seq 100); do
+    body=$(curl -sS --max-time 2 -H "Host: $3" "http://127.0.0.1:$2/" 2>/dev/null) || true
+    [ "$body" = "hello from the backend" ] && return
+    sleep 0.2
+  done
+  echo "$1: '$body'" >&2; exit 1
+}
+
 # ---- Side-by-side measurements (proxy.sh, tls.sh): the servers, CPU per request, rounds,
 # ---- medians and spread, the versions of everything measured.
 

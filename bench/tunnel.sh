@@ -67,30 +67,9 @@ agent tunnel.bench --insecure-plaintext --connect "127.0.0.1:$http"
 agent tls.bench --connect "127.0.0.1:$https" --ca "$work/caroot/rootCA.pem"
 
 # rathole: a server taking the visitors, a client dialing it and forwarding to the backend.
-cat > "$work/server.toml" <<CONF
-[server]
-bind_addr = "127.0.0.1:$ctl"
-default_token = "bench"
-[server.services.app]
-bind_addr = "127.0.0.1:$visitor"
-nodelay = true
-CONF
-cat > "$work/client.toml" <<CONF
-[client]
-remote_addr = "127.0.0.1:$ctl"
-default_token = "bench"
-[client.services.app]
-local_addr = "127.0.0.1:$backend"
-nodelay = true
-CONF
-rathole --server "$work/server.toml" >"$work/rathole-server.err" 2>&1 & pids+=($!)
-rathole_pids=$!
-rathole --client "$work/client.toml" >"$work/rathole-client.err" 2>&1 & pids+=($!)
-rathole_pids+=" $!"
-wait_port "$visitor"
+start_rathole "$ctl" "$visitor" "$ctl" "$backend"
 
-# Before measuring: every path answers with the backend's page (a tunnel's agent may still be
-# connecting, a TLS one waiting for its certificate: 20 s at most).
+# Before measuring: every path answers with the backend's page.
 declare -A port=([backend]=$backend [plain]=$http [tunnel]=$http [tls]=$http [rathole]=$visitor)
 declare -A host=([backend]=plain.bench [plain]=plain.bench [tunnel]=tunnel.bench
   [tls]=tls.bench [rathole]=plain.bench)
@@ -98,12 +77,7 @@ declare -A label=([backend]="backend, direct" [plain]="core-server proxy"
   [tunnel]="core-server tunnel" [tls]="core-server tunnel, TLS" [rathole]="rathole")
 paths=(backend plain tunnel tls rathole)
 for path in "${paths[@]}"; do
-  for _ in $(seq 100); do
-    body=$(curl -sS --max-time 2 -H "Host: ${host[$path]}" "http://127.0.0.1:${port[$path]}/" 2>/dev/null) || true
-    [ "$body" = "hello from the backend" ] && break
-    sleep 0.2
-  done
-  [ "$body" = "hello from the backend" ] || { echo "${label[$path]}: '$body'" >&2; exit 1; }
+  wait_answering "${label[$path]}" "${port[$path]}" "${host[$path]}"
 done
 
 rps() {  # path -> "<requests/s> <requests>" (socket errors or non-2xx answers stop the script)

@@ -79,6 +79,16 @@ pub fn free_tcp_port() -> u16 {
     free_port(|port| TcpListener::bind(("::", port)).is_ok())
 }
 
+/// A loopback port that refuses connections (an app that is down): bound, never listening, and
+/// held by the socket returned, so that no other test's server takes it meanwhile (a port
+/// bound and let go can be).
+pub fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
 /// A UDP port free on every address right now.
 pub fn free_udp_port() -> u16 {
     free_port(|port| UdpSocket::bind(("::", port)).is_ok())

@@ -185,9 +185,7 @@ async fn a_502_tells_an_invalid_answer_from_none() {
     let server = CoreServer::start();
     let odd = RawBackend::start(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n").await;
     server.add("odd.example", odd.port);
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let gone = closed.local_addr().unwrap().port();
-    drop(closed);
+    let (_gone, gone) = core_server_tests::server::refusing_port();
     server.add("gone.example", gone);
 
     for (host, said) in [

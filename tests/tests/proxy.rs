@@ -105,7 +105,7 @@ async fn error_statuses() {
     let server = CoreServer::start_with(&["--backend-timeout", "1s"]);
     let slow = Backend::slow(Duration::from_secs(5)).await;
     server.add("slow.example", slow.port);
-    let refusing_port = core_server_tests::server::free_tcp_port();
+    let (_down, refusing_port) = core_server_tests::server::refusing_port();
     server.add("down.example", refusing_port);
 
     // Unknown host: 404, also for an IP literal, a name that cannot be a domain, and a known
