@@ -205,7 +205,7 @@ const STREAM_RATE: f64 = 100e6;
 const MIN_STREAM_WINDOW: u32 = 512 << 10;
 /// The most: Go's HTTP/2 client's window, and about what one TCP connection keeps in flight
 /// with Linux's default largest send buffer (`net.ipv4.tcp_wmem`, 4 MiB). 8 MiB moved a
-/// download from an agent 50 ms away a seventh faster (77 MB/s against 68, `bench/distant.sh`)
+/// download from an agent 50 ms away a fifth faster (77 MB/s against 65, `bench/distant.sh`)
 /// but would let one client's 128 streams hold 1 GiB in the worker.
 const MAX_STREAM_WINDOW: u32 = 4 << 20;
 
@@ -215,7 +215,7 @@ const MAX_STREAM_WINDOW: u32 = 4 << 20;
 /// 2.6 ms) and at most 4 MiB (from about 21 ms).
 ///
 /// A stream moves at most one window per round trip: with 512 KiB alone, a download from an
-/// agent 50 ms away ran at 9.8 MB/s, with 4 MiB at 68 (`bench/distant.sh`). The price is what
+/// agent 50 ms away ran at 9.8 MB/s, with 4 MiB at 65 (`bench/distant.sh`). The price is what
 /// a stream whose reader stalls holds: a response whose client does not read, in the worker,
 /// for as long as the client takes a piece per send timeout (an outside tester's 1,024 such
 /// streams from a near agent took the worker to 1 GB with 2 MiB); an upload its app does not
