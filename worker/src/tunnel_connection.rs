@@ -242,7 +242,7 @@ async fn http2_client<T>(
             AgentSaid::Draining => ("it is draining".to_owned(), false),
             AgentSaid::Ended => ("it ended its control stream".to_owned(), false),
         },
-        () = reservation.leave() => ("this worker is stopping".to_owned(), false),
+        () = reservation.leave() => ("it was taken out of the balancer".to_owned(), false),
         () = reservation.killed() => {
             info!("{domain}: agent {label:?} at {address} disconnected: the tunnel was closed");
             return;

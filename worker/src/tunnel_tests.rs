@@ -60,6 +60,11 @@ struct Worker {
 
 impl Worker {
     async fn start(wait: Duration) -> Worker {
+        Self::start_with(wait, |tunnels| tunnels).await
+    }
+
+    /// The same, with its registry as `adjust` makes it.
+    async fn start_with(wait: Duration, adjust: impl FnOnce(Tunnels) -> Tunnels) -> Worker {
         let domain = Domain::parse(DOMAIN).unwrap();
         let token = Token::generate().unwrap();
         let tokens = vec![token.hash()];
@@ -71,7 +76,7 @@ impl Worker {
             routes,
             Arc::new(Channel::new(ours).unwrap()),
         ));
-        let tunnels = Arc::new(Tunnels::new(wait, routes.clone()));
+        let tunnels = Arc::new(adjust(Tunnels::new(wait, routes.clone())));
         tokio::spawn(tunnels.clone().follow_closures(routes.tunnel_closures()));
         let settings = WorkerSettings {
             header_timeout: Duration::from_secs(2),
@@ -734,6 +739,30 @@ impl Worker {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A connection that has opened nearly all the stream ids HTTP/2 gives a client asks its agent
+/// for another and takes no new request, finishing those it has (here after 4 streams, its
+/// control stream counting).
+#[tokio::test]
+async fn a_connection_near_the_end_of_its_stream_ids_asks_its_agent_for_another() {
+    let worker = Worker::start_with(SOON, |t| t.with_streams_per_connection(4)).await;
+    let mut old = worker.dial("old").await;
+    worker.wait_for(1).await;
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        leases.push(worker.tunnels.pick(&worker.domain).await.unwrap());
+    }
+    assert_eq!(old.next_heard().await.as_deref(), Some(RECONNECT));
+    assert_eq!(old.next_heard().await, None, "no new request for it");
+    assert_eq!(worker.live(), 0);
+    for lease in &leases {
+        assert_eq!(worker.who(lease).await, "old");
+    }
+    let _new = worker.dial("new").await;
+    worker.wait_for(1).await;
+    let lease = worker.tunnels.pick(&worker.domain).await.unwrap();
+    assert_eq!(worker.who(&lease).await, "new");
 }
 
 #[tokio::test]

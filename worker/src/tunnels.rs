@@ -7,7 +7,8 @@
 //! to `--tunnel-wait`) for one to (re)connect.
 //!
 //! Leaving comes in two strengths. A connection that leaves softly (its agent drains, this
-//! worker stops, or its domain's tunnel route is replaced by a port or removed) takes no new
+//! worker stops, its domain's tunnel route is replaced by a port or removed, or it has used
+//! nearly all its HTTP/2 stream ids: its agent is asked for another first) takes no new
 //! request and closes once the requests it carries are done: the registry drops its
 //! `SendRequest`, the leases still out hold the only others, and hyper ends the connection when
 //! the last is gone and its streams have finished. When a domain's tokens are revoked, every
@@ -46,6 +47,15 @@ use crate::route_table::{RouteTable, TunnelClosure};
 /// (the control stream's lines; nothing, for a WebSocket's extended CONNECT).
 pub type TunnelBody = Either<RequestBody, BoxBody<Bytes, Infallible>>;
 
+/// The streams one agent connection may open before it is replaced. HTTP/2 numbers a client's
+/// streams with odd ids below 2^31, 2^30 in all, and h2 fails every request past them, while
+/// the agent sees nothing wrong: about 60 hours at 10,000 requests/s on two connections. A
+/// million short, so that requests already picked for it still get ids.
+const STREAMS_PER_CONNECTION: u64 = (1 << 30) - (1 << 20);
+
+/// How long a line on the control stream is given to reach the agent before the stream ends.
+const LINE_DELIVERY: Duration = Duration::from_secs(1);
+
 /// The most agent connections one domain may have (say 16 machines with 4 each).
 pub const MAX_PER_DOMAIN: usize = 64;
 /// The most agent connections of all domains together (which bounds the memory they may hold:
@@ -64,6 +74,8 @@ pub struct Tunnels {
     /// Every task of every tunnel, so a stopping worker can wait for them.
     tasks: TaskTracker,
     next_id: AtomicU64,
+    /// [`STREAMS_PER_CONNECTION`] (fewer in tests).
+    streams_per_connection: u64,
 }
 
 #[derive(Default)]
@@ -96,6 +108,8 @@ struct AgentConn {
     extended_connect: bool,
     in_flight: AtomicU32,
     served: AtomicU64,
+    /// Streams picked for it, its control stream included.
+    opened: AtomicU64,
     /// Handed a request back unsent: it is closing, pick it no more.
     retired: AtomicBool,
     /// The worker's end of the control stream, until the connection leaves the balancer.
@@ -117,6 +131,14 @@ impl DomainTunnels {
 }
 
 impl AgentConn {
+    /// Asks the agent to dial another connection now (it goes on serving this one meanwhile).
+    fn ask_to_reconnect(&self) {
+        if let Some(control) = &mut *self.control.lock().unwrap_or_else(|e| e.into_inner()) {
+            // A full channel already holds a line the agent has not read: nothing to add.
+            let _ = control.try_send(hyper::body::Frame::data(Bytes::from_static(RECONNECT)));
+        }
+    }
+
     /// Ends the control stream's request body: the agent then knows it gets no new request
     /// (the connection may still be finishing some).
     fn end_control(&self) {
@@ -151,7 +173,15 @@ impl Tunnels {
             stopping: CancellationToken::new(),
             tasks: TaskTracker::new(),
             next_id: AtomicU64::new(1),
+            streams_per_connection: STREAMS_PER_CONNECTION,
         }
+    }
+
+    /// The same, replacing connections after `streams` streams.
+    #[cfg(test)]
+    pub fn with_streams_per_connection(mut self, streams: u64) -> Self {
+        self.streams_per_connection = streams;
+        self
     }
 
     pub fn routes(&self) -> &RouteTable {
@@ -201,10 +231,28 @@ impl Tunnels {
         let best = (0..count)
             .map(|i| &tunnels.live[(start + i) % count])
             .filter(|conn| !conn.retired.load(Ordering::Relaxed) && !conn.send.is_closed())
-            .min_by_key(|conn| conn.in_flight.load(Ordering::Relaxed))?;
+            .min_by_key(|conn| conn.in_flight.load(Ordering::Relaxed))?
+            .clone();
         // Counted under the lock, so that concurrent picks see it.
         best.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(Lease { conn: best.clone() })
+        if best.opened.fetch_add(1, Ordering::Relaxed) + 1 >= self.streams_per_connection {
+            // Near the end of its stream ids: replaced as a rerun replaces them all. Out of
+            // the balancer at once; it leaves softly a little later, as leaving ends the
+            // control stream, and the line must reach the agent first.
+            tunnels.live.retain(|conn| conn.id != best.id);
+            best.ask_to_reconnect();
+            info!(
+                "{domain}: agent {:?} at {} was asked for a new connection: this one has opened {} streams, near HTTP/2's limit",
+                best.label, best.address, self.streams_per_connection
+            );
+            let conn = best.clone();
+            self.tasks.spawn(async move {
+                tokio::time::sleep(LINE_DELIVERY).await;
+                conn.end_control();
+                conn.leave.cancel();
+            });
+        }
+        Some(Lease { conn: best })
     }
 
     /// Holds a place for a new connection of `domain`, admitted with `token`, within the
@@ -245,10 +293,7 @@ impl Tunnels {
         self.stopping.cancel();
         let state = self.state();
         for conn in state.domains.values().flat_map(|d| &d.live) {
-            if let Some(control) = &mut *conn.control.lock().unwrap_or_else(|e| e.into_inner()) {
-                // A full channel already holds a line the agent has not read: nothing to add.
-                let _ = control.try_send(hyper::body::Frame::data(Bytes::from_static(RECONNECT)));
-            }
+            conn.ask_to_reconnect();
         }
     }
 
@@ -411,6 +456,7 @@ impl Reservation {
                 extended_connect: joining.extended_connect,
                 in_flight: AtomicU32::new(0),
                 served: AtomicU64::new(0),
+                opened: AtomicU64::new(1),
                 retired: AtomicBool::new(false),
                 control: Mutex::new(Some(joining.control)),
                 leave: self.leave.clone(),
