@@ -1,7 +1,8 @@
 //! The control stream of one tunnel connection: the long-lived `POST` [`CONTROL_PATH`] the
 //! worker opens first, carrying the nonce of the `101`. Answering its head is the agent's hello
 //! (the worker then starts sending requests); the request body brings the worker's lines
-//! (`reconnect`: it is rerunning, dial a replacement), the response body takes the agent's
+//! (`reconnect`: dial a replacement, as it is rerunning or stopping, or this connection nears
+//! the end of its HTTP/2 stream ids), the response body takes the agent's
 //! (`draining`: this agent is stopping). The worker ending its request body after a `draining`
 //! means the connection is out of its balancer, so no new request can come.
 
@@ -121,7 +122,8 @@ impl Control {
         }
     }
 
-    /// Resolves when the worker asks this connection to be replaced (it is rerunning).
+    /// Resolves when the worker asks this connection to be replaced (it is rerunning, or the
+    /// connection nears the end of its stream ids).
     pub async fn reconnect_asked(&self) {
         self.reconnect.notified().await
     }

@@ -1,7 +1,8 @@
 //! The agent's connections: `--connections` slots, each keeping one tunnel connection up
 //! forever: dial, serve until the connection ends, back off, dial again. When the worker asks
-//! for a replacement (`reconnect`: it is rerunning), the slot dials at once and leaves the old
-//! connection to finish its requests on its own until the old worker closes it.
+//! for a replacement (`reconnect`: it is rerunning, or the connection nears the end of its
+//! HTTP/2 stream ids), the slot dials at once and leaves the old connection to finish its
+//! requests on its own until the worker closes it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,7 +126,7 @@ where
                 why: ended.unwrap_or_else(|e| format!("failed: {e}")),
             },
             _ = running.control.reconnect_asked() => {
-                info!("{name}: the proxy is stopping (a rerun, or `core-server stop`): dialing a replacement");
+                info!("{name}: the proxy asked for a replacement (it is stopping, or this connection nears the end of its HTTP/2 stream ids): dialing one");
                 Ended::Replaced
             }
             _ = self.shutdown.stop.cancelled() => Ended::Stopped,

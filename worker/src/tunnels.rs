@@ -7,9 +7,9 @@
 //! to `--tunnel-wait`) for one to (re)connect.
 //!
 //! Leaving comes in two strengths. A connection that leaves softly (its agent drains, this
-//! worker stops, its domain's tunnel route is replaced by a port or removed, or it has used
-//! nearly all its HTTP/2 stream ids: its agent is asked for another first) takes no new
-//! request and closes once the requests it carries are done: the registry drops its
+//! worker stops, its domain's tunnel route is replaced by a port or removed, or the new
+//! connection its agent was asked for comes, as it nears the end of its HTTP/2 stream ids)
+//! takes no new request and closes once the requests it carries are done: the registry drops its
 //! `SendRequest`, the leases still out hold the only others, and hyper ends the connection when
 //! the last is gone and its streams have finished. When a domain's tokens are revoked, every
 //! connection of it is killed at once, whether still waiting for its hello, live, or finishing
@@ -47,14 +47,14 @@ use crate::route_table::{RouteTable, TunnelClosure};
 /// (the control stream's lines; nothing, for a WebSocket's extended CONNECT).
 pub type TunnelBody = Either<RequestBody, BoxBody<Bytes, Infallible>>;
 
-/// The streams one agent connection may open before it is replaced. HTTP/2 numbers a client's
-/// streams with odd ids below 2^31, 2^30 in all, and h2 fails every request past them, while
-/// the agent sees nothing wrong: about 60 hours at 10,000 requests/s on two connections. A
-/// million short, so that requests already picked for it still get ids.
-const STREAMS_PER_CONNECTION: u64 = (1 << 30) - (1 << 20);
-
-/// How long a line on the control stream is given to reach the agent before the stream ends.
-const LINE_DELIVERY: Duration = Duration::from_secs(1);
+/// The streams after which an agent connection is replaced. HTTP/2 numbers a client's streams
+/// with odd ids below 2^31, [`STREAM_IDS`] in all, and h2 fails every request past them while
+/// the agent sees nothing wrong: about 60 hours at 10,000 requests/s on two connections. The
+/// million to spare is ample time for the agent to dial a replacement, which takes the old
+/// connection's place (see [`Reservation::join`]).
+const STREAMS_PER_CONNECTION: u64 = STREAM_IDS - (1 << 20);
+/// All the streams a connection can open: past them it leaves the balancer, replaced or not.
+const STREAM_IDS: u64 = 1 << 30;
 
 /// The most agent connections one domain may have (say 16 machines with 4 each).
 pub const MAX_PER_DOMAIN: usize = 64;
@@ -108,8 +108,11 @@ struct AgentConn {
     extended_connect: bool,
     in_flight: AtomicU32,
     served: AtomicU64,
-    /// Streams picked for it, its control stream included.
+    /// Streams picked for it, its control stream included (a lease carries one request).
     opened: AtomicU64,
+    /// Its agent was asked for a replacement (near the end of its stream ids): picked last,
+    /// and out of the balancer once the replacement joins.
+    replacing: AtomicBool,
     /// Handed a request back unsent: it is closing, pick it no more.
     retired: AtomicBool,
     /// The worker's end of the control stream, until the connection leaves the balancer.
@@ -231,26 +234,28 @@ impl Tunnels {
         let best = (0..count)
             .map(|i| &tunnels.live[(start + i) % count])
             .filter(|conn| !conn.retired.load(Ordering::Relaxed) && !conn.send.is_closed())
-            .min_by_key(|conn| conn.in_flight.load(Ordering::Relaxed))?
+            .min_by_key(|conn| {
+                let replacing = conn.replacing.load(Ordering::Relaxed);
+                (replacing, conn.in_flight.load(Ordering::Relaxed))
+            })?
             .clone();
         // Counted under the lock, so that concurrent picks see it.
         best.in_flight.fetch_add(1, Ordering::Relaxed);
-        if best.opened.fetch_add(1, Ordering::Relaxed) + 1 >= self.streams_per_connection {
-            // Near the end of its stream ids: replaced as a rerun replaces them all. Out of
-            // the balancer at once; it leaves softly a little later, as leaving ends the
-            // control stream, and the line must reach the agent first.
+        let opened = best.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        if opened >= STREAM_IDS {
+            // No replacement came in time: out, before h2 fails its requests.
             tunnels.live.retain(|conn| conn.id != best.id);
+            best.end_control();
+            best.leave.cancel();
+        } else if opened >= self.streams_per_connection
+            && !best.replacing.swap(true, Ordering::Relaxed)
+        {
+            // Replaced as a rerun replaces them all: the agent dials another.
             best.ask_to_reconnect();
             info!(
-                "{domain}: agent {:?} at {} was asked for a new connection: this one has opened {} streams, near HTTP/2's limit",
-                best.label, best.address, self.streams_per_connection
+                "{domain}: agent {:?} at {} was asked for a new connection: this one has opened {opened} streams, near HTTP/2's limit",
+                best.label, best.address
             );
-            let conn = best.clone();
-            self.tasks.spawn(async move {
-                tokio::time::sleep(LINE_DELIVERY).await;
-                conn.end_control();
-                conn.leave.cancel();
-            });
         }
         Some(Lease { conn: best })
     }
@@ -457,11 +462,23 @@ impl Reservation {
                 in_flight: AtomicU32::new(0),
                 served: AtomicU64::new(0),
                 opened: AtomicU64::new(1),
+                replacing: AtomicBool::new(false),
                 retired: AtomicBool::new(false),
                 control: Mutex::new(Some(joining.control)),
                 leave: self.leave.clone(),
             });
             let domain = state.domains.entry(self.domain.clone()).or_default();
+            // The replacement its agent was asked for takes a connection's place: the agent
+            // has read the line, so the control stream may end.
+            let replaced = domain
+                .live
+                .iter()
+                .position(|old| old.replacing.load(Ordering::Relaxed) && old.label == conn.label);
+            if let Some(replaced) = replaced {
+                let old = domain.live.remove(replaced);
+                old.end_control();
+                old.leave.cancel();
+            }
             domain.live.push(conn);
         }
         tunnels.changed.notify_waiters();
