@@ -29,8 +29,7 @@ cp target/debug/delay_link "$work/"
 
 backend=$(free_port); http=$(free_port); https=$(free_port); udp=$(free_port)
 ctl=$(free_port); visitor=$(free_port)
-head -c 100000000 /dev/zero > "$work/100mb"
-chmod 644 "$work/100mb"
+make_100mb
 start_backend "$backend"
 cleanup_hooks+=(show_err_logs_unless_finished)
 

@@ -51,6 +51,13 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # wait_port PORT: until something listens on 127.0.0.1:PORT (10 s at most).
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
+# make_100mb: $work/100mb, 100 MB of zeros: what the backend serves as GET /100mb, and what
+# uploads send.
+make_100mb() {
+  head -c 100000000 /dev/zero > "$work/100mb"
+  chmod 644 "$work/100mb"
+}
+
 # start_backend PORT: the app behind every proxy, nginx answering "hello from the backend"
 # with two workers, so it is never the bottleneck; returns once it listens. PUT /upload/NAME
 # stores the body whole as $sink/upload/NAME (in memory: tmpfs), answering only once it is all in.

@@ -43,8 +43,7 @@ port=([core-server-1t]=$(free_port) [core-server]=$(free_port) [nginx]=$(free_po
   [haproxy]=$(free_port) [backend]=$backend)
 label=([core-server-1t]="core-server, 1 thread" [core-server]="core-server, default"
   [nginx]="nginx, 1 worker" [haproxy]="haproxy, 1 thread" [backend]="backend, direct")
-head -c 100000000 /dev/zero > "$work/100mb"
-chmod 644 "$work/100mb"
+make_100mb
 
 start_backend "$backend"
 kind[backend]=nginx main_pid[backend]=${pids[-1]}
