@@ -82,9 +82,10 @@ where
 /// not read holds here, with the read from the app (4 MiB made an outside tester's 1,024
 /// stalled downloads take 1.8 GB). Frames are large (256 KiB, hyper's default 16 KiB): fewer
 /// per megabyte. The connection's window is no bound (1 GiB): a bound shared by all streams
-/// would let a few stalled uploads stall every other stream. Streams are capped by `max_streams` requests,
-/// not hyper's default of 200, and one more: the worker's control stream, open for as long as
-/// the connection. The PINGs notice a proxy that went silent (no FIN) within 3 + 5 s.
+/// would let a few stalled uploads stall every other stream. Streams are capped by
+/// `max_streams` requests, not hyper's default of 200, and one more: the worker's control
+/// stream, open for as long as the connection. The PINGs notice a proxy that went silent (no
+/// FIN) within 3 + 5 s.
 pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder

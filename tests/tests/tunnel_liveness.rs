@@ -1,7 +1,7 @@
 //! An agent that dies without a word is noticed: SIGSTOPped, or cut off by a pulled cable (a
 //! veth link taken down: no FIN, no RST), it is out of the balancer within 10 s, new requests
-//! go to the live agent, and so do the GETs it had taken. With no agent at all a request waits `--tunnel-wait` for one
-//! and then gets 503; an agent that connects meanwhile serves it.
+//! go to the live agent, and so do the GETs it had taken. With no agent at all a request waits
+//! `--tunnel-wait` for one and then gets 503; an agent that connects meanwhile serves it.
 
 use std::time::{Duration, Instant};
 
