@@ -66,25 +66,14 @@ for path in "${paths[@]}"; do
   wait_answering "${label[$path]}" "${port[$path]}" tunnel.bench
 done
 
-# transfers PATH download|upload: the MB/s of each of TRANSFERS transfers of 100 MB (one cut
-# short, or an upload the backend did not store whole, stops the script).
+# transfers PATH download|upload: the MB/s of each of TRANSFERS transfers of 100 MB
+# (`transfer_100mb`; one that did not go whole stops the script).
 transfers() {
-  local code size speed
+  local ok size seconds
   for _ in $(seq "$TRANSFERS"); do
-    if [ "$2" = download ]; then
-      read -r code size speed < <(curl -sS --max-time "$LIMIT" -o /dev/null -H "Host: tunnel.bench" \
-        -w '%{http_code} %{size_download} %{speed_download}\n' "http://127.0.0.1:${port[$1]}/100mb" || true)
-      [ "$code" = 200 ] && [ "$size" = 100000000 ] ||
-        { echo "${label[$1]}: a download was cut short ($code, $size bytes)" >&2; exit 1; }
-    else
-      rm -f "$sink/upload/body"
-      read -r code size speed < <(curl -sS --max-time "$LIMIT" -o /dev/null -H "Host: tunnel.bench" \
-        -H 'Expect:' -T "$work/100mb" -w '%{http_code} %{size_upload} %{speed_upload}\n' \
-        "http://127.0.0.1:${port[$1]}/upload/body" || true)
-      [[ $code == 20[14] ]] && [ "$(stat -c %s "$sink/upload/body" 2>/dev/null)" = 100000000 ] ||
-        { echo "${label[$1]}: an upload failed ($code, $size bytes)" >&2; exit 1; }
-    fi
-    awk -v s="$speed" 'BEGIN {printf "%.1f ", s / 1e6}'
+    read -r ok size seconds <<<"$(transfer_100mb "${port[$1]}" tunnel.bench "$2")"
+    [ "$ok" = 1 ] || { echo "${label[$1]}: a $2 did not go whole ($size bytes)" >&2; exit 1; }
+    awk -v b="$size" -v t="$seconds" 'BEGIN {printf "%.1f ", b / t / 1e6}'
   done
 }
 

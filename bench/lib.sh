@@ -58,6 +58,28 @@ make_100mb() {
   chmod 644 "$work/100mb"
 }
 
+# transfer_100mb PORT HOST download|upload: one 100 MB transfer with curl through
+# 127.0.0.1:PORT for HOST (a download of /100mb, or a PUT of $work/100mb to the backend's
+# /upload/body); prints "<ok> <bytes> <seconds>", ok 1 only if it went whole (a download of
+# 200 and 100 MB; an upload answered 201 or 204 with the backend holding the whole body).
+# 'Expect: 100-continue' is left out (each proxy answers it its own way, and curl waits a
+# second for an answer that does not come). Bounded by LIMIT.
+transfer_100mb() {
+  local code size seconds ok=0
+  if [ "$3" = download ]; then
+    read -r code size seconds < <(curl -sS -o /dev/null --max-time "$LIMIT" -H "Host: $2" \
+      -w '%{http_code} %{size_download} %{time_total}\n' "http://127.0.0.1:$1/100mb" || true)
+    [ "$code" = 200 ] && [ "$size" = 100000000 ] && ok=1
+  else
+    rm -f "$sink/upload/body"
+    read -r code size seconds < <(curl -sS -o /dev/null --max-time "$LIMIT" -H "Host: $2" \
+      -H 'Expect:' -T "$work/100mb" -w '%{http_code} %{size_upload} %{time_total}\n' \
+      "http://127.0.0.1:$1/upload/body" || true)
+    [[ $code == 20[14] ]] && [ "$(stat -c %s "$sink/upload/body" 2>/dev/null)" = 100000000 ] && ok=1
+  fi
+  echo "$ok ${size:-0} ${seconds:-0}"
+}
+
 # start_backend PORT: the app behind every proxy, nginx answering "hello from the backend"
 # with two workers, so it is never the bottleneck; returns once it listens. PUT /upload/NAME
 # stores the body whole as $sink/upload/NAME (in memory: tmpfs), answering only once it is all in.

@@ -91,26 +91,13 @@ wrk_load() {  # port, wrk options...
 }
 keepalive() { wrk_load "$1"; }
 close() { wrk_load "$1" -H 'Connection: close'; }
-# transfers PORT download|upload: DOWNLOADS transfers of 100 MB; MB/s over their total time,
-# bytes moved. An upload counts only if the backend answered 201 or 204 and holds the whole
-# body; 'Expect: 100-continue' is left out (each proxy answers it its own way, and curl waits
-# a second for an answer that does not come).
+# transfers PORT download|upload: DOWNLOADS transfers of 100 MB (`transfer_100mb`); MB/s over
+# their total time, bytes moved, and how many failed.
 transfers() {
-  local p=$1 code size seconds bytes=0 total=0 fails=0 ok
+  local ok size seconds bytes=0 total=0 fails=0
   for _ in $(seq "$DOWNLOADS"); do
-    if [ "$2" = download ]; then
-      read -r code size seconds < <(curl -sS -o /dev/null --max-time "$LIMIT" -H "Host: $name" \
-        -w '%{http_code} %{size_download} %{time_total}\n' "http://127.0.0.1:$p/100mb" || true)
-      ok=$([ "$code" = 200 ] && [ "$size" = 100000000 ] && echo 1 || true)
-    else
-      rm -f "$sink/upload/body"
-      read -r code size seconds < <(curl -sS -o /dev/null --max-time "$LIMIT" -H "Host: $name" \
-        -H 'Expect:' -T "$work/100mb" -w '%{http_code} %{size_upload} %{time_total}\n' \
-        "http://127.0.0.1:$p/upload/body" || true)
-      ok=$([[ $code == 20[14] ]] && [ "$(stat -c %s "$sink/upload/body" 2>/dev/null)" = 100000000 ] &&
-        echo 1 || true)
-    fi
-    if [ -n "$ok" ]; then
+    read -r ok size seconds <<<"$(transfer_100mb "$1" "$name" "$2")"
+    if [ "$ok" = 1 ]; then
       bytes=$((bytes + size)); total=$(awk -v a="$total" -v b="$seconds" 'BEGIN {print a + b}')
     else
       fails=$((fails + 1))

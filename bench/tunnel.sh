@@ -89,11 +89,12 @@ rps() {  # path -> "<requests/s> <requests>" (socket errors or non-2xx answers s
        END {if (n > 0) print r, n; else {print "no request done" > "/dev/stderr"; exit 1}}' <<<"$out"
 }
 mbps() {  # path -> the MB/s of each of DOWNLOADS 100 MB downloads (one cut short stops the script)
+  local ok size seconds
   for _ in $(seq "$DOWNLOADS"); do
-    curl -sS --fail --max-time "$LIMIT" -o /dev/null -H "Host: ${host[$1]}" \
-      -w '%{size_download} %{speed_download}\n' "http://127.0.0.1:${port[$1]}/100mb"
-  done | awk '$1 != 100000000 {print "a download was cut short" > "/dev/stderr"; exit 1}
-              {printf "%.1f ", $2 / 1e6}'
+    read -r ok size seconds <<<"$(transfer_100mb "${port[$1]}" "${host[$1]}" download)"
+    [ "$ok" = 1 ] || { echo "${label[$1]}: a download was cut short ($size bytes)" >&2; exit 1; }
+    awk -v b="$size" -v t="$seconds" 'BEGIN {printf "%.1f ", b / t / 1e6}'
+  done
 }
 
 # forwarders PATH: the processes that carry PATH's requests between client and backend,
