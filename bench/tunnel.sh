@@ -5,9 +5,11 @@
 #   core-server, plain proxy (add DOMAIN PORT);
 #   core-server tunnel: core-agent --insecure-plaintext --connections 2 to the HTTP port;
 #   core-server tunnel over TLS: core-agent --ca (mkcert) to the HTTPS port;
-#   rathole 0.5.0 on its default TCP transport, nodelay.
+#   rathole 0.5.0 on its default TCP transport, nodelay;
+#   nginx as a plain reverse proxy, one worker (as in proxy.sh): the issue's targets were set
+#   from rathole's rate against nginx's (0.72x then), so the run shows that premise too.
 # Clients always speak plain HTTP/1.1 to the front; only the agent's link differs.
-# Prints the figures and the ratios tunnel / rathole (target >= 1.5, both) and tunnel / plain
+# Prints the figures and the ratios rathole / nginx, tunnel / rathole (target >= 1.5, both) and tunnel / plain
 # proxy requests/s (target >= 0.6), with what each path's forwarding processes spent (CPU
 # microseconds per request and seconds per GB, user + system, from /proc/<pid>/stat): the
 # worker for the plain proxy; the worker and the agent for a tunnel; rathole's server and
@@ -68,13 +70,22 @@ agent tls.bench --connect "127.0.0.1:$https" --ca "$work/caroot/rootCA.pem"
 # rathole: a server taking the visitors, a client dialing it and forwarding to the backend.
 start_rathole "$ctl" "$visitor" "$ctl" "$backend"
 
+nginx_port=$(free_port)
+nginx_peer_conf "$backend" "127.0.0.1:$nginx_port"
+nginx -c "$work/nginx.conf" 2>>"$work/nginx.err" &
+pids+=($!)
+nginx_pid=$!
+wait_port "$nginx_port"
+
 # Before measuring: every path answers with the backend's page.
-declare -A port=([backend]=$backend [plain]=$http [tunnel]=$http [tls]=$http [rathole]=$visitor)
+declare -A port=([backend]=$backend [plain]=$http [tunnel]=$http [tls]=$http [rathole]=$visitor
+  [nginx]=$nginx_port)
 declare -A host=([backend]=plain.bench [plain]=plain.bench [tunnel]=tunnel.bench
-  [tls]=tls.bench [rathole]=plain.bench)
+  [tls]=tls.bench [rathole]=plain.bench [nginx]=plain.bench)
 declare -A label=([backend]="backend, direct" [plain]="core-server proxy"
-  [tunnel]="core-server tunnel" [tls]="core-server tunnel, TLS" [rathole]="rathole")
-paths=(backend plain tunnel tls rathole)
+  [tunnel]="core-server tunnel" [tls]="core-server tunnel, TLS" [rathole]="rathole"
+  [nginx]="nginx proxy, 1 worker")
+paths=(backend plain tunnel tls rathole nginx)
 for path in "${paths[@]}"; do
   wait_answering "${label[$path]}" "${port[$path]}" "${host[$path]}"
 done
@@ -104,6 +115,7 @@ forwarders() {
     plain) core_worker "$core_pid" ;;
     tunnel | tls) echo "$(core_worker "$core_pid") ${agent_pid[${host[$1]}]}" ;;
     rathole) echo "$rathole_pids" ;;
+    nginx) pgrep -P "$nginx_pid" || true ;;
   esac
 }
 # cpu_per BEFORE AFTER UNITS SCALE: user + system CPU between two `cpu_ticks` readings per unit
@@ -115,7 +127,7 @@ cpu_per() {
 
 # ROUNDS rounds, every path in turn within a round (a drift in the machine's load hits all
 # alike), the order rotated by one each round (each path runs first in one round of every
-# five); the medians count, printed with their spread (min-max).
+# six); the medians count, printed with their spread (min-max).
 declare -A runs_rps runs_mbps cpu_rps cpu_mbps RPS MBPS SPREAD_RPS SPREAD_MBPS CPU_RPS CPU_MBPS
 order=("${paths[@]}")
 for round in $(seq "$ROUNDS"); do
@@ -153,7 +165,8 @@ finished=1
 echo
 echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; core-agent options: --connections 2 ${AGENT_OPTIONS}"
 echo "medians of $ROUNDS rounds of wrk -t1 -c$CONNECTIONS -d${DURATION}s and of $DOWNLOADS x 100 MB curl downloads"
-echo "CPU: user + system of the forwarding processes (worker; worker + agent; rathole's two)"
+echo "CPU: user + system of the forwarding processes (worker; worker + agent; rathole's two;"
+echo "nginx's worker)"
 printf '%-26s %12s %18s %8s %10s %16s %8s\n' "" "requests/s" "spread (min-max)" "us/req" "MB/s" \
   "spread (min-max)" "s/GB"
 for path in "${paths[@]}"; do
@@ -163,6 +176,7 @@ for path in "${paths[@]}"; do
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
 echo
+echo "rathole / nginx requests/s:       $(ratio "${RPS[rathole]}" "${RPS[nginx]}")  (MB/s: $(ratio "${MBPS[rathole]}" "${MBPS[nginx]}"); the issue's premise: 0.72 both)"
 echo "tunnel / rathole requests/s:      $(ratio "${RPS[tunnel]}" "${RPS[rathole]}")  (TLS: $(ratio "${RPS[tls]}" "${RPS[rathole]}"); target >= 1.5)"
 echo "tunnel / rathole MB/s:            $(ratio "${MBPS[tunnel]}" "${MBPS[rathole]}")  (TLS: $(ratio "${MBPS[tls]}" "${MBPS[rathole]}"); target >= 1.5)"
 echo "tunnel / plain proxy requests/s:  $(ratio "${RPS[tunnel]}" "${RPS[plain]}")  (TLS: $(ratio "${RPS[tls]}" "${RPS[plain]}"); target >= 0.6)"
