@@ -105,6 +105,13 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits until its log contains `text`, at most `within`, and returns that log; panics
+    /// naming `text`, the time waited and the whole log otherwise. For async tests: it sleeps
+    /// on the runtime (see [`crate::logs::wait_logged`] for a blocking wait).
+    pub async fn wait_logged_async(&self, text: &str, within: Duration) -> String {
+        crate::logs::wait_logged_async(|| self.log(), text, within).await
+    }
+
     /// Its exit status once it exits, at most `timeout` from now.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let log_path = self.log_path.clone();

@@ -17,6 +17,7 @@
 //! - [`pebble`] is a real ACME CA (pebble, with pebble-challtestsrv as its DNS) for release mode.
 //! - [`agent`] runs the real `core-agent`, serving a domain through a reverse tunnel.
 //! - [`delay_link`] is a long network path on loopback: a forwarder delaying each direction.
+//! - [`logs`] waits for a line in a process's log ([`CoreServer::wait_logged`] and the like).
 
 pub mod adder;
 pub mod agent;
@@ -25,6 +26,7 @@ pub mod big_body;
 pub mod delay_link;
 pub mod http;
 pub mod load;
+pub mod logs;
 pub mod mkcert;
 pub mod netns;
 pub mod pebble;

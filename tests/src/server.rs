@@ -371,6 +371,19 @@ impl CoreServer {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Waits until the log contains `text`, at most `within`, and returns that log; panics
+    /// naming `text`, the time waited and the whole log otherwise. It blocks the thread: an
+    /// async test uses [`Self::wait_logged_async`].
+    #[track_caller]
+    pub fn wait_logged(&self, text: &str, within: Duration) -> String {
+        crate::logs::wait_logged(|| self.log(), text, within)
+    }
+
+    /// [`Self::wait_logged`] for async tests: it sleeps on the runtime, not the thread.
+    pub async fn wait_logged_async(&self, text: &str, within: Duration) -> String {
+        crate::logs::wait_logged_async(|| self.log(), text, within).await
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

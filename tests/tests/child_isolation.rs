@@ -139,11 +139,7 @@ fn on_a_terminal_with_stray_descriptors_the_worker_gets_none_of_them() {
     let mut server = server;
     server.stop();
     let tag = format!("worker[{worker}]: ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.log().contains(&tag) {
-        assert!(Instant::now() < deadline, "no {tag}:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_logged(&tag, Duration::from_secs(10));
 }
 
 #[test]

@@ -220,15 +220,9 @@ async fn a_malformed_request_body_is_400_and_the_clients_fault() {
     assert_eq!(status(&answer), Some("400"), "{answer}");
 
     // Logged against the client, not as a failing backend.
-    let mut log = server.log();
-    for _ in 0..100 {
-        if log.contains("request body from") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        log = server.log();
-    }
-    assert!(log.contains("request body from"), "{log}");
+    let log = server
+        .wait_logged_async("request body from", Duration::from_secs(10))
+        .await;
     let backend_blamed = format!("backend 127.0.0.1:{}", backend.port);
     assert!(!log.contains(&backend_blamed), "{log}");
 }

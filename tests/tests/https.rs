@@ -701,13 +701,7 @@ async fn a_mkcert_ca_the_helper_cannot_open_is_said_at_start() {
         "mkcert's CA directory {} cannot be opened",
         missing.display()
     );
-    let started = Instant::now();
-    while !server.log().contains(&said) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "not said within 10s: {}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server
+        .wait_logged_async(&said, Duration::from_secs(10))
+        .await;
 }

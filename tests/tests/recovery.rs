@@ -140,16 +140,9 @@ async fn a_worker_that_keeps_dying_is_retried_with_growing_delays() {
     kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
 
     // The supervisor keeps trying, each time waiting longer.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !server.log().contains("trying again in 400ms") {
-        assert!(
-            Instant::now() < deadline,
-            "no growing retry delays:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let log = server.log();
+    let log = server
+        .wait_logged_async("trying again in 400ms", Duration::from_secs(20))
+        .await;
     assert!(
         log.contains("exited during start-up (exit status: 3)"),
         "{log}"

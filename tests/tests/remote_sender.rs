@@ -31,18 +31,10 @@ async fn commands_from_another_host_are_dropped_unanswered() {
     );
 
     // It arrived and was dropped (the worker says so at debug level) ...
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !server
-        .log()
-        .contains(&format!("dropped a datagram from {OUTSIDE}"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "datagram never seen:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let dropped = format!("dropped a datagram from {OUTSIDE}");
+    server
+        .wait_logged_async(&dropped, Duration::from_secs(5))
+        .await;
     // ... and changed nothing: HTTP over the same link finds no such route.
     let url = format!("http://{INSIDE}:{}/", server.http_port);
     assert_eq!(get(&url, "remote.example").await.status, 404);

@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use core_server_tests::have_root;
+use core_server_tests::logs::wait_logged;
 use core_server_tests::server::{alive, proc_status};
 use core_server_tests::setcap::{SetcapServer, UDP_PORT};
 use core_server_tests::CoreServer;
@@ -177,11 +178,7 @@ fn the_acme_helper_runs_under_its_seccomp_filter_in_both_modes() {
             server.log() + &file.unwrap_or_default()
         };
         // The helper confines itself once `Start` is read, a moment after it exists.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !log().contains(line) {
-            assert!(Instant::now() < deadline, "no {line:?}:\n{}", log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_logged(log, line, Duration::from_secs(20));
         assert_eq!(proc_status(helper, "Seccomp"), "2", "seccomp filter mode");
         let tasks = std::fs::read_dir(format!("/proc/{helper}/task")).unwrap();
         for task in tasks {

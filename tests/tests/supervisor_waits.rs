@@ -190,11 +190,9 @@ async fn freeze_the_taker_at(step: &str, taker_serves: bool) {
     if taker_serves {
         assert!(status.success(), "the old instance drained and exited");
         let took_over = format!("took over from core-server pid {old}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.log().contains(&took_over) {
-            assert!(Instant::now() < deadline, "{}", server.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        server
+            .wait_logged_async(&took_over, Duration::from_secs(30))
+            .await;
         wait_gone(old_worker, Duration::from_secs(30));
     } else {
         // The taker exits only once its worker has: one worker serves, the old one.
@@ -236,11 +234,9 @@ async fn freeze_the_taker_at(step: &str, taker_serves: bool) {
 /// would know only the routes handed over, and answer 404.
 async fn only_the_owner_answers(server: &CoreServer, step: &str) {
     if step != "connected" {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.log().contains("takeover void") {
-            assert!(Instant::now() < deadline, "no void:\n{}", server.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        server
+            .wait_logged_async("takeover void", Duration::from_secs(30))
+            .await;
     }
     let backend = Backend::echo().await;
     let add = format!("add late.example {}", backend.port);

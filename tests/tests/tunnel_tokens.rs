@@ -222,13 +222,9 @@ async fn an_agent_refused_for_lack_of_room_is_told_why() {
     first.wait_connected(&server, 64);
     let second = Agent::start(&server, APP, &token, &to, &["--connections", "1"]);
     let reason = "this domain has 64 agent connections already";
-    for _ in 0..100 {
-        if second.log().contains(reason) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("not told why within 10 s:\n{}", second.log());
+    second
+        .wait_logged_async(reason, Duration::from_secs(10))
+        .await;
 }
 
 /// A token file others may read is used, with a warning saying so (as ssh warns of keys).
