@@ -76,6 +76,19 @@ where
     }
 }
 
+/// The largest request head (HTTP/2's measure of a header list: each field counts 32 bytes
+/// more) the agent takes: one the worker took from an HTTP/1.1 client (hyper's server reads a
+/// head of up to 408 KiB, 100 fields) with the worker's own fields. With 64 KiB, a 63 KB head
+/// an app on a local port is given was answered 431 by the agent's HTTP/2 layer, unlogged.
+const MAX_HEADER_LIST_SIZE: u32 = 512 << 10;
+
+/// How many streams the worker may cancel before the agent has taken them, at once. h2 ends a
+/// connection past 20 (its defence against the "rapid reset" attack, CVE-2023-44487), but here
+/// the cancels are clients' passed on by the worker, which holds each client to 20 itself:
+/// clients cancelling requests in bursts made the agent drop its connection, and with it other
+/// clients' requests (an outside tester; `tests/tunnel_resets.rs`).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = usize::MAX;
+
 /// The HTTP/2 server settings of a tunnel connection but its streams' window, which [`start`]
 /// sizes for the connection's round trip (`Tunnel::stream_window`, as the worker does). What a
 /// response may queue beyond the worker's window is 512 KiB: what a download whose client does
@@ -85,7 +98,10 @@ where
 /// would let a few stalled uploads stall every other stream. Streams are capped by
 /// `max_streams` requests, not hyper's default of 200, and one more: the worker's control
 /// stream, open for as long as the connection. The PINGs notice a proxy that went silent (no
-/// FIN) within 3 + 5 s.
+/// FIN) within 3 + 5 s. The worker is the only peer, and what it sends is its clients' doing,
+/// within the limits it holds each client to: so a request head may be as large as the worker
+/// takes ([`MAX_HEADER_LIST_SIZE`]), and streams the worker cancels before they are accepted
+/// are not counted against it as an attack ([`MAX_PENDING_ACCEPT_RESET_STREAMS`]).
 pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -95,7 +111,8 @@ pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
         .initial_connection_window_size(1 << 30)
         .max_frame_size(256 << 10)
         .max_send_buf_size(512 << 10)
-        .max_header_list_size(64 << 10)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
         .keep_alive_interval(Duration::from_secs(3))
         .keep_alive_timeout(Duration::from_secs(5));
     builder

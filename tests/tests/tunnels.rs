@@ -21,7 +21,7 @@ use core_server_tests::mkcert::MkcertCa;
 use core_server_tests::tls_client::{Sni, TlsClient};
 use core_server_tests::{have_tools, Backend, CoreServer};
 use futures_util::stream;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
@@ -210,6 +210,22 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-large"].len(), 40 << 10);
     assert_eq!(text(response.into_body()).await, "large head");
+
+    // A request head as large as a client may send to an app on a local port (270 KB, past
+    // HTTP/2's usual header list limits) reaches the app whole.
+    let mut large = request("GET", "/", APP, full(""));
+    let value = HeaderValue::from_str(&"v".repeat(3000)).unwrap();
+    for i in 0..90 {
+        let name = HeaderName::try_from(format!("x-large-{i}")).unwrap();
+        large.headers_mut().insert(name, value.clone());
+    }
+    let response = via.send(APP, large).await;
+    assert_eq!(response.status(), 200);
+    let body = text(response.into_body()).await;
+    for i in [0, 89] {
+        let field = format!("\nx-large-{i}: {}\n", "v".repeat(3000));
+        assert!(body.contains(&field), "x-large-{i} did not arrive whole");
+    }
 
     // `OPTIONS *`, a question to the server as a whole, reaches the app as it was asked.
     let response = via.send(APP, request("OPTIONS", "*", APP, full(""))).await;
