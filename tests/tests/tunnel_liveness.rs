@@ -133,9 +133,10 @@ async fn a_pulled_cable_is_noticed_within_10s_and_new_requests_reach_the_live_ag
     host.set_link(true);
 }
 
+/// The wait is not the app's time to answer: a shorter `--backend-timeout` does not cut it.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_no_agent_a_request_gets_503_after_the_wait() {
-    let server = CoreServer::start_with(&["--tunnel-wait", "2s"]);
+    let server = CoreServer::start_with(&["--tunnel-wait", "2s", "--backend-timeout", "1s"]);
     server.tunnel_allow(APP);
     let started = Instant::now();
     let reply = get(&server.url("/"), APP).await;
