@@ -52,7 +52,7 @@ pub(crate) enum DialError {
     Http(#[from] hyper::Error),
     #[error("the token was refused (revoked, wrong, or the domain is no longer a tunnel)")]
     Refused,
-    #[error("rate limited after too many refused tokens from this address{}", retry_after.map(|d| format!("; retrying after {d:?}")).unwrap_or_default())]
+    #[error("rate limited after too many refused tokens from this address")]
     RateLimited { retry_after: Option<Duration> },
     #[error("redirected to {0}: this port is not served in plaintext (core-server in release mode): drop --insecure-plaintext")]
     Redirected(String),
@@ -154,7 +154,7 @@ where
             return Err(DialError::Redirected(location.to_owned()));
         }
         status => {
-            let said = first_line(response.into_body()).await;
+            let said = first_line(status, response.into_body()).await;
             return Err(DialError::Unexpected { status, said });
         }
     }
@@ -169,9 +169,11 @@ where
 }
 
 /// The first line of what the proxy said with a refusal (core-server says why: "this domain has
-/// 64 agent connections already"), if it said so in a few lines of text.
-async fn first_line(body: Incoming) -> Option<String> {
+/// 64 agent connections already"), if it said so in a few lines of text; without the `status`
+/// core-server's pages start with, which the error says already.
+async fn first_line(status: StatusCode, body: Incoming) -> Option<String> {
     let said = Limited::new(body, 4096).collect().await.ok()?.to_bytes();
     let line = std::str::from_utf8(&said).ok()?.lines().next()?.trim();
+    let line = line.strip_prefix(&format!("{status}: ")).unwrap_or(line);
     (!line.is_empty()).then(|| line.to_owned())
 }

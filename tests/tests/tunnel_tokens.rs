@@ -1,17 +1,17 @@
 //! Who may serve a tunnel domain: `core-server tunnel allow` prints a token, and only its hash
 //! is kept (routes.json version 2, 0600, across a restart and a `kill -9`); a wrong token gets
 //! 401 and no tunnel; the 11th failure from one address gets 429 even with the right token;
-//! `revoke` closes the agents at once and later requests get 503; a UDP `add` replaces a tunnel
+//! `revoke` closes the agents at once, and the requests they had and later ones get 503; a UDP `add` replaces a tunnel
 //! route (version 1 again) and `remove` removes it. Also what `core-server status` shows.
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use core_server_proto::tunnel::{Token, TUNNEL_PATH, UPGRADE_PROTOCOL};
 use core_server_tests::agent::{connections_of, Agent};
 use core_server_tests::backend::saying;
 use core_server_tests::http::{get, raw};
-use core_server_tests::CoreServer;
+use core_server_tests::{Backend, CoreServer};
 use nix::sys::signal::Signal;
 
 const APP: &str = "app.example";
@@ -143,6 +143,35 @@ async fn status_shows_tunnels_and_revoke_closes_the_agents_and_later_requests_ge
     // The agents keep trying, and are refused.
     let status = server.status();
     assert_eq!(connections_of(&status, APP), 0, "{status}");
+}
+
+/// A request in flight when its domain is revoked is cut with the agents, and answered as the
+/// requests after it are: 503, saying why, not blamed on the agent or the app.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_in_flight_when_the_tunnel_is_revoked_gets_503_saying_so() {
+    let server = server();
+    let token = server.tunnel_allow(APP);
+    let backend = Backend::slow(Duration::from_secs(10)).await;
+    let to = format!("127.0.0.1:{}", backend.port);
+    let agent = Agent::start(&server, APP, &token, &to, &["--connections", "1"]);
+    agent.wait_connected(&server, 1);
+    let url = server.url("/");
+    let in_flight = tokio::spawn(async move { get(&url, APP).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.status().contains("in flight 1") {
+        assert!(Instant::now() < deadline, "{}", server.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    server.tunnel_revoke(APP);
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.body.contains("revoked"), "{reply:?}");
+    let log = server.log();
+    assert!(
+        !log.contains(&format!("the agent of {APP} failed")),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

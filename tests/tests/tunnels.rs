@@ -152,6 +152,23 @@ async fn app(events: mpsc::Sender<(mpsc::Sender<Bytes>, oneshot::Receiver<()>)>)
                         .body(BodyExt::boxed(StreamBody::new(frames)))
                         .unwrap()
                 }
+                // 10 bytes of the 100 promised, then the app's connection breaks.
+                "/breaks-off" => {
+                    let frames = stream::unfold(0, |step| async move {
+                        match step {
+                            0 => Some((Ok(Frame::data(Bytes::from("0123456789"))), 1)),
+                            1 => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                Some((Err(std::io::Error::other("the app failed")), 2))
+                            }
+                            _ => None,
+                        }
+                    });
+                    Response::builder()
+                        .header("content-length", "100")
+                        .body(BodyExt::boxed(StreamBody::new(frames)))
+                        .unwrap()
+                }
                 // A head of 40 KiB (a long Content-Security-Policy, many cookies).
                 "/large-head" => Response::builder()
                     .header("x-large", "x".repeat(40 << 10))
@@ -226,6 +243,17 @@ async fn check_exchanges(server: &CoreServer, via: Via, agent: impl Fn(&str, &st
         let field = format!("\nx-large-{i}: {}\n", "v".repeat(3000));
         assert!(body.contains(&field), "x-large-{i} did not arrive whole");
     }
+
+    // A response body that breaks off at the app breaks off for the client too (it does not
+    // end as if whole), and the worker says so.
+    let response = via
+        .send(APP, request("GET", "/breaks-off", APP, full("")))
+        .await;
+    assert_eq!(response.status(), 200);
+    let cut = response.into_body().collect().await;
+    assert!(cut.is_err(), "a body cut short arrived as if whole");
+    let said = format!("the agent of {APP}: the response body broke off");
+    server.wait_logged_async(&said, PATIENCE).await;
 
     // `OPTIONS *`, a question to the server as a whole, reaches the app as it was asked.
     let response = via.send(APP, request("OPTIONS", "*", APP, full(""))).await;

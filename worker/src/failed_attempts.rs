@@ -14,8 +14,12 @@
 //!
 //! A bucket is kept as its debt: each failure adds [`REFILL`], time pays it back, and the
 //! bucket is empty while the debt is more than `ALLOWED_FAILURES - 1` refills.
+//!
+//! A refused source is logged once per lockout ([`FailedAttempts::first_refusal`]): a client
+//! repeating its request as fast as it can (3,000 in 0.4 s, an outside tester) would otherwise
+//! write a line each time, and push the log's history out of its rotated files.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -58,6 +62,15 @@ struct Buckets {
     full_at: HashMap<Source, Instant>,
     /// The same, ordered by that time: the first is the first to forget.
     by_time: BTreeSet<(Instant, Source)>,
+    /// Sources refused since their last failure (a subset of `full_at`'s).
+    refused: HashSet<Source>,
+}
+
+impl Buckets {
+    fn forget(&mut self, source: &Source) {
+        self.full_at.remove(source);
+        self.refused.remove(source);
+    }
 }
 
 impl FailedAttempts {
@@ -78,32 +91,43 @@ impl FailedAttempts {
         }
     }
 
+    /// Whether `source`, refused by [`FailedAttempts::check`], is refused for the first time
+    /// since its last failure (then it is worth a line in the log).
+    pub fn first_refusal(&self, source: &Source) -> bool {
+        let mut buckets = self.buckets();
+        buckets.full_at.contains_key(source) && buckets.refused.insert(source.clone())
+    }
+
     /// `source` failed once more.
     pub fn charge(&self, source: Source) {
         let mut buckets = self.buckets();
-        let Buckets { full_at, by_time } = &mut *buckets;
         let now = Instant::now();
         // Full buckets hold nothing: forget them (each is forgotten once, so this is cheap).
-        while let Some(first) = by_time.first().filter(|(at, _)| *at <= now) {
-            full_at.remove(&first.1);
-            by_time.pop_first();
+        while let Some((at, first)) = buckets.by_time.first().cloned() {
+            if at > now {
+                break;
+            }
+            buckets.by_time.pop_first();
+            buckets.forget(&first);
         }
-        let at = match full_at.get(&source) {
+        buckets.refused.remove(&source);
+        let at = match buckets.full_at.get(&source) {
             Some(&at) => {
-                by_time.remove(&(at, source.clone()));
+                buckets.by_time.remove(&(at, source.clone()));
                 at.max(now) + REFILL
             }
             None => {
-                if full_at.len() >= MAX_SOURCES {
+                if buckets.full_at.len() >= MAX_SOURCES {
                     // The fullest bucket: the one full again soonest.
-                    let (_, fullest) = by_time.pop_first().expect("the map is full, so not empty");
-                    full_at.remove(&fullest);
+                    let (_, fullest) =
+                        (buckets.by_time.pop_first()).expect("the map is full, so not empty");
+                    buckets.forget(&fullest);
                 }
                 now + REFILL
             }
         };
-        by_time.insert((at, source.clone()));
-        full_at.insert(source, at);
+        buckets.by_time.insert((at, source.clone()));
+        buckets.full_at.insert(source, at);
     }
 }
 
@@ -146,6 +170,25 @@ mod tests {
         assert_eq!(failures.check(&source), Ok(()));
         failures.charge(source.clone());
         assert_eq!(failures.check(&source), Err(REFILL));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lockout_is_worth_one_line_until_the_next_failure() {
+        let failures = FailedAttempts::default();
+        let source = ip("192.0.2.7");
+        for _ in 0..ALLOWED_FAILURES {
+            failures.charge(source.clone());
+        }
+        assert!(failures.first_refusal(&source));
+        assert!(!failures.first_refusal(&source));
+        tokio::time::advance(REFILL).await;
+        failures.charge(source.clone());
+        assert!(failures.first_refusal(&source));
+        assert!(!failures.first_refusal(&source));
+        // Forgotten once full again: nothing left of it.
+        tokio::time::advance(REFILL * ALLOWED_FAILURES).await;
+        failures.charge(ip("192.0.2.8"));
+        assert!(failures.buckets().refused.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -447,7 +447,7 @@ impl Proxy {
                 }
             }
         };
-        match upgrade_to {
+        let result = match upgrade_to {
             // Boxed: the rare upgrade path would otherwise make every request's future larger.
             Some(protocol) => {
                 let mut send = Box::pin(async {
@@ -470,6 +470,16 @@ impl Proxy {
                 });
                 self.exchange(send, upload).await
             }
+        };
+        match result {
+            // Its agent's connection was closed under it by a revocation: answered as the
+            // requests after it are, not blamed on the agent or the app.
+            Err(Failure::Backend(BackendError::Http(_) | BackendError::Unsent(..)))
+                if self.tunnels.revoked(domain) =>
+            {
+                Err(Failure::Backend(BackendError::NoAgent(NoAgent::Revoked)))
+            }
+            result => result,
         }
     }
 

@@ -20,6 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tracing::warn;
 
 use core_server_proto::http1_body::BodyError;
+use core_server_proto::logging::describe;
 use core_server_proto::relayed_body::RelayedBody;
 
 use crate::backend_pool::{BackendPool, Pooled, PortConnections};
@@ -155,7 +156,16 @@ impl Body for ResponseBody {
                 // Trailers are the last frame: hyper polls no further after them.
                 Some(Ok(f)) if !f.is_trailers() && !this.inner.is_end_stream() => {}
                 Some(Ok(_)) | None => this.release(true),
-                Some(Err(_)) => this.release(false),
+                Some(Err(e)) => {
+                    this.release(false);
+                    // The client gets a cut response; nginx logs this too ("upstream
+                    // prematurely closed connection").
+                    warn!(
+                        "{}: the response body broke off: {}",
+                        this.upstream,
+                        describe(e)
+                    );
+                }
             }
             return Poll::Ready(frame);
         }

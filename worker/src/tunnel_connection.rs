@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use core_server_proto::app_exchange::{MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS};
+use core_server_proto::logging::describe;
 use core_server_proto::tunnel;
 use hyper::rt::{Read, Write};
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -127,7 +128,7 @@ async fn measure_then_serve<S>(
         () = reservation.killed() => return,
         () = reservation.leave() => return,
     };
-    let address = agent.address;
+    let (domain, label, address) = (reservation.domain(), &agent.label, agent.address);
     match result {
         Ok(Ok(n)) if n > 0 => {
             let round_trip = started.elapsed();
@@ -136,7 +137,9 @@ async fn measure_then_serve<S>(
         }
         Ok(Ok(_)) => debug!("tunnel from {address}: closed after its 101"),
         Ok(Err(e)) => debug!("tunnel from {address}: lost after its 101: {e}"),
-        Err(_) => info!("tunnel from {address}: nothing came within {silence:?} of its 101"),
+        Err(_) => info!(
+            "{domain}: agent {label:?} at {address}: nothing came within {silence:?} of its 101"
+        ),
     }
 }
 
@@ -194,7 +197,10 @@ async fn http2_client<T>(
     let (mut send, connection) = match handshake.await {
         Ok(handshake) => handshake,
         Err(e) => {
-            debug!("{domain}: HTTP/2 handshake with the agent at {address} failed: {e}");
+            info!(
+                "{domain}: agent {label:?} at {address}: HTTP/2 handshake failed: {}",
+                describe(&e)
+            );
             return;
         }
     };
@@ -203,7 +209,8 @@ async fn http2_client<T>(
     let opened = tokio::select! {
         opened = tunnel_control::open(&mut send, &domain, &nonce) => opened,
         result = connection.as_mut() => {
-            debug!("{domain}: the agent at {address} closed before its hello: {result:?}");
+            let why = result.err().map_or("it closed".into(), |e| describe(&e));
+            info!("{domain}: agent {label:?} at {address} ended before its hello: {why}");
             return;
         }
         () = reservation.killed() => return,
@@ -211,7 +218,10 @@ async fn http2_client<T>(
     let (control, replies) = match opened {
         Ok(opened) => opened,
         Err(e) => {
-            info!("{domain}: agent {label:?} at {address} refused: {e}");
+            info!(
+                "{domain}: agent {label:?} at {address} refused: {}",
+                describe(&e)
+            );
             return;
         }
     };
@@ -236,7 +246,7 @@ async fn http2_client<T>(
     let (why, ended) = tokio::select! {
         result = connection.as_mut() => match result {
             Ok(()) => ("it closed".to_owned(), true),
-            Err(e) => (e.to_string(), true),
+            Err(e) => (describe(&e), true),
         },
         said = tunnel_control::agent_said(replies) => match said {
             AgentSaid::Draining => ("it is draining".to_owned(), false),

@@ -29,7 +29,7 @@ pub enum ControlError {
     NoHello,
     #[error("the agent answered the control stream with {0}")]
     Status(StatusCode),
-    #[error("the control stream failed: {0}")]
+    #[error("the control stream failed")]
     Http(#[from] hyper::Error),
 }
 

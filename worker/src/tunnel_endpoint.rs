@@ -73,7 +73,12 @@ impl TunnelEndpoint {
         let tunnel = (domain.clone()).filter(|d| routes.target(d) == Some(Target::Tunnel));
         let attempt = Source::new(source, tunnel);
         if let Err(wait) = self.failures.check(&attempt) {
-            info!("tunnel request from {source} refused: more than {ALLOWED_FAILURES} failures lately");
+            if self.failures.first_refusal(&attempt) {
+                info!(
+                    "tunnel request from {source} refused: {ALLOWED_FAILURES} failed lately; until it may try again (in {}s), its requests are refused unlogged",
+                    wait.as_secs_f64().ceil()
+                );
+            }
             let mut response = refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many failed tunnel requests from this address; retry later",

@@ -22,6 +22,7 @@
 use std::future::Future;
 
 use core_server_proto::domain::Domain;
+use core_server_proto::logging::describe;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{request, Request, Response, Uri, Version};
@@ -148,8 +149,9 @@ where
             }
             let host = head.uri.authority().map_or("", |a| a.as_str());
             info!(
-                "{host}: an agent connection failed a {} before answering ({error}): sending it again",
-                head.method
+                "{host}: an agent connection failed a {} before answering ({}): sending it again",
+                head.method,
+                describe(&error)
             );
             request = Request::from_parts(head, Either::Right(Empty::new().boxed()));
             continue;

@@ -195,6 +195,11 @@ impl Tunnels {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether `domain` has no token (any more): no agent may serve it.
+    pub fn revoked(&self, domain: &Domain) -> bool {
+        !self.routes.has_tokens(domain)
+    }
+
     /// A connection of `domain`'s agents to send one request on: the live one with the fewest
     /// requests in flight. With none connected, waits up to `--tunnel-wait` for one (not if the
     /// domain has no token, or the worker is stopping).
@@ -211,7 +216,7 @@ impl Tunnels {
             if let Some(lease) = self.try_pick(domain) {
                 return Ok(lease);
             }
-            if !self.routes.has_tokens(domain) {
+            if self.revoked(domain) {
                 return Err(NoAgent::Revoked);
             }
             if self.stopping.is_cancelled() {
