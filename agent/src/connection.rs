@@ -82,13 +82,6 @@ where
 /// an app on a local port is given was answered 431 by the agent's HTTP/2 layer, unlogged.
 const MAX_HEADER_LIST_SIZE: u32 = 512 << 10;
 
-/// How many streams the worker may cancel before the agent has taken them, at once. h2 ends a
-/// connection past 20 (its defence against the "rapid reset" attack, CVE-2023-44487), but here
-/// the cancels are clients' passed on by the worker, which holds each client to 20 itself:
-/// clients cancelling requests in bursts made the agent drop its connection, and with it other
-/// clients' requests (an outside tester; `tests/tunnel_resets.rs`).
-const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = usize::MAX;
-
 /// The HTTP/2 server settings of a tunnel connection but its streams' window, which [`start`]
 /// sizes for the connection's round trip (`Tunnel::stream_window`, as the worker does). What a
 /// response may queue beyond the worker's window is 512 KiB: what a download whose client does
@@ -98,10 +91,15 @@ const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = usize::MAX;
 /// would let a few stalled uploads stall every other stream. Streams are capped by
 /// `max_streams` requests, not hyper's default of 200, and one more: the worker's control
 /// stream, open for as long as the connection. The PINGs notice a proxy that went silent (no
-/// FIN) within 3 + 5 s. The worker is the only peer, and what it sends is its clients' doing,
-/// within the limits it holds each client to: so a request head may be as large as the worker
-/// takes ([`MAX_HEADER_LIST_SIZE`]), and streams the worker cancels before they are accepted
-/// are not counted against it as an attack ([`MAX_PENDING_ACCEPT_RESET_STREAMS`]).
+/// FIN) within 3 + 5 s. The worker is the only peer, and what it sends is its clients' doing:
+/// so a request head may be as large as the worker takes ([`MAX_HEADER_LIST_SIZE`]), and the
+/// streams it cancels before the agent has taken them may be many at once. h2 ends a connection
+/// past 20 such (its defence against the "rapid reset" attack, CVE-2023-44487): clients
+/// cancelling requests in bursts, which the worker passes on, made the agent drop its connection
+/// and other clients' requests with it (an outside tester; `tests/tunnel_resets.rs`). Here it
+/// is 4 connections' worth of streams, and at least 4,096 (a stream cancelled frees its place
+/// for the next at once, so a small `max_streams` does not bound such bursts): still a bound on
+/// what such streams hold (each its headers), and far above the bursts seen.
 pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -112,7 +110,7 @@ pub(crate) fn http2_builder(max_streams: u32) -> http2::Builder<TokioExecutor> {
         .max_frame_size(256 << 10)
         .max_send_buf_size(512 << 10)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_pending_accept_reset_streams((4 * (max_streams as usize + 1)).max(4096))
         .keep_alive_interval(Duration::from_secs(3))
         .keep_alive_timeout(Duration::from_secs(5));
     builder

@@ -575,3 +575,58 @@ async fn clients_quiet_before_their_first_request_are_served_http1_or_http2() {
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert!(text(response.into_body()).await.starts_with("GET /two "));
 }
+
+/// A response the app cuts short (10 bytes of the 100 its head promised, then its connection
+/// breaks) is cut for the client too, over HTTP/1.1 and HTTP/2, never passed off as whole, and
+/// the log says which app did it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_the_app_cuts_short_is_cut_for_the_client_and_logged() {
+    let server = CoreServer::start();
+    let app = Backend::start(|_| async {
+        let frames = futures_util::stream::unfold(0, |step| async move {
+            match step {
+                0 => Some((Ok(hyper::body::Frame::data(Bytes::from("0123456789"))), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Some((Err(std::io::Error::other("the app failed")), 2))
+                }
+                _ => None,
+            }
+        });
+        http::Response::builder()
+            .header("content-length", "100")
+            .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+            .unwrap()
+    })
+    .await;
+    server.add("cut.example", app.port);
+    let (mut http1, _) = http1_connect(server.http_port).await;
+    let (mut http2, _) = h2_connect(server.http_port).await;
+    let over_http1 = Request::get("/")
+        .header("host", "cut.example")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let over_http2 = Request::get("http://cut.example/")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    for response in [
+        http1.send_request(over_http1).await.unwrap(),
+        http2.send_request(over_http2).await.unwrap(),
+    ] {
+        assert_eq!(response.status(), 200);
+        let cut = response.into_body().collect().await;
+        assert!(cut.is_err(), "a body cut short arrived as if whole");
+    }
+    let said = format!(
+        "backend 127.0.0.1:{}: the response body ended after 10 of its 100 bytes",
+        app.port
+    );
+    let log = server
+        .wait_logged_async(&said, Duration::from_secs(10))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.log().matches(&said).count() < 2 {
+        assert!(Instant::now() < deadline, "once per client:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -5,12 +5,14 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use core_server_tests::agent::Agent;
 use core_server_tests::backend::{full, saying};
-use core_server_tests::http::get;
+use core_server_tests::http::{get, send};
 use core_server_tests::netns::{TestHost, OUTSIDE};
 use core_server_tests::{have_root, have_tools, Backend, CoreServer};
-use http::Response;
+use http::{Request, Response};
+use http_body_util::Full;
 use nix::sys::signal::Signal;
 
 const APP: &str = "app.example";
@@ -152,6 +154,27 @@ async fn with_no_agent_a_request_gets_503_after_the_wait() {
         waited >= Duration::from_millis(1900),
         "answered after {waited:?}, without waiting for an agent"
     );
+}
+
+/// An upload waiting for an agent is not held to `--backend-timeout` meanwhile: the agent
+/// that comes gets the whole of it to take the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_waiting_longer_than_the_backend_timeout_for_an_agent_is_served() {
+    let server = CoreServer::start_with(&["--tunnel-wait", "4s", "--backend-timeout", "1s"]);
+    let token = server.tunnel_allow(APP);
+    let backend = Backend::echo().await;
+    let request = Request::post(server.url("/upload"))
+        .header("host", APP)
+        .body(Full::new(Bytes::from_static(b"the order")))
+        .unwrap();
+    let waiting = tokio::spawn(send(request));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "the upload waits for an agent");
+    let to = format!("127.0.0.1:{}", backend.port);
+    let _agent = Agent::start(&server, APP, &token, &to, &[]);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.starts_with("POST /upload "), "{reply:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

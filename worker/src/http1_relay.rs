@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use core_server_proto::app_exchange::{self, push_field, read_some, ConnectionTokens};
 use core_server_proto::app_exchange::{start_request, AppConnections, AppResponse, BodyReads};
 use core_server_proto::hop_by_hop::{is_hop_by_hop, tokens};
-use core_server_proto::http1_body::{Body, Decoder, Piece};
+use core_server_proto::http1_body::{Body, BodyError, Decoder, Piece};
 use core_server_proto::relayed_body::{self, RelayedBody};
 use http::header::{HeaderName, COOKIE, HOST, TE};
 use http::{Method, Response};
@@ -202,8 +202,15 @@ impl<'a> Relay<'a> {
         let mut outgoing = Outgoing::new(head, framing(body));
         let mut decoder = Decoder::new(body);
         let mut reads = BodyReads::default();
+        // The client gets a cut response; the app's doing is logged (as nginx's "upstream
+        // prematurely closed connection").
+        let port = self.port;
+        let app_broke = |e: BodyError| {
+            warn!("backend 127.0.0.1:{port}: {e}");
+            WriteError::from(e)
+        };
         loop {
-            match decoder.next(buffer)? {
+            match decoder.next(buffer).map_err(app_broke)? {
                 Some(Piece::Data(data)) => outgoing.piece(client, &data).await?,
                 // None come: `Decoder::new` drops them (the fast path's client asked for none).
                 Some(Piece::Trailers(_)) => {}
@@ -219,7 +226,7 @@ impl<'a> Relay<'a> {
                         .await?;
                     reads.took(read);
                     if read == 0 {
-                        decoder.closed()?;
+                        decoder.closed().map_err(app_broke)?;
                         outgoing.end(client).await?;
                         return Ok(false);
                     }
@@ -244,7 +251,13 @@ impl<'a> Relay<'a> {
         };
         match read {
             Ok(Ok(n)) => Ok(n),
-            Ok(Err(e)) => Err(WriteError::Body(format!("reading from the app: {e}"))),
+            Ok(Err(e)) => {
+                warn!(
+                    "backend 127.0.0.1:{}: the response body broke off: {e}",
+                    self.port
+                );
+                Err(WriteError::Body(format!("reading from the app: {e}")))
+            }
             Err(_) => {
                 let (port, timeout) = (self.port, self.timeout);
                 warn!("backend 127.0.0.1:{port} sent no byte of its response body for {timeout:?}: cutting the response");

@@ -432,12 +432,15 @@ impl Proxy {
         upload: Option<Upload>,
     ) -> Result<(Response<BackendBody>, Option<Holding>), Failure> {
         tunnel_forward::address(&mut request, scheme, host, domain);
-        // The wait for an agent (`--tunnel-wait`) comes before the exchange and its deadlines:
-        // with none, the request gets 503 after that wait, whatever `--backend-timeout` is
-        // (a shorter one made it a 504 blaming an agent that never was). A pick after a failed
-        // try counts against them.
+        // The wait for an agent (`--tunnel-wait`) comes before the exchange and its deadlines,
+        // an upload's included: with none, the request gets 503 after that wait, whatever
+        // `--backend-timeout` is (a shorter one made it a 504 blaming an agent that never
+        // was). A pick after a failed try counts against them.
         let first = self.tunnels.pick(domain).await;
         let mut first = Some(first.map_err(|e| Failure::Backend(BackendError::NoAgent(e)))?);
+        if let Some(upload) = &upload {
+            upload.starts_now();
+        }
         let pick = move || {
             let first = first.take();
             async move {

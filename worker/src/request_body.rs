@@ -200,6 +200,12 @@ impl Upload {
             .and_then(|outcome| outcome.as_ref().err())
     }
 
+    /// The backend's time to take the body starts now: what went before (the wait for a
+    /// tunnel's agent) was not the backend's.
+    pub fn starts_now(&self) {
+        self.0.moved.note();
+    }
+
     /// When the backend, not reading, will have taken no byte for `timeout`; `None` while the
     /// proxy waits for the client instead (its stalls are the body's own to end).
     pub fn backend_stalled_at(&self, timeout: Duration) -> Option<Instant> {

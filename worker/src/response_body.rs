@@ -160,11 +160,15 @@ impl Body for ResponseBody {
                     this.release(false);
                     // The client gets a cut response; nginx logs this too ("upstream
                     // prematurely closed connection").
-                    warn!(
-                        "{}: the response body broke off: {}",
-                        this.upstream,
-                        describe(e)
-                    );
+                    match e {
+                        // It says so itself.
+                        ResponseBodyError::Relayed(e) => warn!("{}: {e}", this.upstream),
+                        e => warn!(
+                            "{}: the response body broke off: {}",
+                            this.upstream,
+                            describe(e)
+                        ),
+                    }
                 }
             }
             return Poll::Ready(frame);

@@ -4,16 +4,18 @@
 //!
 //! | situation                                                   | agent sees              |
 //! |-------------------------------------------------------------|-------------------------|
-//! | its source failed [`ALLOWED_FAILURES`] times lately (*)     | 429, `Retry-After`      |
 //! | Host no tunnel, no `Authorization: Bearer`, or a wrong token| 401 (one failure more)  |
+//! | the same, its source failed [`ALLOWED_FAILURES`] times lately (*) | 429, `Retry-After` |
 //! | the domain or the worker has the most tunnels it takes      | 503                     |
 //! | the worker is stopping                                      | 503                     |
 //! | otherwise                                                   | 101, then HTTP/2        |
 //!
 //! (*) Per address and tunnel domain (see `failed_attempts`).
 //!
-//! Refusals close the connection. A rate-limited source is refused before its token is even
-//! hashed.
+//! Refusals close the connection. A good token is never rate-limited: the limit holds back
+//! wrong ones (a 256-bit token cannot be guessed anyway), and an agent left running with a
+//! revoked token, retrying every few seconds, would otherwise lock its replacement on the same
+//! machine out for as long as it runs (an outside tester saw 35 s).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,24 +73,6 @@ impl TunnelEndpoint {
             .and_then(|host| host.to_str().ok().and_then(Domain::from_host));
         let routes = self.tunnels.routes();
         let tunnel = (domain.clone()).filter(|d| routes.target(d) == Some(Target::Tunnel));
-        let attempt = Source::new(source, tunnel);
-        if let Err(wait) = self.failures.check(&attempt) {
-            if self.failures.first_refusal(&attempt) {
-                info!(
-                    "tunnel request from {source} refused: {ALLOWED_FAILURES} failed lately; until it may try again (in {}s), its requests are refused unlogged",
-                    wait.as_secs_f64().ceil()
-                );
-            }
-            let mut response = refusal(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many failed tunnel requests from this address; retry later",
-            );
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-            return response;
-        }
         let admitted = match (domain, bearer(request.headers())) {
             (Some(domain), Some(token)) => {
                 (self.tunnels.routes().admits(&domain, token)).map(|token| (domain, token))
@@ -96,6 +80,24 @@ impl TunnelEndpoint {
             _ => None,
         };
         let Some((domain, token)) = admitted else {
+            let attempt = Source::new(source, tunnel);
+            if let Err(wait) = self.failures.check(&attempt) {
+                if self.failures.first_refusal(&attempt) {
+                    info!(
+                        "tunnel request from {source} refused: {ALLOWED_FAILURES} failed lately; until it may try again (in {}s), its failures are refused unlogged",
+                        wait.as_secs_f64().ceil()
+                    );
+                }
+                let mut response = refusal(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many failed tunnel requests from this address; retry later",
+                );
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                return response;
+            }
             self.failures.charge(attempt);
             let host = request_host(&request).ok();
             let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");

@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use core_server_proto::domain::Domain;
 use core_server_proto::ipc::MAX_CONNECTIONS_SHOWN;
+use core_server_proto::routes::Target;
 use core_server_proto::tunnel::{AgentConnection, TokenHash, TunnelStatus, RECONNECT};
 use http_body_util::combinators::BoxBody;
 use http_body_util::Either;
@@ -195,9 +196,11 @@ impl Tunnels {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `domain` has no token (any more): no agent may serve it.
+    /// Whether `domain`'s tokens were revoked (`tunnel revoke`: its route is a tunnel with
+    /// none), which closed its connections at once. A UDP `add` or `remove` takes its tokens
+    /// too, but lets its connections finish.
     pub fn revoked(&self, domain: &Domain) -> bool {
-        !self.routes.has_tokens(domain)
+        self.routes.target(domain) == Some(Target::Tunnel) && !self.routes.has_tokens(domain)
     }
 
     /// A connection of `domain`'s agents to send one request on: the live one with the fewest
@@ -216,7 +219,7 @@ impl Tunnels {
             if let Some(lease) = self.try_pick(domain) {
                 return Ok(lease);
             }
-            if self.revoked(domain) {
+            if !self.routes.has_tokens(domain) {
                 return Err(NoAgent::Revoked);
             }
             if self.stopping.is_cancelled() {
