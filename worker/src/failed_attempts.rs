@@ -1,7 +1,8 @@
 //! The rate limit on failed tunnel handshakes, per source: a token bucket of
 //! [`ALLOWED_FAILURES`], refilled at one per [`REFILL`]. An agent with a wrong token in its
-//! configuration, told to wait (`Retry-After`), then tries once per 6 seconds, and a client
-//! guessing tokens gets 429s (a right token is never refused: see `tunnel_endpoint`).
+//! configuration, told to wait (`Retry-After`), then tries once per 6 seconds, and the log
+//! stays short. Guessing is no threat to guard against (a token is 256 random bits), so a
+//! right token is never rate-limited (see `tunnel_endpoint`).
 //!
 //! A source is an IP address, IPv6 ones by their /64 (one host usually has a whole one), and
 //! the tunnel domain it asked for: an agent left running with a revoked or mistyped token for

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use core_server_proto::domain::Domain;
 use core_server_proto::routes::Target;
 use core_server_proto::tunnel::{
-    AGENT_LABEL_HEADER, MAX_LABEL_LEN, NONCE_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL,
+    Token, AGENT_LABEL_HEADER, MAX_LABEL_LEN, NONCE_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL,
 };
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode, Version};
@@ -74,8 +74,9 @@ impl TunnelEndpoint {
         let routes = self.tunnels.routes();
         let tunnel = (domain.clone()).filter(|d| routes.target(d) == Some(Target::Tunnel));
         let admitted = match (domain, bearer(request.headers())) {
-            (Some(domain), Some(token)) => {
-                (self.tunnels.routes().admits(&domain, token)).map(|token| (domain, token))
+            // Only what has a token's form is hashed: a wrong one may be as long as a head.
+            (Some(domain), Some(token)) if token.len() <= 64 && Token::parse(token).is_ok() => {
+                routes.admits(&domain, token).map(|token| (domain, token))
             }
             _ => None,
         };
@@ -83,8 +84,10 @@ impl TunnelEndpoint {
             let attempt = Source::new(source, tunnel);
             if let Err(wait) = self.failures.check(&attempt) {
                 if self.failures.first_refusal(&attempt) {
+                    let host = request_host(&request).ok();
+                    let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
                     info!(
-                        "tunnel request from {source} refused: {ALLOWED_FAILURES} failed lately; until it may try again (in {}s), its failures are refused unlogged",
+                        "tunnel request from {source} for {host} refused: {ALLOWED_FAILURES} failed lately; until it may try again (in {}s), its failures are refused unlogged",
                         wait.as_secs_f64().ceil()
                     );
                 }

@@ -443,20 +443,23 @@ async fn a_wrong_token_or_host_gets_401_and_no_tunnel() {
 }
 
 #[tokio::test]
-async fn after_ten_failures_even_the_right_token_gets_429() {
+async fn after_ten_failures_wrong_tokens_get_429_and_the_right_one_gets_in() {
     let worker = Worker::start(SOON).await;
     let wrong = Token::generate().unwrap();
     for _ in 0..ALLOWED_FAILURES {
         let refused = TestAgent::dial(worker.addr, DOMAIN, wrong.as_str(), "x").await;
         assert_eq!(refused.err().unwrap().status, StatusCode::UNAUTHORIZED);
     }
-    let refused = TestAgent::dial(worker.addr, DOMAIN, worker.token.as_str(), "x")
+    let refused = TestAgent::dial(worker.addr, DOMAIN, wrong.as_str(), "x")
         .await
         .err()
         .unwrap();
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(refused.headers["retry-after"], "6");
     assert_eq!(refused.headers["connection"], "close");
+    let _agent = TestAgent::dial(worker.addr, DOMAIN, worker.token.as_str(), "right")
+        .await
+        .expect("the right token is let in");
 }
 
 #[tokio::test]
