@@ -2,13 +2,13 @@
 //! in constant time, failures rate-limited per source, and the connection then handed to
 //! `tunnel_connection` (reversed, and added to the registry).
 //!
-//! | situation                                                   | agent sees              |
-//! |-------------------------------------------------------------|-------------------------|
-//! | Host no tunnel, no `Authorization: Bearer`, or a wrong token| 401 (one failure more)  |
-//! | the same, its source failed [`ALLOWED_FAILURES`] times lately (*) | 429, `Retry-After` |
-//! | the domain or the worker has the most tunnels it takes      | 503                     |
-//! | the worker is stopping                                      | 503                     |
-//! | otherwise                                                   | 101, then HTTP/2        |
+//! | situation                                                        | agent sees             |
+//! |------------------------------------------------------------------|------------------------|
+//! | Host no tunnel, no `Authorization: Bearer`, or a wrong token     | 401 (one failure more) |
+//! | the same, its source failed [`ALLOWED_FAILURES`] times lately (*)| 429, `Retry-After`     |
+//! | the domain or the worker has the most tunnels it takes           | 503                    |
+//! | the worker is stopping                                           | 503                    |
+//! | otherwise                                                        | 101, then HTTP/2       |
 //!
 //! (*) Per address and tunnel domain (see `failed_attempts`).
 //!
@@ -81,11 +81,11 @@ impl TunnelEndpoint {
             _ => None,
         };
         let Some((domain, token)) = admitted else {
+            let host = request_host(&request).ok();
+            let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
             let attempt = Source::new(source, tunnel);
             if let Err(wait) = self.failures.check(&attempt) {
                 if self.failures.first_refusal(&attempt) {
-                    let host = request_host(&request).ok();
-                    let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
                     info!(
                         "tunnel request from {source} for {host} refused: {ALLOWED_FAILURES} failed lately; until it may try again (in {}s), its failures are refused unlogged",
                         wait.as_secs_f64().ceil()
@@ -102,8 +102,6 @@ impl TunnelEndpoint {
                 return response;
             }
             self.failures.charge(attempt);
-            let host = request_host(&request).ok();
-            let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
             info!("tunnel request from {source} for {host} refused: not a tunnel, or a wrong or missing token");
             let mut response = refusal(
                 StatusCode::UNAUTHORIZED,
