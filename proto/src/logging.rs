@@ -1,8 +1,8 @@
 //! The one tracing set-up every core-server binary uses: human-readable lines, filtered by
-//! `RUST_LOG` (default [`DEFAULT_FILTER`]). Children write to stderr, a pipe that the supervisor reads and
-//! writes, each line tagged with the child's name and pid, to its own stderr (local mode) or
-//! its log file (release mode), so one terminal or one file shows all processes; each line
-//! names the crate it comes from (`core_server`, `core_server_worker`, ...).
+//! `RUST_LOG` (default [`DEFAULT_FILTER`]). Children write to stderr, a pipe that the supervisor
+//! reads and writes, each line tagged with the child's name and pid, to its own stderr (local
+//! mode) or its log file (release mode), so one terminal or one file shows all processes; each
+//! line names the crate it comes from (`core_server`, `core_server_worker`, ...).
 
 use std::io::{self, IsTerminal};
 

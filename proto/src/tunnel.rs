@@ -94,6 +94,11 @@ impl Token {
     pub fn parse(s: &str) -> Result<Token, TokenError> {
         let s = s.trim();
         let body = s.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Prefix)?;
+        // Only a body of a token's length is decoded: what is checked may be as long as a
+        // request head (a proxy checks what clients present).
+        if body.len() != (TOKEN_BYTES * 4).div_ceil(3) {
+            return Err(TokenError::Body);
+        }
         match URL_SAFE_NO_PAD.decode(body) {
             Ok(bytes) if bytes.len() == TOKEN_BYTES => Ok(Token(s.to_owned())),
             _ => Err(TokenError::Body),
@@ -254,6 +259,8 @@ mod tests {
         assert_eq!(Token::parse(&token.as_str()[5..]), Err(TokenError::Prefix));
         assert_eq!(Token::parse(&token.as_str()[..40]), Err(TokenError::Body));
         assert_eq!(Token::parse("cst1_!!"), Err(TokenError::Body));
+        let long = format!("{}{}", token.as_str(), "A".repeat(400 << 10));
+        assert_eq!(Token::parse(&long), Err(TokenError::Body));
     }
 
     #[test]

@@ -252,11 +252,9 @@ impl<'a> Relay<'a> {
         match read {
             Ok(Ok(n)) => Ok(n),
             Ok(Err(e)) => {
-                warn!(
-                    "backend 127.0.0.1:{}: the response body broke off: {e}",
-                    self.port
-                );
-                Err(WriteError::Body(format!("reading from the app: {e}")))
+                let e = WriteError::Body(format!("reading from the app: {e}"));
+                warn!("backend 127.0.0.1:{}: {e}", self.port);
+                Err(e)
             }
             Err(_) => {
                 let (port, timeout) = (self.port, self.timeout);
